@@ -1,0 +1,20 @@
+# The two commands of the README:
+#   make run   - fetch the model, build, and serve the default RAG server on 127.0.0.1:8080
+#   make test  - fetch what the tests need and run the whole suite
+.PHONY: run test setup bench lint
+
+setup:
+	bash scripts/setup.sh
+
+run: setup
+	cargo run --release -- serve
+
+test: setup
+	cargo test --locked --all-targets
+
+bench: setup
+	cargo run --release -- bench
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings

@@ -1,0 +1,102 @@
+//! `ttarag ask "question"`: one answer in the terminal, through the same engine as the server.
+
+use clap::Args;
+
+use crate::config::Config;
+use crate::engine::{ChatJob, Engine, EngineConfig, Event, RagMode, RagParams};
+use crate::generate::GenParams;
+use crate::model::ChatMessage;
+
+#[derive(Debug, Args)]
+pub struct AskArgs {
+    /// The question.
+    pub question: String,
+    /// Collection to search. Overrides retrieval.collection.
+    #[arg(long)]
+    pub collection: Option<String>,
+    /// Passages to retrieve.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Retrieval mode: static or none.
+    #[arg(long, default_value = "static")]
+    pub mode: String,
+    /// Most tokens to generate.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
+    let mode = RagMode::parse(&a.mode)
+        .ok_or_else(|| anyhow::anyhow!("--mode `{}` is not one of static, none", a.mode))?;
+    let collection = a
+        .collection
+        .unwrap_or_else(|| cfg.retrieval.collection.clone());
+    let top_k = a.top_k.unwrap_or(cfg.retrieval.top_k);
+    anyhow::ensure!(
+        (1..=cfg.retrieval.max_top_k).contains(&top_k),
+        "--top-k {top_k} is outside 1..={}",
+        cfg.retrieval.max_top_k
+    );
+    let model = super::load_model(&cfg)?;
+    let collections = super::open_collections(&cfg)?;
+    if mode == RagMode::Static && !collections.exists(&collection) {
+        anyhow::bail!("unknown collection `{collection}`; see `ttarag index list`");
+    }
+    let engine = Engine::start(
+        model,
+        collections,
+        &EngineConfig {
+            workers: 1,
+            queue_capacity: 1,
+            prompt_template: cfg.retrieval.prompt_template.clone(),
+        },
+    )?;
+    let job = ChatJob {
+        messages: vec![ChatMessage::new("user", &a.question)],
+        gen: GenParams {
+            max_tokens: a.max_tokens.unwrap_or(cfg.generation.max_tokens),
+            temperature: a.temperature.unwrap_or(cfg.generation.temperature),
+            top_p: cfg.generation.top_p,
+            seed: a.seed,
+            stop: vec![],
+        },
+        rag: RagParams {
+            mode,
+            collection,
+            top_k,
+        },
+    };
+    let mut rx = engine.submit(job)?;
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Text(t) => {
+                use std::io::Write;
+                print!("{t}");
+                let _ = std::io::stdout().flush();
+            }
+            Event::Done(c) => {
+                println!();
+                if !c.rag.passages.is_empty() {
+                    println!("\npassages used:");
+                    for p in &c.rag.passages {
+                        println!("  [{}] ({:.2}) {}", p.id, p.score, p.text);
+                    }
+                }
+                let t = &c.rag.timings_ms;
+                println!(
+                    "\n{} prompt + {} completion tokens; retrieve {:.0} ms, prefill {:.0} ms, decode {:.0} ms",
+                    c.prompt_tokens, c.completion_tokens, t.retrieve, t.prefill, t.decode
+                );
+                return Ok(());
+            }
+            Event::Error(e) => anyhow::bail!("{e}"),
+        }
+    }
+    anyhow::bail!("the engine stopped before answering")
+}

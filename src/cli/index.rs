@@ -1,0 +1,77 @@
+//! `ttarag index build|list|delete`.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::Config;
+use crate::retrieval::{ingest_path, Collections};
+
+#[derive(Debug, Subcommand)]
+pub enum IndexCmd {
+    /// Ingest a JSONL file ({"id", "text", "title"?} per line), a .txt/.md file, or a folder of
+    /// them into a collection. Re-ingesting a document id replaces its passages.
+    Build {
+        /// Collection name (letters, digits, `-`, `_`).
+        #[arg(long)]
+        collection: String,
+        /// File or folder to ingest.
+        #[arg(long)]
+        input: PathBuf,
+        /// Longest passage in characters. Overrides retrieval.passage_max_chars.
+        #[arg(long)]
+        max_chars: Option<usize>,
+    },
+    /// List collections and their passage counts.
+    List,
+    /// Delete a collection.
+    Delete {
+        /// Collection name.
+        #[arg(long)]
+        collection: String,
+    },
+}
+
+pub fn run(cfg: Config, cmd: IndexCmd) -> anyhow::Result<()> {
+    let cols = Collections::new(&cfg.retrieval.index_dir);
+    match cmd {
+        IndexCmd::Build {
+            collection,
+            input,
+            max_chars,
+        } => {
+            let c = cols.get_or_create(&collection)?;
+            let pb = ProgressBar::new(0).with_style(
+                ProgressStyle::with_template(
+                    "{spinner} {bar:40} {binary_bytes}/{binary_total_bytes} ({eta})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            let stats = ingest_path(
+                &c,
+                &input,
+                max_chars.unwrap_or(cfg.retrieval.passage_max_chars),
+                Some(&pb),
+            )?;
+            pb.finish_and_clear();
+            println!(
+                "{collection}: ingested {} documents as {} passages from {} files; {} passages in all",
+                stats.documents,
+                stats.passages,
+                stats.files,
+                c.len()
+            );
+        }
+        IndexCmd::List => {
+            for info in cols.list()? {
+                println!("{}\t{} passages", info.name, info.passages);
+            }
+        }
+        IndexCmd::Delete { collection } => {
+            cols.delete(&collection)?;
+            println!("deleted {collection}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! The `ttarag` command line: `serve`, `index`, `ask`, `bench`, `model`.
+
+mod ask;
+mod bench;
+mod index;
+mod serve;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::model::Model;
+use crate::retrieval::{ingest_path, Collections};
+
+/// Retrieval-augmented inference server with test-time adaptation.
+#[derive(Debug, Parser)]
+#[command(name = "ttarag", version, about)]
+pub struct Cli {
+    /// Configuration file (TOML); keys it omits keep the defaults of configs/default.toml.
+    #[arg(long, global = true, env = "TTARAG_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Model: a .gguf file or a Hugging Face folder. Overrides model.path.
+    #[arg(long, global = true, env = "TTARAG_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Folder holding the collections. Overrides retrieval.index_dir.
+    #[arg(long, global = true, env = "TTARAG_INDEX_DIR")]
+    pub index_dir: Option<PathBuf>,
+    /// Compute device: cpu, cuda or cuda:N. Overrides model.device.
+    #[arg(long, global = true, env = "TTARAG_DEVICE")]
+    pub device: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the OpenAI-compatible HTTP server.
+    Serve(serve::ServeArgs),
+    /// Build, list and delete retrieval collections.
+    #[command(subcommand)]
+    Index(index::IndexCmd),
+    /// Answer one question in the terminal, showing the passages used.
+    Ask(ask::AskArgs),
+    /// Measure prefill and decode speed, time to first token and peak memory.
+    Bench(bench::BenchArgs),
+    /// Model utilities.
+    #[command(subcommand)]
+    Model(ModelCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCmd {
+    /// Write the configured model as a Hugging Face folder (config.json, tokenizer.json,
+    /// model.safetensors), dequantized to f32.
+    ExportHf {
+        /// Destination folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    init_tracing();
+    let mut cfg = match &cli.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    if let Some(m) = &cli.model {
+        cfg.model.path = m.clone();
+    }
+    if let Some(d) = &cli.index_dir {
+        cfg.retrieval.index_dir = d.clone();
+    }
+    if let Some(d) = &cli.device {
+        cfg.model.device = d.clone();
+    }
+    if cfg.model.threads > 0 {
+        // candle sizes its CPU thread pool from this variable; set it before any tensor work.
+        std::env::set_var("RAYON_NUM_THREADS", cfg.model.threads.to_string());
+    }
+    match cli.command {
+        Command::Serve(a) => serve::run(cfg, a),
+        Command::Index(c) => index::run(cfg, c),
+        Command::Ask(a) => ask::run(cfg, a),
+        Command::Bench(a) => bench::run(cfg, a),
+        Command::Model(ModelCmd::ExportHf { out }) => {
+            let (device, dtype) = device_and_dtype(&cfg)?;
+            let parts = crate::model::load_parts(&cfg.model.path, &device, dtype)
+                .map_err(|e| model_error(&cfg.model.path, e))?;
+            crate::model::export_hf_folder(&parts, &out)?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Parses `model.device` and `model.dtype`.
+pub fn device_and_dtype(cfg: &Config) -> anyhow::Result<(Device, DType)> {
+    let device = match cfg.model.device.as_str() {
+        "cpu" => Device::Cpu,
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            let n: usize = d
+                .strip_prefix("cuda:")
+                .map(|n| n.parse())
+                .transpose()
+                .with_context(|| format!("model.device `{d}`: bad GPU index"))?
+                .unwrap_or(0);
+            Device::new_cuda(n).with_context(|| {
+                format!("model.device `{d}`: CUDA unavailable (build with --features cuda)")
+            })?
+        }
+        d => anyhow::bail!("model.device `{d}` is not one of cpu, cuda, cuda:N"),
+    };
+    let dtype = match cfg.model.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        d => anyhow::bail!("model.dtype `{d}` is not one of f32, bf16, f16"),
+    };
+    Ok((device, dtype))
+}
+
+fn model_error(path: &Path, e: crate::model::ModelError) -> anyhow::Error {
+    match e {
+        crate::model::ModelError::NotFound(_) => anyhow::anyhow!(
+            "model file {} not found; run `make setup` to fetch the default model, or pass --model",
+            path.display()
+        ),
+        e => anyhow::anyhow!("loading model {}: {e}", path.display()),
+    }
+}
+
+/// Loads the configured model.
+pub fn load_model(cfg: &Config) -> anyhow::Result<Arc<Model>> {
+    let (device, dtype) = device_and_dtype(cfg)?;
+    let t = std::time::Instant::now();
+    let model = Model::load(&cfg.model.path, &cfg.model.id, &device, dtype)
+        .map_err(|e| model_error(&cfg.model.path, e))?;
+    tracing::info!(
+        path = %cfg.model.path.display(),
+        layers = model.decoder.config().num_hidden_layers,
+        secs = t.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    Ok(Arc::new(model))
+}
+
+/// Opens the collections, building the default one from the sample corpus when missing.
+pub fn open_collections(cfg: &Config) -> anyhow::Result<Arc<Collections>> {
+    let r = &cfg.retrieval;
+    let cols = Arc::new(Collections::new(&r.index_dir));
+    if !cols.exists(&r.collection) {
+        if let Some(sample) = r.sample_corpus.as_ref().filter(|p| p.exists()) {
+            tracing::info!(collection = %r.collection, corpus = %sample.display(), "building the default collection");
+            let c = cols.get_or_create(&r.collection)?;
+            let stats = ingest_path(&c, sample, r.passage_max_chars, None)?;
+            tracing::info!(passages = stats.passages, "default collection built");
+        } else {
+            tracing::warn!(collection = %r.collection, "default collection is missing and no sample corpus was found");
+        }
+    }
+    Ok(cols)
+}

@@ -1,0 +1,144 @@
+//! Server configuration: `configs/default.toml`, then CLI flags / `TTARAG_*` variables on top.
+//! Each stage receives its own section; nothing below reads the environment.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerSection,
+    pub model: ModelSection,
+    pub generation: GenerationSection,
+    pub retrieval: RetrievalSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    pub host: String,
+    pub port: u16,
+    pub workers: usize,
+    pub queue_capacity: usize,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub path: PathBuf,
+    pub id: String,
+    pub device: String,
+    pub dtype: String,
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationSection {
+    pub max_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub max_tokens_cap: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrievalSection {
+    pub index_dir: PathBuf,
+    pub collection: String,
+    pub sample_corpus: Option<PathBuf>,
+    pub top_k: usize,
+    pub max_top_k: usize,
+    pub passage_max_chars: usize,
+    pub prompt_template: String,
+}
+
+/// The shipped defaults, compiled in so the binary works from any directory.
+pub const DEFAULT_TOML: &str = include_str!("../configs/default.toml");
+
+impl Default for Config {
+    fn default() -> Self {
+        toml::from_str(DEFAULT_TOML).expect("configs/default.toml parses")
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; keys it omits keep their defaults.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        Self::from_toml(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+    }
+
+    /// Parses TOML layered over the defaults.
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        let mut base: toml::Value = toml::from_str(DEFAULT_TOML)?;
+        let over: toml::Value = toml::from_str(text)?;
+        merge(&mut base, over);
+        let cfg: Config = base.try_into()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.server.workers >= 1,
+            "server.workers must be at least 1"
+        );
+        anyhow::ensure!(
+            self.server.queue_capacity >= 1,
+            "server.queue_capacity must be at least 1"
+        );
+        anyhow::ensure!(
+            self.retrieval.top_k <= self.retrieval.max_top_k,
+            "retrieval.top_k exceeds retrieval.max_top_k"
+        );
+        anyhow::ensure!(
+            self.generation.max_tokens <= self.generation.max_tokens_cap,
+            "generation.max_tokens exceeds generation.max_tokens_cap"
+        );
+        Ok(())
+    }
+}
+
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_partial_files_layer_over_them() {
+        let d = Config::default();
+        assert_eq!(d.server.host, "127.0.0.1");
+        let c = Config::from_toml("[server]\nport = 9999\n").unwrap();
+        assert_eq!(c.server.port, 9999);
+        assert_eq!(c.server.host, d.server.host);
+        assert_eq!(c.retrieval.top_k, d.retrieval.top_k);
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_rejected() {
+        let err = Config::from_toml("[server]\nprot = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prot"), "{err}");
+        assert!(Config::from_toml("[server]\nworkers = 0\n").is_err());
+    }
+}

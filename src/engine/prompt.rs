@@ -1,0 +1,80 @@
+//! Turns a conversation and retrieved passages into the prompt the model reads.
+
+use minijinja::{context, Environment};
+
+use crate::model::ChatMessage;
+use crate::retrieval::Passage;
+
+/// The configured template that places passages and the question into the last user turn.
+pub struct RagPrompt {
+    env: Environment<'static>,
+}
+
+impl RagPrompt {
+    pub fn new(template: &str) -> anyhow::Result<Self> {
+        let mut env = Environment::new();
+        env.add_template_owned("rag", template.to_string())
+            .map_err(|e| anyhow::anyhow!("retrieval.prompt_template: {e}"))?;
+        Ok(Self { env })
+    }
+
+    /// The text of the last user message: what retrieval searches for.
+    pub fn question(messages: &[ChatMessage]) -> Option<&str> {
+        messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map(|m| m.content.as_str())
+    }
+
+    /// Returns `messages` with the last user turn rewritten to carry `passages`; unchanged when
+    /// there are no passages.
+    pub fn apply(
+        &self,
+        messages: &[ChatMessage],
+        passages: &[Passage],
+    ) -> anyhow::Result<Vec<ChatMessage>> {
+        let mut out = messages.to_vec();
+        if passages.is_empty() {
+            return Ok(out);
+        }
+        let Some(idx) = out.iter().rposition(|m| m.role == "user") else {
+            return Ok(out);
+        };
+        let tmpl = self.env.get_template("rag")?;
+        out[idx].content = tmpl.render(context! {
+            passages => passages,
+            question => out[idx].content.clone(),
+        })?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passages_go_into_the_last_user_turn_only() {
+        let p = RagPrompt::new(
+            "C: {% for p in passages %}[{{ p.text }}]{% endfor %} Q: {{ question }}",
+        )
+        .unwrap();
+        let msgs = vec![
+            ChatMessage::new("user", "first"),
+            ChatMessage::new("assistant", "ok"),
+            ChatMessage::new("user", "What shakes?"),
+        ];
+        let passages = vec![Passage {
+            id: "a".into(),
+            score: 1.0,
+            text: "The ground shakes.".into(),
+            title: None,
+        }];
+        let out = p.apply(&msgs, &passages).unwrap();
+        assert_eq!(out[0].content, "first");
+        assert_eq!(out[2].content, "C: [The ground shakes.] Q: What shakes?");
+        assert_eq!(p.apply(&msgs, &[]).unwrap(), msgs);
+        assert_eq!(RagPrompt::question(&msgs), Some("What shakes?"));
+    }
+}

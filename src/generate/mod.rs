@@ -1,0 +1,260 @@
+//! Autoregressive generation: prefill, KV-cached decode, sampling, stop strings, token budget.
+
+mod stop;
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+
+pub use stop::{StopMatcher, StopStep};
+
+use crate::model::{Adapter, ForwardOpts, IncrementalDecoder, Logits, Model, ModelError};
+
+/// Decoding parameters, already validated.
+#[derive(Debug, Clone)]
+pub struct GenParams {
+    pub max_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+/// Result and timings of one generation.
+#[derive(Debug, Clone)]
+pub struct GenOutput {
+    pub text: String,
+    pub completion_tokens: usize,
+    pub finish_reason: FinishReason,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+}
+
+/// Why generation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum GenError {
+    #[error("prompt of {prompt} tokens leaves no room in the model's context of {context} tokens")]
+    ContextExceeded { prompt: usize, context: usize },
+    #[error("empty prompt")]
+    EmptyPrompt,
+    #[error("generation cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+fn sampler(p: &GenParams) -> LogitsProcessor {
+    let sampling = if p.temperature <= 0.0 {
+        Sampling::ArgMax
+    } else if p.top_p < 1.0 {
+        Sampling::TopP {
+            p: p.top_p,
+            temperature: p.temperature,
+        }
+    } else {
+        Sampling::All {
+            temperature: p.temperature,
+        }
+    };
+    LogitsProcessor::from_sampling(p.seed, sampling)
+}
+
+/// Generates from `prompt`, calling `on_text` with each piece of safe-to-show text. `on_text`
+/// returns `false` when the consumer has gone, which cancels generation.
+pub fn generate(
+    model: &Model,
+    prompt: &[u32],
+    params: &GenParams,
+    adapter: Option<&dyn Adapter>,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<GenOutput, GenError> {
+    if prompt.is_empty() {
+        return Err(GenError::EmptyPrompt);
+    }
+    let dec = &model.decoder;
+    let context = dec.config().max_position_embeddings;
+    if prompt.len() >= context {
+        return Err(GenError::ContextExceeded {
+            prompt: prompt.len(),
+            context,
+        });
+    }
+    let budget = params.max_tokens.min(context - prompt.len());
+    let device: &Device = dec.device();
+    let mut cache = dec.new_cache(prompt.len() + budget);
+    let opts = ForwardOpts {
+        logits: Logits::Last,
+        adapter,
+        ..Default::default()
+    };
+    let mut sampler = sampler(params);
+    let mut stops = StopMatcher::new(&params.stop);
+    let mut detok = IncrementalDecoder::new();
+    let mut text = String::new();
+
+    let t0 = Instant::now();
+    let ids = Tensor::new(prompt, device)?.unsqueeze(0)?;
+    let mut logits = dec
+        .forward(&ids, Some(&mut cache), &opts)?
+        .logits
+        .expect("Logits::Last yields logits")
+        .squeeze(0)?;
+    let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t1 = Instant::now();
+
+    let mut finish = FinishReason::Length;
+    let mut produced = 0;
+    let mut stopped = false;
+    // Sends text on; false when the consumer has gone.
+    let mut emit = |t: &str, text: &mut String| -> bool {
+        if t.is_empty() {
+            return true;
+        }
+        text.push_str(t);
+        on_text(t)
+    };
+    while produced < budget {
+        let next = sampler.sample(&logits)?;
+        produced += 1;
+        if model.eos_ids.contains(&next) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        let piece = detok.push(&model.tokenizer, next)?;
+        match stops.push(&piece) {
+            StopStep::Emit(t) => {
+                if !emit(&t, &mut text) {
+                    return Err(GenError::Cancelled);
+                }
+            }
+            StopStep::Stopped(t) => {
+                if !emit(&t, &mut text) {
+                    return Err(GenError::Cancelled);
+                }
+                finish = FinishReason::Stop;
+                stopped = true;
+                break;
+            }
+        }
+        if produced == budget {
+            break;
+        }
+        let ids = Tensor::new(&[next], device)?.unsqueeze(0)?;
+        logits = dec
+            .forward(&ids, Some(&mut cache), &opts)?
+            .logits
+            .expect("Logits::Last yields logits")
+            .squeeze(0)?;
+    }
+    if !stopped {
+        // Release what the detokenizer and the stop matcher still hold.
+        let rest = detok.finish(&model.tokenizer)?;
+        let tail = match stops.push(&rest) {
+            StopStep::Emit(t) => t + &stops.flush(),
+            StopStep::Stopped(t) => {
+                finish = FinishReason::Stop;
+                t
+            }
+        };
+        if !emit(&tail, &mut text) {
+            return Err(GenError::Cancelled);
+        }
+    }
+    Ok(GenOutput {
+        text,
+        completion_tokens: produced,
+        finish_reason: finish,
+        prefill_ms,
+        decode_ms: t1.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tiny::tiny_model;
+
+    fn params(temperature: f64, seed: u64, max_tokens: usize) -> GenParams {
+        GenParams {
+            max_tokens,
+            temperature,
+            top_p: 1.0,
+            seed,
+            stop: vec![],
+        }
+    }
+
+    fn run(model: &Model, p: &GenParams) -> GenOutput {
+        let prompt = model
+            .tokenizer
+            .encode("<|im_start|>user\nhello<|im_end|>\n")
+            .unwrap();
+        let mut streamed = String::new();
+        let out = generate(model, &prompt, p, None, &mut |t| {
+            streamed.push_str(t);
+            true
+        })
+        .unwrap();
+        assert_eq!(
+            streamed, out.text,
+            "streamed pieces must add up to the answer"
+        );
+        out
+    }
+
+    #[test]
+    fn sampling_is_deterministic_given_a_seed() {
+        let mut m = tiny_model(1).unwrap();
+        m.eos_ids.clear();
+        let a = run(&m, &params(1.0, 42, 40));
+        let b = run(&m, &params(1.0, 42, 40));
+        assert_eq!(a.text, b.text);
+        let others: Vec<String> = (0..4).map(|s| run(&m, &params(1.0, s, 40)).text).collect();
+        assert!(others.iter().any(|t| t != &a.text), "seeds must matter");
+        assert_eq!(
+            run(&m, &params(0.0, 1, 40)).text,
+            run(&m, &params(0.0, 2, 40)).text
+        );
+    }
+
+    #[test]
+    fn budget_and_stop_strings_end_generation() {
+        let mut m = tiny_model(1).unwrap();
+        m.eos_ids.clear();
+        let full = run(&m, &params(0.0, 0, 30));
+        assert_eq!(full.completion_tokens, 30);
+        assert_eq!(full.finish_reason, FinishReason::Length);
+        // Stop on a piece of the greedy answer: the output is what came before it.
+        let chars: Vec<char> = full.text.chars().collect();
+        let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+        let mut p = params(0.0, 0, 30);
+        p.stop = vec![stop.clone()];
+        let cut = run(&m, &p);
+        assert_eq!(cut.finish_reason, FinishReason::Stop);
+        assert!(full.text.starts_with(&cut.text));
+        assert!(!cut.text.contains(&stop));
+    }
+
+    #[test]
+    fn cancelled_consumer_stops_generation_and_long_prompt_is_refused() {
+        let mut m = tiny_model(1).unwrap();
+        m.eos_ids.clear();
+        let prompt = m.tokenizer.encode("hello").unwrap();
+        let err = generate(&m, &prompt, &params(0.0, 0, 50), None, &mut |_| false).unwrap_err();
+        assert!(matches!(err, GenError::Cancelled));
+        let long = vec![5u32; 600];
+        let err = generate(&m, &long, &params(0.0, 0, 5), None, &mut |_| true).unwrap_err();
+        assert!(matches!(err, GenError::ContextExceeded { .. }), "{err}");
+    }
+}

@@ -1,0 +1,11 @@
+//! ttarag: a retrieval-augmented inference server that can adapt the model to the retrieved
+//! text at test time. Stages, in the order a request meets them: `server` (HTTP) -> `engine`
+//! (queue and workers) -> `retrieval` -> `generate` over `model`.
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod generate;
+pub mod model;
+pub mod retrieval;
+pub mod server;

@@ -1,0 +1,609 @@
+//! The decoder-only transformer (Llama; Qwen2 = Llama + q/k/v biases), written for this project
+//! rather than taken from candle-transformers because we need logits at every position, the hidden
+//! state of every layer (for the gate) and a differentiable path (for test-time adaptation).
+//!
+//! Tensors are generic over [`Device`] and [`DType`]; attention scores and norms are computed in
+//! f32 whatever the weight dtype.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{kv_cache::KvCache, Linear};
+
+use super::ModelConfig;
+
+/// The linear projections an adapter can attach to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+/// A per-request additive change to some projections (e.g. LoRA): `y = W x + delta(x)`.
+/// The base weights stay shared and untouched.
+pub trait Adapter: Sync {
+    fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>>;
+}
+
+/// Which logits a forward pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position, `(batch, seq, vocab)`.
+    All,
+    /// Only the last position, `(batch, vocab)`: what generation needs, and much cheaper.
+    Last,
+    /// None: hidden states only.
+    None,
+}
+
+/// Options for one forward pass.
+#[derive(Clone, Copy)]
+pub struct ForwardOpts<'a> {
+    pub logits: Logits,
+    /// Return the hidden state entering the first block and leaving every block.
+    pub hidden_states: bool,
+    /// Use only ops with a backward pass. candle's fused softmax, rms-norm and rope silently
+    /// cut the autograd graph, so training must take this path.
+    pub differentiable: bool,
+    pub adapter: Option<&'a dyn Adapter>,
+}
+
+impl Default for ForwardOpts<'_> {
+    fn default() -> Self {
+        Self {
+            logits: Logits::Last,
+            hidden_states: false,
+            differentiable: false,
+            adapter: None,
+        }
+    }
+}
+
+/// What a forward pass returns.
+pub struct ForwardOutput {
+    pub logits: Option<Tensor>,
+    /// `hidden_states[0]` is the embedding output, `hidden_states[l]` the output of block `l`
+    /// (1-based), before the final norm: `num_hidden_layers + 1` tensors of `(batch, seq, hidden)`.
+    pub hidden_states: Vec<Tensor>,
+}
+
+/// Per-sequence key/value cache, one entry per layer. Owned by a request, never by the model,
+/// so concurrent requests share the weights and nothing else.
+pub struct Cache {
+    layers: Vec<KvCache>,
+}
+
+impl Cache {
+    pub fn new(cfg: &ModelConfig, capacity: usize) -> Self {
+        Self {
+            layers: (0..cfg.num_hidden_layers)
+                .map(|_| KvCache::new(2, capacity.max(1)))
+                .collect(),
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .map(|c| c.current_seq_len())
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, diff: bool) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let w32 = w.to_dtype(DType::F32)?;
+    let y = if diff {
+        candle_nn::ops::rms_norm_slow(&x, &w32, eps as f32)?
+    } else {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &w32, eps as f32)?
+    };
+    y.to_dtype(dtype)
+}
+
+struct Proj {
+    linear: Linear,
+    target: Target,
+}
+
+impl Proj {
+    fn new(weights: &mut Weights, name: &str, bias: bool, target: Target) -> Result<Self> {
+        let w = weights.take(&format!("{name}.weight"))?;
+        let b = if bias {
+            Some(weights.take(&format!("{name}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            linear: Linear::new(w, b),
+            target,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, layer: usize, opts: &ForwardOpts) -> Result<Tensor> {
+        let y = self.linear.forward(x)?;
+        match opts.adapter {
+            Some(a) => match a.delta(layer, self.target, x)? {
+                Some(d) => y + d,
+                None => Ok(y),
+            },
+            None => Ok(y),
+        }
+    }
+}
+
+struct Attention {
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+}
+
+struct Mlp {
+    gate: Proj,
+    up: Proj,
+    down: Proj,
+}
+
+struct Block {
+    attn: Attention,
+    mlp: Mlp,
+    input_norm: Tensor,
+    post_norm: Tensor,
+}
+
+/// Weights by Hugging Face name; `take` removes them so leftovers can be reported.
+pub struct Weights {
+    map: HashMap<String, Tensor>,
+}
+
+impl Weights {
+    pub fn new(map: HashMap<String, Tensor>) -> Self {
+        Self { map }
+    }
+
+    fn take(&mut self, name: &str) -> Result<Tensor> {
+        self.map
+            .remove(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("missing weight `{name}`")))
+    }
+}
+
+/// A loaded decoder. Immutable after load: share it behind an `Arc` across worker threads.
+pub struct Decoder {
+    cfg: ModelConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+    dtype: DType,
+}
+
+impl Decoder {
+    /// Builds the decoder from Hugging Face-named weights already on `device` in `dtype`.
+    pub fn load(cfg: &ModelConfig, weights: HashMap<String, Tensor>) -> Result<Self> {
+        let mut w = Weights::new(weights);
+        let embed = w.take("model.embed_tokens.weight")?;
+        let device = embed.device().clone();
+        let dtype = embed.dtype();
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let bias = cfg.attention_bias;
+            let attn = Attention {
+                q: Proj::new(&mut w, &format!("{p}.self_attn.q_proj"), bias, Target::Q)?,
+                k: Proj::new(&mut w, &format!("{p}.self_attn.k_proj"), bias, Target::K)?,
+                v: Proj::new(&mut w, &format!("{p}.self_attn.v_proj"), bias, Target::V)?,
+                o: Proj::new(&mut w, &format!("{p}.self_attn.o_proj"), false, Target::O)?,
+                n_heads: cfg.num_attention_heads,
+                n_kv: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim(),
+            };
+            let mlp = Mlp {
+                gate: Proj::new(&mut w, &format!("{p}.mlp.gate_proj"), false, Target::Gate)?,
+                up: Proj::new(&mut w, &format!("{p}.mlp.up_proj"), false, Target::Up)?,
+                down: Proj::new(&mut w, &format!("{p}.mlp.down_proj"), false, Target::Down)?,
+            };
+            blocks.push(Block {
+                attn,
+                mlp,
+                input_norm: w.take(&format!("{p}.input_layernorm.weight"))?,
+                post_norm: w.take(&format!("{p}.post_attention_layernorm.weight"))?,
+            });
+        }
+        let norm = w.take("model.norm.weight")?;
+        let lm_head = match w.take("lm_head.weight") {
+            Ok(t) => t,
+            Err(_) if cfg.tie_word_embeddings => embed.clone(),
+            Err(e) => return Err(e),
+        };
+        let (cos, sin) = rope_tables(cfg, &device)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            device,
+            dtype,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// A fresh KV cache sized for `capacity` positions (it grows if exceeded).
+    pub fn new_cache(&self, capacity: usize) -> Cache {
+        Cache::new(&self.cfg, capacity)
+    }
+
+    /// Runs `ids` (`(batch, seq)`, u32) through the model. With a cache, positions continue
+    /// after what the cache holds and the new keys/values are appended to it.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut Cache>,
+        opts: &ForwardOpts,
+    ) -> Result<ForwardOutput> {
+        let (b, t) = ids.dims2()?;
+        let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        if offset + t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {} positions exceeds the model's context of {}",
+                offset + t,
+                self.cfg.max_position_embeddings
+            );
+        }
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        let mask = causal_mask(t, offset, &self.device)?;
+        let mut hidden = Vec::new();
+        if opts.hidden_states {
+            hidden.push(x.clone());
+        }
+        for (l, block) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_mut().map(|c| &mut c.layers[l]);
+            x = self.block_forward(block, l, &x, &cos, &sin, mask.as_ref(), layer_cache, opts)?;
+            if opts.hidden_states {
+                hidden.push(x.clone());
+            }
+        }
+        let logits = match opts.logits {
+            Logits::None => None,
+            Logits::All => {
+                let h = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, opts.differentiable)?;
+                Some(h.broadcast_matmul(&self.lm_head.t()?)?)
+            }
+            Logits::Last => {
+                let last = x.narrow(1, t - 1, 1)?;
+                let h = rms_norm(
+                    &last,
+                    &self.norm,
+                    self.cfg.rms_norm_eps,
+                    opts.differentiable,
+                )?;
+                Some(h.broadcast_matmul(&self.lm_head.t()?)?.squeeze(1)?)
+            }
+        };
+        Ok(ForwardOutput {
+            logits,
+            hidden_states: hidden,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        block: &Block,
+        layer: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        opts: &ForwardOpts,
+    ) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        let h = rms_norm(x, &block.input_norm, eps, opts.differentiable)?;
+        let a = self.attention(&block.attn, layer, &h, cos, sin, mask, cache, opts)?;
+        let x = (x + a)?;
+        let h = rms_norm(&x, &block.post_norm, eps, opts.differentiable)?;
+        let m = &block.mlp;
+        let g = candle_nn::ops::silu(&m.gate.forward(&h, layer, opts)?)?;
+        let u = m.up.forward(&h, layer, opts)?;
+        let y = m.down.forward(&(g * u)?, layer, opts)?;
+        x + y
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        a: &Attention,
+        layer: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        opts: &ForwardOpts,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        // Attention runs in f32 whatever the weight dtype (the cache holds f32 too).
+        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
+            y.reshape((b, t, heads, a.head_dim))?
+                .transpose(1, 2)?
+                .to_dtype(DType::F32)?
+                .contiguous()
+        };
+        let q = split(a.q.forward(x, layer, opts)?, a.n_heads)?;
+        let k = split(a.k.forward(x, layer, opts)?, a.n_kv)?;
+        let v = split(a.v.forward(x, layer, opts)?, a.n_kv)?;
+        let (q, k) = if opts.differentiable {
+            (
+                candle_nn::rotary_emb::rope_slow(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_slow(&k, cos, sin)?,
+            )
+        } else {
+            (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            )
+        };
+        let (k, v) = match cache {
+            Some(c) => c.append(&k, &v)?,
+            None => (k, v),
+        };
+        let rep = a.n_heads / a.n_kv;
+        let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+        let scale = 1.0 / (a.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = if opts.differentiable {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let y = probs.matmul(&v)?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, t, a.n_heads * a.head_dim))?
+            .to_dtype(self.dtype)?;
+        a.o.forward(&y, layer, opts)
+    }
+}
+
+/// `(t, offset + t)` additive mask: 0 where a query may attend, -inf above the diagonal.
+/// `None` for a single new position, which may attend to everything cached.
+fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
+    if t == 1 {
+        return Ok(None);
+    }
+    let total = offset + t;
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > i + offset {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(data, (t, total), device)?))
+}
+
+/// Cos/sin tables for the HF ("rotate half") RoPE layout, `(max_pos, head_dim / 2)`, f32.
+fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / hd as f32))
+        .collect();
+    let n = cfg.max_position_embeddings;
+    let inv = Tensor::from_vec(inv, (1, hd / 2), device)?;
+    let pos = Tensor::arange(0u32, n as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((n, 1))?;
+    let freqs = pos.broadcast_mul(&inv)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tiny::{random_weights, tiny_config};
+    use crate::model::Arch;
+
+    fn tiny(arch: Arch) -> Decoder {
+        let cfg = tiny_config(arch);
+        Decoder::load(
+            &cfg,
+            random_weights(&cfg, 7, &Device::Cpu, DType::F32).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    const IDS: [u32; 9] = [3, 17, 200, 45, 45, 9, 120, 258, 33];
+
+    #[test]
+    fn kv_cached_decoding_matches_full_forward() {
+        for arch in [Arch::Llama, Arch::Qwen2] {
+            let m = tiny(arch);
+            let all = Tensor::new(&IDS, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let full_opts = ForwardOpts {
+                logits: Logits::All,
+                ..Default::default()
+            };
+            let full = m.forward(&all, None, &full_opts).unwrap().logits.unwrap();
+            // Prefill 4 positions, then feed one at a time.
+            let mut cache = m.new_cache(4);
+            let first = all.narrow(1, 0, 4).unwrap();
+            let pre = m.forward(&first, Some(&mut cache), &full_opts).unwrap();
+            assert!(max_diff(&pre.logits.unwrap(), &full.narrow(1, 0, 4).unwrap()) < 1e-4);
+            for t in 4..IDS.len() {
+                let one = all.narrow(1, t, 1).unwrap();
+                let step = m
+                    .forward(&one, Some(&mut cache), &ForwardOpts::default())
+                    .unwrap()
+                    .logits
+                    .unwrap();
+                let want = full.narrow(1, t, 1).unwrap().squeeze(1).unwrap();
+                assert!(max_diff(&step, &want) < 1e-4, "{arch:?} position {t}");
+            }
+            assert_eq!(cache.len(), IDS.len());
+        }
+    }
+
+    #[test]
+    fn differentiable_path_equals_fast_path_and_hidden_states_are_exposed() {
+        let m = tiny(Arch::Llama);
+        let ids = Tensor::new(&IDS, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let mut opts = ForwardOpts {
+            logits: Logits::All,
+            hidden_states: true,
+            ..Default::default()
+        };
+        let fast = m.forward(&ids, None, &opts).unwrap();
+        opts.differentiable = true;
+        let slow = m.forward(&ids, None, &opts).unwrap();
+        assert!(max_diff(fast.logits.as_ref().unwrap(), slow.logits.as_ref().unwrap()) < 1e-4);
+        let n = m.config().num_hidden_layers;
+        assert_eq!(fast.hidden_states.len(), n + 1);
+        assert_eq!(fast.hidden_states[0].dims(), &[1, IDS.len(), 32]);
+        // hidden_states[0] is the raw embedding of the ids.
+        let emb = m.embed.index_select(&ids.squeeze(0).unwrap(), 0).unwrap();
+        assert!(max_diff(&fast.hidden_states[0].squeeze(0).unwrap(), &emb) == 0.0);
+        // The last hidden state, normed and projected, gives the logits.
+        let h = rms_norm(&fast.hidden_states[n], &m.norm, m.cfg.rms_norm_eps, false).unwrap();
+        let logits = h.broadcast_matmul(&m.lm_head.t().unwrap()).unwrap();
+        assert!(max_diff(&logits, fast.logits.as_ref().unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn causal_mask_blocks_the_future() {
+        let m = tiny(Arch::Llama);
+        let opts = ForwardOpts {
+            logits: Logits::All,
+            ..Default::default()
+        };
+        let a = Tensor::new(&[1u32, 2, 3, 4], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let b = Tensor::new(&[1u32, 2, 99, 100], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let la = m.forward(&a, None, &opts).unwrap().logits.unwrap();
+        let lb = m.forward(&b, None, &opts).unwrap().logits.unwrap();
+        assert!(max_diff(&la.narrow(1, 0, 2).unwrap(), &lb.narrow(1, 0, 2).unwrap()) < 1e-6);
+        assert!(max_diff(&la.narrow(1, 2, 2).unwrap(), &lb.narrow(1, 2, 2).unwrap()) > 1e-3);
+    }
+
+    #[test]
+    fn context_overflow_is_an_error_not_a_panic() {
+        let m = tiny(Arch::Llama);
+        let ids = Tensor::zeros((1, 513), DType::U32, &Device::Cpu).unwrap();
+        let err = m
+            .forward(&ids, None, &ForwardOpts::default())
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("context"), "{err}");
+    }
+
+    struct AddOne;
+    impl Adapter for AddOne {
+        fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>> {
+            if layer == 1 && target == Target::V {
+                let (b, t, _) = x.dims3()?;
+                return Ok(Some(Tensor::ones((b, t, 16), x.dtype(), x.device())?));
+            }
+            Ok(None)
+        }
+    }
+
+    #[test]
+    fn adapter_delta_changes_the_output() {
+        let m = tiny(Arch::Llama);
+        let ids = Tensor::new(&IDS, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let base = m
+            .forward(&ids, None, &ForwardOpts::default())
+            .unwrap()
+            .logits
+            .unwrap();
+        let opts = ForwardOpts {
+            adapter: Some(&AddOne),
+            ..Default::default()
+        };
+        let adapted = m.forward(&ids, None, &opts).unwrap().logits.unwrap();
+        assert!(max_diff(&base, &adapted) > 1e-3);
+        let again = m
+            .forward(&ids, None, &ForwardOpts::default())
+            .unwrap()
+            .logits
+            .unwrap();
+        assert_eq!(
+            max_diff(&base, &again),
+            0.0,
+            "adapters must not touch the base weights"
+        );
+    }
+}

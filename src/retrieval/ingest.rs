@@ -1,0 +1,269 @@
+//! Ingestion: JSONL (`{"id", "text", "title"?}` per line), `.txt` and `.md` files, a file or a
+//! folder tree. Re-ingesting the same document id replaces its passages. All or nothing: a bad
+//! line aborts before the commit, so a failed run leaves the collection as it was.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use indicatif::ProgressBar;
+use serde::Deserialize;
+use tantivy::{doc, IndexWriter, Term};
+
+use super::{split_passages, Collection, RetrievalError};
+
+/// What one ingestion did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IngestStats {
+    pub files: usize,
+    pub documents: usize,
+    pub passages: usize,
+}
+
+#[derive(Deserialize)]
+struct JsonDoc {
+    id: serde_json::Value,
+    text: String,
+    #[serde(default)]
+    title: Option<String>,
+}
+
+fn io_err(p: &Path, e: std::io::Error) -> RetrievalError {
+    RetrievalError::Io(p.display().to_string(), e)
+}
+
+fn input_files(path: &Path) -> Result<Vec<PathBuf>, RetrievalError> {
+    if !path.exists() {
+        return Err(RetrievalError::BadInput(format!(
+            "{}: no such file or folder",
+            path.display()
+        )));
+    }
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = walkdir::WalkDir::new(path)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.into_path())
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|x| x.to_str()),
+                Some("jsonl" | "txt" | "md")
+            )
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(RetrievalError::BadInput(format!(
+            "{}: no .jsonl, .txt or .md files",
+            path.display()
+        )));
+    }
+    Ok(files)
+}
+
+struct Sink<'a> {
+    coll: &'a Collection,
+    writer: IndexWriter,
+    max_chars: usize,
+    stats: IngestStats,
+}
+
+impl Sink<'_> {
+    fn add(&mut self, doc_id: &str, title: &str, text: &str) -> Result<(), RetrievalError> {
+        let f = self.coll.fields;
+        self.writer
+            .delete_term(Term::from_field_text(f.doc, doc_id));
+        let parts = split_passages(text, self.max_chars);
+        let single = parts.len() == 1;
+        for (i, p) in parts.iter().enumerate() {
+            let id = if single {
+                doc_id.to_string()
+            } else {
+                format!("{doc_id}#{i}")
+            };
+            self.writer.add_document(doc!(
+                f.id => id, f.doc => doc_id, f.title => title, f.text => p.as_str()
+            ))?;
+        }
+        self.stats.documents += 1;
+        self.stats.passages += parts.len();
+        Ok(())
+    }
+}
+
+/// Ingests a file or folder into `coll`, splitting documents into passages of at most
+/// `max_chars` characters.
+pub fn ingest_path(
+    coll: &Collection,
+    path: &Path,
+    max_chars: usize,
+    progress: Option<&ProgressBar>,
+) -> Result<IngestStats, RetrievalError> {
+    let files = input_files(path)?;
+    let total: u64 = files
+        .iter()
+        .map(|f| f.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
+    if let Some(pb) = progress {
+        pb.set_length(total);
+    }
+    let writer = coll.index.writer(50_000_000)?;
+    let mut sink = Sink {
+        coll,
+        writer,
+        max_chars,
+        stats: IngestStats::default(),
+    };
+    for file in &files {
+        let ext = file.extension().and_then(|x| x.to_str()).unwrap_or("");
+        if ext == "jsonl" {
+            ingest_jsonl(&mut sink, file, progress)?;
+        } else {
+            let text = std::fs::read_to_string(file).map_err(|e| io_err(file, e))?;
+            let rel = file.strip_prefix(path).unwrap_or(file);
+            let rel = if rel.as_os_str().is_empty() {
+                file.file_name().map(Path::new).unwrap_or(file)
+            } else {
+                rel
+            };
+            let title = file.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+            sink.add(&rel.to_string_lossy(), title, &text)?;
+            if let Some(pb) = progress {
+                pb.inc(text.len() as u64);
+            }
+        }
+        sink.stats.files += 1;
+    }
+    let mut writer = sink.writer;
+    writer.commit()?;
+    writer.wait_merging_threads()?;
+    coll.reader.reload()?;
+    Ok(sink.stats)
+}
+
+fn ingest_jsonl(
+    sink: &mut Sink,
+    file: &Path,
+    progress: Option<&ProgressBar>,
+) -> Result<(), RetrievalError> {
+    let f = std::fs::File::open(file).map_err(|e| io_err(file, e))?;
+    for (n, line) in BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| io_err(file, e))?;
+        if let Some(pb) = progress {
+            pb.inc(line.len() as u64 + 1);
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad =
+            |why: String| RetrievalError::BadInput(format!("{}:{}: {why}", file.display(), n + 1));
+        let d: JsonDoc = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
+        let id = match &d.id {
+            serde_json::Value::String(s) if !s.is_empty() => s.clone(),
+            serde_json::Value::Number(x) => x.to_string(),
+            _ => return Err(bad("`id` must be a non-empty string or a number".into())),
+        };
+        sink.add(&id, d.title.as_deref().unwrap_or(""), &d.text)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Collections;
+    use super::*;
+
+    fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    #[test]
+    fn ingest_is_idempotent_and_search_is_lenient() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cols = Collections::new(tmp.path().join("index"));
+        let input = write(
+            tmp.path(),
+            "a.jsonl",
+            "{\"id\": \"f1\", \"text\": \"Earthquakes can damage buildings.\"}\n\n\
+             {\"id\": 2, \"text\": \"Plants need sunlight to grow.\", \"title\": \"Botany\"}\n",
+        );
+        let c = cols.get_or_create("sci").unwrap();
+        let s = ingest_path(&c, &input, 500, None).unwrap();
+        assert_eq!((s.documents, s.passages), (2, 2));
+        ingest_path(&c, &input, 500, None).unwrap();
+        assert_eq!(c.len(), 2, "re-ingesting must replace, not duplicate");
+
+        let hits = c.search("What can damage buildings?", 3).unwrap();
+        assert_eq!(hits[0].id, "f1");
+        assert!(hits[0].score > 0.0);
+        for q in [
+            "\"unbalanced",
+            "title:(",
+            "a:b:c] ^ ~ * AND OR",
+            "((",
+            "-",
+            "\\",
+        ] {
+            c.search(q, 3)
+                .unwrap_or_else(|e| panic!("query {q:?} failed: {e}"));
+        }
+        assert_eq!(
+            c.search("sunlight", 3).unwrap()[0].title.as_deref(),
+            Some("Botany")
+        );
+        assert_eq!(cols.list().unwrap()[0].passages, 2);
+    }
+
+    #[test]
+    fn text_and_markdown_folders_and_bad_lines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let docs = tmp.path().join("docs");
+        std::fs::create_dir_all(docs.join("sub")).unwrap();
+        write(&docs, "one.txt", &"Cells divide by mitosis. ".repeat(20));
+        write(
+            &docs.join("sub"),
+            "two.md",
+            "# Heat\nHeat flows from hot to cold.",
+        );
+        write(&docs, "skip.bin", "ignored");
+        let cols = Collections::new(tmp.path().join("index"));
+        let c = cols.get_or_create("docs").unwrap();
+        let s = ingest_path(&c, &docs, 100, None).unwrap();
+        assert_eq!(s.files, 2);
+        assert!(s.passages > 2, "long text must split: {s:?}");
+        let hit = &c.search("heat flows", 1).unwrap()[0];
+        assert_eq!(hit.id, "sub/two.md");
+
+        let bad = write(
+            tmp.path(),
+            "bad.jsonl",
+            "{\"id\": \"x\", \"text\": \"fine\"}\nnot json\n",
+        );
+        let before = c.len();
+        let err = ingest_path(&c, &bad, 100, None).unwrap_err().to_string();
+        assert!(err.contains("bad.jsonl:2"), "{err}");
+        c.reader.reload().unwrap();
+        assert_eq!(
+            c.len(),
+            before,
+            "a failed ingest must not change the collection"
+        );
+    }
+
+    #[test]
+    fn names_are_validated_and_unknown_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cols = Collections::new(tmp.path());
+        assert!(cols.get_or_create("../etc").is_err());
+        let err = cols.get("nope").err().unwrap().to_string();
+        assert!(err.contains("nope"), "{err}");
+        cols.get_or_create("x").unwrap();
+        assert!(cols.exists("x"));
+        cols.delete("x").unwrap();
+        assert!(!cols.exists("x"));
+    }
+}

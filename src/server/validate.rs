@@ -1,0 +1,151 @@
+//! Wire request -> internal [`ChatJob`], rejecting anything out of range with a precise message.
+
+use crate::config::Config;
+use crate::engine::{ChatJob, RagMode, RagParams};
+use crate::generate::GenParams;
+use crate::model::ChatMessage;
+use crate::retrieval::Collections;
+
+use super::error::ApiError;
+use super::openai::{ChatCompletionRequest, StopSpec, WireContent};
+
+const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+
+fn message_text(i: usize, content: Option<WireContent>) -> Result<String, ApiError> {
+    match content {
+        None => Ok(String::new()),
+        Some(WireContent::Text(s)) => Ok(s),
+        Some(WireContent::Parts(parts)) => {
+            let mut out = String::new();
+            for p in parts {
+                if p.kind != "text" {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}]: content part of type `{}` is not supported; only `text`", p.kind),
+                        Some("messages"),
+                    ));
+                }
+                out.push_str(p.text.as_deref().unwrap_or(""));
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Validates `req` against the server's limits and fills defaults from `cfg`.
+pub fn to_job(
+    req: ChatCompletionRequest,
+    cfg: &Config,
+    collections: &Collections,
+) -> Result<ChatJob, ApiError> {
+    let g = &cfg.generation;
+    let wire = req.messages.unwrap_or_default();
+    if wire.is_empty() {
+        return Err(ApiError::invalid(
+            "`messages` must be a non-empty array",
+            Some("messages"),
+        ));
+    }
+    let mut messages = Vec::with_capacity(wire.len());
+    for (i, m) in wire.into_iter().enumerate() {
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].role `{}` is not one of {ROLES:?}", m.role),
+                Some("messages"),
+            ));
+        }
+        // "developer" is the newer name of "system"; templates know only the latter.
+        let role = if m.role == "developer" {
+            "system"
+        } else {
+            m.role.as_str()
+        };
+        messages.push(ChatMessage::new(role, &message_text(i, m.content)?));
+    }
+
+    if let Some(n) = req.n {
+        if n != 1 {
+            return Err(ApiError::invalid("only `n` = 1 is supported", Some("n")));
+        }
+    }
+    let max_tokens = match req.max_completion_tokens.or(req.max_tokens) {
+        None => g.max_tokens,
+        Some(m) if m >= 1 && m as usize <= g.max_tokens_cap => m as usize,
+        Some(m) => {
+            return Err(ApiError::invalid(
+                format!("max_tokens {m} is outside 1..={}", g.max_tokens_cap),
+                Some("max_tokens"),
+            ))
+        }
+    };
+    let temperature = req.temperature.unwrap_or(g.temperature);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            format!("temperature {temperature} is outside [0, 2]"),
+            Some("temperature"),
+        ));
+    }
+    let top_p = req.top_p.unwrap_or(g.top_p);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            format!("top_p {top_p} is outside (0, 1]"),
+            Some("top_p"),
+        ));
+    }
+    let stop = match req.stop {
+        None => vec![],
+        Some(StopSpec::One(s)) => vec![s],
+        Some(StopSpec::Many(v)) => v,
+    };
+    if stop.len() > 4 {
+        return Err(ApiError::invalid("at most 4 stop sequences", Some("stop")));
+    }
+    let seed = match req.seed {
+        Some(s) => s as u64,
+        None => rand::random(),
+    };
+
+    let r = &cfg.retrieval;
+    let rag = req.rag.unwrap_or_default();
+    let mode = match rag.mode.as_deref() {
+        None => RagMode::Static,
+        Some(m) => RagMode::parse(m).ok_or_else(|| {
+            ApiError::invalid(
+                format!("rag.mode `{m}` is not one of \"static\", \"none\""),
+                Some("rag.mode"),
+            )
+        })?,
+    };
+    let top_k = match rag.top_k {
+        None => r.top_k,
+        Some(k) if k >= 1 && k as usize <= r.max_top_k => k as usize,
+        Some(k) => {
+            return Err(ApiError::invalid(
+                format!("rag.top_k {k} is outside 1..={}", r.max_top_k),
+                Some("rag.top_k"),
+            ))
+        }
+    };
+    let collection = rag.collection.unwrap_or_else(|| r.collection.clone());
+    if mode == RagMode::Static && !collections.exists(&collection) {
+        return Err(ApiError::invalid(
+            format!("unknown collection `{collection}`"),
+            Some("rag.collection"),
+        )
+        .with_code("collection_not_found"));
+    }
+    Ok(ChatJob {
+        messages,
+        gen: GenParams {
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            stop,
+        },
+        rag: RagParams {
+            mode,
+            collection,
+            top_k,
+        },
+    })
+}

@@ -1,0 +1,89 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{DType, Device};
+use ttarag::model::Model;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn default_model_path() -> PathBuf {
+    root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The real default model, loaded once per test binary. Missing model = failed test (CI runs
+/// `make test`, whose setup step fetches it).
+pub fn default_model() -> Arc<Model> {
+    static M: OnceLock<Arc<Model>> = OnceLock::new();
+    M.get_or_init(|| {
+        let p = default_model_path();
+        assert!(p.exists(), "{} missing: run `make setup`", p.display());
+        Arc::new(Model::load(&p, "smollm2-135m-instruct", &Device::Cpu, DType::F32).unwrap())
+    })
+    .clone()
+}
+
+pub fn golden() -> serde_json::Value {
+    let text = std::fs::read_to_string(root().join("tests/fixtures/smollm2_golden.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A server on an ephemeral loopback port over a tiny random model and a small collection.
+pub struct TestServer {
+    pub base: String,
+    pub _dir: tempfile::TempDir,
+}
+
+pub const FACTS: &str = "{\"id\": \"f1\", \"text\": \"Earthquakes can damage buildings.\"}\n\
+{\"id\": \"f2\", \"text\": \"Plants need sunlight to grow.\"}\n\
+{\"id\": \"f3\", \"text\": \"Water boils at 100 degrees Celsius at sea level.\"}\n";
+
+/// Starts the real router. `never_stop` removes the EOS ids so every answer runs to max_tokens
+/// (useful to keep workers busy).
+pub async fn start_tiny(workers: usize, queue: usize, never_stop: bool) -> TestServer {
+    use ttarag::config::Config;
+    use ttarag::engine::{Engine, EngineConfig};
+    use ttarag::retrieval::{ingest_path, Collections};
+
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("facts.jsonl");
+    std::fs::write(&corpus, FACTS).unwrap();
+    let cols = Arc::new(Collections::new(dir.path().join("index")));
+    ingest_path(&cols.get_or_create("facts").unwrap(), &corpus, 500, None).unwrap();
+    let mut model = ttarag::model::tiny::tiny_model(3).unwrap();
+    if never_stop {
+        model.eos_ids.clear();
+    }
+    model.id = "tiny".into();
+    let mut cfg = Config::default();
+    cfg.retrieval.collection = "facts".into();
+    cfg.server.workers = workers;
+    cfg.server.queue_capacity = queue;
+    cfg.server.max_body_bytes = 64 * 1024;
+    let engine = Engine::start(
+        Arc::new(model),
+        cols,
+        &EngineConfig {
+            workers,
+            queue_capacity: queue,
+            prompt_template: cfg.retrieval.prompt_template.clone(),
+        },
+    )
+    .unwrap();
+    let app = ttarag::server::App::new(engine, cfg);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, ttarag::server::router(app))
+            .await
+            .unwrap();
+    });
+    TestServer {
+        base: format!("http://{addr}"),
+        _dir: dir,
+    }
+}

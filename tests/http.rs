@@ -1,0 +1,375 @@
+//! The HTTP API over real loopback connections, on a tiny random-weight model.
+
+mod common;
+
+use common::start_tiny;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+async fn post(base: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+fn ask(q: &str) -> Value {
+    json!({"model": "tiny", "messages": [{"role": "user", "content": q}],
+           "max_tokens": 16, "temperature": 0, "seed": 1})
+}
+
+/// Reads an SSE body into its `data:` payloads.
+async fn sse(base: &str, body: &Value) -> Vec<String> {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut text = String::new();
+    let mut s = r.bytes_stream();
+    while let Some(b) = s.next().await {
+        text.push_str(&String::from_utf8_lossy(&b.unwrap()));
+    }
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: ").map(String::from))
+        .collect()
+}
+
+#[tokio::test]
+async fn chat_completion_round_trip_reports_rag() {
+    let s = start_tiny(1, 8, false).await;
+    let (status, v) = post(&s.base, &ask("What can damage buildings?")).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "tiny");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert!(v["choices"][0]["message"]["content"].is_string());
+    let fr = v["choices"][0]["finish_reason"].as_str().unwrap();
+    assert!(fr == "stop" || fr == "length");
+    let u = &v["usage"];
+    assert!(u["prompt_tokens"].as_u64().unwrap() > 20);
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+    );
+    assert!(u["completion_tokens"].as_u64().unwrap() <= 16);
+    let rag = &v["rag"];
+    assert_eq!(rag["mode"], "static");
+    assert_eq!(rag["collection"], "facts");
+    assert_eq!(rag["passages"][0]["id"], "f1");
+    assert!(rag["passages"][0]["score"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        rag["passages"][0]["text"],
+        "Earthquakes can damage buildings."
+    );
+    for k in ["retrieve", "prefill", "decode"] {
+        assert!(rag["timings_ms"][k].as_f64().unwrap() >= 0.0, "{k}");
+    }
+
+    // Without retrieval: no passages and a shorter prompt.
+    let mut body = ask("What can damage buildings?");
+    body["rag"] = json!({"mode": "none"});
+    let (status, none) = post(&s.base, &body).await;
+    assert_eq!(status, 200);
+    assert_eq!(none["rag"]["mode"], "none");
+    assert_eq!(none["rag"]["passages"].as_array().unwrap().len(), 0);
+    assert!(none["usage"]["prompt_tokens"].as_u64() < u["prompt_tokens"].as_u64());
+
+    // top_k and text-part content are honoured.
+    let body = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "plants sunlight water"}]}],
+                      "max_completion_tokens": 4, "rag": {"top_k": 2}});
+    let (status, v) = post(&s.base, &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["rag"]["passages"].as_array().unwrap().len(), 2);
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 4);
+}
+
+#[tokio::test]
+async fn streaming_matches_the_plain_answer_and_ends_with_done() {
+    let s = start_tiny(1, 8, true).await;
+    let (_, plain) = post(&s.base, &ask("Why do plants grow?")).await;
+    let mut body = ask("Why do plants grow?");
+    body["stream"] = json!(true);
+    let frames = sse(&s.base, &body).await;
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = frames[..frames.len() - 1]
+        .iter()
+        .map(|f| serde_json::from_str(f).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let mut text = String::new();
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["id"], chunks[0]["id"]);
+        if let Some(t) = c["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+    }
+    assert_eq!(
+        text,
+        plain["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(last["rag"]["passages"][0]["id"], "f2");
+    assert!(last.get("usage").is_none());
+
+    // include_usage adds a usage-only chunk, which then carries `rag`.
+    body["stream_options"] = json!({"include_usage": true});
+    let frames = sse(&s.base, &body).await;
+    let usage: Value = serde_json::from_str(&frames[frames.len() - 2]).unwrap();
+    assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(usage["usage"]["completion_tokens"], 16);
+    assert_eq!(usage["rag"]["mode"], "static");
+    let finish: Value = serde_json::from_str(&frames[frames.len() - 3]).unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+}
+
+#[tokio::test]
+async fn bad_requests_get_openai_errors_with_the_right_status() {
+    let s = start_tiny(1, 8, false).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", s.base);
+    let raw = |body: &'static str| {
+        client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    let check = |status: u16, v: &Value, want: u16, param: Option<&str>| {
+        assert_eq!(status, want, "{v}");
+        let e = &v["error"];
+        assert!(!e["message"].as_str().unwrap().is_empty(), "{v}");
+        assert!(e["type"].is_string(), "{v}");
+        if let Some(p) = param {
+            assert_eq!(e["param"], p, "{v}");
+        }
+    };
+    for body in ["{not json", "", "[1,2]", "{\"messages\": 5}"] {
+        let r = raw(body).send().await.unwrap();
+        let st = r.status().as_u16();
+        check(st, &r.json().await.unwrap(), 400, None);
+    }
+    let msg = |q: &str| json!([{"role": "user", "content": q}]);
+    let cases = vec![
+        (json!({}), 400, Some("messages")),
+        (json!({"messages": []}), 400, Some("messages")),
+        (
+            json!({"messages": [{"role": "wizard", "content": "x"}]}),
+            400,
+            Some("messages"),
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+            400,
+            Some("messages"),
+        ),
+        (
+            json!({"messages": msg("q"), "temperature": 2.5}),
+            400,
+            Some("temperature"),
+        ),
+        (
+            json!({"messages": msg("q"), "temperature": -1}),
+            400,
+            Some("temperature"),
+        ),
+        (
+            json!({"messages": msg("q"), "top_p": 0}),
+            400,
+            Some("top_p"),
+        ),
+        (json!({"messages": msg("q"), "n": 2}), 400, Some("n")),
+        (
+            json!({"messages": msg("q"), "max_tokens": 0}),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            json!({"messages": msg("q"), "max_tokens": 1_000_000}),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            json!({"messages": msg("q"), "stop": ["a", "b", "c", "d", "e"]}),
+            400,
+            Some("stop"),
+        ),
+        (
+            json!({"messages": msg("q"), "rag": {"collection": "nope"}}),
+            400,
+            Some("rag.collection"),
+        ),
+        (
+            json!({"messages": msg("q"), "rag": {"collection": "../etc"}}),
+            400,
+            Some("rag.collection"),
+        ),
+        (
+            json!({"messages": msg("q"), "rag": {"mode": "magic"}}),
+            400,
+            Some("rag.mode"),
+        ),
+        (
+            json!({"messages": msg("q"), "rag": {"top_k": 0}}),
+            400,
+            Some("rag.top_k"),
+        ),
+        (
+            json!({"messages": msg("q"), "rag": {"top_k": 1000}}),
+            400,
+            Some("rag.top_k"),
+        ),
+        (
+            json!({"messages": msg("q"), "model": "gpt-4"}),
+            404,
+            Some("model"),
+        ),
+        (
+            json!({"messages": msg(&"long question ".repeat(100)), "max_tokens": 5}),
+            400,
+            Some("messages"),
+        ),
+    ];
+    for (body, want, param) in cases {
+        let (st, v) = post(&s.base, &body).await;
+        check(st, &v, want, param);
+    }
+    // Context overflow in streaming mode is still a plain 400, not a broken stream.
+    let (st, v) = post(
+        &s.base,
+        &json!({"stream": true, "messages": msg(&"overflow ".repeat(100))}),
+    )
+    .await;
+    check(st, &v, 400, Some("messages"));
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+
+    // Body over the cap.
+    let big = json!({"messages": msg(&"x".repeat(100_000))});
+    let (st, v) = post(&s.base, &big).await;
+    check(st, &v, 413, None);
+
+    // Unknown fields are ignored.
+    let (st, _) = post(&s.base, &json!({"messages": msg("q"), "max_tokens": 2, "frequency_penalty": 0.5, "user": "u1", "logit_bias": {}})).await;
+    assert_eq!(st, 200);
+    let r = client.get(format!("{}/nope", s.base)).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn concurrent_requests_all_complete() {
+    let s = start_tiny(2, 16, true).await;
+    let futs = (0..8).map(|i| {
+        let base = s.base.clone();
+        async move {
+            let mut body = ask(&format!("question {i} about plants"));
+            body["max_tokens"] = json!(24);
+            post(&base, &body).await
+        }
+    });
+    for (st, v) in futures::future::join_all(futs).await {
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 24);
+    }
+}
+
+#[tokio::test]
+async fn full_queue_is_refused_fast_with_429() {
+    let s = start_tiny(1, 1, true).await;
+    let futs = (0..10).map(|_| {
+        let base = s.base.clone();
+        async move {
+            let mut body = ask("busy");
+            body["max_tokens"] = json!(400);
+            let t = std::time::Instant::now();
+            let (st, v) = post(&base, &body).await;
+            (st, v, t.elapsed())
+        }
+    });
+    let results = futures::future::join_all(futs).await;
+    let refused: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
+    let served = results.iter().filter(|r| r.0 == 200).count();
+    assert!(
+        !refused.is_empty(),
+        "one worker and one queue slot cannot take 10 requests"
+    );
+    assert!(served >= 1);
+    assert_eq!(served + refused.len(), 10);
+    for (_, v, _) in &refused {
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+    }
+    let slowest_refusal = refused.iter().map(|r| r.2).max().unwrap();
+    let slowest_served = results
+        .iter()
+        .filter(|r| r.0 == 200)
+        .map(|r| r.2)
+        .max()
+        .unwrap();
+    assert!(
+        slowest_refusal < slowest_served,
+        "refusals must not wait for the queue"
+    );
+}
+
+#[tokio::test]
+async fn models_health_and_metrics() {
+    let s = start_tiny(1, 8, false).await;
+    let c = reqwest::Client::new();
+    let v: Value = c
+        .get(format!("{}/v1/models", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], "tiny");
+    let v: Value = c
+        .get(format!("{}/health", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "ok");
+
+    post(&s.base, &ask("plants")).await;
+    post(&s.base, &json!({"messages": []})).await;
+    let text = c
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("ttarag_requests_total{mode=\"static\",status=\"200\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ttarag_requests_total{mode=\"unknown\",status=\"400\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ttarag_request_duration_seconds_bucket"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ttarag_tokens_total{kind=\"prompt\"}"),
+        "{text}"
+    );
+}

@@ -1,0 +1,103 @@
+//! The `ttarag` binary, started as a user would, driven by the official `openai` Python client
+//! (installed into .venv by `make setup`). The model is a tiny random one saved as a Hugging
+//! Face folder, which also exercises that loading path through the CLI.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use candle_core::{DType, Device};
+use ttarag::model::{export_hf_folder, tiny::tiny_parts, Arch};
+
+struct Kill(std::process::Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn official_openai_client_round_trips() {
+    let python = common::root().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run `make setup`",
+        python.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("tiny-qwen2");
+    export_hf_folder(
+        &tiny_parts(Arch::Qwen2, 5, &Device::Cpu, DType::F32).unwrap(),
+        &model_dir,
+    )
+    .unwrap();
+    let corpus = dir.path().join("facts.jsonl");
+    std::fs::write(&corpus, common::FACTS).unwrap();
+    let config = dir.path().join("test.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\nid = \"tiny-qwen2\"\n[retrieval]\ncollection = \"facts\"\nsample_corpus = \"{}\"\n",
+            corpus.display()
+        ),
+    )
+    .unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ttarag"))
+        .args(["serve", "--port", "0", "--config"])
+        .arg(&config)
+        .arg("--model")
+        .arg(&model_dir)
+        .arg("--index-dir")
+        .arg(dir.path().join("index"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let server = Kill(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .to_string();
+
+    let out = Command::new(&python)
+        .arg(common::root().join("tests/python/openai_client.py"))
+        .arg(&base)
+        .arg("tiny-qwen2")
+        .output()
+        .unwrap();
+    drop(server);
+    assert!(
+        out.status.success(),
+        "python client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn missing_model_stops_the_server_with_one_line_naming_the_setup_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ttarag"))
+        .args(["serve", "--port", "0", "--model"])
+        .arg(dir.path().join("absent.gguf"))
+        .arg("--index-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("make setup") && lines[0].contains("absent.gguf"),
+        "{err}"
+    );
+}
