@@ -2,6 +2,7 @@
 //! text at test time. Stages, in the order a request meets them: `server` (HTTP) -> `engine`
 //! (queue and workers) -> `retrieval` -> `generate` over `model`.
 
+pub mod adapt;
 pub mod cli;
 pub mod config;
 pub mod engine;

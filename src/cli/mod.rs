@@ -20,7 +20,8 @@ use crate::retrieval::{ingest_path, Collections};
 #[derive(Debug, Parser)]
 #[command(name = "ttarag", version, about)]
 pub struct Cli {
-    /// Configuration file (TOML); keys it omits keep the defaults of configs/default.toml.
+    /// Configuration file (TOML); keys it omits keep the built-in defaults. Without this flag,
+    /// configs/default.toml is read when present in the working directory.
     #[arg(long, global = true, env = "TTARAG_CONFIG")]
     pub config: Option<PathBuf>,
     /// Model: a .gguf file or a Hugging Face folder. Overrides model.path.
@@ -66,8 +67,10 @@ pub enum ModelCmd {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     init_tracing();
+    let local = Path::new("configs/default.toml");
     let mut cfg = match &cli.config {
         Some(p) => Config::from_file(p)?,
+        None if local.exists() => Config::from_file(local)?,
         None => Config::default(),
     };
     if let Some(m) = &cli.model {
