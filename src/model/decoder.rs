@@ -100,10 +100,19 @@ impl Cache {
     }
 }
 
+/// Precision for norms and attention: f32, or f64 when the weights are f64 (gradient checks).
+fn acc_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, diff: bool) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let w32 = w.to_dtype(DType::F32)?;
+    let x = x.to_dtype(acc_dtype(dtype))?;
+    let w32 = w.to_dtype(acc_dtype(dtype))?;
     let y = if diff {
         candle_nn::ops::rms_norm_slow(&x, &w32, eps as f32)?
     } else {
@@ -361,13 +370,16 @@ impl Decoder {
         opts: &ForwardOpts,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        // Attention runs in f32 whatever the weight dtype (the cache holds f32 too).
+        // Attention runs in f32 (f64 for f64 weights) whatever the weight dtype; so does the cache.
+        let acc = acc_dtype(self.dtype);
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
             y.reshape((b, t, heads, a.head_dim))?
                 .transpose(1, 2)?
-                .to_dtype(DType::F32)?
+                .to_dtype(acc)?
                 .contiguous()
         };
+        let cos = &cos.to_dtype(acc)?;
+        let sin = &sin.to_dtype(acc)?;
         let q = split(a.q.forward(x, layer, opts)?, a.n_heads)?;
         let k = split(a.k.forward(x, layer, opts)?, a.n_kv)?;
         let v = split(a.v.forward(x, layer, opts)?, a.n_kv)?;
@@ -392,7 +404,7 @@ impl Decoder {
         let scale = 1.0 / (a.head_dim as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
+            scores = scores.broadcast_add(&m.to_dtype(acc)?)?;
         }
         let probs = if opts.differentiable {
             candle_nn::ops::softmax(&scores, D::Minus1)?

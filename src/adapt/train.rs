@@ -1,0 +1,555 @@
+//! The adaptation loop: next-token cross-entropy on each pair's suffix (prefix masked), AdamW
+//! with gradient accumulation and global-norm clipping, as in TTARAG.
+
+use std::time::Instant;
+
+use candle_core::{DType, Result, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use serde::Serialize;
+
+use super::{Lora, LoraConfig, Pair, PairSource};
+use crate::model::{Adapter, ForwardOpts, Logits, Model, ModelError};
+
+/// Settings of one adaptation, already validated and capped.
+#[derive(Debug, Clone)]
+pub struct TrainParams {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+    pub grad_accum: usize,
+    pub clip_norm: f64,
+    /// Optimiser steps; `None` = one pass over the pairs.
+    pub steps: Option<usize>,
+    pub max_tokens_per_pair: usize,
+    /// Put the question before each prefix (the paper's formula) or not (its code).
+    pub condition_on_query: bool,
+    pub lora: LoraConfig,
+    pub seed: u64,
+    /// Stop taking steps once this much time has passed.
+    pub time_budget_ms: Option<f64>,
+}
+
+/// What the adaptation did (the response's `rag.tta`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TtaReport {
+    pub scope: &'static str,
+    pub pairs: usize,
+    pub pair_source: PairSource,
+    pub steps: usize,
+    pub loss_before: Option<f64>,
+    pub loss_after: Option<f64>,
+    pub adapt_ms: f64,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
+    /// Why adaptation was skipped, cut short or discarded; `None` when it ran fully.
+    pub fallback: Option<String>,
+}
+
+/// One pair as token ids; the loss covers `ids[suffix_start..]`.
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub suffix_start: usize,
+}
+
+/// Tokenizes a pair. The suffix keeps its leading space so tokens match the running text.
+/// Over `max_tokens`, the suffix is cut at its end and, if needed, the prefix at its start.
+pub fn encode_pair(
+    model: &Model,
+    pair: &Pair,
+    query: Option<&str>,
+    max_tokens: usize,
+) -> std::result::Result<Option<Example>, ModelError> {
+    let prefix = match query {
+        Some(q) => format!("{q}\n{}", pair.prefix),
+        None => pair.prefix.clone(),
+    };
+    let mut p = model.tokenizer.encode(&prefix)?;
+    let mut s = model.tokenizer.encode(&format!(" {}", pair.suffix))?;
+    let max_tokens = max_tokens.max(2);
+    if p.len() + s.len() > max_tokens {
+        let keep_prefix = p.len().min(max_tokens / 2).max(1);
+        if p.len() > keep_prefix && p.len() + 1 > max_tokens {
+            p.drain(..p.len() - keep_prefix);
+        }
+        s.truncate(max_tokens.saturating_sub(p.len()));
+    }
+    if p.is_empty() || s.is_empty() {
+        return Ok(None);
+    }
+    let suffix_start = p.len();
+    p.extend(s);
+    Ok(Some(Example {
+        ids: p,
+        suffix_start,
+    }))
+}
+
+/// Mean cross-entropy of the suffix tokens given everything before them.
+pub fn suffix_loss(
+    model: &Model,
+    adapter: Option<&dyn Adapter>,
+    ex: &Example,
+    differentiable: bool,
+) -> Result<Tensor> {
+    let dec = &model.decoder;
+    let ids = Tensor::new(ex.ids.as_slice(), dec.device())?.unsqueeze(0)?;
+    let opts = ForwardOpts {
+        logits: Logits::All,
+        differentiable,
+        adapter,
+        ..Default::default()
+    };
+    let logits = dec.forward(&ids, None, &opts)?.logits.expect("Logits::All");
+    let n = ex.ids.len() - ex.suffix_start;
+    // Position t predicts token t + 1. The loss is f32 (f64 for f64 weights).
+    let acc = if logits.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let pred = logits
+        .squeeze(0)?
+        .narrow(0, ex.suffix_start - 1, n)?
+        .to_dtype(acc)?;
+    let target = Tensor::new(&ex.ids[ex.suffix_start..], dec.device())?;
+    candle_nn::loss::cross_entropy(&pred, &target)
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    t.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
+
+/// Mean suffix loss over `examples`, without gradients.
+pub fn mean_loss(
+    model: &Model,
+    adapter: Option<&dyn Adapter>,
+    examples: &[Example],
+) -> Result<f64> {
+    let mut sum = 0.0;
+    for ex in examples {
+        sum += scalar(&suffix_loss(model, adapter, ex, false)?)?;
+    }
+    Ok(sum / examples.len().max(1) as f64)
+}
+
+/// Scales `grads` in place so their global L2 norm is at most `max_norm`; returns the norm.
+pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let mut sq = 0.0f64;
+    for g in grads.iter() {
+        sq += g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
+    }
+    let norm = sq.sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let k = max_norm / (norm + 1e-6);
+        for g in grads.iter_mut() {
+            *g = (&*g * k)?;
+        }
+    }
+    Ok(norm)
+}
+
+/// Trains a fresh LoRA adapter on `examples`. Returns the adapter (or `None` when adaptation
+/// was aborted: the caller then answers with the base model) and the report.
+pub fn adapt_lora(
+    model: &Model,
+    examples: &[Example],
+    source: PairSource,
+    p: &TrainParams,
+) -> Result<(Option<Lora>, TtaReport)> {
+    let t0 = Instant::now();
+    let dec = &model.decoder;
+    let mut report = TtaReport {
+        scope: "lora",
+        pairs: examples.len(),
+        pair_source: source,
+        steps: 0,
+        loss_before: None,
+        loss_after: None,
+        adapt_ms: 0.0,
+        forward_ms: 0.0,
+        backward_ms: 0.0,
+        optimizer_ms: 0.0,
+        fallback: None,
+    };
+    if examples.is_empty() {
+        report.fallback = Some("no training pairs".into());
+        report.adapt_ms = t0.elapsed().as_secs_f64() * 1e3;
+        return Ok((None, report));
+    }
+    let lora = Lora::new(dec.config(), &p.lora, p.seed, dec.device(), dec.dtype())?;
+    let vars = lora.vars();
+    // B starts at zero, so the adapted model equals the base one: measure without the adapter.
+    report.loss_before = Some(mean_loss(model, None, examples)?);
+    let mut opt = AdamW::new(
+        vars.clone(),
+        ParamsAdamW {
+            lr: p.lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: p.eps,
+            weight_decay: p.weight_decay,
+        },
+    )?;
+    let accum = p.grad_accum.max(1);
+    let steps = p.steps.unwrap_or(examples.len().div_ceil(accum));
+    let mut next = 0usize;
+    for _ in 0..steps {
+        if let Some(budget) = p.time_budget_ms {
+            if t0.elapsed().as_secs_f64() * 1e3 > budget {
+                report.fallback = Some(format!(
+                    "time budget of {budget:.0} ms reached after {} of {steps} steps",
+                    report.steps
+                ));
+                break;
+            }
+        }
+        // In one-pass mode the last group may be smaller than `accum`.
+        let group = if p.steps.is_none() {
+            accum.min(examples.len() - next % examples.len())
+        } else {
+            accum
+        };
+        let mut acc: Option<Vec<Tensor>> = None;
+        let mut store = None;
+        for _ in 0..group {
+            let ex = &examples[next % examples.len()];
+            next += 1;
+            let tf = Instant::now();
+            let loss = (suffix_loss(model, Some(&lora), ex, true)? / group as f64)?;
+            let value = scalar(&loss)?;
+            report.forward_ms += tf.elapsed().as_secs_f64() * 1e3;
+            if !value.is_finite() {
+                report.fallback = Some(format!(
+                    "non-finite loss ({value}); answered without adaptation"
+                ));
+                report.adapt_ms = t0.elapsed().as_secs_f64() * 1e3;
+                return Ok((None, report));
+            }
+            let tb = Instant::now();
+            let grads = loss.backward()?;
+            let gs = vars
+                .iter()
+                .map(|v| match grads.get(v.as_tensor()) {
+                    Some(g) => Ok(g.clone()),
+                    None => v.as_tensor().zeros_like(),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            acc = Some(match acc {
+                None => gs,
+                Some(a) => a
+                    .iter()
+                    .zip(&gs)
+                    .map(|(x, y)| x + y)
+                    .collect::<Result<_>>()?,
+            });
+            store = Some(grads);
+            report.backward_ms += tb.elapsed().as_secs_f64() * 1e3;
+        }
+        let to = Instant::now();
+        let (Some(mut acc), Some(mut store)) = (acc, store) else {
+            break;
+        };
+        clip_global_norm(&mut acc, p.clip_norm)?;
+        for (v, g) in vars.iter().zip(acc) {
+            store.insert(v.as_tensor(), g);
+        }
+        opt.step(&store)?;
+        report.optimizer_ms += to.elapsed().as_secs_f64() * 1e3;
+        report.steps += 1;
+    }
+    let after = mean_loss(model, Some(&lora), examples)?;
+    report.loss_after = Some(after);
+    if !after.is_finite() {
+        report.fallback = Some("adapted model diverged; answered without adaptation".into());
+        report.adapt_ms = t0.elapsed().as_secs_f64() * 1e3;
+        return Ok((None, report));
+    }
+    report.adapt_ms = t0.elapsed().as_secs_f64() * 1e3;
+    Ok((Some(lora), report))
+}
+
+/// Builds the examples for `pairs`.
+pub fn encode_pairs(
+    model: &Model,
+    pairs: &[Pair],
+    query: Option<&str>,
+    max_tokens: usize,
+) -> std::result::Result<Vec<Example>, ModelError> {
+    let mut out = Vec::new();
+    for pair in pairs {
+        if let Some(ex) = encode_pair(model, pair, query, max_tokens)? {
+            out.push(ex);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{Device, Var};
+
+    use super::*;
+    use crate::model::tiny::{tiny_parts, tiny_tokenizer};
+    use crate::model::{Arch, Decoder, Target};
+
+    fn tiny64(arch: Arch) -> Model {
+        Model::from_parts("t", tiny_parts(arch, 11, &Device::Cpu, DType::F64).unwrap()).unwrap()
+    }
+
+    fn example(model: &Model) -> Example {
+        let pair = Pair {
+            prefix: "when an earthquake shakes the ground,".into(),
+            suffix: "the shaking can damage buildings.".into(),
+        };
+        encode_pair(model, &pair, None, 128).unwrap().unwrap()
+    }
+
+    fn loss_of(model: &Model, adapter: Option<&dyn Adapter>, ex: &Example) -> f64 {
+        suffix_loss(model, adapter, ex, true)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Central finite difference of the loss along element `i` of `var`.
+    fn numeric_grad(var: &Var, i: usize, f: &dyn Fn() -> f64) -> f64 {
+        let orig = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let h = 1e-5;
+        let set = |d: f64| {
+            let mut v = orig.clone();
+            v[i] += d;
+            var.set(&Tensor::from_vec(v, var.shape(), var.device()).unwrap())
+                .unwrap();
+        };
+        set(h);
+        let up = f();
+        set(-h);
+        let down = f();
+        set(0.0);
+        (up - down) / (2.0 * h)
+    }
+
+    fn analytic(grads: &candle_core::backprop::GradStore, var: &Var) -> Vec<f64> {
+        grads
+            .get(var.as_tensor())
+            .expect("every trainable tensor must get a gradient")
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn lora_gradients_match_finite_differences() {
+        let model = tiny64(Arch::Qwen2);
+        let ex = example(&model);
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            targets: vec![
+                Target::Q,
+                Target::K,
+                Target::V,
+                Target::O,
+                Target::Gate,
+                Target::Up,
+                Target::Down,
+            ],
+        };
+        let lora = Lora::new(model.decoder.config(), &cfg, 1, &Device::Cpu, DType::F64).unwrap();
+        // Give B non-zero values so A has a gradient too.
+        for v in lora.vars() {
+            if v.dims()[1] == 2 {
+                let n = v.elem_count();
+                let vals: Vec<f64> = (0..n)
+                    .map(|i| ((i * 37 % 11) as f64 - 5.0) * 0.01)
+                    .collect();
+                v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+        let grads = suffix_loss(&model, Some(&lora), &ex, true)
+            .unwrap()
+            .backward()
+            .unwrap();
+        let vars = lora.vars();
+        assert_eq!(vars.len(), 2 * 7 * model.decoder.config().num_hidden_layers);
+        for var in &vars {
+            let g = analytic(&grads, var);
+            assert!(
+                g.iter().any(|x| x.abs() > 1e-9),
+                "zero gradient for a LoRA tensor"
+            );
+            for i in [0, g.len() / 2, g.len() - 1] {
+                let num = numeric_grad(var, i, &|| loss_of(&model, Some(&lora), &ex));
+                assert!(
+                    (num - g[i]).abs() < 1e-6 + 1e-4 * num.abs(),
+                    "grad {} vs numeric {num}",
+                    g[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn full_weight_gradients_reach_every_parameter_and_match_finite_differences() {
+        for arch in [Arch::Llama, Arch::Qwen2] {
+            let parts = tiny_parts(arch, 5, &Device::Cpu, DType::F64).unwrap();
+            let cfg = parts.config.clone();
+            let vars: HashMap<String, Var> = parts
+                .weights
+                .iter()
+                .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
+                .collect();
+            let weights = vars
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                .collect();
+            let model = Model {
+                id: "t".into(),
+                decoder: Decoder::load(&cfg, weights).unwrap(),
+                tokenizer: tiny_tokenizer().unwrap(),
+                template: None,
+                eos_ids: vec![],
+            };
+            let ex = example(&model);
+            let grads = suffix_loss(&model, None, &ex, true)
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, var) in &vars {
+                let g = analytic(&grads, var);
+                assert!(
+                    g.iter().any(|x| x.abs() > 1e-12),
+                    "{arch:?}: no gradient reaches {name}"
+                );
+                let i = g.len() / 3;
+                let num = numeric_grad(var, i, &|| loss_of(&model, None, &ex));
+                assert!(
+                    (num - g[i]).abs() < 1e-6 + 1e-4 * num.abs(),
+                    "{arch:?} {name}[{i}]: grad {} vs numeric {num}",
+                    g[i]
+                );
+            }
+        }
+    }
+
+    fn params(lr: f64, steps: usize) -> TrainParams {
+        TrainParams {
+            lr,
+            weight_decay: 0.01,
+            eps: 1e-8,
+            grad_accum: 2,
+            clip_norm: 1.0,
+            steps: Some(steps),
+            max_tokens_per_pair: 128,
+            condition_on_query: false,
+            lora: LoraConfig::default(),
+            seed: 3,
+            time_budget_ms: None,
+        }
+    }
+
+    #[test]
+    fn adaptation_lowers_the_suffix_loss_and_leaves_the_base_untouched() {
+        let model = Model::from_parts(
+            "t",
+            tiny_parts(Arch::Llama, 2, &Device::Cpu, DType::F32).unwrap(),
+        )
+        .unwrap();
+        let ex = vec![example(&model)];
+        let base = mean_loss(&model, None, &ex).unwrap();
+        let (lora, report) =
+            adapt_lora(&model, &ex, PairSource::Sentences, &params(1e-2, 8)).unwrap();
+        let lora = lora.expect("adaptation succeeded");
+        assert_eq!(report.steps, 8);
+        assert_eq!(report.fallback, None);
+        assert!((report.loss_before.unwrap() - base).abs() < 1e-6);
+        let after = mean_loss(&model, Some(&lora), &ex).unwrap();
+        assert!((report.loss_after.unwrap() - after).abs() < 1e-6);
+        assert!(after < base - 0.1, "loss {base} -> {after}");
+        assert_eq!(
+            mean_loss(&model, None, &ex).unwrap(),
+            base,
+            "base weights changed"
+        );
+        // rank 8 on q and v of 2 layers: (8*32 + 32*8) + (8*32 + 16*8) per layer, f32.
+        assert_eq!(lora.bytes(), 2 * (512 + 384) * 4);
+    }
+
+    #[test]
+    fn one_pass_takes_ceil_pairs_over_accumulation_steps_and_budget_truncates() {
+        let model = Model::from_parts(
+            "t",
+            tiny_parts(Arch::Llama, 2, &Device::Cpu, DType::F32).unwrap(),
+        )
+        .unwrap();
+        let ex = vec![example(&model); 3];
+        let mut p = params(1e-3, 0);
+        p.steps = None;
+        let (_, r) = adapt_lora(&model, &ex, PairSource::Sentences, &p).unwrap();
+        assert_eq!(r.steps, 2, "3 pairs with accumulation 2 = 2 steps");
+        p.time_budget_ms = Some(0.0);
+        let (lora, r) = adapt_lora(&model, &ex, PairSource::Sentences, &p).unwrap();
+        assert_eq!(r.steps, 0);
+        assert!(r.fallback.unwrap().contains("time budget"));
+        assert!(
+            lora.is_some(),
+            "a truncated adaptation still answers with its adapter"
+        );
+    }
+
+    #[test]
+    fn divergence_aborts_to_the_base_model() {
+        let model = Model::from_parts(
+            "t",
+            tiny_parts(Arch::Llama, 2, &Device::Cpu, DType::F32).unwrap(),
+        )
+        .unwrap();
+        let ex = vec![example(&model)];
+        let mut p = params(1e30, 4);
+        p.clip_norm = 0.0;
+        let (lora, r) = adapt_lora(&model, &ex, PairSource::Sentences, &p).unwrap();
+        assert!(lora.is_none());
+        assert!(
+            r.fallback
+                .as_deref()
+                .unwrap_or("")
+                .contains("answered without adaptation"),
+            "{r:?}"
+        );
+        let (none, r) = adapt_lora(&model, &[], PairSource::PassageFallback, &p).unwrap();
+        assert!(none.is_none());
+        assert_eq!(r.fallback.as_deref(), Some("no training pairs"));
+    }
+
+    #[test]
+    fn global_norm_clipping() {
+        let dev = Device::Cpu;
+        let mut g = vec![
+            Tensor::new(&[3f32, 0.0], &dev).unwrap(),
+            Tensor::new(&[4f32], &dev).unwrap(),
+        ];
+        let norm = clip_global_norm(&mut g, 1.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-6);
+        let a = g[0].to_vec1::<f32>().unwrap();
+        let b = g[1].to_vec1::<f32>().unwrap();
+        assert!((a[0] - 0.6).abs() < 1e-4 && (b[0] - 0.8).abs() < 1e-4);
+        let mut small = vec![Tensor::new(&[0.1f32], &dev).unwrap()];
+        clip_global_norm(&mut small, 1.0).unwrap();
+        assert_eq!(small[0].to_vec1::<f32>().unwrap(), vec![0.1]);
+    }
+}
