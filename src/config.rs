@@ -12,6 +12,7 @@ pub struct Config {
     pub model: ModelSection,
     pub generation: GenerationSection,
     pub retrieval: RetrievalSection,
+    pub tta: TtaSection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,6 +54,30 @@ pub struct RetrievalSection {
     pub max_top_k: usize,
     pub passage_max_chars: usize,
     pub prompt_template: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtaSection {
+    pub scope: String,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+    pub grad_accum: usize,
+    pub clip_norm: f64,
+    pub min_words: usize,
+    pub max_pairs: usize,
+    pub steps: usize,
+    pub max_tokens_per_pair: usize,
+    pub condition_on_query: bool,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_targets: Vec<String>,
+    pub time_budget_ms: f64,
+    pub max_pairs_cap: usize,
+    pub max_steps_cap: usize,
+    pub max_tokens_per_pair_cap: usize,
+    pub max_lora_rank: usize,
 }
 
 /// The shipped defaults, compiled in so the binary works from any directory.
@@ -99,6 +124,29 @@ impl Config {
             self.generation.max_tokens <= self.generation.max_tokens_cap,
             "generation.max_tokens exceeds generation.max_tokens_cap"
         );
+        let t = &self.tta;
+        anyhow::ensure!(
+            t.scope == "lora",
+            "tta.scope `{}` is not one of: lora",
+            t.scope
+        );
+        anyhow::ensure!(
+            t.max_pairs <= t.max_pairs_cap
+                && t.steps <= t.max_steps_cap
+                && t.max_tokens_per_pair <= t.max_tokens_per_pair_cap
+                && t.lora_rank <= t.max_lora_rank,
+            "tta defaults exceed their caps"
+        );
+        anyhow::ensure!(
+            t.lora_rank >= 1 && t.grad_accum >= 1,
+            "tta.lora_rank and tta.grad_accum must be at least 1"
+        );
+        for name in &t.lora_targets {
+            anyhow::ensure!(
+                crate::adapt::parse_target(name).is_some(),
+                "tta.lora_targets: `{name}` is not one of q, k, v, o, gate, up, down"
+            );
+        }
         Ok(())
     }
 }

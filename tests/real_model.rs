@@ -203,6 +203,7 @@ fn answers_a_qasc_question_from_the_retrieved_fact() {
             collection: "qasc".into(),
             top_k: 1,
         },
+        tta: None,
     };
     let mut rx = engine.submit(job).unwrap();
     let done = loop {

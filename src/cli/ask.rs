@@ -3,7 +3,9 @@
 use clap::Args;
 
 use crate::config::Config;
-use crate::engine::{ChatJob, Engine, EngineConfig, Event, RagMode, RagParams};
+use crate::engine::{
+    resolve_tta, ChatJob, Engine, EngineConfig, Event, RagMode, RagParams, TtaOverrides,
+};
 use crate::generate::GenParams;
 use crate::model::ChatMessage;
 
@@ -17,7 +19,7 @@ pub struct AskArgs {
     /// Passages to retrieve.
     #[arg(long)]
     pub top_k: Option<usize>,
-    /// Retrieval mode: static or none.
+    /// Retrieval mode: static, tta (adapt to the passages first) or none.
     #[arg(long, default_value = "static")]
     pub mode: String,
     /// Most tokens to generate.
@@ -33,7 +35,7 @@ pub struct AskArgs {
 
 pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
     let mode = RagMode::parse(&a.mode)
-        .ok_or_else(|| anyhow::anyhow!("--mode `{}` is not one of static, none", a.mode))?;
+        .ok_or_else(|| anyhow::anyhow!("--mode `{}` is not one of static, tta, none", a.mode))?;
     let collection = a
         .collection
         .unwrap_or_else(|| cfg.retrieval.collection.clone());
@@ -45,7 +47,7 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
     );
     let model = super::load_model(&cfg)?;
     let collections = super::open_collections(&cfg)?;
-    if mode == RagMode::Static && !collections.exists(&collection) {
+    if mode != RagMode::None && !collections.exists(&collection) {
         anyhow::bail!("unknown collection `{collection}`; see `ttarag index list`");
     }
     let engine = Engine::start(
@@ -71,6 +73,13 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
             collection,
             top_k,
         },
+        tta: match mode {
+            RagMode::Tta => Some(
+                resolve_tta(&cfg.tta, &TtaOverrides::default(), a.seed)
+                    .map_err(|e| anyhow::anyhow!("{}", e.message))?,
+            ),
+            _ => None,
+        },
     };
     let mut rx = engine.submit(job)?;
     while let Some(ev) = rx.blocking_recv() {
@@ -87,6 +96,20 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
                     for p in &c.rag.passages {
                         println!("  [{}] ({:.2}) {}", p.id, p.score, p.text);
                     }
+                }
+                if let Some(tta) = &c.rag.tta {
+                    println!(
+                        "adaptation: {} pairs, {} steps, suffix loss {:?} -> {:?}, {:.0} ms{}",
+                        tta.pairs,
+                        tta.steps,
+                        tta.loss_before,
+                        tta.loss_after,
+                        tta.adapt_ms,
+                        tta.fallback
+                            .as_deref()
+                            .map(|f| format!(" ({f})"))
+                            .unwrap_or_default()
+                    );
                 }
                 let t = &c.rag.timings_ms;
                 println!(

@@ -3,6 +3,7 @@
 //! its own channel. A full queue refuses at once; a job whose client has gone is dropped.
 
 mod prompt;
+mod tta_params;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,9 +13,11 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 pub use prompt::RagPrompt;
+pub use tta_params::{resolve_tta, ParamError, TtaOverrides};
 
+use crate::adapt::{adapt_lora, build_pairs, encode_pairs, PairOptions, TrainParams, TtaReport};
 use crate::generate::{generate, FinishReason, GenError, GenParams};
-use crate::model::{ChatMessage, Model};
+use crate::model::{Adapter, ChatMessage, Model};
 use crate::retrieval::{Collections, Passage};
 
 /// How retrieval takes part in a request.
@@ -23,14 +26,25 @@ use crate::retrieval::{Collections, Passage};
 pub enum RagMode {
     /// Retrieve, put the passages in the prompt, answer.
     Static,
+    /// Retrieve, adapt the model to the passages for this request only, then answer.
+    Tta,
     /// No retrieval.
     None,
 }
 
 impl RagMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Static => "static",
+            Self::Tta => "tta",
+            Self::None => "none",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "static" => Some(Self::Static),
+            "tta" => Some(Self::Tta),
             "none" => Some(Self::None),
             _ => None,
         }
@@ -45,12 +59,21 @@ pub struct RagParams {
     pub top_k: usize,
 }
 
+/// Adaptation settings of one request (mode `tta`), validated and capped.
+#[derive(Debug, Clone)]
+pub struct TtaParams {
+    pub pairs: PairOptions,
+    pub train: TrainParams,
+}
+
 /// One validated chat request, independent of the wire format.
 #[derive(Debug, Clone)]
 pub struct ChatJob {
     pub messages: Vec<ChatMessage>,
     pub gen: GenParams,
     pub rag: RagParams,
+    /// Set when `rag.mode` is `tta`.
+    pub tta: Option<TtaParams>,
 }
 
 /// Per-stage wall time in milliseconds.
@@ -58,6 +81,7 @@ pub struct ChatJob {
 pub struct Timings {
     pub queue: f64,
     pub retrieve: f64,
+    pub adapt: f64,
     pub prefill: f64,
     pub decode: f64,
 }
@@ -68,6 +92,8 @@ pub struct RagReport {
     pub mode: RagMode,
     pub collection: Option<String>,
     pub passages: Vec<Passage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tta: Option<TtaReport>,
     pub timings_ms: Timings,
 }
 
@@ -218,6 +244,36 @@ impl Worker {
         }
     }
 
+    /// Trains this request's adapter on prefix/suffix pairs cut from the passages.
+    fn adapt(
+        &self,
+        req: &ChatJob,
+        params: &TtaParams,
+        passages: &[Passage],
+    ) -> anyhow::Result<(Option<crate::adapt::Lora>, TtaReport)> {
+        let texts: Vec<&str> = passages.iter().map(|p| p.text.as_str()).collect();
+        let set = build_pairs(&texts, &params.pairs);
+        let query = if params.train.condition_on_query {
+            RagPrompt::question(&req.messages)
+        } else {
+            None
+        };
+        let examples = encode_pairs(
+            &self.model,
+            &set.pairs,
+            query,
+            params.train.max_tokens_per_pair,
+        )?;
+        let span = tracing::info_span!("adapt", pairs = examples.len());
+        let _g = span.enter();
+        Ok(adapt_lora(
+            &self.model,
+            &examples,
+            set.source,
+            &params.train,
+        )?)
+    }
+
     /// `Err(None)` means the client went away.
     fn process(
         &self,
@@ -234,7 +290,7 @@ impl Worker {
         let t = Instant::now();
         let (collection, passages) = match req.rag.mode {
             RagMode::None => (None, vec![]),
-            RagMode::Static => {
+            RagMode::Static | RagMode::Tta => {
                 let question = RagPrompt::question(&req.messages).unwrap_or("");
                 let coll = self
                     .collections
@@ -247,6 +303,17 @@ impl Worker {
             }
         };
         timings.retrieve = t.elapsed().as_secs_f64() * 1e3;
+
+        let (adapter, tta) = match (&req.tta, req.rag.mode) {
+            (Some(params), RagMode::Tta) => {
+                let (lora, report) = self
+                    .adapt(req, params, &passages)
+                    .map_err(|e| internal(e.to_string()))?;
+                timings.adapt = report.adapt_ms;
+                (lora, Some(report))
+            }
+            _ => (None, None),
+        };
 
         let messages = self
             .prompt
@@ -263,7 +330,8 @@ impl Worker {
             .map_err(|e| internal(e.to_string()))?;
 
         let mut on_text = |t: &str| reply.send(Event::Text(t.to_string())).is_ok();
-        let out = match generate(&self.model, &ids, &req.gen, None, &mut on_text) {
+        let adapter_ref = adapter.as_ref().map(|a| a as &dyn Adapter);
+        let out = match generate(&self.model, &ids, &req.gen, adapter_ref, &mut on_text) {
             Ok(o) => o,
             Err(GenError::Cancelled) => return Err(None),
             Err(e @ GenError::ContextExceeded { .. }) => {
@@ -282,6 +350,7 @@ impl Worker {
                 mode: req.rag.mode,
                 collection,
                 passages,
+                tta,
                 timings_ms: timings,
             },
         })

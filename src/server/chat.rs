@@ -127,10 +127,7 @@ async fn handle(
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
     let job = to_job(req, &app.config, &app.engine.collections)?;
-    outcome.mode = match job.rag.mode {
-        crate::engine::RagMode::Static => "static",
-        crate::engine::RagMode::None => "none",
-    };
+    outcome.mode = job.rag.mode.as_str();
     let mut rx = app.engine.submit(job)?;
     app.metrics.queue_depth.set(app.engine.queue_depth() as i64);
 

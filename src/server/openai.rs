@@ -55,12 +55,28 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-/// `"rag": {"mode", "collection", "top_k"}`; later capabilities add fields.
+/// `"rag": {"mode", "collection", "top_k", "tta"}`; later capabilities add fields.
 #[derive(Debug, Deserialize, Default)]
 pub struct RagRequest {
     pub mode: Option<String>,
     pub collection: Option<String>,
     pub top_k: Option<i64>,
+    pub tta: Option<TtaRequest>,
+}
+
+/// `"rag": {"tta": {...}}`: adaptation settings for mode `tta`.
+#[derive(Debug, Deserialize, Default)]
+pub struct TtaRequest {
+    pub scope: Option<String>,
+    pub lr: Option<f64>,
+    pub max_pairs: Option<i64>,
+    pub min_words: Option<i64>,
+    pub steps: Option<i64>,
+    pub grad_accum: Option<i64>,
+    pub condition_on_query: Option<bool>,
+    pub lora_rank: Option<i64>,
+    pub lora_alpha: Option<f64>,
+    pub lora_targets: Option<Vec<String>>,
 }
 
 #[derive(Debug, Serialize)]

@@ -1,7 +1,7 @@
 //! Wire request -> internal [`ChatJob`], rejecting anything out of range with a precise message.
 
 use crate::config::Config;
-use crate::engine::{ChatJob, RagMode, RagParams};
+use crate::engine::{resolve_tta, ChatJob, RagMode, RagParams, TtaOverrides};
 use crate::generate::GenParams;
 use crate::model::ChatMessage;
 use crate::retrieval::Collections;
@@ -110,7 +110,7 @@ pub fn to_job(
         None => RagMode::Static,
         Some(m) => RagMode::parse(m).ok_or_else(|| {
             ApiError::invalid(
-                format!("rag.mode `{m}` is not one of \"static\", \"none\""),
+                format!("rag.mode `{m}` is not one of \"static\", \"tta\", \"none\""),
                 Some("rag.mode"),
             )
         })?,
@@ -126,7 +126,29 @@ pub fn to_job(
         }
     };
     let collection = rag.collection.unwrap_or_else(|| r.collection.clone());
-    if mode == RagMode::Static && !collections.exists(&collection) {
+    let tta = match mode {
+        RagMode::Tta => {
+            let t = rag.tta.unwrap_or_default();
+            let o = TtaOverrides {
+                scope: t.scope,
+                lr: t.lr,
+                max_pairs: t.max_pairs,
+                min_words: t.min_words,
+                steps: t.steps,
+                grad_accum: t.grad_accum,
+                condition_on_query: t.condition_on_query,
+                lora_rank: t.lora_rank,
+                lora_alpha: t.lora_alpha,
+                lora_targets: t.lora_targets,
+            };
+            Some(
+                resolve_tta(&cfg.tta, &o, seed)
+                    .map_err(|e| ApiError::invalid(e.message, Some(e.param)))?,
+            )
+        }
+        _ => None,
+    };
+    if mode != RagMode::None && !collections.exists(&collection) {
         return Err(ApiError::invalid(
             format!("unknown collection `{collection}`"),
             Some("rag.collection"),
@@ -147,5 +169,6 @@ pub fn to_job(
             collection,
             top_k,
         },
+        tta,
     })
 }

@@ -1,0 +1,201 @@
+//! Resolves a request's adaptation settings: config defaults, request overrides, server caps.
+
+use crate::adapt::{parse_target, LoraConfig, PairOptions, TrainParams};
+use crate::config::TtaSection;
+
+use super::TtaParams;
+
+/// What a request may override; `None` keeps the configured default.
+#[derive(Debug, Clone, Default)]
+pub struct TtaOverrides {
+    pub scope: Option<String>,
+    pub lr: Option<f64>,
+    pub max_pairs: Option<i64>,
+    pub min_words: Option<i64>,
+    pub steps: Option<i64>,
+    pub grad_accum: Option<i64>,
+    pub condition_on_query: Option<bool>,
+    pub lora_rank: Option<i64>,
+    pub lora_alpha: Option<f64>,
+    pub lora_targets: Option<Vec<String>>,
+}
+
+/// A setting out of range: which one and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamError {
+    pub param: &'static str,
+    pub message: String,
+}
+
+fn bounded(
+    v: Option<i64>,
+    default: usize,
+    min: i64,
+    max: usize,
+    param: &'static str,
+) -> Result<usize, ParamError> {
+    match v {
+        None => Ok(default),
+        Some(x) if x >= min && x as usize <= max => Ok(x as usize),
+        Some(x) => Err(ParamError {
+            param,
+            message: format!("{param} {x} is outside {min}..={max}"),
+        }),
+    }
+}
+
+/// Merges `o` over the configured defaults, refusing values beyond the caps.
+pub fn resolve_tta(c: &TtaSection, o: &TtaOverrides, seed: u64) -> Result<TtaParams, ParamError> {
+    let scope = o.scope.clone().unwrap_or_else(|| c.scope.clone());
+    if scope != "lora" {
+        return Err(ParamError {
+            param: "rag.tta.scope",
+            message: format!("rag.tta.scope `{scope}` is not supported (supported: \"lora\")"),
+        });
+    }
+    let lr = o.lr.unwrap_or(c.lr);
+    if !(lr > 0.0 && lr <= 1.0) {
+        return Err(ParamError {
+            param: "rag.tta.lr",
+            message: format!("rag.tta.lr {lr} is outside (0, 1]"),
+        });
+    }
+    let alpha = o.lora_alpha.unwrap_or(c.lora_alpha);
+    if !(alpha > 0.0 && alpha <= 1024.0) {
+        return Err(ParamError {
+            param: "rag.tta.lora_alpha",
+            message: format!("rag.tta.lora_alpha {alpha} is outside (0, 1024]"),
+        });
+    }
+    let names = o
+        .lora_targets
+        .clone()
+        .unwrap_or_else(|| c.lora_targets.clone());
+    let mut targets = Vec::new();
+    for n in &names {
+        let t = parse_target(n).ok_or_else(|| ParamError {
+            param: "rag.tta.lora_targets",
+            message: format!(
+                "rag.tta.lora_targets: `{n}` is not one of q, k, v, o, gate, up, down"
+            ),
+        })?;
+        if !targets.contains(&t) {
+            targets.push(t);
+        }
+    }
+    if targets.is_empty() {
+        return Err(ParamError {
+            param: "rag.tta.lora_targets",
+            message: "rag.tta.lora_targets must name at least one projection".into(),
+        });
+    }
+    let steps = bounded(o.steps, c.steps, 0, c.max_steps_cap, "rag.tta.steps")?;
+    Ok(TtaParams {
+        pairs: PairOptions {
+            min_words: bounded(o.min_words, c.min_words, 1, 1000, "rag.tta.min_words")?,
+            max_pairs: bounded(
+                o.max_pairs,
+                c.max_pairs,
+                1,
+                c.max_pairs_cap,
+                "rag.tta.max_pairs",
+            )?,
+        },
+        train: TrainParams {
+            lr,
+            weight_decay: c.weight_decay,
+            eps: c.eps,
+            grad_accum: bounded(o.grad_accum, c.grad_accum, 1, 64, "rag.tta.grad_accum")?,
+            clip_norm: c.clip_norm,
+            steps: (steps > 0).then_some(steps),
+            max_tokens_per_pair: c.max_tokens_per_pair.min(c.max_tokens_per_pair_cap),
+            condition_on_query: o.condition_on_query.unwrap_or(c.condition_on_query),
+            lora: LoraConfig {
+                rank: bounded(
+                    o.lora_rank,
+                    c.lora_rank,
+                    1,
+                    c.max_lora_rank,
+                    "rag.tta.lora_rank",
+                )?,
+                alpha,
+                targets,
+            },
+            seed,
+            time_budget_ms: (c.time_budget_ms > 0.0).then_some(c.time_budget_ms),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::model::Target;
+
+    #[test]
+    fn defaults_then_overrides_then_caps() {
+        let c = Config::default().tta;
+        let p = resolve_tta(&c, &TtaOverrides::default(), 1).unwrap();
+        assert_eq!(p.pairs.max_pairs, 3);
+        assert_eq!(p.train.steps, None);
+        assert_eq!(p.train.lora.targets, vec![Target::Q, Target::V]);
+        let o = TtaOverrides {
+            lr: Some(1e-3),
+            max_pairs: Some(5),
+            steps: Some(4),
+            lora_targets: Some(vec!["k".into(), "down".into()]),
+            ..Default::default()
+        };
+        let p = resolve_tta(&c, &o, 1).unwrap();
+        assert_eq!(
+            (p.train.lr, p.pairs.max_pairs, p.train.steps),
+            (1e-3, 5, Some(4))
+        );
+        assert_eq!(p.train.lora.targets, vec![Target::K, Target::Down]);
+
+        let bad = |o: TtaOverrides| resolve_tta(&c, &o, 1).unwrap_err().param;
+        assert_eq!(
+            bad(TtaOverrides {
+                max_pairs: Some(1000),
+                ..Default::default()
+            }),
+            "rag.tta.max_pairs"
+        );
+        assert_eq!(
+            bad(TtaOverrides {
+                steps: Some(10_000),
+                ..Default::default()
+            }),
+            "rag.tta.steps"
+        );
+        assert_eq!(
+            bad(TtaOverrides {
+                lr: Some(0.0),
+                ..Default::default()
+            }),
+            "rag.tta.lr"
+        );
+        assert_eq!(
+            bad(TtaOverrides {
+                lora_rank: Some(4096),
+                ..Default::default()
+            }),
+            "rag.tta.lora_rank"
+        );
+        assert_eq!(
+            bad(TtaOverrides {
+                lora_targets: Some(vec!["x".into()]),
+                ..Default::default()
+            }),
+            "rag.tta.lora_targets"
+        );
+        assert_eq!(
+            bad(TtaOverrides {
+                scope: Some("magic".into()),
+                ..Default::default()
+            }),
+            "rag.tta.scope"
+        );
+    }
+}

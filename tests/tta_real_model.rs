@@ -1,0 +1,143 @@
+//! Test-time adaptation on the real default model, through the engine.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::default_model;
+use ttarag::config::Config;
+use ttarag::engine::{
+    resolve_tta, ChatJob, Completion, Engine, EngineConfig, Event, RagMode, RagParams, TtaOverrides,
+};
+use ttarag::generate::GenParams;
+use ttarag::model::ChatMessage;
+use ttarag::retrieval::{ingest_path, Collections};
+
+fn engine(workers: usize) -> (Engine, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let cols = Arc::new(Collections::new(dir.path()));
+    let c = cols.get_or_create("qasc").unwrap();
+    ingest_path(
+        &c,
+        &common::root().join("index/samples/qasc/corpus.jsonl"),
+        1000,
+        None,
+    )
+    .unwrap();
+    let cfg = Config::default();
+    let e = Engine::start(
+        default_model(),
+        cols,
+        &EngineConfig {
+            workers,
+            queue_capacity: 8,
+            prompt_template: cfg.retrieval.prompt_template.clone(),
+        },
+    )
+    .unwrap();
+    (e, dir)
+}
+
+fn job(question: &str, mode: RagMode, overrides: &TtaOverrides) -> ChatJob {
+    let mut cfg = Config::default();
+    // No time budget: concurrent runs are slower and must still take every step.
+    cfg.tta.time_budget_ms = 0.0;
+    ChatJob {
+        messages: vec![ChatMessage::new("user", question)],
+        gen: GenParams {
+            max_tokens: 16,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop: vec![],
+        },
+        rag: RagParams {
+            mode,
+            collection: "qasc".into(),
+            top_k: 3,
+        },
+        tta: (mode == RagMode::Tta).then(|| resolve_tta(&cfg.tta, overrides, 7).unwrap()),
+    }
+}
+
+fn wait(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Completion {
+    loop {
+        match rx.blocking_recv().expect("engine replied") {
+            Event::Text(_) => {}
+            Event::Done(c) => return *c,
+            Event::Error(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn strong() -> TtaOverrides {
+    TtaOverrides {
+        lr: Some(1e-3),
+        steps: Some(4),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn adaptation_lowers_the_suffix_loss_and_a_fresh_request_starts_from_the_base() {
+    let (e, _dir) = engine(1);
+    let q = "How do earthquakes damage buildings?";
+    let first = wait(e.submit(job(q, RagMode::Tta, &strong())).unwrap());
+    let t = first.rag.tta.clone().expect("tta report");
+    assert_eq!(t.scope, "lora");
+    assert!((1..=3).contains(&t.pairs), "{t:?}");
+    assert_eq!(t.steps, 4);
+    assert_eq!(t.fallback, None);
+    let (before, after) = (t.loss_before.unwrap(), t.loss_after.unwrap());
+    assert!(after < before - 0.05, "suffix loss {before} -> {after}");
+    assert!(first.rag.timings_ms.adapt > 0.0);
+
+    // Same passages, fresh request: its starting loss is the base model's, unchanged.
+    let second = wait(e.submit(job(q, RagMode::Tta, &strong())).unwrap());
+    assert_eq!(second.rag.tta.unwrap().loss_before.unwrap(), before);
+    assert_eq!(second.text, first.text, "same request, same answer");
+    // And a static request answers as if no adaptation had ever happened.
+    let s1 = wait(
+        e.submit(job(q, RagMode::Static, &TtaOverrides::default()))
+            .unwrap(),
+    );
+    let fresh = engine(1).0;
+    let s2 = wait(
+        fresh
+            .submit(job(q, RagMode::Static, &TtaOverrides::default()))
+            .unwrap(),
+    );
+    assert_eq!(s1.text, s2.text);
+}
+
+#[test]
+fn concurrent_adapted_requests_do_not_leak_into_each_other() {
+    let (e, _dir) = engine(2);
+    let qs = [
+        "What can damage buildings?",
+        "What do plants need to make food?",
+    ];
+    let alone: Vec<Completion> = qs
+        .iter()
+        .map(|q| wait(e.submit(job(q, RagMode::Tta, &strong())).unwrap()))
+        .collect();
+    assert_ne!(alone[0].rag.passages, alone[1].rag.passages);
+    {
+        let rxs: Vec<_> = qs
+            .iter()
+            .map(|q| e.submit(job(q, RagMode::Tta, &strong())).unwrap())
+            .collect();
+        let together: Vec<Completion> = rxs.into_iter().map(wait).collect();
+        for (a, t) in alone.iter().zip(&together) {
+            assert_eq!(a.text, t.text);
+            assert_eq!(
+                a.rag.tta.as_ref().unwrap().loss_before,
+                t.rag.tta.as_ref().unwrap().loss_before
+            );
+            assert_eq!(
+                a.rag.tta.as_ref().unwrap().loss_after,
+                t.rag.tta.as_ref().unwrap().loss_after
+            );
+        }
+    }
+}
