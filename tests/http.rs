@@ -373,3 +373,75 @@ async fn models_health_and_metrics() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn tta_mode_reports_its_adaptation_plain_and_streamed() {
+    let s = start_tiny(1, 8, true).await;
+    let mut body = ask("Water boils at what temperature at sea level?");
+    body["rag"] = json!({"mode": "tta", "top_k": 3,
+                         "tta": {"lr": 0.01, "steps": 3, "max_pairs": 2, "min_words": 4}});
+    let (status, v) = post(&s.base, &body).await;
+    assert_eq!(status, 200, "{v}");
+    let rag = &v["rag"];
+    assert_eq!(rag["mode"], "tta");
+    let t = &rag["tta"];
+    assert_eq!(t["scope"], "lora");
+    assert_eq!(t["steps"], 3);
+    assert!(
+        t["pairs"].as_u64().unwrap() >= 1 && t["pairs"].as_u64().unwrap() <= 2,
+        "{t}"
+    );
+    assert!(
+        t["loss_after"].as_f64().unwrap() < t["loss_before"].as_f64().unwrap(),
+        "{t}"
+    );
+    assert!(t["fallback"].is_null());
+    assert!(rag["timings_ms"]["adapt"].as_f64().unwrap() > 0.0);
+
+    body["stream"] = json!(true);
+    let frames = sse(&s.base, &body).await;
+    let last: Value = serde_json::from_str(&frames[frames.len() - 2]).unwrap();
+    assert_eq!(last["rag"]["tta"]["loss_before"], t["loss_before"]);
+    assert_eq!(last["rag"]["tta"]["loss_after"], t["loss_after"]);
+    let text: String = frames[..frames.len() - 1]
+        .iter()
+        .map(|f| serde_json::from_str::<Value>(f).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(
+        text,
+        v["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+
+    // Static requests afterwards are untouched by the adaptation.
+    let (_, a) = post(&s.base, &ask("plants")).await;
+    let fresh = start_tiny(1, 8, true).await;
+    let (_, b) = post(&fresh.base, &ask("plants")).await;
+    assert_eq!(
+        a["choices"][0]["message"]["content"],
+        b["choices"][0]["message"]["content"]
+    );
+}
+
+#[tokio::test]
+async fn tta_settings_beyond_the_caps_are_refused() {
+    let s = start_tiny(1, 8, false).await;
+    for (tta, param) in [
+        (json!({"steps": 100000}), "rag.tta.steps"),
+        (json!({"max_pairs": 0}), "rag.tta.max_pairs"),
+        (json!({"lr": -1}), "rag.tta.lr"),
+        (json!({"lora_rank": 100000}), "rag.tta.lora_rank"),
+        (json!({"lora_targets": ["nope"]}), "rag.tta.lora_targets"),
+        (json!({"scope": "everything"}), "rag.tta.scope"),
+    ] {
+        let mut body = ask("q");
+        body["rag"] = json!({"mode": "tta", "tta": tta});
+        let (st, v) = post(&s.base, &body).await;
+        assert_eq!(st, 400, "{v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+}

@@ -58,6 +58,16 @@ r2 = client.chat.completions.create(
 )
 assert r2.model_extra["rag"]["mode"] == "none" and r2.model_extra["rag"]["passages"] == []
 
+r3 = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "What can damage buildings?"}],
+    max_tokens=4,
+    extra_body={"rag": {"mode": "tta", "tta": {"lr": 0.01, "steps": 2, "min_words": 3}}},
+)
+tta = r3.model_extra["rag"]["tta"]
+assert r3.model_extra["rag"]["mode"] == "tta" and tta["scope"] == "lora" and tta["steps"] == 2, tta
+assert tta["loss_after"] < tta["loss_before"], tta
+
 try:
     client.chat.completions.create(
         model=model,
