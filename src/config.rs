@@ -32,6 +32,7 @@ pub struct ModelSection {
     pub id: String,
     pub device: String,
     pub dtype: String,
+    pub decode_quant: String,
     pub threads: usize,
 }
 
@@ -80,6 +81,20 @@ pub struct TtaSection {
     pub max_lora_rank: usize,
 }
 
+impl ModelSection {
+    /// `decode_quant` as a quantization type; `None` for "none".
+    pub fn decode_quant(&self) -> anyhow::Result<Option<candle_core::quantized::GgmlDType>> {
+        use candle_core::quantized::GgmlDType;
+        Ok(match self.decode_quant.as_str() {
+            "none" => None,
+            "q8_0" => Some(GgmlDType::Q8_0),
+            "q4_1" => Some(GgmlDType::Q4_1),
+            "q4_0" => Some(GgmlDType::Q4_0),
+            q => anyhow::bail!("model.decode_quant `{q}` is not one of q8_0, q4_1, q4_0, none"),
+        })
+    }
+}
+
 /// The shipped defaults, compiled in so the binary works from any directory.
 pub const DEFAULT_TOML: &str = include_str!("../configs/default.toml");
 
@@ -124,6 +139,7 @@ impl Config {
             self.generation.max_tokens <= self.generation.max_tokens_cap,
             "generation.max_tokens exceeds generation.max_tokens_cap"
         );
+        self.model.decode_quant()?;
         let t = &self.tta;
         anyhow::ensure!(
             t.scope == "lora",

@@ -151,8 +151,11 @@ fn model_error(path: &Path, e: crate::model::ModelError) -> anyhow::Error {
 pub fn load_model(cfg: &Config) -> anyhow::Result<Arc<Model>> {
     let (device, dtype) = device_and_dtype(cfg)?;
     let t = std::time::Instant::now();
-    let model = Model::load(&cfg.model.path, &cfg.model.id, &device, dtype)
+    let mut model = Model::load(&cfg.model.path, &cfg.model.id, &device, dtype)
         .map_err(|e| model_error(&cfg.model.path, e))?;
+    if let Some(q) = cfg.model.decode_quant()? {
+        model.decoder.quantize_for_decode(q)?;
+    }
     tracing::info!(
         path = %cfg.model.path.display(),
         layers = model.decoder.config().num_hidden_layers,

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{kv_cache::KvCache, Linear};
 
@@ -123,7 +124,18 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, diff: bool) -> Result<Tensor> {
 
 struct Proj {
     linear: Linear,
+    /// Quantized copy of the weight for decode steps (memory-bound: fewer bytes per token).
+    quant: Option<QMatMul>,
     target: Target,
+}
+
+/// Decode steps feed at most this many new positions; longer inputs (prefill, training) are
+/// compute-bound and use the full-precision weights.
+const QUANT_MAX_POSITIONS: usize = 4;
+
+fn use_quant(x: &Tensor, opts: &ForwardOpts) -> bool {
+    !opts.differentiable
+        && x.dims().iter().rev().nth(1).copied().unwrap_or(0) <= QUANT_MAX_POSITIONS
 }
 
 impl Proj {
@@ -136,12 +148,22 @@ impl Proj {
         };
         Ok(Self {
             linear: Linear::new(w, b),
+            quant: None,
             target,
         })
     }
 
     fn forward(&self, x: &Tensor, layer: usize, opts: &ForwardOpts) -> Result<Tensor> {
-        let y = self.linear.forward(x)?;
+        let y = match &self.quant {
+            Some(q) if use_quant(x, opts) => {
+                let y = q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
+                match self.linear.bias() {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+            _ => self.linear.forward(x)?,
+        };
         match opts.adapter {
             Some(a) => match a.delta(layer, self.target, x)? {
                 Some(d) => y + d,
@@ -199,6 +221,7 @@ pub struct Decoder {
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: Tensor,
+    lm_head_quant: Option<QMatMul>,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -250,11 +273,34 @@ impl Decoder {
             blocks,
             norm,
             lm_head,
+            lm_head_quant: None,
             cos,
             sin,
             device,
             dtype,
         })
+    }
+
+    /// Adds a quantized copy of every projection and of the output head, used by decode steps
+    /// (a few new positions, no gradients). Prefill and training keep the full weights.
+    pub fn quantize_for_decode(&mut self, dtype: GgmlDType) -> Result<()> {
+        let q =
+            |w: &Tensor| -> Result<QMatMul> { QMatMul::from_qtensor(QTensor::quantize(w, dtype)?) };
+        for b in &mut self.blocks {
+            for p in [
+                &mut b.attn.q,
+                &mut b.attn.k,
+                &mut b.attn.v,
+                &mut b.attn.o,
+                &mut b.mlp.gate,
+                &mut b.mlp.up,
+                &mut b.mlp.down,
+            ] {
+                p.quant = Some(q(p.linear.weight())?);
+            }
+        }
+        self.lm_head_quant = Some(q(&self.lm_head)?);
+        Ok(())
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -324,7 +370,13 @@ impl Decoder {
                     self.cfg.rms_norm_eps,
                     opts.differentiable,
                 )?;
-                Some(h.broadcast_matmul(&self.lm_head.t()?)?.squeeze(1)?)
+                let logits = match &self.lm_head_quant {
+                    Some(q) if !opts.differentiable => {
+                        q.forward(&h.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?
+                    }
+                    _ => h.broadcast_matmul(&self.lm_head.t()?)?,
+                };
+                Some(logits.squeeze(1)?)
             }
         };
         Ok(ForwardOutput {
@@ -617,5 +669,95 @@ mod tests {
             0.0,
             "adapters must not touch the base weights"
         );
+    }
+}
+
+#[cfg(test)]
+mod quant_tests {
+    use super::*;
+    use crate::model::tiny::{random_weights, tiny_config};
+    use crate::model::Arch;
+
+    #[test]
+    fn quantized_decode_steps_stay_close_to_full_precision_and_prefill_is_unchanged() {
+        let cfg = tiny_config(Arch::Qwen2);
+        let w = random_weights(&cfg, 9, &Device::Cpu, DType::F32).unwrap();
+        let full = Decoder::load(&cfg, w.clone()).unwrap();
+        let mut quant = Decoder::load(&cfg, w).unwrap();
+        quant.quantize_for_decode(GgmlDType::Q8_0).unwrap();
+        let ids = Tensor::new(&[5u32, 80, 12, 200, 7, 7, 31, 99], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let opts = ForwardOpts::default();
+        let (mut c1, mut c2) = (full.new_cache(16), quant.new_cache(16));
+        let prefill = ids.narrow(1, 0, 6).unwrap();
+        let a = full
+            .forward(&prefill, Some(&mut c1), &opts)
+            .unwrap()
+            .logits
+            .unwrap();
+        let b = quant
+            .forward(&prefill, Some(&mut c2), &opts)
+            .unwrap()
+            .logits
+            .unwrap();
+        // Only the output head is quantized in a prefill: logits agree to Q8_0 precision.
+        let d = (&a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 0.05, "prefill diff {d}");
+        for t in 6..8 {
+            let one = ids.narrow(1, t, 1).unwrap();
+            let a = full
+                .forward(&one, Some(&mut c1), &opts)
+                .unwrap()
+                .logits
+                .unwrap();
+            let b = quant
+                .forward(&one, Some(&mut c2), &opts)
+                .unwrap()
+                .logits
+                .unwrap();
+            let d = (&a - &b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d > 0.0, "decode must take the quantized path");
+            assert!(d < 0.05 * scale, "decode diff {d} vs scale {scale}");
+        }
+        // Training ignores the quantized copy entirely.
+        let train = ForwardOpts {
+            logits: Logits::All,
+            differentiable: true,
+            ..Default::default()
+        };
+        let a = full.forward(&ids, None, &train).unwrap().logits.unwrap();
+        let b = quant.forward(&ids, None, &train).unwrap().logits.unwrap();
+        let d = (&a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0);
     }
 }

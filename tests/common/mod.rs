@@ -22,7 +22,16 @@ pub fn default_model() -> Arc<Model> {
     M.get_or_init(|| {
         let p = default_model_path();
         assert!(p.exists(), "{} missing: run `make setup`", p.display());
-        Arc::new(Model::load(&p, "smollm2-135m-instruct", &Device::Cpu, DType::F32).unwrap())
+        let mut m = Model::load(&p, "smollm2-135m-instruct", &Device::Cpu, DType::F32).unwrap();
+        // As the server runs it by default.
+        if let Some(q) = ttarag::config::Config::default()
+            .model
+            .decode_quant()
+            .unwrap()
+        {
+            m.decoder.quantize_for_decode(q).unwrap();
+        }
+        Arc::new(m)
     })
     .clone()
 }
