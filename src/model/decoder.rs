@@ -454,7 +454,8 @@ impl Decoder {
         let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
         let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
         let scale = 1.0 / (a.head_dim as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        // Scaling q (t x d) is cheaper than scaling the scores (t x t).
+        let mut scores = (q * scale)?.matmul(&k.t()?)?;
         if let Some(m) = mask {
             scores = scores.broadcast_add(&m.to_dtype(acc)?)?;
         }
