@@ -93,28 +93,59 @@ pub fn suffix_loss(
     ex: &Example,
     differentiable: bool,
 ) -> Result<Tensor> {
-    let dec = &model.decoder;
-    let ids = Tensor::new(ex.ids.as_slice(), dec.device())?.unsqueeze(0)?;
+    batch_loss(model, adapter, &[ex], differentiable)
+}
+
+/// The mean over `examples` of each one's mean suffix cross-entropy, in one batched pass.
+/// Sequences are right-padded: causal attention keeps padding from reaching real positions,
+/// and logits are computed only where a suffix token is predicted.
+pub fn batch_loss(
+    model: &Model,
+    adapter: Option<&dyn Adapter>,
+    examples: &[&Example],
+    differentiable: bool,
+) -> Result<Tensor> {
+    let dev = model.decoder.device();
+    let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    if examples.is_empty() || t == 0 {
+        candle_core::bail!("no examples to score");
+    }
+    let (mut ids, mut rows, mut targets, mut weights) = (vec![], vec![], vec![], vec![]);
+    for (b, ex) in examples.iter().enumerate() {
+        ids.extend_from_slice(&ex.ids);
+        ids.extend(std::iter::repeat_n(0u32, t - ex.ids.len()));
+        let n = ex.ids.len() - ex.suffix_start;
+        for pos in ex.suffix_start..ex.ids.len() {
+            // Position pos - 1 predicts token pos.
+            rows.push((b * t + pos - 1) as u32);
+            targets.push(ex.ids[pos]);
+            weights.push(1.0 / (n * examples.len()) as f64);
+        }
+    }
+    let ids = Tensor::from_vec(ids, (examples.len(), t), dev)?;
+    let rows = Tensor::new(rows.as_slice(), dev)?;
     let opts = ForwardOpts {
-        logits: Logits::All,
+        logits: Logits::Rows(&rows),
         differentiable,
         adapter,
         ..Default::default()
     };
-    let logits = dec.forward(&ids, None, &opts)?.logits.expect("Logits::All");
-    let n = ex.ids.len() - ex.suffix_start;
-    // Position t predicts token t + 1. The loss is f32 (f64 for f64 weights).
+    let logits = model
+        .decoder
+        .forward(&ids, None, &opts)?
+        .logits
+        .expect("Logits::Rows");
+    // f32 loss (f64 for f64 weights).
     let acc = if logits.dtype() == DType::F64 {
         DType::F64
     } else {
         DType::F32
     };
-    let pred = logits
-        .squeeze(0)?
-        .narrow(0, ex.suffix_start - 1, n)?
-        .to_dtype(acc)?;
-    let target = Tensor::new(&ex.ids[ex.suffix_start..], dec.device())?;
-    candle_nn::loss::cross_entropy(&pred, &target)
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(acc)?, 1)?;
+    let targets = Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?;
+    let picked = logp.gather(&targets, 1)?.squeeze(1)?;
+    let weights = Tensor::new(weights.as_slice(), dev)?.to_dtype(acc)?;
+    (picked * weights)?.sum_all()?.neg()
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -127,11 +158,8 @@ pub fn mean_loss(
     adapter: Option<&dyn Adapter>,
     examples: &[Example],
 ) -> Result<f64> {
-    let mut sum = 0.0;
-    for ex in examples {
-        sum += scalar(&suffix_loss(model, adapter, ex, false)?)?;
-    }
-    Ok(sum / examples.len().max(1) as f64)
+    let refs: Vec<&Example> = examples.iter().collect();
+    scalar(&batch_loss(model, adapter, &refs, false)?)
 }
 
 /// Scales `grads` in place so their global L2 norm is at most `max_norm`; returns the norm.
@@ -215,48 +243,34 @@ pub fn adapt_lora(
         } else {
             accum
         };
-        let mut acc: Option<Vec<Tensor>> = None;
-        let mut store = None;
-        for _ in 0..group {
-            let ex = &examples[next % examples.len()];
-            next += 1;
-            let tf = Instant::now();
-            let loss = (suffix_loss(model, Some(&lora), ex, true)? / group as f64)?;
-            let value = scalar(&loss)?;
-            report.forward_ms += tf.elapsed().as_secs_f64() * 1e3;
-            if !value.is_finite() {
-                report.fallback = Some(format!(
-                    "non-finite loss ({value}); answered without adaptation"
-                ));
-                report.adapt_ms = t0.elapsed().as_secs_f64() * 1e3;
-                return Ok((None, report));
-            }
-            let tb = Instant::now();
-            let grads = loss.backward()?;
-            let gs = vars
-                .iter()
-                .map(|v| match grads.get(v.as_tensor()) {
-                    Some(g) => Ok(g.clone()),
-                    None => v.as_tensor().zeros_like(),
-                })
-                .collect::<Result<Vec<_>>>()?;
-            acc = Some(match acc {
-                None => gs,
-                Some(a) => a
-                    .iter()
-                    .zip(&gs)
-                    .map(|(x, y)| x + y)
-                    .collect::<Result<_>>()?,
-            });
-            store = Some(grads);
-            report.backward_ms += tb.elapsed().as_secs_f64() * 1e3;
+        let group: Vec<&Example> = (0..group)
+            .map(|i| &examples[(next + i) % examples.len()])
+            .collect();
+        next += group.len();
+        let tf = Instant::now();
+        let loss = batch_loss(model, Some(&lora), &group, true)?;
+        let value = scalar(&loss)?;
+        report.forward_ms += tf.elapsed().as_secs_f64() * 1e3;
+        if !value.is_finite() {
+            report.fallback = Some(format!(
+                "non-finite loss ({value}); answered without adaptation"
+            ));
+            report.adapt_ms = t0.elapsed().as_secs_f64() * 1e3;
+            return Ok((None, report));
         }
+        let tb = Instant::now();
+        let mut store = loss.backward()?;
+        let mut grads = vars
+            .iter()
+            .map(|v| match store.get(v.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => v.as_tensor().zeros_like(),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        report.backward_ms += tb.elapsed().as_secs_f64() * 1e3;
         let to = Instant::now();
-        let (Some(mut acc), Some(mut store)) = (acc, store) else {
-            break;
-        };
-        clip_global_norm(&mut acc, p.clip_norm)?;
-        for (v, g) in vars.iter().zip(acc) {
+        clip_global_norm(&mut grads, p.clip_norm)?;
+        for (v, g) in vars.iter().zip(grads) {
             store.insert(v.as_tensor(), g);
         }
         opt.step(&store)?;
@@ -534,6 +548,30 @@ mod tests {
         let (none, r) = adapt_lora(&model, &[], PairSource::PassageFallback, &p).unwrap();
         assert!(none.is_none());
         assert_eq!(r.fallback.as_deref(), Some("no training pairs"));
+    }
+
+    #[test]
+    fn a_padded_batch_scores_like_its_examples_one_by_one() {
+        let model = tiny64(Arch::Llama);
+        let long = example(&model);
+        let short = encode_pair(
+            &model,
+            &Pair {
+                prefix: "plants need".into(),
+                suffix: "light".into(),
+            },
+            None,
+            128,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(short.ids.len() < long.ids.len());
+        let one = |e: &Example| loss_of(&model, None, e);
+        let both = batch_loss(&model, None, &[&short, &long], true)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!((both - (one(&short) + one(&long)) / 2.0).abs() < 1e-9);
     }
 
     #[test]

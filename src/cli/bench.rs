@@ -20,6 +20,10 @@ pub struct BenchArgs {
     /// Timed runs (the median is reported); one untimed warm-up run precedes them.
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// Instead, time test-time adaptation (config [tta] defaults) on this many QASC questions
+    /// from the sample corpus's collection.
+    #[arg(long)]
+    pub tta: Option<usize>,
 }
 
 /// Peak resident memory of this process in MB (Linux), if known.
@@ -72,6 +76,9 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
         "--runs and --new-tokens must be positive"
     );
     let model = super::load_model(&cfg)?;
+    if let Some(n) = a.tta {
+        return bench_tta(&cfg, &model, n);
+    }
     let ids = rag_prompt(&cfg, &model, a.prompt_tokens)?;
     let dec = &model.decoder;
     let opts = ForwardOpts {
@@ -117,6 +124,79 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
     println!("prefill        {:.1} tok/s", median(&mut prefill));
     println!("decode         {:.1} tok/s", median(&mut decode));
     println!("ttft           {:.1} ms", median(&mut ttft));
+    if let Some(mb) = peak_rss_mb() {
+        println!("peak rss       {mb:.0} MB");
+    }
+    Ok(())
+}
+
+/// Adaptation cost per question: retrieve top-k, build pairs, adapt (LoRA), with the
+/// configured defaults. Questions are the first `n` whose retrieval yields any pair.
+fn bench_tta(cfg: &Config, model: &crate::model::Model, n: usize) -> anyhow::Result<()> {
+    use crate::adapt::{adapt_lora, build_pairs, encode_pairs};
+    use crate::engine::{resolve_tta, TtaOverrides};
+
+    let cols = super::open_collections(cfg)?;
+    let coll = cols.get(&cfg.retrieval.collection)?;
+    let questions = [
+        "What can damage buildings?",
+        "Damming a river results in what?",
+        "What do plants need to make food?",
+        "What causes the seasons on Earth?",
+        "How do animals get energy?",
+        "What is formed when water freezes?",
+        "What can cause erosion of soil?",
+        "What do bees help plants do?",
+        "What happens when metal is heated?",
+        "How do fish breathe underwater?",
+        "What protects the body from germs?",
+        "What do roots absorb from soil?",
+    ];
+    let mut cfg_tta = cfg.tta.clone();
+    cfg_tta.time_budget_ms = 0.0;
+    let params = resolve_tta(&cfg_tta, &TtaOverrides::default(), 0)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let (mut total, mut fwd, mut bwd, mut opt, mut deltas) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let mut lora_bytes = 0;
+    for q in questions.iter().cycle().take(n.max(1)) {
+        let hits = coll.search(q, cfg.retrieval.top_k)?;
+        let texts: Vec<&str> = hits.iter().map(|p| p.text.as_str()).collect();
+        let set = build_pairs(&texts, &params.pairs);
+        let ex = encode_pairs(model, &set.pairs, None, params.train.max_tokens_per_pair)?;
+        let (lora, r) = adapt_lora(model, &ex, set.source, &params.train)?;
+        if let Some(l) = &lora {
+            lora_bytes = l.bytes();
+        }
+        total.push(r.adapt_ms);
+        fwd.push(r.forward_ms);
+        bwd.push(r.backward_ms);
+        opt.push(r.optimizer_ms);
+        if let (Some(b), Some(a)) = (r.loss_before, r.loss_after) {
+            deltas.push(a - b);
+        }
+    }
+    println!("model          {}", cfg.model.path.display());
+    println!("threads        {}", candle_core::utils::get_num_threads());
+    println!(
+        "tta            scope {}, lr {}, max_pairs {}, grad_accum {}, rank {}",
+        cfg.tta.scope, cfg.tta.lr, cfg.tta.max_pairs, cfg.tta.grad_accum, cfg.tta.lora_rank
+    );
+    println!("questions      {}", total.len());
+    println!("adapt          {:.0} ms median", median(&mut total));
+    let (f, b, o) = (median(&mut fwd), median(&mut bwd), median(&mut opt));
+    println!("  forward      {f:.0} ms (training passes)");
+    println!("  backward     {b:.0} ms");
+    println!("  optimizer    {o:.1} ms");
+    println!("  loss before/after and setup: the rest");
+    println!(
+        "loss delta     {:.3} median (after - before)",
+        median(&mut deltas)
+    );
+    println!(
+        "lora weights   {:.2} MB per request",
+        lora_bytes as f64 / 1e6
+    );
     if let Some(mb) = peak_rss_mb() {
         println!("peak rss       {mb:.0} MB");
     }

@@ -32,20 +32,23 @@ pub trait Adapter: Sync {
 }
 
 /// Which logits a forward pass computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Logits {
+#[derive(Debug, Clone, Copy)]
+pub enum Logits<'a> {
     /// Every position, `(batch, seq, vocab)`.
     All,
     /// Only the last position, `(batch, vocab)`: what generation needs, and much cheaper.
     Last,
     /// None: hidden states only.
     None,
+    /// Only these rows (u32 indices into the flattened `batch * seq` positions), `(n, vocab)`:
+    /// training needs logits where there are targets, not over the whole prompt.
+    Rows(&'a Tensor),
 }
 
 /// Options for one forward pass.
 #[derive(Clone, Copy)]
 pub struct ForwardOpts<'a> {
-    pub logits: Logits,
+    pub logits: Logits<'a>,
     /// Return the hidden state entering the first block and leaving every block.
     pub hidden_states: bool,
     /// Use only ops with a backward pass. candle's fused softmax, rms-norm and rope silently
@@ -158,6 +161,15 @@ impl Proj {
             Some(q) if use_quant(x, opts) => {
                 let y = q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
                 match self.linear.bias() {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+            // Training against frozen weights: skip the weights' gradients.
+            _ if opts.differentiable && !self.linear.weight().is_variable() => {
+                let y = super::frozen_matmul(x, self.linear.weight())?;
+                match self.linear.bias() {
+                    Some(b) if !b.is_variable() => y.broadcast_add(&b.detach())?,
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
                 }
@@ -360,7 +372,18 @@ impl Decoder {
             Logits::None => None,
             Logits::All => {
                 let h = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, opts.differentiable)?;
-                Some(h.broadcast_matmul(&self.lm_head.t()?)?)
+                Some(self.head(&h, opts)?)
+            }
+            Logits::Rows(rows) => {
+                let flat = x.reshape((b * t, self.cfg.hidden_size))?;
+                let picked = flat.index_select(rows, 0)?;
+                let h = rms_norm(
+                    &picked,
+                    &self.norm,
+                    self.cfg.rms_norm_eps,
+                    opts.differentiable,
+                )?;
+                Some(self.head(&h, opts)?)
             }
             Logits::Last => {
                 let last = x.narrow(1, t - 1, 1)?;
@@ -383,6 +406,15 @@ impl Decoder {
             logits,
             hidden_states: hidden,
         })
+    }
+
+    /// Full-precision output projection.
+    fn head(&self, h: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
+        if opts.differentiable && !self.lm_head.is_variable() {
+            super::frozen_matmul(h, &self.lm_head)
+        } else {
+            h.broadcast_matmul(&self.lm_head.t()?)
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -4,6 +4,7 @@
 mod chat_template;
 mod config;
 mod decoder;
+mod frozen;
 pub mod gguf;
 pub mod tiny;
 mod tokenizer;
@@ -16,6 +17,7 @@ use candle_core::{DType, Device, Tensor};
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::{Arch, ModelConfig};
 pub use decoder::{Adapter, Cache, Decoder, ForwardOpts, ForwardOutput, Logits, Target};
+pub use frozen::frozen_matmul;
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
 
 /// Errors of the model stage.
