@@ -142,8 +142,8 @@ impl Config {
         self.model.decode_quant()?;
         let t = &self.tta;
         anyhow::ensure!(
-            t.scope == "lora",
-            "tta.scope `{}` is not one of: lora",
+            t.scope == "lora" || t.scope == "full",
+            "tta.scope `{}` is not one of: lora, full",
             t.scope
         );
         anyhow::ensure!(

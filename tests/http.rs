@@ -445,3 +445,42 @@ async fn tta_settings_beyond_the_caps_are_refused() {
         assert_eq!(v["error"]["param"], param, "{v}");
     }
 }
+
+#[tokio::test]
+async fn full_scope_adapts_a_copy_and_the_served_weights_stay_bit_identical() {
+    let s = start_tiny(2, 8, true).await;
+    let snapshot = || -> Vec<Vec<f32>> {
+        s.model
+            .decoder
+            .named_weights()
+            .into_iter()
+            .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    };
+    let before = snapshot();
+    let (_, static_before) = post(&s.base, &ask("plants")).await;
+    let futs = (0..3).map(|_| {
+        let base = s.base.clone();
+        async move {
+            let mut body = ask("Water boils at what temperature at sea level?");
+            body["rag"] = json!({"mode": "tta", "tta": {"scope": "full", "lr": 0.01, "steps": 2, "min_words": 4}});
+            post(&base, &body).await
+        }
+    });
+    for (st, v) in futures::future::join_all(futs).await {
+        assert_eq!(st, 200, "{v}");
+        let t = &v["rag"]["tta"];
+        assert_eq!(t["scope"], "full");
+        assert_eq!(t["steps"], 2);
+        assert!(
+            t["loss_after"].as_f64().unwrap() < t["loss_before"].as_f64().unwrap(),
+            "{t}"
+        );
+    }
+    assert!(before == snapshot(), "served weights changed");
+    let (_, static_after) = post(&s.base, &ask("plants")).await;
+    assert_eq!(
+        static_before["choices"][0]["message"]["content"],
+        static_after["choices"][0]["message"]["content"]
+    );
+}

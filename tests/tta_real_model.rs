@@ -141,3 +141,52 @@ fn concurrent_adapted_requests_do_not_leak_into_each_other() {
         }
     }
 }
+
+/// Bytes of every served weight, hashed: equal hashes before and after mean bit-identical.
+fn weights_digest(m: &ttarag::model::Model) -> Vec<u64> {
+    use std::hash::{Hash, Hasher};
+    m.decoder
+        .named_weights()
+        .into_iter()
+        .map(|(name, t)| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            name.hash(&mut h);
+            for x in t.flatten_all().unwrap().to_vec1::<f32>().unwrap() {
+                x.to_bits().hash(&mut h);
+            }
+            h.finish()
+        })
+        .collect()
+}
+
+#[test]
+fn full_scope_lowers_the_loss_and_leaves_the_served_weights_bit_identical() {
+    let (e, _dir) = engine(1);
+    let before = weights_digest(&e.model);
+    let full = TtaOverrides {
+        scope: Some("full".into()),
+        lr: Some(1e-5),
+        ..Default::default()
+    };
+    let q = "What can damage buildings?";
+    let plain = wait(
+        e.submit(job(q, RagMode::Static, &TtaOverrides::default()))
+            .unwrap(),
+    );
+    for _ in 0..2 {
+        let c = wait(e.submit(job(q, RagMode::Tta, &full)).unwrap());
+        let t = c.rag.tta.unwrap();
+        assert_eq!((t.scope, t.fallback), ("full", None));
+        assert!(
+            t.loss_after.unwrap() < t.loss_before.unwrap(),
+            "{:?}",
+            t.loss_after
+        );
+    }
+    assert_eq!(weights_digest(&e.model), before);
+    let again = wait(
+        e.submit(job(q, RagMode::Static, &TtaOverrides::default()))
+            .unwrap(),
+    );
+    assert_eq!(plain.text, again.text);
+}

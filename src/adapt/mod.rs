@@ -7,6 +7,6 @@ mod train;
 pub use lora::{parse_target, Lora, LoraConfig};
 pub use pairs::{build_pairs, split_pair, split_sentences, Pair, PairOptions, PairSet, PairSource};
 pub use train::{
-    adapt_lora, clip_global_norm, encode_pair, encode_pairs, mean_loss, suffix_loss, Example,
-    TrainParams, TtaReport,
+    adapt_full, adapt_lora, batch_loss, clip_global_norm, encode_pair, encode_pairs, mean_loss,
+    suffix_loss, Example, TrainParams, TtaReport,
 };

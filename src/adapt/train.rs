@@ -3,12 +3,12 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use serde::Serialize;
 
 use super::{Lora, LoraConfig, Pair, PairSource};
-use crate::model::{Adapter, ForwardOpts, Logits, Model, ModelError};
+use crate::model::{Adapter, Decoder, ForwardOpts, Logits, Model, ModelError};
 
 /// Settings of one adaptation, already validated and capped.
 #[derive(Debug, Clone)]
@@ -88,24 +88,24 @@ pub fn encode_pair(
 
 /// Mean cross-entropy of the suffix tokens given everything before them.
 pub fn suffix_loss(
-    model: &Model,
+    dec: &Decoder,
     adapter: Option<&dyn Adapter>,
     ex: &Example,
     differentiable: bool,
 ) -> Result<Tensor> {
-    batch_loss(model, adapter, &[ex], differentiable)
+    batch_loss(dec, adapter, &[ex], differentiable)
 }
 
 /// The mean over `examples` of each one's mean suffix cross-entropy, in one batched pass.
 /// Sequences are right-padded: causal attention keeps padding from reaching real positions,
 /// and logits are computed only where a suffix token is predicted.
 pub fn batch_loss(
-    model: &Model,
+    dec: &Decoder,
     adapter: Option<&dyn Adapter>,
     examples: &[&Example],
     differentiable: bool,
 ) -> Result<Tensor> {
-    let dev = model.decoder.device();
+    let dev = dec.device();
     let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
     if examples.is_empty() || t == 0 {
         candle_core::bail!("no examples to score");
@@ -130,8 +130,7 @@ pub fn batch_loss(
         adapter,
         ..Default::default()
     };
-    let logits = model
-        .decoder
+    let logits = dec
         .forward(&ids, None, &opts)?
         .logits
         .expect("Logits::Rows");
@@ -154,12 +153,12 @@ fn scalar(t: &Tensor) -> Result<f64> {
 
 /// Mean suffix loss over `examples`, without gradients.
 pub fn mean_loss(
-    model: &Model,
+    dec: &Decoder,
     adapter: Option<&dyn Adapter>,
     examples: &[Example],
 ) -> Result<f64> {
     let refs: Vec<&Example> = examples.iter().collect();
-    scalar(&batch_loss(model, adapter, &refs, false)?)
+    scalar(&batch_loss(dec, adapter, &refs, false)?)
 }
 
 /// Scales `grads` in place so their global L2 norm is at most `max_norm`; returns the norm.
@@ -182,18 +181,9 @@ pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     Ok(norm)
 }
 
-/// Trains a fresh LoRA adapter on `examples`. Returns the adapter (or `None` when adaptation
-/// was aborted: the caller then answers with the base model) and the report.
-pub fn adapt_lora(
-    model: &Model,
-    examples: &[Example],
-    source: PairSource,
-    p: &TrainParams,
-) -> Result<(Option<Lora>, TtaReport)> {
-    let t0 = Instant::now();
-    let dec = &model.decoder;
-    let mut report = TtaReport {
-        scope: "lora",
+fn new_report(scope: &'static str, examples: &[Example], source: PairSource) -> TtaReport {
+    TtaReport {
+        scope,
         pairs: examples.len(),
         pair_source: source,
         steps: 0,
@@ -204,18 +194,23 @@ pub fn adapt_lora(
         backward_ms: 0.0,
         optimizer_ms: 0.0,
         fallback: None,
-    };
-    if examples.is_empty() {
-        report.fallback = Some("no training pairs".into());
-        report.adapt_ms = t0.elapsed().as_secs_f64() * 1e3;
-        return Ok((None, report));
     }
-    let lora = Lora::new(dec.config(), &p.lora, p.seed, dec.device(), dec.dtype())?;
-    let vars = lora.vars();
-    // B starts at zero, so the adapted model equals the base one: measure without the adapter.
-    report.loss_before = Some(mean_loss(model, None, examples)?);
+}
+
+/// Trains `vars` (which `dec` and `adapter` read) on `examples`, measuring the suffix loss
+/// before and after. Returns `false` when adaptation must be discarded (non-finite loss).
+fn train(
+    dec: &Decoder,
+    adapter: Option<&dyn Adapter>,
+    vars: &[Var],
+    examples: &[Example],
+    p: &TrainParams,
+    report: &mut TtaReport,
+    t0: Instant,
+) -> Result<bool> {
+    report.loss_before = Some(mean_loss(dec, adapter, examples)?);
     let mut opt = AdamW::new(
-        vars.clone(),
+        vars.to_vec(),
         ParamsAdamW {
             lr: p.lr,
             beta1: 0.9,
@@ -238,25 +233,24 @@ pub fn adapt_lora(
             }
         }
         // In one-pass mode the last group may be smaller than `accum`.
-        let group = if p.steps.is_none() {
+        let size = if p.steps.is_none() {
             accum.min(examples.len() - next % examples.len())
         } else {
             accum
         };
-        let group: Vec<&Example> = (0..group)
+        let group: Vec<&Example> = (0..size)
             .map(|i| &examples[(next + i) % examples.len()])
             .collect();
         next += group.len();
         let tf = Instant::now();
-        let loss = batch_loss(model, Some(&lora), &group, true)?;
+        let loss = batch_loss(dec, adapter, &group, true)?;
         let value = scalar(&loss)?;
         report.forward_ms += tf.elapsed().as_secs_f64() * 1e3;
         if !value.is_finite() {
             report.fallback = Some(format!(
                 "non-finite loss ({value}); answered without adaptation"
             ));
-            report.adapt_ms = t0.elapsed().as_secs_f64() * 1e3;
-            return Ok((None, report));
+            return Ok(false);
         }
         let tb = Instant::now();
         let mut store = loss.backward()?;
@@ -277,15 +271,61 @@ pub fn adapt_lora(
         report.optimizer_ms += to.elapsed().as_secs_f64() * 1e3;
         report.steps += 1;
     }
-    let after = mean_loss(model, Some(&lora), examples)?;
+    let after = mean_loss(dec, adapter, examples)?;
     report.loss_after = Some(after);
     if !after.is_finite() {
         report.fallback = Some("adapted model diverged; answered without adaptation".into());
-        report.adapt_ms = t0.elapsed().as_secs_f64() * 1e3;
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Trains a fresh LoRA adapter on `examples`. Returns the adapter (or `None` when adaptation
+/// was aborted: the caller then answers with the base model) and the report.
+pub fn adapt_lora(
+    dec: &Decoder,
+    examples: &[Example],
+    source: PairSource,
+    p: &TrainParams,
+) -> Result<(Option<Lora>, TtaReport)> {
+    let t0 = Instant::now();
+    let mut report = new_report("lora", examples, source);
+    if examples.is_empty() {
+        report.fallback = Some("no training pairs".into());
         return Ok((None, report));
     }
+    let lora = Lora::new(dec.config(), &p.lora, p.seed, dec.device(), dec.dtype())?;
+    let ok = train(dec, Some(&lora), &lora.vars(), examples, p, &mut report, t0)?;
     report.adapt_ms = t0.elapsed().as_secs_f64() * 1e3;
-    Ok((Some(lora), report))
+    Ok((ok.then_some(lora), report))
+}
+
+/// Trains every weight of a private copy of `dec` on `examples`. `dec` itself is never
+/// written, so nothing is left to restore; the copy is dropped with the request.
+pub fn adapt_full(
+    dec: &Decoder,
+    examples: &[Example],
+    source: PairSource,
+    p: &TrainParams,
+) -> Result<(Option<Decoder>, TtaReport)> {
+    let t0 = Instant::now();
+    let mut report = new_report("full", examples, source);
+    if examples.is_empty() {
+        report.fallback = Some("no training pairs".into());
+        return Ok((None, report));
+    }
+    let mut vars = Vec::new();
+    let mut weights = std::collections::HashMap::new();
+    for (name, w) in dec.named_weights() {
+        // Var::from_tensor copies: the shared weights stay as they are.
+        let v = Var::from_tensor(&w)?;
+        weights.insert(name, v.as_tensor().clone());
+        vars.push(v);
+    }
+    let copy = Decoder::load(dec.config(), weights)?;
+    let ok = train(&copy, None, &vars, examples, p, &mut report, t0)?;
+    report.adapt_ms = t0.elapsed().as_secs_f64() * 1e3;
+    Ok((ok.then_some(copy), report))
 }
 
 /// Builds the examples for `pairs`.
@@ -327,7 +367,7 @@ mod tests {
     }
 
     fn loss_of(model: &Model, adapter: Option<&dyn Adapter>, ex: &Example) -> f64 {
-        suffix_loss(model, adapter, ex, true)
+        suffix_loss(&model.decoder, adapter, ex, true)
             .unwrap()
             .to_scalar::<f64>()
             .unwrap()
@@ -395,7 +435,7 @@ mod tests {
                     .unwrap();
             }
         }
-        let grads = suffix_loss(&model, Some(&lora), &ex, true)
+        let grads = suffix_loss(&model.decoder, Some(&lora), &ex, true)
             .unwrap()
             .backward()
             .unwrap();
@@ -440,7 +480,7 @@ mod tests {
                 eos_ids: vec![],
             };
             let ex = example(&model);
-            let grads = suffix_loss(&model, None, &ex, true)
+            let grads = suffix_loss(&model.decoder, None, &ex, true)
                 .unwrap()
                 .backward()
                 .unwrap();
@@ -485,23 +525,55 @@ mod tests {
         )
         .unwrap();
         let ex = vec![example(&model)];
-        let base = mean_loss(&model, None, &ex).unwrap();
+        let base = mean_loss(&model.decoder, None, &ex).unwrap();
         let (lora, report) =
-            adapt_lora(&model, &ex, PairSource::Sentences, &params(1e-2, 8)).unwrap();
+            adapt_lora(&model.decoder, &ex, PairSource::Sentences, &params(1e-2, 8)).unwrap();
         let lora = lora.expect("adaptation succeeded");
         assert_eq!(report.steps, 8);
         assert_eq!(report.fallback, None);
         assert!((report.loss_before.unwrap() - base).abs() < 1e-6);
-        let after = mean_loss(&model, Some(&lora), &ex).unwrap();
+        let after = mean_loss(&model.decoder, Some(&lora), &ex).unwrap();
         assert!((report.loss_after.unwrap() - after).abs() < 1e-6);
         assert!(after < base - 0.1, "loss {base} -> {after}");
         assert_eq!(
-            mean_loss(&model, None, &ex).unwrap(),
+            mean_loss(&model.decoder, None, &ex).unwrap(),
             base,
             "base weights changed"
         );
         // rank 8 on q and v of 2 layers: (8*32 + 32*8) + (8*32 + 16*8) per layer, f32.
         assert_eq!(lora.bytes(), 2 * (512 + 384) * 4);
+    }
+
+    #[test]
+    fn full_adaptation_trains_a_private_copy_and_leaves_the_base_bit_identical() {
+        let model = Model::from_parts(
+            "t",
+            tiny_parts(Arch::Qwen2, 2, &Device::Cpu, DType::F32).unwrap(),
+        )
+        .unwrap();
+        let snapshot = |d: &Decoder| -> Vec<(String, Vec<f32>)> {
+            d.named_weights()
+                .into_iter()
+                .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+                .collect()
+        };
+        let before = snapshot(&model.decoder);
+        let ex = vec![example(&model)];
+        let base = mean_loss(&model.decoder, None, &ex).unwrap();
+        for _ in 0..3 {
+            let (copy, r) =
+                adapt_full(&model.decoder, &ex, PairSource::Sentences, &params(1e-2, 4)).unwrap();
+            let copy = copy.expect("adapted copy");
+            assert_eq!((r.scope, r.steps, r.fallback.clone()), ("full", 4, None));
+            assert!(r.loss_after.unwrap() < base - 0.1, "{r:?}");
+            assert!((mean_loss(&copy, None, &ex).unwrap() - r.loss_after.unwrap()).abs() < 1e-6);
+            assert_ne!(snapshot(&copy), before, "the copy must have been trained");
+        }
+        assert_eq!(
+            snapshot(&model.decoder),
+            before,
+            "base weights must be bit-identical"
+        );
     }
 
     #[test]
@@ -514,10 +586,10 @@ mod tests {
         let ex = vec![example(&model); 3];
         let mut p = params(1e-3, 0);
         p.steps = None;
-        let (_, r) = adapt_lora(&model, &ex, PairSource::Sentences, &p).unwrap();
+        let (_, r) = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p).unwrap();
         assert_eq!(r.steps, 2, "3 pairs with accumulation 2 = 2 steps");
         p.time_budget_ms = Some(0.0);
-        let (lora, r) = adapt_lora(&model, &ex, PairSource::Sentences, &p).unwrap();
+        let (lora, r) = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p).unwrap();
         assert_eq!(r.steps, 0);
         assert!(r.fallback.unwrap().contains("time budget"));
         assert!(
@@ -536,7 +608,7 @@ mod tests {
         let ex = vec![example(&model)];
         let mut p = params(1e30, 4);
         p.clip_norm = 0.0;
-        let (lora, r) = adapt_lora(&model, &ex, PairSource::Sentences, &p).unwrap();
+        let (lora, r) = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p).unwrap();
         assert!(lora.is_none());
         assert!(
             r.fallback
@@ -545,7 +617,7 @@ mod tests {
                 .contains("answered without adaptation"),
             "{r:?}"
         );
-        let (none, r) = adapt_lora(&model, &[], PairSource::PassageFallback, &p).unwrap();
+        let (none, r) = adapt_lora(&model.decoder, &[], PairSource::PassageFallback, &p).unwrap();
         assert!(none.is_none());
         assert_eq!(r.fallback.as_deref(), Some("no training pairs"));
     }
@@ -567,7 +639,7 @@ mod tests {
         .unwrap();
         assert!(short.ids.len() < long.ids.len());
         let one = |e: &Example| loss_of(&model, None, e);
-        let both = batch_loss(&model, None, &[&short, &long], true)
+        let both = batch_loss(&model.decoder, None, &[&short, &long], true)
             .unwrap()
             .to_scalar::<f64>()
             .unwrap();

@@ -133,8 +133,8 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
 /// Adaptation cost per question: retrieve top-k, build pairs, adapt (LoRA), with the
 /// configured defaults. Questions are the first `n` whose retrieval yields any pair.
 fn bench_tta(cfg: &Config, model: &crate::model::Model, n: usize) -> anyhow::Result<()> {
-    use crate::adapt::{adapt_lora, build_pairs, encode_pairs};
-    use crate::engine::{resolve_tta, TtaOverrides};
+    use crate::adapt::{adapt_full, adapt_lora, build_pairs, encode_pairs};
+    use crate::engine::{resolve_tta, TtaOverrides, TtaScope};
 
     let cols = super::open_collections(cfg)?;
     let coll = cols.get(&cfg.retrieval.collection)?;
@@ -164,10 +164,16 @@ fn bench_tta(cfg: &Config, model: &crate::model::Model, n: usize) -> anyhow::Res
         let texts: Vec<&str> = hits.iter().map(|p| p.text.as_str()).collect();
         let set = build_pairs(&texts, &params.pairs);
         let ex = encode_pairs(model, &set.pairs, None, params.train.max_tokens_per_pair)?;
-        let (lora, r) = adapt_lora(model, &ex, set.source, &params.train)?;
-        if let Some(l) = &lora {
-            lora_bytes = l.bytes();
-        }
+        let r = match params.scope {
+            TtaScope::Lora => {
+                let (lora, r) = adapt_lora(&model.decoder, &ex, set.source, &params.train)?;
+                if let Some(l) = &lora {
+                    lora_bytes = l.bytes();
+                }
+                r
+            }
+            TtaScope::Full => adapt_full(&model.decoder, &ex, set.source, &params.train)?.1,
+        };
         total.push(r.adapt_ms);
         fwd.push(r.forward_ms);
         bwd.push(r.backward_ms);

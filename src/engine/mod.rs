@@ -15,8 +15,10 @@ use tokio::sync::mpsc;
 pub use prompt::RagPrompt;
 pub use tta_params::{resolve_tta, ParamError, TtaOverrides};
 
-use crate::adapt::{adapt_lora, build_pairs, encode_pairs, PairOptions, TrainParams, TtaReport};
-use crate::generate::{generate, FinishReason, GenError, GenParams};
+use crate::adapt::{
+    adapt_full, adapt_lora, build_pairs, encode_pairs, PairOptions, TrainParams, TtaReport,
+};
+use crate::generate::{generate_with, FinishReason, GenError, GenParams};
 use crate::model::{Adapter, ChatMessage, Model};
 use crate::retrieval::{Collections, Passage};
 
@@ -59,9 +61,36 @@ pub struct RagParams {
     pub top_k: usize,
 }
 
+/// Which weights test-time adaptation trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TtaScope {
+    /// Per-request low-rank adapters; the shared weights are read only.
+    Lora,
+    /// Every weight, on a private copy; serialised to bound memory.
+    Full,
+}
+
+impl TtaScope {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "lora" => Some(Self::Lora),
+            "full" => Some(Self::Full),
+            _ => None,
+        }
+    }
+}
+
+/// What a request answers with after adaptation.
+enum Adapted {
+    Base,
+    Lora(crate::adapt::Lora),
+    Full(crate::model::Decoder),
+}
+
 /// Adaptation settings of one request (mode `tta`), validated and capped.
 #[derive(Debug, Clone)]
 pub struct TtaParams {
+    pub scope: TtaScope,
     pub pairs: PairOptions,
     pub train: TrainParams,
 }
@@ -158,6 +187,8 @@ struct Worker {
     collections: Arc<Collections>,
     prompt: Arc<RagPrompt>,
     queued: Arc<AtomicUsize>,
+    /// Held while a full-weight adaptation and its answer run: one private weight copy at a time.
+    full_scope: Arc<std::sync::Mutex<()>>,
 }
 
 impl Engine {
@@ -169,6 +200,7 @@ impl Engine {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_capacity);
         let queued = Arc::new(AtomicUsize::new(0));
         let prompt = Arc::new(RagPrompt::new(&cfg.prompt_template)?);
+        let full_scope = Arc::new(std::sync::Mutex::new(()));
         for i in 0..cfg.workers.max(1) {
             let rx = rx.clone();
             let w = Worker {
@@ -176,6 +208,7 @@ impl Engine {
                 collections: collections.clone(),
                 prompt: prompt.clone(),
                 queued: queued.clone(),
+                full_scope: full_scope.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("model-worker-{i}"))
@@ -250,7 +283,7 @@ impl Worker {
         req: &ChatJob,
         params: &TtaParams,
         passages: &[Passage],
-    ) -> anyhow::Result<(Option<crate::adapt::Lora>, TtaReport)> {
+    ) -> anyhow::Result<(Adapted, TtaReport)> {
         let texts: Vec<&str> = passages.iter().map(|p| p.text.as_str()).collect();
         let set = build_pairs(&texts, &params.pairs);
         let query = if params.train.condition_on_query {
@@ -266,12 +299,17 @@ impl Worker {
         )?;
         let span = tracing::info_span!("adapt", pairs = examples.len());
         let _g = span.enter();
-        Ok(adapt_lora(
-            &self.model,
-            &examples,
-            set.source,
-            &params.train,
-        )?)
+        let dec = &self.model.decoder;
+        Ok(match params.scope {
+            TtaScope::Lora => {
+                let (l, r) = adapt_lora(dec, &examples, set.source, &params.train)?;
+                (l.map_or(Adapted::Base, Adapted::Lora), r)
+            }
+            TtaScope::Full => {
+                let (d, r) = adapt_full(dec, &examples, set.source, &params.train)?;
+                (d.map_or(Adapted::Base, Adapted::Full), r)
+            }
+        })
     }
 
     /// `Err(None)` means the client went away.
@@ -304,15 +342,23 @@ impl Worker {
         };
         timings.retrieve = t.elapsed().as_secs_f64() * 1e3;
 
-        let (adapter, tta) = match (&req.tta, req.rag.mode) {
+        let full = matches!(&req.tta, Some(p) if p.scope == TtaScope::Full)
+            && req.rag.mode == RagMode::Tta;
+        // A poisoned lock only means another request panicked; the guard protects no data.
+        let _serial = full.then(|| {
+            self.full_scope
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        });
+        let (adapted, tta) = match (&req.tta, req.rag.mode) {
             (Some(params), RagMode::Tta) => {
-                let (lora, report) = self
+                let (adapted, report) = self
                     .adapt(req, params, &passages)
                     .map_err(|e| internal(e.to_string()))?;
                 timings.adapt = report.adapt_ms;
-                (lora, Some(report))
+                (adapted, Some(report))
             }
-            _ => (None, None),
+            _ => (Adapted::Base, None),
         };
 
         let messages = self
@@ -330,8 +376,12 @@ impl Worker {
             .map_err(|e| internal(e.to_string()))?;
 
         let mut on_text = |t: &str| reply.send(Event::Text(t.to_string())).is_ok();
-        let adapter_ref = adapter.as_ref().map(|a| a as &dyn Adapter);
-        let out = match generate(&self.model, &ids, &req.gen, adapter_ref, &mut on_text) {
+        let (dec, adapter): (&crate::model::Decoder, Option<&dyn Adapter>) = match &adapted {
+            Adapted::Base => (&self.model.decoder, None),
+            Adapted::Lora(l) => (&self.model.decoder, Some(l)),
+            Adapted::Full(d) => (d, None),
+        };
+        let out = match generate_with(&self.model, dec, &ids, &req.gen, adapter, &mut on_text) {
             Ok(o) => o,
             Err(GenError::Cancelled) => return Err(None),
             Err(e @ GenError::ContextExceeded { .. }) => {

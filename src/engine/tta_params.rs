@@ -3,7 +3,7 @@
 use crate::adapt::{parse_target, LoraConfig, PairOptions, TrainParams};
 use crate::config::TtaSection;
 
-use super::TtaParams;
+use super::{TtaParams, TtaScope};
 
 /// What a request may override; `None` keeps the configured default.
 #[derive(Debug, Clone, Default)]
@@ -46,13 +46,11 @@ fn bounded(
 
 /// Merges `o` over the configured defaults, refusing values beyond the caps.
 pub fn resolve_tta(c: &TtaSection, o: &TtaOverrides, seed: u64) -> Result<TtaParams, ParamError> {
-    let scope = o.scope.clone().unwrap_or_else(|| c.scope.clone());
-    if scope != "lora" {
-        return Err(ParamError {
-            param: "rag.tta.scope",
-            message: format!("rag.tta.scope `{scope}` is not supported (supported: \"lora\")"),
-        });
-    }
+    let scope_name = o.scope.clone().unwrap_or_else(|| c.scope.clone());
+    let scope = TtaScope::parse(&scope_name).ok_or_else(|| ParamError {
+        param: "rag.tta.scope",
+        message: format!("rag.tta.scope `{scope_name}` is not one of \"lora\", \"full\""),
+    })?;
     let lr = o.lr.unwrap_or(c.lr);
     if !(lr > 0.0 && lr <= 1.0) {
         return Err(ParamError {
@@ -91,6 +89,7 @@ pub fn resolve_tta(c: &TtaSection, o: &TtaOverrides, seed: u64) -> Result<TtaPar
     }
     let steps = bounded(o.steps, c.steps, 0, c.max_steps_cap, "rag.tta.steps")?;
     Ok(TtaParams {
+        scope,
         pairs: PairOptions {
             min_words: bounded(o.min_words, c.min_words, 1, 1000, "rag.tta.min_words")?,
             max_pairs: bounded(
@@ -153,6 +152,12 @@ mod tests {
             (1e-3, 5, Some(4))
         );
         assert_eq!(p.train.lora.targets, vec![Target::K, Target::Down]);
+        assert_eq!(p.scope, TtaScope::Lora);
+        let full = TtaOverrides {
+            scope: Some("full".into()),
+            ..Default::default()
+        };
+        assert_eq!(resolve_tta(&c, &full, 1).unwrap().scope, TtaScope::Full);
 
         let bad = |o: TtaOverrides| resolve_tta(&c, &o, 1).unwrap_err().param;
         assert_eq!(

@@ -9,7 +9,7 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 pub use stop::{StopMatcher, StopStep};
 
-use crate::model::{Adapter, ForwardOpts, IncrementalDecoder, Logits, Model, ModelError};
+use crate::model::{Adapter, Decoder, ForwardOpts, IncrementalDecoder, Logits, Model, ModelError};
 
 /// Decoding parameters, already validated.
 #[derive(Debug, Clone)]
@@ -79,10 +79,22 @@ pub fn generate(
     adapter: Option<&dyn Adapter>,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenOutput, GenError> {
+    generate_with(model, &model.decoder, prompt, params, adapter, on_text)
+}
+
+/// [`generate`] with another decoder (e.g. a request's fully adapted copy) in place of the
+/// model's own; tokenizer and stop ids still come from `model`.
+pub fn generate_with(
+    model: &Model,
+    dec: &Decoder,
+    prompt: &[u32],
+    params: &GenParams,
+    adapter: Option<&dyn Adapter>,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<GenOutput, GenError> {
     if prompt.is_empty() {
         return Err(GenError::EmptyPrompt);
     }
-    let dec = &model.decoder;
     let context = dec.config().max_position_embeddings;
     if prompt.len() >= context {
         return Err(GenError::ContextExceeded {

@@ -315,6 +315,41 @@ impl Decoder {
         Ok(())
     }
 
+    /// Every weight under its Hugging Face name, as [`Decoder::load`] takes them (a tied output
+    /// head is not listed separately). The tensors share storage with the model.
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![
+            ("model.embed_tokens.weight".to_string(), self.embed.clone()),
+            ("model.norm.weight".to_string(), self.norm.clone()),
+        ];
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), self.lm_head.clone()));
+        }
+        for (l, b) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            for (name, proj) in [
+                ("self_attn.q_proj", &b.attn.q),
+                ("self_attn.k_proj", &b.attn.k),
+                ("self_attn.v_proj", &b.attn.v),
+                ("self_attn.o_proj", &b.attn.o),
+                ("mlp.gate_proj", &b.mlp.gate),
+                ("mlp.up_proj", &b.mlp.up),
+                ("mlp.down_proj", &b.mlp.down),
+            ] {
+                out.push((format!("{p}.{name}.weight"), proj.linear.weight().clone()));
+                if let Some(bias) = proj.linear.bias() {
+                    out.push((format!("{p}.{name}.bias"), bias.clone()));
+                }
+            }
+            out.push((format!("{p}.input_layernorm.weight"), b.input_norm.clone()));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                b.post_norm.clone(),
+            ));
+        }
+        out
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }

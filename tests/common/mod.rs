@@ -44,6 +44,7 @@ pub fn golden() -> serde_json::Value {
 /// A server on an ephemeral loopback port over a tiny random model and a small collection.
 pub struct TestServer {
     pub base: String,
+    pub model: Arc<Model>,
     pub _dir: tempfile::TempDir,
 }
 
@@ -73,8 +74,9 @@ pub async fn start_tiny(workers: usize, queue: usize, never_stop: bool) -> TestS
     cfg.server.workers = workers;
     cfg.server.queue_capacity = queue;
     cfg.server.max_body_bytes = 64 * 1024;
+    let model = Arc::new(model);
     let engine = Engine::start(
-        Arc::new(model),
+        model.clone(),
         cols,
         &EngineConfig {
             workers,
@@ -93,6 +95,7 @@ pub async fn start_tiny(workers: usize, queue: usize, never_stop: bool) -> TestS
     });
     TestServer {
         base: format!("http://{addr}"),
+        model,
         _dir: dir,
     }
 }
