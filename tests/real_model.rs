@@ -3,14 +3,11 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use candle_core::{DType, Device, Tensor};
 use common::{default_model, default_model_path, golden};
-use ttarag::engine::{ChatJob, Engine, EngineConfig, Event, RagMode, RagParams};
+use ttarag::engine::{ChatJob, Event, RagMode, RagParams};
 use ttarag::generate::{generate, GenParams};
 use ttarag::model::{ChatMessage, ForwardOpts, Logits, Model};
-use ttarag::retrieval::{ingest_path, Collections};
 
 fn ids_of(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
@@ -172,27 +169,7 @@ fn hf_folder_export_loads_back_to_the_same_logits() {
 /// A real QASC question answered through the engine, grounded in the retrieved gold fact.
 #[test]
 fn answers_a_qasc_question_from_the_retrieved_fact() {
-    let dir = tempfile::tempdir().unwrap();
-    let cols = Arc::new(Collections::new(dir.path()));
-    let c = cols.get_or_create("qasc").unwrap();
-    ingest_path(
-        &c,
-        &common::root().join("index/samples/qasc/corpus.jsonl"),
-        1000,
-        None,
-    )
-    .unwrap();
-    let cfg = ttarag::config::Config::default();
-    let engine = Engine::start(
-        default_model(),
-        cols,
-        &EngineConfig {
-            workers: 1,
-            queue_capacity: 4,
-            prompt_template: cfg.retrieval.prompt_template.clone(),
-        },
-    )
-    .unwrap();
+    let (engine, _dir) = common::qasc_engine(1);
     // qasc-4 in ../data: "Damming a river results in what?" -> "stream blockages".
     let job = ChatJob {
         messages: vec![ChatMessage::new("user", "Damming a river results in what?")],

@@ -2,40 +2,15 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use common::default_model;
 use ttarag::config::Config;
 use ttarag::engine::{
-    resolve_tta, ChatJob, Completion, Engine, EngineConfig, Event, RagMode, RagParams, TtaOverrides,
+    resolve_tta, ChatJob, Completion, Engine, Event, RagMode, RagParams, TtaOverrides,
 };
 use ttarag::generate::GenParams;
 use ttarag::model::ChatMessage;
-use ttarag::retrieval::{ingest_path, Collections};
 
 fn engine(workers: usize) -> (Engine, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let cols = Arc::new(Collections::new(dir.path()));
-    let c = cols.get_or_create("qasc").unwrap();
-    ingest_path(
-        &c,
-        &common::root().join("index/samples/qasc/corpus.jsonl"),
-        1000,
-        None,
-    )
-    .unwrap();
-    let cfg = Config::default();
-    let e = Engine::start(
-        default_model(),
-        cols,
-        &EngineConfig {
-            workers,
-            queue_capacity: 8,
-            prompt_template: cfg.retrieval.prompt_template.clone(),
-        },
-    )
-    .unwrap();
-    (e, dir)
+    common::qasc_engine(workers)
 }
 
 fn job(question: &str, mode: RagMode, overrides: &TtaOverrides) -> ChatJob {

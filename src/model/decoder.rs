@@ -738,13 +738,13 @@ mod tests {
             "adapters must not touch the base weights"
         );
     }
-}
 
-#[cfg(test)]
-mod quant_tests {
-    use super::*;
-    use crate::model::tiny::{random_weights, tiny_config};
-    use crate::model::Arch;
+    fn logits(d: &Decoder, ids: &Tensor, cache: &mut Cache) -> Tensor {
+        d.forward(ids, Some(cache), &ForwardOpts::default())
+            .unwrap()
+            .logits
+            .unwrap()
+    }
 
     #[test]
     fn quantized_decode_steps_stay_close_to_full_precision_and_prefill_is_unchanged() {
@@ -757,56 +757,19 @@ mod quant_tests {
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let opts = ForwardOpts::default();
         let (mut c1, mut c2) = (full.new_cache(16), quant.new_cache(16));
         let prefill = ids.narrow(1, 0, 6).unwrap();
-        let a = full
-            .forward(&prefill, Some(&mut c1), &opts)
-            .unwrap()
-            .logits
-            .unwrap();
-        let b = quant
-            .forward(&prefill, Some(&mut c2), &opts)
-            .unwrap()
-            .logits
-            .unwrap();
         // Only the output head is quantized in a prefill: logits agree to Q8_0 precision.
-        let d = (&a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(
+            &logits(&full, &prefill, &mut c1),
+            &logits(&quant, &prefill, &mut c2),
+        );
         assert!(d < 0.05, "prefill diff {d}");
         for t in 6..8 {
             let one = ids.narrow(1, t, 1).unwrap();
-            let a = full
-                .forward(&one, Some(&mut c1), &opts)
-                .unwrap()
-                .logits
-                .unwrap();
-            let b = quant
-                .forward(&one, Some(&mut c2), &opts)
-                .unwrap()
-                .logits
-                .unwrap();
-            let d = (&a - &b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let scale = a
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let a = logits(&full, &one, &mut c1);
+            let d = max_diff(&a, &logits(&quant, &one, &mut c2));
+            let scale = max_diff(&a, &a.zeros_like().unwrap());
             assert!(d > 0.0, "decode must take the quantized path");
             assert!(d < 0.05 * scale, "decode diff {d} vs scale {scale}");
         }
@@ -818,14 +781,6 @@ mod quant_tests {
         };
         let a = full.forward(&ids, None, &train).unwrap().logits.unwrap();
         let b = quant.forward(&ids, None, &train).unwrap().logits.unwrap();
-        let d = (&a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0);
+        assert_eq!(max_diff(&a, &b), 0.0);
     }
 }

@@ -99,3 +99,32 @@ pub async fn start_tiny(workers: usize, queue: usize, never_stop: bool) -> TestS
         _dir: dir,
     }
 }
+
+/// An engine over the real default model and the sample QASC collection (built in a temp dir).
+pub fn qasc_engine(workers: usize) -> (ttarag::engine::Engine, tempfile::TempDir) {
+    use ttarag::engine::{Engine, EngineConfig};
+    use ttarag::retrieval::{ingest_path, Collections};
+
+    let dir = tempfile::tempdir().unwrap();
+    let cols = Arc::new(Collections::new(dir.path()));
+    let c = cols.get_or_create("qasc").unwrap();
+    ingest_path(
+        &c,
+        &root().join("index/samples/qasc/corpus.jsonl"),
+        1000,
+        None,
+    )
+    .unwrap();
+    let cfg = ttarag::config::Config::default();
+    let e = Engine::start(
+        default_model(),
+        cols,
+        &EngineConfig {
+            workers,
+            queue_capacity: 8,
+            prompt_template: cfg.retrieval.prompt_template.clone(),
+        },
+    )
+    .unwrap();
+    (e, dir)
+}
