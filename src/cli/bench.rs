@@ -24,6 +24,9 @@ pub struct BenchArgs {
     /// from the sample corpus's collection.
     #[arg(long)]
     pub tta: Option<usize>,
+    /// With --tta: also write the pairs trained on, per question, as JSON (for reference runs).
+    #[arg(long, requires = "tta")]
+    pub dump_pairs: Option<std::path::PathBuf>,
 }
 
 /// Peak resident memory of this process in MB (Linux), if known.
@@ -77,7 +80,7 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
     );
     let model = super::load_model(&cfg)?;
     if let Some(n) = a.tta {
-        return bench_tta(&cfg, &model, n);
+        return bench_tta(&cfg, &model, n, a.dump_pairs.as_deref());
     }
     let ids = rag_prompt(&cfg, &model, a.prompt_tokens)?;
     let dec = &model.decoder;
@@ -132,7 +135,12 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
 
 /// Adaptation cost per question: retrieve top-k, build pairs, adapt (LoRA), with the
 /// configured defaults. Questions are the first `n` whose retrieval yields any pair.
-fn bench_tta(cfg: &Config, model: &crate::model::Model, n: usize) -> anyhow::Result<()> {
+fn bench_tta(
+    cfg: &Config,
+    model: &crate::model::Model,
+    n: usize,
+    dump: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     use crate::adapt::{adapt_full, adapt_lora, build_pairs, encode_pairs};
     use crate::engine::{resolve_tta, TtaOverrides, TtaScope};
 
@@ -159,10 +167,12 @@ fn bench_tta(cfg: &Config, model: &crate::model::Model, n: usize) -> anyhow::Res
     let (mut total, mut fwd, mut bwd, mut opt, mut deltas) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut lora_bytes = 0;
+    let mut dumped = vec![];
     for q in questions.iter().cycle().take(n.max(1)) {
         let hits = coll.search(q, cfg.retrieval.top_k)?;
         let texts: Vec<&str> = hits.iter().map(|p| p.text.as_str()).collect();
         let set = build_pairs(&texts, &params.pairs);
+        dumped.push(serde_json::json!({"question": q, "pairs": set.pairs}));
         let ex = encode_pairs(model, &set.pairs, None, params.train.max_tokens_per_pair)?;
         let r = match params.scope {
             TtaScope::Lora => {
@@ -181,6 +191,9 @@ fn bench_tta(cfg: &Config, model: &crate::model::Model, n: usize) -> anyhow::Res
         if let (Some(b), Some(a)) = (r.loss_before, r.loss_after) {
             deltas.push(a - b);
         }
+    }
+    if let Some(p) = dump {
+        std::fs::write(p, serde_json::to_string_pretty(&dumped)?)?;
     }
     println!("model          {}", cfg.model.path.display());
     println!("threads        {}", candle_core::utils::get_num_threads());
