@@ -4,10 +4,10 @@
 use std::time::Instant;
 
 use candle_core::{DType, Result, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::ParamsAdamW;
 use serde::Serialize;
 
-use super::{Lora, LoraConfig, Pair, PairSource};
+use super::{FastAdamW, Lora, LoraConfig, Pair, PairSource};
 use crate::model::{Adapter, Decoder, ForwardOpts, Logits, Model, ModelError};
 
 /// Settings of one adaptation, already validated and capped.
@@ -161,17 +161,22 @@ pub fn mean_loss(
     scalar(&batch_loss(dec, adapter, &refs, false)?)
 }
 
-/// Scales `grads` in place so their global L2 norm is at most `max_norm`; returns the norm.
-pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+/// Global L2 norm of `grads`.
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sq = 0.0f64;
-    for g in grads.iter() {
+    for g in grads {
         sq += g
             .to_dtype(DType::F32)?
             .sqr()?
             .sum_all()?
             .to_scalar::<f32>()? as f64;
     }
-    let norm = sq.sqrt();
+    Ok(sq.sqrt())
+}
+
+/// Scales `grads` in place so their global L2 norm is at most `max_norm`; returns the norm.
+pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let norm = global_norm(grads)?;
     if max_norm > 0.0 && norm > max_norm {
         let k = max_norm / (norm + 1e-6);
         for g in grads.iter_mut() {
@@ -209,7 +214,7 @@ fn train(
     t0: Instant,
 ) -> Result<bool> {
     report.loss_before = Some(mean_loss(dec, adapter, examples)?);
-    let mut opt = AdamW::new(
+    let mut opt = FastAdamW::new(
         vars.to_vec(),
         ParamsAdamW {
             lr: p.lr,
@@ -253,8 +258,8 @@ fn train(
             return Ok(false);
         }
         let tb = Instant::now();
-        let mut store = loss.backward()?;
-        let mut grads = vars
+        let store = loss.backward()?;
+        let grads = vars
             .iter()
             .map(|v| match store.get(v.as_tensor()) {
                 Some(g) => Ok(g.clone()),
@@ -263,11 +268,13 @@ fn train(
             .collect::<Result<Vec<_>>>()?;
         report.backward_ms += tb.elapsed().as_secs_f64() * 1e3;
         let to = Instant::now();
-        clip_global_norm(&mut grads, p.clip_norm)?;
-        for (v, g) in vars.iter().zip(grads) {
-            store.insert(v.as_tensor(), g);
-        }
-        opt.step(&store)?;
+        let norm = global_norm(&grads)?;
+        let scale = if p.clip_norm > 0.0 && norm > p.clip_norm {
+            p.clip_norm / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        opt.step(&grads, scale)?;
         report.optimizer_ms += to.elapsed().as_secs_f64() * 1e3;
         report.steps += 1;
     }
