@@ -53,12 +53,14 @@ impl InplaceOp2 for Update<'_> {
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
             .for_each(|(((w, g), m), v)| {
-                for i in 0..w.len() {
-                    let gi = g[i] * scale;
-                    m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                    v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                    let update = (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
-                    w[i] = w[i] * decay - lr * update;
+                // Zipped iterators (no bounds checks) so the loop vectorises.
+                let (inv_c1, inv_c2) = (1.0 / c1, 1.0 / c2);
+                for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    let g = g * scale;
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    let update = (*m * inv_c1) / ((*v * inv_c2).sqrt() + eps);
+                    *w = *w * decay - lr * update;
                 }
             });
         Ok(())

@@ -165,13 +165,26 @@ pub fn mean_loss(
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sq = 0.0f64;
     for g in grads {
-        sq += g
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64;
+        sq += sum_of_squares(g)?;
     }
     Ok(sq.sqrt())
+}
+
+/// Sum of squared elements; on the CPU in f32 it reads the buffer directly instead of
+/// allocating a squared copy (full-scope gradients are as large as the model).
+fn sum_of_squares(g: &Tensor) -> Result<f64> {
+    use rayon::prelude::*;
+    if g.device().is_cpu() && g.dtype() == DType::F32 && g.is_contiguous() {
+        let (storage, layout) = g.storage_and_layout();
+        if let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*storage {
+            let v = &v[layout.start_offset()..layout.start_offset() + g.elem_count()];
+            return Ok(v
+                .par_chunks(1 << 14)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .sum());
+        }
+    }
+    g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()
 }
 
 /// Scales `grads` in place so their global L2 norm is at most `max_norm`; returns the norm.

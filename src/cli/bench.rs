@@ -168,11 +168,15 @@ fn bench_tta(
         (vec![], vec![], vec![], vec![], vec![]);
     let mut lora_bytes = 0;
     let mut dumped = vec![];
-    for q in questions.iter().cycle().take(n.max(1)) {
+    // The first question is a warm-up (allocator and page faults of the first large buffers),
+    // not timed, as in the decode benchmark.
+    for (i, q) in questions.iter().cycle().take(n.max(1) + 1).enumerate() {
         let hits = coll.search(q, cfg.retrieval.top_k)?;
         let texts: Vec<&str> = hits.iter().map(|p| p.text.as_str()).collect();
         let set = build_pairs(&texts, &params.pairs);
-        dumped.push(serde_json::json!({"question": q, "pairs": set.pairs}));
+        if i > 0 {
+            dumped.push(serde_json::json!({"question": q, "pairs": set.pairs}));
+        }
         let ex = encode_pairs(model, &set.pairs, None, params.train.max_tokens_per_pair)?;
         let r = match params.scope {
             TtaScope::Lora => {
@@ -184,6 +188,9 @@ fn bench_tta(
             }
             TtaScope::Full => adapt_full(&model.decoder, &ex, set.source, &params.train)?.1,
         };
+        if i == 0 {
+            continue;
+        }
         total.push(r.adapt_ms);
         fwd.push(r.forward_ms);
         bwd.push(r.backward_ms);
