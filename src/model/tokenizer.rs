@@ -65,9 +65,15 @@ impl TextTokenizer {
 
 /// Turns a growing list of generated ids into text pieces, holding back incomplete UTF-8 so a
 /// multi-byte character split across tokens is never emitted as a replacement character.
+/// Only a short window of recent ids is decoded per step (not the whole answer), and always
+/// with one already-emitted token in front, so decoders that treat a leading space specially
+/// still produce the same text as decoding everything at once.
 pub struct IncrementalDecoder {
     ids: Vec<u32>,
-    emitted: usize,
+    /// Start of the window that is decoded.
+    prefix: usize,
+    /// Ids before this were emitted.
+    read: usize,
 }
 
 impl Default for IncrementalDecoder {
@@ -80,27 +86,79 @@ impl IncrementalDecoder {
     pub fn new() -> Self {
         Self {
             ids: Vec::new(),
-            emitted: 0,
+            prefix: 0,
+            read: 0,
         }
+    }
+
+    /// The text that ids `read..` add after `prefix..read`, if it is complete.
+    fn pending(
+        &self,
+        tok: &TextTokenizer,
+        complete_only: bool,
+    ) -> Result<Option<String>, ModelError> {
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
+        if complete_only && now.ends_with('\u{FFFD}') {
+            return Ok(None);
+        }
+        Ok(match now.get(before.len()..) {
+            Some(piece) if now.starts_with(&before) => Some(piece.to_string()),
+            _ => None,
+        })
     }
 
     /// Adds one id and returns the newly completed text, if any.
     pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<String, ModelError> {
         self.ids.push(id);
-        let text = tok.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted {
-            return Ok(String::new());
+        match self.pending(tok, true)? {
+            Some(piece) if !piece.is_empty() => {
+                self.prefix = self.read;
+                self.read = self.ids.len();
+                Ok(piece)
+            }
+            _ => Ok(String::new()),
         }
-        let piece = text[self.emitted..].to_string();
-        self.emitted = text.len();
-        Ok(piece)
     }
 
     /// Releases the text held back so far (an unfinished character becomes U+FFFD).
     pub fn finish(&mut self, tok: &TextTokenizer) -> Result<String, ModelError> {
-        let text = tok.decode(&self.ids)?;
-        let rest = text.get(self.emitted..).unwrap_or("").to_string();
-        self.emitted = text.len();
+        let rest = self.pending(tok, false)?.unwrap_or_default();
+        self.prefix = self.read;
+        self.read = self.ids.len();
         Ok(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tiny::tiny_tokenizer;
+
+    #[test]
+    fn pieces_add_up_to_the_whole_decode_even_across_split_characters() {
+        let tok = tiny_tokenizer().unwrap();
+        // One id per byte: "é" and "🤖" arrive split over 2 and 4 ids.
+        let text = "héllo wörld 🤖 done";
+        let ids = tok.encode(text).unwrap();
+        let mut dec = IncrementalDecoder::new();
+        let mut out = String::new();
+        for &id in &ids {
+            let piece = dec.push(&tok, id).unwrap();
+            assert!(
+                !piece.contains('\u{FFFD}'),
+                "half a character was emitted: {piece:?}"
+            );
+            out.push_str(&piece);
+        }
+        out.push_str(&dec.finish(&tok).unwrap());
+        assert_eq!(out, text);
+        // An unfinished character at the end is released as U+FFFD by finish().
+        let mut dec = IncrementalDecoder::new();
+        let robot = tok.encode("🤖").unwrap();
+        for &id in &robot[..2] {
+            assert_eq!(dec.push(&tok, id).unwrap(), "");
+        }
+        assert_eq!(dec.finish(&tok).unwrap(), "\u{FFFD}");
     }
 }
