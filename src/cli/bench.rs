@@ -29,12 +29,29 @@ pub struct BenchArgs {
     pub dump_pairs: Option<std::path::PathBuf>,
 }
 
-/// Peak resident memory of this process in MB (Linux), if known.
-pub fn peak_rss_mb() -> Option<f64> {
+/// A `/proc/self/status` field in MB (Linux), if known.
+fn status_mb(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// Peak resident memory of this process in MB (Linux), if known.
+pub fn peak_rss_mb() -> Option<f64> {
+    status_mb("VmHWM:")
+}
+
+/// Resets the peak-RSS mark to the current RSS (Linux); returns the current RSS in MB.
+fn reset_peak_rss() -> Option<f64> {
+    use std::io::Write;
+    // Opened without truncation: the proc file accepts writes only.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/self/clear_refs")
+        .ok()?;
+    f.write_all(b"5").ok()?;
+    status_mb("VmRSS:")
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -167,6 +184,7 @@ fn bench_tta(
     let (mut total, mut fwd, mut bwd, mut opt, mut deltas) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut lora_bytes = 0;
+    let mut working_mb = vec![];
     let mut dumped = vec![];
     // The first question is a warm-up (allocator and page faults of the first large buffers),
     // not timed, as in the decode benchmark.
@@ -174,6 +192,7 @@ fn bench_tta(
         let hits = coll.search(q, cfg.retrieval.top_k)?;
         let texts: Vec<&str> = hits.iter().map(|p| p.text.as_str()).collect();
         let set = build_pairs(&texts, &params.pairs);
+        let rss_before = reset_peak_rss();
         if i > 0 {
             dumped.push(serde_json::json!({"question": q, "pairs": set.pairs}));
         }
@@ -190,6 +209,9 @@ fn bench_tta(
         };
         if i == 0 {
             continue;
+        }
+        if let (Some(before), Some(peak)) = (rss_before, peak_rss_mb()) {
+            working_mb.push(peak - before);
         }
         total.push(r.adapt_ms);
         fwd.push(r.forward_ms);
@@ -223,6 +245,12 @@ fn bench_tta(
         "lora weights   {:.2} MB per request",
         lora_bytes as f64 / 1e6
     );
+    if !working_mb.is_empty() {
+        println!(
+            "working memory {:.0} MB median per adaptation (peak RSS above the RSS before it)",
+            median(&mut working_mb)
+        );
+    }
     if let Some(mb) = peak_rss_mb() {
         println!("peak rss       {mb:.0} MB");
     }
