@@ -378,6 +378,10 @@ mod tests {
         Model::from_parts("t", tiny_parts(arch, 11, &Device::Cpu, DType::F64).unwrap()).unwrap()
     }
 
+    fn tiny32(arch: Arch) -> Model {
+        Model::from_parts("t", tiny_parts(arch, 2, &Device::Cpu, DType::F32).unwrap()).unwrap()
+    }
+
     fn example(model: &Model) -> Example {
         let pair = Pair {
             prefix: "when an earthquake shakes the ground,".into(),
@@ -539,11 +543,7 @@ mod tests {
 
     #[test]
     fn adaptation_lowers_the_suffix_loss_and_leaves_the_base_untouched() {
-        let model = Model::from_parts(
-            "t",
-            tiny_parts(Arch::Llama, 2, &Device::Cpu, DType::F32).unwrap(),
-        )
-        .unwrap();
+        let model = tiny32(Arch::Llama);
         let ex = vec![example(&model)];
         let base = mean_loss(&model.decoder, None, &ex).unwrap();
         let (lora, report) =
@@ -566,11 +566,7 @@ mod tests {
 
     #[test]
     fn full_adaptation_trains_a_private_copy_and_leaves_the_base_bit_identical() {
-        let model = Model::from_parts(
-            "t",
-            tiny_parts(Arch::Qwen2, 2, &Device::Cpu, DType::F32).unwrap(),
-        )
-        .unwrap();
+        let model = tiny32(Arch::Qwen2);
         let snapshot = |d: &Decoder| -> Vec<(String, Vec<f32>)> {
             d.named_weights()
                 .into_iter()
@@ -598,11 +594,7 @@ mod tests {
 
     #[test]
     fn one_pass_takes_ceil_pairs_over_accumulation_steps_and_budget_truncates() {
-        let model = Model::from_parts(
-            "t",
-            tiny_parts(Arch::Llama, 2, &Device::Cpu, DType::F32).unwrap(),
-        )
-        .unwrap();
+        let model = tiny32(Arch::Llama);
         let ex = vec![example(&model); 3];
         let mut p = params(1e-3, 0);
         p.steps = None;
@@ -620,11 +612,7 @@ mod tests {
 
     #[test]
     fn divergence_aborts_to_the_base_model() {
-        let model = Model::from_parts(
-            "t",
-            tiny_parts(Arch::Llama, 2, &Device::Cpu, DType::F32).unwrap(),
-        )
-        .unwrap();
+        let model = tiny32(Arch::Llama);
         let ex = vec![example(&model)];
         let mut p = params(1e30, 4);
         p.clip_norm = 0.0;
