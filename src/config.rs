@@ -13,6 +13,9 @@ pub struct Config {
     pub generation: GenerationSection,
     pub retrieval: RetrievalSection,
     pub tta: TtaSection,
+    /// Optional, so config files written before A/B testing existed still load.
+    #[serde(default)]
+    pub ab: AbSection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,6 +82,144 @@ pub struct TtaSection {
     pub max_steps_cap: usize,
     pub max_tokens_per_pair_cap: usize,
     pub max_lora_rank: usize,
+}
+
+/// `[ab]`: live traffic split between RAG arms (`src/server/ab.rs`). No arms = no experiment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AbSection {
+    pub arms: Vec<ArmConfig>,
+    /// How many most recent in-experiment responses accept feedback; bounds that memory.
+    pub feedback_window: usize,
+}
+
+impl Default for AbSection {
+    fn default() -> Self {
+        Self {
+            arms: Vec::new(),
+            feedback_window: 100_000,
+        }
+    }
+}
+
+/// One arm: a name, its share of traffic, and the `rag` settings it gives a request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArmConfig {
+    pub name: String,
+    pub weight: f64,
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tta: Option<ArmTta>,
+}
+
+/// The keys a request may send in `rag.tta`, so an arm can say anything a request can.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArmTta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pairs: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_words: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_accum: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition_on_query: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_rank: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_alpha: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_targets: Option<Vec<String>>,
+}
+
+impl From<&ArmTta> for crate::engine::TtaOverrides {
+    fn from(t: &ArmTta) -> Self {
+        Self {
+            scope: t.scope.clone(),
+            lr: t.lr,
+            max_pairs: t.max_pairs,
+            min_words: t.min_words,
+            steps: t.steps,
+            grad_accum: t.grad_accum,
+            condition_on_query: t.condition_on_query,
+            lora_rank: t.lora_rank,
+            lora_alpha: t.lora_alpha,
+            lora_targets: t.lora_targets.clone(),
+        }
+    }
+}
+
+/// Larger windows would let feedback bookkeeping take hundreds of MB.
+pub const MAX_FEEDBACK_WINDOW: usize = 10_000_000;
+
+impl AbSection {
+    /// Arm settings are checked here, at startup, so a request never meets a broken arm.
+    pub fn validate(&self, retrieval: &RetrievalSection, tta: &TtaSection) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1..=MAX_FEEDBACK_WINDOW).contains(&self.feedback_window),
+            "ab.feedback_window {} is outside 1..={MAX_FEEDBACK_WINDOW}",
+            self.feedback_window
+        );
+        for (i, a) in self.arms.iter().enumerate() {
+            let name = &a.name;
+            anyhow::ensure!(
+                (1..=64).contains(&name.len())
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)),
+                "ab.arms[{i}].name `{name}` must be 1 to 64 characters of A-Z a-z 0-9 _ . -"
+            );
+            anyhow::ensure!(
+                !self.arms[..i].iter().any(|b| &b.name == name),
+                "ab arm `{name}`: name is used by more than one arm"
+            );
+            anyhow::ensure!(
+                a.weight.is_finite() && a.weight > 0.0,
+                "ab arm `{name}`: weight {} must be a finite number above 0",
+                a.weight
+            );
+            let mode = crate::engine::RagMode::parse(&a.mode).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "ab arm `{name}`: mode `{}` is not one of static, tta, none",
+                    a.mode
+                )
+            })?;
+            if let Some(k) = a.top_k {
+                anyhow::ensure!(
+                    (1..=retrieval.max_top_k).contains(&k),
+                    "ab arm `{name}`: top_k {k} is outside 1..={}",
+                    retrieval.max_top_k
+                );
+            }
+            match (&a.tta, mode) {
+                (Some(_), m) if m != crate::engine::RagMode::Tta => anyhow::bail!(
+                    "ab arm `{name}`: tta settings need mode \"tta\", not \"{}\"",
+                    a.mode
+                ),
+                (t, crate::engine::RagMode::Tta) => {
+                    let o: crate::engine::TtaOverrides =
+                        t.as_ref().map(Into::into).unwrap_or_default();
+                    crate::engine::resolve_tta(tta, &o, 0).map_err(|e| {
+                        anyhow::anyhow!(
+                            "ab arm `{name}`: {}",
+                            e.message.replace("rag.tta.", "tta.")
+                        )
+                    })?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ModelSection {
@@ -163,7 +304,7 @@ impl Config {
                 "tta.lora_targets: `{name}` is not one of q, k, v, o, gate, up, down"
             );
         }
-        Ok(())
+        self.ab.validate(&self.retrieval, &self.tta)
     }
 }
 

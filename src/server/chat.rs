@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -36,11 +36,18 @@ fn usage(c: &Completion) -> Usage {
     }
 }
 
+/// Sticky A/B key for clients that do not send OpenAI's `user` field.
+const SESSION_HEADER: &str = "x-session-id";
+
 /// Where one request is: what the metrics need at its end.
 struct Outcome {
     app: Arc<App>,
     mode: &'static str,
     start: Instant,
+    /// The response id's uuid (`chatcmpl-<uuid>`), known from the start for A/B bookkeeping.
+    id: uuid::Uuid,
+    /// The A/B arm serving the request, if any.
+    arm: Option<usize>,
 }
 
 impl Outcome {
@@ -54,6 +61,16 @@ impl Outcome {
 
     fn finish(&self, status: StatusCode, done: Option<&Completion>) {
         let m = &self.app.metrics;
+        if let Some(arm) = self.arm {
+            self.app.ab.finish(
+                m,
+                arm,
+                self.id.as_u128(),
+                status,
+                self.start.elapsed().as_secs_f64(),
+                done.map(|c| &c.rag),
+            );
+        }
         m.requests
             .with_label_values(&[self.mode, status.as_str()])
             .inc();
@@ -73,14 +90,18 @@ impl Outcome {
 
 pub async fn chat_completions(
     State(app): State<Arc<App>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let mut outcome = Outcome {
         app: app.clone(),
         mode: "unknown",
         start: Instant::now(),
+        id: uuid::Uuid::new_v4(),
+        arm: None,
     };
-    match handle(&app, body, &mut outcome).await {
+    let session = headers.get(SESSION_HEADER).map(|v| v.as_bytes());
+    match handle(&app, body, session, &mut outcome).await {
         Ok(resp) => resp,
         Err(e) => {
             outcome.finish(e.status, None);
@@ -92,6 +113,7 @@ pub async fn chat_completions(
 async fn handle(
     app: &Arc<App>,
     body: Result<Bytes, BytesRejection>,
+    session: Option<&[u8]>,
     outcome: &mut Outcome,
 ) -> Result<Response, ApiError> {
     let bytes = body.map_err(|rej| {
@@ -126,12 +148,20 @@ async fn handle(
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
-    let job = to_job(req, &app.config, &app.engine.collections)?;
+    let (job, arm) = to_job(
+        req,
+        &app.config,
+        &app.engine.collections,
+        &app.ab.arms,
+        session.filter(|s| !s.is_empty()),
+    )?;
     outcome.mode = job.rag.mode.as_str();
+    outcome.arm = arm;
+    let arm_name = arm.and_then(|i| app.ab.arms.get(i)).map(|a| a.name.clone());
     let mut rx = app.engine.submit(job)?;
     app.metrics.queue_depth.set(app.engine.queue_depth() as i64);
 
-    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let id = format!("chatcmpl-{}", outcome.id.simple());
     let created = now_secs();
     let model = app.engine.model.id.clone();
 
@@ -174,7 +204,10 @@ async fn handle(
                             logprobs: None,
                         }],
                         usage: usage(&c),
-                        rag: c.rag.clone(),
+                        rag: RagOut {
+                            report: c.rag.clone(),
+                            arm: arm_name,
+                        },
                     };
                     return Ok(Json(body).into_response());
                 }
@@ -235,7 +268,10 @@ async fn handle(
                         last.choices.clear();
                         last.usage = Some(usage(&c));
                     }
-                    last.rag = Some(c.rag.clone());
+                    last.rag = Some(RagOut {
+                        report: c.rag.clone(),
+                        arm: arm_name.clone(),
+                    });
                     frames.push(data(&last));
                     frames.push(SseEvent::default().data("[DONE]"));
                     frames
@@ -264,5 +300,7 @@ fn outcome_take(o: &mut Outcome) -> Outcome {
         app: o.app.clone(),
         mode: o.mode,
         start: o.start,
+        id: o.id,
+        arm: o.arm,
     }
 }

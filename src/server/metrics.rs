@@ -1,4 +1,5 @@
-//! Prometheus metrics: requests by outcome, latency and time-to-first-token histograms, tokens.
+//! Prometheus metrics: requests by outcome, latency and time-to-first-token histograms, tokens,
+//! and the A/B arms' (`arm` label) requests, latency, adaptation loss change, fallbacks, feedback.
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
@@ -12,10 +13,21 @@ pub struct Metrics {
     pub ttft: HistogramVec,
     pub tokens: IntCounterVec,
     pub queue_depth: IntGauge,
+    pub arm_requests: IntCounterVec,
+    pub arm_latency: HistogramVec,
+    pub arm_loss_delta: HistogramVec,
+    pub arm_fallbacks: IntCounterVec,
+    pub feedback: IntCounterVec,
 }
 
 const BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// `loss_after - loss_before` of an adaptation: negative = it learnt the passages. Useful
+/// adaptations land around -2..0; positive values flag harm.
+const LOSS_DELTA_BUCKETS: &[f64] = &[
+    -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5,
 ];
 
 impl Metrics {
@@ -57,12 +69,59 @@ impl Metrics {
         .expect("metric");
         let queue_depth =
             IntGauge::new("ttarag_queue_depth", "Requests waiting for a worker").expect("metric");
+        let arm_requests = IntCounterVec::new(
+            Opts::new(
+                "ttarag_arm_requests_total",
+                "A/B requests by arm and HTTP status",
+            ),
+            &["arm", "status"],
+        )
+        .expect("metric");
+        let arm_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "ttarag_arm_request_duration_seconds",
+                "End-to-end latency of successful A/B requests",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["arm"],
+        )
+        .expect("metric");
+        let arm_loss_delta = HistogramVec::new(
+            HistogramOpts::new(
+                "ttarag_arm_adapt_loss_delta",
+                "Adaptation loss_after - loss_before per A/B request",
+            )
+            .buckets(LOSS_DELTA_BUCKETS.to_vec()),
+            &["arm"],
+        )
+        .expect("metric");
+        let arm_fallbacks = IntCounterVec::new(
+            Opts::new(
+                "ttarag_arm_fallbacks_total",
+                "A/B requests whose adaptation was skipped, cut short or discarded, by reason",
+            ),
+            &["arm", "reason"],
+        )
+        .expect("metric");
+        let feedback = IntCounterVec::new(
+            Opts::new(
+                "ttarag_feedback_total",
+                "Feedback on A/B responses by arm and signal (correct, incorrect, rating)",
+            ),
+            &["arm", "signal"],
+        )
+        .expect("metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
             Box::new(ttft.clone()),
             Box::new(tokens.clone()),
             Box::new(queue_depth.clone()),
+            Box::new(arm_requests.clone()),
+            Box::new(arm_latency.clone()),
+            Box::new(arm_loss_delta.clone()),
+            Box::new(arm_fallbacks.clone()),
+            Box::new(feedback.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -73,6 +132,11 @@ impl Metrics {
             ttft,
             tokens,
             queue_depth,
+            arm_requests,
+            arm_latency,
+            arm_loss_delta,
+            arm_fallbacks,
+            feedback,
         }
     }
 

@@ -1,7 +1,10 @@
 //! The HTTP layer: OpenAI-compatible routes over the engine. No tensor is touched here.
 
+mod ab;
+mod ab_stats;
 mod chat;
 mod error;
+mod feedback;
 mod metrics;
 mod openai;
 mod validate;
@@ -14,6 +17,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
+pub use ab::Experiment;
 pub use error::ApiError;
 pub use metrics::Metrics;
 
@@ -25,12 +29,15 @@ pub struct App {
     pub engine: Engine,
     pub config: Config,
     pub metrics: Metrics,
+    /// The live A/B test between RAG arms (`[ab]`); inert when no arms are configured.
+    pub ab: Experiment,
     pub started: u64,
 }
 
 impl App {
     pub fn new(engine: Engine, config: Config) -> Arc<Self> {
         Arc::new(Self {
+            ab: Experiment::new(&config.ab),
             engine,
             config,
             metrics: Metrics::new(),
@@ -42,11 +49,14 @@ impl App {
     }
 }
 
-/// The full router: `/v1/chat/completions`, `/v1/models`, `/health`, `/metrics`.
+/// The full router: `/v1/chat/completions`, `/v1/feedback`, `/v1/ab/summary`, `/v1/models`,
+/// `/health`, `/metrics`.
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.config.server.max_body_bytes;
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/feedback", post(feedback::feedback))
+        .route("/v1/ab/summary", get(ab_stats::summary))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))

@@ -18,6 +18,8 @@ pub struct ChatCompletionRequest {
     pub seed: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// OpenAI's end-user id; here it also keeps a user on one A/B arm.
+    pub user: Option<String>,
     /// Retrieval steering extension.
     pub rag: Option<RagRequest>,
 }
@@ -55,10 +57,12 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-/// `"rag": {"mode", "collection", "top_k", "tta"}`; later capabilities add fields.
+/// `"rag": {"mode", "arm", "collection", "top_k", "tta"}`; later capabilities add fields.
 #[derive(Debug, Deserialize, Default)]
 pub struct RagRequest {
     pub mode: Option<String>,
+    /// Pins an A/B arm (`[ab]` in the config) instead of a weighted pick.
+    pub arm: Option<String>,
     pub collection: Option<String>,
     pub top_k: Option<i64>,
     pub tta: Option<TtaRequest>,
@@ -77,6 +81,16 @@ pub struct TtaRequest {
     pub lora_rank: Option<i64>,
     pub lora_alpha: Option<f64>,
     pub lora_targets: Option<Vec<String>>,
+}
+
+/// The response's `rag` object: the engine's report plus the A/B arm that served it, which only
+/// the server knows.
+#[derive(Debug, Serialize)]
+pub struct RagOut {
+    #[serde(flatten)]
+    pub report: RagReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arm: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -108,7 +122,7 @@ pub struct ChatCompletion {
     pub model: String,
     pub choices: Vec<Choice>,
     pub usage: Usage,
-    pub rag: RagReport,
+    pub rag: RagOut,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -137,7 +151,7 @@ pub struct ChatCompletionChunk {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rag: Option<RagReport>,
+    pub rag: Option<RagOut>,
 }
 
 #[derive(Debug, Serialize)]

@@ -6,6 +6,7 @@ use crate::generate::GenParams;
 use crate::model::ChatMessage;
 use crate::retrieval::Collections;
 
+use super::ab::{self, Arms};
 use super::error::ApiError;
 use super::openai::{ChatCompletionRequest, StopSpec, WireContent};
 
@@ -31,12 +32,16 @@ fn message_text(i: usize, content: Option<WireContent>) -> Result<String, ApiErr
     }
 }
 
-/// Validates `req` against the server's limits and fills defaults from `cfg`.
+/// Validates `req` against the server's limits and fills defaults from `cfg`. When an A/B arm is
+/// assigned (by `arms`, sticky on the `user` field, else on `session`), its settings fill the
+/// request's `rag` fields first; the arm's index comes back with the job.
 pub fn to_job(
     req: ChatCompletionRequest,
     cfg: &Config,
     collections: &Collections,
-) -> Result<ChatJob, ApiError> {
+    arms: &Arms,
+    session: Option<&[u8]>,
+) -> Result<(ChatJob, Option<usize>), ApiError> {
     let g = &cfg.generation;
     let wire = req.messages.unwrap_or_default();
     if wire.is_empty() {
@@ -105,7 +110,17 @@ pub fn to_job(
     };
 
     let r = &cfg.retrieval;
-    let rag = req.rag.unwrap_or_default();
+    let mut rag = req.rag.unwrap_or_default();
+    let key = req
+        .user
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .map(str::as_bytes)
+        .or(session);
+    let arm = arms.assign(&rag, key)?;
+    if let Some(a) = arm.and_then(|i| arms.get(i)) {
+        ab::apply(a, &mut rag);
+    }
     let mode = match rag.mode.as_deref() {
         None => RagMode::Static,
         Some(m) => RagMode::parse(m).ok_or_else(|| {
@@ -155,7 +170,7 @@ pub fn to_job(
         )
         .with_code("collection_not_found"));
     }
-    Ok(ChatJob {
+    let job = ChatJob {
         messages,
         gen: GenParams {
             max_tokens,
@@ -170,5 +185,6 @@ pub fn to_job(
             top_k,
         },
         tta,
-    })
+    };
+    Ok((job, arm))
 }

@@ -128,3 +128,54 @@ pub fn qasc_engine(workers: usize) -> (ttarag::engine::Engine, tempfile::TempDir
     .unwrap();
     (e, dir)
 }
+
+/// As [`start_tiny`], but over `cfg` (e.g. with `[ab]` arms); its retrieval collection, worker
+/// and queue settings are replaced by the tiny server's.
+pub async fn start_tiny_with(
+    workers: usize,
+    queue: usize,
+    never_stop: bool,
+    mut cfg: ttarag::config::Config,
+) -> TestServer {
+    use ttarag::engine::{Engine, EngineConfig};
+    use ttarag::retrieval::{ingest_path, Collections};
+
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("facts.jsonl");
+    std::fs::write(&corpus, FACTS).unwrap();
+    let cols = Arc::new(Collections::new(dir.path().join("index")));
+    ingest_path(&cols.get_or_create("facts").unwrap(), &corpus, 500, None).unwrap();
+    let mut model = ttarag::model::tiny::tiny_model(3).unwrap();
+    if never_stop {
+        model.eos_ids.clear();
+    }
+    model.id = "tiny".into();
+    cfg.retrieval.collection = "facts".into();
+    cfg.server.workers = workers;
+    cfg.server.queue_capacity = queue;
+    cfg.server.max_body_bytes = 64 * 1024;
+    let model = Arc::new(model);
+    let engine = Engine::start(
+        model.clone(),
+        cols,
+        &EngineConfig {
+            workers,
+            queue_capacity: queue,
+            prompt_template: cfg.retrieval.prompt_template.clone(),
+        },
+    )
+    .unwrap();
+    let app = ttarag::server::App::new(engine, cfg);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, ttarag::server::router(app))
+            .await
+            .unwrap();
+    });
+    TestServer {
+        base: format!("http://{addr}"),
+        model,
+        _dir: dir,
+    }
+}

@@ -1,0 +1,370 @@
+//! Live A/B testing between RAG arms: which arm serves a request, what the arm sets, and what
+//! is recorded when the request ends. The arm only fills ordinary `rag` fields, so validation and
+//! the engine's `ChatJob` know nothing about experiments.
+
+use std::sync::{Mutex, MutexGuard};
+
+use axum::http::StatusCode;
+
+use crate::config::{AbSection, ArmConfig};
+use crate::engine::RagReport;
+
+use super::ab_stats::{fallback_reason, ArmStats};
+use super::error::ApiError;
+use super::feedback::ResponseLog;
+use super::metrics::Metrics;
+use super::openai::RagRequest;
+
+/// The configured arms with their cumulative weights, for weighted picks.
+pub struct Arms {
+    arms: Vec<ArmConfig>,
+    cumulative: Vec<f64>,
+}
+
+impl Arms {
+    pub fn new(arms: &[ArmConfig]) -> Self {
+        let cumulative = arms
+            .iter()
+            .scan(0.0, |sum, a| {
+                *sum += a.weight;
+                Some(*sum)
+            })
+            .collect();
+        Self {
+            arms: arms.to_vec(),
+            cumulative,
+        }
+    }
+
+    pub fn get(&self, i: usize) -> Option<&ArmConfig> {
+        self.arms.get(i)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &ArmConfig> {
+        self.arms.iter()
+    }
+
+    /// The arm whose slice of the cumulative weights holds `u` in [0, 1).
+    fn pick(&self, u: f64) -> usize {
+        let x = u * self.cumulative.last().copied().unwrap_or(0.0);
+        self.cumulative
+            .iter()
+            .position(|&c| x < c)
+            // Rounding can leave `x` at the very top: that belongs to the last arm.
+            .unwrap_or(self.arms.len().saturating_sub(1))
+    }
+
+    /// Which arm serves a request; `None` = outside the experiment. A request that sets
+    /// `rag.mode` chose its treatment itself, so counting it under an arm would bias the
+    /// comparison. `key` (user or session) makes the pick sticky; without one it is random.
+    pub fn assign(&self, rag: &RagRequest, key: Option<&[u8]>) -> Result<Option<usize>, ApiError> {
+        if let Some(name) = rag.arm.as_deref() {
+            if rag.mode.is_some() {
+                return Err(ApiError::invalid(
+                    "rag.arm and rag.mode cannot both be set: the arm decides the mode",
+                    Some("rag.arm"),
+                ));
+            }
+            if self.arms.is_empty() {
+                return Err(ApiError::invalid(
+                    format!("rag.arm `{name}` given, but this server runs no A/B test ([ab] arms is empty)"),
+                    Some("rag.arm"),
+                )
+                .with_code("unknown_arm"));
+            }
+            return match self.arms.iter().position(|a| a.name == name) {
+                Some(i) => Ok(Some(i)),
+                None => {
+                    let names: Vec<&str> = self.arms.iter().map(|a| a.name.as_str()).collect();
+                    Err(ApiError::invalid(
+                        format!("rag.arm `{name}` is not one of {names:?}"),
+                        Some("rag.arm"),
+                    )
+                    .with_code("unknown_arm"))
+                }
+            };
+        }
+        if rag.mode.is_some() || self.arms.is_empty() {
+            return Ok(None);
+        }
+        let u = match key {
+            Some(k) => unit_point(k),
+            None => rand::random::<f64>(),
+        };
+        Ok(Some(self.pick(u)))
+    }
+}
+
+/// Writes the arm's settings into the request. Fields the request sets itself (`top_k`, any
+/// `tta` key, `collection`) win: a pinned arm plus an explicit override is a deliberate choice.
+pub fn apply(arm: &ArmConfig, rag: &mut RagRequest) {
+    rag.mode = Some(arm.mode.clone());
+    if rag.top_k.is_none() {
+        rag.top_k = arm.top_k.map(|k| i64::try_from(k).unwrap_or(i64::MAX));
+    }
+    if let Some(a) = &arm.tta {
+        let t = rag.tta.get_or_insert_with(Default::default);
+        t.scope = t.scope.take().or_else(|| a.scope.clone());
+        t.lr = t.lr.or(a.lr);
+        t.max_pairs = t.max_pairs.or(a.max_pairs);
+        t.min_words = t.min_words.or(a.min_words);
+        t.steps = t.steps.or(a.steps);
+        t.grad_accum = t.grad_accum.or(a.grad_accum);
+        t.condition_on_query = t.condition_on_query.or(a.condition_on_query);
+        t.lora_rank = t.lora_rank.or(a.lora_rank);
+        t.lora_alpha = t.lora_alpha.or(a.lora_alpha);
+        t.lora_targets = t.lora_targets.take().or_else(|| a.lora_targets.clone());
+    }
+}
+
+/// Maps a key to [0, 1), identically on every build and platform, so a user keeps their arm
+/// across restarts and upgrades (std's `DefaultHasher` promises neither). FNV-1a (64-bit, fixed
+/// published constants) hashes the bytes; because FNV's high bits mix poorly for keys that
+/// differ only at the end ("user-1", "user-2"), MurmurHash3's 64-bit finaliser then spreads
+/// every input bit over the whole word. The top 53 bits become the fraction.
+pub fn unit_point(key: &[u8]) -> f64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The experiment's live state: arms, exact per-arm sums for the summary, and which arm served
+/// each recent response (for feedback).
+pub struct Experiment {
+    pub arms: Arms,
+    pub(super) stats: Mutex<Vec<ArmStats>>,
+    pub(super) log: Mutex<ResponseLog>,
+    pub(super) feedback_window: usize,
+}
+
+/// A panic elsewhere while holding the lock leaves plain counters behind: keep using them.
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Experiment {
+    pub fn new(cfg: &AbSection) -> Self {
+        Self {
+            arms: Arms::new(&cfg.arms),
+            stats: Mutex::new(cfg.arms.iter().map(|_| ArmStats::default()).collect()),
+            log: Mutex::new(ResponseLog::new(cfg.feedback_window)),
+            feedback_window: cfg.feedback_window,
+        }
+    }
+
+    /// Records how a request served by `arm` ended. Latency counts successes only, so fast
+    /// refusals (429) do not flatter a slow arm.
+    pub fn finish(
+        &self,
+        metrics: &Metrics,
+        arm: usize,
+        id: u128,
+        status: StatusCode,
+        secs: f64,
+        report: Option<&RagReport>,
+    ) {
+        let Some(cfg) = self.arms.get(arm) else {
+            return;
+        };
+        let name = cfg.name.as_str();
+        let ok = status.is_success();
+        metrics
+            .arm_requests
+            .with_label_values(&[name, status.as_str()])
+            .inc();
+        if ok {
+            metrics.arm_latency.with_label_values(&[name]).observe(secs);
+        }
+        let tta = report.and_then(|r| r.tta.as_ref());
+        let delta = tta
+            .and_then(|t| Some(t.loss_after? - t.loss_before?))
+            .filter(|d| d.is_finite());
+        if let Some(d) = delta {
+            metrics.arm_loss_delta.with_label_values(&[name]).observe(d);
+        }
+        if let Some(reason) = tta.and_then(|t| t.fallback.as_deref()) {
+            metrics
+                .arm_fallbacks
+                .with_label_values(&[name, fallback_reason(reason)])
+                .inc();
+        }
+        if let Some(s) = lock(&self.stats).get_mut(arm) {
+            s.record(ok, secs * 1e3, delta);
+        }
+        if ok {
+            lock(&self.log).remember(id, arm);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn arm(name: &str, weight: f64, mode: &str) -> ArmConfig {
+        ArmConfig {
+            name: name.into(),
+            weight,
+            mode: mode.into(),
+            top_k: None,
+            tta: None,
+        }
+    }
+
+    fn keyed(arms: &Arms, key: &str) -> usize {
+        arms.assign(&RagRequest::default(), Some(key.as_bytes()))
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn weighted_assignment_follows_the_configured_ratio() {
+        let arms = Arms::new(&[arm("a", 3.0, "static"), arm("b", 7.0, "none")]);
+        let n = 20_000;
+        let a = (0..n)
+            .filter(|i| keyed(&arms, &format!("user-{i}")) == 0)
+            .count();
+        let share = a as f64 / n as f64;
+        assert!((share - 0.3).abs() < 0.02, "arm a got {share}");
+        // Without keys the draw is random but follows the same weights.
+        let a = (0..n)
+            .filter(|_| arms.assign(&RagRequest::default(), None).unwrap() == Some(0))
+            .count();
+        let share = a as f64 / n as f64;
+        assert!((share - 0.3).abs() < 0.02, "random: arm a got {share}");
+    }
+
+    #[test]
+    fn the_same_key_always_gets_the_same_arm() {
+        let arms = Arms::new(&[
+            arm("a", 1.0, "static"),
+            arm("b", 1.0, "none"),
+            arm("c", 2.0, "tta"),
+        ]);
+        for i in 0..500 {
+            let key = format!("session-{i}");
+            let first = keyed(&arms, &key);
+            assert!((0..20).all(|_| keyed(&arms, &key) == first));
+        }
+        // Pinned values (computed independently): changing the hash would move live users.
+        let frac = |top53: u64| top53 as f64 / (1u64 << 53) as f64;
+        assert_eq!(unit_point(b""), frac(0x1d_fa03_ec17_5325));
+        assert_eq!(unit_point(b"alice"), frac(0x6_a0fa_08f4_cf81));
+        assert_eq!(unit_point(b"user-1"), frac(0x8_345f_94b8_d080));
+    }
+
+    #[test]
+    fn pins_explicit_modes_and_unknown_arms() {
+        let arms = Arms::new(&[arm("static", 1.0, "static"), arm("tta", 1.0, "tta")]);
+        let pin = |name: &str| RagRequest {
+            arm: Some(name.into()),
+            ..Default::default()
+        };
+        assert_eq!(arms.assign(&pin("tta"), Some(b"k")).unwrap(), Some(1));
+        let e = arms.assign(&pin("nope"), None).unwrap_err();
+        assert_eq!(
+            (e.param.as_deref(), e.code),
+            (Some("rag.arm"), Some("unknown_arm"))
+        );
+        let explicit = RagRequest {
+            mode: Some("none".into()),
+            ..Default::default()
+        };
+        assert_eq!(arms.assign(&explicit, Some(b"k")).unwrap(), None);
+        let both = RagRequest {
+            mode: Some("none".into()),
+            arm: Some("tta".into()),
+            ..Default::default()
+        };
+        assert!(arms.assign(&both, None).is_err());
+        let off = Arms::new(&[]);
+        assert_eq!(off.assign(&RagRequest::default(), None).unwrap(), None);
+        assert_eq!(off.assign(&pin("tta"), None).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn request_fields_win_over_the_arms() {
+        let mut a = arm("t", 1.0, "tta");
+        a.top_k = Some(5);
+        a.tta = Some(crate::config::ArmTta {
+            lr: Some(1e-3),
+            steps: Some(4),
+            ..Default::default()
+        });
+        let mut rag = RagRequest {
+            top_k: Some(2),
+            tta: Some(super::super::openai::TtaRequest {
+                steps: Some(1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        apply(&a, &mut rag);
+        let t = rag.tta.as_ref().unwrap();
+        assert_eq!(rag.mode.as_deref(), Some("tta"));
+        assert_eq!((rag.top_k, t.steps, t.lr), (Some(2), Some(1), Some(1e-3)));
+    }
+
+    fn ab(toml: &str) -> String {
+        match Config::from_toml(toml) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn config_validation_rejects_bad_arms() {
+        let ok = "[ab]\narms = [{name = \"s\", weight = 1.0, mode = \"static\"}, \
+                  {name = \"t\", weight = 2.5, mode = \"tta\", top_k = 4, tta = {scope = \"full\", lr = 1e-3}}]\n";
+        assert_eq!(ab(ok), "");
+        assert!(Config::default().ab.arms.is_empty());
+        let arms = |a: &str| ab(&format!("[ab]\narms = [{a}]\n"));
+        let cases = [
+            (
+                "{name = \"x\", weight = 1.0, mode = \"static\"}, {name = \"x\", weight = 1.0, mode = \"none\"}",
+                "more than one arm",
+            ),
+            ("{name = \"x\", weight = 0.0, mode = \"static\"}", "weight"),
+            ("{name = \"x\", weight = -1.0, mode = \"static\"}", "weight"),
+            ("{name = \"x\", weight = nan, mode = \"static\"}", "weight"),
+            ("{name = \"x\", weight = inf, mode = \"static\"}", "weight"),
+            ("{name = \"x\", weight = 1.0, mode = \"magic\"}", "mode `magic`"),
+            ("{name = \"x y\", weight = 1.0, mode = \"static\"}", "name"),
+            ("{name = \"\", weight = 1.0, mode = \"static\"}", "name"),
+            (
+                "{name = \"x\", weight = 1.0, mode = \"tta\", tta = {scope = \"everything\"}}",
+                "tta.scope",
+            ),
+            (
+                "{name = \"x\", weight = 1.0, mode = \"tta\", tta = {steps = 100000}}",
+                "tta.steps",
+            ),
+            (
+                "{name = \"x\", weight = 1.0, mode = \"static\", tta = {lr = 0.1}}",
+                "need mode",
+            ),
+            (
+                "{name = \"x\", weight = 1.0, mode = \"static\", top_k = 0}",
+                "top_k",
+            ),
+            (
+                "{name = \"x\", weight = 1.0, mode = \"tta\", tta = {lr_typo = 0.1}}",
+                "lr_typo",
+            ),
+        ];
+        for (a, want) in cases {
+            let err = arms(a);
+            assert!(err.contains(want), "{a}: `{err}` lacks `{want}`");
+        }
+        assert!(ab("[ab]\nfeedback_window = 0\n").contains("feedback_window"));
+    }
+}

@@ -1,0 +1,199 @@
+//! Exact per-arm sums for `GET /v1/ab/summary`. Prometheus histograms are for scraping and only
+//! approximate; comparing arms needs the exact counts and means.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::Json;
+use serde::Serialize;
+
+use super::ab::lock;
+use super::App;
+
+/// How many recent successful latencies the median is taken over (bounded memory).
+const RECENT_LATENCIES: usize = 1024;
+
+#[derive(Debug, Default)]
+pub struct ArmStats {
+    requests: u64,
+    errors: u64,
+    ok: u64,
+    latency_sum_ms: f64,
+    recent_ms: VecDeque<f64>,
+    feedback: u64,
+    correct: u64,
+    incorrect: u64,
+    ratings: u64,
+    rating_sum: f64,
+    deltas: u64,
+    delta_sum: f64,
+}
+
+impl ArmStats {
+    pub fn record(&mut self, ok: bool, ms: f64, loss_delta: Option<f64>) {
+        self.requests += 1;
+        if !ok {
+            self.errors += 1;
+            return;
+        }
+        self.ok += 1;
+        self.latency_sum_ms += ms;
+        if self.recent_ms.len() == RECENT_LATENCIES {
+            self.recent_ms.pop_front();
+        }
+        self.recent_ms.push_back(ms);
+        if let Some(d) = loss_delta {
+            self.deltas += 1;
+            self.delta_sum += d;
+        }
+    }
+
+    pub fn record_feedback(&mut self, correct: Option<bool>, rating: Option<f64>) {
+        self.feedback += 1;
+        match correct {
+            Some(true) => self.correct += 1,
+            Some(false) => self.incorrect += 1,
+            None => {}
+        }
+        if let Some(r) = rating {
+            self.ratings += 1;
+            self.rating_sum += r;
+        }
+    }
+
+    fn median_ms(&self) -> Option<f64> {
+        let mut v: Vec<f64> = self.recent_ms.iter().copied().collect();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        match n {
+            0 => None,
+            _ if n % 2 == 1 => Some(v[n / 2]),
+            _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+        }
+    }
+}
+
+fn mean(sum: f64, n: u64) -> Option<f64> {
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// Maps the adapter's free-text fallback message to a small fixed label set, so the metric's
+/// label values stay bounded whatever numbers the message carries.
+pub fn fallback_reason(message: &str) -> &'static str {
+    if message.contains("time budget") {
+        "time_budget"
+    } else if message.contains("no training pairs") {
+        "no_pairs"
+    } else if message.contains("non-finite") {
+        "non_finite_loss"
+    } else if message.contains("diverged") {
+        "diverged"
+    } else {
+        "other"
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    /// Over all successful responses.
+    pub mean: Option<f64>,
+    /// Over the most recent successful responses.
+    pub p50: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FeedbackSummary {
+    pub count: u64,
+    pub correct: u64,
+    pub incorrect: u64,
+    pub accuracy: Option<f64>,
+    pub rating_mean: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ArmSummary {
+    pub name: String,
+    pub weight: f64,
+    pub mode: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub latency_ms: Latency,
+    pub feedback: FeedbackSummary,
+    pub adapt_loss_delta_mean: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub arms: Vec<ArmSummary>,
+}
+
+/// `GET /v1/ab/summary`.
+pub async fn summary(State(app): State<Arc<App>>) -> Json<Summary> {
+    let stats = lock(&app.ab.stats);
+    let arms = app
+        .ab
+        .arms
+        .iter()
+        .zip(stats.iter())
+        .map(|(a, s)| ArmSummary {
+            name: a.name.clone(),
+            weight: a.weight,
+            mode: a.mode.clone(),
+            requests: s.requests,
+            errors: s.errors,
+            latency_ms: Latency {
+                mean: mean(s.latency_sum_ms, s.ok),
+                p50: s.median_ms(),
+            },
+            feedback: FeedbackSummary {
+                count: s.feedback,
+                correct: s.correct,
+                incorrect: s.incorrect,
+                accuracy: mean(s.correct as f64, s.correct + s.incorrect),
+                rating_mean: mean(s.rating_sum, s.ratings),
+            },
+            adapt_loss_delta_mean: mean(s.delta_sum, s.deltas),
+        })
+        .collect();
+    Json(Summary { arms })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_means_and_median() {
+        let mut s = ArmStats::default();
+        for ms in [30.0, 10.0, 20.0] {
+            s.record(true, ms, Some(-0.5));
+        }
+        s.record(false, 1.0, None);
+        assert_eq!((s.requests, s.errors), (4, 1));
+        assert_eq!(mean(s.latency_sum_ms, s.ok), Some(20.0));
+        assert_eq!(s.median_ms(), Some(20.0));
+        s.record(true, 40.0, None);
+        assert_eq!(s.median_ms(), Some(25.0));
+        assert_eq!(mean(s.delta_sum, s.deltas), Some(-0.5));
+        for _ in 0..2 * RECENT_LATENCIES {
+            s.record(true, 1.0, None);
+        }
+        assert_eq!(s.recent_ms.len(), RECENT_LATENCIES);
+        s.record_feedback(Some(true), Some(5.0));
+        s.record_feedback(Some(false), None);
+        s.record_feedback(None, Some(2.0));
+        assert_eq!((s.feedback, s.correct, s.incorrect), (3, 1, 1));
+        assert_eq!(mean(s.rating_sum, s.ratings), Some(3.5));
+    }
+
+    #[test]
+    fn fallback_labels_are_bounded() {
+        assert_eq!(
+            fallback_reason("time budget of 20000 ms reached after 1 of 3 steps"),
+            "time_budget"
+        );
+        assert_eq!(fallback_reason("no training pairs"), "no_pairs");
+        assert_eq!(fallback_reason("something new"), "other");
+    }
+}
