@@ -170,5 +170,6 @@ pub fn to_job(
             top_k,
         },
         tta,
+        score_choices: vec![],
     })
 }
