@@ -6,6 +6,7 @@ pub mod adapt;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod generate;
 pub mod model;
 pub mod retrieval;

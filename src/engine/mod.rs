@@ -111,7 +111,7 @@ pub struct ChatJob {
 }
 
 /// Per-stage wall time in milliseconds.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Timings {
     pub queue: f64,
     pub retrieve: f64,
