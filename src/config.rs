@@ -60,7 +60,7 @@ pub struct RetrievalSection {
     pub prompt_template: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TtaSection {
     pub scope: String,

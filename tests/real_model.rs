@@ -186,6 +186,7 @@ fn answers_a_qasc_question_from_the_retrieved_fact() {
             top_k: 1,
         },
         tta: None,
+        score_choices: vec![],
     };
     let mut rx = engine.submit(job).unwrap();
     let done = loop {

@@ -32,6 +32,7 @@ fn job(question: &str, mode: RagMode, overrides: &TtaOverrides) -> ChatJob {
             top_k: 3,
         },
         tta: (mode == RagMode::Tta).then(|| resolve_tta(&cfg.tta, overrides, 7).unwrap()),
+        score_choices: vec![],
     }
 }
 

@@ -1,7 +1,8 @@
-//! The `ttarag` command line: `serve`, `index`, `ask`, `bench`, `model`.
+//! The `ttarag` command line: `serve`, `index`, `ask`, `bench`, `eval`, `model`.
 
 mod ask;
 mod bench;
+mod eval;
 mod index;
 mod serve;
 
@@ -48,6 +49,8 @@ pub enum Command {
     Ask(ask::AskArgs),
     /// Measure prefill and decode speed, time to first token and peak memory.
     Bench(bench::BenchArgs),
+    /// Compare RAG arms (closed book, static, test-time adaptation) on a QA set.
+    Eval(eval::EvalArgs),
     /// Model utilities.
     #[command(subcommand)]
     Model(ModelCmd),
@@ -91,6 +94,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Index(c) => index::run(cfg, c),
         Command::Ask(a) => ask::run(cfg, a),
         Command::Bench(a) => bench::run(cfg, a),
+        Command::Eval(a) => eval::run(cfg, a),
         Command::Model(ModelCmd::ExportHf { out }) => {
             let (device, dtype) = device_and_dtype(&cfg)?;
             let parts = crate::model::load_parts(&cfg.model.path, &device, dtype)

@@ -18,7 +18,9 @@ pub use tta_params::{resolve_tta, ParamError, TtaOverrides};
 use crate::adapt::{
     adapt_full, adapt_lora, build_pairs, encode_pairs, PairOptions, TrainParams, TtaReport,
 };
-use crate::generate::{generate_with, FinishReason, GenError, GenParams};
+use crate::generate::{
+    generate_with, score_continuations, ContinuationScore, FinishReason, GenError, GenParams,
+};
 use crate::model::{Adapter, ChatMessage, Model};
 use crate::retrieval::{Collections, Passage};
 
@@ -103,10 +105,13 @@ pub struct ChatJob {
     pub rag: RagParams,
     /// Set when `rag.mode` is `tta`.
     pub tta: Option<TtaParams>,
+    /// Answer choices to rank by likelihood under the same (adapted) model, after the answer
+    /// is generated; empty for ordinary requests.
+    pub score_choices: Vec<String>,
 }
 
 /// Per-stage wall time in milliseconds.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Timings {
     pub queue: f64,
     pub retrieve: f64,
@@ -134,6 +139,8 @@ pub struct Completion {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub rag: RagReport,
+    /// One score per `ChatJob::score_choices`, in order.
+    pub choice_scores: Vec<ContinuationScore>,
 }
 
 /// Errors a request can end with.
@@ -391,6 +398,17 @@ impl Worker {
         };
         timings.prefill = out.prefill_ms;
         timings.decode = out.decode_ms;
+        let choice_scores = if req.score_choices.is_empty() {
+            vec![]
+        } else {
+            let conts = req
+                .score_choices
+                .iter()
+                .map(|c| self.model.tokenizer.encode(c))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| internal(e.to_string()))?;
+            score_continuations(dec, &ids, &conts, adapter).map_err(|e| internal(e.to_string()))?
+        };
         Ok(Completion {
             text: out.text,
             finish_reason: out.finish_reason,
@@ -403,6 +421,7 @@ impl Worker {
                 tta,
                 timings_ms: timings,
             },
+            choice_scores,
         })
     }
 }

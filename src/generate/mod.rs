@@ -1,5 +1,6 @@
 //! Autoregressive generation: prefill, KV-cached decode, sampling, stop strings, token budget.
 
+mod score;
 mod stop;
 
 use std::time::Instant;
@@ -7,6 +8,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
+pub use score::{score_continuations, ContinuationScore};
 pub use stop::{StopMatcher, StopStep};
 
 use crate::model::{Adapter, Decoder, ForwardOpts, IncrementalDecoder, Logits, Model, ModelError};

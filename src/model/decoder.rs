@@ -102,6 +102,25 @@ impl Cache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// A deep copy with room for `extra` more positions. candle's cache appends in place into
+    /// a preallocated buffer, so a plain `clone` would share it and two continuations written
+    /// after the same prefix would overwrite each other.
+    pub fn fork(&self, extra: usize) -> Result<Self> {
+        let cap = self.len() + extra.max(1);
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let mut c = KvCache::new(2, cap);
+                if let (Some(k), Some(v)) = (l.k()?, l.v()?) {
+                    c.append(&k.contiguous()?, &v.contiguous()?)?;
+                }
+                Ok(c)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers })
+    }
 }
 
 /// Precision for norms and attention: f32, or f64 when the weights are f64 (gradient checks).

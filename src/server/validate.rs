@@ -185,6 +185,7 @@ pub fn to_job(
             top_k,
         },
         tta,
+        score_choices: vec![],
     };
     Ok((job, arm))
 }
