@@ -108,10 +108,19 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a.len(), 10);
         let pos: Vec<usize> = a.iter().map(|q| q.id[1..].parse().unwrap()).collect();
-        assert!(pos.windows(2).all(|w| w[0] < w[1]), "file order kept: {pos:?}");
+        assert!(
+            pos.windows(2).all(|w| w[0] < w[1]),
+            "file order kept: {pos:?}"
+        );
         let c = select(qs(100), &Subset { seed: 4, ..s });
         assert_ne!(a, c);
-        let limited = select(qs(100), &Subset { limit: Some(3), ..s });
+        let limited = select(
+            qs(100),
+            &Subset {
+                limit: Some(3),
+                ..s
+            },
+        );
         assert_eq!(limited, a[..3].to_vec());
         assert_eq!(select(qs(5), &s).len(), 5);
     }
@@ -129,10 +138,18 @@ mod tests {
         assert_eq!(q.len(), 2);
         assert_eq!(q[1].gold_doc_ids, vec!["d"]);
         assert_eq!(q[1].choices, vec!["a", "b"]);
-        std::fs::write(&p, "{\"id\": \"1\", \"question\": \"Q?\", \"answers\": [\"a\"]}\nnot json\n").unwrap();
+        std::fs::write(
+            &p,
+            "{\"id\": \"1\", \"question\": \"Q?\", \"answers\": [\"a\"]}\nnot json\n",
+        )
+        .unwrap();
         let e = format!("{:#}", load_questions(&p).unwrap_err());
         assert!(e.contains(":2:"), "{e}");
-        std::fs::write(&p, "{\"id\": \"1\", \"question\": \"Q?\", \"answers\": []}\n").unwrap();
+        std::fs::write(
+            &p,
+            "{\"id\": \"1\", \"question\": \"Q?\", \"answers\": []}\n",
+        )
+        .unwrap();
         assert!(format!("{:#}", load_questions(&p).unwrap_err()).contains("no answers"));
         std::fs::write(&p, "{\"id\": \"1\", \"question\": \"Q?\", \"answers\": [\"a\"]}\n{\"id\": \"1\", \"question\": \"R?\", \"answers\": [\"a\"]}\n").unwrap();
         assert!(format!("{:#}", load_questions(&p).unwrap_err()).contains("duplicate"));

@@ -81,9 +81,15 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
         }
     }
     let arms = spec.resolve(cfg)?;
-    let questions = dataset::select(dataset::load_questions(&spec.dataset.questions)?, &job.subset);
+    let questions = dataset::select(
+        dataset::load_questions(&spec.dataset.questions)?,
+        &job.subset,
+    );
     let cols = Arc::new(Collections::new(&cfg.retrieval.index_dir));
-    if arms.iter().any(|a| a.rag_mode() != crate::engine::RagMode::None) {
+    if arms
+        .iter()
+        .any(|a| a.rag_mode() != crate::engine::RagMode::None)
+    {
         ensure_collection(&cols, &spec, cfg.retrieval.passage_max_chars)?;
     }
     let header = RunHeader {
@@ -139,8 +145,7 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
     let resumed = done.keys().filter(|k| wanted.contains(*k)).count();
     let records = runner::run_all(
         &engine,
-        &spec.dataset,
-        &spec.run,
+        &spec,
         &arms,
         &questions,
         &mut log,

@@ -65,6 +65,9 @@ impl Record {
     }
 }
 
+/// Records already written, keyed by (arm, question id).
+pub type Done = HashMap<(String, String), Record>;
+
 /// The records file of a run.
 pub struct RecordLog {
     path: PathBuf,
@@ -74,7 +77,7 @@ pub struct RecordLog {
 impl RecordLog {
     /// Opens `path` for appending and returns the records already there, keyed by
     /// (arm, question id). A last line cut short by an interruption is dropped from the file.
-    pub fn open(path: &Path) -> anyhow::Result<(Self, HashMap<(String, String), Record>)> {
+    pub fn open(path: &Path) -> anyhow::Result<(Self, Done)> {
         let mut done = HashMap::new();
         if path.exists() {
             let f = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -161,7 +164,8 @@ mod tests {
         }
         // An interruption mid-write leaves half a line.
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(b"{\"arm\": \"static\", \"id\": \"q2\", \"quest").unwrap();
+        f.write_all(b"{\"arm\": \"static\", \"id\": \"q2\", \"quest")
+            .unwrap();
         drop(f);
         let (mut log, done) = RecordLog::open(&path).unwrap();
         assert_eq!(done.len(), 2);
@@ -172,7 +176,11 @@ mod tests {
         log.append(&sample_record("static", "q2", true)).unwrap();
         drop(log);
         let (_, done) = RecordLog::open(&path).unwrap();
-        assert_eq!(done.len(), 3, "the torn line is gone and the new one reads back");
+        assert_eq!(
+            done.len(),
+            3,
+            "the torn line is gone and the new one reads back"
+        );
     }
 
     #[test]

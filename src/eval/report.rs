@@ -86,7 +86,10 @@ fn mean_of(xs: impl Iterator<Item = f64>) -> f64 {
 }
 
 fn arm_summary(arm: &ResolvedArm, recs: &[&Record], run: &RunSpec) -> ArmSummary {
-    let correct: Vec<f64> = recs.iter().map(|r| f64::from(u8::from(r.correct))).collect();
+    let correct: Vec<f64> = recs
+        .iter()
+        .map(|r| f64::from(u8::from(r.correct)))
+        .collect();
     let lat: Vec<f64> = recs.iter().map(|r| r.latency_ms).collect();
     let recall: Vec<f64> = recs.iter().filter_map(|r| r.recall).collect();
     let choice: Vec<f64> = recs
@@ -99,16 +102,20 @@ fn arm_summary(arm: &ResolvedArm, recs: &[&Record], run: &RunSpec) -> ArmSummary
             .iter()
             .filter_map(|r| {
                 let t = r.tta.as_ref()?;
-                Some((t.get("loss_before")?.as_f64()?, t.get("loss_after")?.as_f64()?))
+                Some((
+                    t.get("loss_before")?.as_f64()?,
+                    t.get("loss_after")?.as_f64()?,
+                ))
             })
             .collect();
         AdaptSummary {
             loss_before: mean_of(with_losses.iter().map(|p| p.0)),
             loss_after: mean_of(with_losses.iter().map(|p| p.1)),
             loss_delta: mean_of(with_losses.iter().map(|p| p.1 - p.0)),
-            pairs: mean_of(recs.iter().filter_map(|r| {
-                r.tta.as_ref()?.get("pairs")?.as_f64()
-            })),
+            pairs: mean_of(
+                recs.iter()
+                    .filter_map(|r| r.tta.as_ref()?.get("pairs")?.as_f64()),
+            ),
             fallbacks: recs.iter().filter(|r| r.fallback().is_some()).count(),
         }
     });
@@ -140,8 +147,14 @@ fn arm_summary(arm: &ResolvedArm, recs: &[&Record], run: &RunSpec) -> ArmSummary
 
 /// Summarises `records` (any order) for `arms`. Paired comparisons use the questions both arms
 /// answered.
-pub fn summarise(records: &[Record], arms: &[ResolvedArm], baseline: &str, run: &RunSpec) -> Summary {
-    let by_arm = |name: &str| -> Vec<&Record> { records.iter().filter(|r| r.arm == name).collect() };
+pub fn summarise(
+    records: &[Record],
+    arms: &[ResolvedArm],
+    baseline: &str,
+    run: &RunSpec,
+) -> Summary {
+    let by_arm =
+        |name: &str| -> Vec<&Record> { records.iter().filter(|r| r.arm == name).collect() };
     let summaries = arms
         .iter()
         .map(|a| arm_summary(a, &by_arm(&a.name), run))
@@ -167,7 +180,13 @@ pub fn summarise(records: &[Record], arms: &[ResolvedArm], baseline: &str, run: 
                 baseline: baseline.to_string(),
                 n: pairs.len(),
                 diff: mean(&of) - mean(&bf),
-                diff_ci: paired_bootstrap_diff_ci(&bf, &of, run.bootstrap_resamples, 0.95, run.seed),
+                diff_ci: paired_bootstrap_diff_ci(
+                    &bf,
+                    &of,
+                    run.bootstrap_resamples,
+                    0.95,
+                    run.seed,
+                ),
                 mcnemar: mcnemar_exact(&b, &o),
                 changed_answers: pairs.iter().filter(|p| p.0.output != p.1.output).count(),
             }
@@ -202,7 +221,11 @@ fn ms(x: f64) -> String {
 /// The Markdown report.
 pub fn markdown(h: &RunHeader, s: &Summary) -> String {
     let mut m = String::new();
-    let _ = writeln!(m, "# Evaluation: {} ({} questions)\n", h.dataset.name, h.questions);
+    let _ = writeln!(
+        m,
+        "# Evaluation: {} ({} questions)\n",
+        h.dataset.name, h.questions
+    );
     let _ = writeln!(
         m,
         "Model `{}` ({}), ttarag {}. Headline accuracy: {}. Intervals: 95% percentile bootstrap, {} resamples, seed {}.\n",
@@ -283,7 +306,8 @@ pub fn markdown(h: &RunHeader, s: &Summary) -> String {
 /// Writes `report.md`, `report.json` and `report.png` into `dir`.
 pub fn write_all(dir: &Path, h: &RunHeader, s: &Summary, records: &[Record]) -> anyhow::Result<()> {
     let md = dir.join("report.md");
-    std::fs::write(&md, markdown(h, s)).with_context(|| format!("cannot write {}", md.display()))?;
+    std::fs::write(&md, markdown(h, s))
+        .with_context(|| format!("cannot write {}", md.display()))?;
     let json = dir.join("report.json");
     let body = serde_json::json!({ "settings": h, "summary": s, "records": records });
     std::fs::write(&json, serde_json::to_vec_pretty(&body)?)
@@ -345,7 +369,8 @@ mod tests {
                 version: "0".into(),
                 model: "m".into(),
                 model_path: "p".into(),
-                dataset: toml::from_str("name = \"d\"\nquestions = \"q\"\ncollection = \"c\"").unwrap(),
+                dataset: toml::from_str("name = \"d\"\nquestions = \"q\"\ncollection = \"c\"")
+                    .unwrap(),
                 run,
                 subset: Default::default(),
                 arms: vec![arm("static"), arm("tta")],

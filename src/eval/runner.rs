@@ -7,9 +7,9 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::dataset::Question;
-use super::record::{ChoiceRecord, Record, RecordLog};
+use super::record::{ChoiceRecord, Done, Record, RecordLog};
 use super::score::{argmax, contains_answer, exact_match, first_choice_mentioned, token_f1};
-use super::spec::{DatasetSpec, ResolvedArm, RunSpec};
+use super::spec::{DatasetSpec, EvalSpec, ResolvedArm, RunSpec};
 use crate::engine::{resolve_tta, ChatJob, Completion, Engine, Event, RagParams, TtaOverrides};
 use crate::generate::GenParams;
 use crate::model::ChatMessage;
@@ -34,7 +34,13 @@ fn doc_id(passage_id: &str) -> &str {
     }
 }
 
-fn job(ds: &DatasetSpec, run: &RunSpec, arm: &ResolvedArm, q: &Question, choices: &[String]) -> anyhow::Result<ChatJob> {
+fn job(
+    ds: &DatasetSpec,
+    run: &RunSpec,
+    arm: &ResolvedArm,
+    q: &Question,
+    choices: &[String],
+) -> anyhow::Result<ChatJob> {
     let seed = question_seed(run.seed, &q.id);
     let mut messages = Vec::new();
     if let Some(s) = &ds.system {
@@ -81,7 +87,13 @@ fn complete(engine: &Engine, job: ChatJob) -> Result<Completion, String> {
 }
 
 /// Scores a completion (or a failure) into a record.
-pub fn score(arm: &str, q: &Question, choices: &[String], result: Result<Completion, String>, latency_ms: f64) -> Record {
+pub fn score(
+    arm: &str,
+    q: &Question,
+    choices: &[String],
+    result: Result<Completion, String>,
+    latency_ms: f64,
+) -> Record {
     let mut r = Record {
         arm: arm.to_string(),
         id: q.id.clone(),
@@ -128,7 +140,12 @@ pub fn score(arm: &str, q: &Question, choices: &[String], result: Result<Complet
             mentioned: first_choice_mentioned(&c.text, choices).map(|i| choices[i].clone()),
         });
     }
-    r.retrieved = c.rag.passages.iter().map(|p| doc_id(&p.id).to_string()).collect();
+    r.retrieved = c
+        .rag
+        .passages
+        .iter()
+        .map(|p| doc_id(&p.id).to_string())
+        .collect();
     if !q.gold_doc_ids.is_empty() && c.rag.collection.is_some() {
         let found = q
             .gold_doc_ids
@@ -137,7 +154,11 @@ pub fn score(arm: &str, q: &Question, choices: &[String], result: Result<Complet
             .count();
         r.recall = Some(found as f64 / q.gold_doc_ids.len() as f64);
     }
-    r.tta = c.rag.tta.as_ref().and_then(|t| serde_json::to_value(t).ok());
+    r.tta = c
+        .rag
+        .tta
+        .as_ref()
+        .and_then(|t| serde_json::to_value(t).ok());
     r.timings_ms = c.rag.timings_ms.clone();
     r.prompt_tokens = c.prompt_tokens;
     r.completion_tokens = c.completion_tokens;
@@ -149,14 +170,14 @@ pub fn score(arm: &str, q: &Question, choices: &[String], result: Result<Complet
 /// arms, in question then arm order.
 pub fn run_all(
     engine: &Engine,
-    ds: &DatasetSpec,
-    run: &RunSpec,
+    spec: &EvalSpec,
     arms: &[ResolvedArm],
     questions: &[Question],
     log: &mut RecordLog,
-    mut done: HashMap<(String, String), Record>,
+    mut done: Done,
     progress: bool,
 ) -> anyhow::Result<Vec<Record>> {
+    let (ds, run) = (&spec.dataset, &spec.run);
     let total = (questions.len() * arms.len()) as u64;
     let pb = if progress {
         ProgressBar::new(total)
@@ -164,13 +185,19 @@ pub fn run_all(
         ProgressBar::hidden()
     };
     pb.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} ETA {eta_precise} {msg}")?
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} ETA {eta_precise} {msg}",
+        )?
+        .progress_chars("=> "),
     );
     let mut right: HashMap<&str, (usize, usize)> = HashMap::new();
     let mut out = Vec::with_capacity(total as usize);
     for q in questions {
-        let choices = if q.choices.is_empty() { &ds.choices } else { &q.choices };
+        let choices = if q.choices.is_empty() {
+            &ds.choices
+        } else {
+            &q.choices
+        };
         for arm in arms {
             let key = (arm.name.clone(), q.id.clone());
             let rec = match done.remove(&key) {

@@ -134,9 +134,10 @@ impl EvalSpec {
                 bail!("arm `{}`: top_k must be at least 1", a.name);
             }
             let tta = match (mode, &a.tta) {
-                (RagMode::Tta, t) => Some(merge_tta(&cfg.tta, t.as_ref()).with_context(|| {
-                    format!("arm `{}`: tta settings", a.name)
-                })?),
+                (RagMode::Tta, t) => Some(
+                    merge_tta(&cfg.tta, t.as_ref())
+                        .with_context(|| format!("arm `{}`: tta settings", a.name))?,
+                ),
                 (_, Some(_)) => bail!("arm `{}`: a tta table needs mode = \"tta\"", a.name),
                 (_, None) => None,
             };
@@ -231,7 +232,10 @@ tta = { scope = "full", lr = 1e-5, steps = 3 }
         assert_eq!(t.scope, "full");
         assert_eq!(t.lr, 1e-5);
         assert_eq!(t.steps, 3);
-        assert_eq!(t.weight_decay, cfg.tta.weight_decay, "unchanged keys keep the config");
+        assert_eq!(
+            t.weight_decay, cfg.tta.weight_decay,
+            "unchanged keys keep the config"
+        );
         assert_eq!(spec.baseline(), "static");
         assert_eq!(spec.run.seed, 0);
     }
@@ -245,12 +249,18 @@ tta = { scope = "full", lr = 1e-5, steps = 3 }
         };
         assert!(err("[[arms]]\nname = \"static\"\nmode = \"static\"").contains("twice"));
         assert!(err("[[arms]]\nname = \"x\"\nmode = \"rerank\"").contains("mode `rerank`"));
-        assert!(err("[[arms]]\nname = \"x\"\nmode = \"tta\"\ntta = { lrr = 1 }")
-            .contains("unknown key `lrr`"));
-        assert!(err("[[arms]]\nname = \"x\"\nmode = \"tta\"\ntta = { scope = \"half\" }")
-            .contains("half"));
-        assert!(err("[[arms]]\nname = \"x\"\nmode = \"static\"\ntta = { lr = 1 }")
-            .contains("needs mode"));
+        assert!(
+            err("[[arms]]\nname = \"x\"\nmode = \"tta\"\ntta = { lrr = 1 }")
+                .contains("unknown key `lrr`")
+        );
+        assert!(
+            err("[[arms]]\nname = \"x\"\nmode = \"tta\"\ntta = { scope = \"half\" }")
+                .contains("half")
+        );
+        assert!(
+            err("[[arms]]\nname = \"x\"\nmode = \"static\"\ntta = { lr = 1 }")
+                .contains("needs mode")
+        );
         assert!(err("[[arms]]\nname = \"a b\"\nmode = \"static\"").contains("arm name"));
         let spec: EvalSpec =
             toml::from_str(&SPEC.replace("max_tokens = 16", "baseline = \"nope\"")).unwrap();
