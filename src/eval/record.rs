@@ -15,7 +15,8 @@ use crate::engine::Timings;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ChoiceRecord {
     pub choices: Vec<String>,
-    /// Mean log-probability per token of each choice as the answer.
+    /// Mean log-probability per token of each choice as the answer (its best surface form:
+    /// as written or capitalised).
     pub scores: Vec<f64>,
     pub predicted: Option<String>,
     pub correct: bool,

@@ -69,8 +69,29 @@ fn job(
             top_k: arm.top_k,
         },
         tta,
-        score_choices: choices.to_vec(),
+        score_choices: choice_variants(choices).0,
     })
+}
+
+/// The surface forms scored for each choice, with the choice each belongs to: as written and
+/// capitalised, since a chat model starts its answer with "Yes" far more often than "yes".
+pub fn choice_variants(choices: &[String]) -> (Vec<String>, Vec<usize>) {
+    let mut forms = Vec::new();
+    let mut owner = Vec::new();
+    for (i, c) in choices.iter().enumerate() {
+        let mut chars = c.chars();
+        let cap: String = match chars.next() {
+            Some(f) => f.to_uppercase().chain(chars).collect(),
+            None => String::new(),
+        };
+        for f in [c.clone(), cap] {
+            if !forms.iter().zip(&owner).any(|(x, &o)| *x == f && o == i) {
+                forms.push(f);
+                owner.push(i);
+            }
+        }
+    }
+    (forms, owner)
 }
 
 /// Submits a job and waits for its end.
@@ -126,7 +147,12 @@ pub fn score(
     r.f1 = token_f1(&c.text, &q.answers);
     r.correct = r.contains;
     if !choices.is_empty() {
-        let scores: Vec<f64> = c.choice_scores.iter().map(|s| s.mean()).collect();
+        // A choice scores as its best surface form.
+        let owner = choice_variants(choices).1;
+        let mut scores = vec![f64::NEG_INFINITY; choices.len()];
+        for (s, &o) in c.choice_scores.iter().zip(&owner) {
+            scores[o] = scores[o].max(s.mean());
+        }
         let predicted = argmax(&scores).map(|i| choices[i].clone());
         let correct = predicted
             .as_ref()
@@ -245,6 +271,14 @@ mod tests {
         assert_ne!(question_seed(0, "qasc-1"), question_seed(1, "qasc-1"));
         // FNV-1a of the empty string is its offset basis.
         assert_eq!(question_seed(0, ""), 0xcbf2_9ce4_8422_2325);
+    }
+
+    #[test]
+    fn choices_are_scored_as_written_and_capitalised() {
+        let c = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (forms, owner) = choice_variants(&c(&["yes", "No", "élan"]));
+        assert_eq!(forms, c(&["yes", "Yes", "No", "élan", "Élan"]));
+        assert_eq!(owner, vec![0, 0, 1, 2, 2]);
     }
 
     #[test]
