@@ -84,6 +84,21 @@ pub struct TtaSection {
     pub max_lora_rank: usize,
 }
 
+/// A TOML error on one line (`line L, column C: message`): the parser's own rendering spans
+/// several lines with a source excerpt, which breaks one-line CLI errors.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let msg = e.message().trim().replace('\n', "; ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            anyhow::anyhow!("line {line}, column {col}: {msg}")
+        }
+        None => anyhow::anyhow!("{msg}"),
+    }
+}
+
 /// `[ab]`: live traffic split between RAG arms (`src/server/ab.rs`). No arms = no experiment.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -256,9 +271,9 @@ impl Config {
     /// Parses TOML layered over the defaults.
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
         let mut base: toml::Value = toml::from_str(DEFAULT_TOML)?;
-        let over: toml::Value = toml::from_str(text)?;
+        let over: toml::Value = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         merge(&mut base, over);
-        let cfg: Config = base.try_into()?;
+        let cfg: Config = base.try_into().map_err(|e| toml_error(text, &e))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -327,6 +342,13 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn toml_errors_fit_on_one_line_and_say_where() {
+        let e = Config::from_toml("[server]\nport = \n").unwrap_err().to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.starts_with("line 2, column"), "{e}");
+    }
 
     #[test]
     fn defaults_parse_and_partial_files_layer_over_them() {

@@ -101,7 +101,9 @@ impl EvalSpec {
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read eval config {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("eval config {}", path.display()))
+        toml::from_str(&text).map_err(|e| {
+            crate::config::toml_error(&text, &e).context(format!("eval config {}", path.display()))
+        })
     }
 
     /// Checks the arms and fills in their settings from `cfg`.
