@@ -102,6 +102,8 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
         arms: arms.clone(),
         baseline: spec.baseline(),
         questions: questions.len(),
+        prompt_template: cfg.retrieval.prompt_template.clone(),
+        decode_quant: cfg.model.decode_quant.clone(),
     };
 
     std::fs::create_dir_all(&job.out)
@@ -175,6 +177,9 @@ fn check_compatible(old: &RunHeader, new: &RunHeader) -> anyhow::Result<()> {
     }
     if old.dataset != new.dataset {
         return Err(differs("dataset"));
+    }
+    if old.prompt_template != new.prompt_template || old.decode_quant != new.decode_quant {
+        return Err(differs("retrieval.prompt_template or model.decode_quant"));
     }
     let mut a = old.run.clone();
     let mut b = new.run.clone();

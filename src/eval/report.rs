@@ -28,6 +28,11 @@ pub struct RunHeader {
     pub arms: Vec<ResolvedArm>,
     pub baseline: String,
     pub questions: usize,
+    /// Server settings that shape every answer besides the arms' own.
+    #[serde(default)]
+    pub prompt_template: String,
+    #[serde(default)]
+    pub decode_quant: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -376,6 +381,8 @@ mod tests {
                 arms: vec![arm("static"), arm("tta")],
                 baseline: "static".into(),
                 questions: 10,
+                prompt_template: String::new(),
+                decode_quant: "q8_0".into(),
             },
             &s,
         );
