@@ -345,7 +345,9 @@ mod tests {
 
     #[test]
     fn toml_errors_fit_on_one_line_and_say_where() {
-        let e = Config::from_toml("[server]\nport = \n").unwrap_err().to_string();
+        let e = Config::from_toml("[server]\nport = \n")
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains('\n'), "{e}");
         assert!(e.starts_with("line 2, column"), "{e}");
     }

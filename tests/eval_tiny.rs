@@ -83,7 +83,16 @@ fn answer(r: &Record) -> serde_json::Value {
         .tta
         .as_ref()
         .map(|t| (t["loss_before"].clone(), t["loss_after"].clone()));
-    serde_json::json!([r.arm, r.id, r.output, r.correct, r.choice, r.retrieved, r.recall, losses])
+    serde_json::json!([
+        r.arm,
+        r.id,
+        r.output,
+        r.correct,
+        r.choice,
+        r.retrieved,
+        r.recall,
+        losses
+    ])
 }
 
 #[test]

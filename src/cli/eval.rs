@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::config::Config;
-use crate::eval::dataset::Subset;
+use crate::eval::dataset::{Part, Subset};
 use crate::eval::spec::EvalSpec;
 use crate::eval::EvalJob;
 
@@ -18,6 +18,10 @@ pub struct EvalArgs {
     /// run there is resumed. Default: runs/eval-<dataset name>.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Split of the QA set: dev (one question in five, by id) for tuning, test (the rest) for
+    /// reporting, or all. Applied before --sample and --limit.
+    #[arg(long, value_enum, default_value_t = Part::All)]
+    pub part: Part,
     /// Evaluate only the first N questions (after --sample).
     #[arg(long)]
     pub limit: Option<usize>,
@@ -59,6 +63,7 @@ pub fn run(cfg: Config, a: EvalArgs) -> anyhow::Result<()> {
         EvalJob {
             spec,
             subset: Subset {
+                part: a.part,
                 limit: a.limit,
                 sample: a.sample,
                 seed: a.seed,

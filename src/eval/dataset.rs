@@ -50,9 +50,47 @@ pub fn load_questions(path: &Path) -> anyhow::Result<Vec<Question>> {
     Ok(out)
 }
 
+/// A fixed split of a QA set by question id: settings are tuned on `dev` and reported on
+/// `test`, so a tuned default is never judged on the questions that chose it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Part {
+    #[default]
+    All,
+    /// One question in five, by a stable hash of its id.
+    Dev,
+    /// The other four in five.
+    Test,
+}
+
+impl Part {
+    pub fn holds(self, id: &str) -> bool {
+        let dev = stable_hash(id) % 5 == 0;
+        match self {
+            Part::All => true,
+            Part::Dev => dev,
+            Part::Test => !dev,
+        }
+    }
+}
+
+/// FNV-1a: stable across Rust releases and platforms, unlike std's hasher, so splits and seeds
+/// derived from ids never move.
+pub fn stable_hash(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 /// Which questions a run covers.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
 pub struct Subset {
+    /// Applied first.
+    #[serde(default)]
+    pub part: Part,
     /// The first `limit` questions (after sampling, if any).
     pub limit: Option<usize>,
     /// A random sample of this many questions, drawn with `seed`, kept in file order.
@@ -63,6 +101,7 @@ pub struct Subset {
 /// Applies `subset` to `questions`; the same subset of the same file always selects the same
 /// questions, so a resumed run and a rerun see the same set.
 pub fn select(mut questions: Vec<Question>, subset: &Subset) -> Vec<Question> {
+    questions.retain(|q| subset.part.holds(&q.id));
     if let Some(n) = subset.sample {
         if n < questions.len() {
             let mut idx: Vec<usize> = (0..questions.len()).collect();
@@ -102,6 +141,7 @@ mod tests {
             sample: Some(10),
             seed: 3,
             limit: None,
+            part: Part::All,
         };
         let a = select(qs(100), &s);
         let b = select(qs(100), &s);
@@ -123,6 +163,40 @@ mod tests {
         );
         assert_eq!(limited, a[..3].to_vec());
         assert_eq!(select(qs(5), &s).len(), 5);
+    }
+
+    #[test]
+    fn dev_and_test_parts_split_about_one_to_four_without_overlap() {
+        let all = qs(1000);
+        let dev = select(
+            all.clone(),
+            &Subset {
+                part: Part::Dev,
+                ..Default::default()
+            },
+        );
+        let test = select(
+            all.clone(),
+            &Subset {
+                part: Part::Test,
+                ..Default::default()
+            },
+        );
+        assert_eq!(dev.len() + test.len(), 1000);
+        assert!((150..250).contains(&dev.len()), "{}", dev.len());
+        assert!(dev.iter().all(|q| !test.contains(q)));
+        // The split depends on the id only: a sample of the test part stays in it.
+        let s = select(
+            all,
+            &Subset {
+                sample: Some(50),
+                seed: 1,
+                limit: None,
+                part: Part::Test,
+            },
+        );
+        assert!(s.iter().all(|q| test.contains(q)));
+        assert_eq!(stable_hash(""), 0xcbf2_9ce4_8422_2325);
     }
 
     #[test]

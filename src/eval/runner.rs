@@ -16,14 +16,8 @@ use crate::model::ChatMessage;
 
 /// A stable per-question seed: the same question gets the same sampling and LoRA
 /// initialisation whatever the subset or the order in which a resumed run reaches it.
-/// FNV-1a, written out because std's hasher is not stable across releases.
 pub fn question_seed(run_seed: u64, id: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^ run_seed
+    super::dataset::stable_hash(id) ^ run_seed
 }
 
 /// The passage id without its `#n` part: the document it was cut from.
