@@ -65,7 +65,7 @@ pub enum Part {
 
 impl Part {
     pub fn holds(self, id: &str) -> bool {
-        let dev = stable_hash(id) % 5 == 0;
+        let dev = stable_hash(id).is_multiple_of(5);
         match self {
             Part::All => true,
             Part::Dev => dev,

@@ -116,19 +116,7 @@ async fn handle(
     session: Option<&[u8]>,
     outcome: &mut Outcome,
 ) -> Result<Response, ApiError> {
-    let bytes = body.map_err(|rej| {
-        ApiError::invalid(
-            format!("could not read the request body: {}", rej.body_text()),
-            None,
-        )
-        .with_status(rej.status())
-    })?;
-    let req: ChatCompletionRequest = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::invalid(
-            format!("request body is not valid JSON for this endpoint: {e}"),
-            None,
-        )
-    })?;
+    let req: ChatCompletionRequest = super::error::json_body(body)?;
     if let Some(m) = &req.model {
         if m != &app.engine.model.id {
             return Err(ApiError::invalid(

@@ -43,6 +43,26 @@ impl ApiError {
     }
 }
 
+/// Reads a JSON request body into `T`; an unreadable or malformed body becomes the 4xx that
+/// names the problem.
+pub fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<T, ApiError> {
+    let bytes = body.map_err(|rej| {
+        ApiError::invalid(
+            format!("could not read the request body: {}", rej.body_text()),
+            None,
+        )
+        .with_status(rej.status())
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::invalid(
+            format!("request body is not valid JSON for this endpoint: {e}"),
+            None,
+        )
+    })
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let msg = e.to_string();

@@ -96,19 +96,7 @@ pub async fn feedback(
     State(app): State<Arc<App>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let bytes = body.map_err(|rej| {
-        ApiError::invalid(
-            format!("could not read the request body: {}", rej.body_text()),
-            None,
-        )
-        .with_status(rej.status())
-    })?;
-    let req: FeedbackRequest = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::invalid(
-            format!("request body is not valid JSON for this endpoint: {e}"),
-            None,
-        )
-    })?;
+    let req: FeedbackRequest = super::error::json_body(body)?;
     let id = req.id.ok_or_else(|| {
         ApiError::invalid("`id` (the chat completion id) is required", Some("id"))
     })?;

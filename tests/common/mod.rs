@@ -55,49 +55,7 @@ pub const FACTS: &str = "{\"id\": \"f1\", \"text\": \"Earthquakes can damage bui
 /// Starts the real router. `never_stop` removes the EOS ids so every answer runs to max_tokens
 /// (useful to keep workers busy).
 pub async fn start_tiny(workers: usize, queue: usize, never_stop: bool) -> TestServer {
-    use ttarag::config::Config;
-    use ttarag::engine::{Engine, EngineConfig};
-    use ttarag::retrieval::{ingest_path, Collections};
-
-    let dir = tempfile::tempdir().unwrap();
-    let corpus = dir.path().join("facts.jsonl");
-    std::fs::write(&corpus, FACTS).unwrap();
-    let cols = Arc::new(Collections::new(dir.path().join("index")));
-    ingest_path(&cols.get_or_create("facts").unwrap(), &corpus, 500, None).unwrap();
-    let mut model = ttarag::model::tiny::tiny_model(3).unwrap();
-    if never_stop {
-        model.eos_ids.clear();
-    }
-    model.id = "tiny".into();
-    let mut cfg = Config::default();
-    cfg.retrieval.collection = "facts".into();
-    cfg.server.workers = workers;
-    cfg.server.queue_capacity = queue;
-    cfg.server.max_body_bytes = 64 * 1024;
-    let model = Arc::new(model);
-    let engine = Engine::start(
-        model.clone(),
-        cols,
-        &EngineConfig {
-            workers,
-            queue_capacity: queue,
-            prompt_template: cfg.retrieval.prompt_template.clone(),
-        },
-    )
-    .unwrap();
-    let app = ttarag::server::App::new(engine, cfg);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(listener, ttarag::server::router(app))
-            .await
-            .unwrap();
-    });
-    TestServer {
-        base: format!("http://{addr}"),
-        model,
-        _dir: dir,
-    }
+    start_tiny_with(workers, queue, never_stop, ttarag::config::Config::default()).await
 }
 
 /// An engine over the real default model and the sample QASC collection (built in a temp dir).
