@@ -27,6 +27,10 @@ pub struct BenchArgs {
     /// With --tta: also write the pairs trained on, per question, as JSON (for reference runs).
     #[arg(long, requires = "tta")]
     pub dump_pairs: Option<std::path::PathBuf>,
+    /// With --tta: also run this many LoRA adaptations at once and report the peak memory they
+    /// add, per request.
+    #[arg(long, requires = "tta")]
+    pub concurrent: Option<usize>,
 }
 
 /// A `/proc/self/status` field in MB (Linux), if known.
@@ -97,7 +101,11 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
     );
     let model = super::load_model(&cfg)?;
     if let Some(n) = a.tta {
-        return bench_tta(&cfg, &model, n, a.dump_pairs.as_deref());
+        bench_tta(&cfg, &model, n, a.dump_pairs.as_deref())?;
+        if let Some(k) = a.concurrent {
+            bench_concurrent_lora(&cfg, &model, k)?;
+        }
+        return Ok(());
     }
     let ids = rag_prompt(&cfg, &model, a.prompt_tokens)?;
     let dec = &model.decoder;
@@ -146,6 +154,70 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
     println!("ttft           {:.1} ms", median(&mut ttft));
     if let Some(mb) = peak_rss_mb() {
         println!("peak rss       {mb:.0} MB");
+    }
+    Ok(())
+}
+
+/// Peak memory that `k` simultaneous LoRA adaptations add above the resident model, against
+/// one alone: what each concurrent request costs, activations and optimiser state included.
+fn bench_concurrent_lora(cfg: &Config, model: &crate::model::Model, k: usize) -> anyhow::Result<()> {
+    use crate::adapt::{adapt_lora, build_pairs, encode_pairs};
+    use crate::engine::{resolve_tta, TtaOverrides};
+
+    let cols = super::open_collections(cfg)?;
+    let coll = cols.get(&cfg.retrieval.collection)?;
+    let mut tta = cfg.tta.clone();
+    tta.time_budget_ms = 0.0;
+    tta.scope = "lora".into();
+    let params = resolve_tta(&tta, &TtaOverrides::default(), 0)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let questions = [
+        "What can damage buildings?",
+        "What do plants need to make food?",
+        "What causes the seasons on Earth?",
+        "How do animals get energy?",
+        "What can cause erosion of soil?",
+        "What do bees help plants do?",
+        "How do fish breathe underwater?",
+        "What protects the body from germs?",
+    ];
+    let mut sets = Vec::new();
+    for q in questions.iter().cycle().take(k.max(1)) {
+        let hits = coll.search(q, cfg.retrieval.top_k)?;
+        let texts: Vec<&str> = hits.iter().map(|p| p.text.as_str()).collect();
+        let set = build_pairs(&texts, &params.pairs);
+        let ex = encode_pairs(model, &set.pairs, None, params.train.max_tokens_per_pair)?;
+        sets.push((ex, set.source));
+    }
+    let adapt_all = |sets: &[(Vec<crate::adapt::Example>, crate::adapt::PairSource)]| {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = sets
+                .iter()
+                .map(|(ex, src)| s.spawn(|| adapt_lora(&model.decoder, ex, *src, &params.train)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("adaptation thread"))
+                .collect::<Result<Vec<_>, _>>()
+        })
+    };
+    adapt_all(&sets[..1])?; // warm-up
+    let added = |sets| -> anyhow::Result<Option<f64>> {
+        let before = reset_peak_rss();
+        let out = adapt_all(sets)?;
+        drop(out);
+        Ok(before.zip(peak_rss_mb()).map(|(b, p)| p - b))
+    };
+    let one = added(&sets[..1])?;
+    let many = added(&sets)?;
+    if let (Some(one), Some(many)) = (one, many) {
+        println!("concurrent     1 LoRA adaptation adds {one:.0} MB peak RSS");
+        println!(
+            "concurrent     {k} at once add {many:.0} MB: {:.1} MB per request",
+            many / k.max(1) as f64
+        );
+    } else {
+        println!("concurrent     peak RSS is not readable on this system");
     }
     Ok(())
 }
