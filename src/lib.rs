@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod eval;
+pub mod gate;
 pub mod generate;
 pub mod model;
 pub mod retrieval;

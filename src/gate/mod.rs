@@ -1,0 +1,11 @@
+//! The retrieval gate: a small classifier over the model's own hidden states decides per
+//! question whether retrieval (and adaptation) is used.
+//!
+//! - [`probe`] trains and runs the classifier (logistic or one-hidden-layer MLP) over
+//!   standardised hidden-state features, saves it as safetensors, and holds the metrics used to
+//!   judge it (accuracy, macro-F1, majority baseline, stratified split).
+//! - [`policy`] names the four MMA-RAG classes (S1..S4) and turns the probe's class
+//!   probabilities into a retrieve/skip decision.
+
+pub mod policy;
+pub mod probe;
