@@ -64,7 +64,10 @@ pub struct RetrievalSection {
 #[serde(deny_unknown_fields)]
 pub struct TtaSection {
     pub scope: String,
+    /// Learning rate of scope `lora`.
     pub lr: f64,
+    /// Learning rate of scope `full`.
+    pub full_lr: f64,
     pub weight_decay: f64,
     pub eps: f64,
     pub grad_accum: usize,
@@ -309,6 +312,9 @@ impl Config {
                 && t.lora_rank <= t.max_lora_rank,
             "tta defaults exceed their caps"
         );
+        for (key, lr) in [("tta.lr", t.lr), ("tta.full_lr", t.full_lr)] {
+            anyhow::ensure!(lr > 0.0 && lr <= 1.0, "{key} {lr} is outside (0, 1]");
+        }
         anyhow::ensure!(
             t.lora_rank >= 1 && t.grad_accum >= 1,
             "tta.lora_rank and tta.grad_accum must be at least 1"

@@ -160,7 +160,11 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
 
 /// Peak memory that `k` simultaneous LoRA adaptations add above the resident model, against
 /// one alone: what each concurrent request costs, activations and optimiser state included.
-fn bench_concurrent_lora(cfg: &Config, model: &crate::model::Model, k: usize) -> anyhow::Result<()> {
+fn bench_concurrent_lora(
+    cfg: &Config,
+    model: &crate::model::Model,
+    k: usize,
+) -> anyhow::Result<()> {
     use crate::adapt::{adapt_lora, build_pairs, encode_pairs};
     use crate::engine::{resolve_tta, TtaOverrides};
 

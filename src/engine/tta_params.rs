@@ -51,7 +51,12 @@ pub fn resolve_tta(c: &TtaSection, o: &TtaOverrides, seed: u64) -> Result<TtaPar
         param: "rag.tta.scope",
         message: format!("rag.tta.scope `{scope_name}` is not one of \"lora\", \"full\""),
     })?;
-    let lr = o.lr.unwrap_or(c.lr);
+    // Every weight moving tolerates a far smaller step than a zero-initialised adapter.
+    let default_lr = match scope {
+        TtaScope::Lora => c.lr,
+        TtaScope::Full => c.full_lr,
+    };
+    let lr = o.lr.unwrap_or(default_lr);
     if !(lr > 0.0 && lr <= 1.0) {
         return Err(ParamError {
             param: "rag.tta.lr",
@@ -157,7 +162,15 @@ mod tests {
             scope: Some("full".into()),
             ..Default::default()
         };
-        assert_eq!(resolve_tta(&c, &full, 1).unwrap().scope, TtaScope::Full);
+        let p = resolve_tta(&c, &full, 1).unwrap();
+        assert_eq!(p.scope, TtaScope::Full);
+        assert_eq!(p.train.lr, c.full_lr, "each scope has its own default step");
+        assert_ne!(c.full_lr, c.lr);
+        let full_lr = TtaOverrides {
+            lr: Some(2e-5),
+            ..full.clone()
+        };
+        assert_eq!(resolve_tta(&c, &full_lr, 1).unwrap().train.lr, 2e-5);
 
         let bad = |o: TtaOverrides| resolve_tta(&c, &o, 1).unwrap_err().param;
         assert_eq!(

@@ -218,7 +218,7 @@ top_k = 1
 [[arms]]
 name = "tta-full"
 mode = "tta"
-tta = { scope = "full", lr = 1e-5, steps = 3 }
+tta = { scope = "full", full_lr = 1e-5, steps = 3 }
 "#;
 
     #[test]
@@ -232,7 +232,7 @@ tta = { scope = "full", lr = 1e-5, steps = 3 }
         assert_eq!(arms[1].top_k, 1);
         let t = arms[2].tta.as_ref().unwrap();
         assert_eq!(t.scope, "full");
-        assert_eq!(t.lr, 1e-5);
+        assert_eq!(t.full_lr, 1e-5);
         assert_eq!(t.steps, 3);
         assert_eq!(
             t.weight_decay, cfg.tta.weight_decay,

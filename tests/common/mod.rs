@@ -55,7 +55,13 @@ pub const FACTS: &str = "{\"id\": \"f1\", \"text\": \"Earthquakes can damage bui
 /// Starts the real router. `never_stop` removes the EOS ids so every answer runs to max_tokens
 /// (useful to keep workers busy).
 pub async fn start_tiny(workers: usize, queue: usize, never_stop: bool) -> TestServer {
-    start_tiny_with(workers, queue, never_stop, ttarag::config::Config::default()).await
+    start_tiny_with(
+        workers,
+        queue,
+        never_stop,
+        ttarag::config::Config::default(),
+    )
+    .await
 }
 
 /// An engine over the real default model and the sample QASC collection (built in a temp dir).
