@@ -7,5 +7,6 @@
 //! - [`policy`] names the four MMA-RAG classes (S1..S4) and turns the probe's class
 //!   probabilities into a retrieve/skip decision.
 
+pub mod features;
 pub mod policy;
 pub mod probe;

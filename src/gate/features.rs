@@ -1,0 +1,157 @@
+//! What the gate reads: the model's hidden state at every layer for the prompt it would answer
+//! without retrieval, at two kinds of position — the last prompt token (what the model is about
+//! to answer from) and the mean over the question's own tokens.
+
+use candle_core::{DType, IndexOp, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::RagPrompt;
+use crate::model::{ChatMessage, ForwardOpts, Logits, Model};
+
+/// Where a feature vector is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Position {
+    /// The last token of the rendered prompt (after the assistant header).
+    Last,
+    /// The mean over the tokens of the last user message.
+    Mean,
+}
+
+/// Hidden states of one prompt: `last[l]` and `mean[l]` for `l` in `0..=num_layers`, where
+/// 0 is the embedding output and `l` the output of block `l` (before the final norm).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerFeatures {
+    pub last: Vec<Vec<f32>>,
+    pub mean: Vec<Vec<f32>>,
+    /// Token positions `[start, end)` of the question inside the prompt.
+    pub question_span: (usize, usize),
+}
+
+impl LayerFeatures {
+    pub fn layers(&self) -> usize {
+        self.last.len()
+    }
+
+    pub fn get(&self, position: Position, layer: usize) -> Option<&[f32]> {
+        match position {
+            Position::Last => self.last.get(layer),
+            Position::Mean => self.mean.get(layer),
+        }
+        .map(Vec::as_slice)
+    }
+}
+
+/// Runs the chat prompt of `messages` through the model once (no logits) and reads every
+/// layer's state. The question is the last user message; its token span is found by
+/// tokenising the rendered prompt up to the question's start and end.
+pub fn prompt_features(model: &Model, messages: &[ChatMessage]) -> anyhow::Result<LayerFeatures> {
+    let prompt = model.render_chat(messages)?;
+    let ids = model.tokenizer.encode(&prompt)?;
+    anyhow::ensure!(!ids.is_empty(), "empty prompt");
+    let context = model.decoder.config().max_position_embeddings;
+    anyhow::ensure!(
+        ids.len() <= context,
+        "prompt of {} tokens exceeds the model's context of {context}",
+        ids.len()
+    );
+    let question = RagPrompt::question(messages).unwrap_or("");
+    let span = match prompt.rfind(question).filter(|_| !question.is_empty()) {
+        Some(start) => {
+            let a = model.tokenizer.encode(&prompt[..start])?.len();
+            let b = model
+                .tokenizer
+                .encode(&prompt[..start + question.len()])?
+                .len();
+            (a.min(ids.len() - 1), b.clamp(a + 1, ids.len()))
+        }
+        None => (0, ids.len()),
+    };
+    let dec = &model.decoder;
+    let input = Tensor::new(ids.as_slice(), dec.device())?.unsqueeze(0)?;
+    let out = dec.forward(
+        &input,
+        None,
+        &ForwardOpts {
+            logits: Logits::None,
+            hidden_states: true,
+            ..Default::default()
+        },
+    )?;
+    let mut last = Vec::with_capacity(out.hidden_states.len());
+    let mut mean = Vec::with_capacity(out.hidden_states.len());
+    for h in &out.hidden_states {
+        let h = h.i(0)?.to_dtype(DType::F32)?;
+        last.push(h.i(ids.len() - 1)?.to_vec1::<f32>()?);
+        mean.push(h.i(span.0..span.1)?.mean(0)?.to_vec1::<f32>()?);
+    }
+    Ok(LayerFeatures {
+        last,
+        mean,
+        question_span: span,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tiny::tiny_model;
+
+    #[test]
+    fn taps_every_layer_at_the_documented_positions() {
+        let model = tiny_model(2).unwrap();
+        let q = "Why is the sky blue?";
+        let messages = vec![
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", q),
+        ];
+        let f = prompt_features(&model, &messages).unwrap();
+        let cfg = model.decoder.config();
+        assert_eq!(f.layers(), cfg.num_hidden_layers + 1);
+        assert!(f.last.iter().all(|v| v.len() == cfg.hidden_size));
+
+        // The tiny tokenizer is byte-level: the span is exactly the question's bytes.
+        let prompt = model.render_chat(&messages).unwrap();
+        let ids = model.tokenizer.encode(&prompt).unwrap();
+        let (a, b) = f.question_span;
+        assert_eq!(model.tokenizer.decode(&ids[a..b]).unwrap(), q);
+
+        // Same numbers as the decoder's own hidden states at those positions.
+        let input = Tensor::new(ids.as_slice(), model.decoder.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let out = model
+            .decoder
+            .forward(
+                &input,
+                None,
+                &ForwardOpts {
+                    logits: Logits::None,
+                    hidden_states: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        for l in [0, 1, cfg.num_hidden_layers] {
+            let h = out.hidden_states[l].i(0).unwrap();
+            let last: Vec<f32> = h.i(ids.len() - 1).unwrap().to_vec1().unwrap();
+            assert_eq!(f.get(Position::Last, l).unwrap(), last.as_slice());
+            let rows: Vec<Vec<f32>> = h.i(a..b).unwrap().to_vec2().unwrap();
+            for (d, m) in f.mean[l].iter().enumerate() {
+                let want = rows.iter().map(|r| r[d]).sum::<f32>() / rows.len() as f32;
+                assert!((m - want).abs() < 1e-5);
+            }
+        }
+        // Layers differ from one another (a tap that always read one layer would not).
+        assert_ne!(f.last[0], f.last[cfg.num_hidden_layers]);
+    }
+
+    #[test]
+    fn a_prompt_over_the_context_is_an_error() {
+        let model = tiny_model(2).unwrap();
+        let long = "x".repeat(2000);
+        let err = prompt_features(&model, &[ChatMessage::new("user", &long)]).unwrap_err();
+        assert!(err.to_string().contains("context"), "{err}");
+    }
+}
