@@ -8,5 +8,6 @@
 //!   probabilities into a retrieve/skip decision.
 
 pub mod features;
+pub mod labels;
 pub mod policy;
 pub mod probe;

@@ -1,0 +1,142 @@
+//! Gate training labels from evaluation records: a question answered both by an arm without
+//! retrieval and by an arm with it gets its MMA-RAG class (see [`super::policy::class_of`]).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use super::policy::class_of;
+use crate::eval::record::Record;
+
+/// One labelled question.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Labelled {
+    pub id: String,
+    pub question: String,
+    pub class: usize,
+}
+
+/// Reads the records of an eval run: its `records.jsonl` or `report.json`.
+pub fn read_records(path: &Path) -> anyhow::Result<Vec<Record>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read records {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "json") {
+        #[derive(Deserialize)]
+        struct Report {
+            records: Vec<Record>,
+        }
+        let r: Report = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not an eval report", path.display()))?;
+        return Ok(r.records);
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: not an eval record", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// Pairs each question's `without` and `with` records into a class. Questions missing either
+/// arm, or where either failed, are left out; the count of each is returned for the report.
+pub fn label(records: &[Record], without: &str, with: &str) -> (Vec<Labelled>, usize) {
+    let mut by_id: HashMap<&str, (Option<&Record>, Option<&Record>)> = HashMap::new();
+    let mut order = Vec::new();
+    for r in records {
+        let slot = if r.arm == without {
+            0
+        } else if r.arm == with {
+            1
+        } else {
+            continue;
+        };
+        let e = by_id.entry(r.id.as_str()).or_insert_with(|| {
+            order.push(r.id.as_str());
+            (None, None)
+        });
+        if slot == 0 {
+            e.0 = Some(r);
+        } else {
+            e.1 = Some(r);
+        }
+    }
+    let mut out = Vec::new();
+    let mut skipped = 0;
+    for id in order {
+        match by_id[id] {
+            (Some(a), Some(b)) if a.error.is_none() && b.error.is_none() => out.push(Labelled {
+                id: id.to_string(),
+                question: a.question.clone(),
+                class: class_of(a.correct, b.correct),
+            }),
+            _ => skipped += 1,
+        }
+    }
+    (out, skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::record::sample_record;
+    use crate::gate::policy::{S1, S2, S3, S4};
+
+    #[test]
+    fn classes_follow_both_outcomes_and_incomplete_questions_are_skipped() {
+        let mut recs = vec![
+            sample_record("closed_book", "a", false),
+            sample_record("static", "a", true),
+            sample_record("closed_book", "b", true),
+            sample_record("static", "b", false),
+            sample_record("closed_book", "c", true),
+            sample_record("static", "c", true),
+            sample_record("static", "d", false),
+            sample_record("closed_book", "d", false),
+            sample_record("tta", "d", true),
+            sample_record("closed_book", "e", false),
+        ];
+        let mut failed = sample_record("static", "f", false);
+        failed.error = Some("context".into());
+        recs.push(sample_record("closed_book", "f", false));
+        recs.push(failed);
+        let (l, skipped) = label(&recs, "closed_book", "static");
+        let got: Vec<(&str, usize)> = l.iter().map(|x| (x.id.as_str(), x.class)).collect();
+        assert_eq!(got, vec![("a", S2), ("b", S3), ("c", S4), ("d", S1)]);
+        assert_eq!(skipped, 2, "e has no retrieval answer, f failed");
+        let (t, _) = label(&recs, "closed_book", "tta");
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].class, S2);
+    }
+
+    #[test]
+    fn reads_records_files_and_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let recs = vec![
+            sample_record("closed_book", "a", false),
+            sample_record("static", "a", true),
+        ];
+        let jsonl = dir.path().join("records.jsonl");
+        let lines: Vec<String> = recs
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap())
+            .collect();
+        std::fs::write(&jsonl, lines.join("\n") + "\n").unwrap();
+        assert_eq!(read_records(&jsonl).unwrap(), recs);
+        let json = dir.path().join("report.json");
+        std::fs::write(
+            &json,
+            serde_json::to_string(&serde_json::json!({"records": recs})).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(read_records(&json).unwrap(), recs);
+        std::fs::write(&jsonl, "{}\n").unwrap();
+        assert!(read_records(&jsonl)
+            .unwrap_err()
+            .to_string()
+            .contains(":1:"));
+    }
+}
