@@ -1,6 +1,9 @@
 //! The retrieval gate: a small classifier over the model's own hidden states decides per
 //! question whether retrieval (and adaptation) is used.
 //!
+//! - [`features`] reads the question prompt's hidden state at every layer.
+//! - [`labels`] gives each question answered by two eval arms (without and with retrieval) its
+//!   class.
 //! - [`probe`] trains and runs the classifier (logistic or one-hidden-layer MLP) over
 //!   standardised hidden-state features, saves it as safetensors, and holds the metrics used to
 //!   judge it (accuracy, macro-F1, majority baseline, stratified split).
