@@ -18,9 +18,7 @@ pub use tta_params::{resolve_tta, ParamError, TtaOverrides};
 use crate::adapt::{
     adapt_full, adapt_lora, build_pairs, encode_pairs, PairOptions, TrainParams, TtaReport,
 };
-use crate::generate::{
-    generate_with, score_continuations, ContinuationScore, FinishReason, GenError, GenParams,
-};
+use crate::generate::{generate_scoring, ContinuationScore, FinishReason, GenError, GenParams};
 use crate::model::{Adapter, ChatMessage, Model};
 use crate::retrieval::{Collections, Passage};
 
@@ -388,7 +386,22 @@ impl Worker {
             Adapted::Lora(l) => (&self.model.decoder, Some(l)),
             Adapted::Full(d) => (d, None),
         };
-        let out = match generate_with(&self.model, dec, &ids, &req.gen, adapter, &mut on_text) {
+        let conts = req
+            .score_choices
+            .iter()
+            .map(|c| self.model.tokenizer.encode(c))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| internal(e.to_string()))?;
+        let gen = generate_scoring(
+            &self.model,
+            dec,
+            &ids,
+            &req.gen,
+            adapter,
+            &conts,
+            &mut on_text,
+        );
+        let (out, choice_scores) = match gen {
             Ok(o) => o,
             Err(GenError::Cancelled) => return Err(None),
             Err(e @ GenError::ContextExceeded { .. }) => {
@@ -398,17 +411,6 @@ impl Worker {
         };
         timings.prefill = out.prefill_ms;
         timings.decode = out.decode_ms;
-        let choice_scores = if req.score_choices.is_empty() {
-            vec![]
-        } else {
-            let conts = req
-                .score_choices
-                .iter()
-                .map(|c| self.model.tokenizer.encode(c))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| internal(e.to_string()))?;
-            score_continuations(dec, &ids, &conts, adapter).map_err(|e| internal(e.to_string()))?
-        };
         Ok(Completion {
             text: out.text,
             finish_reason: out.finish_reason,

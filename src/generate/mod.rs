@@ -8,7 +8,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
-pub use score::{score_continuations, ContinuationScore};
+pub use score::{score_after_prefill, score_continuations, ContinuationScore};
 pub use stop::{StopMatcher, StopStep};
 
 use crate::model::{Adapter, Decoder, ForwardOpts, IncrementalDecoder, Logits, Model, ModelError};
@@ -94,6 +94,21 @@ pub fn generate_with(
     adapter: Option<&dyn Adapter>,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenOutput, GenError> {
+    generate_scoring(model, dec, prompt, params, adapter, &[], on_text).map(|(out, _)| out)
+}
+
+/// [`generate_with`] that also scores `continuations` (token ids) after the prompt, from the
+/// prompt's own prefill: no second pass over it. Scoring time counts in neither prefill nor
+/// decode.
+pub fn generate_scoring(
+    model: &Model,
+    dec: &Decoder,
+    prompt: &[u32],
+    params: &GenParams,
+    adapter: Option<&dyn Adapter>,
+    continuations: &[Vec<u32>],
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<(GenOutput, Vec<ContinuationScore>), GenError> {
     if prompt.is_empty() {
         return Err(GenError::EmptyPrompt);
     }
@@ -125,6 +140,11 @@ pub fn generate_with(
         .expect("Logits::Last yields logits")
         .squeeze(0)?;
     let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let scores = if continuations.is_empty() {
+        vec![]
+    } else {
+        score_after_prefill(dec, &cache, &logits, continuations, adapter)?
+    };
     let t1 = Instant::now();
 
     let mut finish = FinishReason::Length;
@@ -185,13 +205,14 @@ pub fn generate_with(
             return Err(GenError::Cancelled);
         }
     }
-    Ok(GenOutput {
+    let out = GenOutput {
         text,
         completion_tokens: produced,
         finish_reason: finish,
         prefill_ms,
         decode_ms: t1.elapsed().as_secs_f64() * 1e3,
-    })
+    };
+    Ok((out, scores))
 }
 
 #[cfg(test)]
@@ -225,6 +246,29 @@ mod tests {
             "streamed pieces must add up to the answer"
         );
         out
+    }
+
+    #[test]
+    fn scoring_during_generation_matches_scoring_alone_and_leaves_the_answer_alone() {
+        let mut m = tiny_model(1).unwrap();
+        m.eos_ids.clear();
+        let prompt = m
+            .tokenizer
+            .encode("<|im_start|>user\nhello<|im_end|>\n")
+            .unwrap();
+        let conts = vec![vec![4u32, 8, 15], vec![16u32], vec![]];
+        let p = params(0.0, 0, 12);
+        let (out, scores) =
+            generate_scoring(&m, &m.decoder, &prompt, &p, None, &conts, &mut |_| true).unwrap();
+        let alone = score_continuations(&m.decoder, &prompt, &conts, None).unwrap();
+        assert_eq!(scores.len(), 3);
+        for (a, b) in scores.iter().zip(&alone) {
+            assert_eq!(a.tokens, b.tokens);
+            assert!((a.logprob - b.logprob).abs() < 1e-5, "{a:?} vs {b:?}");
+        }
+        // The forks used for scoring must not disturb the cache that decoding goes on with.
+        assert_eq!(out.text, run(&m, &p).text);
+        assert_eq!(out.completion_tokens, 12);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use crate::model::{Adapter, Decoder, ForwardOpts, Logits};
+use crate::model::{Adapter, Cache, Decoder, ForwardOpts, Logits};
 
 /// Log-likelihood of one continuation.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -36,7 +36,6 @@ pub fn score_continuations(
     if prompt.is_empty() {
         candle_core::bail!("cannot score continuations of an empty prompt");
     }
-    let device = dec.device();
     let longest = continuations.iter().map(Vec::len).max().unwrap_or(0);
     let mut cache = dec.new_cache(prompt.len() + longest);
     let last = ForwardOpts {
@@ -44,14 +43,27 @@ pub fn score_continuations(
         adapter,
         ..Default::default()
     };
-    let ids = Tensor::new(prompt, device)?.unsqueeze(0)?;
+    let ids = Tensor::new(prompt, dec.device())?.unsqueeze(0)?;
     let first = dec
         .forward(&ids, Some(&mut cache), &last)?
         .logits
         .expect("Logits::Last yields logits")
-        .to_dtype(DType::F32)?;
-    let first = candle_nn::ops::log_softmax(&first, D::Minus1)?.squeeze(0)?;
+        .squeeze(0)?;
+    score_after_prefill(dec, &cache, &first, continuations, adapter)
+}
 
+/// Scores continuations from a prompt that has already been run: `cache` holds the prompt and
+/// `next_logits` (vocabulary-sized) are its last position's logits. Generation calls this
+/// right after its own prefill, so scoring costs no second pass over the prompt.
+pub fn score_after_prefill(
+    dec: &Decoder,
+    cache: &Cache,
+    next_logits: &Tensor,
+    continuations: &[Vec<u32>],
+    adapter: Option<&dyn Adapter>,
+) -> candle_core::Result<Vec<ContinuationScore>> {
+    let device = dec.device();
+    let first = candle_nn::ops::log_softmax(&next_logits.to_dtype(DType::F32)?, D::Minus1)?;
     let all = ForwardOpts {
         logits: Logits::All,
         adapter,
