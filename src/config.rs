@@ -16,6 +16,8 @@ pub struct Config {
     /// Optional, so config files written before A/B testing existed still load.
     #[serde(default)]
     pub ab: AbSection,
+    #[serde(default)]
+    pub gate: GateSection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,6 +101,63 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
             anyhow::anyhow!("line {line}, column {col}: {msg}")
         }
         None => anyhow::anyhow!("{msg}"),
+    }
+}
+
+/// `[gate]`: the retrieval gate behind request mode `auto` (`src/gate/`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GateSection {
+    /// The probe's JSON card (`ttarag gate train`); its weights lie beside it. `None` = no
+    /// gate: mode `auto` is refused.
+    pub probe: Option<PathBuf>,
+    /// Policy for requests that name none.
+    pub policy: crate::gate::policy::Policy,
+    /// Per-collection policies, over `policy`.
+    pub collection_policies: std::collections::BTreeMap<String, crate::gate::policy::Policy>,
+    /// What mode `auto` runs when the gate retrieves: `static` or `tta`.
+    pub then: String,
+    /// The mode of requests that name none: `static`, `tta`, `none` or `auto`.
+    pub default_mode: String,
+}
+
+impl Default for GateSection {
+    fn default() -> Self {
+        Self {
+            probe: None,
+            policy: crate::gate::policy::Policy::Optimistic,
+            collection_policies: Default::default(),
+            then: "static".into(),
+            default_mode: "static".into(),
+        }
+    }
+}
+
+impl GateSection {
+    /// The policy for a request to `collection` that names none.
+    pub fn policy_for(&self, collection: &str) -> crate::gate::policy::Policy {
+        self.collection_policies
+            .get(collection)
+            .copied()
+            .unwrap_or(self.policy)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.then == "static" || self.then == "tta",
+            "gate.then `{}` is not one of: static, tta",
+            self.then
+        );
+        anyhow::ensure!(
+            ["static", "tta", "none", "auto"].contains(&self.default_mode.as_str()),
+            "gate.default_mode `{}` is not one of: static, tta, none, auto",
+            self.default_mode
+        );
+        anyhow::ensure!(
+            self.default_mode != "auto" || self.probe.is_some(),
+            "gate.default_mode is `auto` but gate.probe names no probe"
+        );
+        Ok(())
     }
 }
 
@@ -325,6 +384,7 @@ impl Config {
                 "tta.lora_targets: `{name}` is not one of q, k, v, o, gate, up, down"
             );
         }
+        self.gate.validate()?;
         self.ab.validate(&self.retrieval, &self.tta)
     }
 }

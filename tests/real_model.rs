@@ -184,6 +184,7 @@ fn answers_a_qasc_question_from_the_retrieved_fact() {
             mode: RagMode::Static,
             collection: "qasc".into(),
             top_k: 1,
+            gate: None,
         },
         tta: None,
         score_choices: vec![],

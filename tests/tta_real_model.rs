@@ -30,6 +30,7 @@ fn job(question: &str, mode: RagMode, overrides: &TtaOverrides) -> ChatJob {
             mode,
             collection: "qasc".into(),
             top_k: 3,
+            gate: None,
         },
         tta: (mode == RagMode::Tta).then(|| resolve_tta(&cfg.tta, overrides, 7).unwrap()),
         score_choices: vec![],

@@ -19,9 +19,13 @@ pub struct AskArgs {
     /// Passages to retrieve.
     #[arg(long)]
     pub top_k: Option<usize>,
-    /// Retrieval mode: static, tta (adapt to the passages first) or none.
-    #[arg(long, default_value = "static")]
-    pub mode: String,
+    /// Retrieval mode: static, tta (adapt to the passages first), none, or auto (the gate of
+    /// `[gate]` decides, then `gate.then` runs). Default: gate.default_mode.
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Gate policy for mode auto: always, optimistic, pessimistic or threshold:<t>.
+    #[arg(long)]
+    pub policy: Option<crate::gate::policy::Policy>,
     /// Most tokens to generate.
     #[arg(long)]
     pub max_tokens: Option<usize>,
@@ -34,11 +38,18 @@ pub struct AskArgs {
 }
 
 pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
-    let mode = RagMode::parse(&a.mode)
-        .ok_or_else(|| anyhow::anyhow!("--mode `{}` is not one of static, tta, none", a.mode))?;
+    let asked = a.mode.as_deref().unwrap_or(&cfg.gate.default_mode);
+    let auto = asked == "auto";
+    let mode = RagMode::parse(if auto { &cfg.gate.then } else { asked })
+        .ok_or_else(|| anyhow::anyhow!("--mode `{asked}` is not one of static, tta, none, auto"))?;
+    anyhow::ensure!(
+        !auto || cfg.gate.probe.is_some(),
+        "--mode auto needs a gate probe: set gate.probe in the config"
+    );
     let collection = a
         .collection
         .unwrap_or_else(|| cfg.retrieval.collection.clone());
+    let gate_policy = auto.then(|| a.policy.unwrap_or_else(|| cfg.gate.policy_for(&collection)));
     let top_k = a.top_k.unwrap_or(cfg.retrieval.top_k);
     anyhow::ensure!(
         (1..=cfg.retrieval.max_top_k).contains(&top_k),
@@ -47,6 +58,11 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
     );
     let model = super::load_model(&cfg)?;
     let collections = super::open_collections(&cfg)?;
+    let gate = if auto {
+        super::load_gate(&cfg, &model)?
+    } else {
+        None
+    };
     if mode != RagMode::None && !collections.exists(&collection) {
         anyhow::bail!("unknown collection `{collection}`; see `ttarag index list`");
     }
@@ -57,6 +73,7 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
             workers: 1,
             queue_capacity: 1,
             prompt_template: cfg.retrieval.prompt_template.clone(),
+            gate,
         },
     )?;
     let job = ChatJob {
@@ -72,6 +89,7 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
             mode,
             collection,
             top_k,
+            gate: gate_policy,
         },
         tta: match mode {
             RagMode::Tta => Some(

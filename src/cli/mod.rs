@@ -169,6 +169,27 @@ pub fn load_model(cfg: &Config) -> anyhow::Result<Arc<Model>> {
     Ok(Arc::new(model))
 }
 
+/// The gate named by `[gate] probe`, checked against the loaded model; `None` when none is
+/// configured.
+pub fn load_gate(
+    cfg: &Config,
+    model: &Model,
+) -> anyhow::Result<Option<Arc<crate::gate::card::LoadedGate>>> {
+    let Some(card) = &cfg.gate.probe else {
+        return Ok(None);
+    };
+    let t = std::time::Instant::now();
+    let sha = crate::model::fingerprint::weights_sha256(&cfg.model.path)?;
+    let gate = crate::gate::card::LoadedGate::load(card, model, &sha, model.decoder.device())?;
+    tracing::info!(
+        card = %card.display(),
+        layer = gate.card.features.layer,
+        secs = t.elapsed().as_secs_f64(),
+        "gate loaded"
+    );
+    Ok(Some(Arc::new(gate)))
+}
+
 /// Opens the collections, building the default one from the sample corpus when missing.
 pub fn open_collections(cfg: &Config) -> anyhow::Result<Arc<Collections>> {
     let r = &cfg.retrieval;

@@ -38,6 +38,7 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
     cfg.validate()?;
     let model = super::load_model(&cfg)?;
     let collections = super::open_collections(&cfg)?;
+    let gate = super::load_gate(&cfg, &model)?;
     let engine = Engine::start(
         model,
         collections,
@@ -45,6 +46,7 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
             workers: cfg.server.workers,
             queue_capacity: cfg.server.queue_capacity,
             prompt_template: cfg.retrieval.prompt_template.clone(),
+            gate,
         },
     )?;
     let addr = format!("{}:{}", cfg.server.host, cfg.server.port);

@@ -18,6 +18,9 @@ pub use tta_params::{resolve_tta, ParamError, TtaOverrides};
 use crate::adapt::{
     adapt_full, adapt_lora, build_pairs, encode_pairs, PairOptions, TrainParams, TtaReport,
 };
+use crate::gate::assess::GateReport;
+use crate::gate::card::LoadedGate;
+use crate::gate::policy::Policy;
 use crate::generate::{generate_scoring, ContinuationScore, FinishReason, GenError, GenParams};
 use crate::model::{Adapter, ChatMessage, Model};
 use crate::retrieval::{Collections, Passage};
@@ -56,9 +59,12 @@ impl RagMode {
 /// Retrieval settings of one request, resolved against the config.
 #[derive(Debug, Clone)]
 pub struct RagParams {
+    /// With `gate` set: what runs when the gate retrieves.
     pub mode: RagMode,
     pub collection: String,
     pub top_k: usize,
+    /// Request mode `auto`: the gate decides under this policy whether `mode` runs at all.
+    pub gate: Option<Policy>,
 }
 
 /// Which weights test-time adaptation trains.
@@ -112,6 +118,9 @@ pub struct ChatJob {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Timings {
     pub queue: f64,
+    /// The gate's forward pass and probe (mode `auto`).
+    #[serde(default)]
+    pub gate: f64,
     pub retrieve: f64,
     pub adapt: f64,
     pub prefill: f64,
@@ -121,11 +130,14 @@ pub struct Timings {
 /// What retrieval did for a request (the response's `rag` extension).
 #[derive(Debug, Clone, Serialize)]
 pub struct RagReport {
+    /// The mode that ran: `none` when the gate skipped retrieval.
     pub mode: RagMode,
     pub collection: Option<String>,
     pub passages: Vec<Passage>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tta: Option<TtaReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateReport>,
     pub timings_ms: Timings,
 }
 
@@ -185,6 +197,8 @@ pub struct EngineConfig {
     pub workers: usize,
     pub queue_capacity: usize,
     pub prompt_template: String,
+    /// The retrieval gate for requests in mode `auto`; such requests fail without one.
+    pub gate: Option<Arc<LoadedGate>>,
 }
 
 struct Worker {
@@ -194,6 +208,7 @@ struct Worker {
     queued: Arc<AtomicUsize>,
     /// Held while a full-weight adaptation and its answer run: one private weight copy at a time.
     full_scope: Arc<std::sync::Mutex<()>>,
+    gate: Option<Arc<LoadedGate>>,
 }
 
 impl Engine {
@@ -214,6 +229,7 @@ impl Engine {
                 prompt: prompt.clone(),
                 queued: queued.clone(),
                 full_scope: full_scope.clone(),
+                gate: cfg.gate.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("model-worker-{i}"))
@@ -330,8 +346,28 @@ impl Worker {
             ..Default::default()
         };
 
+        let mut mode = req.rag.mode;
+        let gate = match req.rag.gate {
+            None => None,
+            Some(policy) => {
+                let g = self.gate.as_ref().ok_or_else(|| {
+                    Some(EngineError::Internal(
+                        "mode `auto` needs a gate probe and this engine has none".into(),
+                    ))
+                })?;
+                let report = g
+                    .assess(&self.model, &req.messages, policy)
+                    .map_err(|e| internal(format!("{e:#}")))?;
+                timings.gate = report.gate_ms;
+                if !report.decision.retrieves() {
+                    mode = RagMode::None;
+                }
+                Some(report)
+            }
+        };
+
         let t = Instant::now();
-        let (collection, passages) = match req.rag.mode {
+        let (collection, passages) = match mode {
             RagMode::None => (None, vec![]),
             RagMode::Static | RagMode::Tta => {
                 let question = RagPrompt::question(&req.messages).unwrap_or("");
@@ -347,15 +383,14 @@ impl Worker {
         };
         timings.retrieve = t.elapsed().as_secs_f64() * 1e3;
 
-        let full = matches!(&req.tta, Some(p) if p.scope == TtaScope::Full)
-            && req.rag.mode == RagMode::Tta;
+        let full = matches!(&req.tta, Some(p) if p.scope == TtaScope::Full) && mode == RagMode::Tta;
         // A poisoned lock only means another request panicked; the guard protects no data.
         let _serial = full.then(|| {
             self.full_scope
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
         });
-        let (adapted, tta) = match (&req.tta, req.rag.mode) {
+        let (adapted, tta) = match (&req.tta, mode) {
             (Some(params), RagMode::Tta) => {
                 let (adapted, report) = self
                     .adapt(req, params, &passages)
@@ -417,10 +452,11 @@ impl Worker {
             prompt_tokens: ids.len(),
             completion_tokens: out.completion_tokens,
             rag: RagReport {
-                mode: req.rag.mode,
+                mode,
                 collection,
                 passages,
                 tta,
+                gate,
                 timings_ms: timings,
             },
             choice_scores,

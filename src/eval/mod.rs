@@ -138,6 +138,7 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
             workers: 1,
             queue_capacity: 2,
             prompt_template: cfg.retrieval.prompt_template.clone(),
+            gate: None,
         },
     )?;
     let wanted: std::collections::HashSet<(String, String)> = questions

@@ -141,6 +141,7 @@ fn arm_summary(arm: &ResolvedArm, recs: &[&Record], run: &RunSpec) -> ArmSummary
         latency_mean_ms: mean(&lat),
         stages_ms: Timings {
             queue: stage(|t| t.queue),
+            gate: stage(|t| t.gate),
             retrieve: stage(|t| t.retrieve),
             adapt: stage(|t| t.adapt),
             prefill: stage(|t| t.prefill),

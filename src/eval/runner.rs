@@ -61,6 +61,7 @@ fn job(
             mode: arm.rag_mode(),
             collection: ds.collection.clone(),
             top_k: arm.top_k,
+            gate: None,
         },
         tta,
         score_choices: choice_variants(choices).0,

@@ -7,9 +7,13 @@
 //! - [`probe`] trains and runs the classifier (logistic or one-hidden-layer MLP) over
 //!   standardised hidden-state features, saves it as safetensors, and holds the metrics used to
 //!   judge it (accuracy, macro-F1, majority baseline, stratified split).
+//! - [`card`] is the saved artefact (JSON card + weights) and its checks against the served
+//!   model; [`assess`] runs it on a request.
 //! - [`policy`] names the four MMA-RAG classes (S1..S4) and turns the probe's class
 //!   probabilities into a retrieve/skip decision.
 
+pub mod assess;
+pub mod card;
 pub mod features;
 pub mod labels;
 pub mod policy;

@@ -52,6 +52,14 @@ impl Decision {
     pub fn retrieves(self) -> bool {
         self == Decision::Retrieve
     }
+
+    /// The wire name: `retrieve` or `skip`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Retrieve => "retrieve",
+            Decision::Skip => "skip",
+        }
+    }
 }
 
 /// How class probabilities become a decision (see [`decide`]).

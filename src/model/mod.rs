@@ -4,6 +4,7 @@
 mod chat_template;
 mod config;
 mod decoder;
+pub mod fingerprint;
 mod frozen;
 pub mod gguf;
 pub mod tiny;

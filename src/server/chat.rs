@@ -77,6 +77,12 @@ impl Outcome {
         m.latency
             .with_label_values(&[self.mode])
             .observe(self.start.elapsed().as_secs_f64());
+        if let Some(g) = done.and_then(|c| c.rag.gate.as_ref()) {
+            m.gate_decisions
+                .with_label_values(&[g.decision.as_str()])
+                .inc();
+            m.gate_seconds.observe(g.gate_ms / 1e3);
+        }
         if let Some(c) = done {
             m.tokens
                 .with_label_values(&["prompt"])
@@ -143,7 +149,11 @@ async fn handle(
         &app.ab.arms,
         session.filter(|s| !s.is_empty()),
     )?;
-    outcome.mode = job.rag.mode.as_str();
+    outcome.mode = if job.rag.gate.is_some() {
+        "auto"
+    } else {
+        job.rag.mode.as_str()
+    };
     outcome.arm = arm;
     let arm_name = arm.and_then(|i| app.ab.arms.get(i)).map(|a| a.name.clone());
     let mut rx = app.engine.submit(job)?;

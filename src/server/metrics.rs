@@ -1,5 +1,6 @@
 //! Prometheus metrics: requests by outcome, latency and time-to-first-token histograms, tokens,
-//! and the A/B arms' (`arm` label) requests, latency, adaptation loss change, fallbacks, feedback.
+//! the A/B arms' (`arm` label) requests, latency, adaptation loss change, fallbacks, feedback,
+//! and the retrieval gate's decisions and time.
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
@@ -18,6 +19,8 @@ pub struct Metrics {
     pub arm_loss_delta: HistogramVec,
     pub arm_fallbacks: IntCounterVec,
     pub feedback: IntCounterVec,
+    pub gate_decisions: IntCounterVec,
+    pub gate_seconds: prometheus::Histogram,
 }
 
 const BUCKETS: &[f64] = &[
@@ -111,6 +114,22 @@ impl Metrics {
             &["arm", "signal"],
         )
         .expect("metric");
+        let gate_decisions = IntCounterVec::new(
+            Opts::new(
+                "ttarag_gate_decisions_total",
+                "Retrieval gate decisions on mode-auto requests (retrieve, skip)",
+            ),
+            &["decision"],
+        )
+        .expect("metric");
+        let gate_seconds = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "ttarag_gate_duration_seconds",
+                "Time the retrieval gate takes per request",
+            )
+            .buckets(BUCKETS.to_vec()),
+        )
+        .expect("metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
@@ -122,6 +141,8 @@ impl Metrics {
             Box::new(arm_loss_delta.clone()),
             Box::new(arm_fallbacks.clone()),
             Box::new(feedback.clone()),
+            Box::new(gate_decisions.clone()),
+            Box::new(gate_seconds.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -137,6 +158,8 @@ impl Metrics {
             arm_loss_delta,
             arm_fallbacks,
             feedback,
+            gate_decisions,
+            gate_seconds,
         }
     }
 

@@ -57,7 +57,7 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-/// `"rag": {"mode", "arm", "collection", "top_k", "tta"}`; later capabilities add fields.
+/// `"rag": {"mode", "arm", "collection", "top_k", "tta", "gate"}`.
 #[derive(Debug, Deserialize, Default)]
 pub struct RagRequest {
     pub mode: Option<String>,
@@ -66,6 +66,16 @@ pub struct RagRequest {
     pub collection: Option<String>,
     pub top_k: Option<i64>,
     pub tta: Option<TtaRequest>,
+    pub gate: Option<GateRequest>,
+}
+
+/// `"rag": {"gate": {...}}`: the gate's settings for mode `auto`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct GateRequest {
+    pub policy: Option<crate::gate::policy::Policy>,
+    /// What runs when the gate retrieves: `static` or `tta`.
+    pub then: Option<String>,
 }
 
 /// `"rag": {"tta": {...}}`: adaptation settings for mode `tta`.

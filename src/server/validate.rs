@@ -121,15 +121,42 @@ pub fn to_job(
     if let Some(a) = arm.and_then(|i| arms.get(i)) {
         ab::apply(a, &mut rag);
     }
-    let mode = match rag.mode.as_deref() {
-        None => RagMode::Static,
-        Some(m) => RagMode::parse(m).ok_or_else(|| {
-            ApiError::invalid(
-                format!("rag.mode `{m}` is not one of \"static\", \"tta\", \"none\""),
-                Some("rag.mode"),
-            )
-        })?,
+    let gc = &cfg.gate;
+    let asked = rag.mode.as_deref().unwrap_or(&gc.default_mode);
+    let auto = asked == "auto";
+    if auto && gc.probe.is_none() {
+        return Err(ApiError::invalid(
+            "rag.mode `auto` needs the retrieval gate, and this server has none (gate.probe)",
+            Some("rag.mode"),
+        ));
+    }
+    let wire_gate = rag.gate.take().unwrap_or_default();
+    if !auto && (wire_gate.policy.is_some() || wire_gate.then.is_some()) {
+        return Err(ApiError::invalid(
+            format!("rag.gate applies to mode `auto`, not `{asked}`"),
+            Some("rag.gate"),
+        ));
+    }
+    let (mode_name, param) = match &wire_gate.then {
+        Some(t) if auto => (t.as_str(), "rag.gate.then"),
+        _ if auto => (gc.then.as_str(), "rag.gate.then"),
+        _ => (asked, "rag.mode"),
     };
+    let mode = match RagMode::parse(mode_name) {
+        Some(RagMode::None) if auto => None,
+        m => m,
+    }
+    .ok_or_else(|| {
+        let allowed = if auto {
+            "\"static\", \"tta\""
+        } else {
+            "\"static\", \"tta\", \"none\", \"auto\""
+        };
+        ApiError::invalid(
+            format!("{param} `{mode_name}` is not one of {allowed}"),
+            Some(param),
+        )
+    })?;
     let top_k = match rag.top_k {
         None => r.top_k,
         Some(k) if k >= 1 && k as usize <= r.max_top_k => k as usize,
@@ -141,6 +168,11 @@ pub fn to_job(
         }
     };
     let collection = rag.collection.unwrap_or_else(|| r.collection.clone());
+    let gate = auto.then(|| {
+        wire_gate
+            .policy
+            .unwrap_or_else(|| gc.policy_for(&collection))
+    });
     let tta = match mode {
         RagMode::Tta => {
             let t = rag.tta.unwrap_or_default();
@@ -183,6 +215,7 @@ pub fn to_job(
             mode,
             collection,
             top_k,
+            gate,
         },
         tta,
         score_choices: vec![],

@@ -87,6 +87,7 @@ pub fn qasc_engine(workers: usize) -> (ttarag::engine::Engine, tempfile::TempDir
             workers,
             queue_capacity: 8,
             prompt_template: cfg.retrieval.prompt_template.clone(),
+            gate: None,
         },
     )
     .unwrap();
@@ -119,6 +120,11 @@ pub async fn start_tiny_with(
     cfg.server.queue_capacity = queue;
     cfg.server.max_body_bytes = 64 * 1024;
     let model = Arc::new(model);
+    let gate = cfg.gate.probe.as_ref().map(|card| {
+        Arc::new(
+            ttarag::gate::card::LoadedGate::load(card, &model, TINY_SHA, &Device::Cpu).unwrap(),
+        )
+    });
     let engine = Engine::start(
         model.clone(),
         cols,
@@ -126,6 +132,7 @@ pub async fn start_tiny_with(
             workers,
             queue_capacity: queue,
             prompt_template: cfg.retrieval.prompt_template.clone(),
+            gate,
         },
     )
     .unwrap();
@@ -142,4 +149,52 @@ pub async fn start_tiny_with(
         model,
         _dir: dir,
     }
+}
+
+/// The weights fingerprint test servers claim for the tiny model.
+pub const TINY_SHA: &str = "tiny-weights";
+
+/// Writes a gate card (and its logistic probe) for the tiny model whose class probabilities are
+/// `softmax(logits)` whatever the question: zero weights, these biases. Returns the card path.
+pub fn constant_gate(dir: &std::path::Path, logits: [f32; 4]) -> PathBuf {
+    use candle_core::Tensor;
+    let m = ttarag::model::tiny::tiny_model(3).unwrap();
+    let cfg = m.decoder.config();
+    let dim = cfg.hidden_size;
+    let cpu = Device::Cpu;
+    let tensors = std::collections::HashMap::from([
+        (
+            "gate.meta".to_string(),
+            Tensor::new(&[1u32, 0, dim as u32, 4, 0], &cpu).unwrap(),
+        ),
+        (
+            "norm.mean".to_string(),
+            Tensor::zeros(dim, DType::F32, &cpu).unwrap(),
+        ),
+        (
+            "norm.std".to_string(),
+            Tensor::ones(dim, DType::F32, &cpu).unwrap(),
+        ),
+        (
+            "out.weight".to_string(),
+            Tensor::zeros((4, dim), DType::F32, &cpu).unwrap(),
+        ),
+        ("out.bias".to_string(), Tensor::new(&logits, &cpu).unwrap()),
+    ]);
+    candle_core::safetensors::save(&tensors, dir.join("gate.safetensors")).unwrap();
+    let card = serde_json::json!({
+        "format": 1,
+        "model": {"id": "tiny", "sha256": TINY_SHA, "hidden_size": dim,
+                  "num_layers": cfg.num_hidden_layers},
+        "features": {"pass": "pre", "layer": 1, "position": "last"},
+        "probe": {"kind": "logistic"},
+        "weights": "gate.safetensors",
+        "classes": ["S1", "S2", "S3", "S4"],
+        "label_counts": {"S1": 1, "S2": 1, "S3": 1, "S4": 1},
+        "validation": {"n": 4, "accuracy": 0.25, "macro_f1": 0.1,
+                       "majority_class": "S1", "majority_accuracy": 0.25},
+    });
+    let path = dir.join("gate.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&card).unwrap()).unwrap();
+    path
 }

@@ -1,0 +1,58 @@
+//! The gate at request time: read the question's hidden state at the card's tap, run the probe,
+//! apply the policy.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use super::card::LoadedGate;
+use super::features::prompt_features;
+use super::policy::{decide, Decision, Policy, CLASSES};
+use crate::model::{ChatMessage, Model};
+
+/// What the gate did for one request (the response's `rag.gate`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GateReport {
+    pub policy: Policy,
+    pub decision: Decision,
+    /// Class probabilities, keyed `S1`..`S4`.
+    pub probs: BTreeMap<&'static str, f32>,
+    pub layer: usize,
+    pub gate_ms: f64,
+}
+
+impl LoadedGate {
+    /// Decides for the prompt the model would answer without retrieval (`messages` as sent).
+    pub fn assess(
+        &self,
+        model: &Model,
+        messages: &[ChatMessage],
+        policy: Policy,
+    ) -> Result<GateReport> {
+        let t = Instant::now();
+        let tap = self.card.features;
+        let feats = prompt_features(model, messages).context("gate features")?;
+        let row = feats
+            .get(tap.position, tap.layer)
+            .with_context(|| format!("layer {} not read", tap.layer))?
+            .to_vec();
+        let p = self
+            .probe
+            .predict_proba(&[row])?
+            .pop()
+            .context("probe returned no row")?;
+        let probs4: [f32; 4] = p
+            .as_slice()
+            .try_into()
+            .context("probe does not output four classes")?;
+        Ok(GateReport {
+            policy,
+            decision: decide(policy, &probs4),
+            probs: CLASSES.iter().copied().zip(probs4).collect(),
+            layer: tap.layer,
+            gate_ms: t.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}

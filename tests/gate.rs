@@ -1,0 +1,163 @@
+//! Request mode `auto` over HTTP: the gate's decision controls retrieval and adaptation, shows in
+//! the response's `rag.gate` and timings, and is counted in `/metrics`.
+
+mod common;
+
+use common::{constant_gate, start_tiny, start_tiny_with, TestServer};
+use serde_json::{json, Value};
+
+async fn post(base: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+fn ask(rag: Value) -> Value {
+    json!({"model": "tiny", "max_tokens": 8, "temperature": 0, "seed": 1, "rag": rag,
+           "messages": [{"role": "user", "content": "What can damage buildings?"}]})
+}
+
+/// A server whose gate always puts S3 (retrieval harms) first: P = softmax([0, 0, 5, 0]).
+async fn gated(tweak: impl FnOnce(&mut ttarag::config::Config)) -> (TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ttarag::config::Config::default();
+    cfg.gate.probe = Some(constant_gate(dir.path(), [0.0, 0.0, 5.0, 0.0]));
+    tweak(&mut cfg);
+    (start_tiny_with(1, 8, false, cfg).await, dir)
+}
+
+#[tokio::test]
+async fn the_gate_skips_retrieval_and_adaptation_when_it_says_so() {
+    let (s, _d) = gated(|_| {}).await;
+    // Default policy (optimistic): S3 is the argmax, so retrieval is skipped.
+    let (status, skip) = post(
+        &s.base,
+        &ask(json!({"mode": "auto", "gate": {"then": "tta"}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{skip}");
+    let rag = &skip["rag"];
+    assert_eq!(rag["mode"], "none");
+    assert_eq!(rag["passages"].as_array().unwrap().len(), 0);
+    assert!(
+        rag.get("tta").is_none(),
+        "no adaptation when skipped: {rag}"
+    );
+    assert_eq!(rag["timings_ms"]["adapt"], 0.0);
+    let g = &rag["gate"];
+    assert_eq!(g["policy"], "optimistic");
+    assert_eq!(g["decision"], "skip");
+    assert_eq!(g["layer"], 1);
+    assert!(g["gate_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(rag["timings_ms"]["gate"], g["gate_ms"]);
+    let p: Vec<f64> = ["S1", "S2", "S3", "S4"]
+        .iter()
+        .map(|k| g["probs"][k].as_f64().unwrap())
+        .collect();
+    assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-4, "{p:?}");
+    assert!(p[2] > 0.9 && (p[0] - p[1]).abs() < 1e-6, "{p:?}");
+
+    // The same question with a policy that retrieves: passages and adaptation come back.
+    let (status, go) = post(
+        &s.base,
+        &ask(json!({"mode": "auto", "gate": {"policy": "always", "then": "tta"}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{go}");
+    assert_eq!(go["rag"]["mode"], "tta");
+    assert_eq!(go["rag"]["gate"]["decision"], "retrieve");
+    assert_eq!(go["rag"]["passages"][0]["id"], "f1");
+    assert!(go["rag"]["tta"].is_object());
+    assert!(
+        go["usage"]["prompt_tokens"].as_u64() > skip["usage"]["prompt_tokens"].as_u64(),
+        "skipping retrieval leaves the passages out of the prompt"
+    );
+
+    // threshold:<t> reads P(S2) (about 0.007 here).
+    for (t, want) in [("threshold:0.5", "skip"), ("threshold:0.001", "retrieve")] {
+        let (_, v) = post(
+            &s.base,
+            &ask(json!({"mode": "auto", "gate": {"policy": t}})),
+        )
+        .await;
+        assert_eq!(v["rag"]["gate"]["decision"], want, "{t}: {v}");
+        let mode = if want == "skip" { "none" } else { "static" };
+        assert_eq!(v["rag"]["mode"], mode);
+    }
+
+    let metrics = reqwest::get(format!("{}/metrics", s.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ttarag_gate_decisions_total{decision=\"skip\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ttarag_gate_decisions_total{decision=\"retrieve\"} 2"));
+    assert!(metrics.contains("ttarag_requests_total{mode=\"auto\",status=\"200\"} 4"));
+}
+
+#[tokio::test]
+async fn per_collection_policy_and_default_mode_come_from_the_config() {
+    let (s, _d) = gated(|c| {
+        c.gate.default_mode = "auto".into();
+        c.gate
+            .collection_policies
+            .insert("facts".into(), "pessimistic".parse().unwrap());
+    })
+    .await;
+    // No mode in the request: the configured default (auto) with the collection's policy.
+    let (status, v) = post(&s.base, &ask(json!({}))).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["rag"]["gate"]["policy"], "pessimistic");
+    assert_eq!(v["rag"]["gate"]["decision"], "skip");
+    // A request's explicit mode bypasses the gate.
+    let (_, v) = post(&s.base, &ask(json!({"mode": "static"}))).await;
+    assert!(v["rag"].get("gate").is_none());
+    assert_eq!(v["rag"]["mode"], "static");
+}
+
+#[tokio::test]
+async fn gate_requests_that_cannot_run_are_refused_with_openai_errors() {
+    let plain = start_tiny(1, 8, false).await;
+    let (status, v) = post(&plain.base, &ask(json!({"mode": "auto"}))).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(v["error"]["param"], "rag.mode");
+    assert!(v["error"]["message"].as_str().unwrap().contains("gate"));
+
+    let (s, _d) = gated(|_| {}).await;
+    let cases = [
+        (
+            json!({"mode": "static", "gate": {"policy": "always"}}),
+            "rag.gate",
+        ),
+        (
+            json!({"mode": "auto", "gate": {"then": "none"}}),
+            "rag.gate.then",
+        ),
+        (json!({"mode": "sometimes"}), "rag.mode"),
+    ];
+    for (rag, param) in cases {
+        let (status, v) = post(&s.base, &ask(rag.clone())).await;
+        assert_eq!(status, 400, "{rag}: {v}");
+        assert_eq!(v["error"]["param"], param, "{rag}: {v}");
+    }
+    let (status, v) = post(
+        &s.base,
+        &ask(json!({"mode": "auto", "gate": {"policy": "often"}})),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("policy"),
+        "{v}"
+    );
+}
