@@ -1,8 +1,9 @@
-//! The `ttarag` command line: `serve`, `index`, `ask`, `bench`, `eval`, `model`.
+//! The `ttarag` command line: `serve`, `index`, `ask`, `bench`, `eval`, `gate`, `model`.
 
 mod ask;
 mod bench;
 mod eval;
+mod gate;
 mod index;
 mod serve;
 
@@ -51,6 +52,9 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Compare RAG arms (closed book, static, test-time adaptation) on a QA set.
     Eval(eval::EvalArgs),
+    /// The retrieval gate: train a probe on the model's hidden states from eval records.
+    #[command(subcommand)]
+    Gate(gate::GateCmd),
     /// Model utilities.
     #[command(subcommand)]
     Model(ModelCmd),
@@ -95,6 +99,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ask(a) => ask::run(cfg, a),
         Command::Bench(a) => bench::run(cfg, a),
         Command::Eval(a) => eval::run(cfg, a),
+        Command::Gate(c) => gate::run(cfg, c),
         Command::Model(ModelCmd::ExportHf { out }) => {
             let (device, dtype) = device_and_dtype(&cfg)?;
             let parts = crate::model::load_parts(&cfg.model.path, &device, dtype)

@@ -67,6 +67,9 @@ pub struct GateCard {
     /// Training rows per class (training and validation splits together).
     pub label_counts: BTreeMap<String, usize>,
     pub validation: CardScores,
+    /// Scores on rows that played no part in training or the choice.
+    #[serde(default)]
+    pub held_out: Option<CardScores>,
     /// How the probe was made (record files, arms, options, seed): free-form, for people.
     #[serde(default)]
     pub training: serde_json::Value,
@@ -217,6 +220,7 @@ mod tests {
                 majority_class: "S1".into(),
                 majority_accuracy: 0.25,
             },
+            held_out: None,
             training: serde_json::json!({"records": ["x.jsonl"]}),
         }
     }

@@ -1,5 +1,6 @@
 //! Gate training labels from evaluation records: a question answered both by an arm without
 //! retrieval and by an arm with it gets its MMA-RAG class (see [`super::policy::class_of`]).
+//! Hand-labelled extra questions (chit-chat, say) join them from a JSONL file.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -7,8 +8,9 @@ use std::path::Path;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use super::policy::class_of;
+use super::policy::{class_of, CLASSES};
 use crate::eval::record::Record;
+use crate::model::ChatMessage;
 
 /// One labelled question.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,6 +81,98 @@ pub fn label(records: &[Record], without: &str, with: &str) -> (Vec<Labelled>, u
     (out, skipped)
 }
 
+/// One question of the gate's training set, as the model would see it without retrieval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    /// Where the label came from: the records file or the extra file.
+    pub source: String,
+    pub id: String,
+    /// System prompt (if any) and the question.
+    pub messages: Vec<ChatMessage>,
+    pub class: usize,
+}
+
+fn messages(system: Option<&str>, question: &str) -> Vec<ChatMessage> {
+    let mut m = Vec::new();
+    if let Some(s) = system.filter(|s| !s.is_empty()) {
+        m.push(ChatMessage::new("system", s));
+    }
+    m.push(ChatMessage::new("user", question));
+    m
+}
+
+/// Labelled examples from one eval run's records. The run's system prompt is read from the
+/// `run.json` beside the records (absent = none), so features see the prompt that was answered.
+/// Returns the examples and how many questions lacked either arm or failed.
+pub fn examples_from_run(
+    records: &Path,
+    without: &str,
+    with: &str,
+) -> anyhow::Result<(Vec<Example>, usize)> {
+    let recs = read_records(records)?;
+    let run_file = records.with_file_name("run.json");
+    let system = if run_file.exists() {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&run_file)?)
+            .with_context(|| format!("{}: not JSON", run_file.display()))?;
+        v["dataset"]["system"].as_str().map(String::from)
+    } else {
+        None
+    };
+    let (labelled, skipped) = label(&recs, without, with);
+    anyhow::ensure!(
+        !labelled.is_empty(),
+        "{}: no question was answered by both `{without}` and `{with}`",
+        records.display()
+    );
+    let source = records.display().to_string();
+    let out = labelled
+        .into_iter()
+        .map(|l| Example {
+            source: source.clone(),
+            id: l.id,
+            messages: messages(system.as_deref(), &l.question),
+            class: l.class,
+        })
+        .collect();
+    Ok((out, skipped))
+}
+
+/// Hand-labelled examples: JSONL rows `{"id", "question", "class": "S1".."S4", "system"?}`.
+pub fn examples_from_jsonl(path: &Path) -> anyhow::Result<Vec<Example>> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Row {
+        id: String,
+        question: String,
+        class: String,
+        #[serde(default)]
+        system: Option<String>,
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let source = path.display().to_string();
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let at = || format!("{}:{}", path.display(), i + 1);
+            let r: Row = serde_json::from_str(l).with_context(|| format!("{}: bad row", at()))?;
+            let class = CLASSES
+                .iter()
+                .position(|c| *c == r.class)
+                .with_context(|| {
+                    format!("{}: class `{}` is not one of {CLASSES:?}", at(), r.class)
+                })?;
+            Ok(Example {
+                source: source.clone(),
+                id: r.id,
+                messages: messages(r.system.as_deref(), &r.question),
+                class,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,5 +232,48 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains(":1:"));
+    }
+
+    #[test]
+    fn examples_carry_the_run_system_prompt_and_extra_rows_their_class() {
+        let dir = tempfile::tempdir().unwrap();
+        let recs = [
+            sample_record("closed_book", "a", false),
+            sample_record("static", "a", true),
+        ];
+        let jsonl = dir.path().join("records.jsonl");
+        let lines: Vec<String> = recs
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap())
+            .collect();
+        std::fs::write(&jsonl, lines.join("\n")).unwrap();
+        let (ex, skipped) = examples_from_run(&jsonl, "closed_book", "static").unwrap();
+        assert_eq!((ex.len(), skipped, ex[0].class), (1, 0, S2));
+        assert_eq!(ex[0].messages.len(), 1, "no run.json, no system prompt");
+        std::fs::write(
+            dir.path().join("run.json"),
+            r#"{"dataset": {"system": "Answer briefly."}}"#,
+        )
+        .unwrap();
+        let (ex, _) = examples_from_run(&jsonl, "closed_book", "static").unwrap();
+        assert_eq!(ex[0].messages[0].content, "Answer briefly.");
+        assert_eq!(ex[0].messages[1].role, "user");
+        assert!(examples_from_run(&jsonl, "closed_book", "tta").is_err());
+
+        let extra = dir.path().join("extra.jsonl");
+        std::fs::write(
+            &extra,
+            "{\"id\": \"hi\", \"question\": \"Hello!\", \"class\": \"S3\"}\n\n",
+        )
+        .unwrap();
+        let ex = examples_from_jsonl(&extra).unwrap();
+        assert_eq!((ex.len(), ex[0].class), (1, S3));
+        std::fs::write(
+            &extra,
+            "{\"id\": \"x\", \"question\": \"?\", \"class\": \"S9\"}\n",
+        )
+        .unwrap();
+        let e = examples_from_jsonl(&extra).unwrap_err().to_string();
+        assert!(e.contains(":1") && e.contains("S9"), "{e}");
     }
 }

@@ -9,6 +9,7 @@
 //!   judge it (accuracy, macro-F1, majority baseline, stratified split).
 //! - [`card`] is the saved artefact (JSON card + weights) and its checks against the served
 //!   model; [`assess`] runs it on a request.
+//! - [`sweep`] is the layer-wise analysis that picks the layer, position and probe kind.
 //! - [`policy`] names the four MMA-RAG classes (S1..S4) and turns the probe's class
 //!   probabilities into a retrieve/skip decision.
 
@@ -18,3 +19,5 @@ pub mod features;
 pub mod labels;
 pub mod policy;
 pub mod probe;
+pub mod report;
+pub mod sweep;
