@@ -156,3 +156,115 @@ fn a_question_the_model_cannot_take_is_recorded_as_a_failure() {
     let md = std::fs::read_to_string(dir.path().join("o/report.md")).unwrap();
     assert!(md.contains("| closed_book | 1 |"), "{md}");
 }
+
+#[test]
+fn gated_arms_follow_their_gate_and_report_what_it_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The probe is tied to the served weights' bytes: stand-in bytes for the in-memory model.
+    let weights = d.join("tiny.gguf");
+    std::fs::write(&weights, b"tiny weights").unwrap();
+    let sha = ttarag::model::fingerprint::weights_sha256(&weights).unwrap();
+    // S3 (retrieval harmful) most likely for every question.
+    let card = common::constant_gate_for(d, [0.0, 0.0, 5.0, 0.0], &sha);
+    let mut s = spec(d, 3);
+    s.arms.truncate(2);
+    let arms: ttarag::eval::spec::EvalSpec = toml::from_str(&format!(
+        r#"
+[dataset]
+name = "x"
+questions = "x"
+collection = "x"
+
+[[arms]]
+name = "gated-skip"
+mode = "gated"
+gate = {{ probe = "{card}", policy = "optimistic" }}
+
+[[arms]]
+name = "gated-always"
+mode = "gated"
+gate = {{ probe = "{card}", policy = "always", then = "static" }}
+"#,
+        card = card.display()
+    ))
+    .unwrap();
+    s.arms.extend(arms.arms);
+    let mut cfg = Config::default();
+    cfg.retrieval.index_dir = d.join("index");
+    cfg.model.path = weights;
+    let out = run(
+        &cfg,
+        Arc::new(ttarag::model::tiny::tiny_model(1).unwrap()),
+        EvalJob {
+            spec: s,
+            subset: Subset::default(),
+            only_arms: vec![],
+            out: d.join("g"),
+            fresh: false,
+            progress: false,
+        },
+    )
+    .unwrap();
+    let recs: Vec<Record> = std::fs::read_to_string(d.join("g/records.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let by = |arm: &str, id: &str| recs.iter().find(|r| r.arm == arm && r.id == id).unwrap();
+    for id in ["q1", "q2", "q3"] {
+        let skip = by("gated-skip", id);
+        assert_eq!(skip.gate.as_ref().unwrap()["decision"], "skip");
+        assert!(skip.retrieved.is_empty());
+        assert_eq!(
+            skip.output,
+            by("closed_book", id).output,
+            "skipped = closed book"
+        );
+        let always = by("gated-always", id);
+        assert_eq!(always.gate.as_ref().unwrap()["decision"], "retrieve");
+        assert_eq!(always.output, by("static", id).output, "retrieved = static");
+        assert_eq!(always.retrieved, by("static", id).retrieved);
+        assert!(always.timings_ms.gate > 0.0);
+    }
+    let g = |name: &str| {
+        out.summary
+            .arms
+            .iter()
+            .find(|a| a.name == name)
+            .unwrap()
+            .gate
+            .clone()
+            .unwrap()
+    };
+    assert_eq!(g("gated-skip").skipped, 1.0);
+    assert_eq!(g("gated-always").skipped, 0.0);
+    let md = std::fs::read_to_string(d.join("g/report.md")).unwrap();
+    assert!(md.contains("## Gate"), "{md}");
+    assert!(md.contains("| gated-skip | optimistic | 100.0 |"), "{md}");
+
+    // A probe made for other weights is refused before any question runs.
+    let other = common::constant_gate_for(&d.join("index"), [0.0; 4], "0000");
+    let mut s = spec(d, 3);
+    s.arms = toml::from_str::<ttarag::eval::spec::EvalSpec>(&format!(
+        "[dataset]\nname = \"x\"\nquestions = \"x\"\ncollection = \"x\"\n[[arms]]\nname = \"g\"\nmode = \"gated\"\ngate = {{ probe = \"{}\" }}\n",
+        other.display()
+    ))
+    .unwrap()
+    .arms;
+    let Err(e) = run(
+        &cfg,
+        Arc::new(ttarag::model::tiny::tiny_model(1).unwrap()),
+        EvalJob {
+            spec: s,
+            subset: Subset::default(),
+            only_arms: vec![],
+            out: d.join("h"),
+            fresh: false,
+            progress: false,
+        },
+    ) else {
+        panic!("a probe for other weights must be refused");
+    };
+    assert!(format!("{e:#}").contains("sha256"), "{e:#}");
+}

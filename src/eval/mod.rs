@@ -63,6 +63,31 @@ fn ensure_collection(cols: &Collections, spec: &EvalSpec, max_chars: usize) -> a
     Ok(())
 }
 
+/// The probe of the gated arms (one engine holds one gate, so they must share it), checked
+/// against the model's weights.
+fn load_gate(
+    cfg: &Config,
+    model: &Model,
+    arms: &[spec::ResolvedArm],
+) -> anyhow::Result<Option<Arc<crate::gate::card::LoadedGate>>> {
+    let mut probes = arms
+        .iter()
+        .filter_map(|a| a.gate.as_ref().map(|g| &g.probe));
+    let Some(first) = probes.next() else {
+        return Ok(None);
+    };
+    if let Some(other) = probes.find(|p| *p != first) {
+        bail!(
+            "gated arms name two probes ({} and {}); run them separately",
+            first.display(),
+            other.display()
+        );
+    }
+    let sha = crate::model::fingerprint::weights_sha256(&cfg.model.path)?;
+    let gate = crate::gate::card::LoadedGate::load(first, model, &sha, model.decoder.device())?;
+    Ok(Some(Arc::new(gate)))
+}
+
 /// Runs (or resumes) `job` on `model` and writes report.md, report.json, report.png and
 /// records.jsonl into `job.out`.
 pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<EvalOutcome> {
@@ -131,6 +156,7 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
     std::fs::write(&run_file, serde_json::to_vec_pretty(&stored)?)?;
     let (mut log, done) = RecordLog::open(&records_file)?;
 
+    let gate = load_gate(cfg, &model, &arms)?;
     let engine = Engine::start(
         model,
         cols,
@@ -138,7 +164,7 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
             workers: 1,
             queue_capacity: 2,
             prompt_template: cfg.retrieval.prompt_template.clone(),
-            gate: None,
+            gate,
         },
     )?;
     let wanted: std::collections::HashSet<(String, String)> = questions

@@ -46,6 +46,9 @@ pub struct Record {
     /// The engine's adaptation report (mode tta).
     pub tta: Option<serde_json::Value>,
     pub timings_ms: Timings,
+    /// A gated arm's decision and class probabilities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<serde_json::Value>,
     /// Wall time from submission to the last token (and choice scores).
     pub latency_ms: f64,
     pub prompt_tokens: usize,
@@ -141,6 +144,7 @@ pub(crate) fn sample_record(arm: &str, id: &str, correct: bool) -> Record {
         retrieved: vec![],
         recall: None,
         tta: None,
+        gate: None,
         timings_ms: Timings::default(),
         latency_ms: 10.0,
         prompt_tokens: 5,

@@ -65,6 +65,17 @@ pub struct ArmSummary {
     /// Mean time per stage.
     pub stages_ms: Timings,
     pub adapt: Option<AdaptSummary>,
+    pub gate: Option<GateSummary>,
+}
+
+/// What a gated arm's gate did.
+#[derive(Debug, Clone, Serialize)]
+pub struct GateSummary {
+    pub policy: String,
+    /// Fraction of questions answered without retrieval.
+    pub skipped: f64,
+    /// Mean time of the gate itself.
+    pub gate_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -124,6 +135,17 @@ fn arm_summary(arm: &ResolvedArm, recs: &[&Record], run: &RunSpec) -> ArmSummary
             fallbacks: recs.iter().filter(|r| r.fallback().is_some()).count(),
         }
     });
+    let gate = arm.gate.as_ref().map(|g| GateSummary {
+        policy: g.policy.to_string(),
+        skipped: mean_of(recs.iter().map(|r| {
+            let skip = r
+                .gate
+                .as_ref()
+                .and_then(|v| v.get("decision")?.as_str().map(|d| d == "skip"));
+            f64::from(u8::from(skip.unwrap_or(false)))
+        })),
+        gate_ms: stage(|t| t.gate),
+    });
     ArmSummary {
         name: arm.name.clone(),
         mode: arm.mode.clone(),
@@ -148,6 +170,7 @@ fn arm_summary(arm: &ResolvedArm, recs: &[&Record], run: &RunSpec) -> ArmSummary
             decode: stage(|t| t.decode),
         },
         adapt,
+        gate,
     }
 }
 
@@ -291,6 +314,30 @@ pub fn markdown(h: &RunHeader, s: &Summary) -> String {
             );
         }
     }
+    let gated: Vec<&ArmSummary> = s.arms.iter().filter(|a| a.gate.is_some()).collect();
+    if !gated.is_empty() {
+        let base = s.arms.iter().find(|a| a.name == h.baseline);
+        let _ = writeln!(
+            m,
+            "\n## Gate\n\n| arm | policy | skipped retrieval % | gate ms | mean latency ms | \
+             saved vs `{}` ms |\n|---|---|---|---|---|---|",
+            h.baseline
+        );
+        for a in gated {
+            let g = a.gate.as_ref().expect("filtered");
+            let saved = base.map_or(f64::NAN, |b| b.latency_mean_ms - a.latency_mean_ms);
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} | {} | {} |",
+                a.name,
+                g.policy,
+                pct(g.skipped),
+                ms(g.gate_ms),
+                ms(a.latency_mean_ms),
+                ms(saved)
+            );
+        }
+    }
     let adapted: Vec<&ArmSummary> = s.arms.iter().filter(|a| a.adapt.is_some()).collect();
     if !adapted.is_empty() {
         m.push_str("\n## Adaptation\n\n| arm | pairs | suffix loss before | after | Δ | fallbacks |\n|---|---|---|---|---|---|\n");
@@ -348,6 +395,7 @@ mod tests {
             mode: "static".into(),
             top_k: 3,
             tta: None,
+            gate: None,
         }
     }
 

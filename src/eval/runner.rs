@@ -61,7 +61,7 @@ fn job(
             mode: arm.rag_mode(),
             collection: ds.collection.clone(),
             top_k: arm.top_k,
-            gate: None,
+            gate: arm.gate.as_ref().map(|g| g.policy),
         },
         tta,
         score_choices: choice_variants(choices).0,
@@ -124,6 +124,7 @@ pub fn score(
         retrieved: vec![],
         recall: None,
         tta: None,
+        gate: None,
         timings_ms: Default::default(),
         latency_ms,
         prompt_tokens: 0,
@@ -180,6 +181,11 @@ pub fn score(
         .tta
         .as_ref()
         .and_then(|t| serde_json::to_value(t).ok());
+    r.gate = c
+        .rag
+        .gate
+        .as_ref()
+        .and_then(|g| serde_json::to_value(g).ok());
     r.timings_ms = c.rag.timings_ms.clone();
     r.prompt_tokens = c.prompt_tokens;
     r.completion_tokens = c.completion_tokens;

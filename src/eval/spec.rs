@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, TtaSection};
 use crate::engine::RagMode;
+use crate::gate::policy::Policy;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,11 +69,32 @@ impl Default for RunSpec {
 #[serde(deny_unknown_fields)]
 pub struct ArmSpec {
     pub name: String,
-    /// `closed_book` (or `none`), `static` or `tta`.
+    /// `closed_book` (or `none`), `static`, `tta`, or `gated` (the retrieval gate decides per
+    /// question whether its `then` mode runs or the question is answered closed book).
     pub mode: String,
     pub top_k: Option<usize>,
     /// Keys of the server config's `[tta]` section that this arm changes.
     pub tta: Option<toml::Table>,
+    /// Mode `gated`: probe card, policy and `then` mode; each defaults to the server config's
+    /// `[gate]`.
+    pub gate: Option<ArmGate>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ArmGate {
+    pub probe: Option<PathBuf>,
+    pub policy: Option<Policy>,
+    pub then: Option<String>,
+}
+
+/// A gated arm's settings, resolved.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResolvedGate {
+    pub probe: PathBuf,
+    pub policy: Policy,
+    /// `static` or `tta`.
+    pub then: String,
 }
 
 /// An arm with every setting filled in from the server config.
@@ -82,11 +104,17 @@ pub struct ResolvedArm {
     pub mode: String,
     pub top_k: usize,
     pub tta: Option<TtaSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<ResolvedGate>,
 }
 
 impl ResolvedArm {
+    /// The mode that runs when retrieval does (for a gated arm, its `then`).
     pub fn rag_mode(&self) -> RagMode {
-        parse_mode(&self.mode).unwrap_or(RagMode::None)
+        match &self.gate {
+            Some(g) => parse_mode(&g.then).unwrap_or(RagMode::Static),
+            None => parse_mode(&self.mode).unwrap_or(RagMode::None),
+        }
     }
 }
 
@@ -125,9 +153,42 @@ impl EvalSpec {
             if !names.insert(a.name.clone()) {
                 bail!("arm `{}` is defined twice", a.name);
             }
-            let mode = parse_mode(&a.mode).with_context(|| {
+            let gated = a.mode == "gated";
+            let gate = match (gated, &a.gate) {
+                (true, g) => {
+                    let g = g.clone().unwrap_or_default();
+                    let then = g.then.unwrap_or_else(|| cfg.gate.then.clone());
+                    if then != "static" && then != "tta" {
+                        bail!(
+                            "arm `{}`: gate.then `{then}` is not one of static, tta",
+                            a.name
+                        );
+                    }
+                    let probe = g
+                        .probe
+                        .or_else(|| cfg.gate.probe.clone())
+                        .with_context(|| {
+                            format!(
+                            "arm `{}`: a gated arm needs a probe (gate.probe in the arm or the \
+                             server config)",
+                            a.name
+                        )
+                        })?;
+                    Some(ResolvedGate {
+                        probe,
+                        policy: g
+                            .policy
+                            .unwrap_or_else(|| cfg.gate.policy_for(&self.dataset.collection)),
+                        then,
+                    })
+                }
+                (false, Some(_)) => bail!("arm `{}`: a gate table needs mode = \"gated\"", a.name),
+                (false, None) => None,
+            };
+            let mode_name = gate.as_ref().map_or(a.mode.as_str(), |g| g.then.as_str());
+            let mode = parse_mode(mode_name).with_context(|| {
                 format!(
-                    "arm `{}`: mode `{}` is not one of closed_book, static, tta",
+                    "arm `{}`: mode `{}` is not one of closed_book, static, tta, gated",
                     a.name, a.mode
                 )
             })?;
@@ -151,11 +212,13 @@ impl EvalSpec {
             out.push(ResolvedArm {
                 name: a.name.clone(),
                 mode: match mode {
+                    _ if gated => "gated".into(),
                     RagMode::None => "closed_book".into(),
                     m => m.as_str().into(),
                 },
                 top_k,
                 tta,
+                gate,
             });
         }
         if let Some(b) = &self.run.baseline {

@@ -157,6 +157,11 @@ pub const TINY_SHA: &str = "tiny-weights";
 /// Writes a gate card (and its logistic probe) for the tiny model whose class probabilities are
 /// `softmax(logits)` whatever the question: zero weights, these biases. Returns the card path.
 pub fn constant_gate(dir: &std::path::Path, logits: [f32; 4]) -> PathBuf {
+    constant_gate_for(dir, logits, TINY_SHA)
+}
+
+/// [`constant_gate`] for weights whose fingerprint is `sha`.
+pub fn constant_gate_for(dir: &std::path::Path, logits: [f32; 4], sha: &str) -> PathBuf {
     use candle_core::Tensor;
     let m = ttarag::model::tiny::tiny_model(3).unwrap();
     let cfg = m.decoder.config();
@@ -184,7 +189,7 @@ pub fn constant_gate(dir: &std::path::Path, logits: [f32; 4]) -> PathBuf {
     candle_core::safetensors::save(&tensors, dir.join("gate.safetensors")).unwrap();
     let card = serde_json::json!({
         "format": 1,
-        "model": {"id": "tiny", "sha256": TINY_SHA, "hidden_size": dim,
+        "model": {"id": "tiny", "sha256": sha, "hidden_size": dim,
                   "num_layers": cfg.num_hidden_layers},
         "features": {"pass": "pre", "layer": 1, "position": "last"},
         "probe": {"kind": "logistic"},
