@@ -119,6 +119,9 @@ pub struct GateSection {
     pub then: String,
     /// The mode of requests that name none: `static`, `tta`, `none` or `auto`.
     pub default_mode: String,
+    /// Why the configured probe was not loaded (set at start, never read from a file).
+    #[serde(skip)]
+    pub refused: Option<String>,
 }
 
 impl Default for GateSection {
@@ -129,6 +132,7 @@ impl Default for GateSection {
             collection_policies: Default::default(),
             then: "static".into(),
             default_mode: "static".into(),
+            refused: None,
         }
     }
 }

@@ -161,3 +161,41 @@ async fn gate_requests_that_cannot_run_are_refused_with_openai_errors() {
         "{v}"
     );
 }
+
+/// The probe shipped in `configs/gate/` fits the default model's exact weights and gives that
+/// model a usable decision; another model's shape is refused.
+#[test]
+fn the_shipped_probe_loads_for_the_default_model_only() {
+    use candle_core::Device;
+    use ttarag::gate::card::LoadedGate;
+    use ttarag::gate::policy::Policy;
+    use ttarag::model::ChatMessage;
+
+    let card = common::root().join("configs/gate/smollm2-135m-instruct.json");
+    let model = common::default_model();
+    let sha = ttarag::model::fingerprint::weights_sha256(&common::default_model_path()).unwrap();
+    let gate = LoadedGate::load(&card, &model, &sha, &Device::Cpu).unwrap();
+    assert_eq!(
+        ttarag::config::Config::default().gate.probe.as_deref(),
+        Some(std::path::Path::new(
+            "configs/gate/smollm2-135m-instruct.json"
+        )),
+        "the default config names the shipped probe"
+    );
+    let ask = |q: &str| {
+        gate.assess(&model, &[ChatMessage::new("user", q)], Policy::Optimistic)
+            .unwrap()
+    };
+    for q in ["What can damage buildings?", "Hi there, how are you?"] {
+        let r = ask(q);
+        let total: f32 = r.probs.values().sum();
+        assert!((total - 1.0).abs() < 1e-4, "{q}: {:?}", r.probs);
+        assert_eq!(r.layer, gate.card.features.layer);
+    }
+
+    let tiny = ttarag::model::tiny::tiny_model(1).unwrap();
+    let e = LoadedGate::load(&card, &tiny, &sha, &Device::Cpu).unwrap_err();
+    assert!(format!("{e:#}").contains("hidden size"), "{e:#}");
+    let e = LoadedGate::load(&card, &model, "0123", &Device::Cpu).unwrap_err();
+    assert!(format!("{e:#}").contains("sha256"), "{e:#}");
+}

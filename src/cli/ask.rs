@@ -116,6 +116,18 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
                         println!("  [{}] ({:.2}) {}", p.id, p.score, p.text);
                     }
                 }
+                if let Some(g) = &c.rag.gate {
+                    let probs: Vec<String> =
+                        g.probs.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+                    println!(
+                        "gate ({}, layer {}): {} [{}], {:.0} ms",
+                        g.policy,
+                        g.layer,
+                        g.decision.as_str(),
+                        probs.join(", "),
+                        g.gate_ms
+                    );
+                }
                 if let Some(tta) = &c.rag.tta {
                     println!(
                         "adaptation: {} pairs, {} steps, suffix loss {:?} -> {:?}, {:.0} ms{}",

@@ -38,7 +38,19 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
     cfg.validate()?;
     let model = super::load_model(&cfg)?;
     let collections = super::open_collections(&cfg)?;
-    let gate = super::load_gate(&cfg, &model)?;
+    let gate = match super::load_gate(&cfg, &model) {
+        Ok(g) => g,
+        // A server that gates by default cannot run without its gate; otherwise it serves
+        // everything but mode `auto`, whose requests are told why.
+        Err(e) if cfg.gate.default_mode == "auto" => return Err(e),
+        Err(e) => {
+            let why = format!("{e:#}");
+            tracing::warn!(error = %why, "gate refused; mode `auto` is unavailable");
+            cfg.gate.probe = None;
+            cfg.gate.refused = Some(why);
+            None
+        }
+    };
     let engine = Engine::start(
         model,
         collections,

@@ -125,8 +125,12 @@ pub fn to_job(
     let asked = rag.mode.as_deref().unwrap_or(&gc.default_mode);
     let auto = asked == "auto";
     if auto && gc.probe.is_none() {
+        let why = match &gc.refused {
+            Some(r) => format!("its probe was refused at start: {r}"),
+            None => "none is configured (gate.probe)".into(),
+        };
         return Err(ApiError::invalid(
-            "rag.mode `auto` needs the retrieval gate, and this server has none (gate.probe)",
+            format!("rag.mode `auto` needs the retrieval gate, and this server has none: {why}"),
             Some("rag.mode"),
         ));
     }
