@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{start_tiny, start_tiny_with, TestServer};
+use common::{post_json, start_tiny, start_tiny_with, TestServer};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use ttarag::config::Config;
@@ -29,19 +29,8 @@ fn with_rag(rag: Value) -> Value {
     b
 }
 
-async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{base}{path}"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap())
-}
-
 async fn chat(base: &str, body: &Value) -> Value {
-    let (status, v) = post(base, "/v1/chat/completions", body).await;
+    let (status, v) = post_json(base, "/v1/chat/completions", body).await;
     assert_eq!(status, 200, "{v}");
     v
 }
@@ -159,14 +148,14 @@ async fn pinned_arms_are_honoured_and_unknown_ones_refused() {
         assert_eq!(v["rag"]["arm"], "none");
         assert_eq!(v["rag"]["mode"], "none");
     }
-    let (status, v) = post(
+    let (status, v) = post_json(
         &s.base,
         "/v1/chat/completions",
         &with_rag(json!({"arm": "nope"})),
     )
     .await;
     assert_error(status, &v, 400, Some("rag.arm"), "unknown_arm");
-    let (status, v) = post(
+    let (status, v) = post_json(
         &s.base,
         "/v1/chat/completions",
         &with_rag(json!({"arm": "none", "mode": "static"})),
@@ -177,7 +166,7 @@ async fn pinned_arms_are_honoured_and_unknown_ones_refused() {
 
     // A server without arms refuses pins too.
     let plain = start_tiny(1, 8, false).await;
-    let (status, v) = post(
+    let (status, v) = post_json(
         &plain.base,
         "/v1/chat/completions",
         &with_rag(json!({"arm": "static"})),
@@ -222,7 +211,7 @@ async fn the_arm_is_in_the_json_response_and_the_last_streamed_chunk() {
     assert_eq!(last["rag"]["mode"], "static");
     // Streamed responses take feedback too.
     let id = last["id"].as_str().unwrap();
-    let (status, v) = post(&s.base, "/v1/feedback", &json!({"id": id, "rating": 4})).await;
+    let (status, v) = post_json(&s.base, "/v1/feedback", &json!({"id": id, "rating": 4})).await;
     assert_eq!(status, 200, "{v}");
 }
 
@@ -236,7 +225,7 @@ async fn feedback_statuses_and_summary_accuracy() {
     }
     let fb = |body: Value| {
         let base = s.base.clone();
-        async move { post(&base, "/v1/feedback", &body).await }
+        async move { post_json(&base, "/v1/feedback", &body).await }
     };
     let (status, v) = fb(json!({"id": ids[0], "correct": true, "comment": "spot on"})).await;
     assert_eq!(status, 200, "{v}");
@@ -302,7 +291,7 @@ async fn an_explicit_mode_stays_outside_the_experiment() {
     assert_eq!(v["rag"]["mode"], "static");
     assert!(v["rag"].get("arm").is_none(), "{v}");
     // Its response cannot take feedback: no arm to credit.
-    let (status, e) = post(
+    let (status, e) = post_json(
         &s.base,
         "/v1/feedback",
         &json!({"id": v["id"], "correct": true}),

@@ -56,25 +56,32 @@ tta = {{ scope = "lora", lr = 1e-2, min_words = 3, time_budget_ms = 0 }}
 fn eval(dir: &Path, seed: u64, out: &str) -> Vec<Record> {
     let mut cfg = Config::default();
     cfg.retrieval.index_dir = dir.join("index");
-    let model = Arc::new(ttarag::model::tiny::tiny_model(1).unwrap());
-    run(
-        &cfg,
-        model,
-        EvalJob {
-            spec: spec(dir, seed),
-            subset: Subset::default(),
-            only_arms: vec![],
-            out: dir.join(out),
-            fresh: false,
-            progress: false,
-        },
-    )
-    .unwrap();
+    eval_with(&cfg, spec(dir, seed), dir.join(out)).unwrap();
     std::fs::read_to_string(dir.join(out).join("records.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// Runs `spec` on the tiny model into `out`.
+fn eval_with(
+    cfg: &Config,
+    spec: EvalSpec,
+    out: std::path::PathBuf,
+) -> anyhow::Result<ttarag::eval::EvalOutcome> {
+    run(
+        cfg,
+        Arc::new(ttarag::model::tiny::tiny_model(1).unwrap()),
+        EvalJob {
+            spec,
+            subset: Subset::default(),
+            only_arms: vec![],
+            out,
+            fresh: false,
+            progress: false,
+        },
+    )
 }
 
 /// What a record says about the answer, without the wall times.
@@ -138,19 +145,7 @@ fn a_question_the_model_cannot_take_is_recorded_as_a_failure() {
     s.arms.truncate(1);
     let mut cfg = Config::default();
     cfg.retrieval.index_dir = dir.path().join("index");
-    let out = run(
-        &cfg,
-        Arc::new(ttarag::model::tiny::tiny_model(1).unwrap()),
-        EvalJob {
-            spec: s,
-            subset: Subset::default(),
-            only_arms: vec![],
-            out: dir.path().join("o"),
-            fresh: false,
-            progress: false,
-        },
-    )
-    .unwrap();
+    let out = eval_with(&cfg, s, dir.path().join("o")).unwrap();
     assert_eq!(out.summary.arms[0].errors, 1);
     assert_eq!(out.summary.arms[0].accuracy, 0.0);
     let md = std::fs::read_to_string(dir.path().join("o/report.md")).unwrap();
@@ -193,19 +188,7 @@ gate = {{ probe = "{card}", policy = "always", then = "static" }}
     let mut cfg = Config::default();
     cfg.retrieval.index_dir = d.join("index");
     cfg.model.path = weights;
-    let out = run(
-        &cfg,
-        Arc::new(ttarag::model::tiny::tiny_model(1).unwrap()),
-        EvalJob {
-            spec: s,
-            subset: Subset::default(),
-            only_arms: vec![],
-            out: d.join("g"),
-            fresh: false,
-            progress: false,
-        },
-    )
-    .unwrap();
+    let out = eval_with(&cfg, s, d.join("g")).unwrap();
     let recs: Vec<Record> = std::fs::read_to_string(d.join("g/records.jsonl"))
         .unwrap()
         .lines()
@@ -252,18 +235,7 @@ gate = {{ probe = "{card}", policy = "always", then = "static" }}
     ))
     .unwrap()
     .arms;
-    let Err(e) = run(
-        &cfg,
-        Arc::new(ttarag::model::tiny::tiny_model(1).unwrap()),
-        EvalJob {
-            spec: s,
-            subset: Subset::default(),
-            only_arms: vec![],
-            out: d.join("h"),
-            fresh: false,
-            progress: false,
-        },
-    ) else {
+    let Err(e) = eval_with(&cfg, s, d.join("h")) else {
         panic!("a probe for other weights must be refused");
     };
     assert!(format!("{e:#}").contains("sha256"), "{e:#}");

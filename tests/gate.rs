@@ -3,19 +3,8 @@
 
 mod common;
 
-use common::{constant_gate, start_tiny, start_tiny_with, TestServer};
+use common::{constant_gate, post, start_tiny, start_tiny_with, TestServer};
 use serde_json::{json, Value};
-
-async fn post(base: &str, body: &Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{base}/v1/chat/completions"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap())
-}
 
 fn ask(rag: Value) -> Value {
     json!({"model": "tiny", "max_tokens": 8, "temperature": 0, "seed": 1, "rag": rag,

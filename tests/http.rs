@@ -2,20 +2,9 @@
 
 mod common;
 
-use common::start_tiny;
+use common::{post, start_tiny};
 use futures::StreamExt;
 use serde_json::{json, Value};
-
-async fn post(base: &str, body: &Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{base}/v1/chat/completions"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap())
-}
 
 fn ask(q: &str) -> Value {
     json!({"model": "tiny", "messages": [{"role": "user", "content": q}],

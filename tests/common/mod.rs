@@ -207,3 +207,24 @@ pub fn constant_gate_for(dir: &std::path::Path, logits: [f32; 4], sha: &str) -> 
     std::fs::write(&path, serde_json::to_string_pretty(&card).unwrap()).unwrap();
     path
 }
+
+/// POSTs JSON to `base` + `path`; the status and the JSON body.
+pub async fn post_json(
+    base: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+/// POSTs a chat completion request.
+pub async fn post(base: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    post_json(base, "/v1/chat/completions", body).await
+}
