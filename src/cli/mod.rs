@@ -184,23 +184,12 @@ pub fn load_gate(
         return Ok(None);
     };
     let t = std::time::Instant::now();
-    // Shape first: hashing a large model's weights only to learn the probe cannot fit it would
-    // cost seconds at every start.
-    let c = crate::gate::card::GateCard::read(card)?;
-    let m = model.decoder.config();
-    anyhow::ensure!(
-        c.model.hidden_size == m.hidden_size && c.model.num_layers == m.num_hidden_layers,
-        "gate card {}: made for `{}` (hidden size {}, {} layers), not this model (hidden size \
-         {}, {} layers); train one with `ttarag gate train`",
-        card.display(),
-        c.model.id,
-        c.model.hidden_size,
-        c.model.num_layers,
-        m.hidden_size,
-        m.num_hidden_layers
-    );
-    let sha = crate::model::fingerprint::weights_sha256(&cfg.model.path)?;
-    let gate = crate::gate::card::LoadedGate::load(card, model, &sha, model.decoder.device())?;
+    let gate = crate::gate::card::LoadedGate::load_for_weights(
+        card,
+        model,
+        &cfg.model.path,
+        model.decoder.device(),
+    )?;
     tracing::info!(
         card = %card.display(),
         layer = gate.card.features.layer,

@@ -83,8 +83,12 @@ fn load_gate(
             other.display()
         );
     }
-    let sha = crate::model::fingerprint::weights_sha256(&cfg.model.path)?;
-    let gate = crate::gate::card::LoadedGate::load(first, model, &sha, model.decoder.device())?;
+    let gate = crate::gate::card::LoadedGate::load_for_weights(
+        first,
+        model,
+        &cfg.model.path,
+        model.decoder.device(),
+    )?;
     Ok(Some(Arc::new(gate)))
 }
 

@@ -111,6 +111,29 @@ pub struct LoadedGate {
     pub probe: Probe,
 }
 
+/// The card (and its probe's input width) against the model's hidden size and depth.
+fn check_shape(card: &GateCard, model: &Model, probe_input: usize) -> Result<()> {
+    let cfg = model.decoder.config();
+    ensure!(
+        card.model.hidden_size == cfg.hidden_size && probe_input == cfg.hidden_size,
+        "made for `{}` with hidden size {} (probe input {}), but the model's is {}; train a \
+         probe for this model with `ttarag gate train`",
+        card.model.id,
+        card.model.hidden_size,
+        probe_input,
+        cfg.hidden_size
+    );
+    ensure!(
+        card.model.num_layers == cfg.num_hidden_layers
+            && card.features.layer <= cfg.num_hidden_layers,
+        "reads layer {} of {} layers, but the model has {}",
+        card.features.layer,
+        card.model.num_layers,
+        cfg.num_hidden_layers
+    );
+    Ok(())
+}
+
 impl LoadedGate {
     /// Reads the card at `card_path` and its probe, refusing a card made for other weights
     /// (`model_sha256` is the serving model's fingerprint), another hidden size or depth, or
@@ -127,9 +150,24 @@ impl LoadedGate {
             .with_context(|| format!("gate card {}", card_path.display()))
     }
 
+    /// [`LoadedGate::load`] for the model whose weights are at `weights` (a `.gguf` file or a
+    /// Hugging Face folder). The card's shape is checked before the weights are hashed:
+    /// hashing a large model only to learn that the probe cannot fit it would cost seconds.
+    pub fn load_for_weights(
+        card_path: &Path,
+        model: &Model,
+        weights: &Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let card = GateCard::read(card_path)?;
+        check_shape(&card, model, card.model.hidden_size)
+            .with_context(|| format!("gate card {}", card_path.display()))?;
+        let sha = crate::model::fingerprint::weights_sha256(weights)?;
+        Self::load(card_path, model, &sha, device)
+    }
+
     /// Checks `card` and `probe` against `model` (see [`LoadedGate::load`]).
     pub fn new(card: GateCard, probe: Probe, model: &Model, model_sha256: &str) -> Result<Self> {
-        let cfg = model.decoder.config();
         ensure!(
             card.format == CARD_FORMAT,
             "card format {} is not {CARD_FORMAT}",
@@ -143,21 +181,7 @@ impl LoadedGate {
             card.model.sha256,
             model_sha256
         );
-        ensure!(
-            card.model.hidden_size == cfg.hidden_size && probe.input_dim() == cfg.hidden_size,
-            "made for hidden size {} (probe input {}), but the model's is {}",
-            card.model.hidden_size,
-            probe.input_dim(),
-            cfg.hidden_size
-        );
-        ensure!(
-            card.model.num_layers == cfg.num_hidden_layers
-                && card.features.layer <= cfg.num_hidden_layers,
-            "reads layer {} of {} layers, but the model has {}",
-            card.features.layer,
-            card.model.num_layers,
-            cfg.num_hidden_layers
-        );
+        check_shape(&card, model, probe.input_dim())?;
         ensure!(
             card.classes == CLASSES && probe.classes() == CLASSES.len(),
             "classes {:?} (probe outputs {}), expected {CLASSES:?}",
