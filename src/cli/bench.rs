@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use anyhow::Context;
 use candle_core::Tensor;
 use clap::Args;
 
@@ -31,6 +32,10 @@ pub struct BenchArgs {
     /// add, per request.
     #[arg(long, requires = "tta")]
     pub concurrent: Option<usize>,
+    /// Instead, time the retrieval gate (config [gate] probe) on this many questions, against
+    /// reading every layer as the trainer does.
+    #[arg(long, conflicts_with = "tta")]
+    pub gate: Option<usize>,
 }
 
 /// A `/proc/self/status` field in MB (Linux), if known.
@@ -100,6 +105,9 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
         "--runs and --new-tokens must be positive"
     );
     let model = super::load_model(&cfg)?;
+    if let Some(n) = a.gate {
+        return bench_gate(&cfg, &model, n);
+    }
     if let Some(n) = a.tta {
         bench_tta(&cfg, &model, n, a.dump_pairs.as_deref())?;
         if let Some(k) = a.concurrent {
@@ -155,6 +163,55 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
     if let Some(mb) = peak_rss_mb() {
         println!("peak rss       {mb:.0} MB");
     }
+    Ok(())
+}
+
+/// The gate's cost per question as served (blocks above the card's layer not run) and as the
+/// trainer reads features (every layer), alternating question by question.
+fn bench_gate(cfg: &Config, model: &crate::model::Model, n: usize) -> anyhow::Result<()> {
+    use crate::gate::card::LoadedGate;
+    use crate::gate::features::prompt_features;
+    use crate::gate::policy::Policy;
+
+    let probe = cfg
+        .gate
+        .probe
+        .as_ref()
+        .context("no [gate] probe is configured")?;
+    let gate = LoadedGate::load_for_weights(probe, model, &cfg.model.path, model.decoder.device())?;
+    let questions = [
+        "What can damage buildings?",
+        "Hi there, how are you today?",
+        "Does aspirin reduce the risk of a second heart attack in older adults?",
+        "What do plants need to make food?",
+        "What causes the seasons on Earth?",
+        "Can you write me a short poem about the sea?",
+    ];
+    let (mut served, mut every) = (vec![], vec![]);
+    for (i, q) in questions.iter().cycle().take(n.max(1) + 1).enumerate() {
+        let messages = [ChatMessage::new("user", q)];
+        let r = gate.assess(model, &messages, Policy::Optimistic)?;
+        let t = Instant::now();
+        prompt_features(model, &messages, None)?;
+        // The first question warms up, untimed.
+        if i > 0 {
+            served.push(r.gate_ms);
+            every.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let layers = model.decoder.config().num_hidden_layers;
+    println!("probe          {}", probe.display());
+    println!("threads        {}", candle_core::utils::get_num_threads());
+    println!("questions      {}", served.len());
+    println!(
+        "gate           {:.1} ms median (layers 1..={} of {layers}, probe and policy included)",
+        median(&mut served),
+        gate.card.features.layer
+    );
+    println!(
+        "all layers     {:.1} ms median (features only, as `gate train` reads them)",
+        median(&mut every)
+    );
     Ok(())
 }
 

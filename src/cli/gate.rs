@@ -155,7 +155,7 @@ fn train(cfg: Config, a: TrainArgs) -> anyhow::Result<()> {
     let mut feats = Vec::with_capacity(examples.len());
     for e in &examples {
         feats.push(
-            prompt_features(&model, &e.messages)
+            prompt_features(&model, &e.messages, None)
                 .with_context(|| format!("{}: question `{}`", e.source, e.id))?,
         );
         pb.inc(1);

@@ -33,7 +33,7 @@ impl LoadedGate {
     ) -> Result<GateReport> {
         let t = Instant::now();
         let tap = self.card.features;
-        let feats = prompt_features(model, messages).context("gate features")?;
+        let feats = prompt_features(model, messages, Some(tap.layer)).context("gate features")?;
         let row = feats
             .get(tap.position, tap.layer)
             .with_context(|| format!("layer {} not read", tap.layer))?

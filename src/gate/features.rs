@@ -42,10 +42,16 @@ impl LayerFeatures {
     }
 }
 
-/// Runs the chat prompt of `messages` through the model once (no logits) and reads every
-/// layer's state. The question is the last user message; its token span is found by
-/// tokenising the rendered prompt up to the question's start and end.
-pub fn prompt_features(model: &Model, messages: &[ChatMessage]) -> anyhow::Result<LayerFeatures> {
+/// Runs the chat prompt of `messages` through the model once (no logits) and reads the state
+/// of layers `0..=depth` (every layer when `depth` is `None`; the request-time gate needs only
+/// its card's layer, and the blocks above it are not run). The question is the last user
+/// message; its token span is found by tokenising the rendered prompt up to the question's
+/// start and end.
+pub fn prompt_features(
+    model: &Model,
+    messages: &[ChatMessage],
+    depth: Option<usize>,
+) -> anyhow::Result<LayerFeatures> {
     let prompt = model.render_chat(messages)?;
     let ids = model.tokenizer.encode(&prompt)?;
     anyhow::ensure!(!ids.is_empty(), "empty prompt");
@@ -68,6 +74,13 @@ pub fn prompt_features(model: &Model, messages: &[ChatMessage]) -> anyhow::Resul
         None => (0, ids.len()),
     };
     let dec = &model.decoder;
+    let layers = dec.config().num_hidden_layers;
+    if let Some(d) = depth {
+        anyhow::ensure!(
+            d <= layers,
+            "layer {d} asked of a model with {layers} layers"
+        );
+    }
     let input = Tensor::new(ids.as_slice(), dec.device())?.unsqueeze(0)?;
     let out = dec.forward(
         &input,
@@ -75,6 +88,7 @@ pub fn prompt_features(model: &Model, messages: &[ChatMessage]) -> anyhow::Resul
         &ForwardOpts {
             logits: Logits::None,
             hidden_states: true,
+            stop_after: depth,
             ..Default::default()
         },
     )?;
@@ -105,7 +119,7 @@ mod tests {
             ChatMessage::new("system", "Be brief."),
             ChatMessage::new("user", q),
         ];
-        let f = prompt_features(&model, &messages).unwrap();
+        let f = prompt_features(&model, &messages, None).unwrap();
         let cfg = model.decoder.config();
         assert_eq!(f.layers(), cfg.num_hidden_layers + 1);
         assert!(f.last.iter().all(|v| v.len() == cfg.hidden_size));
@@ -145,13 +159,20 @@ mod tests {
         }
         // Layers differ from one another (a tap that always read one layer would not).
         assert_ne!(f.last[0], f.last[cfg.num_hidden_layers]);
+
+        // Stopping early reads the same numbers for the layers it runs, and no others.
+        let upto = prompt_features(&model, &messages, Some(1)).unwrap();
+        assert_eq!(upto.layers(), 2);
+        assert_eq!(upto.last[..], f.last[..2]);
+        assert_eq!(upto.mean[..], f.mean[..2]);
+        assert!(prompt_features(&model, &messages, Some(cfg.num_hidden_layers + 1)).is_err());
     }
 
     #[test]
     fn a_prompt_over_the_context_is_an_error() {
         let model = tiny_model(2).unwrap();
         let long = "x".repeat(2000);
-        let err = prompt_features(&model, &[ChatMessage::new("user", &long)]).unwrap_err();
+        let err = prompt_features(&model, &[ChatMessage::new("user", &long)], None).unwrap_err();
         assert!(err.to_string().contains("context"), "{err}");
     }
 }

@@ -51,6 +51,9 @@ pub struct ForwardOpts<'a> {
     pub logits: Logits<'a>,
     /// Return the hidden state entering the first block and leaving every block.
     pub hidden_states: bool,
+    /// Run only the first `n` blocks (a probe reading layer `n` needs nothing above it).
+    /// Requires `logits: Logits::None` and no cache, whose upper layers would stay empty.
+    pub stop_after: Option<usize>,
     /// Use only ops with a backward pass. candle's fused softmax, rms-norm and rope silently
     /// cut the autograd graph, so training must take this path.
     pub differentiable: bool,
@@ -62,6 +65,7 @@ impl Default for ForwardOpts<'_> {
         Self {
             logits: Logits::Last,
             hidden_states: false,
+            stop_after: None,
             differentiable: false,
             adapter: None,
         }
@@ -395,6 +399,9 @@ impl Decoder {
         opts: &ForwardOpts,
     ) -> Result<ForwardOutput> {
         let (b, t) = ids.dims2()?;
+        if opts.stop_after.is_some() && (cache.is_some() || !matches!(opts.logits, Logits::None)) {
+            candle_core::bail!("stop_after needs Logits::None and no cache");
+        }
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         if offset + t > self.cfg.max_position_embeddings {
             candle_core::bail!(
@@ -415,7 +422,8 @@ impl Decoder {
         if opts.hidden_states {
             hidden.push(x.clone());
         }
-        for (l, block) in self.blocks.iter().enumerate() {
+        let depth = opts.stop_after.unwrap_or(self.blocks.len());
+        for (l, block) in self.blocks.iter().take(depth).enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[l]);
             x = self.block_forward(block, l, &x, &cos, &sin, mask.as_ref(), layer_cache, opts)?;
             if opts.hidden_states {
