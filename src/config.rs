@@ -81,8 +81,11 @@ pub struct TtaSection {
     pub condition_on_query: bool,
     pub lora_rank: usize,
     pub lora_alpha: f64,
+    pub lora_dropout: f64,
     pub lora_targets: Vec<String>,
     pub time_budget_ms: f64,
+    /// Rebuild each block's activations during the backward pass instead of keeping them all.
+    pub recompute_activations: bool,
     pub max_pairs_cap: usize,
     pub max_steps_cap: usize,
     pub max_tokens_per_pair_cap: usize,
@@ -194,6 +197,9 @@ pub struct ArmConfig {
     pub top_k: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tta: Option<ArmTta>,
+    /// For mode `auto`: the gate's policy and what runs when it retrieves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<crate::gate::policy::GateChoice>,
 }
 
 /// The keys a request may send in `rag.tta`, so an arm can say anything a request can.
@@ -219,6 +225,8 @@ pub struct ArmTta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_alpha: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_dropout: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_targets: Option<Vec<String>>,
 }
 
@@ -234,6 +242,7 @@ impl From<&ArmTta> for crate::engine::TtaOverrides {
             condition_on_query: t.condition_on_query,
             lora_rank: t.lora_rank,
             lora_alpha: t.lora_alpha,
+            lora_dropout: t.lora_dropout,
             lora_targets: t.lora_targets.clone(),
         }
     }
@@ -244,7 +253,12 @@ pub const MAX_FEEDBACK_WINDOW: usize = 10_000_000;
 
 impl AbSection {
     /// Arm settings are checked here, at startup, so a request never meets a broken arm.
-    pub fn validate(&self, retrieval: &RetrievalSection, tta: &TtaSection) -> anyhow::Result<()> {
+    pub fn validate(
+        &self,
+        retrieval: &RetrievalSection,
+        tta: &TtaSection,
+        gate: &GateSection,
+    ) -> anyhow::Result<()> {
         anyhow::ensure!(
             (1..=MAX_FEEDBACK_WINDOW).contains(&self.feedback_window),
             "ab.feedback_window {} is outside 1..={MAX_FEEDBACK_WINDOW}",
@@ -268,12 +282,34 @@ impl AbSection {
                 "ab arm `{name}`: weight {} must be a finite number above 0",
                 a.weight
             );
-            let mode = crate::engine::RagMode::parse(&a.mode).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "ab arm `{name}`: mode `{}` is not one of static, tta, none",
-                    a.mode
-                )
-            })?;
+            // Mode `auto` runs the gate, then `then` (the arm's, else `[gate]`'s).
+            let auto = a.mode == "auto";
+            let then = a.gate.as_ref().and_then(|g| g.then.as_deref());
+            let mode_name = if auto {
+                then.unwrap_or(&gate.then)
+            } else {
+                &a.mode
+            };
+            let mode = crate::engine::RagMode::parse(mode_name)
+                .filter(|m| !auto || *m != crate::engine::RagMode::None)
+                .ok_or_else(|| match auto {
+                    true => anyhow::anyhow!(
+                        "ab arm `{name}`: gate.then `{mode_name}` is not one of static, tta"
+                    ),
+                    false => anyhow::anyhow!(
+                        "ab arm `{name}`: mode `{}` is not one of static, tta, none, auto",
+                        a.mode
+                    ),
+                })?;
+            anyhow::ensure!(
+                auto || a.gate.is_none(),
+                "ab arm `{name}`: gate settings need mode \"auto\", not \"{}\"",
+                a.mode
+            );
+            anyhow::ensure!(
+                !auto || gate.probe.is_some(),
+                "ab arm `{name}`: mode \"auto\" needs the retrieval gate, and gate.probe is not set"
+            );
             if let Some(k) = a.top_k {
                 anyhow::ensure!(
                     (1..=retrieval.max_top_k).contains(&k),
@@ -389,7 +425,7 @@ impl Config {
             );
         }
         self.gate.validate()?;
-        self.ab.validate(&self.retrieval, &self.tta)
+        self.ab.validate(&self.retrieval, &self.tta, &self.gate)
     }
 }
 

@@ -172,8 +172,13 @@ fn the_shipped_probe_loads_for_the_default_model_only() {
         "the default config names the shipped probe"
     );
     let ask = |q: &str| {
-        gate.assess(&model, &[ChatMessage::new("user", q)], Policy::Optimistic)
-            .unwrap()
+        gate.assess(
+            &model,
+            &[ChatMessage::new("user", q)],
+            None,
+            Policy::Optimistic,
+        )
+        .unwrap()
     };
     for q in ["What can damage buildings?", "Hi there, how are you?"] {
         let r = ask(q);

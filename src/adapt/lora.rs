@@ -2,6 +2,7 @@
 //! weights are never written; an adapter lives in the request that created it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -14,6 +15,8 @@ pub struct LoraConfig {
     pub rank: usize,
     pub alpha: f64,
     pub targets: Vec<Target>,
+    /// Dropout on the adapter's input during training steps.
+    pub dropout: f64,
 }
 
 impl Default for LoraConfig {
@@ -22,6 +25,7 @@ impl Default for LoraConfig {
             rank: 8,
             alpha: 16.0,
             targets: vec![Target::Q, Target::V],
+            dropout: 0.0,
         }
     }
 }
@@ -57,7 +61,12 @@ pub struct Lora {
     a: HashMap<(usize, Target), Var>,
     b: HashMap<(usize, Target), Var>,
     scale: f64,
+    dropout: f64,
+    /// Mask seed of the training step under way; [`NO_STEP`] outside training (no dropout).
+    step: AtomicU64,
 }
+
+const NO_STEP: u64 = u64::MAX;
 
 impl Lora {
     /// A fresh adapter: `A` uniform in +-1/sqrt(in) (Kaiming, as PEFT), `B` zero, so the
@@ -87,6 +96,8 @@ impl Lora {
             a,
             b,
             scale: cfg.alpha / cfg.rank as f64,
+            dropout: cfg.dropout,
+            step: AtomicU64::new(NO_STEP),
         })
     }
 
@@ -105,14 +116,98 @@ impl Lora {
     }
 }
 
+/// The dropout mask (0 or 1/(1-p)) of one step, layer and projection. It is a function of
+/// those alone, so a block recomputed for the backward pass sees its forward's mask. Drawn on
+/// the host: candle's device generators are seeded per device, not per call, and requests run
+/// concurrently.
+fn dropout_mask(x: &Tensor, p: f64, step: u64, layer: usize, target: Target) -> Result<Tensor> {
+    let key = step
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add((layer as u64) << 8 | target as u64);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(key);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let m: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect();
+    Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())
+}
+
 impl Adapter for Lora {
+    fn begin_step(&self, step: Option<u64>) {
+        self.step.store(
+            step.map_or(NO_STEP, |s| s.min(NO_STEP - 1)),
+            Ordering::Relaxed,
+        );
+    }
+
     fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>> {
         let (Some(a), Some(b)) = (self.a.get(&(layer, target)), self.b.get(&(layer, target)))
         else {
             return Ok(None);
         };
+        let step = self.step.load(Ordering::Relaxed);
+        let dropped;
+        let x = if self.dropout > 0.0 && step != NO_STEP {
+            dropped = (x * dropout_mask(x, self.dropout, step, layer, target)?)?;
+            &dropped
+        } else {
+            x
+        };
         let h = x.broadcast_matmul(&a.as_tensor().t()?)?;
         let y = h.broadcast_matmul(&b.as_tensor().t()?)?;
         Ok(Some((y * self.scale)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tiny::tiny_parts;
+    use crate::model::Arch;
+
+    #[test]
+    fn dropout_acts_only_inside_a_training_step_and_repeats_within_it() {
+        let parts = tiny_parts(Arch::Llama, 1, &Device::Cpu, DType::F32).unwrap();
+        let cfg = LoraConfig {
+            dropout: 0.5,
+            ..Default::default()
+        };
+        let lora = Lora::new(&parts.config, &cfg, 4, &Device::Cpu, DType::F32).unwrap();
+        // Non-zero B so the delta is not identically zero.
+        for v in lora.b.values() {
+            v.set(&v.ones_like().unwrap()).unwrap();
+        }
+        let h = parts.config.hidden_size;
+        let x = Tensor::ones((2, 16, h), DType::F32, &Device::Cpu).unwrap();
+        let delta = |layer| {
+            lora.delta(layer, Target::Q, &x)
+                .unwrap()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let clean = delta(0);
+        lora.begin_step(Some(7));
+        let (a, again) = (delta(0), delta(0));
+        assert_eq!(a, again, "a recomputed block must see the same mask");
+        assert_ne!(a, clean);
+        assert_ne!(delta(1), a, "layers draw their own masks");
+        lora.begin_step(Some(8));
+        assert_ne!(delta(0), a, "steps draw their own masks");
+        lora.begin_step(None);
+        assert_eq!(delta(0), clean, "no dropout outside training");
+
+        // About half of the inputs are dropped and the rest scaled by 2.
+        let m = dropout_mask(&x, 0.5, 3, 0, Target::V)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let zeros = m.iter().filter(|&&v| v == 0.0).count() as f64 / m.len() as f64;
+        assert!((zeros - 0.5).abs() < 0.05, "{zeros}");
+        assert!(m.iter().all(|&v| v == 0.0 || v == 2.0));
     }
 }

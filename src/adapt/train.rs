@@ -27,6 +27,9 @@ pub struct TrainParams {
     pub seed: u64,
     /// Stop taking steps once this much time has passed.
     pub time_budget_ms: Option<f64>,
+    /// Rebuild each block's activations in the backward pass instead of keeping them all
+    /// (one more forward; working memory of one block instead of every block).
+    pub recompute: bool,
 }
 
 /// What the adaptation did (the response's `rag.tta`).
@@ -96,55 +99,149 @@ pub fn suffix_loss(
     batch_loss(dec, adapter, &[ex], differentiable)
 }
 
-/// The mean over `examples` of each one's mean suffix cross-entropy, in one batched pass.
-/// Sequences are right-padded: causal attention keeps padding from reaching real positions,
-/// and logits are computed only where a suffix token is predicted.
+/// A padded batch of examples: ids `(batch, t)`, the flattened rows whose logits predict a
+/// suffix token, those tokens, and each row's weight in the mean of per-example means.
+struct Batch {
+    ids: Tensor,
+    rows: Tensor,
+    targets: Tensor,
+    weights: Vec<f64>,
+}
+
+impl Batch {
+    /// Sequences are right-padded: causal attention keeps padding from reaching real positions.
+    fn new(dec: &Decoder, examples: &[&Example]) -> Result<Self> {
+        let dev = dec.device();
+        let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        if examples.is_empty() || t == 0 {
+            candle_core::bail!("no examples to score");
+        }
+        let (mut ids, mut rows, mut targets, mut weights) = (vec![], vec![], vec![], vec![]);
+        for (b, ex) in examples.iter().enumerate() {
+            ids.extend_from_slice(&ex.ids);
+            ids.extend(std::iter::repeat_n(0u32, t - ex.ids.len()));
+            let n = ex.ids.len() - ex.suffix_start;
+            for pos in ex.suffix_start..ex.ids.len() {
+                // Position pos - 1 predicts token pos.
+                rows.push((b * t + pos - 1) as u32);
+                targets.push(ex.ids[pos]);
+                weights.push(1.0 / (n * examples.len()) as f64);
+            }
+        }
+        Ok(Self {
+            ids: Tensor::from_vec(ids, (examples.len(), t), dev)?,
+            rows: Tensor::new(rows.as_slice(), dev)?,
+            targets: Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?,
+            weights,
+        })
+    }
+
+    /// The weighted cross-entropy of `logits` (one row per target).
+    fn loss(&self, logits: &Tensor) -> Result<Tensor> {
+        // f32 loss (f64 for f64 weights).
+        let acc = if logits.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let logp = candle_nn::ops::log_softmax(&logits.to_dtype(acc)?, 1)?;
+        let picked = logp.gather(&self.targets, 1)?.squeeze(1)?;
+        let weights = Tensor::new(self.weights.as_slice(), logits.device())?.to_dtype(acc)?;
+        (picked * weights)?.sum_all()?.neg()
+    }
+}
+
+/// The mean over `examples` of each one's mean suffix cross-entropy, in one batched pass;
+/// logits are computed only where a suffix token is predicted.
 pub fn batch_loss(
     dec: &Decoder,
     adapter: Option<&dyn Adapter>,
     examples: &[&Example],
     differentiable: bool,
 ) -> Result<Tensor> {
-    let dev = dec.device();
-    let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
-    if examples.is_empty() || t == 0 {
-        candle_core::bail!("no examples to score");
-    }
-    let (mut ids, mut rows, mut targets, mut weights) = (vec![], vec![], vec![], vec![]);
-    for (b, ex) in examples.iter().enumerate() {
-        ids.extend_from_slice(&ex.ids);
-        ids.extend(std::iter::repeat_n(0u32, t - ex.ids.len()));
-        let n = ex.ids.len() - ex.suffix_start;
-        for pos in ex.suffix_start..ex.ids.len() {
-            // Position pos - 1 predicts token pos.
-            rows.push((b * t + pos - 1) as u32);
-            targets.push(ex.ids[pos]);
-            weights.push(1.0 / (n * examples.len()) as f64);
-        }
-    }
-    let ids = Tensor::from_vec(ids, (examples.len(), t), dev)?;
-    let rows = Tensor::new(rows.as_slice(), dev)?;
+    let batch = Batch::new(dec, examples)?;
     let opts = ForwardOpts {
-        logits: Logits::Rows(&rows),
+        logits: Logits::Rows(&batch.rows),
         differentiable,
         adapter,
         ..Default::default()
     };
     let logits = dec
-        .forward(&ids, None, &opts)?
+        .forward(&batch.ids, None, &opts)?
         .logits
         .expect("Logits::Rows");
-    // f32 loss (f64 for f64 weights).
-    let acc = if logits.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
+    batch.loss(&logits)
+}
+
+/// Loss of one group and the gradients of `vars` (`None` where a var got none), with one
+/// block's activations alive at a time instead of every block's: the forward keeps only each
+/// block's input; the backward then rebuilds block `l` from its input and backpropagates the
+/// output's gradient `g` through it, as the gradient of the scalar `sum(block(x) * g)`. Costs
+/// one more forward pass; saves the activations of all blocks but one (gradient
+/// checkpointing, per block). Returns the loss and the time spent in the first forward.
+fn checkpointed_grads(
+    dec: &Decoder,
+    adapter: Option<&dyn Adapter>,
+    vars: &[Var],
+    examples: &[&Example],
+) -> Result<(Tensor, Vec<Option<Tensor>>, f64)> {
+    let tf = Instant::now();
+    let batch = Batch::new(dec, examples)?;
+    let opts = ForwardOpts {
+        logits: Logits::None,
+        differentiable: true,
+        adapter,
+        ..Default::default()
     };
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(acc)?, 1)?;
-    let targets = Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?;
-    let picked = logp.gather(&targets, 1)?.squeeze(1)?;
-    let weights = Tensor::new(weights.as_slice(), dev)?.to_dtype(acc)?;
-    (picked * weights)?.sum_all()?.neg()
+    let n = dec.num_blocks();
+    let mut inputs = Vec::with_capacity(n);
+    let mut x = dec.embed_ids(&batch.ids)?.detach();
+    for l in 0..n {
+        let y = dec.block_step(l, &x, &opts)?.detach();
+        inputs.push(x);
+        x = y;
+    }
+    let last = Var::from_tensor(&x)?;
+    drop(x);
+    let loss = batch.loss(&dec.head_rows(last.as_tensor(), &batch.rows, &opts)?)?;
+    let forward_ms = tf.elapsed().as_secs_f64() * 1e3;
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut collect = |store: &candle_core::backprop::GradStore| -> Result<()> {
+        for (v, acc) in vars.iter().zip(grads.iter_mut()) {
+            if let Some(g) = store.get(v.as_tensor()) {
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        Ok(())
+    };
+    let store = loss.backward()?;
+    collect(&store)?;
+    let mut g = match store.get(last.as_tensor()) {
+        Some(g) => g.clone(),
+        None => return Ok((loss, grads, forward_ms)),
+    };
+    drop(store);
+    while let Some(input) = inputs.pop() {
+        let l = inputs.len();
+        let x = Var::from_tensor(&input)?.as_tensor().clone();
+        drop(input);
+        let y = dec.block_step(l, &x, &opts)?;
+        let store = (y * &g)?.sum_all()?.backward()?;
+        collect(&store)?;
+        g = store
+            .get(&x)
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg(format!("block {l}: graph cut")))?;
+    }
+    // A trained embedding (full scope) takes the gradient of block 0's input.
+    let e = dec.embed_ids(&batch.ids)?;
+    if e.track_op() {
+        collect(&(e * &g)?.sum_all()?.backward()?)?;
+    }
+    Ok((loss, grads, forward_ms))
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -260,26 +357,46 @@ fn train(
             .map(|i| &examples[(next + i) % examples.len()])
             .collect();
         next += group.len();
+        if let Some(a) = adapter {
+            a.begin_step(Some(p.seed.wrapping_add(report.steps as u64)));
+        }
         let tf = Instant::now();
-        let loss = batch_loss(dec, adapter, &group, true)?;
-        let value = scalar(&loss)?;
-        report.forward_ms += tf.elapsed().as_secs_f64() * 1e3;
+        let (value, grads) = if p.recompute {
+            let (loss, grads, fwd) = checkpointed_grads(dec, adapter, vars, &group)?;
+            report.forward_ms += fwd;
+            report.backward_ms += tf.elapsed().as_secs_f64() * 1e3 - fwd;
+            (scalar(&loss)?, grads)
+        } else {
+            let loss = batch_loss(dec, adapter, &group, true)?;
+            let value = scalar(&loss)?;
+            report.forward_ms += tf.elapsed().as_secs_f64() * 1e3;
+            if !value.is_finite() {
+                (value, vec![])
+            } else {
+                let tb = Instant::now();
+                let store = loss.backward()?;
+                let grads = vars
+                    .iter()
+                    .map(|v| store.get(v.as_tensor()).cloned())
+                    .collect();
+                report.backward_ms += tb.elapsed().as_secs_f64() * 1e3;
+                (value, grads)
+            }
+        };
         if !value.is_finite() {
             report.fallback = Some(format!(
                 "non-finite loss ({value}); answered without adaptation"
             ));
             return Ok(false);
         }
-        let tb = Instant::now();
-        let store = loss.backward()?;
         let grads = vars
             .iter()
-            .map(|v| match store.get(v.as_tensor()) {
-                Some(g) => Ok(g.clone()),
+            .zip(grads)
+            .map(|(v, g)| match g {
+                Some(g) => Ok(g),
                 None => v.as_tensor().zeros_like(),
             })
             .collect::<Result<Vec<_>>>()?;
-        report.backward_ms += tb.elapsed().as_secs_f64() * 1e3;
         let to = Instant::now();
         let norm = global_norm(&grads)?;
         let scale = if p.clip_norm > 0.0 && norm > p.clip_norm {
@@ -290,6 +407,9 @@ fn train(
         opt.step(&grads, scale)?;
         report.optimizer_ms += to.elapsed().as_secs_f64() * 1e3;
         report.steps += 1;
+    }
+    if let Some(a) = adapter {
+        a.begin_step(None);
     }
     let after = mean_loss(dec, adapter, examples)?;
     report.loss_after = Some(after);
@@ -446,6 +566,7 @@ mod tests {
                 Target::Up,
                 Target::Down,
             ],
+            dropout: 0.0,
         };
         let lora = Lora::new(model.decoder.config(), &cfg, 1, &Device::Cpu, DType::F64).unwrap();
         // Give B non-zero values so A has a gradient too.
@@ -538,7 +659,161 @@ mod tests {
             lora: LoraConfig::default(),
             seed: 3,
             time_budget_ms: None,
+            recompute: false,
         }
+    }
+
+    /// Two examples of different lengths, so the batch is padded.
+    fn two_examples(model: &Model) -> Vec<Example> {
+        let short = Pair {
+            prefix: "bees carry pollen".into(),
+            suffix: "from flower to flower.".into(),
+        };
+        vec![
+            example(model),
+            encode_pair(model, &short, None, 128).unwrap().unwrap(),
+        ]
+    }
+
+    /// Largest difference between two gradient lists, relative to the largest magnitude.
+    fn grad_gap(a: &[Tensor], b: &[Tensor]) -> f64 {
+        let (mut gap, mut size) = (0.0f64, 0.0f64);
+        for (x, y) in a.iter().zip(b) {
+            let x = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let y = y.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            for (p, q) in x.iter().zip(&y) {
+                gap = gap.max((p - q).abs());
+                size = size.max(p.abs());
+            }
+        }
+        assert!(size > 0.0, "all gradients are zero");
+        gap / size
+    }
+
+    fn plain_grads(
+        dec: &Decoder,
+        adapter: Option<&dyn Adapter>,
+        vars: &[Var],
+        ex: &[Example],
+    ) -> (f64, Vec<Tensor>) {
+        let refs: Vec<&Example> = ex.iter().collect();
+        let loss = batch_loss(dec, adapter, &refs, true).unwrap();
+        let store = loss.backward().unwrap();
+        let grads = vars
+            .iter()
+            .map(|v| store.get(v.as_tensor()).expect("a gradient").clone())
+            .collect();
+        (scalar(&loss).unwrap(), grads)
+    }
+
+    fn recomputed(
+        dec: &Decoder,
+        adapter: Option<&dyn Adapter>,
+        vars: &[Var],
+        ex: &[Example],
+    ) -> (f64, Vec<Tensor>) {
+        let refs: Vec<&Example> = ex.iter().collect();
+        let (loss, grads, _) = checkpointed_grads(dec, adapter, vars, &refs).unwrap();
+        let grads = grads
+            .into_iter()
+            .map(|g| g.expect("recompute left a variable without a gradient"))
+            .collect();
+        (scalar(&loss).unwrap(), grads)
+    }
+
+    #[test]
+    fn recomputed_activations_give_the_same_lora_gradients() {
+        let model = tiny64(Arch::Llama);
+        let ex = two_examples(&model);
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            targets: vec![Target::Q, Target::V, Target::O, Target::Down],
+            dropout: 0.0,
+        };
+        let lora = Lora::new(model.decoder.config(), &cfg, 1, &Device::Cpu, DType::F64).unwrap();
+        for v in lora.vars() {
+            let n = v.elem_count();
+            let vals: Vec<f64> = (0..n)
+                .map(|i| ((i * 37 % 11) as f64 - 5.0) * 0.01)
+                .collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let vars = lora.vars();
+        let (l1, g1) = plain_grads(&model.decoder, Some(&lora), &vars, &ex);
+        let (l2, g2) = recomputed(&model.decoder, Some(&lora), &vars, &ex);
+        assert!((l1 - l2).abs() < 1e-12, "{l1} vs {l2}");
+        let gap = grad_gap(&g1, &g2);
+        assert!(gap < 1e-10, "relative gap {gap}");
+
+        // With dropout too: the rebuilt blocks see the masks of the forward pass.
+        let cfg = LoraConfig {
+            dropout: 0.3,
+            ..cfg
+        };
+        let lora = Lora::new(model.decoder.config(), &cfg, 1, &Device::Cpu, DType::F64).unwrap();
+        for v in lora.vars() {
+            let n = v.elem_count();
+            let vals: Vec<f64> = (0..n)
+                .map(|i| ((i * 37 % 11) as f64 - 5.0) * 0.01)
+                .collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        lora.begin_step(Some(5));
+        let vars = lora.vars();
+        let (l1, g1) = plain_grads(&model.decoder, Some(&lora), &vars, &ex);
+        let (l2, g2) = recomputed(&model.decoder, Some(&lora), &vars, &ex);
+        assert!((l1 - l2).abs() < 1e-12, "{l1} vs {l2}");
+        let gap = grad_gap(&g1, &g2);
+        assert!(gap < 1e-10, "relative gap {gap}");
+    }
+
+    #[test]
+    fn recomputed_activations_give_the_same_full_gradients() {
+        let parts = tiny_parts(Arch::Qwen2, 5, &Device::Cpu, DType::F64).unwrap();
+        let cfg = parts.config.clone();
+        let vars: Vec<(String, Var)> = parts
+            .weights
+            .iter()
+            .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
+            .collect();
+        let weights = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let dec = Decoder::load(&cfg, weights).unwrap();
+        let model = Model::from_parts(
+            "t",
+            tiny_parts(Arch::Qwen2, 5, &Device::Cpu, DType::F64).unwrap(),
+        )
+        .unwrap();
+        let ex = two_examples(&model);
+        let vars: Vec<Var> = vars.into_iter().map(|(_, v)| v).collect();
+        let (l1, g1) = plain_grads(&dec, None, &vars, &ex);
+        // Every weight, the embedding and the head included, gets its gradient.
+        let (l2, g2) = recomputed(&dec, None, &vars, &ex);
+        assert!((l1 - l2).abs() < 1e-12, "{l1} vs {l2}");
+        let gap = grad_gap(&g1, &g2);
+        assert!(gap < 1e-10, "relative gap {gap}");
+    }
+
+    #[test]
+    fn adaptation_with_recompute_ends_where_the_plain_one_does() {
+        let model = tiny32(Arch::Llama);
+        let ex = two_examples(&model);
+        let p = params(1e-2, 3);
+        let (_, plain) = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p).unwrap();
+        let p = TrainParams {
+            recompute: true,
+            ..p
+        };
+        let (lora, re) = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p).unwrap();
+        assert!(lora.is_some() && re.fallback.is_none(), "{re:?}");
+        let (a, b) = (plain.loss_after.unwrap(), re.loss_after.unwrap());
+        assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "{a} vs {b}");
+        assert!(b < re.loss_before.unwrap() - 1e-3, "{re:?}");
     }
 
     #[test]

@@ -187,10 +187,31 @@ fn bench_gate(cfg: &Config, model: &crate::model::Model, n: usize) -> anyhow::Re
         "What causes the seasons on Earth?",
         "Can you write me a short poem about the sea?",
     ];
+    // A post-pass probe also reads the prompt with passages from the configured collection.
+    let cols = super::open_collections(cfg)?;
+    let rag = if gate.needs_passages() {
+        Some((
+            cols.get(&cfg.retrieval.collection)?,
+            crate::engine::RagPrompt::new(&cfg.retrieval.prompt_template)?,
+        ))
+    } else {
+        None
+    };
     let (mut served, mut every) = (vec![], vec![]);
     for (i, q) in questions.iter().cycle().take(n.max(1) + 1).enumerate() {
         let messages = [ChatMessage::new("user", q)];
-        let r = gate.assess(model, &messages, Policy::Optimistic)?;
+        let with_passages = match &rag {
+            Some((coll, prompt)) => {
+                Some(prompt.apply(&messages, &coll.search(q, cfg.retrieval.top_k)?)?)
+            }
+            None => None,
+        };
+        let r = gate.assess(
+            model,
+            &messages,
+            with_passages.as_deref(),
+            Policy::Optimistic,
+        )?;
         let t = Instant::now();
         prompt_features(model, &messages, None)?;
         // The first question warms up, untimed.
@@ -204,8 +225,10 @@ fn bench_gate(cfg: &Config, model: &crate::model::Model, n: usize) -> anyhow::Re
     println!("threads        {}", candle_core::utils::get_num_threads());
     println!("questions      {}", served.len());
     println!(
-        "gate           {:.1} ms median (layers 1..={} of {layers}, probe and policy included)",
+        "gate           {:.1} ms median ({} pass, layers 1..={} of {layers}, probe and policy \
+         included)",
         median(&mut served),
+        gate.card.features.pass.name(),
         gate.card.features.layer
     );
     println!(

@@ -10,13 +10,14 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::Config;
+use crate::engine::RagPrompt;
 use crate::gate::card::{CardModel, CardScores, FeatureTap, GateCard, Pass, CARD_FORMAT};
 use crate::gate::features::{prompt_features, Position};
 use crate::gate::labels::{examples_from_jsonl, examples_from_run, Example};
 use crate::gate::policy::CLASSES;
 use crate::gate::probe::{ProbeKind, TrainOptions};
 use crate::gate::report::{write_all, Header, Source};
-use crate::gate::sweep::{sweep, SweepOptions};
+use crate::gate::sweep::{sweep, FeatureSets, SweepOptions};
 
 #[derive(Debug, Subcommand)]
 pub enum GateCmd {
@@ -49,6 +50,11 @@ pub struct TrainArgs {
     /// Layers to probe (comma-separated; default all, 0 = embeddings).
     #[arg(long, value_delimiter = ',')]
     pub layers: Vec<usize>,
+    /// Feature passes: pre (the question alone), post (also the question with its retrieved
+    /// passages, concatenated; retrieval from each run's collection, extras from the
+    /// configured one).
+    #[arg(long, value_delimiter = ',', default_value = "pre")]
+    pub passes: Vec<String>,
     /// Feature positions: last (last prompt token), mean (mean over the question's tokens).
     #[arg(long, value_delimiter = ',', default_value = "last,mean")]
     pub positions: Vec<String>,
@@ -88,6 +94,15 @@ fn parse_options(a: &TrainArgs) -> anyhow::Result<SweepOptions> {
             o => anyhow::bail!("--positions: `{o}` is not one of last, mean"),
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let passes = a
+        .passes
+        .iter()
+        .map(|p| match p.as_str() {
+            "pre" => Ok(Pass::Pre),
+            "post" => Ok(Pass::Post),
+            o => anyhow::bail!("--passes: `{o}` is not one of pre, post"),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let kinds = a
         .kinds
         .iter()
@@ -106,6 +121,7 @@ fn parse_options(a: &TrainArgs) -> anyhow::Result<SweepOptions> {
     anyhow::ensure!(a.hidden >= 1, "--hidden must be at least 1");
     Ok(SweepOptions {
         layers: a.layers.clone(),
+        passes,
         positions,
         kinds,
         test_fraction: a.test_fraction,
@@ -152,12 +168,28 @@ fn train(cfg: Config, a: TrainArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         )
     };
+    let post_pass = opts.passes.contains(&Pass::Post);
+    let cols = if post_pass {
+        Some(super::open_collections(&cfg)?)
+    } else {
+        None
+    };
+    let rag = RagPrompt::new(&cfg.retrieval.prompt_template)?;
     let mut feats = Vec::with_capacity(examples.len());
+    let mut post_feats = Vec::new();
     for e in &examples {
-        feats.push(
-            prompt_features(&model, &e.messages, None)
-                .with_context(|| format!("{}: question `{}`", e.source, e.id))?,
-        );
+        let at = || format!("{}: question `{}`", e.source, e.id);
+        feats.push(prompt_features(&model, &e.messages, None).with_context(at)?);
+        if let Some(cols) = &cols {
+            let (name, k) = e
+                .retrieval
+                .clone()
+                .unwrap_or_else(|| (cfg.retrieval.collection.clone(), cfg.retrieval.top_k));
+            let question = RagPrompt::question(&e.messages).unwrap_or("");
+            let hits = cols.get(&name)?.search(question, k).with_context(at)?;
+            let with_passages = rag.apply(&e.messages, &hits)?;
+            post_feats.push(prompt_features(&model, &with_passages, None).with_context(at)?);
+        }
         pb.inc(1);
     }
     pb.finish_and_clear();
@@ -169,11 +201,16 @@ fn train(cfg: Config, a: TrainArgs) -> anyhow::Result<()> {
             model.decoder.config().num_hidden_layers + 1
         } else {
             opts.layers.len()
-        }) * opts.positions.len()
+        }) * opts.passes.len()
+            * opts.positions.len()
             * opts.kinds.len(),
         labels.len()
     );
-    let (s, probe) = sweep(&feats, &labels, &opts, &device)?;
+    let sets = FeatureSets {
+        pre: &feats,
+        post: post_pass.then_some(post_feats.as_slice()),
+    };
+    let (s, probe) = sweep(sets, &labels, &opts, &device)?;
 
     let header = Header {
         model_id: model.id.clone(),
@@ -211,7 +248,7 @@ fn train(cfg: Config, a: TrainArgs) -> anyhow::Result<()> {
             num_layers: cfgm.num_hidden_layers,
         },
         features: FeatureTap {
-            pass: Pass::Pre,
+            pass: best.pass,
             layer: best.layer,
             position: best.position,
         },
@@ -250,9 +287,10 @@ fn train(cfg: Config, a: TrainArgs) -> anyhow::Result<()> {
     };
     card.save(&card_path, &probe)?;
     println!(
-        "chose layer {} ({:?}, {:?}): validation macro-F1 {:.3}, held-out accuracy {:.3} \
+        "chose layer {} ({}, {:?}, {:?}): validation macro-F1 {:.3}, held-out accuracy {:.3} \
          (majority {:.3})\ncard {}; report {}",
         best.layer,
+        best.pass.name(),
         best.position,
         best.probe,
         best.val.macro_f1,

@@ -43,6 +43,9 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
         // A server that gates by default cannot run without its gate; otherwise it serves
         // everything but mode `auto`, whose requests are told why.
         Err(e) if cfg.gate.default_mode == "auto" => return Err(e),
+        Err(e) if cfg.ab.arms.iter().any(|a| a.mode == "auto") => {
+            return Err(e.context("an [ab] arm runs mode `auto`"))
+        }
         Err(e) => {
             let why = format!("{e:#}");
             tracing::warn!(error = %why, "gate refused; mode `auto` is unavailable");

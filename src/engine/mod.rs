@@ -346,7 +346,23 @@ impl Worker {
             ..Default::default()
         };
 
+        let retrieve = |timings: &mut Timings| {
+            let t = Instant::now();
+            let question = RagPrompt::question(&req.messages).unwrap_or("");
+            let coll = self
+                .collections
+                .get(&req.rag.collection)
+                .map_err(|e| internal(e.to_string()))?;
+            let hits = coll
+                .search(question, req.rag.top_k)
+                .map_err(|e| internal(e.to_string()))?;
+            timings.retrieve += t.elapsed().as_secs_f64() * 1e3;
+            Ok::<_, Option<EngineError>>(hits)
+        };
+
         let mut mode = req.rag.mode;
+        // A post-pass gate reads the prompt with passages, so retrieval comes first.
+        let mut retrieved = None;
         let gate = match req.rag.gate {
             None => None,
             Some(policy) => {
@@ -355,8 +371,19 @@ impl Worker {
                         "mode `auto` needs a gate probe and this engine has none".into(),
                     ))
                 })?;
+                let with_passages = if g.needs_passages() && mode != RagMode::None {
+                    let hits = retrieve(&mut timings)?;
+                    let m = self
+                        .prompt
+                        .apply(&req.messages, &hits)
+                        .map_err(|e| internal(e.to_string()))?;
+                    retrieved = Some(hits);
+                    Some(m)
+                } else {
+                    None
+                };
                 let report = g
-                    .assess(&self.model, &req.messages, policy)
+                    .assess(&self.model, &req.messages, with_passages.as_deref(), policy)
                     .map_err(|e| internal(format!("{e:#}")))?;
                 timings.gate = report.gate_ms;
                 if !report.decision.retrieves() {
@@ -366,22 +393,16 @@ impl Worker {
             }
         };
 
-        let t = Instant::now();
         let (collection, passages) = match mode {
             RagMode::None => (None, vec![]),
             RagMode::Static | RagMode::Tta => {
-                let question = RagPrompt::question(&req.messages).unwrap_or("");
-                let coll = self
-                    .collections
-                    .get(&req.rag.collection)
-                    .map_err(|e| internal(e.to_string()))?;
-                let hits = coll
-                    .search(question, req.rag.top_k)
-                    .map_err(|e| internal(e.to_string()))?;
+                let hits = match retrieved {
+                    Some(h) => h,
+                    None => retrieve(&mut timings)?,
+                };
                 (Some(req.rag.collection.clone()), hits)
             }
         };
-        timings.retrieve = t.elapsed().as_secs_f64() * 1e3;
 
         let full = matches!(&req.tta, Some(p) if p.scope == TtaScope::Full) && mode == RagMode::Tta;
         // A poisoned lock only means another request panicked; the guard protects no data.

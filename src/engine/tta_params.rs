@@ -17,6 +17,7 @@ pub struct TtaOverrides {
     pub condition_on_query: Option<bool>,
     pub lora_rank: Option<i64>,
     pub lora_alpha: Option<f64>,
+    pub lora_dropout: Option<f64>,
     pub lora_targets: Option<Vec<String>>,
 }
 
@@ -68,6 +69,13 @@ pub fn resolve_tta(c: &TtaSection, o: &TtaOverrides, seed: u64) -> Result<TtaPar
         return Err(ParamError {
             param: "rag.tta.lora_alpha",
             message: format!("rag.tta.lora_alpha {alpha} is outside (0, 1024]"),
+        });
+    }
+    let dropout = o.lora_dropout.unwrap_or(c.lora_dropout);
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(ParamError {
+            param: "rag.tta.lora_dropout",
+            message: format!("rag.tta.lora_dropout {dropout} is outside [0, 1)"),
         });
     }
     let names = o
@@ -124,9 +132,11 @@ pub fn resolve_tta(c: &TtaSection, o: &TtaOverrides, seed: u64) -> Result<TtaPar
                 )?,
                 alpha,
                 targets,
+                dropout,
             },
             seed,
             time_budget_ms: (c.time_budget_ms > 0.0).then_some(c.time_budget_ms),
+            recompute: c.recompute_activations,
         },
     })
 }
@@ -215,5 +225,20 @@ mod tests {
             }),
             "rag.tta.scope"
         );
+        for p in [1.0, -0.1, f64::NAN] {
+            assert_eq!(
+                bad(TtaOverrides {
+                    lora_dropout: Some(p),
+                    ..Default::default()
+                }),
+                "rag.tta.lora_dropout"
+            );
+        }
+        let o = TtaOverrides {
+            lora_dropout: Some(0.1),
+            ..Default::default()
+        };
+        assert_eq!(resolve_tta(&c, &o, 1).unwrap().train.lora.dropout, 0.1);
+        assert_eq!(p.train.recompute, c.recompute_activations);
     }
 }

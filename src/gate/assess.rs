@@ -7,8 +7,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use super::card::LoadedGate;
-use super::features::prompt_features;
+use super::card::{LoadedGate, Pass};
+use super::features::{feature_row, prompt_features};
 use super::policy::{decide, Decision, Policy, CLASSES};
 use crate::model::{ChatMessage, Model};
 
@@ -24,20 +24,33 @@ pub struct GateReport {
 }
 
 impl LoadedGate {
-    /// Decides for the prompt the model would answer without retrieval (`messages` as sent).
+    /// Whether the probe reads the prompt with passages too, so retrieval must run first.
+    pub fn needs_passages(&self) -> bool {
+        self.card.features.pass == Pass::Post
+    }
+
+    /// Decides for the prompt the model would answer without retrieval (`messages` as sent);
+    /// a post-pass probe also reads `with_passages`, the prompt as retrieval would change it.
     pub fn assess(
         &self,
         model: &Model,
         messages: &[ChatMessage],
+        with_passages: Option<&[ChatMessage]>,
         policy: Policy,
     ) -> Result<GateReport> {
         let t = Instant::now();
         let tap = self.card.features;
-        let feats = prompt_features(model, messages, Some(tap.layer)).context("gate features")?;
-        let row = feats
-            .get(tap.position, tap.layer)
-            .with_context(|| format!("layer {} not read", tap.layer))?
-            .to_vec();
+        let depth = Some(tap.layer);
+        let pre = prompt_features(model, messages, depth).context("gate features")?;
+        let post = match (tap.pass, with_passages) {
+            (Pass::Pre, _) => None,
+            (Pass::Post, Some(m)) => {
+                Some(prompt_features(model, m, depth).context("gate features with passages")?)
+            }
+            (Pass::Post, None) => anyhow::bail!("a post-pass gate needs the retrieved passages"),
+        };
+        let row = feature_row(&pre, post.as_ref(), tap.pass, tap.layer, tap.position)
+            .with_context(|| format!("layer {} not read", tap.layer))?;
         let p = self
             .probe
             .predict_proba(&[row])?

@@ -17,12 +17,33 @@ use crate::model::Model;
 /// Version of the card layout.
 pub const CARD_FORMAT: u32 = 1;
 
-/// Which forward pass the features come from. Only `pre` (the question alone, before
-/// retrieval) exists: it lets a skip save retrieval and adaptation entirely.
+/// Which forward passes the features come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Pass {
+    /// The question alone, before retrieval: a skip saves retrieval and adaptation entirely.
     Pre,
+    /// MMA-RAG's design: the question alone and the question with its retrieved passages,
+    /// features concatenated. Retrieval runs first; a skip saves adaptation and the longer
+    /// prompt, at the cost of a second (longer) gate pass.
+    Post,
+}
+
+impl Pass {
+    /// Feature width in hidden sizes.
+    pub fn width(self) -> usize {
+        match self {
+            Pass::Pre => 1,
+            Pass::Post => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Pass::Pre => "pre",
+            Pass::Post => "post",
+        }
+    }
 }
 
 /// The model a probe reads.
@@ -114,13 +135,15 @@ pub struct LoadedGate {
 /// The card (and its probe's input width) against the model's hidden size and depth.
 fn check_shape(card: &GateCard, model: &Model, probe_input: usize) -> Result<()> {
     let cfg = model.decoder.config();
+    let width = card.features.pass.width();
     ensure!(
-        card.model.hidden_size == cfg.hidden_size && probe_input == cfg.hidden_size,
-        "made for `{}` with hidden size {} (probe input {}), but the model's is {}; train a \
-         probe for this model with `ttarag gate train`",
+        card.model.hidden_size == cfg.hidden_size && probe_input == cfg.hidden_size * width,
+        "made for `{}` with hidden size {} (probe input {}, {} pass), but the model's is {}; \
+         train a probe for this model with `ttarag gate train`",
         card.model.id,
         card.model.hidden_size,
         probe_input,
+        card.features.pass.name(),
         cfg.hidden_size
     );
     ensure!(
@@ -160,8 +183,12 @@ impl LoadedGate {
         device: &Device,
     ) -> Result<Self> {
         let card = GateCard::read(card_path)?;
-        check_shape(&card, model, card.model.hidden_size)
-            .with_context(|| format!("gate card {}", card_path.display()))?;
+        check_shape(
+            &card,
+            model,
+            card.model.hidden_size * card.features.pass.width(),
+        )
+        .with_context(|| format!("gate card {}", card_path.display()))?;
         let sha = crate::model::fingerprint::weights_sha256(weights)?;
         Self::load(card_path, model, &sha, device)
     }
@@ -294,6 +321,13 @@ mod tests {
 
         let mlp = card_for(&model, 1, ProbeKind::Mlp { hidden: 8 });
         assert!(ok(mlp, fitted(dim, kind), "abc").is_err());
+
+        // A post-pass probe reads the two passes side by side: twice the hidden size.
+        let mut post = card_for(&model, 1, kind);
+        post.features.pass = Pass::Post;
+        let e = ok(post.clone(), fitted(dim, kind), "abc").unwrap_err();
+        assert!(e.to_string().contains("post pass"), "{e}");
+        assert!(ok(post, fitted(2 * dim, kind), "abc").is_ok());
 
         let mut three = card_for(&model, 1, kind);
         three.classes.pop();

@@ -5,6 +5,7 @@
 use candle_core::{DType, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::card::Pass;
 use crate::engine::RagPrompt;
 use crate::model::{ChatMessage, ForwardOpts, Logits, Model};
 
@@ -42,11 +43,28 @@ impl LayerFeatures {
     }
 }
 
+/// The probe's input for one question: the `pre` features at (`layer`, `position`), followed
+/// for [`Pass::Post`] by the same tap on the prompt with passages. `None` when a layer was not
+/// read or the post features are missing.
+pub fn feature_row(
+    pre: &LayerFeatures,
+    post: Option<&LayerFeatures>,
+    pass: Pass,
+    layer: usize,
+    position: Position,
+) -> Option<Vec<f32>> {
+    let mut row = pre.get(position, layer)?.to_vec();
+    if pass == Pass::Post {
+        row.extend_from_slice(post?.get(position, layer)?);
+    }
+    Some(row)
+}
+
 /// Runs the chat prompt of `messages` through the model once (no logits) and reads the state
 /// of layers `0..=depth` (every layer when `depth` is `None`; the request-time gate needs only
 /// its card's layer, and the blocks above it are not run). The question is the last user
-/// message; its token span is found by tokenising the rendered prompt up to the question's
-/// start and end.
+/// message (with passages, in the post pass: the whole templated turn); its token span is found
+/// by tokenising the rendered prompt up to its start and end.
 pub fn prompt_features(
     model: &Model,
     messages: &[ChatMessage],
@@ -166,6 +184,28 @@ mod tests {
         assert_eq!(upto.last[..], f.last[..2]);
         assert_eq!(upto.mean[..], f.mean[..2]);
         assert!(prompt_features(&model, &messages, Some(cfg.num_hidden_layers + 1)).is_err());
+    }
+
+    #[test]
+    fn the_post_row_is_both_passes_side_by_side() {
+        let f = |x: f32| LayerFeatures {
+            last: vec![vec![x, x + 1.0], vec![x + 2.0, x + 3.0]],
+            mean: vec![vec![-x, -x], vec![-x - 2.0, -x - 2.0]],
+            question_span: (0, 1),
+        };
+        let (pre, post) = (f(0.0), f(10.0));
+        let row = |pass, layer, pos| feature_row(&pre, Some(&post), pass, layer, pos);
+        assert_eq!(row(Pass::Pre, 1, Position::Last).unwrap(), [2.0, 3.0]);
+        assert_eq!(
+            row(Pass::Post, 1, Position::Last).unwrap(),
+            [2.0, 3.0, 12.0, 13.0]
+        );
+        assert_eq!(
+            row(Pass::Post, 0, Position::Mean).unwrap(),
+            [0.0, 0.0, -10.0, -10.0]
+        );
+        assert!(row(Pass::Pre, 2, Position::Last).is_none());
+        assert!(feature_row(&pre, None, Pass::Post, 0, Position::Last).is_none());
     }
 
     #[test]

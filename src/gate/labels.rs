@@ -90,6 +90,9 @@ pub struct Example {
     /// System prompt (if any) and the question.
     pub messages: Vec<ChatMessage>,
     pub class: usize,
+    /// The collection and top-k the run retrieved with (records only), so the post pass sees
+    /// the passages that were answered from.
+    pub retrieval: Option<(String, usize)>,
 }
 
 fn messages(system: Option<&str>, question: &str) -> Vec<ChatMessage> {
@@ -111,13 +114,24 @@ pub fn examples_from_run(
 ) -> anyhow::Result<(Vec<Example>, usize)> {
     let recs = read_records(records)?;
     let run_file = records.with_file_name("run.json");
-    let system = if run_file.exists() {
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&run_file)?)
-            .with_context(|| format!("{}: not JSON", run_file.display()))?;
-        v["dataset"]["system"].as_str().map(String::from)
+    let run: serde_json::Value = if run_file.exists() {
+        serde_json::from_str(&std::fs::read_to_string(&run_file)?)
+            .with_context(|| format!("{}: not JSON", run_file.display()))?
     } else {
-        None
+        serde_json::Value::Null
     };
+    let system = run["dataset"]["system"].as_str().map(String::from);
+    let collection = run["dataset"]["collection"].as_str();
+    // The `with` arm's own top-k, else the run's.
+    let arm_k = run["arms"].as_array().and_then(|arms| {
+        arms.iter()
+            .find(|a| a["name"] == with)
+            .and_then(|a| a["top_k"].as_u64())
+    });
+    let top_k = arm_k.or(run["run"]["top_k"].as_u64());
+    let retrieval = collection
+        .zip(top_k)
+        .map(|(c, k)| (c.to_string(), k as usize));
     let (labelled, skipped) = label(&recs, without, with);
     anyhow::ensure!(
         !labelled.is_empty(),
@@ -132,6 +146,7 @@ pub fn examples_from_run(
             id: l.id,
             messages: messages(system.as_deref(), &l.question),
             class: l.class,
+            retrieval: retrieval.clone(),
         })
         .collect();
     Ok((out, skipped))
@@ -168,6 +183,7 @@ pub fn examples_from_jsonl(path: &Path) -> anyhow::Result<Vec<Example>> {
                 id: r.id,
                 messages: messages(r.system.as_deref(), &r.question),
                 class,
+                retrieval: None,
             })
         })
         .collect()
@@ -250,13 +266,16 @@ mod tests {
         let (ex, skipped) = examples_from_run(&jsonl, "closed_book", "static").unwrap();
         assert_eq!((ex.len(), skipped, ex[0].class), (1, 0, S2));
         assert_eq!(ex[0].messages.len(), 1, "no run.json, no system prompt");
+        assert_eq!(ex[0].retrieval, None);
         std::fs::write(
             dir.path().join("run.json"),
-            r#"{"dataset": {"system": "Answer briefly."}}"#,
+            r#"{"dataset": {"system": "Answer briefly.", "collection": "qasc"},
+                "run": {"top_k": 3}, "arms": [{"name": "static", "top_k": 5}]}"#,
         )
         .unwrap();
         let (ex, _) = examples_from_run(&jsonl, "closed_book", "static").unwrap();
         assert_eq!(ex[0].messages[0].content, "Answer briefly.");
+        assert_eq!(ex[0].retrieval, Some(("qasc".to_string(), 5)));
         assert_eq!(ex[0].messages[1].role, "user");
         assert!(examples_from_run(&jsonl, "closed_book", "tta").is_err());
 

@@ -37,6 +37,18 @@ pub fn class_of(right_without: bool, right_with: bool) -> usize {
     2 * usize::from(right_without) + usize::from(right_with)
 }
 
+/// Gate settings a request (`rag.gate`) or an A/B arm may give for mode `auto`; unset keys
+/// fall back to the `[gate]` config.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateChoice {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+    /// What runs when the gate retrieves: `static` or `tta`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub then: Option<String>,
+}
+
 /// What the gate does with a question.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -52,9 +52,14 @@ fn pct(x: f64) -> String {
     format!("{:.1}", 100.0 * x)
 }
 
-/// Name of a series: position and probe kind.
+/// Name of a series: pass, position and probe kind.
 pub fn cell_series(c: &Cell) -> String {
-    format!("{}/{}", pos_name(c.position), kind_name(c.probe))
+    format!(
+        "{}/{}/{}",
+        c.pass.name(),
+        pos_name(c.position),
+        kind_name(c.probe)
+    )
 }
 
 pub fn markdown(s: &Sweep, h: &Header) -> String {
@@ -89,10 +94,12 @@ pub fn markdown(s: &Sweep, h: &Header) -> String {
     );
     let _ = writeln!(
         md,
-        "**Chosen on validation macro-F1:** layer {}, position `{}`, probe `{}`: validation \
+        "**Chosen on validation macro-F1:** layer {}, pass `{}`, position `{}`, probe `{}`: \
+         validation \
          accuracy {} %, macro-F1 {} %; held out accuracy {} %, macro-F1 {} %. Majority class {} \
          (from the training split): {} % validation, {} % held out.\n",
         best.layer,
+        best.pass.name(),
         pos_name(best.position),
         kind_name(best.probe),
         pct(best.val.accuracy),
@@ -123,16 +130,17 @@ pub fn markdown(s: &Sweep, h: &Header) -> String {
     }
     let _ = writeln!(
         md,
-        "\n## Every probe\n\n| layer | position | probe | val acc % | val macro-F1 % | held-out acc % \
-         | held-out macro-F1 % | best epoch |\n|---|---|---|---|---|---|---|---|"
+        "\n## Every probe\n\n| layer | pass | position | probe | val acc % | val macro-F1 % | \
+         held-out acc % | held-out macro-F1 % | best epoch |\n|---|---|---|---|---|---|---|---|---|"
     );
     for (i, c) in s.cells.iter().enumerate() {
         let mark = if i == s.best { " **(chosen)**" } else { "" };
         let _ = writeln!(
             md,
-            "| {}{} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} |",
             c.layer,
             mark,
+            c.pass.name(),
             pos_name(c.position),
             kind_name(c.probe),
             pct(c.val.accuracy),

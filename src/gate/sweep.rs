@@ -2,11 +2,12 @@
 //! kind, trained on one split, early-stopped and chosen on a second (validation), and scored on
 //! a third (held out) that plays no part in any choice.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::Device;
 use serde::Serialize;
 
-use super::features::{LayerFeatures, Position};
+use super::card::Pass;
+use super::features::{feature_row, LayerFeatures, Position};
 use super::policy::{decide, Policy, CLASSES, S2, S3};
 use super::probe::{
     accuracy, macro_f1, majority_baseline, stratified_split, train, Probe, ProbeKind, TrainOptions,
@@ -17,6 +18,8 @@ use super::probe::{
 pub struct SweepOptions {
     /// Layers to probe; empty = every layer (0 = embeddings .. L).
     pub layers: Vec<usize>,
+    /// `post` needs the features of the prompts with passages.
+    pub passes: Vec<Pass>,
     pub positions: Vec<Position>,
     pub kinds: Vec<ProbeKind>,
     /// Fraction of all rows held out for the final scores.
@@ -30,6 +33,7 @@ impl Default for SweepOptions {
     fn default() -> Self {
         Self {
             layers: vec![],
+            passes: vec![Pass::Pre],
             positions: vec![Position::Last, Position::Mean],
             kinds: vec![ProbeKind::Logistic, ProbeKind::Mlp { hidden: 64 }],
             test_fraction: 0.2,
@@ -49,6 +53,7 @@ pub struct Scores {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Cell {
     pub layer: usize,
+    pub pass: Pass,
     pub position: Position,
     pub probe: ProbeKind,
     pub val: Scores,
@@ -89,36 +94,57 @@ pub struct Sweep {
     pub policies: Vec<PolicyOutcome>,
 }
 
-fn rows(feats: &[LayerFeatures], idx: &[usize], layer: usize, pos: Position) -> Vec<Vec<f32>> {
-    idx.iter()
-        .map(|&i| {
-            feats[i]
-                .get(pos, layer)
-                .expect("layer checked against every row")
-                .to_vec()
-        })
-        .collect()
+/// The features of every question: `pre` always, `post` (prompt with passages) when the post
+/// pass is swept.
+#[derive(Clone, Copy)]
+pub struct FeatureSets<'a> {
+    pub pre: &'a [LayerFeatures],
+    pub post: Option<&'a [LayerFeatures]>,
+}
+
+impl FeatureSets<'_> {
+    fn rows(&self, idx: &[usize], pass: Pass, layer: usize, pos: Position) -> Vec<Vec<f32>> {
+        idx.iter()
+            .map(|&i| {
+                let post = self.post.map(|p| &p[i]);
+                feature_row(&self.pre[i], post, pass, layer, pos)
+                    .expect("layers and passes checked against every row")
+            })
+            .collect()
+    }
 }
 
 /// Runs the sweep over `feats` (one per question) labelled `labels` (class indices), returning
 /// the report and the chosen probe.
 pub fn sweep(
-    feats: &[LayerFeatures],
+    feats: FeatureSets,
     labels: &[usize],
     opts: &SweepOptions,
     device: &Device,
 ) -> Result<(Sweep, Probe)> {
     ensure!(
-        feats.len() == labels.len(),
+        feats.pre.len() == labels.len(),
         "{} feature rows but {} labels",
-        feats.len(),
+        feats.pre.len(),
         labels.len()
     );
     ensure!(
-        !opts.positions.is_empty() && !opts.kinds.is_empty(),
+        !opts.positions.is_empty() && !opts.kinds.is_empty() && !opts.passes.is_empty(),
         "nothing to sweep"
     );
-    let depth = feats.iter().map(LayerFeatures::layers).min().unwrap_or(0);
+    let mut depth = feats
+        .pre
+        .iter()
+        .map(LayerFeatures::layers)
+        .min()
+        .unwrap_or(0);
+    if opts.passes.contains(&Pass::Post) {
+        let post = feats
+            .post
+            .filter(|p| p.len() == labels.len())
+            .context("the post pass needs features with passages for every question")?;
+        depth = depth.min(post.iter().map(LayerFeatures::layers).min().unwrap_or(0));
+    }
     ensure!(depth > 0, "no features");
     let layers: Vec<usize> = if opts.layers.is_empty() {
         (0..depth).collect()
@@ -161,55 +187,58 @@ pub fn sweep(
     let mut cells = Vec::new();
     let mut best: Option<(usize, Probe)> = None;
     for &layer in &layers {
-        for &position in &opts.positions {
-            let x_train = rows(feats, &train_idx, layer, position);
-            let x_val = rows(feats, &val_idx, layer, position);
-            let x_test = rows(feats, &test, layer, position);
-            for &kind in &opts.kinds {
-                let (probe, rep) = train(
-                    &x_train,
-                    &y_train,
-                    &x_val,
-                    &y_val,
-                    k,
-                    kind,
-                    &opts.train,
-                    device,
-                )?;
-                let pv = probe.predict(&x_val)?;
-                let pt = probe.predict(&x_test)?;
-                let cell = Cell {
-                    layer,
-                    position,
-                    probe: kind,
-                    val: Scores {
-                        accuracy: accuracy(&pv, &y_val),
-                        macro_f1: macro_f1(&pv, &y_val, k),
-                    },
-                    test: Scores {
-                        accuracy: accuracy(&pt, &y_test),
-                        macro_f1: macro_f1(&pt, &y_test, k),
-                    },
-                    best_epoch: rep.best_epoch,
-                };
-                let better = match &best {
-                    None => true,
-                    Some((b, _)) => {
-                        let b = &cells[*b];
-                        let key = |c: &Cell| (c.val.macro_f1, c.val.accuracy);
-                        key(&cell) > key(b)
+        for &pass in &opts.passes {
+            for &position in &opts.positions {
+                let x_train = feats.rows(&train_idx, pass, layer, position);
+                let x_val = feats.rows(&val_idx, pass, layer, position);
+                let x_test = feats.rows(&test, pass, layer, position);
+                for &kind in &opts.kinds {
+                    let (probe, rep) = train(
+                        &x_train,
+                        &y_train,
+                        &x_val,
+                        &y_val,
+                        k,
+                        kind,
+                        &opts.train,
+                        device,
+                    )?;
+                    let pv = probe.predict(&x_val)?;
+                    let pt = probe.predict(&x_test)?;
+                    let cell = Cell {
+                        layer,
+                        pass,
+                        position,
+                        probe: kind,
+                        val: Scores {
+                            accuracy: accuracy(&pv, &y_val),
+                            macro_f1: macro_f1(&pv, &y_val, k),
+                        },
+                        test: Scores {
+                            accuracy: accuracy(&pt, &y_test),
+                            macro_f1: macro_f1(&pt, &y_test, k),
+                        },
+                        best_epoch: rep.best_epoch,
+                    };
+                    let better = match &best {
+                        None => true,
+                        Some((b, _)) => {
+                            let b = &cells[*b];
+                            let key = |c: &Cell| (c.val.macro_f1, c.val.accuracy);
+                            key(&cell) > key(b)
+                        }
+                    };
+                    cells.push(cell);
+                    if better {
+                        best = Some((cells.len() - 1, probe));
                     }
-                };
-                cells.push(cell);
-                if better {
-                    best = Some((cells.len() - 1, probe));
                 }
             }
         }
     }
     let (best, probe) = best.expect("at least one cell");
     let chosen = &cells[best];
-    let x_test = rows(feats, &test, chosen.layer, chosen.position);
+    let x_test = feats.rows(&test, chosen.pass, chosen.layer, chosen.position);
     let probs = probe.predict_proba(&x_test)?;
     let right_with = |c: usize| c == S2 || c == 3;
     let right_without = |c: usize| c == S3 || c == 3;
@@ -295,6 +324,58 @@ mod tests {
         (feats, labels)
     }
 
+    fn pre(feats: &[LayerFeatures]) -> FeatureSets<'_> {
+        FeatureSets {
+            pre: feats,
+            post: None,
+        }
+    }
+
+    #[test]
+    fn the_post_pass_finds_a_signal_only_the_passages_carry() {
+        let (post, labels) = planted(240, 3, 6, 1);
+        let (pre_feats, _) = planted(240, 3, 6, 0);
+        // The pre features carry no class: shuffle their labels' signal away.
+        let pre_noise: Vec<LayerFeatures> = pre_feats
+            .iter()
+            .map(|f| {
+                let mut f = f.clone();
+                f.last[0][0] = 0.0;
+                f
+            })
+            .collect();
+        let opts = SweepOptions {
+            passes: vec![Pass::Pre, Pass::Post],
+            positions: vec![Position::Last],
+            kinds: vec![ProbeKind::Logistic],
+            train: TrainOptions {
+                lr: 5e-2,
+                epochs: 60,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let sets = FeatureSets {
+            pre: &pre_noise,
+            post: Some(&post),
+        };
+        let (s, probe) = sweep(sets, &labels, &opts, &Device::Cpu).unwrap();
+        assert_eq!(s.cells.len(), 3 * 2);
+        let best = &s.cells[s.best];
+        assert_eq!((best.layer, best.pass), (1, Pass::Post), "{best:?}");
+        assert!(best.test.accuracy > 0.95, "{best:?}");
+        assert_eq!(probe.input_dim(), 12);
+        let pre_best = s
+            .cells
+            .iter()
+            .filter(|c| c.pass == Pass::Pre)
+            .map(|c| c.test.accuracy)
+            .fold(0.0, f64::max);
+        assert!(pre_best < 0.75, "{pre_best}");
+        // Without the post features the post pass is refused, not silently skipped.
+        assert!(sweep(pre(&pre_noise), &labels, &opts, &Device::Cpu).is_err());
+    }
+
     #[test]
     fn finds_the_layer_and_position_that_carry_the_signal() {
         let (feats, labels) = planted(240, 4, 6, 2);
@@ -307,7 +388,7 @@ mod tests {
             },
             ..Default::default()
         };
-        let (s, probe) = sweep(&feats, &labels, &opts, &Device::Cpu).unwrap();
+        let (s, probe) = sweep(pre(&feats), &labels, &opts, &Device::Cpu).unwrap();
         assert_eq!(s.cells.len(), 4 * 2);
         let best = &s.cells[s.best];
         assert_eq!((best.layer, best.position), (2, Position::Last));
@@ -341,13 +422,13 @@ mod tests {
         let (feats, labels) = planted(40, 3, 4, 1);
         let opts = SweepOptions::default();
         let one = vec![1; 40];
-        assert!(sweep(&feats, &one, &opts, &Device::Cpu).is_err());
+        assert!(sweep(pre(&feats), &one, &opts, &Device::Cpu).is_err());
         let far = SweepOptions {
             layers: vec![3],
             ..Default::default()
         };
-        let e = sweep(&feats, &labels, &far, &Device::Cpu).unwrap_err();
+        let e = sweep(pre(&feats), &labels, &far, &Device::Cpu).unwrap_err();
         assert!(e.to_string().contains("layer 3"), "{e}");
-        assert!(sweep(&feats[..3], &labels[..3], &opts, &Device::Cpu).is_err());
+        assert!(sweep(pre(&feats[..3]), &labels[..3], &opts, &Device::Cpu).is_err());
     }
 }

@@ -29,6 +29,10 @@ pub enum Target {
 /// The base weights stay shared and untouched.
 pub trait Adapter: Sync {
     fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>>;
+
+    /// A training step begins (`Some(seed)`, e.g. for dropout masks) or training is over
+    /// (`None`: inference behaviour).
+    fn begin_step(&self, _step: Option<u64>) {}
 }
 
 /// Which logits a forward pass computes.
@@ -398,7 +402,7 @@ impl Decoder {
         mut cache: Option<&mut Cache>,
         opts: &ForwardOpts,
     ) -> Result<ForwardOutput> {
-        let (b, t) = ids.dims2()?;
+        let (_, t) = ids.dims2()?;
         if opts.stop_after.is_some() && (cache.is_some() || !matches!(opts.logits, Logits::None)) {
             candle_core::bail!("stop_after needs Logits::None and no cache");
         }
@@ -410,11 +414,7 @@ impl Decoder {
                 self.cfg.max_position_embeddings
             );
         }
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b,
-            t,
-            self.cfg.hidden_size,
-        ))?;
+        let mut x = self.embed_ids(ids)?;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
         let mask = causal_mask(t, offset, &self.device)?;
@@ -436,17 +436,7 @@ impl Decoder {
                 let h = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, opts.differentiable)?;
                 Some(self.head(&h, opts)?)
             }
-            Logits::Rows(rows) => {
-                let flat = x.reshape((b * t, self.cfg.hidden_size))?;
-                let picked = flat.index_select(rows, 0)?;
-                let h = rms_norm(
-                    &picked,
-                    &self.norm,
-                    self.cfg.rms_norm_eps,
-                    opts.differentiable,
-                )?;
-                Some(self.head(&h, opts)?)
-            }
+            Logits::Rows(rows) => Some(self.head_rows(&x, rows, opts)?),
             Logits::Last => {
                 let last = x.narrow(1, t - 1, 1)?;
                 let h = rms_norm(
@@ -468,6 +458,48 @@ impl Decoder {
             logits,
             hidden_states: hidden,
         })
+    }
+
+    /// The embedding of `ids` (`(batch, seq)`), the input of block 0.
+    pub fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))
+    }
+
+    /// Block `layer` alone on `x` (`(batch, seq, hidden)`, positions from 0, no cache): with
+    /// [`Decoder::embed_ids`] and [`Decoder::head_rows`], the same computation as
+    /// [`Decoder::forward`], one block at a time. Training uses it to rebuild one block's
+    /// activations at a time instead of keeping all of them.
+    pub fn block_step(&self, layer: usize, x: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
+        let block = self
+            .blocks
+            .get(layer)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no block {layer}")))?;
+        let t = x.dim(1)?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let mask = causal_mask(t, 0, &self.device)?;
+        self.block_forward(block, layer, x, &cos, &sin, mask.as_ref(), None, opts)
+    }
+
+    /// Logits `(n, vocab)` of the last block's output `x` (`(batch, seq, hidden)`) at `rows`,
+    /// indices into the flattened `batch * seq` positions.
+    pub fn head_rows(&self, x: &Tensor, rows: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let picked = x.reshape((b * t, h))?.index_select(rows, 0)?;
+        let h = rms_norm(
+            &picked,
+            &self.norm,
+            self.cfg.rms_norm_eps,
+            opts.differentiable,
+        )?;
+        self.head(&h, opts)
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
     }
 
     /// Full-precision output projection.

@@ -99,6 +99,11 @@ impl Arms {
 /// `tta` key, `collection`) win: a pinned arm plus an explicit override is a deliberate choice.
 pub fn apply(arm: &ArmConfig, rag: &mut RagRequest) {
     rag.mode = Some(arm.mode.clone());
+    if let Some(g) = &arm.gate {
+        let r = rag.gate.get_or_insert_with(Default::default);
+        r.policy = r.policy.or(g.policy);
+        r.then = r.then.take().or_else(|| g.then.clone());
+    }
     if rag.top_k.is_none() {
         rag.top_k = arm.top_k.map(|k| i64::try_from(k).unwrap_or(i64::MAX));
     }
@@ -113,6 +118,7 @@ pub fn apply(arm: &ArmConfig, rag: &mut RagRequest) {
         t.condition_on_query = t.condition_on_query.or(a.condition_on_query);
         t.lora_rank = t.lora_rank.or(a.lora_rank);
         t.lora_alpha = t.lora_alpha.or(a.lora_alpha);
+        t.lora_dropout = t.lora_dropout.or(a.lora_dropout);
         t.lora_targets = t.lora_targets.take().or_else(|| a.lora_targets.clone());
     }
 }
@@ -217,6 +223,7 @@ mod tests {
             mode: mode.into(),
             top_k: None,
             tta: None,
+            gate: None,
         }
     }
 
@@ -314,6 +321,33 @@ mod tests {
         assert_eq!((rag.top_k, t.steps, t.lr), (Some(2), Some(1), Some(1e-3)));
     }
 
+    #[test]
+    fn an_auto_arm_gives_its_gate_settings_unless_the_request_has_its_own() {
+        use crate::gate::policy::{GateChoice, Policy};
+        let mut a = arm("g", 1.0, "auto");
+        a.gate = Some(GateChoice {
+            policy: Some(Policy::Pessimistic),
+            then: Some("tta".into()),
+        });
+        let mut rag = RagRequest::default();
+        apply(&a, &mut rag);
+        assert_eq!(rag.mode.as_deref(), Some("auto"));
+        assert_eq!(rag.gate.as_ref(), a.gate.as_ref());
+        let mut own = RagRequest {
+            gate: Some(GateChoice {
+                policy: Some(Policy::Always),
+                then: None,
+            }),
+            ..Default::default()
+        };
+        apply(&a, &mut own);
+        let g = own.gate.unwrap();
+        assert_eq!(
+            (g.policy, g.then.as_deref()),
+            (Some(Policy::Always), Some("tta"))
+        );
+    }
+
     fn ab(toml: &str) -> String {
         match Config::from_toml(toml) {
             Ok(_) => String::new(),
@@ -365,6 +399,39 @@ mod tests {
             let err = arms(a);
             assert!(err.contains(want), "{a}: `{err}` lacks `{want}`");
         }
+
+        // Mode `auto`: the gate decides, then the arm's (or [gate]'s) `then` runs.
+        let auto = "{name = \"g\", weight = 1.0, mode = \"auto\", \
+                    gate = {policy = \"pessimistic\", then = \"tta\"}, tta = {steps = 2}}";
+        assert_eq!(arms(auto), "");
+        assert_eq!(arms("{name = \"g\", weight = 1.0, mode = \"auto\"}"), "");
+        for (a, want) in [
+            (
+                "{name = \"g\", weight = 1.0, mode = \"auto\", gate = {then = \"none\"}}",
+                "gate.then `none`",
+            ),
+            (
+                "{name = \"g\", weight = 1.0, mode = \"static\", gate = {policy = \"always\"}}",
+                "gate settings need mode",
+            ),
+            (
+                "{name = \"g\", weight = 1.0, mode = \"auto\", gate = {policy = \"sometimes\"}}",
+                "sometimes",
+            ),
+            (
+                "{name = \"g\", weight = 1.0, mode = \"auto\", gate = {then = \"static\"}, \
+                 tta = {steps = 2}}",
+                "need mode",
+            ),
+        ] {
+            let err = arms(a);
+            assert!(err.contains(want), "{a}: `{err}` lacks `{want}`");
+        }
+        let mut no_gate = Config::default();
+        no_gate.gate.probe = None;
+        no_gate.ab.arms = vec![arm("g", 1.0, "auto")];
+        let e = no_gate.validate().unwrap_err().to_string();
+        assert!(e.contains("gate.probe"), "{e}");
         assert!(ab("[ab]\nfeedback_window = 0\n").contains("feedback_window"));
     }
 }

@@ -66,16 +66,8 @@ pub struct RagRequest {
     pub collection: Option<String>,
     pub top_k: Option<i64>,
     pub tta: Option<TtaRequest>,
-    pub gate: Option<GateRequest>,
-}
-
-/// `"rag": {"gate": {...}}`: the gate's settings for mode `auto`.
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct GateRequest {
-    pub policy: Option<crate::gate::policy::Policy>,
-    /// What runs when the gate retrieves: `static` or `tta`.
-    pub then: Option<String>,
+    /// Settings for mode `auto`.
+    pub gate: Option<crate::gate::policy::GateChoice>,
 }
 
 /// `"rag": {"tta": {...}}`: adaptation settings for mode `tta`.
@@ -90,6 +82,7 @@ pub struct TtaRequest {
     pub condition_on_query: Option<bool>,
     pub lora_rank: Option<i64>,
     pub lora_alpha: Option<f64>,
+    pub lora_dropout: Option<f64>,
     pub lora_targets: Option<Vec<String>>,
 }
 

@@ -190,6 +190,7 @@ pub fn to_job(
                 condition_on_query: t.condition_on_query,
                 lora_rank: t.lora_rank,
                 lora_alpha: t.lora_alpha,
+                lora_dropout: t.lora_dropout,
                 lora_targets: t.lora_targets,
             };
             Some(
