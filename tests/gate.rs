@@ -94,6 +94,75 @@ async fn the_gate_skips_retrieval_and_adaptation_when_it_says_so() {
 }
 
 #[tokio::test]
+async fn a_post_pass_gate_retrieves_first_and_a_skip_still_saves_adaptation() {
+    let (s, _d) = gated(|c| {
+        let dir = c
+            .gate
+            .probe
+            .as_ref()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        c.gate.probe = Some(common::constant_gate_pass(
+            &dir,
+            [0.0, 0.0, 5.0, 0.0],
+            common::TINY_SHA,
+            "post",
+        ));
+    })
+    .await;
+    let (status, skip) = post(
+        &s.base,
+        &ask(json!({"mode": "auto", "gate": {"then": "tta"}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{skip}");
+    let rag = &skip["rag"];
+    assert_eq!(
+        (&rag["mode"], &rag["gate"]["decision"]),
+        (&json!("none"), &json!("skip"))
+    );
+    assert_eq!(rag["passages"].as_array().unwrap().len(), 0, "{rag}");
+    assert!(rag.get("tta").is_none(), "{rag}");
+    assert!(
+        rag["timings_ms"]["retrieve"].as_f64().unwrap() > 0.0,
+        "the post pass reads the passages, so retrieval ran: {rag}"
+    );
+    let (_, go) = post(
+        &s.base,
+        &ask(json!({"mode": "auto", "gate": {"policy": "always", "then": "tta"}})),
+    )
+    .await;
+    assert_eq!(go["rag"]["mode"], "tta", "{go}");
+    assert_eq!(go["rag"]["passages"][0]["id"], "f1");
+    assert!(go["rag"]["tta"].is_object());
+}
+
+#[tokio::test]
+async fn an_ab_arm_in_mode_auto_runs_the_gate_with_its_own_settings() {
+    let (s, _d) = gated(|c| {
+        c.ab.arms = vec![
+            serde_json::from_value(json!({"name": "plain", "weight": 1.0, "mode": "static"}))
+                .unwrap(),
+            serde_json::from_value(json!({"name": "gated", "weight": 1.0, "mode": "auto",
+                                          "gate": {"policy": "pessimistic"}}))
+            .unwrap(),
+        ];
+    })
+    .await;
+    let (status, v) = post(&s.base, &ask(json!({"arm": "gated"}))).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["rag"]["arm"], "gated");
+    assert_eq!(v["rag"]["gate"]["policy"], "pessimistic");
+    assert_eq!(v["rag"]["gate"]["decision"], "skip");
+    assert_eq!(v["rag"]["mode"], "none");
+    let (_, v) = post(&s.base, &ask(json!({"arm": "plain"}))).await;
+    assert!(v["rag"].get("gate").is_none(), "{v}");
+    assert_eq!(v["rag"]["mode"], "static");
+}
+
+#[tokio::test]
 async fn per_collection_policy_and_default_mode_come_from_the_config() {
     let (s, _d) = gated(|c| {
         c.gate.default_mode = "auto".into();

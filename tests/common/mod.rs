@@ -166,10 +166,21 @@ pub fn constant_gate(dir: &std::path::Path, logits: [f32; 4]) -> PathBuf {
 
 /// [`constant_gate`] for weights whose fingerprint is `sha`.
 pub fn constant_gate_for(dir: &std::path::Path, logits: [f32; 4], sha: &str) -> PathBuf {
+    constant_gate_pass(dir, logits, sha, "pre")
+}
+
+/// [`constant_gate_for`] reading the features of `pass` (`pre` or `post`).
+pub fn constant_gate_pass(
+    dir: &std::path::Path,
+    logits: [f32; 4],
+    sha: &str,
+    pass: &str,
+) -> PathBuf {
     use candle_core::Tensor;
     let m = ttarag::model::tiny::tiny_model(3).unwrap();
     let cfg = m.decoder.config();
-    let dim = cfg.hidden_size;
+    let hidden = cfg.hidden_size;
+    let dim = if pass == "post" { 2 * hidden } else { hidden };
     let cpu = Device::Cpu;
     let tensors = std::collections::HashMap::from([
         (
@@ -193,9 +204,9 @@ pub fn constant_gate_for(dir: &std::path::Path, logits: [f32; 4], sha: &str) -> 
     candle_core::safetensors::save(&tensors, dir.join("gate.safetensors")).unwrap();
     let card = serde_json::json!({
         "format": 1,
-        "model": {"id": "tiny", "sha256": sha, "hidden_size": dim,
+        "model": {"id": "tiny", "sha256": sha, "hidden_size": hidden,
                   "num_layers": cfg.num_hidden_layers},
-        "features": {"pass": "pre", "layer": 1, "position": "last"},
+        "features": {"pass": pass, "layer": 1, "position": "last"},
         "probe": {"kind": "logistic"},
         "weights": "gate.safetensors",
         "classes": ["S1", "S2", "S3", "S4"],
