@@ -144,7 +144,8 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, diff: bool) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(acc_dtype(dtype))?;
     let w32 = w.to_dtype(acc_dtype(dtype))?;
-    let y = if diff {
+    // The fused kernel has no backward, and none for f64 either.
+    let y = if diff || dtype == DType::F64 {
         candle_nn::ops::rms_norm_slow(&x, &w32, eps as f32)?
     } else {
         candle_nn::ops::rms_norm(&x.contiguous()?, &w32, eps as f32)?
