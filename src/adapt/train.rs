@@ -657,27 +657,32 @@ mod tests {
         }
     }
 
+    /// A tiny f64 model whose every weight is a variable, with those variables by name.
+    fn trainable_model(arch: Arch) -> (Model, HashMap<String, Var>) {
+        let parts = tiny_parts(arch, 5, &Device::Cpu, DType::F64).unwrap();
+        let vars: HashMap<String, Var> = parts
+            .weights
+            .iter()
+            .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
+            .collect();
+        let weights = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let model = Model {
+            id: "t".into(),
+            decoder: Decoder::load(&parts.config, weights).unwrap(),
+            tokenizer: tiny_tokenizer().unwrap(),
+            template: None,
+            eos_ids: vec![],
+        };
+        (model, vars)
+    }
+
     #[test]
     fn full_weight_gradients_reach_every_parameter_and_match_finite_differences() {
         for arch in [Arch::Llama, Arch::Qwen2] {
-            let parts = tiny_parts(arch, 5, &Device::Cpu, DType::F64).unwrap();
-            let cfg = parts.config.clone();
-            let vars: HashMap<String, Var> = parts
-                .weights
-                .iter()
-                .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
-                .collect();
-            let weights = vars
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-                .collect();
-            let model = Model {
-                id: "t".into(),
-                decoder: Decoder::load(&cfg, weights).unwrap(),
-                tokenizer: tiny_tokenizer().unwrap(),
-                template: None,
-                eos_ids: vec![],
-            };
+            let (model, vars) = trainable_model(arch);
             let ex = example(&model);
             let grads = suffix_loss(&model.decoder, None, &ex, true)
                 .unwrap()
@@ -779,80 +784,57 @@ mod tests {
     fn recomputed_activations_give_the_same_lora_gradients() {
         let model = tiny64(Arch::Llama);
         let ex = two_examples(&model);
-        let cfg = LoraConfig {
-            rank: 2,
-            alpha: 4.0,
-            targets: vec![Target::Q, Target::V, Target::O, Target::Down],
-            dropout: 0.0,
+        // Non-zero values everywhere, so every A and B has a gradient.
+        let filled = |dropout: f64| {
+            let cfg = LoraConfig {
+                rank: 2,
+                alpha: 4.0,
+                targets: vec![Target::Q, Target::V, Target::O, Target::Down],
+                dropout,
+            };
+            let lora =
+                Lora::new(model.decoder.config(), &cfg, 1, &Device::Cpu, DType::F64).unwrap();
+            for v in lora.vars() {
+                let vals: Vec<f64> = (0..v.elem_count())
+                    .map(|i| ((i * 37 % 11) as f64 - 5.0) * 0.01)
+                    .collect();
+                v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+            lora
         };
-        let lora = Lora::new(model.decoder.config(), &cfg, 1, &Device::Cpu, DType::F64).unwrap();
-        for v in lora.vars() {
-            let n = v.elem_count();
-            let vals: Vec<f64> = (0..n)
-                .map(|i| ((i * 37 % 11) as f64 - 5.0) * 0.01)
-                .collect();
-            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-        let vars = lora.vars();
-        let (l1, g1) = plain_grads(&model.decoder, Some(&lora), &vars, &ex);
-        let (l2, g2) = recomputed(&model.decoder, Some(&lora), &vars, &ex);
-        assert!((l1 - l2).abs() < 1e-12, "{l1} vs {l2}");
-        let gap = grad_gap(&g1, &g2);
-        assert!(gap < 1e-10, "relative gap {gap}");
+        let same = |lora: &Lora| {
+            let vars = lora.vars();
+            let (l1, g1) = plain_grads(&model.decoder, Some(lora), &vars, &ex);
+            let (l2, g2) = recomputed(&model.decoder, Some(lora), &vars, &ex);
+            assert!((l1 - l2).abs() < 1e-12, "{l1} vs {l2}");
+            let gap = grad_gap(&g1, &g2);
+            assert!(gap < 1e-10, "relative gap {gap}");
+            l1
+        };
+        let lora = filled(0.0);
+        let loss = same(&lora);
         // The no-gradient loss takes the logits a few rows at a time: same value.
         let rows: usize = ex.iter().map(|e| e.ids.len() - e.suffix_start).sum();
         assert!(rows > 2 * HEAD_ROWS, "{rows} rows: several chunks");
         let chunked = mean_loss(&model.decoder, Some(&lora), &ex).unwrap();
-        assert!((chunked - l1).abs() < 1e-9, "{chunked} vs {l1}");
+        assert!((chunked - loss).abs() < 1e-9, "{chunked} vs {loss}");
 
         // With dropout too: the rebuilt blocks see the masks of the forward pass.
-        let cfg = LoraConfig {
-            dropout: 0.3,
-            ..cfg
-        };
-        let lora = Lora::new(model.decoder.config(), &cfg, 1, &Device::Cpu, DType::F64).unwrap();
-        for v in lora.vars() {
-            let n = v.elem_count();
-            let vals: Vec<f64> = (0..n)
-                .map(|i| ((i * 37 % 11) as f64 - 5.0) * 0.01)
-                .collect();
-            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
+        let lora = filled(0.3);
         lora.begin_step(Some(5));
-        let vars = lora.vars();
-        let (l1, g1) = plain_grads(&model.decoder, Some(&lora), &vars, &ex);
-        let (l2, g2) = recomputed(&model.decoder, Some(&lora), &vars, &ex);
-        assert!((l1 - l2).abs() < 1e-12, "{l1} vs {l2}");
-        let gap = grad_gap(&g1, &g2);
-        assert!(gap < 1e-10, "relative gap {gap}");
+        same(&lora);
     }
 
     #[test]
     fn recomputed_activations_give_the_same_full_gradients() {
-        let parts = tiny_parts(Arch::Qwen2, 5, &Device::Cpu, DType::F64).unwrap();
-        let cfg = parts.config.clone();
-        let vars: Vec<(String, Var)> = parts
-            .weights
-            .iter()
-            .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
-            .collect();
-        let weights = vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        let dec = Decoder::load(&cfg, weights).unwrap();
-        let model = Model::from_parts(
-            "t",
-            tiny_parts(Arch::Qwen2, 5, &Device::Cpu, DType::F64).unwrap(),
-        )
-        .unwrap();
+        let (model, vars) = trainable_model(Arch::Qwen2);
+        let dec = &model.decoder;
         let ex = two_examples(&model);
-        let vars: Vec<Var> = vars.into_iter().map(|(_, v)| v).collect();
-        let (l1, g1) = plain_grads(&dec, None, &vars, &ex);
+        let vars: Vec<Var> = vars.into_values().collect();
+        let (l1, g1) = plain_grads(dec, None, &vars, &ex);
         // Every weight, the embedding and the head included, gets its gradient.
-        let (l2, g2) = recomputed(&dec, None, &vars, &ex);
+        let (l2, g2) = recomputed(dec, None, &vars, &ex);
         assert!((l1 - l2).abs() < 1e-12, "{l1} vs {l2}");
         let gap = grad_gap(&g1, &g2);
         assert!(gap < 1e-10, "relative gap {gap}");

@@ -324,6 +324,15 @@ mod tests {
         (feats, labels)
     }
 
+    /// Quick training for planted signals.
+    fn quick() -> TrainOptions {
+        TrainOptions {
+            lr: 5e-2,
+            epochs: 60,
+            ..Default::default()
+        }
+    }
+
     fn pre(feats: &[LayerFeatures]) -> FeatureSets<'_> {
         FeatureSets {
             pre: feats,
@@ -348,11 +357,7 @@ mod tests {
             passes: vec![Pass::Pre, Pass::Post],
             positions: vec![Position::Last],
             kinds: vec![ProbeKind::Logistic],
-            train: TrainOptions {
-                lr: 5e-2,
-                epochs: 60,
-                ..Default::default()
-            },
+            train: quick(),
             ..Default::default()
         };
         let sets = FeatureSets {
@@ -381,11 +386,7 @@ mod tests {
         let (feats, labels) = planted(240, 4, 6, 2);
         let opts = SweepOptions {
             kinds: vec![ProbeKind::Logistic],
-            train: TrainOptions {
-                lr: 5e-2,
-                epochs: 60,
-                ..Default::default()
-            },
+            train: quick(),
             ..Default::default()
         };
         let (s, probe) = sweep(pre(&feats), &labels, &opts, &Device::Cpu).unwrap();
