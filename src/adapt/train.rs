@@ -108,6 +108,9 @@ struct Batch {
     weights: Vec<f64>,
 }
 
+/// Takes what one backward pass gave the trained variables.
+type CollectGrads<'a> = dyn FnMut(&candle_core::backprop::GradStore) -> Result<()> + 'a;
+
 /// Rows of logits computed at a time where the whole batch's are not needed at once: a row is
 /// a vocabulary wide (49,152 floats for SmolLM2, 192 KB). `bench --tta 10 --concurrent 4`:
 /// 16 rows cost 14.5 MB of peak memory per concurrent request, 4 rows 11.9 MB, at the same
@@ -171,7 +174,7 @@ impl Batch {
         dec: &Decoder,
         x: &Tensor,
         opts: &ForwardOpts,
-        mut collect: Option<&mut dyn FnMut(&candle_core::backprop::GradStore) -> Result<()>>,
+        mut collect: Option<&mut CollectGrads>,
     ) -> Result<(f64, Option<Tensor>)> {
         let (mut total, mut gx) = (0.0, None::<Tensor>);
         for start in (0..self.rows.len()).step_by(HEAD_ROWS) {
