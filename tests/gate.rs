@@ -163,6 +163,17 @@ async fn an_ab_arm_in_mode_auto_runs_the_gate_with_its_own_settings() {
 }
 
 #[tokio::test]
+async fn a_question_over_the_context_is_a_400_from_the_gate_too() {
+    let (s, _d) = gated(|_| {}).await;
+    let long = "why ".repeat(4000);
+    let body = json!({"model": "tiny", "max_tokens": 4, "rag": {"mode": "auto"},
+                      "messages": [{"role": "user", "content": long}]});
+    let (status, v) = post(&s.base, &body).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+}
+
+#[tokio::test]
 async fn per_collection_policy_and_default_mode_come_from_the_config() {
     let (s, _d) = gated(|c| {
         c.gate.default_mode = "auto".into();

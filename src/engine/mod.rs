@@ -20,6 +20,7 @@ use crate::adapt::{
 };
 use crate::gate::assess::GateReport;
 use crate::gate::card::LoadedGate;
+use crate::gate::features::PromptTooLong;
 use crate::gate::policy::Policy;
 use crate::generate::{generate_scoring, ContinuationScore, FinishReason, GenError, GenParams};
 use crate::model::{Adapter, ChatMessage, Model};
@@ -384,7 +385,10 @@ impl Worker {
                 };
                 let report = g
                     .assess(&self.model, &req.messages, with_passages.as_deref(), policy)
-                    .map_err(|e| internal(format!("{e:#}")))?;
+                    .map_err(|e| match e.downcast_ref::<PromptTooLong>() {
+                        Some(t) => Some(EngineError::ContextExceeded(t.to_string())),
+                        None => internal(format!("{e:#}")),
+                    })?;
                 timings.gate = report.gate_ms;
                 if !report.decision.retrieves() {
                     mode = RagMode::None;

@@ -43,6 +43,14 @@ impl LayerFeatures {
     }
 }
 
+/// A prompt longer than the model's context: the client's error, not the server's.
+#[derive(Debug, thiserror::Error)]
+#[error("prompt of {tokens} tokens exceeds the model's context of {context}")]
+pub struct PromptTooLong {
+    pub tokens: usize,
+    pub context: usize,
+}
+
 /// The probe's input for one question: the `pre` features at (`layer`, `position`), followed
 /// for [`Pass::Post`] by the same tap on the prompt with passages. `None` when a layer was not
 /// read or the post features are missing.
@@ -74,11 +82,13 @@ pub fn prompt_features(
     let ids = model.tokenizer.encode(&prompt)?;
     anyhow::ensure!(!ids.is_empty(), "empty prompt");
     let context = model.decoder.config().max_position_embeddings;
-    anyhow::ensure!(
-        ids.len() <= context,
-        "prompt of {} tokens exceeds the model's context of {context}",
-        ids.len()
-    );
+    if ids.len() > context {
+        return Err(PromptTooLong {
+            tokens: ids.len(),
+            context,
+        }
+        .into());
+    }
     let question = RagPrompt::question(messages).unwrap_or("");
     let span = match prompt.rfind(question).filter(|_| !question.is_empty()) {
         Some(start) => {
@@ -214,5 +224,6 @@ mod tests {
         let long = "x".repeat(2000);
         let err = prompt_features(&model, &[ChatMessage::new("user", &long)], None).unwrap_err();
         assert!(err.to_string().contains("context"), "{err}");
+        assert!(err.downcast_ref::<PromptTooLong>().is_some());
     }
 }
