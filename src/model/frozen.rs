@@ -11,12 +11,15 @@ struct FrozenMatmul {
     w: Tensor,
 }
 
-impl CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+impl FrozenMatmul {
+    /// The body of every device's kernel: `x` (`(m, k)` rows) times `w^T`. `storage` picks the
+    /// weight's storage of the device `S` belongs to.
+    fn run<S: BackendStorage>(
+        &self,
+        x: &S,
+        l: &Layout,
+        storage: impl for<'a> Fn(&'a Storage) -> Option<&'a S>,
+    ) -> Result<(S, Shape)> {
         if !l.is_contiguous() {
             candle_core::bail!("frozen-matmul: input must be contiguous");
         }
@@ -29,8 +32,8 @@ impl CustomOp1 for FrozenMatmul {
         }
         let wt = self.w.t()?;
         let (ws, wl) = wt.storage_and_layout();
-        let Storage::Cpu(w) = &*ws else {
-            candle_core::bail!("frozen-matmul: weight is not on the CPU");
+        let Some(w) = storage(&ws) else {
+            candle_core::bail!("frozen-matmul: weight and input are on different devices");
         };
         let lhs = Layout::contiguous_with_offset((m, k), l.start_offset());
         let y = x.matmul(w, (1, m, out, k), &lhs, wl)?;
@@ -38,16 +41,42 @@ impl CustomOp1 for FrozenMatmul {
         *shape.last_mut().expect("rank >= 1") = out;
         Ok((y, Shape::from(shape)))
     }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run(x, l, |s| match s {
+            Storage::Cpu(w) => Some(w),
+            _ => None,
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.run(x, l, |s| match s {
+            Storage::Cuda(w) => Some(w),
+            _ => None,
+        })
+    }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad.broadcast_matmul(&self.w)?))
     }
 }
 
-/// `x W^T` where no gradient is wanted for `w` (`(out, in)`). On the CPU the backward skips the
-/// weight's gradient; elsewhere this is a plain matmul.
+/// `x W^T` where no gradient is wanted for `w` (`(out, in)`): the backward skips the weight's
+/// gradient. On devices without the kernel (Metal) this is a plain matmul.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && w.device().is_cpu() && x.dtype() == w.dtype() {
+    let kernel = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
+    if kernel && x.device().same_device(w.device()) && x.dtype() == w.dtype() {
         x.contiguous()?
             .apply_op1_arc(std::sync::Arc::new(Box::new(FrozenMatmul {
                 w: w.contiguous()?,
