@@ -18,9 +18,9 @@ weights=/tmp/ttarag-random-smollm2
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 
 log() { echo "== $*" | tee -a "$out/log"; }
-run() {
+run() { # one step; a failure is reported and the check goes on
     log "$*"
-    "$@" 2>&1 | tee -a "$out/log"
+    "$@" 2>&1 | tee -a "$out/log" || log "FAILED (exit $?): $*"
 }
 export RUST_LOG=warn
 
