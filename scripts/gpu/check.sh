@@ -52,8 +52,8 @@ q="What can damage buildings?"
 # Same weights, greedy: the CPU and CUDA builds must choose the same tokens.
 cpu=$(run "$bin" --config "$f32" --model "$weights" --device cpu ask --mode none --max-tokens 12 "$q")
 gpu=$(run "$bin" --config "$f32" --model "$weights" --device cuda ask --mode none --max-tokens 12 "$q")
-# (The first line of each is its command.)
-if [ "$(tail -n +2 <<<"$cpu")" = "$(tail -n +2 <<<"$gpu")" ]; then log "parity: CPU and CUDA agree"; else log "parity: CPU and CUDA DIFFER"; fi
+# (Line 1 of each is its command, line 2 the answer; timings follow.)
+if [ "$(sed -n 2p <<<"$cpu")" = "$(sed -n 2p <<<"$gpu")" ]; then log "parity: CPU and CUDA agree"; else log "parity: CPU and CUDA DIFFER"; fi
 # The whole request path on CUDA: retrieval, adaptation, answer.
 run "$bin" --config "$lora" --model "$weights" --device cuda ask --mode tta --max-tokens 12 "$q"
 
