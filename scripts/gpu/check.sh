@@ -26,15 +26,7 @@ export RUST_LOG=warn
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$out/log"
 
-python3 - "$weights" <<'EOF'
-import shutil, sys, torch, transformers
-dst = sys.argv[1]
-cfg = transformers.LlamaConfig.from_pretrained(".gpu/hf")
-torch.manual_seed(0)
-transformers.LlamaForCausalLM(cfg).save_pretrained(dst, safe_serialization=True)
-for f in ["config.json", "tokenizer.json", "tokenizer_config.json"]:
-    shutil.copy(f".gpu/hf/{f}", f"{dst}/{f}")
-EOF
+python3 scripts/gpu/random_weights.py "$weights"
 
 cfg() { # a config file with the given lines, defaults for the rest
     local f
