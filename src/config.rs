@@ -196,56 +196,11 @@ pub struct ArmConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tta: Option<ArmTta>,
+    /// Any key a request may send in `rag.tta`.
+    pub tta: Option<crate::engine::TtaOverrides>,
     /// For mode `auto`: the gate's policy and what runs when it retrieves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<crate::gate::policy::GateChoice>,
-}
-
-/// The keys a request may send in `rag.tta`, so an arm can say anything a request can.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ArmTta {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scope: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lr: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_pairs: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_words: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub steps: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grad_accum: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub condition_on_query: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora_rank: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora_alpha: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora_dropout: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora_targets: Option<Vec<String>>,
-}
-
-impl From<&ArmTta> for crate::engine::TtaOverrides {
-    fn from(t: &ArmTta) -> Self {
-        Self {
-            scope: t.scope.clone(),
-            lr: t.lr,
-            max_pairs: t.max_pairs,
-            min_words: t.min_words,
-            steps: t.steps,
-            grad_accum: t.grad_accum,
-            condition_on_query: t.condition_on_query,
-            lora_rank: t.lora_rank,
-            lora_alpha: t.lora_alpha,
-            lora_dropout: t.lora_dropout,
-            lora_targets: t.lora_targets.clone(),
-        }
-    }
 }
 
 /// Larger windows would let feedback bookkeeping take hundreds of MB.
@@ -323,8 +278,7 @@ impl AbSection {
                     a.mode
                 ),
                 (t, crate::engine::RagMode::Tta) => {
-                    let o: crate::engine::TtaOverrides =
-                        t.as_ref().map(Into::into).unwrap_or_default();
+                    let o = t.clone().unwrap_or_default();
                     crate::engine::resolve_tta(tta, &o, 0).map_err(|e| {
                         anyhow::anyhow!(
                             "ab arm `{name}`: {}",

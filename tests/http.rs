@@ -235,6 +235,17 @@ async fn bad_requests_get_openai_errors_with_the_right_status() {
         let (st, v) = post(&s.base, &body).await;
         check(st, &v, want, param);
     }
+    // A misspelt adaptation setting is refused, not silently left at its default.
+    let (st, v) = post(
+        &s.base,
+        &json!({"messages": msg("q"), "rag": {"mode": "tta", "tta": {"lr_typo": 0.1}}}),
+    )
+    .await;
+    check(st, &v, 400, None);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("lr_typo"),
+        "{v}"
+    );
     // Context overflow in streaming mode is still a plain 400, not a broken stream.
     let (st, v) = post(
         &s.base,

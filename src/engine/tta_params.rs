@@ -1,24 +1,59 @@
 //! Resolves a request's adaptation settings: config defaults, request overrides, server caps.
 
+use serde::{Deserialize, Serialize};
+
 use crate::adapt::{parse_target, LoraConfig, PairOptions, TrainParams};
 use crate::config::TtaSection;
 
 use super::{TtaParams, TtaScope};
 
-/// What a request may override; `None` keeps the configured default.
-#[derive(Debug, Clone, Default)]
+/// What a request (`rag.tta`) or an A/B arm (`tta = {...}`) may override; `None` keeps the
+/// configured default. Unknown keys are refused, so a misspelt setting is an error, not a
+/// silent default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TtaOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pairs: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_words: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grad_accum: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub condition_on_query: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_rank: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_alpha: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_dropout: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_targets: Option<Vec<String>>,
+}
+
+impl TtaOverrides {
+    /// These settings, with `other`'s where these have none.
+    pub fn or(self, other: &Self) -> Self {
+        Self {
+            scope: self.scope.or_else(|| other.scope.clone()),
+            lr: self.lr.or(other.lr),
+            max_pairs: self.max_pairs.or(other.max_pairs),
+            min_words: self.min_words.or(other.min_words),
+            steps: self.steps.or(other.steps),
+            grad_accum: self.grad_accum.or(other.grad_accum),
+            condition_on_query: self.condition_on_query.or(other.condition_on_query),
+            lora_rank: self.lora_rank.or(other.lora_rank),
+            lora_alpha: self.lora_alpha.or(other.lora_alpha),
+            lora_dropout: self.lora_dropout.or(other.lora_dropout),
+            lora_targets: self.lora_targets.or_else(|| other.lora_targets.clone()),
+        }
+    }
 }
 
 /// A setting out of range: which one and why.

@@ -108,18 +108,7 @@ pub fn apply(arm: &ArmConfig, rag: &mut RagRequest) {
         rag.top_k = arm.top_k.map(|k| i64::try_from(k).unwrap_or(i64::MAX));
     }
     if let Some(a) = &arm.tta {
-        let t = rag.tta.get_or_insert_with(Default::default);
-        t.scope = t.scope.take().or_else(|| a.scope.clone());
-        t.lr = t.lr.or(a.lr);
-        t.max_pairs = t.max_pairs.or(a.max_pairs);
-        t.min_words = t.min_words.or(a.min_words);
-        t.steps = t.steps.or(a.steps);
-        t.grad_accum = t.grad_accum.or(a.grad_accum);
-        t.condition_on_query = t.condition_on_query.or(a.condition_on_query);
-        t.lora_rank = t.lora_rank.or(a.lora_rank);
-        t.lora_alpha = t.lora_alpha.or(a.lora_alpha);
-        t.lora_dropout = t.lora_dropout.or(a.lora_dropout);
-        t.lora_targets = t.lora_targets.take().or_else(|| a.lora_targets.clone());
+        rag.tta = Some(rag.tta.take().unwrap_or_default().or(a));
     }
 }
 
@@ -302,14 +291,14 @@ mod tests {
     fn request_fields_win_over_the_arms() {
         let mut a = arm("t", 1.0, "tta");
         a.top_k = Some(5);
-        a.tta = Some(crate::config::ArmTta {
+        a.tta = Some(crate::engine::TtaOverrides {
             lr: Some(1e-3),
             steps: Some(4),
             ..Default::default()
         });
         let mut rag = RagRequest {
             top_k: Some(2),
-            tta: Some(super::super::openai::TtaRequest {
+            tta: Some(crate::engine::TtaOverrides {
                 steps: Some(1),
                 ..Default::default()
             }),

@@ -65,25 +65,10 @@ pub struct RagRequest {
     pub arm: Option<String>,
     pub collection: Option<String>,
     pub top_k: Option<i64>,
-    pub tta: Option<TtaRequest>,
+    /// Adaptation settings for mode `tta`.
+    pub tta: Option<crate::engine::TtaOverrides>,
     /// Settings for mode `auto`.
     pub gate: Option<crate::gate::policy::GateChoice>,
-}
-
-/// `"rag": {"tta": {...}}`: adaptation settings for mode `tta`.
-#[derive(Debug, Deserialize, Default)]
-pub struct TtaRequest {
-    pub scope: Option<String>,
-    pub lr: Option<f64>,
-    pub max_pairs: Option<i64>,
-    pub min_words: Option<i64>,
-    pub steps: Option<i64>,
-    pub grad_accum: Option<i64>,
-    pub condition_on_query: Option<bool>,
-    pub lora_rank: Option<i64>,
-    pub lora_alpha: Option<f64>,
-    pub lora_dropout: Option<f64>,
-    pub lora_targets: Option<Vec<String>>,
 }
 
 /// The response's `rag` object: the engine's report plus the A/B arm that served it, which only

@@ -1,7 +1,7 @@
 //! Wire request -> internal [`ChatJob`], rejecting anything out of range with a precise message.
 
 use crate::config::Config;
-use crate::engine::{resolve_tta, ChatJob, RagMode, RagParams, TtaOverrides};
+use crate::engine::{resolve_tta, ChatJob, RagMode, RagParams};
 use crate::generate::GenParams;
 use crate::model::ChatMessage;
 use crate::retrieval::Collections;
@@ -179,20 +179,7 @@ pub fn to_job(
     });
     let tta = match mode {
         RagMode::Tta => {
-            let t = rag.tta.unwrap_or_default();
-            let o = TtaOverrides {
-                scope: t.scope,
-                lr: t.lr,
-                max_pairs: t.max_pairs,
-                min_words: t.min_words,
-                steps: t.steps,
-                grad_accum: t.grad_accum,
-                condition_on_query: t.condition_on_query,
-                lora_rank: t.lora_rank,
-                lora_alpha: t.lora_alpha,
-                lora_dropout: t.lora_dropout,
-                lora_targets: t.lora_targets,
-            };
+            let o = rag.tta.unwrap_or_default();
             Some(
                 resolve_tta(&cfg.tta, &o, seed)
                     .map_err(|e| ApiError::invalid(e.message, Some(e.param)))?,
