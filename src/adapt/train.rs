@@ -167,8 +167,8 @@ impl Batch {
     }
 
     /// The loss from the last block's output `x`, [`HEAD_ROWS`] target rows at a time. With
-    /// `grads`, each chunk is backpropagated at once and what reaches a variable is added to it
-    /// (through `collect`); returns the loss and the gradient of `x` (if `x` is a variable).
+    /// `collect`, each chunk is backpropagated at once and `collect` takes what reached the
+    /// trained variables; returns the loss and the gradient of `x` (if `x` is a variable).
     fn chunked_head(
         &self,
         dec: &Decoder,
