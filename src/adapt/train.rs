@@ -265,7 +265,8 @@ fn checkpointed_grads(
     // The head's forward and backward go together, chunk by chunk; its time counts as forward.
     let (loss, g) = batch.chunked_head(dec, last.as_tensor(), &opts, Some(&mut collect))?;
     let forward_ms = tf.elapsed().as_secs_f64() * 1e3;
-    let Some(mut g) = g else {
+    // A non-finite loss aborts the adaptation: no use rebuilding the blocks for it.
+    let Some(mut g) = g.filter(|_| loss.is_finite()) else {
         return Ok((loss, grads, forward_ms));
     };
     while let Some(input) = inputs.pop() {

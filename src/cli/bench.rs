@@ -169,16 +169,10 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
 /// The gate's cost per question as served (blocks above the card's layer not run) and as the
 /// trainer reads features (every layer), alternating question by question.
 fn bench_gate(cfg: &Config, model: &crate::model::Model, n: usize) -> anyhow::Result<()> {
-    use crate::gate::card::LoadedGate;
     use crate::gate::features::prompt_features;
     use crate::gate::policy::Policy;
 
-    let probe = cfg
-        .gate
-        .probe
-        .as_ref()
-        .context("no [gate] probe is configured")?;
-    let gate = LoadedGate::load_for_weights(probe, model, &cfg.model.path, model.decoder.device())?;
+    let gate = super::load_gate(cfg, model)?.context("no [gate] probe is configured")?;
     let questions = [
         "What can damage buildings?",
         "Hi there, how are you today?",
@@ -188,10 +182,9 @@ fn bench_gate(cfg: &Config, model: &crate::model::Model, n: usize) -> anyhow::Re
         "Can you write me a short poem about the sea?",
     ];
     // A post-pass probe also reads the prompt with passages from the configured collection.
-    let cols = super::open_collections(cfg)?;
     let rag = if gate.needs_passages() {
         Some((
-            cols.get(&cfg.retrieval.collection)?,
+            super::open_collections(cfg)?.get(&cfg.retrieval.collection)?,
             crate::engine::RagPrompt::new(&cfg.retrieval.prompt_template)?,
         ))
     } else {
@@ -221,7 +214,10 @@ fn bench_gate(cfg: &Config, model: &crate::model::Model, n: usize) -> anyhow::Re
         }
     }
     let layers = model.decoder.config().num_hidden_layers;
-    println!("probe          {}", probe.display());
+    println!(
+        "probe          {}",
+        cfg.gate.probe.clone().unwrap_or_default().display()
+    );
     println!("threads        {}", candle_core::utils::get_num_threads());
     println!("questions      {}", served.len());
     println!(
