@@ -193,8 +193,9 @@ impl Proj {
                     None => y,
                 }
             }
-            // Training against frozen weights: skip the weights' gradients.
-            _ if opts.differentiable && !self.linear.weight().is_variable() => {
+            // Frozen weights: no weight gradient in training, and few-row inputs (training,
+            // scoring) take the skinny kernels instead of gemm.
+            _ if !self.linear.weight().is_variable() => {
                 let y = super::frozen_matmul(x, self.linear.weight())?;
                 match self.linear.bias() {
                     Some(b) if !b.is_variable() => y.broadcast_add(&b.detach())?,
@@ -435,7 +436,7 @@ impl Decoder {
             Logits::None => None,
             Logits::All => {
                 let h = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, opts.differentiable)?;
-                Some(self.head(&h, opts)?)
+                Some(self.head(&h)?)
             }
             Logits::Rows(rows) => Some(self.head_rows(&x, rows, opts)?),
             Logits::Last => {
@@ -496,7 +497,7 @@ impl Decoder {
             self.cfg.rms_norm_eps,
             opts.differentiable,
         )?;
-        self.head(&h, opts)
+        self.head(&h)
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -504,8 +505,8 @@ impl Decoder {
     }
 
     /// Full-precision output projection.
-    fn head(&self, h: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
-        if opts.differentiable && !self.lm_head.is_variable() {
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        if !self.lm_head.is_variable() {
             super::frozen_matmul(h, &self.lm_head)
         } else {
             h.broadcast_matmul(&self.lm_head.t()?)

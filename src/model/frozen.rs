@@ -4,7 +4,9 @@
 //! most of the backward time and memory. No crate offers this, hence the custom op.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+
+use super::skinny;
 
 struct FrozenMatmul {
     /// `(out, in)`, as stored in the model.
@@ -49,6 +51,9 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if let Some(out) = skinny_fwd(x, l, &self.w)? {
+            return Ok(out);
+        }
         self.run(x, l, |s| match s {
             Storage::Cpu(w) => Some(w),
             _ => None,
@@ -68,7 +73,75 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let rows = grad.elem_count() / grad.dim(candle_core::D::Minus1)?.max(1);
+        if grad.device().is_cpu() && grad.dtype() == DType::F32 && skinny::fits(rows) {
+            return Ok(Some(
+                grad.contiguous()?
+                    .apply_op1_no_bwd(&InputGrad { w: self.w.clone() })?,
+            ));
+        }
         Ok(Some(grad.broadcast_matmul(&self.w)?))
+    }
+}
+
+/// The f32 weight's elements, when it lies contiguous in CPU memory.
+fn cpu_f32<R>(w: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = w.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(f(&v[a..b])),
+        _ => None,
+    }
+}
+
+/// The forward product through [`skinny`] when the input has few rows; `None` to use gemm.
+fn skinny_fwd(x: &CpuStorage, l: &Layout, w: &Tensor) -> Result<Option<(CpuStorage, Shape)>> {
+    let (CpuStorage::F32(xv), Some((a, b))) = (x, l.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let dims = l.shape().dims();
+    let k = *dims.last().unwrap_or(&0);
+    let (n, inp) = w.dims2()?;
+    let m = (b - a) / k.max(1);
+    if k == 0 || inp != k || !skinny::fits(m) {
+        return Ok(None);
+    }
+    let Some(y) = cpu_f32(w, |wv| skinny::x_wt(&xv[a..b], wv, m, k, n)) else {
+        return Ok(None);
+    };
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("rank >= 1") = n;
+    Ok(Some((CpuStorage::F32(y), Shape::from(shape))))
+}
+
+/// `grad W` on the CPU for a few rows of f32 gradient: the input's gradient of [`FrozenMatmul`].
+struct InputGrad {
+    w: Tensor,
+}
+
+impl CustomOp1 for InputGrad {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-input-grad"
+    }
+
+    fn cpu_fwd(&self, g: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(gv), Some((a, b))) = (g, l.contiguous_offsets()) else {
+            candle_core::bail!("frozen-matmul-input-grad: needs a contiguous f32 gradient");
+        };
+        let dims = l.shape().dims();
+        let n = *dims.last().unwrap_or(&0);
+        let (wn, k) = self.w.dims2()?;
+        let m = (b - a) / n.max(1);
+        if n == 0 || wn != n || !skinny::fits(m) {
+            candle_core::bail!(
+                "frozen-matmul-input-grad: bad shape {dims:?} for weight ({wn}, {k})"
+            );
+        }
+        let dx = cpu_f32(&self.w, |wv| skinny::g_w(&gv[a..b], wv, m, n, k)).ok_or_else(|| {
+            candle_core::Error::Msg("frozen-matmul-input-grad: weight is not f32 on the CPU".into())
+        })?;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("rank >= 1") = k;
+        Ok((CpuStorage::F32(dx), Shape::from(shape)))
     }
 }
 
@@ -118,6 +191,29 @@ mod tests {
             .max_all()?
             .to_scalar::<f32>()?;
         assert!(d < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn few_f32_rows_take_the_skinny_kernels_and_agree_with_f64_matmul() -> Result<()> {
+        let dev = Device::Cpu;
+        // 2 * 3 = 6 rows: within skinny::MAX_ROWS; widths off the kernels' lane multiples.
+        let w64 = Tensor::randn(0f64, 1.0, (70, 40), &dev)?;
+        let x64 = Tensor::randn(0f64, 1.0, (2, 3, 40), &dev)?;
+        let x = Var::from_tensor(&x64.to_dtype(DType::F32)?)?;
+        let w = w64.to_dtype(DType::F32)?;
+        let y = frozen_matmul(x.as_tensor(), &w)?;
+        let want = x64.broadcast_matmul(&w64.t()?)?;
+        let gap = |a: &Tensor, b: &Tensor| -> Result<f64> {
+            (a.to_dtype(DType::F64)? - b)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()
+        };
+        assert!(gap(&y, &want)? < 1e-3);
+        let g = y.sqr()?.sum_all()?.backward()?;
+        let want_g = (want * 2.0)?.broadcast_matmul(&w64)?;
+        assert!(gap(g.get(x.as_tensor()).unwrap(), &want_g)? < 1e-2);
         Ok(())
     }
 }
