@@ -86,6 +86,8 @@ pub struct TtaSection {
     pub time_budget_ms: f64,
     /// Rebuild each block's activations during the backward pass instead of keeping them all.
     pub recompute_activations: bool,
+    /// Multiply by the frozen weights in bf16 (f32 sums) on CPUs with AVX-512 BF16.
+    pub bf16_products: bool,
     pub max_pairs_cap: usize,
     pub max_steps_cap: usize,
     pub max_tokens_per_pair_cap: usize,

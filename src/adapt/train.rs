@@ -30,6 +30,8 @@ pub struct TrainParams {
     /// Rebuild each block's activations in the backward pass instead of keeping them all
     /// (one more forward; working memory of one block instead of every block).
     pub recompute: bool,
+    /// Frozen-weight products in bf16 where the CPU has native bf16 dot products.
+    pub bf16: bool,
 }
 
 /// What the adaptation did (the response's `rag.tta`).
@@ -205,12 +207,24 @@ pub fn batch_loss(
     examples: &[&Example],
     differentiable: bool,
 ) -> Result<Tensor> {
+    batch_loss_in(dec, adapter, examples, differentiable, false)
+}
+
+/// [`batch_loss`], with frozen-weight products in bf16 when `bf16`.
+fn batch_loss_in(
+    dec: &Decoder,
+    adapter: Option<&dyn Adapter>,
+    examples: &[&Example],
+    differentiable: bool,
+    bf16: bool,
+) -> Result<Tensor> {
     let batch = Batch::new(dec, examples)?;
     let rows = batch.rows(0..batch.rows.len())?;
     let opts = ForwardOpts {
         logits: Logits::Rows(&rows),
         differentiable,
         adapter,
+        bf16_frozen: bf16,
         ..Default::default()
     };
     let logits = dec
@@ -231,6 +245,7 @@ fn checkpointed_grads(
     adapter: Option<&dyn Adapter>,
     vars: &[Var],
     examples: &[&Example],
+    bf16: bool,
 ) -> Result<(f64, Vec<Option<Tensor>>, f64)> {
     let tf = Instant::now();
     let batch = Batch::new(dec, examples)?;
@@ -238,6 +253,7 @@ fn checkpointed_grads(
         logits: Logits::None,
         differentiable: true,
         adapter,
+        bf16_frozen: bf16,
         ..Default::default()
     };
     let n = dec.num_blocks();
@@ -300,11 +316,22 @@ pub fn mean_loss(
     adapter: Option<&dyn Adapter>,
     examples: &[Example],
 ) -> Result<f64> {
+    mean_loss_in(dec, adapter, examples, false)
+}
+
+/// [`mean_loss`], with frozen-weight products in bf16 when `bf16`.
+fn mean_loss_in(
+    dec: &Decoder,
+    adapter: Option<&dyn Adapter>,
+    examples: &[Example],
+    bf16: bool,
+) -> Result<f64> {
     let refs: Vec<&Example> = examples.iter().collect();
     let batch = Batch::new(dec, &refs)?;
     let opts = ForwardOpts {
         logits: Logits::None,
         adapter,
+        bf16_frozen: bf16,
         ..Default::default()
     };
     // Detached block by block: trained variables would otherwise make every block's
@@ -381,7 +408,7 @@ fn train(
     report: &mut TtaReport,
     t0: Instant,
 ) -> Result<bool> {
-    report.loss_before = Some(mean_loss(dec, adapter, examples)?);
+    report.loss_before = Some(mean_loss_in(dec, adapter, examples, p.bf16)?);
     let mut opt = FastAdamW::new(
         vars.to_vec(),
         ParamsAdamW {
@@ -420,12 +447,12 @@ fn train(
         }
         let tf = Instant::now();
         let (value, grads) = if p.recompute {
-            let (loss, grads, fwd) = checkpointed_grads(dec, adapter, vars, &group)?;
+            let (loss, grads, fwd) = checkpointed_grads(dec, adapter, vars, &group, p.bf16)?;
             report.forward_ms += fwd;
             report.backward_ms += tf.elapsed().as_secs_f64() * 1e3 - fwd;
             (loss, grads)
         } else {
-            let loss = batch_loss(dec, adapter, &group, true)?;
+            let loss = batch_loss_in(dec, adapter, &group, true, p.bf16)?;
             let value = scalar(&loss)?;
             report.forward_ms += tf.elapsed().as_secs_f64() * 1e3;
             if !value.is_finite() {
@@ -469,7 +496,7 @@ fn train(
     if let Some(a) = adapter {
         a.begin_step(None);
     }
-    let after = mean_loss(dec, adapter, examples)?;
+    let after = mean_loss_in(dec, adapter, examples, p.bf16)?;
     report.loss_after = Some(after);
     if !after.is_finite() {
         report.fallback = Some("adapted model diverged; answered without adaptation".into());
@@ -723,6 +750,7 @@ mod tests {
             seed: 3,
             time_budget_ms: None,
             recompute: false,
+            bf16: false,
         }
     }
 
@@ -776,7 +804,7 @@ mod tests {
         ex: &[Example],
     ) -> (f64, Vec<Tensor>) {
         let refs: Vec<&Example> = ex.iter().collect();
-        let (loss, grads, _) = checkpointed_grads(dec, adapter, vars, &refs).unwrap();
+        let (loss, grads, _) = checkpointed_grads(dec, adapter, vars, &refs, false).unwrap();
         let grads = grads
             .into_iter()
             .map(|g| g.expect("recompute left a variable without a gradient"))
@@ -852,6 +880,7 @@ mod tests {
         let (_, plain) = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p).unwrap();
         let p = TrainParams {
             recompute: true,
+            bf16: false,
             ..p
         };
         let (lora, re) = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p).unwrap();

@@ -172,6 +172,7 @@ pub fn resolve_tta(c: &TtaSection, o: &TtaOverrides, seed: u64) -> Result<TtaPar
             seed,
             time_budget_ms: (c.time_budget_ms > 0.0).then_some(c.time_budget_ms),
             recompute: c.recompute_activations,
+            bf16: c.bf16_products,
         },
     })
 }

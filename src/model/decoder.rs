@@ -62,6 +62,9 @@ pub struct ForwardOpts<'a> {
     /// cut the autograd graph, so training must take this path.
     pub differentiable: bool,
     pub adapter: Option<&'a dyn Adapter>,
+    /// Frozen weights with few rows of input multiply in bf16 with f32 sums where the CPU
+    /// has native bf16 dot products (adaptation only: answers keep the model's precision).
+    pub bf16_frozen: bool,
 }
 
 impl Default for ForwardOpts<'_> {
@@ -72,6 +75,7 @@ impl Default for ForwardOpts<'_> {
             stop_after: None,
             differentiable: false,
             adapter: None,
+            bf16_frozen: false,
         }
     }
 }
@@ -157,6 +161,8 @@ struct Proj {
     linear: Linear,
     /// Quantized copy of the weight for decode steps (memory-bound: fewer bytes per token).
     quant: Option<QMatMul>,
+    /// bf16 copy of the weight for adaptation's products, made on first use.
+    bf16: super::Bf16Copy,
     target: Target,
 }
 
@@ -180,6 +186,7 @@ impl Proj {
         Ok(Self {
             linear: Linear::new(w, b),
             quant: None,
+            bf16: Default::default(),
             target,
         })
     }
@@ -196,7 +203,9 @@ impl Proj {
             // Frozen weights: no weight gradient in training, and few-row inputs (training,
             // scoring) take the skinny kernels instead of gemm.
             _ if !self.linear.weight().is_variable() => {
-                let y = super::frozen_matmul(x, self.linear.weight())?;
+                let w = self.linear.weight();
+                let wb = opts.bf16_frozen.then(|| self.bf16.get(w)).flatten();
+                let y = super::frozen_matmul_bf16(x, w, wb)?;
                 match self.linear.bias() {
                     Some(b) if !b.is_variable() => y.broadcast_add(&b.detach())?,
                     Some(b) => y.broadcast_add(b)?,
@@ -263,6 +272,7 @@ pub struct Decoder {
     norm: Tensor,
     lm_head: Tensor,
     lm_head_quant: Option<QMatMul>,
+    lm_head_bf16: super::Bf16Copy,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -315,6 +325,7 @@ impl Decoder {
             norm,
             lm_head,
             lm_head_quant: None,
+            lm_head_bf16: Default::default(),
             cos,
             sin,
             device,
@@ -436,7 +447,7 @@ impl Decoder {
             Logits::None => None,
             Logits::All => {
                 let h = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, opts.differentiable)?;
-                Some(self.head(&h)?)
+                Some(self.head(&h, opts.bf16_frozen)?)
             }
             Logits::Rows(rows) => Some(self.head_rows(&x, rows, opts)?),
             Logits::Last => {
@@ -497,7 +508,7 @@ impl Decoder {
             self.cfg.rms_norm_eps,
             opts.differentiable,
         )?;
-        self.head(&h)
+        self.head(&h, opts.bf16_frozen)
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -505,9 +516,10 @@ impl Decoder {
     }
 
     /// Full-precision output projection.
-    fn head(&self, h: &Tensor) -> Result<Tensor> {
+    fn head(&self, h: &Tensor, bf16: bool) -> Result<Tensor> {
         if !self.lm_head.is_variable() {
-            super::frozen_matmul(h, &self.lm_head)
+            let wb = bf16.then(|| self.lm_head_bf16.get(&self.lm_head)).flatten();
+            super::frozen_matmul_bf16(h, &self.lm_head, wb)
         } else {
             h.broadcast_matmul(&self.lm_head.t()?)
         }

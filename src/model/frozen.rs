@@ -11,6 +11,8 @@ use super::skinny;
 struct FrozenMatmul {
     /// `(out, in)`, as stored in the model.
     w: Tensor,
+    /// The same weight in bf16, when few-row products may use it.
+    wb: Option<Tensor>,
 }
 
 impl FrozenMatmul {
@@ -51,7 +53,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        if let Some(out) = skinny_fwd(x, l, &self.w)? {
+        if let Some(out) = skinny_fwd(x, l, &self.w, self.wb.as_ref())? {
             return Ok(out);
         }
         self.run(x, l, |s| match s {
@@ -74,27 +76,49 @@ impl CustomOp1 for FrozenMatmul {
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let rows = grad.elem_count() / grad.dim(candle_core::D::Minus1)?.max(1);
-        if grad.device().is_cpu() && grad.dtype() == DType::F32 && skinny::fits(rows) {
-            return Ok(Some(
-                grad.contiguous()?
-                    .apply_op1_no_bwd(&InputGrad { w: self.w.clone() })?,
-            ));
+        if grad.device().is_cpu() && grad.dtype() == DType::F32 {
+            let w = match &self.wb {
+                Some(wb) if skinny::fits_bf16(rows) => Some(wb),
+                _ if skinny::fits(rows) => Some(&self.w),
+                _ => None,
+            };
+            if let Some(w) = w {
+                return Ok(Some(
+                    grad.contiguous()?
+                        .apply_op1_no_bwd(&InputGrad { w: w.clone() })?,
+                ));
+            }
         }
         Ok(Some(grad.broadcast_matmul(&self.w)?))
     }
 }
 
-/// The f32 weight's elements, when it lies contiguous in CPU memory.
-fn cpu_f32<R>(w: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+/// A CPU weight's elements, f32 or bf16 bits, when they lie contiguous.
+enum CpuWeight<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+/// Calls `f` with `w`'s elements when it is a contiguous f32 or bf16 CPU tensor.
+fn with_cpu_weight<R>(w: &Tensor, f: impl FnOnce(CpuWeight) -> R) -> Option<R> {
+    use half::slice::HalfFloatSliceExt;
     let (storage, layout) = w.storage_and_layout();
     match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(f(&v[a..b])),
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(f(CpuWeight::F32(&v[a..b]))),
+        (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => {
+            Some(f(CpuWeight::Bf16(v[a..b].reinterpret_cast())))
+        }
         _ => None,
     }
 }
 
 /// The forward product through [`skinny`] when the input has few rows; `None` to use gemm.
-fn skinny_fwd(x: &CpuStorage, l: &Layout, w: &Tensor) -> Result<Option<(CpuStorage, Shape)>> {
+fn skinny_fwd(
+    x: &CpuStorage,
+    l: &Layout,
+    w: &Tensor,
+    wb: Option<&Tensor>,
+) -> Result<Option<(CpuStorage, Shape)>> {
     let (CpuStorage::F32(xv), Some((a, b))) = (x, l.contiguous_offsets()) else {
         return Ok(None);
     };
@@ -102,10 +126,19 @@ fn skinny_fwd(x: &CpuStorage, l: &Layout, w: &Tensor) -> Result<Option<(CpuStora
     let k = *dims.last().unwrap_or(&0);
     let (n, inp) = w.dims2()?;
     let m = (b - a) / k.max(1);
-    if k == 0 || inp != k || !skinny::fits(m) {
+    if k == 0 || inp != k {
         return Ok(None);
     }
-    let Some(y) = cpu_f32(w, |wv| skinny::x_wt(&xv[a..b], wv, m, k, n)) else {
+    let x = &xv[a..b];
+    let w = match wb {
+        Some(wb) if skinny::fits_bf16(m) => wb,
+        _ if skinny::fits(m) => w,
+        _ => return Ok(None),
+    };
+    let Some(y) = with_cpu_weight(w, |w| match w {
+        CpuWeight::F32(w) => skinny::x_wt(x, w, m, k, n),
+        CpuWeight::Bf16(w) => skinny::x_wt_bf16(x, w, m, k, n),
+    }) else {
         return Ok(None);
     };
     let mut shape = dims.to_vec();
@@ -131,13 +164,22 @@ impl CustomOp1 for InputGrad {
         let n = *dims.last().unwrap_or(&0);
         let (wn, k) = self.w.dims2()?;
         let m = (b - a) / n.max(1);
-        if n == 0 || wn != n || !skinny::fits(m) {
+        let fits = match self.w.dtype() {
+            DType::BF16 => skinny::fits_bf16(m),
+            _ => skinny::fits(m),
+        };
+        if n == 0 || wn != n || !fits {
             candle_core::bail!(
                 "frozen-matmul-input-grad: bad shape {dims:?} for weight ({wn}, {k})"
             );
         }
-        let dx = cpu_f32(&self.w, |wv| skinny::g_w(&gv[a..b], wv, m, n, k)).ok_or_else(|| {
-            candle_core::Error::Msg("frozen-matmul-input-grad: weight is not f32 on the CPU".into())
+        let g = &gv[a..b];
+        let dx = with_cpu_weight(&self.w, |w| match w {
+            CpuWeight::F32(w) => skinny::g_w(g, w, m, n, k),
+            CpuWeight::Bf16(w) => skinny::g_w_bf16(g, w, m, n, k),
+        })
+        .ok_or_else(|| {
+            candle_core::Error::Msg("frozen-matmul-input-grad: weight is not on the CPU".into())
         })?;
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("rank >= 1") = k;
@@ -148,14 +190,38 @@ impl CustomOp1 for InputGrad {
 /// `x W^T` where no gradient is wanted for `w` (`(out, in)`): the backward skips the weight's
 /// gradient. On devices without the kernel (Metal) this is a plain matmul.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    frozen_matmul_bf16(x, w, None)
+}
+
+/// [`frozen_matmul`], where `wb`, the same weight in bf16, may serve few-row f32 products on
+/// CPUs with native bf16 dot products (f32 sums).
+pub fn frozen_matmul_bf16(x: &Tensor, w: &Tensor, wb: Option<&Tensor>) -> Result<Tensor> {
     let kernel = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
     if kernel && x.device().same_device(w.device()) && x.dtype() == w.dtype() {
         x.contiguous()?
             .apply_op1_arc(std::sync::Arc::new(Box::new(FrozenMatmul {
                 w: w.contiguous()?,
+                wb: wb.filter(|_| x.device().is_cpu()).cloned(),
             })))
     } else {
         x.broadcast_matmul(&w.t()?)
+    }
+}
+
+/// A bf16 copy of a frozen f32 CPU weight, made on first use (by adaptation) and kept; none
+/// where the CPU lacks native bf16 dot products.
+#[derive(Default)]
+pub struct Bf16Copy(std::sync::OnceLock<Option<Tensor>>);
+
+impl Bf16Copy {
+    pub fn get(&self, w: &Tensor) -> Option<&Tensor> {
+        self.0
+            .get_or_init(|| {
+                let eligible =
+                    w.device().is_cpu() && w.dtype() == DType::F32 && skinny::fits_bf16(1);
+                eligible.then(|| w.to_dtype(DType::BF16).ok()).flatten()
+            })
+            .as_ref()
     }
 }
 
