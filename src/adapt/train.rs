@@ -914,6 +914,31 @@ mod tests {
     }
 
     #[test]
+    fn bf16_products_train_like_f32_and_report_their_own_losses() {
+        let model = tiny32(Arch::Llama);
+        let ex = vec![example(&model)];
+        let p32 = params(1e-2, 8);
+        let p16 = TrainParams {
+            bf16: true,
+            ..p32.clone()
+        };
+        let (_, r32) = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p32).unwrap();
+        let (lora, r16) = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p16).unwrap();
+        let lora = lora.expect("adaptation succeeded");
+        let (b32, a32) = (r32.loss_before.unwrap(), r32.loss_after.unwrap());
+        let (b16, a16) = (r16.loss_before.unwrap(), r16.loss_after.unwrap());
+        assert!(a16 < b16 - 0.1, "loss {b16} -> {a16}");
+        assert!((b16 - b32).abs() < 0.02 * b32 && (a16 - a32).abs() < 0.05 * b32);
+        // The report's losses are the bf16 ones: the f32 loss of the same adapter differs
+        // where the CPU has bf16 dot products, and is the same loss otherwise.
+        let f32_after = mean_loss(&model.decoder, Some(&lora), &ex).unwrap();
+        let bf16_ran = crate::model::Bf16Copy::default()
+            .get(&Tensor::zeros((1, 1), DType::F32, &Device::Cpu).unwrap())
+            .is_some();
+        assert_eq!(f32_after != a16, bf16_ran, "{f32_after} vs {a16}");
+    }
+
+    #[test]
     fn full_adaptation_trains_a_private_copy_and_leaves_the_base_bit_identical() {
         let model = tiny32(Arch::Qwen2);
         let snapshot = |d: &Decoder| -> Vec<(String, Vec<f32>)> {

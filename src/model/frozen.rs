@@ -282,4 +282,36 @@ mod tests {
         assert!(gap(g.get(x.as_tensor()).unwrap(), &want_g)? < 1e-2);
         Ok(())
     }
+
+    #[test]
+    fn a_bf16_copy_serves_few_rows_within_bf16_precision() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (70, 40), &dev)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 40), &dev)?)?;
+        let copy = Bf16Copy::default();
+        let Some(wb) = copy.get(&w) else {
+            // No AVX-512 BF16 here: no copy is made and callers keep f32.
+            assert!(!skinny::fits_bf16(1));
+            return Ok(());
+        };
+        assert_eq!(wb.dtype(), DType::BF16);
+        let y16 = frozen_matmul_bf16(x.as_tensor(), &w, Some(wb))?;
+        let y32 = frozen_matmul(x.as_tensor(), &w)?;
+        let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            Ok(d / b.abs()?.max_all()?.to_scalar::<f32>()?)
+        };
+        // Rounded operands: close to f32, but not bit-equal (the bf16 path ran).
+        let r = rel(&y16, &y32)?;
+        assert!(r > 0.0 && r < 2e-2, "forward: {r}");
+        let g16 = y16.sqr()?.sum_all()?.backward()?;
+        let g32 = y32.sqr()?.sum_all()?.backward()?;
+        let (a, b) = (
+            g16.get(x.as_tensor()).unwrap(),
+            g32.get(x.as_tensor()).unwrap(),
+        );
+        let r = rel(a, b)?;
+        assert!(r > 0.0 && r < 3e-2, "input gradient: {r}");
+        Ok(())
+    }
 }
