@@ -119,6 +119,9 @@ type CollectGrads<'a> = dyn FnMut(&candle_core::backprop::GradStore) -> Result<(
 /// adaptation time.
 const HEAD_ROWS: usize = 4;
 
+/// Target rows per call of the fused head loss, which holds no logits: its most rows.
+const FUSED_ROWS: usize = 64;
+
 impl Batch {
     /// Sequences are right-padded: causal attention keeps padding from reaching real positions.
     fn new(dec: &Decoder, examples: &[&Example]) -> Result<Self> {
@@ -168,9 +171,31 @@ impl Batch {
         (picked * weights)?.sum_all()?.neg()
     }
 
-    /// The loss from the last block's output `x`, [`HEAD_ROWS`] target rows at a time. With
-    /// `collect`, each chunk is backpropagated at once and `collect` takes what reached the
-    /// trained variables; returns the loss and the gradient of `x` (if `x` is a variable).
+    /// The loss of the target rows from `start`, and where the next chunk starts: up to
+    /// [`FUSED_ROWS`] at once through the fused head loss where it applies, else [`HEAD_ROWS`]
+    /// rows of logits.
+    fn chunk_loss(
+        &self,
+        dec: &Decoder,
+        x: &Tensor,
+        start: usize,
+        opts: &ForwardOpts,
+    ) -> Result<(Tensor, usize)> {
+        let n = self.rows.len();
+        let fused = start..(start + FUSED_ROWS).min(n);
+        let rows = self.rows(fused.clone())?;
+        let (targets, weights) = (&self.targets[fused.clone()], &self.weights[fused.clone()]);
+        if let Some(loss) = dec.head_loss(x, &rows, targets, weights, opts)? {
+            return Ok((loss, fused.end));
+        }
+        let range = start..(start + HEAD_ROWS).min(n);
+        let logits = dec.head_rows(x, &self.rows(range.clone())?, opts)?;
+        Ok((self.loss(&logits, range.clone())?, range.end))
+    }
+
+    /// The loss from the last block's output `x`, chunk by chunk. With `collect`, each chunk
+    /// is backpropagated at once and `collect` takes what reached the trained variables;
+    /// returns the loss and the gradient of `x` (if `x` is a variable).
     fn chunked_head(
         &self,
         dec: &Decoder,
@@ -178,11 +203,10 @@ impl Batch {
         opts: &ForwardOpts,
         mut collect: Option<&mut CollectGrads>,
     ) -> Result<(f64, Option<Tensor>)> {
-        let (mut total, mut gx) = (0.0, None::<Tensor>);
-        for start in (0..self.rows.len()).step_by(HEAD_ROWS) {
-            let range = start..(start + HEAD_ROWS).min(self.rows.len());
-            let logits = dec.head_rows(x, &self.rows(range.clone())?, opts)?;
-            let loss = self.loss(&logits, range)?;
+        let (mut total, mut gx, mut start) = (0.0, None::<Tensor>, 0);
+        while start < self.rows.len() {
+            let (loss, next) = self.chunk_loss(dec, x, start, opts)?;
+            start = next;
             total += scalar(&loss)?;
             if let Some(collect) = collect.as_mut() {
                 let store = loss.backward()?;
@@ -196,6 +220,20 @@ impl Batch {
             }
         }
         Ok((total, gx))
+    }
+
+    /// The loss from the last block's output `x` as one tensor, kept in the graph.
+    fn head_loss(&self, dec: &Decoder, x: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
+        let (mut total, mut start) = (None::<Tensor>, 0);
+        while start < self.rows.len() {
+            let (loss, next) = self.chunk_loss(dec, x, start, opts)?;
+            start = next;
+            total = Some(match total {
+                Some(t) => (t + loss)?,
+                None => loss,
+            });
+        }
+        total.ok_or_else(|| candle_core::Error::Msg("no target rows".into()))
     }
 }
 
@@ -219,19 +257,18 @@ fn batch_loss_in(
     bf16: bool,
 ) -> Result<Tensor> {
     let batch = Batch::new(dec, examples)?;
-    let rows = batch.rows(0..batch.rows.len())?;
     let opts = ForwardOpts {
-        logits: Logits::Rows(&rows),
+        logits: Logits::None,
         differentiable,
         adapter,
         bf16_frozen: bf16,
         ..Default::default()
     };
-    let logits = dec
-        .forward(&batch.ids, None, &opts)?
-        .logits
-        .expect("Logits::Rows");
-    batch.loss(&logits, 0..batch.rows.len())
+    let mut x = dec.embed_ids(&batch.ids)?;
+    for l in 0..dec.num_blocks() {
+        x = dec.block_step(l, &x, &opts)?;
+    }
+    batch.head_loss(dec, &x, &opts)
 }
 
 /// Loss of one group and the gradients of `vars` (`None` where a var got none), with one

@@ -511,6 +511,36 @@ impl Decoder {
         self.head(&h, opts.bf16_frozen)
     }
 
+    /// The weighted cross-entropy `sum_r weights[r] * -log p(targets[r])` of the last block's
+    /// output `x` at `rows` (at most 64), without materialising the logits; `None` where the
+    /// fused loss does not apply (a trained head, a GPU, f64): use [`Decoder::head_rows`].
+    pub fn head_loss(
+        &self,
+        x: &Tensor,
+        rows: &Tensor,
+        targets: &[u32],
+        weights: &[f64],
+        opts: &ForwardOpts,
+    ) -> Result<Option<Tensor>> {
+        let (b, t, h) = x.dims3()?;
+        let wb = opts
+            .bf16_frozen
+            .then(|| self.lm_head_bf16.get(&self.lm_head))
+            .flatten();
+        let w = wb.unwrap_or(&self.lm_head);
+        if self.lm_head.is_variable() || !super::head_loss::supported(rows.dim(0)?, x.dtype(), w) {
+            return Ok(None);
+        }
+        let picked = x.reshape((b * t, h))?.index_select(rows, 0)?;
+        let normed = rms_norm(
+            &picked,
+            &self.norm,
+            self.cfg.rms_norm_eps,
+            opts.differentiable,
+        )?;
+        super::head_loss::head_loss(&normed, w, targets, weights).map(Some)
+    }
+
     pub fn num_blocks(&self) -> usize {
         self.blocks.len()
     }

@@ -94,13 +94,13 @@ impl CustomOp1 for FrozenMatmul {
 }
 
 /// A CPU weight's elements, f32 or bf16 bits, when they lie contiguous.
-enum CpuWeight<'a> {
+pub(super) enum CpuWeight<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u16]),
 }
 
 /// Calls `f` with `w`'s elements when it is a contiguous f32 or bf16 CPU tensor.
-fn with_cpu_weight<R>(w: &Tensor, f: impl FnOnce(CpuWeight) -> R) -> Option<R> {
+pub(super) fn with_cpu_weight<R>(w: &Tensor, f: impl FnOnce(CpuWeight) -> R) -> Option<R> {
     use half::slice::HalfFloatSliceExt;
     let (storage, layout) = w.storage_and_layout();
     match (&*storage, layout.contiguous_offsets()) {

@@ -7,6 +7,7 @@ mod decoder;
 pub mod fingerprint;
 mod frozen;
 pub mod gguf;
+mod head_loss;
 mod skinny;
 pub mod tiny;
 mod tokenizer;
