@@ -113,10 +113,8 @@ struct Batch {
 /// Takes what one backward pass gave the trained variables.
 type CollectGrads<'a> = dyn FnMut(&candle_core::backprop::GradStore) -> Result<()> + 'a;
 
-/// Rows of logits computed at a time where the whole batch's are not needed at once: a row is
-/// a vocabulary wide (49,152 floats for SmolLM2, 192 KB). `bench --tta 10 --concurrent 4`:
-/// 16 rows cost 14.5 MB of peak memory per concurrent request, 4 rows 11.9 MB, at the same
-/// adaptation time.
+/// Rows of logits computed at a time where the fused head loss does not apply (GPU, f64, a
+/// trained head): a row is a vocabulary wide (49,152 floats for SmolLM2, 192 KB).
 const HEAD_ROWS: usize = 4;
 
 /// Target rows per call of the fused head loss, which holds no logits: its most rows.
