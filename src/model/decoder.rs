@@ -200,11 +200,15 @@ impl Proj {
                     None => y,
                 }
             }
-            // Frozen weights: no weight gradient in training, and few-row inputs (training,
-            // scoring) take the skinny kernels instead of gemm.
-            _ if !self.linear.weight().is_variable() => {
+            // Frozen weights, or no gradient wanted: no weight gradient, and few-row inputs
+            // (training, scoring, a full-scope copy's decode steps) take the skinny kernels.
+            _ if !opts.differentiable || !self.linear.weight().is_variable() => {
                 let w = self.linear.weight();
-                let wb = opts.bf16_frozen.then(|| self.bf16.get(w)).flatten();
+                // A trained weight changes between passes: a copy made once would go stale.
+                let frozen = !w.is_variable();
+                let wb = (opts.bf16_frozen && frozen)
+                    .then(|| self.bf16.get(w))
+                    .flatten();
                 let y = super::frozen_matmul_bf16(x, w, wb)?;
                 match self.linear.bias() {
                     Some(b) if !b.is_variable() => y.broadcast_add(&b.detach())?,
