@@ -71,8 +71,26 @@ pub enum ModelCmd {
     },
 }
 
+/// Keeps freed heap memory for reuse instead of handing it back to the OS at once. Each
+/// adaptation step allocates and frees the same large buffers (gradients, activations; a
+/// weight copy's worth in scope "full"); returning them every time cost page faults and TLB
+/// shootdowns: full-scope adaptation 1.6 -> 1.2 s (`ttarag bench --tta 10`, 2 cores). Blocks
+/// up to 32 MB (glibc's ceiling) come from the heap, which is trimmed past 1 GB free.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    // SAFETY: mallopt only changes glibc's thresholds; called before any other thread runs.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    tune_allocator();
     init_tracing();
     let local = Path::new("configs/default.toml");
     let mut cfg = match &cli.config {

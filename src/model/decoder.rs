@@ -216,7 +216,14 @@ impl Proj {
                     None => y,
                 }
             }
-            _ => self.linear.forward(x)?,
+            // A trained weight (full scope).
+            _ => {
+                let y = super::trained::trained_matmul(x, self.linear.weight())?;
+                match self.linear.bias() {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
         };
         match opts.adapter {
             Some(a) => match a.delta(layer, self.target, x)? {
@@ -555,7 +562,7 @@ impl Decoder {
             let wb = bf16.then(|| self.lm_head_bf16.get(&self.lm_head)).flatten();
             super::frozen_matmul_bf16(h, &self.lm_head, wb)
         } else {
-            h.broadcast_matmul(&self.lm_head.t()?)
+            super::trained::trained_matmul(h, &self.lm_head)
         }
     }
 

@@ -11,6 +11,7 @@ mod head_loss;
 mod skinny;
 pub mod tiny;
 mod tokenizer;
+mod trained;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -167,6 +167,33 @@ pub fn g_w(g: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     })
 }
 
+/// `dw = g^T x`, the gradient of a trained weight: `g` is `(m, n)`, `x` `(m, k)`, both
+/// row-major; returns `dw` `(n, k)`. Panics unless [`fits`]`(m)` and the slices have those
+/// sizes.
+pub fn gt_x(g: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    assert!(fits(m) && g.len() == m * n && x.len() == m * k);
+    let mut dw = vec![0f32; n * k];
+    let out = OutPtr(dw.as_mut_ptr());
+    barrier_pool().execute_chunked(n.div_ceil(2), |range| {
+        let out = &out;
+        for t in range {
+            let j0 = t * 2;
+            let rows = 2.min(n - j0);
+            // SAFETY: rows `j0..j0 + rows` of `dw` belong to this pair only, and `dw`
+            // outlives the call.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(j0 * k), rows * k) };
+            // SAFETY: `fits` checked AVX2 and FMA; `g` is `(m, n)` and `x` `(m, k)`.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                avx2::outer(g, x, m, n, k, j0, dst)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("fits() is false off x86-64: {} {}", dst.len(), x.len());
+        }
+    });
+    dw
+}
+
 /// bf16 bits of `v`, rounded to nearest even, each row padded with zeros to `stride`.
 fn to_bf16(v: &[f32], cols: usize, stride: usize) -> Vec<u16> {
     let mut out = vec![0u16; v.len() / cols.max(1) * stride];
@@ -290,6 +317,16 @@ mod tests {
                 }
             }
             close(&dx, &want);
+            let dw = gt_x(&g, &x, m, n, k);
+            let mut want = vec![0f64; n * k];
+            for j in 0..n {
+                for c in 0..k {
+                    want[j * k + c] = (0..m)
+                        .map(|i| g[i * n + j] as f64 * x[i * k + c] as f64)
+                        .sum();
+                }
+            }
+            close(&dw, &want);
         }
     }
 

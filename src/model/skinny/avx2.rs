@@ -107,3 +107,54 @@ pub unsafe fn axpys(
         i += tile;
     }
 }
+
+/// `out[r * k + c] = sum_i g[i, j0 + r] x[i, c]` for `rows` (at most 2) weight-gradient rows
+/// from `j0`: `g` is `(m, n)`, `x` `(m, k)`, `out` `rows` rows of `k`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn outer(
+    g: &[f32],
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    out: &mut [f32],
+) {
+    let rows = out.len() / k;
+    let k32 = k - k % 32;
+    // A missing second row repeats the first; its sums are not stored.
+    let j1 = j0 + rows.min(2) - 1;
+    let (gp, xp, op) = (g.as_ptr(), x.as_ptr(), out.as_mut_ptr());
+    let mut c = 0;
+    while c < k32 {
+        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+        for i in 0..m {
+            let xs: [__m256; 4] =
+                std::array::from_fn(|v| _mm256_loadu_ps(xp.add(i * k + c + 8 * v)));
+            let a = [
+                _mm256_broadcast_ss(&*gp.add(i * n + j0)),
+                _mm256_broadcast_ss(&*gp.add(i * n + j1)),
+            ];
+            for r in 0..2 {
+                for v in 0..4 {
+                    acc[r][v] = _mm256_fmadd_ps(a[r], xs[v], acc[r][v]);
+                }
+            }
+        }
+        for r in 0..rows {
+            for v in 0..4 {
+                _mm256_storeu_ps(op.add(r * k + c + 8 * v), acc[r][v]);
+            }
+        }
+        c += 32;
+    }
+    for r in 0..rows {
+        for cc in k32..k {
+            let mut s = 0f32;
+            for i in 0..m {
+                s += *gp.add(i * n + j0 + r) * *xp.add(i * k + cc);
+            }
+            *op.add(r * k + cc) = s;
+        }
+    }
+}
