@@ -335,6 +335,7 @@ fn bench_tta(
         .map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let (mut total, mut fwd, mut bwd, mut opt, mut deltas) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let mut train_loop = vec![];
     let mut lora_bytes = 0;
     let mut working_mb = vec![];
     let mut dumped = vec![];
@@ -369,6 +370,7 @@ fn bench_tta(
         fwd.push(r.forward_ms);
         bwd.push(r.backward_ms);
         opt.push(r.optimizer_ms);
+        train_loop.push(r.forward_ms + r.backward_ms + r.optimizer_ms);
         if let (Some(b), Some(a)) = (r.loss_before, r.loss_after) {
             deltas.push(a - b);
         }
@@ -378,12 +380,33 @@ fn bench_tta(
     }
     println!("model          {}", cfg.model.path.display());
     println!("threads        {}", candle_core::utils::get_num_threads());
+    let (lr, rank) = match params.scope {
+        TtaScope::Lora => (cfg.tta.lr, format!(", rank {}", cfg.tta.lora_rank)),
+        TtaScope::Full => (cfg.tta.full_lr, String::new()),
+    };
+    let bf16 = match (
+        cfg.tta.bf16_products,
+        crate::model::bf16_products_available(),
+    ) {
+        (false, _) => "off",
+        (true, true) => "on",
+        (true, false) => "on, but this CPU lacks AVX-512 BF16",
+    };
     println!(
-        "tta            scope {}, lr {}, max_pairs {}, grad_accum {}, rank {}",
-        cfg.tta.scope, cfg.tta.lr, cfg.tta.max_pairs, cfg.tta.grad_accum, cfg.tta.lora_rank
+        "tta            scope {}, lr {lr}, max_pairs {}, grad_accum {}{rank}",
+        cfg.tta.scope, cfg.tta.max_pairs, cfg.tta.grad_accum
+    );
+    println!(
+        "               bf16 products {bf16}, recompute activations {}",
+        cfg.tta.recompute_activations
     );
     println!("questions      {}", total.len());
     println!("adapt          {:.0} ms median", median(&mut total));
+    println!(
+        "training loop  {:.0} ms median (forward + backward + optimizer: what \
+         scripts/reference/tta_reference.py times)",
+        median(&mut train_loop)
+    );
     let (f, b, o) = (median(&mut fwd), median(&mut bwd), median(&mut opt));
     println!("  forward      {f:.0} ms (training passes)");
     println!("  backward     {b:.0} ms");

@@ -24,6 +24,12 @@ pub use decoder::{Adapter, Cache, Decoder, ForwardOpts, ForwardOutput, Logits, T
 pub use frozen::{frozen_matmul, frozen_matmul_bf16, Bf16Copy};
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
 
+/// Whether this CPU multiplies bf16 natively (AVX-512 BF16), which `[tta] bf16_products`
+/// needs.
+pub fn bf16_products_available() -> bool {
+    skinny::fits_bf16(1)
+}
+
 /// Errors of the model stage.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
