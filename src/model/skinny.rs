@@ -273,6 +273,23 @@ mod tests {
             .collect()
     }
 
+    /// `out (rows, cols)[i, j] = sum_c a(i, c) b(c, j)` in f64.
+    fn product(
+        rows: usize,
+        cols: usize,
+        inner: usize,
+        a: impl Fn(usize, usize) -> f64,
+        b: impl Fn(usize, usize) -> f64,
+    ) -> Vec<f64> {
+        let mut out = vec![0f64; rows * cols];
+        for i in 0..rows {
+            for j in 0..cols {
+                out[i * cols + j] = (0..inner).map(|c| a(i, c) * b(c, j)).sum();
+            }
+        }
+        out
+    }
+
     fn close(a: &[f32], b: &[f64]) {
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -297,36 +314,13 @@ mod tests {
             (10, 33, 517),
         ] {
             let (x, w, g) = (data(m * k, 1), data(n * k, 2), data(m * n, 3));
-            let y = x_wt(&x, &w, m, k, n);
-            let mut want = vec![0f64; m * n];
-            for i in 0..m {
-                for j in 0..n {
-                    want[i * n + j] = (0..k)
-                        .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
-                        .sum();
-                }
-            }
-            close(&y, &want);
-            let dx = g_w(&g, &w, m, n, k);
-            let mut want = vec![0f64; m * k];
-            for i in 0..m {
-                for c in 0..k {
-                    want[i * k + c] = (0..n)
-                        .map(|j| g[i * n + j] as f64 * w[j * k + c] as f64)
-                        .sum();
-                }
-            }
-            close(&dx, &want);
-            let dw = gt_x(&g, &x, m, n, k);
-            let mut want = vec![0f64; n * k];
-            for j in 0..n {
-                for c in 0..k {
-                    want[j * k + c] = (0..m)
-                        .map(|i| g[i * n + j] as f64 * x[i * k + c] as f64)
-                        .sum();
-                }
-            }
-            close(&dw, &want);
+            let f = |v: &[f32], i: usize| v[i] as f64;
+            let want = product(m, n, k, |i, c| f(&x, i * k + c), |c, j| f(&w, j * k + c));
+            close(&x_wt(&x, &w, m, k, n), &want);
+            let want = product(m, k, n, |i, j| f(&g, i * n + j), |j, c| f(&w, j * k + c));
+            close(&g_w(&g, &w, m, n, k), &want);
+            let want = product(n, k, m, |j, i| f(&g, i * n + j), |i, c| f(&x, i * k + c));
+            close(&gt_x(&g, &x, m, n, k), &want);
         }
     }
 
@@ -348,22 +342,10 @@ mod tests {
             let (x, w, g) = (data(m * k, 1), data(n * k, 2), data(m * n, 3));
             let wb: Vec<u16> = w.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
             let (xr, wr, gr) = (round(&x), round(&w), round(&g));
-            let y = x_wt_bf16(&x, &wb, m, k, n);
-            let mut want = vec![0f64; m * n];
-            for i in 0..m {
-                for j in 0..n {
-                    want[i * n + j] = (0..k).map(|c| xr[i * k + c] * wr[j * k + c]).sum();
-                }
-            }
-            close(&y, &want);
-            let dx = g_w_bf16(&g, &wb, m, n, k);
-            let mut want = vec![0f64; m * k];
-            for i in 0..m {
-                for c in 0..k {
-                    want[i * k + c] = (0..n).map(|j| gr[i * n + j] * wr[j * k + c]).sum();
-                }
-            }
-            close(&dx, &want);
+            let want = product(m, n, k, |i, c| xr[i * k + c], |c, j| wr[j * k + c]);
+            close(&x_wt_bf16(&x, &wb, m, k, n), &want);
+            let want = product(m, k, n, |i, j| gr[i * n + j], |j, c| wr[j * k + c]);
+            close(&g_w_bf16(&g, &wb, m, n, k), &want);
         }
     }
 
