@@ -443,7 +443,25 @@ fn train(
     report: &mut TtaReport,
     t0: Instant,
 ) -> Result<bool> {
-    report.loss_before = Some(mean_loss_in(dec, adapter, examples, p.bf16)?);
+    let accum = p.grad_accum.max(1);
+    let steps = p.steps.unwrap_or(examples.len().div_ceil(accum));
+    // The first step's forward scores pairs 0..accum on the unadapted model, which is what
+    // loss_before needs of them (unless dropout changes that pass): only the other pairs get
+    // a pass of their own here (a third of one at 3 pairs, accumulation 2).
+    let dropout = adapter.is_some() && p.lora.dropout > 0.0;
+    let first = if steps > 0 && !dropout && accum <= examples.len() {
+        accum
+    } else {
+        0
+    };
+    let rest_before = match &examples[first..] {
+        _ if first == 0 => {
+            report.loss_before = Some(mean_loss_in(dec, adapter, examples, p.bf16)?);
+            0.0
+        }
+        [] => 0.0,
+        rest => mean_loss_in(dec, adapter, rest, p.bf16)?,
+    };
     let mut opt = FastAdamW::new(
         vars.to_vec(),
         ParamsAdamW {
@@ -454,8 +472,6 @@ fn train(
             weight_decay: p.weight_decay,
         },
     )?;
-    let accum = p.grad_accum.max(1);
-    let steps = p.steps.unwrap_or(examples.len().div_ceil(accum));
     let mut next = 0usize;
     for _ in 0..steps {
         if let Some(budget) = p.time_budget_ms {
@@ -503,6 +519,11 @@ fn train(
                 (value, grads)
             }
         };
+        if report.steps == 0 && first > 0 {
+            let n = examples.len() as f64;
+            report.loss_before =
+                Some((value * first as f64 + rest_before * (n - first as f64)) / n);
+        }
         if !value.is_finite() {
             report.fallback = Some(format!(
                 "non-finite loss ({value}); answered without adaptation"
@@ -530,6 +551,10 @@ fn train(
     }
     if let Some(a) = adapter {
         a.begin_step(None);
+    }
+    if report.loss_before.is_none() {
+        // The time budget stopped adaptation before its first step: the model is unadapted.
+        report.loss_before = Some(mean_loss_in(dec, adapter, examples, p.bf16)?);
     }
     let after = mean_loss_in(dec, adapter, examples, p.bf16)?;
     report.loss_after = Some(after);
@@ -971,6 +996,30 @@ mod tests {
             .get(&Tensor::zeros((1, 1), DType::F32, &Device::Cpu).unwrap())
             .is_some();
         assert_eq!(f32_after != a16, bf16_ran, "{f32_after} vs {a16}");
+    }
+
+    #[test]
+    fn loss_before_taken_from_the_first_step_equals_a_separate_pass() {
+        let model = tiny32(Arch::Llama);
+        let mut three = two_examples(&model);
+        three.push(example(&model));
+        let d = &model.decoder;
+        // 3 pairs, accumulation 2: the first step scores pairs 0-1, a pass scores pair 2;
+        // 2 pairs: the first step alone; with dropout (a different training pass): a pass.
+        let plain = params(1e-2, 2);
+        let mut dropout = plain.clone();
+        dropout.lora.dropout = 0.1;
+        for (ex, p) in [
+            (&three, &plain),
+            (&three[..2].to_vec(), &plain),
+            (&three, &dropout),
+        ] {
+            let base = mean_loss(d, None, ex).unwrap();
+            let (_, r) = adapt_lora(d, ex, PairSource::Sentences, p).unwrap();
+            let before = r.loss_before.unwrap();
+            assert!((before - base).abs() < 1e-5 * base, "{before} vs {base}");
+            assert!(r.loss_after.unwrap() < before);
+        }
     }
 
     #[test]
