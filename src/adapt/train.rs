@@ -454,12 +454,11 @@ fn train(
     } else {
         0
     };
+    if first == 0 {
+        report.loss_before = Some(mean_loss_in(dec, adapter, examples, p.bf16)?);
+    }
     let rest_before = match &examples[first..] {
-        _ if first == 0 => {
-            report.loss_before = Some(mean_loss_in(dec, adapter, examples, p.bf16)?);
-            0.0
-        }
-        [] => 0.0,
+        rest if first == 0 || rest.is_empty() => 0.0,
         rest => mean_loss_in(dec, adapter, rest, p.bf16)?,
     };
     let mut opt = FastAdamW::new(

@@ -6,7 +6,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::skinny;
+use super::skinny::{self, Weight};
 
 struct FrozenMatmul {
     /// `(out, in)`, as stored in the model.
@@ -77,12 +77,7 @@ impl CustomOp1 for FrozenMatmul {
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let rows = grad.elem_count() / grad.dim(candle_core::D::Minus1)?.max(1);
         if grad.device().is_cpu() && grad.dtype() == DType::F32 {
-            let w = match &self.wb {
-                Some(wb) if skinny::fits_bf16(rows) => Some(wb),
-                _ if skinny::fits(rows) => Some(&self.w),
-                _ => None,
-            };
-            if let Some(w) = w {
+            if let Some(w) = skinny::pick(&self.w, self.wb.as_ref(), rows) {
                 return Ok(Some(
                     grad.contiguous()?
                         .apply_op1_no_bwd(&InputGrad { w: w.clone() })?,
@@ -90,25 +85,6 @@ impl CustomOp1 for FrozenMatmul {
             }
         }
         Ok(Some(grad.broadcast_matmul(&self.w)?))
-    }
-}
-
-/// A CPU weight's elements, f32 or bf16 bits, when they lie contiguous.
-pub(super) enum CpuWeight<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [u16]),
-}
-
-/// Calls `f` with `w`'s elements when it is a contiguous f32 or bf16 CPU tensor.
-pub(super) fn with_cpu_weight<R>(w: &Tensor, f: impl FnOnce(CpuWeight) -> R) -> Option<R> {
-    use half::slice::HalfFloatSliceExt;
-    let (storage, layout) = w.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(f(CpuWeight::F32(&v[a..b]))),
-        (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => {
-            Some(f(CpuWeight::Bf16(v[a..b].reinterpret_cast())))
-        }
-        _ => None,
     }
 }
 
@@ -129,16 +105,10 @@ fn skinny_fwd(
     if k == 0 || inp != k {
         return Ok(None);
     }
-    let x = &xv[a..b];
-    let w = match wb {
-        Some(wb) if skinny::fits_bf16(m) => wb,
-        _ if skinny::fits(m) => w,
-        _ => return Ok(None),
+    let Some(w) = skinny::pick(w, wb, m) else {
+        return Ok(None);
     };
-    let Some(y) = with_cpu_weight(w, |w| match w {
-        CpuWeight::F32(w) => skinny::x_wt(x, w, m, k, n),
-        CpuWeight::Bf16(w) => skinny::x_wt_bf16(x, w, m, k, n),
-    }) else {
+    let Some(y) = Weight::of(w, |w| w.x_wt(&xv[a..b], m, k, n)) else {
         return Ok(None);
     };
     let mut shape = dims.to_vec();
@@ -164,22 +134,14 @@ impl CustomOp1 for InputGrad {
         let n = *dims.last().unwrap_or(&0);
         let (wn, k) = self.w.dims2()?;
         let m = (b - a) / n.max(1);
-        let fits = match self.w.dtype() {
-            DType::BF16 => skinny::fits_bf16(m),
-            _ => skinny::fits(m),
-        };
-        if n == 0 || wn != n || !fits {
-            candle_core::bail!(
-                "frozen-matmul-input-grad: bad shape {dims:?} for weight ({wn}, {k})"
-            );
-        }
-        let g = &gv[a..b];
-        let dx = with_cpu_weight(&self.w, |w| match w {
-            CpuWeight::F32(w) => skinny::g_w(g, w, m, n, k),
-            CpuWeight::Bf16(w) => skinny::g_w_bf16(g, w, m, n, k),
+        let dx = Weight::of(&self.w, |w| {
+            (n > 0 && wn == n && w.fits(m)).then(|| w.g_w(&gv[a..b], m, n, k))
         })
+        .flatten()
         .ok_or_else(|| {
-            candle_core::Error::Msg("frozen-matmul-input-grad: weight is not on the CPU".into())
+            candle_core::Error::Msg(format!(
+                "frozen-matmul-input-grad: {dims:?} by weight ({wn}, {k}) off the kernels"
+            ))
         })?;
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("rank >= 1") = k;

@@ -7,8 +7,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-use super::frozen::{with_cpu_weight, CpuWeight};
-use super::skinny;
+use super::skinny::{self, Weight};
 
 /// Vocabulary rows per chunk: `rows * VOCAB_CHUNK` floats of logits at a time (1 MB at 64 rows).
 const VOCAB_CHUNK: usize = 4096;
@@ -58,16 +57,10 @@ impl HeadLoss {
     /// Calls `f(v0, logits)` for each vocabulary chunk from `v0`, logits `(rows, chunk)`.
     fn chunks(&self, h: &[f32], rows: usize, mut f: impl FnMut(usize, &[f32])) -> Result<()> {
         let (vocab, k) = self.w.dims2()?;
-        let done = with_cpu_weight(&self.w, |w| {
+        let done = Weight::of(&self.w, |w| {
             for v0 in (0..vocab).step_by(VOCAB_CHUNK) {
                 let n = VOCAB_CHUNK.min(vocab - v0);
-                let logits = match w {
-                    CpuWeight::F32(w) => skinny::x_wt(h, &w[v0 * k..(v0 + n) * k], rows, k, n),
-                    CpuWeight::Bf16(w) => {
-                        skinny::x_wt_bf16(h, &w[v0 * k..(v0 + n) * k], rows, k, n)
-                    }
-                };
-                f(v0, &logits);
+                f(v0, &w.rows(v0..v0 + n, k).x_wt(h, rows, k, n));
             }
         });
         done.ok_or_else(|| candle_core::Error::Msg("head-loss: head not on the CPU".into()))
@@ -148,10 +141,7 @@ impl CustomOp1 for HeadLoss {
                     *d = self.weights[r] * ((z - lse[r]).exp() - onehot);
                 }
             }
-            let part = with_cpu_weight(&self.w, |w| match w {
-                CpuWeight::F32(w) => skinny::g_w(&g, &w[v0 * k..(v0 + n) * k], rows, n, k),
-                CpuWeight::Bf16(w) => skinny::g_w_bf16(&g, &w[v0 * k..(v0 + n) * k], rows, n, k),
-            });
+            let part = Weight::of(&self.w, |w| w.rows(v0..v0 + n, k).g_w(&g, rows, n, k));
             match part {
                 Some(p) => dh.iter_mut().zip(&p).for_each(|(a, b)| *a += b),
                 None => err = Some("head-loss: head not on the CPU"),

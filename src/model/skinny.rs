@@ -194,6 +194,75 @@ pub fn gt_x(g: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     dw
 }
 
+/// A weight's elements as the kernels take them: f32, or bf16 bits.
+#[derive(Clone, Copy)]
+pub enum Weight<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Weight<'a> {
+    /// Calls `f` with `w`'s elements when it is a contiguous f32 or bf16 CPU tensor.
+    pub fn of<R>(w: &candle_core::Tensor, f: impl FnOnce(Weight) -> R) -> Option<R> {
+        use candle_core::{CpuStorage, Storage};
+        use half::slice::HalfFloatSliceExt;
+        let (storage, layout) = w.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(f(Weight::F32(&v[a..b]))),
+            (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => {
+                Some(f(Weight::Bf16(v[a..b].reinterpret_cast())))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether this weight's kernels take an `m`-row product on this CPU.
+    pub fn fits(self, m: usize) -> bool {
+        match self {
+            Weight::F32(_) => fits(m),
+            Weight::Bf16(_) => fits_bf16(m),
+        }
+    }
+
+    /// Rows `rows` of a weight `k` wide.
+    pub fn rows(self, rows: std::ops::Range<usize>, k: usize) -> Weight<'a> {
+        match self {
+            Weight::F32(w) => Weight::F32(&w[rows.start * k..rows.end * k]),
+            Weight::Bf16(w) => Weight::Bf16(&w[rows.start * k..rows.end * k]),
+        }
+    }
+
+    /// [`x_wt`] or [`x_wt_bf16`] with this weight.
+    pub fn x_wt(self, x: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        match self {
+            Weight::F32(w) => x_wt(x, w, m, k, n),
+            Weight::Bf16(w) => x_wt_bf16(x, w, m, k, n),
+        }
+    }
+
+    /// [`g_w`] or [`g_w_bf16`] with this weight.
+    pub fn g_w(self, g: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        match self {
+            Weight::F32(w) => g_w(g, w, m, n, k),
+            Weight::Bf16(w) => g_w_bf16(g, w, m, n, k),
+        }
+    }
+}
+
+/// The weight the kernels take for an `m`-row product: the bf16 copy `wb` where it fits, else
+/// `w` where it fits; `None` to use gemm.
+pub fn pick<'a>(
+    w: &'a candle_core::Tensor,
+    wb: Option<&'a candle_core::Tensor>,
+    m: usize,
+) -> Option<&'a candle_core::Tensor> {
+    match wb {
+        Some(wb) if fits_bf16(m) => Some(wb),
+        _ if fits(m) => Some(w),
+        _ => None,
+    }
+}
+
 /// bf16 bits of `v`, rounded to nearest even, each row padded with zeros to `stride`.
 fn to_bf16(v: &[f32], cols: usize, stride: usize) -> Vec<u16> {
     let mut out = vec![0u16; v.len() / cols.max(1) * stride];

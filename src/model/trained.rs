@@ -5,17 +5,16 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-use super::frozen::{with_cpu_weight, CpuWeight};
-use super::skinny;
+use super::skinny::{self, Weight};
 
 struct TrainedMatmul;
 
 /// `t`'s elements when it is a contiguous f32 CPU tensor.
 fn f32s<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let mut f = Some(f);
-    with_cpu_weight(t, |v| match v {
-        CpuWeight::F32(v) => f.take().map(|f| f(v)),
-        CpuWeight::Bf16(_) => None,
+    Weight::of(t, |v| match v {
+        Weight::F32(v) => f.take().map(|f| f(v)),
+        Weight::Bf16(_) => None,
     })
     .flatten()
     .ok_or_else(|| {
