@@ -1,14 +1,16 @@
 //! The adaptation loop: next-token cross-entropy on each pair's suffix (prefix masked), AdamW
 //! with gradient accumulation and global-norm clipping, as in TTARAG.
 
+use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::ParamsAdamW;
 use serde::Serialize;
 
 use super::{FastAdamW, Lora, LoraConfig, Pair, PairSource};
-use crate::model::{Adapter, Decoder, ForwardOpts, Logits, Model, ModelError};
+use crate::model::{Adapter, Decoder, ForwardOpts, Logits, Model, ModelError, WeightGrads};
 
 /// Settings of one adaptation, already validated and capped.
 #[derive(Debug, Clone)]
@@ -111,7 +113,64 @@ struct Batch {
 }
 
 /// Takes what one backward pass gave the trained variables.
-type CollectGrads<'a> = dyn FnMut(&candle_core::backprop::GradStore) -> Result<()> + 'a;
+type CollectGrads<'a> = dyn FnMut(&GradStore) -> Result<()> + 'a;
+
+/// Where full scope's weight gradients gather when the kernels that fill a [`WeightGrads`]
+/// run (CPU, f32): `dec` is a trained copy.
+fn weight_sink(dec: &Decoder, adapter: Option<&dyn Adapter>) -> Option<Arc<WeightGrads>> {
+    let e = dec.embed_weight();
+    let fits = e.is_variable() && e.device().is_cpu() && e.dtype() == DType::F32;
+    (adapter.is_none() && fits).then(WeightGrads::new)
+}
+
+/// A training pass's embedding lookup whose rows are a variable of their own: their gradient
+/// goes to the table's in the sink ([`Lookup::finish`]). candle's would be a zero table the
+/// size of the vocabulary, a scatter, and an add into the tied head's gradient.
+struct Lookup {
+    rows: Var,
+    ids: Vec<u32>,
+}
+
+impl Lookup {
+    /// The embedding of `ids` `(batch, seq)`, and with `sink` the lookup to finish.
+    fn embed(
+        dec: &Decoder,
+        ids: &Tensor,
+        sink: Option<&Arc<WeightGrads>>,
+    ) -> Result<(Tensor, Option<Self>)> {
+        let e = dec.embed_ids(ids)?;
+        if sink.is_none() || !e.track_op() {
+            return Ok((e, None));
+        }
+        let rows = Var::from_tensor(&e.detach())?;
+        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+        Ok((rows.as_tensor().clone(), Some(Self { rows, ids })))
+    }
+
+    /// Adds `g`, the gradient of the looked-up rows, to the table's gradient in `sink`.
+    fn finish(&self, dec: &Decoder, g: &Tensor, sink: &WeightGrads) -> Result<()> {
+        let g = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        sink.add_rows(dec.embed_weight(), &self.ids, &g)
+    }
+}
+
+/// Each of `vars`' gradient: candle's (`grads`) plus what the sink gathered.
+fn merge_sink(
+    vars: &[Var],
+    grads: &mut [Option<Tensor>],
+    sink: Option<&Arc<WeightGrads>>,
+) -> Result<()> {
+    let Some(sink) = sink else { return Ok(()) };
+    for (v, acc) in vars.iter().zip(grads.iter_mut()) {
+        if let Some(g) = sink.take(v.as_tensor())? {
+            *acc = Some(match acc.take() {
+                Some(a) => (a + g)?,
+                None => g,
+            });
+        }
+    }
+    Ok(())
+}
 
 /// Rows of logits computed at a time where the fused head loss does not apply (GPU, f64, a
 /// trained head): a row is a vocabulary wide (49,152 floats for SmolLM2, 192 KB).
@@ -243,30 +302,64 @@ pub fn batch_loss(
     examples: &[&Example],
     differentiable: bool,
 ) -> Result<Tensor> {
-    batch_loss_in(dec, adapter, examples, differentiable, false)
+    Ok(batch_loss_in(dec, adapter, examples, differentiable, false, None)?.0)
 }
 
-/// [`batch_loss`], with frozen-weight products in bf16 when `bf16`.
+/// [`batch_loss`], with frozen-weight products in bf16 when `bf16`, and trained weights'
+/// gradients into `sink` (with the lookup whose gradient goes there too).
 fn batch_loss_in(
     dec: &Decoder,
     adapter: Option<&dyn Adapter>,
     examples: &[&Example],
     differentiable: bool,
     bf16: bool,
-) -> Result<Tensor> {
+    sink: Option<&Arc<WeightGrads>>,
+) -> Result<(Tensor, Option<Lookup>)> {
     let batch = Batch::new(dec, examples)?;
     let opts = ForwardOpts {
         logits: Logits::None,
         differentiable,
         adapter,
         bf16_frozen: bf16,
+        weight_grads: sink,
         ..Default::default()
     };
-    let mut x = dec.embed_ids(&batch.ids)?;
+    let (mut x, lookup) = Lookup::embed(dec, &batch.ids, sink)?;
     for l in 0..dec.num_blocks() {
         x = dec.block_step(l, &x, &opts)?;
     }
-    batch.head_loss(dec, &x, &opts)
+    Ok((batch.head_loss(dec, &x, &opts)?, lookup))
+}
+
+/// Loss of one group and the gradients of `vars` (`None` where a var got none) from one
+/// backward pass over all of it. Returns the loss and the time spent in the forward pass.
+fn one_pass_grads(
+    dec: &Decoder,
+    adapter: Option<&dyn Adapter>,
+    vars: &[Var],
+    examples: &[&Example],
+    bf16: bool,
+) -> Result<(f64, Vec<Option<Tensor>>, f64)> {
+    let tf = Instant::now();
+    let sink = weight_sink(dec, adapter);
+    let (loss, lookup) = batch_loss_in(dec, adapter, examples, true, bf16, sink.as_ref())?;
+    let value = scalar(&loss)?;
+    let forward_ms = tf.elapsed().as_secs_f64() * 1e3;
+    if !value.is_finite() {
+        return Ok((value, vec![None; vars.len()], forward_ms));
+    }
+    let store = loss.backward()?;
+    if let (Some(lookup), Some(sink)) = (&lookup, &sink) {
+        if let Some(g) = store.get(lookup.rows.as_tensor()) {
+            lookup.finish(dec, g, sink)?;
+        }
+    }
+    let mut grads: Vec<Option<Tensor>> = vars
+        .iter()
+        .map(|v| store.get(v.as_tensor()).cloned())
+        .collect();
+    merge_sink(vars, &mut grads, sink.as_ref())?;
+    Ok((value, grads, forward_ms))
 }
 
 /// Loss of one group and the gradients of `vars` (`None` where a var got none), with one
@@ -284,11 +377,13 @@ fn checkpointed_grads(
 ) -> Result<(f64, Vec<Option<Tensor>>, f64)> {
     let tf = Instant::now();
     let batch = Batch::new(dec, examples)?;
+    let sink = weight_sink(dec, adapter);
     let opts = ForwardOpts {
         logits: Logits::None,
         differentiable: true,
         adapter,
         bf16_frozen: bf16,
+        weight_grads: sink.as_ref(),
         ..Default::default()
     };
     let n = dec.num_blocks();
@@ -302,7 +397,7 @@ fn checkpointed_grads(
     let last = Var::from_tensor(&x)?;
     drop(x);
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-    let mut collect = |store: &candle_core::backprop::GradStore| -> Result<()> {
+    let mut collect = |store: &GradStore| -> Result<()> {
         for (v, acc) in vars.iter().zip(grads.iter_mut()) {
             if let Some(g) = store.get(v.as_tensor()) {
                 *acc = Some(match acc.take() {
@@ -333,10 +428,13 @@ fn checkpointed_grads(
             .ok_or_else(|| candle_core::Error::Msg(format!("block {l}: graph cut")))?;
     }
     // A trained embedding (full scope) takes the gradient of block 0's input.
-    let e = dec.embed_ids(&batch.ids)?;
-    if e.track_op() {
-        collect(&(e * &g)?.sum_all()?.backward()?)?;
+    let (e, lookup) = Lookup::embed(dec, &batch.ids, sink.as_ref())?;
+    match (&lookup, &sink) {
+        (Some(lookup), Some(sink)) => lookup.finish(dec, &g, sink)?,
+        _ if e.track_op() => collect(&(e * &g)?.sum_all()?.backward()?)?,
+        _ => {}
     }
+    merge_sink(vars, &mut grads, sink.as_ref())?;
     Ok((loss, grads, forward_ms))
 }
 
@@ -496,28 +594,14 @@ fn train(
             a.begin_step(Some(p.seed.wrapping_add(report.steps as u64)));
         }
         let tf = Instant::now();
-        let (value, grads) = if p.recompute {
-            let (loss, grads, fwd) = checkpointed_grads(dec, adapter, vars, &group, p.bf16)?;
-            report.forward_ms += fwd;
-            report.backward_ms += tf.elapsed().as_secs_f64() * 1e3 - fwd;
-            (loss, grads)
+        let pass = if p.recompute {
+            checkpointed_grads
         } else {
-            let loss = batch_loss_in(dec, adapter, &group, true, p.bf16)?;
-            let value = scalar(&loss)?;
-            report.forward_ms += tf.elapsed().as_secs_f64() * 1e3;
-            if !value.is_finite() {
-                (value, vec![])
-            } else {
-                let tb = Instant::now();
-                let store = loss.backward()?;
-                let grads = vars
-                    .iter()
-                    .map(|v| store.get(v.as_tensor()).cloned())
-                    .collect();
-                report.backward_ms += tb.elapsed().as_secs_f64() * 1e3;
-                (value, grads)
-            }
+            one_pass_grads
         };
+        let (value, grads, fwd) = pass(dec, adapter, vars, &group, p.bf16)?;
+        report.forward_ms += fwd;
+        report.backward_ms += tf.elapsed().as_secs_f64() * 1e3 - fwd;
         if report.steps == 0 && first > 0 {
             let n = examples.len() as f64;
             report.loss_before =
@@ -749,7 +833,11 @@ mod tests {
 
     /// A tiny f64 model whose every weight is a variable, with those variables by name.
     fn trainable_model(arch: Arch) -> (Model, HashMap<String, Var>) {
-        let parts = tiny_parts(arch, 5, &Device::Cpu, DType::F64).unwrap();
+        trainable_model_in(arch, DType::F64)
+    }
+
+    fn trainable_model_in(arch: Arch, dtype: DType) -> (Model, HashMap<String, Var>) {
+        let parts = tiny_parts(arch, 5, &Device::Cpu, dtype).unwrap();
         let vars: HashMap<String, Var> = parts
             .weights
             .iter()
@@ -829,8 +917,11 @@ mod tests {
     fn grad_gap(a: &[Tensor], b: &[Tensor]) -> f64 {
         let (mut gap, mut size) = (0.0f64, 0.0f64);
         for (x, y) in a.iter().zip(b) {
-            let x = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let y = y.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let f64s = |t: &Tensor| -> Vec<f64> {
+                let t = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
+                t.to_vec1::<f64>().unwrap()
+            };
+            let (x, y) = (f64s(x), f64s(y));
             for (p, q) in x.iter().zip(&y) {
                 gap = gap.max((p - q).abs());
                 size = size.max(p.abs());
@@ -929,6 +1020,32 @@ mod tests {
         assert!((l1 - l2).abs() < 1e-12, "{l1} vs {l2}");
         let gap = grad_gap(&g1, &g2);
         assert!(gap < 1e-10, "relative gap {gap}");
+    }
+
+    /// Full scope in f32 on the CPU: the few-row kernels write weight gradients into a
+    /// `WeightGrads` (the head's through the fused loss, the embedding's through its rows)
+    /// instead of candle; both training passes must give candle's gradients.
+    #[test]
+    fn weight_gradients_gathered_outside_candle_equal_candles() {
+        for arch in [Arch::Llama, Arch::Qwen2] {
+            let (model, vars) = trainable_model_in(arch, DType::F32);
+            let dec = &model.decoder;
+            assert!(weight_sink(dec, None).is_some());
+            let ex = two_examples(&model);
+            let refs: Vec<&Example> = ex.iter().collect();
+            let vars: Vec<Var> = vars.into_values().collect();
+            let (l0, g0) = plain_grads(dec, None, &vars, &ex);
+            for pass in [one_pass_grads, checkpointed_grads] {
+                let (l, g, _) = pass(dec, None, &vars, &refs, false).unwrap();
+                assert!((l - l0).abs() < 1e-5 * l0.abs(), "{arch:?}: {l} vs {l0}");
+                let g: Vec<Tensor> = g
+                    .into_iter()
+                    .map(|g| g.expect("a variable without a gradient"))
+                    .collect();
+                let gap = grad_gap(&g0, &g);
+                assert!(gap < 1e-4, "{arch:?}: relative gap {gap}");
+            }
+        }
     }
 
     #[test]

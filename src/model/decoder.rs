@@ -6,12 +6,13 @@
 //! f32 whatever the weight dtype.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{kv_cache::KvCache, Linear};
 
-use super::ModelConfig;
+use super::{ModelConfig, WeightGrads};
 
 /// The linear projections an adapter can attach to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,6 +66,9 @@ pub struct ForwardOpts<'a> {
     /// Frozen weights with few rows of input multiply in bf16 with f32 sums where the CPU
     /// has native bf16 dot products (adaptation only: answers keep the model's precision).
     pub bf16_frozen: bool,
+    /// Trained weights' gradients from the few-row kernels go here instead of through candle
+    /// (full-scope adaptation; see [`WeightGrads`]).
+    pub weight_grads: Option<&'a Arc<WeightGrads>>,
 }
 
 impl Default for ForwardOpts<'_> {
@@ -76,6 +80,7 @@ impl Default for ForwardOpts<'_> {
             differentiable: false,
             adapter: None,
             bf16_frozen: false,
+            weight_grads: None,
         }
     }
 }
@@ -218,7 +223,7 @@ impl Proj {
             }
             // A trained weight (full scope).
             _ => {
-                let y = super::trained::trained_matmul(x, self.linear.weight())?;
+                let y = super::trained::trained_matmul(x, self.linear.weight(), opts.weight_grads)?;
                 match self.linear.bias() {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
@@ -485,6 +490,11 @@ impl Decoder {
     }
 
     /// The embedding of `ids` (`(batch, seq)`), the input of block 0.
+    /// The token embedding table `(vocab, hidden)` (shared with a tied head).
+    pub fn embed_weight(&self) -> &Tensor {
+        &self.embed
+    }
+
     pub fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         self.embed
@@ -534,12 +544,14 @@ impl Decoder {
         opts: &ForwardOpts,
     ) -> Result<Option<Tensor>> {
         let (b, t, h) = x.dims3()?;
-        let wb = opts
-            .bf16_frozen
+        let trained = self.lm_head.is_variable();
+        // A trained head changes between passes: a bf16 copy made once would go stale.
+        let wb = (opts.bf16_frozen && !trained)
             .then(|| self.lm_head_bf16.get(&self.lm_head))
             .flatten();
         let w = wb.unwrap_or(&self.lm_head);
-        if self.lm_head.is_variable() || !super::head_loss::supported(rows.dim(0)?, x.dtype(), w) {
+        let sink = opts.weight_grads.filter(|_| trained);
+        if (trained && sink.is_none()) || !super::head_loss::supported(rows.dim(0)?, x.dtype(), w) {
             return Ok(None);
         }
         let picked = x.reshape((b * t, h))?.index_select(rows, 0)?;
@@ -549,7 +561,7 @@ impl Decoder {
             self.cfg.rms_norm_eps,
             opts.differentiable,
         )?;
-        super::head_loss::head_loss(&normed, w, targets, weights).map(Some)
+        super::head_loss::head_loss(&normed, w, targets, weights, sink).map(Some)
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -562,7 +574,7 @@ impl Decoder {
             let wb = bf16.then(|| self.lm_head_bf16.get(&self.lm_head)).flatten();
             super::frozen_matmul_bf16(h, &self.lm_head, wb)
         } else {
-            super::trained::trained_matmul(h, &self.lm_head)
+            super::trained::trained_matmul(h, &self.lm_head, None)
         }
     }
 

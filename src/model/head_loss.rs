@@ -1,13 +1,15 @@
 //! Weighted cross-entropy of a few rows through a frozen output head, a vocabulary chunk at a
 //! time: no `(rows, vocab)` logits (49,152 floats a row for SmolLM2) are ever held, and the
 //! head's weight is read once in the forward pass and once in the backward pass whatever the
-//! row count. candle has no fused linear cross-entropy, hence this op.
+//! row count. candle has no fused linear cross-entropy, hence this op. A trained head (full
+//! scope) gets its gradient through a [`WeightGrads`].
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use super::skinny::{self, Weight};
+use super::weight_grads::WeightGrads;
 
 /// Vocabulary rows per chunk: `rows * VOCAB_CHUNK` floats of logits at a time (1 MB at 64 rows).
 const VOCAB_CHUNK: usize = 4096;
@@ -19,6 +21,8 @@ struct HeadLoss {
     weights: Vec<f32>,
     /// Each row's log-sum-exp, kept by the forward pass for the backward pass.
     lse: Mutex<Option<Vec<f32>>>,
+    /// Where the gradient of a trained head goes.
+    sink: Option<Arc<WeightGrads>>,
 }
 
 /// Whether [`head_loss`] takes `rows` rows of input of `dtype` with the head `w`.
@@ -33,9 +37,16 @@ pub fn supported(rows: usize, dtype: DType, w: &Tensor) -> bool {
 }
 
 /// `sum_r weights[r] * -log softmax(h_r w^T)[targets[r]]` for `h` `(rows, hidden)`; `w` is
-/// the frozen head `(vocab, hidden)`, f32 or bf16 (then `h` is rounded to bf16 for the
-/// products). Differentiable in `h`. Callers check [`supported`] first.
-pub fn head_loss(h: &Tensor, w: &Tensor, targets: &[u32], weights: &[f64]) -> Result<Tensor> {
+/// the head `(vocab, hidden)`, f32 or bf16 (then `h` is rounded to bf16 for the products).
+/// Differentiable in `h`; with `sink`, the gradient of `w` is added there (a trained head).
+/// Callers check [`supported`] first.
+pub fn head_loss(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    weights: &[f64],
+    sink: Option<&Arc<WeightGrads>>,
+) -> Result<Tensor> {
     let rows = h.dim(0)?;
     let ok = h.rank() == 2 && h.device().is_cpu() && supported(rows, h.dtype(), w);
     if targets.len() != rows || weights.len() != rows || !ok {
@@ -50,6 +61,7 @@ pub fn head_loss(h: &Tensor, w: &Tensor, targets: &[u32], weights: &[f64]) -> Re
             targets: targets.to_vec(),
             weights: weights.iter().map(|&x| x as f32).collect(),
             lse: Mutex::new(None),
+            sink: sink.cloned(),
         })))
 }
 
@@ -108,19 +120,26 @@ impl CustomOp1 for HeadLoss {
         Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
 
-    /// `dh = grad * sum_r weights[r] (softmax_r - onehot_r) w`, a vocabulary chunk at a time.
+    /// `dh = grad * G w` with `G = sum_r weights[r] (softmax_r - onehot_r)`, a vocabulary
+    /// chunk at a time; with a sink, also `dw += G^T h` (G whole: `rows * vocab` floats).
     fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (rows, k) = h.dims2()?;
+        let vocab = self.w.dim(0)?;
         let h = h.contiguous()?;
         let (hs, hl) = h.storage_and_layout();
         let hv = match (&*hs, hl.contiguous_offsets()) {
             (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
             _ => candle_core::bail!("head-loss: backward needs a contiguous f32 CPU input"),
         };
+        let scale = grad.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let cached = self.lse.lock().unwrap_or_else(|e| e.into_inner()).take();
         let lse = match cached {
             Some(lse) => lse,
             None => self.lse_and_target(hv, rows)?.0,
+        };
+        let mut whole = match self.sink {
+            Some(_) => vec![0f32; rows * vocab],
+            None => Vec::new(),
         };
         let mut dh = vec![0f32; rows * k];
         let mut err = None;
@@ -128,17 +147,19 @@ impl CustomOp1 for HeadLoss {
             let n = logits.len() / rows;
             let mut g = vec![0f32; rows * n];
             for r in 0..rows {
+                let t = self.targets[r] as usize;
+                let w = scale * self.weights[r];
                 for (j, (d, &z)) in g[r * n..(r + 1) * n]
                     .iter_mut()
                     .zip(&logits[r * n..])
                     .enumerate()
                 {
-                    let onehot = if v0 + j == self.targets[r] as usize {
-                        1.0
-                    } else {
-                        0.0
-                    };
-                    *d = self.weights[r] * ((z - lse[r]).exp() - onehot);
+                    let onehot = if v0 + j == t { 1.0 } else { 0.0 };
+                    *d = w * ((z - lse[r]).exp() - onehot);
+                }
+                if !whole.is_empty() {
+                    whole[r * vocab + v0..r * vocab + v0 + n]
+                        .copy_from_slice(&g[r * n..(r + 1) * n]);
                 }
             }
             let part = Weight::of(&self.w, |w| w.rows(v0..v0 + n, k).g_w(&g, rows, n, k));
@@ -150,8 +171,10 @@ impl CustomOp1 for HeadLoss {
         if let Some(e) = err {
             candle_core::bail!("{e}");
         }
-        let dh = Tensor::from_vec(dh, (rows, k), h.device())?;
-        Ok(Some(dh.broadcast_mul(&grad.to_dtype(DType::F32)?)?))
+        if let Some(sink) = &self.sink {
+            sink.add_outer(&self.w, &whole, hv, rows)?;
+        }
+        Ok(Some(Tensor::from_vec(dh, (rows, k), h.device())?))
     }
 }
 
@@ -173,7 +196,7 @@ mod tests {
         }
         let targets = [3u32, 4100, 8200, (vocab - 1) as u32, 0];
         let weights = [0.1, 0.2, 0.3, 0.25, 0.15];
-        let fused = head_loss(h.as_tensor(), &w, &targets, &weights)?;
+        let fused = head_loss(h.as_tensor(), &w, &targets, &weights, None)?;
         let logits = h.as_tensor().matmul(&w.t()?)?;
         let logp = candle_nn::ops::log_softmax(&logits, 1)?;
         let t = Tensor::new(&targets, &dev)?.unsqueeze(1)?;

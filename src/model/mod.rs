@@ -12,6 +12,7 @@ mod skinny;
 pub mod tiny;
 mod tokenizer;
 mod trained;
+mod weight_grads;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ pub use config::{Arch, ModelConfig};
 pub use decoder::{Adapter, Cache, Decoder, ForwardOpts, ForwardOutput, Logits, Target};
 pub use frozen::{frozen_matmul, frozen_matmul_bf16, Bf16Copy};
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
+pub use weight_grads::WeightGrads;
 
 /// Whether this CPU multiplies bf16 natively (AVX-512 BF16), which `[tta] bf16_products`
 /// needs.

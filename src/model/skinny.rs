@@ -171,27 +171,43 @@ pub fn g_w(g: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
 /// row-major; returns `dw` `(n, k)`. Panics unless [`fits`]`(m)` and the slices have those
 /// sizes.
 pub fn gt_x(g: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut dw = Vec::with_capacity(n * k);
+    // SAFETY: `dw` has room for `n * k` elements, and without `add` they are only written.
+    unsafe { gt_x_raw(g, x, m, n, k, dw.as_mut_ptr(), false) };
+    // SAFETY: every element was written above.
+    unsafe { dw.set_len(n * k) };
+    dw
+}
+
+/// `dw += g^T x` ([`gt_x`] added into `dw`, `n * k` elements).
+pub fn gt_x_add(g: &[f32], x: &[f32], m: usize, n: usize, k: usize, dw: &mut [f32]) {
+    assert_eq!(dw.len(), n * k);
+    // SAFETY: `dw` holds `n * k` initialised elements.
+    unsafe { gt_x_raw(g, x, m, n, k, dw.as_mut_ptr(), true) };
+}
+
+/// `g^T x` written (or with `add`, added) to the `n * k` elements at `dw`.
+///
+/// # Safety
+/// `dw` must be valid for writes of `n * k` elements (and initialised when `add`).
+unsafe fn gt_x_raw(g: &[f32], x: &[f32], m: usize, n: usize, k: usize, dw: *mut f32, add: bool) {
     assert!(fits(m) && g.len() == m * n && x.len() == m * k);
-    let mut dw = vec![0f32; n * k];
-    let out = OutPtr(dw.as_mut_ptr());
+    let out = OutPtr(dw);
     barrier_pool().execute_chunked(n.div_ceil(2), |range| {
         let out = &out;
         for t in range {
             let j0 = t * 2;
             let rows = 2.min(n - j0);
-            // SAFETY: rows `j0..j0 + rows` of `dw` belong to this pair only, and `dw`
-            // outlives the call.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(j0 * k), rows * k) };
-            // SAFETY: `fits` checked AVX2 and FMA; `g` is `(m, n)` and `x` `(m, k)`.
+            // SAFETY: `fits` checked AVX2 and FMA; `g` is `(m, n)` and `x` `(m, k)`; rows
+            // `j0..j0 + rows` of `dw` belong to this pair only.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                avx2::outer(g, x, m, n, k, j0, dst)
+                avx2::outer(g, x, m, n, k, j0, rows, out.0.add(j0 * k), add)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("fits() is false off x86-64: {} {}", dst.len(), x.len());
+            unreachable!("fits() is false off x86-64: {rows} {} {add}", x.len());
         }
     });
-    dw
 }
 
 /// A weight's elements as the kernels take them: f32, or bf16 bits.

@@ -3,11 +3,17 @@
 //! would pack the transposed weight for each of the three products and route the weight's
 //! gradient through a broadcast and two transposes; at ~20 rows that was most of the backward.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use super::skinny::{self, Weight};
+use super::weight_grads::WeightGrads;
 
-struct TrainedMatmul;
+struct TrainedMatmul {
+    /// Where the weight's gradient goes; without one it is returned to candle.
+    sink: Option<Arc<WeightGrads>>,
+}
 
 /// `t`'s elements when it is a contiguous f32 CPU tensor.
 fn f32s<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
@@ -64,26 +70,33 @@ impl CustomOp2 for TrainedMatmul {
         let grad = grad.contiguous()?;
         let (dx, dw) = f32s(&grad, |g| {
             let dx = f32s(w, |w| skinny::g_w(g, w, m, n, k))?;
-            let dw = f32s(x, |x| skinny::gt_x(g, x, m, n, k))?;
+            let dw = f32s(x, |x| match &self.sink {
+                Some(sink) => sink.add_outer(w, g, x, m).map(|()| None),
+                None => Ok(Some(skinny::gt_x(g, x, m, n, k))),
+            })??;
             Ok::<_, candle_core::Error>((dx, dw))
         })??;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, (n, k), w.device())?),
+            dw.map(|dw| Tensor::from_vec(dw, (n, k), w.device()))
+                .transpose()?,
         ))
     }
 }
 
 /// `x W^T` for `w` `(out, in)` with gradients for both; few-row f32 CPU inputs take the
-/// kernels, anything else candle's matmul.
-pub fn trained_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// kernels, anything else candle's matmul. With `sink`, the kernels' weight gradient goes
+/// there instead of to candle.
+pub fn trained_matmul(x: &Tensor, w: &Tensor, sink: Option<&Arc<WeightGrads>>) -> Result<Tensor> {
     let k = x.dim(candle_core::D::Minus1)?;
     let m = x.elem_count() / k.max(1);
     let cpu = x.device().is_cpu() && w.device().is_cpu();
     if cpu && x.dtype() == DType::F32 && w.dtype() == DType::F32 && skinny::fits(m) {
         x.contiguous()?.apply_op2_arc(
             &w.contiguous()?,
-            std::sync::Arc::new(Box::new(TrainedMatmul)),
+            Arc::new(Box::new(TrainedMatmul {
+                sink: sink.cloned(),
+            })),
         )
     } else {
         x.broadcast_matmul(&w.t()?)
@@ -101,7 +114,7 @@ mod tests {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 40), &dev)?)?;
         let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (67, 40), &dev)?)?;
-        let ours = trained_matmul(x.as_tensor(), w.as_tensor())?;
+        let ours = trained_matmul(x.as_tensor(), w.as_tensor(), None)?;
         let plain = x.as_tensor().broadcast_matmul(&w.as_tensor().t()?)?;
         let gap = |a: &Tensor, b: &Tensor| -> Result<f32> {
             (a - b)?.abs()?.max_all()?.to_scalar::<f32>()

@@ -108,9 +108,12 @@ pub unsafe fn axpys(
     }
 }
 
-/// `out[r * k + c] = sum_i g[i, j0 + r] x[i, c]` for `rows` (at most 2) weight-gradient rows
-/// from `j0`: `g` is `(m, n)`, `x` `(m, k)`, `out` `rows` rows of `k`.
+/// `out[r * k + c] (+)= sum_i g[i, j0 + r] x[i, c]` for `rows` (at most 2) weight-gradient
+/// rows from `j0`: `g` is `(m, n)`, `x` `(m, k)`, `out` addresses `rows` rows of `k`; with
+/// `add` the sums are added to what `out` holds, else they overwrite it (never read: `out`
+/// may be uninitialised).
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn outer(
     g: &[f32],
     x: &[f32],
@@ -118,13 +121,14 @@ pub unsafe fn outer(
     n: usize,
     k: usize,
     j0: usize,
-    out: &mut [f32],
+    rows: usize,
+    op: *mut f32,
+    add: bool,
 ) {
-    let rows = out.len() / k;
     let k32 = k - k % 32;
     // A missing second row repeats the first; its sums are not stored.
     let j1 = j0 + rows.min(2) - 1;
-    let (gp, xp, op) = (g.as_ptr(), x.as_ptr(), out.as_mut_ptr());
+    let (gp, xp) = (g.as_ptr(), x.as_ptr());
     let mut c = 0;
     while c < k32 {
         let mut acc = [[_mm256_setzero_ps(); 4]; 2];
@@ -143,7 +147,13 @@ pub unsafe fn outer(
         }
         for r in 0..rows {
             for v in 0..4 {
-                _mm256_storeu_ps(op.add(r * k + c + 8 * v), acc[r][v]);
+                let dst = op.add(r * k + c + 8 * v);
+                let sum = if add {
+                    _mm256_add_ps(_mm256_loadu_ps(dst), acc[r][v])
+                } else {
+                    acc[r][v]
+                };
+                _mm256_storeu_ps(dst, sum);
             }
         }
         c += 32;
@@ -154,7 +164,8 @@ pub unsafe fn outer(
             for i in 0..m {
                 s += *gp.add(i * n + j0 + r) * *xp.add(i * k + cc);
             }
-            *op.add(r * k + cc) = s;
+            let dst = op.add(r * k + cc);
+            *dst = if add { *dst + s } else { s };
         }
     }
 }
