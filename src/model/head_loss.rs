@@ -1,4 +1,4 @@
-//! Weighted cross-entropy of a few rows through a frozen output head, a vocabulary chunk at a
+//! Weighted cross-entropy of a few rows through the output head, a vocabulary chunk at a
 //! time: no `(rows, vocab)` logits (49,152 floats a row for SmolLM2) are ever held, and the
 //! head's weight is read once in the forward pass and once in the backward pass whatever the
 //! row count. candle has no fused linear cross-entropy, hence this op. A trained head (full
@@ -211,6 +211,44 @@ mod tests {
             .max_all()?
             .to_scalar::<f32>()?;
         assert!(d < 1e-4, "gradient gap {d}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_trained_head_gets_its_gradient_through_the_sink() -> Result<()> {
+        let dev = Device::Cpu;
+        let (rows, k, vocab) = (4, 40, 2 * VOCAB_CHUNK + 5);
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (vocab, k), &dev)?)?;
+        let h = Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
+        if !supported(rows, DType::F32, w.as_tensor()) {
+            return Ok(());
+        }
+        let targets = [vocab as u32 - 2, 1, 4097, 9];
+        let weights = [0.4, 0.3, 0.2, 0.1];
+        let sink = WeightGrads::new();
+        let fused = head_loss(&h, w.as_tensor(), &targets, &weights, Some(&sink))?;
+        // The op takes no gradient of its own for w: candle sees h only.
+        let h = Var::from_tensor(&h)?;
+        let fused_h = head_loss(
+            h.as_tensor(),
+            w.as_tensor(),
+            &targets,
+            &weights,
+            Some(&sink),
+        )?;
+        assert!(sink.take(w.as_tensor())?.is_none());
+        fused_h.backward()?;
+        let ours = sink.take(w.as_tensor())?.expect("the head's gradient");
+        let logp = candle_nn::ops::log_softmax(&h.as_tensor().matmul(&w.as_tensor().t()?)?, 1)?;
+        let t = Tensor::new(&targets, &dev)?.unsqueeze(1)?;
+        let wt = Tensor::new(&weights.map(|x| x as f32), &dev)?;
+        let plain = (logp.gather(&t, 1)?.squeeze(1)? * wt)?.sum_all()?.neg()?;
+        let (a, b) = (fused.to_scalar::<f32>()?, plain.to_scalar::<f32>()?);
+        assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        let reference = plain.backward()?;
+        let expected = reference.get(w.as_tensor()).expect("candle's gradient");
+        let gap = (ours - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(gap < 1e-5, "head gradient gap {gap}");
         Ok(())
     }
 }
