@@ -163,12 +163,18 @@ fn merge_sink(
     let Some(sink) = sink else { return Ok(()) };
     for (v, acc) in vars.iter().zip(grads.iter_mut()) {
         if let Some(g) = sink.take(v.as_tensor())? {
-            *acc = Some(match acc.take() {
-                Some(a) => (a + g)?,
-                None => g,
-            });
+            add_grad(acc, &g)?;
         }
     }
+    Ok(())
+}
+
+/// Adds `g` to the gradient gathered so far in `acc`.
+fn add_grad(acc: &mut Option<Tensor>, g: &Tensor) -> Result<()> {
+    *acc = Some(match acc.take() {
+        Some(a) => (a + g)?,
+        None => g.clone(),
+    });
     Ok(())
 }
 
@@ -269,10 +275,7 @@ impl Batch {
                 let store = loss.backward()?;
                 collect(&store)?;
                 if let Some(g) = store.get(x) {
-                    gx = Some(match gx {
-                        Some(a) => (a + g)?,
-                        None => g.clone(),
-                    });
+                    add_grad(&mut gx, g)?;
                 }
             }
         }
@@ -400,10 +403,7 @@ fn checkpointed_grads(
     let mut collect = |store: &GradStore| -> Result<()> {
         for (v, acc) in vars.iter().zip(grads.iter_mut()) {
             if let Some(g) = store.get(v.as_tensor()) {
-                *acc = Some(match acc.take() {
-                    Some(a) => (a + g)?,
-                    None => g.clone(),
-                });
+                add_grad(acc, g)?;
             }
         }
         Ok(())
