@@ -12,7 +12,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{kv_cache::KvCache, Linear};
 
-use super::{ModelConfig, WeightGrads};
+use super::{fused, ModelConfig, WeightGrads};
 
 /// The linear projections an adapter can attach to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -69,6 +69,9 @@ pub struct ForwardOpts<'a> {
     /// Trained weights' gradients from the few-row kernels go here instead of through candle
     /// (full-scope adaptation; see [`WeightGrads`]).
     pub weight_grads: Option<&'a Arc<WeightGrads>>,
+    /// Keep candle's composed ops in [`Decoder::block_step`] where the fused ones would
+    /// apply (see [`super::fused`]): the reference the fused ops are tested against.
+    pub composed_ops: bool,
 }
 
 impl Default for ForwardOpts<'_> {
@@ -81,6 +84,7 @@ impl Default for ForwardOpts<'_> {
             adapter: None,
             bf16_frozen: false,
             weight_grads: None,
+            composed_ops: false,
         }
     }
 }
@@ -514,8 +518,39 @@ impl Decoder {
         let t = x.dim(1)?;
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
+        if !opts.composed_ops && fused::applies(x) && t <= fused::MAX_POSITIONS {
+            return self.fused_block(block, layer, x, &cos, &sin, opts);
+        }
         let mask = causal_mask(t, 0, &self.device)?;
         self.block_forward(block, layer, x, &cos, &sin, mask.as_ref(), None, opts)
+    }
+
+    /// [`Decoder::block_forward`] without a cache, with the fused ops of [`super::fused`]
+    /// (f32 on the CPU; causal from position 0).
+    fn fused_block(
+        &self,
+        block: &Block,
+        layer: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        opts: &ForwardOpts,
+    ) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        let a = &block.attn;
+        let h = fused::rms_norm(x, &block.input_norm, eps)?;
+        let q = a.q.forward(&h, layer, opts)?;
+        let k = a.k.forward(&h, layer, opts)?;
+        let v = a.v.forward(&h, layer, opts)?;
+        let y = fused::causal_attention(&q, &k, &v, a.n_heads, a.n_kv, cos, sin)?;
+        let x = (x + a.o.forward(&y, layer, opts)?)?;
+        let h = fused::rms_norm(&x, &block.post_norm, eps)?;
+        let m = &block.mlp;
+        let g = fused::swiglu(
+            &m.gate.forward(&h, layer, opts)?,
+            &m.up.forward(&h, layer, opts)?,
+        )?;
+        x + m.down.forward(&g, layer, opts)?
     }
 
     /// Logits `(n, vocab)` of the last block's output `x` (`(batch, seq, hidden)`) at `rows`,
@@ -908,5 +943,77 @@ mod tests {
         let a = full.forward(&ids, None, &train).unwrap().logits.unwrap();
         let b = quant.forward(&ids, None, &train).unwrap().logits.unwrap();
         assert_eq!(max_diff(&a, &b), 0.0);
+    }
+
+    #[test]
+    fn fused_blocks_match_composed_blocks_in_value_and_every_gradient() {
+        use candle_core::Var;
+        for arch in [Arch::Llama, Arch::Qwen2] {
+            let cfg = tiny_config(arch);
+            let vars: HashMap<String, Var> = random_weights(&cfg, 3, &Device::Cpu, DType::F32)
+                .unwrap()
+                .into_iter()
+                .map(|(k, t)| (k, Var::from_tensor(&t).unwrap()))
+                .collect();
+            let weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone()));
+            let dec = Decoder::load(&cfg, weights.collect()).unwrap();
+            // Two sequences, the second right-padded as adaptation's batches are.
+            let ids = Tensor::new(&[IDS, [5, 80, 13, 250, 0, 0, 0, 0, 0]], &Device::Cpu).unwrap();
+            let r = Tensor::arange(0f32, (2 * IDS.len() * cfg.hidden_size) as f32, &Device::Cpu)
+                .unwrap()
+                .sin()
+                .unwrap()
+                .reshape((2, IDS.len(), cfg.hidden_size))
+                .unwrap();
+            let run = |composed_ops: bool| {
+                let opts = ForwardOpts {
+                    logits: Logits::None,
+                    differentiable: true,
+                    composed_ops,
+                    ..Default::default()
+                };
+                let mut x = dec.embed_ids(&ids).unwrap();
+                for l in 0..dec.num_blocks() {
+                    x = dec.block_step(l, &x, &opts).unwrap();
+                }
+                let store = (&x * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                // The final norm and an untied head are past the blocks: no gradient.
+                let grads: HashMap<String, Tensor> = vars
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.clone(), store.get(v.as_tensor())?.clone())))
+                    .collect();
+                (x, grads)
+            };
+            let (yf, gf) = run(false);
+            let (yc, gc) = run(true);
+            assert!(
+                max_diff(&yf, &yc) < 1e-4,
+                "{arch:?}: {}",
+                max_diff(&yf, &yc)
+            );
+            let mut names: Vec<&String> = gf.keys().collect();
+            names.sort();
+            let mut want: Vec<&String> = gc.keys().collect();
+            want.sort();
+            assert_eq!(names, want, "{arch:?}: not the same weights got gradients");
+            assert_eq!(
+                gc.len(),
+                vars.len() - if cfg.tie_word_embeddings { 1 } else { 2 }
+            );
+            for (name, c) in &gc {
+                let scale = c
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let d = max_diff(&gf[name], c);
+                assert!(
+                    d <= 1e-4 * scale.max(1e-3),
+                    "{arch:?} {name}: {d} of {scale}"
+                );
+            }
+        }
     }
 }

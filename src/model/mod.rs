@@ -6,6 +6,7 @@ mod config;
 mod decoder;
 pub mod fingerprint;
 mod frozen;
+mod fused;
 pub mod gguf;
 mod head_loss;
 mod skinny;
