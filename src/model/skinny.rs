@@ -280,9 +280,16 @@ pub fn pick<'a>(
 }
 
 /// bf16 bits of `v`, rounded to nearest even, each row padded with zeros to `stride`.
+/// Only called where [`fits_bf16`] holds.
 fn to_bf16(v: &[f32], cols: usize, stride: usize) -> Vec<u16> {
     let mut out = vec![0u16; v.len() / cols.max(1) * stride];
     for (src, dst) in v.chunks(cols).zip(out.chunks_mut(stride)) {
+        // SAFETY: callers checked `fits_bf16`, hence AVX-512 F, BW and BF16.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx512bf16::to_bf16(src, dst)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
         for (d, s) in dst.iter_mut().zip(src) {
             *d = bf16::from_f32(*s).to_bits();
         }

@@ -3,6 +3,22 @@
 
 use std::arch::x86_64::*;
 
+/// `dst[i]` = the bf16 bits of `src[i]`, rounded to nearest even, 16 at a time
+/// (`vcvtneps2bf16`, which also flushes subnormals to zero).
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 16 <= n {
+        let b: __m256bh = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.as_ptr().add(i)));
+        _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, std::mem::transmute(b));
+        i += 16;
+    }
+    for (d, s) in dst[i..n].iter_mut().zip(&src[i..n]) {
+        *d = half::bf16::from_f32(*s).to_bits();
+    }
+}
+
 /// `out[i * n + r] = dot(x row i, w row r)` for the (at most 4) rows of `w`; `x` and `w` are
 /// bf16 bits. Columns past a multiple of 32 are read under a mask (zeros).
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
