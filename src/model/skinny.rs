@@ -73,7 +73,8 @@ fn forward<T: Sync>(
     n: usize,
     tile: impl Fn(&[T], *mut f32) + Sync,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; m * n];
+    // Every element is written by exactly one tile: no zero fill.
+    let mut y = Vec::with_capacity(m * n);
     let out = OutPtr(y.as_mut_ptr());
     // candle's pool, not rayon's: its threads are the ones already awake from candle's own
     // ops, and two pools spinning on two cores slow each other.
@@ -85,12 +86,14 @@ fn forward<T: Sync>(
             tile(rows, out.0.wrapping_add(t * W_ROWS));
         }
     });
+    // SAFETY: the tiles wrote all `m * n` elements.
+    unsafe { y.set_len(m * n) };
     y
 }
 
-/// `dx (m, k)` summed over blocks of JB weight rows: each thread takes a contiguous run of
-/// blocks (sequential reads) and sums `block(b, rows, acc)` into its own `dx`; the partial
-/// sums are added at the end.
+/// `dx (m, k)` summed over blocks of at most JB weight rows: each thread takes an equal
+/// contiguous run of rows (sequential reads; equal, as the others wait for the last) and sums
+/// `block(j0, rows from j0, acc)` into its own `dx`; the partial sums are added at the end.
 fn input_grad<T: Sync>(
     w: &[T],
     n: usize,
@@ -100,19 +103,19 @@ fn input_grad<T: Sync>(
 ) -> Vec<f32> {
     let pool = barrier_pool();
     let threads = pool.n_workers() + 1;
-    let blocks = n.div_ceil(JB);
-    let per = blocks.div_ceil(threads);
+    // An even number of rows each, so bf16 row pairs never straddle two threads.
+    let per = n.div_ceil(threads).next_multiple_of(2);
     let partials: Vec<std::sync::Mutex<Vec<f32>>> = (0..threads)
         .map(|_| std::sync::Mutex::new(Vec::new()))
         .collect();
     pool.execute(|tid| {
-        let (b0, b1) = ((tid * per).min(blocks), ((tid + 1) * per).min(blocks));
-        if b0 == b1 {
+        let (r0, r1) = ((tid * per).min(n), ((tid + 1) * per).min(n));
+        if r0 == r1 {
             return;
         }
         let mut acc = vec![0f32; m * k];
-        for b in b0..b1 {
-            block(b, &w[b * JB * k..((b + 1) * JB).min(n) * k], &mut acc);
+        for j0 in (r0..r1).step_by(JB) {
+            block(j0, &w[j0 * k..(j0 + JB).min(r1) * k], &mut acc);
         }
         *partials[tid].lock().unwrap_or_else(|e| e.into_inner()) = acc;
     });
@@ -151,16 +154,16 @@ pub fn x_wt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
 /// Panics unless [`fits`]`(m)` and the slices have those sizes.
 pub fn g_w(g: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     assert!(fits(m) && g.len() == m * n && w.len() == n * k);
-    input_grad(w, n, k, m, |b, rows, acc| {
-        // SAFETY: `fits` checked AVX2 and FMA; `rows` is rows `b * JB..` of `w`, `g` has
-        // `n` columns and `acc` is `(m, k)`.
+    input_grad(w, n, k, m, |j0, rows, acc| {
+        // SAFETY: `fits` checked AVX2 and FMA; `rows` is rows `j0..` of `w`, `g` has `n`
+        // columns and `acc` is `(m, k)`.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            avx2::axpys(g, rows, b * JB, m, n, k, acc)
+            avx2::axpys(g, rows, j0, m, n, k, acc)
         };
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!(
-            "fits() is false off x86-64: {b} {} {}",
+            "fits() is false off x86-64: {j0} {} {}",
             rows.len(),
             acc.len()
         );
@@ -282,18 +285,30 @@ pub fn pick<'a>(
 /// bf16 bits of `v`, rounded to nearest even, each row padded with zeros to `stride`.
 /// Only called where [`fits_bf16`] holds.
 fn to_bf16(v: &[f32], cols: usize, stride: usize) -> Vec<u16> {
-    let mut out = vec![0u16; v.len() / cols.max(1) * stride];
-    for (src, dst) in v.chunks(cols).zip(out.chunks_mut(stride)) {
+    assert!(cols <= stride && v.len().is_multiple_of(cols.max(1)));
+    let len = v.len() / cols.max(1) * stride;
+    // Written row by row, padding included: no zero fill first.
+    let mut out: Vec<u16> = Vec::with_capacity(len);
+    for (r, src) in v.chunks(cols).enumerate() {
+        // SAFETY: row r's `stride` elements lie within the capacity `len`.
+        let dst = unsafe { out.as_mut_ptr().add(r * stride) };
         // SAFETY: callers checked `fits_bf16`, hence AVX-512 F, BW and BF16.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             avx512bf16::to_bf16(src, dst)
         };
         #[cfg(not(target_arch = "x86_64"))]
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = bf16::from_f32(*s).to_bits();
+        for (j, s) in src.iter().enumerate() {
+            // SAFETY: as above.
+            unsafe { dst.add(j).write(bf16::from_f32(*s).to_bits()) };
+        }
+        for j in cols..stride {
+            // SAFETY: as above.
+            unsafe { dst.add(j).write(0) };
         }
     }
+    // SAFETY: every row's `stride` elements were written.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -326,16 +341,16 @@ pub fn g_w_bf16(g: &[f32], w: &[u16], m: usize, n: usize, k: usize) -> Vec<f32> 
     let ns = n + n % 2;
     let gb = to_bf16(g, n, ns);
     let even = n - n % 2;
-    let mut dx = input_grad(&w[..even * k], even, k, m, |b, rows, acc| {
+    let mut dx = input_grad(&w[..even * k], even, k, m, |j0, rows, acc| {
         // SAFETY: `fits_bf16` checked AVX-512 F, BW and BF16; `rows` is an even number of
-        // rows from `b * JB` (even), `gb` has the even row stride `ns` and `acc` is `(m, k)`.
+        // rows from `j0` (even), `gb` has the even row stride `ns` and `acc` is `(m, k)`.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            avx512bf16::axpys(&gb, rows, b * JB, m, ns, k, acc)
+            avx512bf16::axpys(&gb, rows, j0, m, ns, k, acc)
         };
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!(
-            "fits_bf16() is false off x86-64: {b} {} {}",
+            "fits_bf16() is false off x86-64: {j0} {} {}",
             rows.len(),
             acc.len()
         );

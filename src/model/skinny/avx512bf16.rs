@@ -3,19 +3,20 @@
 
 use std::arch::x86_64::*;
 
-/// `dst[i]` = the bf16 bits of `src[i]`, rounded to nearest even, 16 at a time
-/// (`vcvtneps2bf16`, which also flushes subnormals to zero).
+/// Writes the bf16 bits of `src[i]` to `dst + i`, rounded to nearest even, 16 at a time
+/// (`vcvtneps2bf16`, which also flushes subnormals to zero). `dst` must be valid for
+/// `src.len()` writes.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
-    let n = src.len().min(dst.len());
+pub unsafe fn to_bf16(src: &[f32], dst: *mut u16) {
+    let n = src.len();
     let mut i = 0;
     while i + 16 <= n {
         let b: __m256bh = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.as_ptr().add(i)));
-        _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, std::mem::transmute(b));
+        _mm256_storeu_si256(dst.add(i) as *mut __m256i, std::mem::transmute(b));
         i += 16;
     }
-    for (d, s) in dst[i..n].iter_mut().zip(&src[i..n]) {
-        *d = half::bf16::from_f32(*s).to_bits();
+    for (j, s) in src.iter().enumerate().skip(i) {
+        dst.add(j).write(half::bf16::from_f32(*s).to_bits());
     }
 }
 
