@@ -75,7 +75,10 @@ pub enum ModelCmd {
 /// adaptation step allocates and frees the same large buffers (gradients, activations; a
 /// weight copy's worth in scope "full"); returning them every time cost page faults and TLB
 /// shootdowns: full-scope adaptation 1.6 -> 1.2 s (`ttarag bench --tta 10`, 2 cores). Blocks
-/// up to 32 MB (glibc's ceiling) come from the heap, which is trimmed past 1 GB free. One
+/// up to 32 MB (glibc's ceiling) come from the heap, which is never trimmed: a full-scope
+/// request frees ~2 GB at once, and whether glibc handed that back depended on which block
+/// happened to lie at the heap's top (one change of allocation order made every request fault
+/// it in again: optimizer 0.2 -> 2.4 s). The resident size stays at the peak of adaptation. One
 /// arena for all threads: the server's workers otherwise each get an arena of 64 MB heaps
 /// that glibc hands back as they empty, and full scope in `ttarag serve` took 1.6-1.9 s a
 /// request instead of 0.9-1.1 s (optimizer 0.7 s -> 0.2 s). Small blocks come from per-thread
@@ -85,7 +88,7 @@ fn tune_allocator() {
     // SAFETY: mallopt only changes glibc's thresholds; called before any other thread runs.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
