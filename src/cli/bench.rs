@@ -398,7 +398,7 @@ fn bench_tta(
     );
     println!(
         "               bf16 products {bf16}, recompute activations {}",
-        cfg.tta.recompute_activations
+        cfg.tta.recompute_activations && cfg.tta.scope == "lora"
     );
     println!("questions      {}", total.len());
     println!("adapt          {:.0} ms median", median(&mut total));

@@ -171,7 +171,10 @@ pub fn resolve_tta(c: &TtaSection, o: &TtaOverrides, seed: u64) -> Result<TtaPar
             },
             seed,
             time_budget_ms: (c.time_budget_ms > 0.0).then_some(c.time_budget_ms),
-            recompute: c.recompute_activations,
+            // Full scope holds a weight copy, its gradients and two moments (~2 GB for the
+            // default model): its activations are a rounding error, and rebuilding them would
+            // cost a forward pass for nothing.
+            recompute: c.recompute_activations && scope == TtaScope::Lora,
             bf16: c.bf16_products,
         },
     })
@@ -275,6 +278,9 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(resolve_tta(&c, &o, 1).unwrap().train.lora.dropout, 0.1);
-        assert_eq!(p.train.recompute, c.recompute_activations);
+        // `p` is full scope's: it keeps its activations whatever the setting.
+        assert!(c.recompute_activations && !p.train.recompute);
+        let lora = resolve_tta(&c, &TtaOverrides::default(), 1).unwrap();
+        assert!(lora.train.recompute, "LoRA rebuilds activations by default");
     }
 }
