@@ -12,7 +12,10 @@ pub unsafe fn to_bf16(src: &[f32], dst: *mut u16) {
     let mut i = 0;
     while i + 16 <= n {
         let b: __m256bh = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.as_ptr().add(i)));
-        _mm256_storeu_si256(dst.add(i) as *mut __m256i, std::mem::transmute(b));
+        _mm256_storeu_si256(
+            dst.add(i) as *mut __m256i,
+            std::mem::transmute::<__m256bh, __m256i>(b),
+        );
         i += 16;
     }
     for (j, s) in src.iter().enumerate().skip(i) {
