@@ -24,46 +24,62 @@ pub unsafe fn to_bf16(src: &[f32], dst: *mut u16) {
 }
 
 /// `out[i * n + r] = dot(x row i, w row r)` for the (at most 4) rows of `w`; `x` and `w` are
-/// bf16 bits. Columns past a multiple of 32 are read under a mask (zeros).
+/// bf16 bits. Three rows of `x` at a time against the four of `w`: 12 sums from 7 loads per
+/// step (2 rows: 8 from 6; 4 rows ran no faster). Columns past a multiple of 32 are read under
+/// a mask (zeros), outside the main loop.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn dots(x: &[u16], w: &[u16], m: usize, k: usize, out: *mut f32, n: usize) {
+    const P: usize = 3;
     let rows = w.len() / k;
     let wr: [*const u16; 4] = std::array::from_fn(|r| w.as_ptr().add(r.min(rows - 1) * k));
+    let full = k / 32 * 32;
+    let tail: __mmask32 = if k > full {
+        (1u32 << (k - full)) - 1
+    } else {
+        0
+    };
     let mut i = 0;
     while i < m {
-        let pair = if i + 1 < m { 2 } else { 1 };
-        let x0 = x.as_ptr().add(i * k);
-        let x1 = x.as_ptr().add((i + pair - 1) * k);
-        let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+        let cnt = (m - i).min(P);
+        // Past the last row of x, repeat it (its sums are not stored).
+        let xr: [*const u16; P] = std::array::from_fn(|p| x.as_ptr().add((i + p.min(cnt - 1)) * k));
+        let mut acc = [[_mm512_setzero_ps(); P]; 4];
         let mut c = 0;
-        while c < k {
-            let mask: __mmask32 = if k - c >= 32 {
-                !0
-            } else {
-                (1u32 << (k - c)) - 1
-            };
+        while c < full {
             if i == 0 && c % 64 == 0 {
                 // The next task's rows follow these: fetch them while this tile computes.
                 for r in wr {
                     _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(4 * k + c) as *const i8);
                 }
             }
-            let a0: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, x0.add(c) as _));
-            let a1: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, x1.add(c) as _));
+            let a: [__m512bh; P] =
+                std::array::from_fn(|p| std::mem::transmute(_mm512_loadu_si512(xr[p].add(c) as _)));
             for r in 0..4 {
-                let b: __m512bh =
-                    std::mem::transmute(_mm512_maskz_loadu_epi16(mask, wr[r].add(c) as _));
-                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a0, b);
-                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a1, b);
+                let b: __m512bh = std::mem::transmute(_mm512_loadu_si512(wr[r].add(c) as _));
+                for p in 0..P {
+                    acc[r][p] = _mm512_dpbf16_ps(acc[r][p], a[p], b);
+                }
             }
             c += 32;
         }
+        if tail != 0 {
+            let a: [__m512bh; P] = std::array::from_fn(|p| {
+                std::mem::transmute(_mm512_maskz_loadu_epi16(tail, xr[p].add(c) as _))
+            });
+            for r in 0..4 {
+                let b: __m512bh =
+                    std::mem::transmute(_mm512_maskz_loadu_epi16(tail, wr[r].add(c) as _));
+                for p in 0..P {
+                    acc[r][p] = _mm512_dpbf16_ps(acc[r][p], a[p], b);
+                }
+            }
+        }
         for r in 0..rows {
-            for p in 0..pair {
+            for p in 0..cnt {
                 *out.add((i + p) * n + r) = _mm512_reduce_add_ps(acc[r][p]);
             }
         }
-        i += pair;
+        i += cnt;
     }
 }
 
