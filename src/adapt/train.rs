@@ -419,8 +419,7 @@ fn checkpointed_grads(
         let l = inputs.len();
         let x = Var::from_tensor(&input)?.as_tensor().clone();
         drop(input);
-        let y = dec.block_step(l, &x, &opts)?;
-        let store = (y * &g)?.sum_all()?.backward()?;
+        let store = dec.block_objective(l, &x, &g, &opts)?.backward()?;
         collect(&store)?;
         g = store
             .get(&x)
@@ -1005,48 +1004,62 @@ mod tests {
 
     #[test]
     fn recomputed_activations_give_the_same_lora_gradients() {
-        let model = tiny64(Arch::Llama);
-        let ex = two_examples(&model);
-        // Non-zero values everywhere, so every A and B has a gradient.
-        let filled = |dropout: f64| {
-            let cfg = LoraConfig {
-                rank: 2,
-                alpha: 4.0,
-                targets: vec![Target::Q, Target::V, Target::O, Target::Down],
-                dropout,
+        // f64 takes candle's composed ops; f32 the fused ones, whose rebuilt blocks skip the
+        // frozen down projection's product (with and without an adapter on it).
+        let cases = [
+            (tiny64(Arch::Llama), DType::F64, true, 1e-10),
+            (tiny32(Arch::Llama), DType::F32, true, 1e-4),
+            (tiny32(Arch::Qwen2), DType::F32, false, 1e-4),
+        ];
+        for (model, dtype, on_down, tol) in cases {
+            let ex = two_examples(&model);
+            // Non-zero values everywhere, so every A and B has a gradient.
+            let filled = |dropout: f64| {
+                let mut targets = vec![Target::Q, Target::V, Target::O];
+                if on_down {
+                    targets.push(Target::Down);
+                }
+                let cfg = LoraConfig {
+                    rank: 2,
+                    alpha: 4.0,
+                    targets,
+                    dropout,
+                };
+                let lora = Lora::new(model.decoder.config(), &cfg, 1, &Device::Cpu, dtype).unwrap();
+                for v in lora.vars() {
+                    let vals: Vec<f64> = (0..v.elem_count())
+                        .map(|i| ((i * 37 % 11) as f64 - 5.0) * 0.01)
+                        .collect();
+                    let t = Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap();
+                    v.set(&t.to_dtype(dtype).unwrap()).unwrap();
+                }
+                lora
             };
-            let lora =
-                Lora::new(model.decoder.config(), &cfg, 1, &Device::Cpu, DType::F64).unwrap();
-            for v in lora.vars() {
-                let vals: Vec<f64> = (0..v.elem_count())
-                    .map(|i| ((i * 37 % 11) as f64 - 5.0) * 0.01)
-                    .collect();
-                v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-            }
-            lora
-        };
-        let same = |lora: &Lora| {
-            let vars = lora.vars();
-            let (l1, g1) = plain_grads(&model.decoder, Some(lora), &vars, &ex);
-            let (l2, g2) = recomputed(&model.decoder, Some(lora), &vars, &ex);
-            assert!((l1 - l2).abs() < 1e-12, "{l1} vs {l2}");
-            let gap = grad_gap(&g1, &g2);
-            assert!(gap < 1e-10, "relative gap {gap}");
-            l1
-        };
-        let lora = filled(0.0);
-        let loss = same(&lora);
-        // The no-gradient loss takes the logits a few rows at a time: same value.
-        let rows: usize = ex.iter().map(|e| e.ids.len() - e.suffix_start).sum();
-        assert!(rows > 2 * HEAD_ROWS, "{rows} rows: several chunks");
-        let chunked = mean_loss(&model.decoder, Some(&lora), &ex).unwrap();
-        assert!((chunked - loss).abs() < 1e-9, "{chunked} vs {loss}");
+            let same = |lora: &Lora| {
+                let vars = lora.vars();
+                let (l1, g1) = plain_grads(&model.decoder, Some(lora), &vars, &ex);
+                let (l2, g2) = recomputed(&model.decoder, Some(lora), &vars, &ex);
+                assert!((l1 - l2).abs() < tol * l1.abs(), "{dtype:?}: {l1} vs {l2}");
+                let gap = grad_gap(&g1, &g2);
+                assert!(gap < tol, "{dtype:?}: relative gap {gap}");
+                l1
+            };
+            let lora = filled(0.0);
+            let loss = same(&lora);
+            // The no-gradient loss takes the logits a few rows at a time: same value.
+            let rows: usize = ex.iter().map(|e| e.ids.len() - e.suffix_start).sum();
+            assert!(rows > 2 * HEAD_ROWS, "{rows} rows: several chunks");
+            let chunked = mean_loss(&model.decoder, Some(&lora), &ex).unwrap();
+            assert!(
+                (chunked - loss).abs() < tol * loss.abs(),
+                "{chunked} vs {loss}"
+            );
 
-        // With dropout too: the rebuilt blocks see the masks of the forward pass.
-        let lora = filled(0.3);
-        lora.begin_step(Some(5));
-        same(&lora);
+            // With dropout too: the rebuilt blocks see the masks of the forward pass.
+            let lora = filled(0.3);
+            lora.begin_step(Some(5));
+            same(&lora);
+        }
     }
 
     #[test]

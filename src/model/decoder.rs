@@ -244,6 +244,19 @@ impl Proj {
     }
 }
 
+impl Proj {
+    /// `g W` for a frozen weight (the gradient its product passes to its input), `None` for a
+    /// trained one, whose own gradient needs the product's graph.
+    fn input_grad(&self, g: &Tensor, opts: &ForwardOpts) -> Result<Option<Tensor>> {
+        let w = self.linear.weight();
+        if w.is_variable() || self.linear.bias().is_some_and(|b| b.is_variable()) {
+            return Ok(None);
+        }
+        let wb = opts.bf16_frozen.then(|| self.bf16.get(w)).flatten();
+        super::frozen_input_grad(g, w, wb).map(Some)
+    }
+}
+
 struct Attention {
     q: Proj,
     k: Proj,
@@ -536,6 +549,58 @@ impl Decoder {
         sin: &Tensor,
         opts: &ForwardOpts,
     ) -> Result<Tensor> {
+        let (x, s) = self.fused_mid(block, layer, x, cos, sin, opts)?;
+        x + block.mlp.down.forward(&s, layer, opts)?
+    }
+
+    /// A scalar with the gradients (to `x` and every trained variable) of
+    /// `sum(block_step(layer, x) * g)`, though not its value: the backward of a rebuilt block.
+    /// Where the fused path applies and the down projection's weight is frozen, its product is
+    /// left out: `sum(down(s) * g)` passes `s` the gradient `g W_down`, which is computed
+    /// directly (the backward needs that product anyway), so the rebuild skips a quarter of a
+    /// block's forward products.
+    pub fn block_objective(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        g: &Tensor,
+        opts: &ForwardOpts,
+    ) -> Result<Tensor> {
+        let block = self
+            .blocks
+            .get(layer)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no block {layer}")))?;
+        let t = x.dim(1)?;
+        let down = &block.mlp.down;
+        if !opts.composed_ops && fused::applies(x) && t <= fused::MAX_POSITIONS {
+            if let Some(gd) = down.input_grad(g, opts)? {
+                let cos = self.cos.narrow(0, 0, t)?;
+                let sin = self.sin.narrow(0, 0, t)?;
+                let (mid, s) = self.fused_mid(block, layer, x, &cos, &sin, opts)?;
+                // The output is mid + s W^T (+ an adapter's delta on s).
+                let mut obj = ((mid * g)?.sum_all()? + (&s * gd)?.sum_all()?)?;
+                if let Some(d) = opts.adapter.map(|a| a.delta(layer, down.target, &s)) {
+                    if let Some(d) = d? {
+                        obj = (obj + (d * g)?.sum_all()?)?;
+                    }
+                }
+                return Ok(obj);
+            }
+        }
+        (self.block_step(layer, x, opts)? * g)?.sum_all()
+    }
+
+    /// The fused block up to the down projection: the residual stream after attention and
+    /// the MLP's activation `silu(gate) * up`.
+    fn fused_mid(
+        &self,
+        block: &Block,
+        layer: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        opts: &ForwardOpts,
+    ) -> Result<(Tensor, Tensor)> {
         let eps = self.cfg.rms_norm_eps;
         let a = &block.attn;
         let h = fused::rms_norm(x, &block.input_norm, eps)?;
@@ -546,11 +611,11 @@ impl Decoder {
         let x = (x + a.o.forward(&y, layer, opts)?)?;
         let h = fused::rms_norm(&x, &block.post_norm, eps)?;
         let m = &block.mlp;
-        let g = fused::swiglu(
+        let s = fused::swiglu(
             &m.gate.forward(&h, layer, opts)?,
             &m.up.forward(&h, layer, opts)?,
         )?;
-        x + m.down.forward(&g, layer, opts)?
+        Ok((x, s))
     }
 
     /// Logits `(n, vocab)` of the last block's output `x` (`(batch, seq, hidden)`) at `rows`,

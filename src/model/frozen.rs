@@ -75,17 +75,23 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let rows = grad.elem_count() / grad.dim(candle_core::D::Minus1)?.max(1);
-        if grad.device().is_cpu() && grad.dtype() == DType::F32 {
-            if let Some(w) = skinny::pick(&self.w, self.wb.as_ref(), rows) {
-                return Ok(Some(
-                    grad.contiguous()?
-                        .apply_op1_no_bwd(&InputGrad { w: w.clone() })?,
-                ));
-            }
-        }
-        Ok(Some(grad.broadcast_matmul(&self.w)?))
+        Ok(Some(frozen_input_grad(grad, &self.w, self.wb.as_ref())?))
     }
+}
+
+/// `grad W` for `grad` `(.., out)` and `w` `(out, in)`: the input's gradient of
+/// [`frozen_matmul_bf16`]`(x, w, wb)`, computed on its own (where a backward needs the gradient
+/// a product passes to its input but not the product itself).
+pub fn frozen_input_grad(grad: &Tensor, w: &Tensor, wb: Option<&Tensor>) -> Result<Tensor> {
+    let rows = grad.elem_count() / grad.dim(candle_core::D::Minus1)?.max(1);
+    if grad.device().is_cpu() && grad.dtype() == DType::F32 {
+        if let Some(w) = skinny::pick(w, wb, rows) {
+            return grad
+                .contiguous()?
+                .apply_op1_no_bwd(&InputGrad { w: w.clone() });
+        }
+    }
+    grad.broadcast_matmul(w)
 }
 
 /// The forward product through [`skinny`] when the input has few rows; `None` to use gemm.
