@@ -257,6 +257,14 @@ impl Proj {
     }
 }
 
+/// See [`Decoder::step`].
+struct Step<'a> {
+    block: &'a Block,
+    cos: Tensor,
+    sin: Tensor,
+    fused: bool,
+}
+
 struct Attention {
     q: Proj,
     k: Proj,
@@ -524,18 +532,29 @@ impl Decoder {
     /// [`Decoder::forward`], one block at a time. Training uses it to rebuild one block's
     /// activations at a time instead of keeping all of them.
     pub fn block_step(&self, layer: usize, x: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
+        let step = self.step(layer, x, opts)?;
+        if step.fused {
+            return self.fused_block(step.block, layer, x, &step.cos, &step.sin, opts);
+        }
+        let mask = causal_mask(x.dim(1)?, 0, &self.device)?;
+        let (cos, sin) = (&step.cos, &step.sin);
+        self.block_forward(step.block, layer, x, cos, sin, mask.as_ref(), None, opts)
+    }
+
+    /// What a cache-less pass of block `layer` over `x` needs: the block, rotary tables for
+    /// `x`'s positions, and whether the fused ops take it.
+    fn step(&self, layer: usize, x: &Tensor, opts: &ForwardOpts) -> Result<Step<'_>> {
         let block = self
             .blocks
             .get(layer)
             .ok_or_else(|| candle_core::Error::Msg(format!("no block {layer}")))?;
         let t = x.dim(1)?;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
-        if !opts.composed_ops && fused::applies(x) && t <= fused::MAX_POSITIONS {
-            return self.fused_block(block, layer, x, &cos, &sin, opts);
-        }
-        let mask = causal_mask(t, 0, &self.device)?;
-        self.block_forward(block, layer, x, &cos, &sin, mask.as_ref(), None, opts)
+        Ok(Step {
+            block,
+            cos: self.cos.narrow(0, 0, t)?,
+            sin: self.sin.narrow(0, 0, t)?,
+            fused: !opts.composed_ops && fused::applies(x) && t <= fused::MAX_POSITIONS,
+        })
     }
 
     /// [`Decoder::block_forward`] without a cache, with the fused ops of [`super::fused`]
@@ -566,17 +585,12 @@ impl Decoder {
         g: &Tensor,
         opts: &ForwardOpts,
     ) -> Result<Tensor> {
-        let block = self
-            .blocks
-            .get(layer)
-            .ok_or_else(|| candle_core::Error::Msg(format!("no block {layer}")))?;
-        let t = x.dim(1)?;
-        let down = &block.mlp.down;
-        if !opts.composed_ops && fused::applies(x) && t <= fused::MAX_POSITIONS {
+        let step = self.step(layer, x, opts)?;
+        let down = &step.block.mlp.down;
+        if step.fused {
             if let Some(gd) = down.input_grad(g, opts)? {
-                let cos = self.cos.narrow(0, 0, t)?;
-                let sin = self.sin.narrow(0, 0, t)?;
-                let (mid, s) = self.fused_mid(block, layer, x, &cos, &sin, opts)?;
+                let (cos, sin) = (&step.cos, &step.sin);
+                let (mid, s) = self.fused_mid(step.block, layer, x, cos, sin, opts)?;
                 // The output is mid + s W^T (+ an adapter's delta on s).
                 let mut obj = ((mid * g)?.sum_all()? + (&s * gd)?.sum_all()?)?;
                 if let Some(d) = opts.adapter.map(|a| a.delta(layer, down.target, &s)) {
