@@ -6,7 +6,7 @@ use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::Config;
-use crate::retrieval::{ingest_path, Collections};
+use crate::retrieval::Collections;
 
 #[derive(Debug, Subcommand)]
 pub enum IndexCmd {
@@ -41,15 +41,14 @@ pub fn run(cfg: Config, cmd: IndexCmd) -> anyhow::Result<()> {
             input,
             max_chars,
         } => {
-            let c = cols.get_or_create(&collection)?;
             let pb = ProgressBar::new(0).with_style(
                 ProgressStyle::with_template(
                     "{spinner} {bar:40} {binary_bytes}/{binary_total_bytes} ({eta})",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
-            let stats = ingest_path(
-                &c,
+            let stats = cols.ingest(
+                &collection,
                 &input,
                 max_chars.unwrap_or(cfg.retrieval.passage_max_chars),
                 Some(&pb),
@@ -60,7 +59,7 @@ pub fn run(cfg: Config, cmd: IndexCmd) -> anyhow::Result<()> {
                 stats.documents,
                 stats.passages,
                 stats.files,
-                c.len()
+                cols.get(&collection)?.len()
             );
         }
         IndexCmd::List => {

@@ -107,6 +107,7 @@ pub fn ingest_path(
         .map(|f| f.metadata().map(|m| m.len()).unwrap_or(0))
         .sum();
     if let Some(pb) = progress {
+        pb.set_position(0);
         pb.set_length(total);
     }
     let writer = coll.index.writer(50_000_000)?;
@@ -139,7 +140,7 @@ pub fn ingest_path(
     let mut writer = sink.writer;
     writer.commit()?;
     writer.wait_merging_threads()?;
-    coll.reader.reload()?;
+    coll.reload()?;
     Ok(sink.stats)
 }
 

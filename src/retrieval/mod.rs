@@ -1,18 +1,29 @@
 //! The retrieval stage: named tantivy (BM25) collections under one folder, ingestion of
 //! JSONL / text / Markdown files, and lenient search over raw questions.
+//!
+//! A new collection is built in a temporary folder under the root (a `.tmp.` name, never a
+//! valid collection name) and renamed into place once committed, so a crash leaves either no
+//! collection or a complete one. Updating an existing collection happens in place: tantivy's
+//! commit swaps `meta.json` atomically. Readers check `meta.json` before each search, so a
+//! running server sees commits made by other processes.
 
 mod ingest;
 mod passages;
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
 
+use indicatif::ProgressBar;
 use serde::Serialize;
 use tantivy::collector::TopDocs;
 use tantivy::query::QueryParser;
 use tantivy::schema::{Field, Schema, Value, STORED, STRING, TEXT};
-use tantivy::{Index, IndexReader, ReloadPolicy, TantivyDocument};
+use tantivy::{Index, IndexReader, IndexSettings, ReloadPolicy, Searcher, TantivyDocument};
 
 pub use ingest::{ingest_path, IngestStats};
 pub use passages::split_passages;
@@ -30,6 +41,10 @@ pub enum RetrievalError {
     Io(String, std::io::Error),
     #[error("index: {0}")]
     Index(#[from] tantivy::TantivyError),
+}
+
+fn io_err(p: &Path, e: std::io::Error) -> RetrievalError {
+    RetrievalError::Io(p.display().to_string(), e)
 }
 
 /// One retrieved passage.
@@ -67,21 +82,60 @@ fn schema() -> (Schema, Fields) {
     )
 }
 
+const META: &str = "meta.json";
+
+/// Which `meta.json` a reader last loaded. tantivy replaces the file on every commit (write
+/// then rename), so a new commit shows as a new inode, time or size.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct MetaStamp {
+    ino: u64,
+    mtime: Option<SystemTime>,
+    len: u64,
+}
+
+fn meta_stamp(path: &Path) -> Option<MetaStamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(MetaStamp {
+        ino: m.ino(),
+        mtime: m.modified().ok(),
+        len: m.len(),
+    })
+}
+
+/// A collection folder's identity: a folder deleted and rebuilt under the same name is a
+/// different folder (the birth time guards against a reused inode number).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct DirId {
+    dev: u64,
+    ino: u64,
+    born: Option<SystemTime>,
+}
+
+fn dir_id(dir: &Path) -> Option<DirId> {
+    let m = std::fs::metadata(dir).ok().filter(|m| m.is_dir())?;
+    Some(DirId {
+        dev: m.dev(),
+        ino: m.ino(),
+        born: m.created().ok(),
+    })
+}
+
 /// One open collection: a tantivy index and a reader shared by all searches.
 pub struct Collection {
     index: Index,
     reader: IndexReader,
     fields: Fields,
+    meta: PathBuf,
+    seen: Mutex<Option<MetaStamp>>,
 }
 
 impl Collection {
-    fn open_or_create(dir: &Path) -> Result<Self, RetrievalError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| RetrievalError::Io(dir.display().to_string(), e))?;
-        let (schema, fields) = schema();
-        let mmap = tantivy::directory::MmapDirectory::open(dir)
-            .map_err(|e| RetrievalError::BadInput(format!("{}: {e}", dir.display())))?;
-        let index = Index::open_or_create(mmap, schema)?;
+    fn with_index(
+        dir: &Path,
+        index: Index,
+        seen: Option<MetaStamp>,
+    ) -> Result<Self, RetrievalError> {
+        let (_, fields) = schema();
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
@@ -90,12 +144,57 @@ impl Collection {
             index,
             reader,
             fields,
+            meta: dir.join(META),
+            seen: Mutex::new(seen),
         })
+    }
+
+    fn mmap(dir: &Path) -> Result<tantivy::directory::MmapDirectory, RetrievalError> {
+        tantivy::directory::MmapDirectory::open(dir)
+            .map_err(|e| RetrievalError::BadInput(format!("{}: {e}", dir.display())))
+    }
+
+    /// Opens the committed index in `dir`.
+    fn open(dir: &Path) -> Result<Self, RetrievalError> {
+        // Stamped before the reader loads, so a commit landing in between is reloaded later.
+        let seen = meta_stamp(&dir.join(META));
+        let index = Index::open(Self::mmap(dir)?)?;
+        Self::with_index(dir, index, seen)
+    }
+
+    /// Creates an empty index in the existing, empty folder `dir`.
+    fn create(dir: &Path) -> Result<Self, RetrievalError> {
+        let index = Index::create(Self::mmap(dir)?, schema().0, IndexSettings::default())?;
+        Self::with_index(dir, index, meta_stamp(&dir.join(META)))
+    }
+
+    /// Reloads the reader now.
+    fn reload(&self) -> Result<(), RetrievalError> {
+        let stamp = meta_stamp(&self.meta);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        self.reader.reload()?;
+        *seen = stamp;
+        Ok(())
+    }
+
+    /// The searcher over the latest commit, whichever process made it.
+    fn searcher(&self) -> Searcher {
+        let now = meta_stamp(&self.meta);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if now.is_some() && now != *seen {
+            // Recorded even on failure, so a broken commit is reported once, not per search;
+            // the previous commit keeps serving meanwhile.
+            *seen = now;
+            if let Err(e) = self.reader.reload() {
+                tracing::warn!(index = %self.meta.display(), "reloading after a commit: {e}");
+            }
+        }
+        self.reader.searcher()
     }
 
     /// Number of passages.
     pub fn len(&self) -> u64 {
-        self.reader.searcher().num_docs()
+        self.searcher().num_docs()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -110,7 +209,7 @@ impl Collection {
         }
         let parser = QueryParser::for_index(&self.index, vec![self.fields.title, self.fields.text]);
         let (q, _ignored) = parser.parse_query_lenient(query);
-        let searcher = self.reader.searcher();
+        let searcher = self.searcher();
         let hits = searcher.search(&q, &TopDocs::with_limit(k).order_by_score())?;
         let get = |d: &TantivyDocument, f: Field| {
             d.get_first(f).and_then(|v| v.as_str()).map(String::from)
@@ -136,10 +235,16 @@ pub struct CollectionInfo {
     pub passages: u64,
 }
 
-/// All collections under one root folder, opened lazily and kept open.
+struct OpenEntry {
+    id: DirId,
+    coll: Arc<Collection>,
+}
+
+/// All collections under one root folder, opened lazily and kept open while their folder is
+/// the same one.
 pub struct Collections {
     root: PathBuf,
-    open: RwLock<HashMap<String, Arc<Collection>>>,
+    open: RwLock<HashMap<String, OpenEntry>>,
 }
 
 /// Collection names become folder names: keep them to a safe alphabet.
@@ -156,6 +261,88 @@ pub fn validate_name(name: &str) -> Result<(), RetrievalError> {
     }
 }
 
+/// Temporary folders (builds in progress, deletions) are `.tmp.<name>.<pid>.<n>`: the leading
+/// dot keeps them out of the collection namespace.
+const TMP_PREFIX: &str = ".tmp.";
+/// Held (flock) by a build for its whole life, so a build is known to be alive even where its
+/// pid is not visible (another pid namespace sharing the folder).
+const BUILD_LOCK: &str = ".ttarag-build.lock";
+
+fn pid_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+fn tmp_pid(file_name: &str) -> Option<i32> {
+    let rest = file_name.strip_prefix(TMP_PREFIX)?;
+    let mut parts = rest.rsplitn(3, '.');
+    let _n = parts.next()?;
+    let pid = parts.next()?.parse().ok()?;
+    parts.next()?;
+    Some(pid)
+}
+
+/// A fresh temporary path under the root for `name`; the counter keeps this process's paths
+/// apart, the pid other processes'.
+fn tmp_path(root: &Path, name: &str) -> PathBuf {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    root.join(format!("{TMP_PREFIX}{name}.{}.{n}", std::process::id()))
+}
+
+/// A build's temporary folder, holding the build lock; removed when dropped unless it was
+/// renamed into place.
+struct TmpBuild {
+    path: PathBuf,
+    _lock: File,
+    keep: bool,
+}
+
+impl TmpBuild {
+    fn new(root: &Path, name: &str) -> Result<Self, RetrievalError> {
+        loop {
+            let path = tmp_path(root, name);
+            match std::fs::create_dir(&path) {
+                Ok(()) => {}
+                // Left by a dead process that had our pid.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_err(&path, e)),
+            }
+            let lock_path = path.join(BUILD_LOCK);
+            let lock = File::create(&lock_path).and_then(|f| f.lock().map(|()| f));
+            return match lock {
+                Ok(f) => Ok(TmpBuild {
+                    path,
+                    _lock: f,
+                    keep: false,
+                }),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&path);
+                    Err(io_err(&lock_path, e))
+                }
+            };
+        }
+    }
+}
+
+impl Drop for TmpBuild {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), RetrievalError> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err(dir, e))
+}
+
 impl Collections {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self {
@@ -168,39 +355,149 @@ impl Collections {
         self.root.join(name)
     }
 
-    pub fn exists(&self, name: &str) -> bool {
-        validate_name(name).is_ok() && self.dir(name).join("meta.json").exists()
-    }
-
-    /// Opens an existing collection.
-    pub fn get(&self, name: &str) -> Result<Arc<Collection>, RetrievalError> {
-        validate_name(name)?;
-        if let Some(c) = self.open.read().expect("lock").get(name) {
-            return Ok(c.clone());
-        }
-        if !self.exists(name) {
-            return Err(RetrievalError::UnknownCollection(name.to_string()));
-        }
-        let c = Arc::new(Collection::open_or_create(&self.dir(name))?);
+    fn forget(&self, name: &str) {
         self.open
             .write()
-            .expect("lock")
-            .insert(name.to_string(), c.clone());
-        Ok(c)
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+    }
+
+    pub fn exists(&self, name: &str) -> bool {
+        validate_name(name).is_ok() && self.dir(name).join(META).is_file()
+    }
+
+    /// Opens an existing collection. A collection whose folder was replaced since it was opened
+    /// (deleted and rebuilt, maybe by another process) is opened again.
+    pub fn get(&self, name: &str) -> Result<Arc<Collection>, RetrievalError> {
+        validate_name(name)?;
+        let dir = self.dir(name);
+        // Identity first, open second: a swap in between only costs one more reopen.
+        let id = match dir_id(&dir) {
+            Some(id) if self.exists(name) => id,
+            _ => {
+                self.forget(name);
+                return Err(RetrievalError::UnknownCollection(name.to_string()));
+            }
+        };
+        if let Some(e) = self
+            .open
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .filter(|e| e.id == id)
+        {
+            return Ok(e.coll.clone());
+        }
+        let coll = Arc::new(Collection::open(&dir)?);
+        self.open.write().unwrap_or_else(|e| e.into_inner()).insert(
+            name.to_string(),
+            OpenEntry {
+                id,
+                coll: coll.clone(),
+            },
+        );
+        Ok(coll)
     }
 
     /// Opens a collection, creating it empty when missing.
     pub fn get_or_create(&self, name: &str) -> Result<Arc<Collection>, RetrievalError> {
         validate_name(name)?;
-        if self.exists(name) {
-            return self.get(name);
+        if !self.exists(name) {
+            self.remove_stale_tmp();
+            self.create_new(name, |_| Ok(()))?;
         }
-        let c = Arc::new(Collection::open_or_create(&self.dir(name))?);
-        self.open
-            .write()
-            .expect("lock")
-            .insert(name.to_string(), c.clone());
-        Ok(c)
+        self.get(name)
+    }
+
+    /// Ingests a file or folder into collection `name`, creating it when missing (see
+    /// [`ingest_path`] for the formats). A new collection appears only once complete; an
+    /// existing one changes in one commit. Either way a failed or killed run leaves the
+    /// collection as it was.
+    pub fn ingest(
+        &self,
+        name: &str,
+        path: &Path,
+        max_chars: usize,
+        progress: Option<&ProgressBar>,
+    ) -> Result<IngestStats, RetrievalError> {
+        validate_name(name)?;
+        self.remove_stale_tmp();
+        if !self.exists(name) {
+            if let Some(stats) =
+                self.create_new(name, |c| ingest_path(c, path, max_chars, progress))?
+            {
+                return Ok(stats);
+            }
+        }
+        ingest_path(&*self.get(name)?, path, max_chars, progress)
+    }
+
+    /// Builds a collection with `fill` in a temporary folder and renames it into place. `None`
+    /// when another process created `name` meanwhile (the build is discarded).
+    fn create_new<T>(
+        &self,
+        name: &str,
+        fill: impl FnOnce(&Collection) -> Result<T, RetrievalError>,
+    ) -> Result<Option<T>, RetrievalError> {
+        std::fs::create_dir_all(&self.root).map_err(|e| io_err(&self.root, e))?;
+        let mut tmp = TmpBuild::new(&self.root, name)?;
+        let out = {
+            let c = Collection::create(&tmp.path)?;
+            fill(&c)?
+        };
+        sync_dir(&tmp.path)?;
+        let dest = self.dir(name);
+        if let Err(e) = std::fs::rename(&tmp.path, &dest) {
+            if self.exists(name) {
+                return Ok(None);
+            }
+            if dest.exists() {
+                return Err(RetrievalError::BadInput(format!(
+                    "{} exists but holds no collection (no {META}); remove it",
+                    dest.display()
+                )));
+            }
+            return Err(io_err(&dest, e));
+        }
+        tmp.keep = true;
+        let _ = std::fs::remove_file(dest.join(BUILD_LOCK));
+        sync_dir(&self.root)?;
+        self.forget(name);
+        Ok(Some(out))
+    }
+
+    /// Removes temporary folders left by killed builds and deletions: those whose process is
+    /// gone and whose build lock nobody holds. Others may belong to a running build.
+    fn remove_stale_tmp(&self) {
+        let Ok(rd) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for e in rd.filter_map(|e| e.ok()) {
+            let Some(pid) = e.file_name().to_str().and_then(tmp_pid) else {
+                continue;
+            };
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if pid_alive(pid) {
+                continue;
+            }
+            let path = e.path();
+            let lock = File::open(path.join(BUILD_LOCK)).ok();
+            if lock.as_ref().is_some_and(|f| f.try_lock().is_err()) {
+                continue;
+            }
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    tracing::info!(dir = %path.display(), "removed a leftover temporary folder")
+                }
+                // Another process's clean-up got there first.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(dir = %path.display(), "removing a leftover temporary folder: {e}")
+                }
+            }
+        }
     }
 
     pub fn list(&self) -> Result<Vec<CollectionInfo>, RetrievalError> {
@@ -222,13 +519,259 @@ impl Collections {
             .collect()
     }
 
+    /// Deletes a collection: renamed out of the namespace first, so a crash while removing its
+    /// files leaves no half collection, only a temporary folder that the next build removes.
     pub fn delete(&self, name: &str) -> Result<(), RetrievalError> {
         validate_name(name)?;
         if !self.exists(name) {
             return Err(RetrievalError::UnknownCollection(name.to_string()));
         }
-        self.open.write().expect("lock").remove(name);
+        self.forget(name);
         let dir = self.dir(name);
-        std::fs::remove_dir_all(&dir).map_err(|e| RetrievalError::Io(dir.display().to_string(), e))
+        let trash = loop {
+            let p = tmp_path(&self.root, name);
+            if !p.exists() {
+                break p;
+            }
+        };
+        std::fs::rename(&dir, &trash).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => RetrievalError::UnknownCollection(name.to_string()),
+            _ => io_err(&dir, e),
+        })?;
+        sync_dir(&self.root)?;
+        std::fs::remove_dir_all(&trash).map_err(|e| io_err(&trash, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corpus(dir: &Path, file: &str, docs: &[(&str, &str)]) -> PathBuf {
+        let p = dir.join(file);
+        let body: String = docs
+            .iter()
+            .map(|(id, text)| format!("{}\n", serde_json::json!({"id": id, "text": text})))
+            .collect();
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_failed_first_build_leaves_no_collection() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("index");
+        let cols = Collections::new(&root);
+        let bad = tmp.path().join("bad.jsonl");
+        std::fs::write(&bad, "{\"id\": 1, \"text\": \"fine\"}\nnot json\n").unwrap();
+        let err = cols.ingest("new", &bad, 500, None).unwrap_err().to_string();
+        assert!(err.contains("bad.jsonl:2"), "{err}");
+        assert!(!cols.exists("new"));
+        assert!(matches!(
+            cols.get("new"),
+            Err(RetrievalError::UnknownCollection(_))
+        ));
+        assert!(cols.list().unwrap().is_empty());
+        assert_eq!(
+            entries(&root),
+            Vec::<String>::new(),
+            "temporary folder left"
+        );
+
+        let good = corpus(tmp.path(), "good.jsonl", &[("a", "Rivers carry sediment.")]);
+        let s = cols.ingest("new", &good, 500, None).unwrap();
+        assert_eq!(s.passages, 1);
+        assert_eq!(cols.get("new").unwrap().len(), 1);
+        assert_eq!(entries(&root), vec!["new".to_string()]);
+        assert!(
+            !root.join("new").join(BUILD_LOCK).exists(),
+            "the build lock must not stay in the collection"
+        );
+        // An existing collection is updated in place, and a bad run leaves it as it was.
+        assert!(cols.ingest("new", &bad, 500, None).is_err());
+        assert_eq!(cols.get("new").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn leftover_temporary_folders_are_ignored_then_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("index");
+        let cols = Collections::new(&root);
+        let input = corpus(tmp.path(), "c.jsonl", &[("a", "Magnets attract iron.")]);
+        cols.ingest("done", &input, 500, None).unwrap();
+        // A committed build that was killed before its rename, from a process that is gone
+        // (no pid reaches i32::MAX), and one of a live process (ours).
+        let dead = root.join(".tmp.x.2147483646.0");
+        std::fs::rename(root.join("done"), &dead).unwrap();
+        let live = root.join(format!(".tmp.x.{}.999999", std::process::id()));
+        std::fs::create_dir(&live).unwrap();
+        assert!(!cols.exists(".tmp.x.2147483646.0"));
+        assert!(cols.list().unwrap().is_empty());
+        assert!(matches!(
+            cols.get("x"),
+            Err(RetrievalError::UnknownCollection(_))
+        ));
+
+        cols.ingest("x", &input, 500, None).unwrap();
+        assert!(!dead.exists(), "a dead build's folder must be removed");
+        assert!(live.exists(), "a live build's folder must be left alone");
+        assert_eq!(cols.get("x").unwrap().len(), 1);
+
+        // Also by an update in place.
+        std::fs::create_dir(&dead).unwrap();
+        cols.ingest("x", &input, 500, None).unwrap();
+        assert!(!dead.exists());
+        assert_eq!(cols.get("x").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_locked_build_folder_is_left_alone_even_with_a_dead_pid() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("index");
+        let held = root.join(".tmp.y.2147483646.1");
+        std::fs::create_dir_all(&held).unwrap();
+        let lock = File::create(held.join(BUILD_LOCK)).unwrap();
+        lock.lock().unwrap();
+        let cols = Collections::new(&root);
+        let input = corpus(tmp.path(), "c.jsonl", &[("a", "Ice floats on water.")]);
+        cols.ingest("y", &input, 500, None).unwrap();
+        assert!(held.exists(), "a folder whose build lock is held is in use");
+        drop(lock);
+        cols.ingest("z", &input, 500, None).unwrap();
+        assert!(!held.exists(), "once the lock is free the folder is stale");
+    }
+
+    #[test]
+    fn commits_of_another_collections_object_are_seen_without_reopening() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("index");
+        let server = Collections::new(&root);
+        let writer = Collections::new(&root);
+        let first = corpus(
+            tmp.path(),
+            "1.jsonl",
+            &[("a", "Copper conducts electricity.")],
+        );
+        let second = corpus(tmp.path(), "2.jsonl", &[("b", "Zebras have stripes.")]);
+        assert!(matches!(
+            server.get("live"),
+            Err(RetrievalError::UnknownCollection(_))
+        ));
+        writer.ingest("live", &first, 500, None).unwrap();
+        // Created after the server's first look: found now.
+        let c = server.get("live").unwrap();
+        assert!(c.search("zebras stripes", 3).unwrap().is_empty());
+
+        writer.ingest("live", &second, 500, None).unwrap();
+        assert_eq!(c.search("zebras stripes", 3).unwrap()[0].id, "b");
+        assert_eq!(c.len(), 2);
+        assert!(Arc::ptr_eq(&c, &server.get("live").unwrap()));
+    }
+
+    #[test]
+    fn a_collection_deleted_and_rebuilt_elsewhere_is_not_served_stale() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("index");
+        let server = Collections::new(&root);
+        let other = Collections::new(&root);
+        let apples = corpus(tmp.path(), "a.jsonl", &[("a", "Apples grow on trees.")]);
+        let bananas = corpus(tmp.path(), "b.jsonl", &[("b", "Bananas are yellow.")]);
+        other.ingest("swap", &apples, 500, None).unwrap();
+        assert_eq!(
+            server.get("swap").unwrap().search("apples", 1).unwrap()[0].id,
+            "a"
+        );
+
+        other.delete("swap").unwrap();
+        assert!(matches!(
+            server.get("swap"),
+            Err(RetrievalError::UnknownCollection(_))
+        ));
+        other.ingest("swap", &bananas, 500, None).unwrap();
+        let c = server.get("swap").unwrap();
+        assert!(c.search("apples", 1).unwrap().is_empty());
+        assert_eq!(c.search("bananas", 1).unwrap()[0].id, "b");
+        assert_eq!(c.len(), 1);
+        assert_eq!(entries(&root), vec!["swap".to_string()]);
+    }
+
+    #[test]
+    fn a_panic_while_holding_a_lock_does_not_break_collections() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cols = Arc::new(Collections::new(tmp.path().join("index")));
+        let input = corpus(tmp.path(), "c.jsonl", &[("a", "Salt dissolves in water.")]);
+        cols.ingest("p", &input, 500, None).unwrap();
+        let c = cols.get("p").unwrap();
+        let (cols2, c2) = (cols.clone(), c.clone());
+        let panicked = std::thread::spawn(move || {
+            let _map = cols2.open.write().unwrap();
+            let _seen = c2.seen.lock().unwrap();
+            panic!("poison both locks");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert!(cols.open.is_poisoned() && c.seen.is_poisoned());
+
+        assert_eq!(c.search("salt", 1).unwrap()[0].id, "a");
+        assert_eq!(cols.get("p").unwrap().len(), 1);
+        cols.ingest("q", &input, 500, None).unwrap();
+        assert_eq!(cols.list().unwrap().len(), 2);
+        cols.delete("p").unwrap();
+        assert!(!cols.exists("p"));
+    }
+
+    #[test]
+    fn bad_names_are_refused_by_every_entry_point() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("index");
+        let cols = Collections::new(&root);
+        let input = corpus(tmp.path(), "c.jsonl", &[("a", "Wind moves sand.")]);
+        // A folder that looks like a collection under a name outside the namespace.
+        cols.ingest("real", &input, 500, None).unwrap();
+        std::fs::rename(root.join("real"), root.join(".tmp")).unwrap();
+        let long = "a".repeat(65);
+        for name in [
+            "../x",
+            "a/b",
+            ".tmp",
+            "",
+            ".",
+            "..",
+            "a b",
+            "x\0",
+            "/abs",
+            long.as_str(),
+        ] {
+            let bad = |r: Result<(), RetrievalError>| matches!(r, Err(RetrievalError::BadName(_)));
+            assert!(!cols.exists(name), "{name:?}");
+            assert!(bad(cols.get(name).map(drop)), "get {name:?}");
+            assert!(
+                bad(cols.get_or_create(name).map(drop)),
+                "get_or_create {name:?}"
+            );
+            assert!(
+                bad(cols.ingest(name, &input, 500, None).map(drop)),
+                "ingest {name:?}"
+            );
+            assert!(bad(cols.delete(name)), "delete {name:?}");
+        }
+        assert!(cols.list().unwrap().is_empty());
+        assert_eq!(entries(&root), vec![".tmp".to_string()]);
+        assert_eq!(
+            entries(tmp.path()),
+            vec!["c.jsonl".to_string(), "index".to_string()]
+        );
     }
 }
