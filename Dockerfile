@@ -22,5 +22,9 @@ USER ttarag
 EXPOSE 8080
 # Inside a container the server must listen beyond loopback; publish the port explicitly.
 ENV TTARAG_HOST=0.0.0.0
+# No API key is baked in (anyone with the image would hold it), so the server starts open and
+# warns so. Pass keys at run time to require them on every route but /health and /ready:
+#   docker run -p 8080:8080 -e TTARAG_API_KEYS=KEY1,KEY2 -e TTARAG_ADMIN_KEY=ADMINKEY ttarag
+# (`-e NAME` alone hands on the caller's variable; keys have 16+ printable ASCII characters).
 ENTRYPOINT ["ttarag"]
 CMD ["serve"]

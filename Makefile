@@ -15,6 +15,12 @@ test: setup
 bench: setup
 	cargo run --release -- bench
 
+# Loopback load test of a server already started with `make run` (it starts none itself):
+# make load ARGS='--requests 6 --concurrency 1,2 --storm 4'
+.PHONY: load
+load:
+	python3 scripts/load.py $(ARGS)
+
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings

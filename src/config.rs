@@ -18,6 +18,9 @@ pub struct Config {
     pub ab: AbSection,
     #[serde(default)]
     pub gate: GateSection,
+    /// Optional: no section = no keys, an open server.
+    #[serde(default)]
+    pub auth: AuthSection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -28,7 +31,18 @@ pub struct ServerSection {
     pub workers: usize,
     pub queue_capacity: usize,
     pub max_body_bytes: usize,
+    /// Deadline of a request from its arrival, queue wait included (504 past it).
+    pub request_timeout_ms: u64,
+    /// Longest prompt, passages included, in tokens; 0 = the model's context.
+    pub max_prompt_tokens: usize,
+    /// After SIGTERM: how long in-flight requests may take before the process exits anyway.
+    pub drain_timeout_ms: u64,
+    /// SSE comment keep-alives while a streamed request produces no text (e.g. adapting).
+    pub sse_keepalive_ms: u64,
 }
+
+/// Upper bound of `server.request_timeout_ms`: an hour.
+pub const MAX_REQUEST_TIMEOUT_MS: u64 = 3_600_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -295,6 +309,146 @@ impl AbSection {
     }
 }
 
+/// A key from the config or the environment. Its text never leaves through `Debug` or
+/// `Serialize` (both give `***`, which is too short to be accepted back as a key); surrounding
+/// whitespace is dropped.
+#[derive(Clone, Deserialize)]
+#[serde(from = "String")]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s.trim().to_string())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
+/// Who may ask for `rag.tta.scope = "full"` in a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FullScope {
+    /// Callers holding the admin key (none when no admin key is configured).
+    Admin,
+    /// Every caller the server accepts.
+    Any,
+}
+
+/// `[auth]`: API keys, the admin key and per-key concurrency (`src/server/auth.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// Keys accepted as `Authorization: Bearer KEY`. None (and no admin key) = open server.
+    pub api_keys: Vec<Secret>,
+    /// Also accepted everywhere, and the only key allowed what holds the server for everyone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_key: Option<Secret>,
+    pub full_scope: FullScope,
+    /// Requests one key may have in flight on the model routes; 0 = unlimited.
+    pub max_concurrent_per_key: usize,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            admin_key: None,
+            full_scope: FullScope::Admin,
+            max_concurrent_per_key: 8,
+        }
+    }
+}
+
+/// Shorter keys could be guessed, however they are compared.
+pub const MIN_KEY_CHARS: usize = 16;
+
+/// The keys in `TTARAG_API_KEYS`'s comma-separated form, trimmed, empty entries left out.
+pub fn parse_key_list(list: &str) -> Vec<Secret> {
+    list.split(',')
+        .map(|k| Secret::from(k.to_string()))
+        .filter(|k| !k.expose().is_empty())
+        .collect()
+}
+
+impl AuthSection {
+    /// Whether any key is configured, i.e. whether requests need one.
+    pub fn has_keys(&self) -> bool {
+        !self.api_keys.is_empty() || self.admin_key.is_some()
+    }
+
+    /// Applies `TTARAG_API_KEYS` and `TTARAG_ADMIN_KEY` (as read by the CLI). Each replaces
+    /// its config key rather than adding to it, so that a deployment can revoke a key baked
+    /// into a config file. A variable that is set but holds no key is an error, not an open
+    /// server.
+    pub fn apply_env(
+        &mut self,
+        api_keys: Option<&str>,
+        admin_key: Option<&str>,
+    ) -> anyhow::Result<()> {
+        if let Some(list) = api_keys {
+            let keys = parse_key_list(list);
+            anyhow::ensure!(
+                !keys.is_empty(),
+                "TTARAG_API_KEYS is set but holds no key; unset it to keep auth.api_keys"
+            );
+            self.api_keys = keys;
+        }
+        if let Some(k) = admin_key {
+            let k = Secret::from(k.to_string());
+            anyhow::ensure!(
+                !k.expose().is_empty(),
+                "TTARAG_ADMIN_KEY is set but empty; unset it to keep auth.admin_key"
+            );
+            self.admin_key = Some(k);
+        }
+        Ok(())
+    }
+
+    /// Messages name a key by its position only.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let named = self
+            .api_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (format!("auth.api_keys[{i}]"), k))
+            .chain(
+                self.admin_key
+                    .iter()
+                    .map(|k| ("auth.admin_key".to_string(), k)),
+            );
+        let mut seen: Vec<(String, &str)> = Vec::new();
+        for (name, key) in named {
+            let k = key.expose();
+            anyhow::ensure!(
+                k.len() >= MIN_KEY_CHARS && k.bytes().all(|b| b.is_ascii_graphic()),
+                "{name} must be at least {MIN_KEY_CHARS} printable ASCII characters without spaces"
+            );
+            anyhow::ensure!(!k.contains(','), "{name} must not contain a comma");
+            if let Some((other, _)) = seen.iter().find(|(_, s)| *s == k) {
+                anyhow::bail!("{name} is the same key as {other}");
+            }
+            seen.push((name, k));
+        }
+        Ok(())
+    }
+}
+
 impl ModelSection {
     /// `decode_quant` as a quantization type; `None` for "none".
     pub fn decode_quant(&self) -> anyhow::Result<Option<candle_core::quantized::GgmlDType>> {
@@ -346,6 +500,20 @@ impl Config {
             "server.queue_capacity must be at least 1"
         );
         anyhow::ensure!(
+            (1..=MAX_REQUEST_TIMEOUT_MS).contains(&self.server.request_timeout_ms),
+            "server.request_timeout_ms {} is outside 1..={MAX_REQUEST_TIMEOUT_MS}",
+            self.server.request_timeout_ms
+        );
+        anyhow::ensure!(
+            self.server.drain_timeout_ms <= MAX_REQUEST_TIMEOUT_MS,
+            "server.drain_timeout_ms {} exceeds {MAX_REQUEST_TIMEOUT_MS}",
+            self.server.drain_timeout_ms
+        );
+        anyhow::ensure!(
+            self.server.sse_keepalive_ms >= 10,
+            "server.sse_keepalive_ms must be at least 10"
+        );
+        anyhow::ensure!(
             self.retrieval.top_k <= self.retrieval.max_top_k,
             "retrieval.top_k exceeds retrieval.max_top_k"
         );
@@ -381,6 +549,7 @@ impl Config {
             );
         }
         self.gate.validate()?;
+        self.auth.validate()?;
         self.ab.validate(&self.retrieval, &self.tta, &self.gate)
     }
 }
@@ -431,5 +600,83 @@ mod tests {
             .to_string();
         assert!(err.contains("prot"), "{err}");
         assert!(Config::from_toml("[server]\nworkers = 0\n").is_err());
+    }
+
+    const KEY_A: &str = "sk-alpha-0123456789abcdef";
+    const KEY_B: &str = "sk-bravo-0123456789abcdef";
+
+    #[test]
+    fn auth_keys_load_trimmed_and_never_show_in_debug_serialisation_or_errors() {
+        let d = Config::default().auth;
+        assert!(!d.has_keys());
+        assert_eq!(
+            (d.full_scope, d.max_concurrent_per_key),
+            (FullScope::Admin, 8)
+        );
+        let c = Config::from_toml(&format!(
+            "[auth]\napi_keys = [\"  {KEY_A} \"]\nadmin_key = \"{KEY_B}\"\nfull_scope = \"any\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.auth.api_keys[0].expose(), KEY_A);
+        assert_eq!(c.auth.full_scope, FullScope::Any);
+        let shown = format!("{c:?} {:#?} {}", c.auth, toml::to_string(&c).unwrap());
+        assert!(shown.contains("***"), "{shown}");
+        assert!(!shown.contains(KEY_A) && !shown.contains(KEY_B), "{shown}");
+        // What was serialised does not load back as keys.
+        let back = Config::from_toml(&toml::to_string(&c).unwrap()).unwrap_err();
+        assert!(back.to_string().contains("auth.api_keys[0]"), "{back}");
+
+        for (toml, want) in [
+            (
+                "api_keys = [\"short-key\"]",
+                "auth.api_keys[0] must be at least 16",
+            ),
+            ("api_keys = [\"\"]", "auth.api_keys[0]"),
+            ("api_keys = [\"with a space inside it\"]", "without spaces"),
+            (
+                &format!("api_keys = [\"{KEY_A}\", \"{KEY_A}\"]"),
+                "auth.api_keys[1] is the same key as auth.api_keys[0]",
+            ),
+            (
+                &format!("api_keys = [\"{KEY_A}\"]\nadmin_key = \"{KEY_A}\""),
+                "auth.admin_key is the same key",
+            ),
+            ("full_scope = \"everyone\"", "everyone"),
+            ("api_key = []", "api_key"),
+        ] {
+            let e = Config::from_toml(&format!("[auth]\n{toml}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{toml}: {e}");
+            assert!(!e.contains(KEY_A) && !e.contains("short-key"), "{e}");
+        }
+    }
+
+    #[test]
+    fn auth_environment_replaces_the_configured_keys() {
+        let mut a = Config::from_toml(&format!("[auth]\napi_keys = [\"{KEY_A}\"]\n"))
+            .unwrap()
+            .auth;
+        a.apply_env(None, None).unwrap();
+        assert_eq!(a.api_keys.len(), 1);
+        a.apply_env(
+            Some(&format!(" {KEY_B} ,, ,{KEY_A}x ")),
+            Some(" admin-0123456789abcdef "),
+        )
+        .unwrap();
+        let keys: Vec<&str> = a.api_keys.iter().map(Secret::expose).collect();
+        assert_eq!(keys, [KEY_B, &format!("{KEY_A}x")]);
+        assert_eq!(
+            a.admin_key.as_ref().unwrap().expose(),
+            "admin-0123456789abcdef"
+        );
+        a.validate().unwrap();
+        // Set but empty would silently open the server: refused.
+        for list in ["", " , ,"] {
+            let e = a.apply_env(Some(list), None).unwrap_err().to_string();
+            assert!(e.contains("TTARAG_API_KEYS"), "{e}");
+        }
+        assert!(a.apply_env(None, Some("  ")).is_err());
+        assert_eq!(a.api_keys.len(), 2, "a refused variable changes nothing");
     }
 }

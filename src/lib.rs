@@ -3,6 +3,7 @@
 //! (queue and workers) -> `retrieval` -> `generate` over `model`.
 
 pub mod adapt;
+pub mod cancel;
 pub mod cli;
 pub mod config;
 pub mod engine;

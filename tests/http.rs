@@ -448,7 +448,8 @@ async fn tta_settings_beyond_the_caps_are_refused() {
 
 #[tokio::test]
 async fn full_scope_adapts_a_copy_and_the_served_weights_stay_bit_identical() {
-    let s = start_tiny(2, 8, true).await;
+    // Requests may ask for full scope only where the operator allows it.
+    let s = common::start_tiny_toml(2, 8, true, "[auth]\nfull_scope = \"any\"\n").await;
     let snapshot = || -> Vec<Vec<f32>> {
         s.model
             .decoder
@@ -459,15 +460,29 @@ async fn full_scope_adapts_a_copy_and_the_served_weights_stay_bit_identical() {
     };
     let before = snapshot();
     let (_, static_before) = post(&s.base, &ask("plants")).await;
+    let full = || {
+        let mut body = ask("Water boils at what temperature at sea level?");
+        body["rag"] = json!({"mode": "tta", "tta": {"scope": "full", "lr": 0.01, "steps": 2, "min_words": 4}});
+        body
+    };
     let futs = (0..3).map(|_| {
         let base = s.base.clone();
-        async move {
-            let mut body = ask("Water boils at what temperature at sea level?");
-            body["rag"] = json!({"mode": "tta", "tta": {"scope": "full", "lr": 0.01, "steps": 2, "min_words": 4}});
-            post(&base, &body).await
-        }
+        let body = full();
+        async move { post(&base, &body).await }
     });
+    // One private weight copy at a time: a concurrent full-scope request is refused at once
+    // (503, retry later) instead of holding its worker; retried alone, it is served.
+    let mut answers = vec![];
     for (st, v) in futures::future::join_all(futs).await {
+        match st {
+            503 => {
+                assert_eq!(v["error"]["code"], "busy", "{v}");
+                answers.push(post(&s.base, &full()).await);
+            }
+            _ => answers.push((st, v)),
+        }
+    }
+    for (st, v) in answers {
         assert_eq!(st, 200, "{v}");
         let t = &v["rag"]["tta"];
         assert_eq!(t["scope"], "full");

@@ -37,7 +37,7 @@ fn job(question: &str, mode: RagMode, overrides: &TtaOverrides) -> ChatJob {
     }
 }
 
-fn wait(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Completion {
+fn wait(mut rx: ttarag::engine::Ticket) -> Completion {
     loop {
         match rx.blocking_recv().expect("engine replied") {
             Event::Text(_) => {}
@@ -78,7 +78,8 @@ fn adaptation_lowers_the_suffix_loss_and_a_fresh_request_starts_from_the_base() 
         e.submit(job(q, RagMode::Static, &TtaOverrides::default()))
             .unwrap(),
     );
-    let fresh = engine(1).0;
+    // Its folder must outlive the request: a collection whose folder is gone is unknown.
+    let (fresh, _fresh_dir) = engine(1);
     let s2 = wait(
         fresh
             .submit(job(q, RagMode::Static, &TtaOverrides::default()))

@@ -74,6 +74,7 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
             queue_capacity: 1,
             prompt_template: cfg.retrieval.prompt_template.clone(),
             gate,
+            ..Default::default()
         },
     )?;
     let job = ChatJob {

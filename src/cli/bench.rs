@@ -87,11 +87,12 @@ fn rag_prompt(
         context.push_str("- ");
         context.push_str(f);
         context.push('\n');
-        let text = model.render_chat(&[ChatMessage::new(
-            "user",
-            &format!("Context:\n{context}\nQuestion: What do plants need to grow?"),
-        )])?;
-        let ids = model.tokenizer.encode(&text)?;
+        let ids = model
+            .encode_chat(&[ChatMessage::new(
+                "user",
+                &format!("Context:\n{context}\nQuestion: What do plants need to grow?"),
+            )])?
+            .ids;
         if ids.len() >= target {
             return Ok(ids);
         }

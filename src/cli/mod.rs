@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::model::Model;
-use crate::retrieval::{ingest_path, Collections};
+use crate::retrieval::Collections;
 
 /// Retrieval-augmented inference server with test-time adaptation.
 #[derive(Debug, Parser)]
@@ -229,18 +229,26 @@ pub fn load_gate(
     Ok(Some(Arc::new(gate)))
 }
 
-/// Opens the collections, building the default one from the sample corpus when missing.
+/// Opens the collections, building the default one from the sample corpus when missing or
+/// empty. The build is the CLI's (`Collections::ingest`): a server killed meanwhile leaves no
+/// half collection for its next start to serve.
 pub fn open_collections(cfg: &Config) -> anyhow::Result<Arc<Collections>> {
     let r = &cfg.retrieval;
     let cols = Arc::new(Collections::new(&r.index_dir));
-    if !cols.exists(&r.collection) {
+    let missing = !cols.exists(&r.collection)
+        || cols
+            .get(&r.collection)
+            .with_context(|| format!("opening collection `{}`", r.collection))?
+            .is_empty();
+    if missing {
         if let Some(sample) = r.sample_corpus.as_ref().filter(|p| p.exists()) {
             tracing::info!(collection = %r.collection, corpus = %sample.display(), "building the default collection");
-            let c = cols.get_or_create(&r.collection)?;
-            let stats = ingest_path(&c, sample, r.passage_max_chars, None)?;
+            let stats = cols
+                .ingest(&r.collection, sample, r.passage_max_chars, None)
+                .with_context(|| format!("indexing {}", sample.display()))?;
             tracing::info!(passages = stats.passages, "default collection built");
         } else {
-            tracing::warn!(collection = %r.collection, "default collection is missing and no sample corpus was found");
+            tracing::warn!(collection = %r.collection, "default collection is missing or empty and no sample corpus was found");
         }
     }
     Ok(cols)

@@ -1,5 +1,7 @@
 //! `ttarag serve`.
 
+use std::time::Duration;
+
 use clap::Args;
 
 use crate::config::Config;
@@ -35,7 +37,21 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
     if let Some(q) = a.queue_capacity {
         cfg.server.queue_capacity = q;
     }
+    // Keys come from the environment, never from flags, which any local user can read in the
+    // process list.
+    cfg.auth.apply_env(
+        env_var("TTARAG_API_KEYS")?.as_deref(),
+        env_var("TTARAG_ADMIN_KEY")?.as_deref(),
+    )?;
     cfg.validate()?;
+    if !cfg.auth.has_keys() && !is_loopback(&cfg.server.host) {
+        let host = &cfg.server.host;
+        eprintln!(
+            "WARNING: serving on {host} with no API key: anyone who can reach this address can \
+             use the server. Set TTARAG_API_KEYS (and TTARAG_ADMIN_KEY), or bind 127.0.0.1."
+        );
+        tracing::warn!(%host, "no API key configured on a non-loopback address");
+    }
     let model = super::load_model(&cfg)?;
     let collections = super::open_collections(&cfg)?;
     let gate = match super::load_gate(&cfg, &model) {
@@ -62,6 +78,11 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
             queue_capacity: cfg.server.queue_capacity,
             prompt_template: cfg.retrieval.prompt_template.clone(),
             gate,
+            request_timeout: Some(std::time::Duration::from_millis(
+                cfg.server.request_timeout_ms,
+            )),
+            max_prompt_tokens: cfg.server.max_prompt_tokens,
+            faults: Default::default(),
         },
     )?;
     let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
@@ -78,11 +99,68 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
         // Tests and scripts wait for this exact line.
         println!("listening on http://{local}");
         tracing::info!(%local, "serving");
-        axum::serve(listener, router(app))
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
+        let drain = Duration::from_millis(app.config.server.drain_timeout_ms);
+        let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(listener, router(app.clone())).with_graceful_shutdown({
+            let app = app.clone();
+            async move {
+                shutdown_signal().await;
+                drain_in_flight(&app, drain).await;
+                let _ = drained_tx.send(());
+            }
+        });
+        // Connections still open once the drain is over (a request past the drain deadline,
+        // an idle keep-alive client) must not hold the exit.
+        let linger = async move {
+            if drained_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        tokio::select! {
+            r = server => r?,
+            _ = linger => tracing::warn!("connections still open after the drain; exiting"),
+        }
+        tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Stops taking requests (503, `/health` says draining) and waits until those in flight have
+/// finished or `deadline` has passed.
+async fn drain_in_flight(app: &App, deadline: Duration) {
+    app.start_draining();
+    let until = tokio::time::Instant::now() + deadline;
+    tracing::info!(in_flight = app.in_flight(), ?deadline, "draining");
+    while app.in_flight() > 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match app.in_flight() {
+        0 => tracing::info!("drained"),
+        n => tracing::warn!(
+            in_flight = n,
+            "drain deadline passed; exiting with requests in flight"
+        ),
+    }
+}
+
+/// A variable's value; `None` when unset. One that is not UTF-8 is an error rather than
+/// ignored, since ignoring a key variable could leave the server open.
+fn env_var(name: &str) -> anyhow::Result<Option<String>> {
+    match std::env::var(name) {
+        Ok(v) => Ok(Some(v)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => anyhow::bail!("{name} is not valid UTF-8"),
+    }
+}
+
+/// Whether `host` (as in `server.host`) binds only this machine: 127.0.0.0/8, ::1 or
+/// localhost.
+fn is_loopback(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// Ctrl-C or SIGTERM (what `docker stop` sends): stop accepting, let running requests finish.
@@ -106,4 +184,32 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_loopback_hosts_count_as_local() {
+        for h in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "[::1]",
+            "localhost",
+            "LocalHost",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(super::is_loopback(h), "{h}");
+        }
+        for h in [
+            "0.0.0.0",
+            "::",
+            "192.168.1.5",
+            "example.com",
+            "localhost.evil.com",
+            "",
+        ] {
+            assert!(!super::is_loopback(h), "{h}");
+        }
+    }
 }

@@ -1,13 +1,16 @@
 //! The engine: one bounded queue feeding model worker threads. A job runs the request's stages
 //! (retrieve, build the prompt, generate) off the async runtime and streams events back over
-//! its own channel. A full queue refuses at once; a job whose client has gone is dropped.
+//! its own channel. A full queue refuses at once; a job whose client has gone (its [`Ticket`]
+//! dropped) stops at its next check, and one past its deadline answers so. A job that panics
+//! answers an internal error, and its worker thread is replaced by a fresh one.
 
 mod prompt;
 mod tta_params;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -18,6 +21,7 @@ pub use tta_params::{resolve_tta, ParamError, TtaOverrides};
 use crate::adapt::{
     adapt_full, adapt_lora, build_pairs, encode_pairs, PairOptions, TrainParams, TtaReport,
 };
+use crate::cancel::{Cancel, CancelOnDrop, Stopped};
 use crate::gate::assess::GateReport;
 use crate::gate::card::LoadedGate;
 use crate::gate::features::PromptTooLong;
@@ -159,10 +163,21 @@ pub struct Completion {
 pub enum EngineError {
     #[error("server is overloaded: {0} requests already queued; retry later")]
     Overloaded(usize),
+    /// A shared resource the request needs is taken (one full-scope adaptation at a time).
+    #[error("{0}")]
+    Busy(String),
     #[error("the engine has stopped")]
     Stopped,
     #[error("{0}")]
     ContextExceeded(String),
+    /// The request cannot be served as written (e.g. the chat template refuses it).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the request did not finish within its deadline of {0} ms (queue wait included)")]
+    DeadlineExceeded(u64),
+    /// The job panicked; the cause is logged, not sent to the client.
+    #[error("internal error while processing the request")]
+    Panicked,
     #[error("{0}")]
     Internal(String),
 }
@@ -180,6 +195,95 @@ struct Job {
     req: ChatJob,
     reply: mpsc::UnboundedSender<Event>,
     enqueued: Instant,
+    cancel: Cancel,
+    slot: Arc<Slot>,
+}
+
+/// A job's place among the `queue_capacity` waiting ones, given back exactly once: by the
+/// worker that takes the job, or by its ticket dropped while it still waits, so a request
+/// whose client left stops counting against the queue at once (not when a worker reaches it).
+struct Slot {
+    held: std::sync::atomic::AtomicBool,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Slot {
+    fn release(&self) {
+        if self.held.swap(false, Ordering::SeqCst) {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Abandoned jobs stay in the channel until a worker skips them; this many queue capacities
+/// of them at most, so hung-up requests cannot pile up memory behind long-running work.
+const CHANNEL_SLACK: usize = 4;
+
+/// A submitted job's events. Dropping it cancels the job (the client went away).
+pub struct Ticket {
+    events: mpsc::UnboundedReceiver<Event>,
+    _cancel: CancelOnDrop,
+    slot: Arc<Slot>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.slot.release();
+    }
+}
+
+impl std::ops::Deref for Ticket {
+    type Target = mpsc::UnboundedReceiver<Event>;
+    fn deref(&self) -> &Self::Target {
+        &self.events
+    }
+}
+
+impl std::ops::DerefMut for Ticket {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.events
+    }
+}
+
+/// Liveness of the worker pool, for `/health` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Worker threads running now (a replaced worker's successor is counted before it exits).
+    alive: AtomicUsize,
+    /// Jobs that panicked since start.
+    panics: AtomicU64,
+    /// Jobs that stopped because their client went away.
+    cancelled: AtomicU64,
+}
+
+impl Health {
+    pub fn workers_alive(&self) -> usize {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    pub fn panics(&self) -> u64 {
+        self.panics.load(Ordering::SeqCst)
+    }
+
+    pub fn cancelled(&self) -> u64 {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts one running worker thread for as long as it lives, however it ends.
+struct Alive(Arc<Health>);
+
+impl Alive {
+    fn new(h: &Arc<Health>) -> Self {
+        h.alive.fetch_add(1, Ordering::SeqCst);
+        Self(h.clone())
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.alive.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Clonable handle to the engine; dropping the last one stops the workers.
@@ -188,6 +292,10 @@ pub struct Engine {
     tx: crossbeam_channel::Sender<Job>,
     queued: Arc<AtomicUsize>,
     capacity: usize,
+    workers: usize,
+    timeout: Option<Duration>,
+    max_prompt_tokens: usize,
+    health: Arc<Health>,
     pub model: Arc<Model>,
     pub collections: Arc<Collections>,
 }
@@ -200,16 +308,88 @@ pub struct EngineConfig {
     pub prompt_template: String,
     /// The retrieval gate for requests in mode `auto`; such requests fail without one.
     pub gate: Option<Arc<LoadedGate>>,
+    /// Deadline of a job from its submission, queue wait included; `None` = none.
+    pub request_timeout: Option<Duration>,
+    /// Longest prompt (passages included) a job may run, in tokens; 0 = the model's context.
+    pub max_prompt_tokens: usize,
+    /// Fault injection for tests; the CLI never sets it.
+    pub faults: Faults,
+}
+
+/// Faults a test can inject into the workers.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// A job whose last user message is exactly this text panics inside rayon's thread pool.
+    pub panic_on: Option<String>,
+    /// A pause after each piece of answer text: jobs long enough to hang up on or time out.
+    pub text_delay: Option<Duration>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            queue_capacity: 1,
+            prompt_template: crate::config::Config::default().retrieval.prompt_template,
+            gate: None,
+            request_timeout: None,
+            max_prompt_tokens: 0,
+            faults: Faults::default(),
+        }
+    }
 }
 
 struct Worker {
     model: Arc<Model>,
     collections: Arc<Collections>,
     prompt: Arc<RagPrompt>,
-    queued: Arc<AtomicUsize>,
-    /// Held while a full-weight adaptation and its answer run: one private weight copy at a time.
+    health: Arc<Health>,
+    /// Taken while a full-weight adaptation and its answer run: one private weight copy at a
+    /// time. A second such request is refused at once rather than left to block its worker.
     full_scope: Arc<std::sync::Mutex<()>>,
     gate: Option<Arc<LoadedGate>>,
+    max_prompt_tokens: usize,
+    faults: Faults,
+}
+
+/// The text of a panic's payload.
+fn panic_cause(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic with a non-text payload".into())
+}
+
+/// Starts worker thread `id`. A job that panics is answered, logged and counted, and the
+/// thread hands its place to a fresh one: nothing of the failed job's stack is reused.
+fn spawn_worker(
+    id: usize,
+    rx: crossbeam_channel::Receiver<Job>,
+    w: Arc<Worker>,
+) -> std::io::Result<()> {
+    let alive = Alive::new(&w.health);
+    std::thread::Builder::new()
+        .name(format!("model-worker-{id}"))
+        .spawn(move || {
+            let _alive = alive;
+            while let Ok(job) = rx.recv() {
+                job.slot.release();
+                let reply = job.reply.clone();
+                let Err(payload) = catch_unwind(AssertUnwindSafe(|| w.run(job))) else {
+                    continue;
+                };
+                let cause = panic_cause(payload.as_ref());
+                w.health.panics.fetch_add(1, Ordering::SeqCst);
+                tracing::error!(worker = id, %cause, "request panicked; worker replaced");
+                let _ = reply.send(Event::Error(EngineError::Panicked));
+                if let Err(e) = spawn_worker(id, rx.clone(), w.clone()) {
+                    tracing::error!(worker = id, error = %e, "could not start a replacement worker");
+                }
+                return;
+            }
+        })?;
+    Ok(())
 }
 
 impl Engine {
@@ -218,36 +398,60 @@ impl Engine {
         collections: Arc<Collections>,
         cfg: &EngineConfig,
     ) -> anyhow::Result<Self> {
-        let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_capacity);
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_capacity * CHANNEL_SLACK);
         let queued = Arc::new(AtomicUsize::new(0));
-        let prompt = Arc::new(RagPrompt::new(&cfg.prompt_template)?);
-        let full_scope = Arc::new(std::sync::Mutex::new(()));
-        for i in 0..cfg.workers.max(1) {
-            let rx = rx.clone();
-            let w = Worker {
-                model: model.clone(),
-                collections: collections.clone(),
-                prompt: prompt.clone(),
-                queued: queued.clone(),
-                full_scope: full_scope.clone(),
-                gate: cfg.gate.clone(),
-            };
-            std::thread::Builder::new()
-                .name(format!("model-worker-{i}"))
-                .spawn(move || {
-                    while let Ok(job) = rx.recv() {
-                        w.queued.fetch_sub(1, Ordering::SeqCst);
-                        w.run(job);
-                    }
-                })?;
+        let health = Arc::new(Health::default());
+        let w = Arc::new(Worker {
+            model: model.clone(),
+            collections: collections.clone(),
+            prompt: Arc::new(RagPrompt::new(&cfg.prompt_template)?),
+            health: health.clone(),
+            full_scope: Arc::new(std::sync::Mutex::new(())),
+            gate: cfg.gate.clone(),
+            max_prompt_tokens: cfg.max_prompt_tokens,
+            faults: cfg.faults.clone(),
+        });
+        let workers = cfg.workers.max(1);
+        for i in 0..workers {
+            spawn_worker(i, rx.clone(), w.clone())?;
         }
         Ok(Self {
             tx,
             queued,
             capacity: cfg.queue_capacity,
+            workers,
+            timeout: cfg.request_timeout,
+            max_prompt_tokens: cfg.max_prompt_tokens,
+            health,
             model,
             collections,
         })
+    }
+
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Worker threads configured.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// Tokens of the conversation as the model would read it without passages: what can be
+    /// checked before a job is accepted.
+    pub fn conversation_tokens(&self, messages: &[ChatMessage]) -> Result<usize, EngineError> {
+        self.model
+            .encode_chat(messages)
+            .map(|t| t.ids.len())
+            .map_err(|e| match e {
+                crate::model::ModelError::Template(m) => EngineError::Invalid(m),
+                e => EngineError::Internal(e.to_string()),
+            })
+    }
+
+    /// The longest prompt a job may run, in tokens.
+    pub fn prompt_limit(&self) -> usize {
+        prompt_limit(&self.model, self.max_prompt_tokens)
     }
 
     /// Requests waiting for a worker.
@@ -255,19 +459,42 @@ impl Engine {
         self.queued.load(Ordering::SeqCst)
     }
 
-    /// Queues a request; fails at once when the queue is full.
-    pub fn submit(&self, req: ChatJob) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
+    /// Queues a request; fails at once when the queue is full. The job's deadline (queue wait
+    /// included) starts now.
+    pub fn submit(&self, req: ChatJob) -> Result<Ticket, EngineError> {
         let (reply, rx) = mpsc::unbounded_channel();
+        let enqueued = Instant::now();
+        let cancel = Cancel::new(self.timeout.map(|t| enqueued + t));
+        let cap = self.capacity;
+        if self
+            .queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(EngineError::Overloaded(cap));
+        }
+        let slot = Arc::new(Slot {
+            held: true.into(),
+            queued: self.queued.clone(),
+        });
+        let ticket = Ticket {
+            events: rx,
+            _cancel: cancel.on_drop(),
+            slot: slot.clone(),
+        };
         let job = Job {
             req,
             reply,
-            enqueued: Instant::now(),
+            enqueued,
+            cancel,
+            slot,
         };
-        self.queued.fetch_add(1, Ordering::SeqCst);
         match self.tx.try_send(job) {
-            Ok(()) => Ok(rx),
+            Ok(()) => Ok(ticket),
             Err(e) => {
-                self.queued.fetch_sub(1, Ordering::SeqCst);
+                // The ticket's drop gives the place back.
                 Err(match e {
                     crossbeam_channel::TrySendError::Full(_) => {
                         EngineError::Overloaded(self.capacity)
@@ -279,15 +506,41 @@ impl Engine {
     }
 }
 
+/// The longest prompt a job may run: the configured bound, never past the model's context.
+fn prompt_limit(model: &Model, configured: usize) -> usize {
+    let context = model
+        .decoder
+        .config()
+        .max_position_embeddings
+        .saturating_sub(1);
+    match configured {
+        0 => context,
+        n => n.min(context),
+    }
+}
+
+/// Whether `job` may go on: `Err(None)` when its client went away, an error past its deadline.
+fn checkpoint(job: &Job) -> Result<(), Option<EngineError>> {
+    if job.reply.is_closed() {
+        return Err(None);
+    }
+    match job.cancel.check() {
+        Ok(()) => Ok(()),
+        Err(Stopped::Cancelled) => Err(None),
+        Err(Stopped::DeadlineExceeded) => Err(Some(EngineError::DeadlineExceeded(
+            job.cancel
+                .deadline()
+                .map_or(0, |d| d.duration_since(job.enqueued).as_millis() as u64),
+        ))),
+    }
+}
+
 impl Worker {
     fn run(&self, job: Job) {
-        if job.reply.is_closed() {
-            return; // the client left while the job was queued
-        }
         let span = tracing::info_span!("request", mode = ?job.req.rag.mode);
         let _g = span.enter();
         let queue_ms = job.enqueued.elapsed().as_secs_f64() * 1e3;
-        match self.process(&job.req, &job.reply, queue_ms) {
+        match checkpoint(&job).and_then(|()| self.process(&job, queue_ms)) {
             Ok(c) => {
                 let _ = job.reply.send(Event::Done(Box::new(c)));
             }
@@ -295,7 +548,26 @@ impl Worker {
                 tracing::warn!(error = %e, "request failed");
                 let _ = job.reply.send(Event::Error(e));
             }
-            Err(None) => tracing::debug!("client went away; request cancelled"),
+            Err(None) => {
+                self.health.cancelled.fetch_add(1, Ordering::SeqCst);
+                tracing::debug!("client went away; request cancelled");
+            }
+        }
+    }
+
+    /// Fault injection (see [`Faults::panic_on`]): panics inside rayon's pool, where candle's
+    /// CPU kernels run, so tests see that the pool outlives a panicking job.
+    fn maybe_panic(&self, req: &ChatJob) {
+        let Some(marker) = &self.faults.panic_on else {
+            return;
+        };
+        if RagPrompt::question(&req.messages) == Some(marker.as_str()) {
+            use rayon::prelude::*;
+            (0..4).into_par_iter().for_each(|i| {
+                if i == 3 {
+                    panic!("injected fault");
+                }
+            });
         }
     }
 
@@ -305,6 +577,7 @@ impl Worker {
         req: &ChatJob,
         params: &TtaParams,
         passages: &[Passage],
+        cancel: &Cancel,
     ) -> anyhow::Result<(Adapted, TtaReport)> {
         let texts: Vec<&str> = passages.iter().map(|p| p.text.as_str()).collect();
         let set = build_pairs(&texts, &params.pairs);
@@ -322,25 +595,26 @@ impl Worker {
         let span = tracing::info_span!("adapt", pairs = examples.len());
         let _g = span.enter();
         let dec = &self.model.decoder;
+        let train = TrainParams {
+            cancel: cancel.clone(),
+            ..params.train.clone()
+        };
         Ok(match params.scope {
             TtaScope::Lora => {
-                let (l, r) = adapt_lora(dec, &examples, set.source, &params.train)?;
+                let (l, r) = adapt_lora(dec, &examples, set.source, &train)?;
                 (l.map_or(Adapted::Base, Adapted::Lora), r)
             }
             TtaScope::Full => {
-                let (d, r) = adapt_full(dec, &examples, set.source, &params.train)?;
+                let (d, r) = adapt_full(dec, &examples, set.source, &train)?;
                 (d.map_or(Adapted::Base, Adapted::Full), r)
             }
         })
     }
 
     /// `Err(None)` means the client went away.
-    fn process(
-        &self,
-        req: &ChatJob,
-        reply: &mpsc::UnboundedSender<Event>,
-        queue_ms: f64,
-    ) -> Result<Completion, Option<EngineError>> {
+    fn process(&self, job: &Job, queue_ms: f64) -> Result<Completion, Option<EngineError>> {
+        let (req, reply) = (&job.req, &job.reply);
+        self.maybe_panic(req);
         let internal = |e: String| Some(EngineError::Internal(e));
         let mut timings = Timings {
             queue: queue_ms,
@@ -348,6 +622,7 @@ impl Worker {
         };
 
         let retrieve = |timings: &mut Timings| {
+            checkpoint(job)?;
             let t = Instant::now();
             let question = RagPrompt::question(&req.messages).unwrap_or("");
             let coll = self
@@ -383,6 +658,7 @@ impl Worker {
                 } else {
                     None
                 };
+                checkpoint(job)?;
                 let report = g
                     .assess(&self.model, &req.messages, with_passages.as_deref(), policy)
                     .map_err(|e| match e.downcast_ref::<PromptTooLong>() {
@@ -410,16 +686,30 @@ impl Worker {
 
         let full = matches!(&req.tta, Some(p) if p.scope == TtaScope::Full) && mode == RagMode::Tta;
         // A poisoned lock only means another request panicked; the guard protects no data.
-        let _serial = full.then(|| {
-            self.full_scope
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-        });
+        let _serial = match full {
+            false => None,
+            true => match self.full_scope.try_lock() {
+                Ok(g) => Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    return Err(Some(EngineError::Busy(
+                        "another full-scope adaptation is running (one at a time); retry later \
+                         or use scope `lora`"
+                            .into(),
+                    )))
+                }
+            },
+        };
+        checkpoint(job)?;
         let (adapted, tta) = match (&req.tta, mode) {
             (Some(params), RagMode::Tta) => {
-                let (adapted, report) = self
-                    .adapt(req, params, &passages)
-                    .map_err(|e| internal(e.to_string()))?;
+                let (adapted, report) = self.adapt(req, params, &passages, &job.cancel).map_err(
+                    |e| match checkpoint(job) {
+                        // The step check stopped it: report why, not the wrapped error.
+                        Err(stop) => stop,
+                        Ok(()) => internal(e.to_string()),
+                    },
+                )?;
                 timings.adapt = report.adapt_ms;
                 (adapted, Some(report))
             }
@@ -430,17 +720,19 @@ impl Worker {
             .prompt
             .apply(&req.messages, &passages)
             .map_err(|e| internal(e.to_string()))?;
-        let prompt = self
-            .model
-            .render_chat(&messages)
-            .map_err(|e| internal(e.to_string()))?;
+        // Contents are plain text: only the template writes control tokens.
         let ids = self
             .model
-            .tokenizer
-            .encode(&prompt)
-            .map_err(|e| internal(e.to_string()))?;
+            .encode_chat(&messages)
+            .map_err(|e| internal(e.to_string()))?
+            .ids;
 
-        let mut on_text = |t: &str| reply.send(Event::Text(t.to_string())).is_ok();
+        let mut on_text = |t: &str| {
+            if let Some(d) = self.faults.text_delay {
+                std::thread::sleep(d);
+            }
+            reply.send(Event::Text(t.to_string())).is_ok()
+        };
         let (dec, adapter): (&crate::model::Decoder, Option<&dyn Adapter>) = match &adapted {
             Adapted::Base => (&self.model.decoder, None),
             Adapted::Lora(l) => (&self.model.decoder, Some(l)),
@@ -449,9 +741,17 @@ impl Worker {
         let conts = req
             .score_choices
             .iter()
-            .map(|c| self.model.tokenizer.encode(c))
+            .map(|c| self.model.tokenizer.encode_text(c))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| internal(e.to_string()))?;
+        let limit = prompt_limit(&self.model, self.max_prompt_tokens);
+        if ids.len() > limit {
+            return Err(Some(EngineError::ContextExceeded(format!(
+                "the prompt with its passages is {} tokens, over this server's limit of {limit}",
+                ids.len()
+            ))));
+        }
+        checkpoint(job)?;
         let gen = generate_scoring(
             &self.model,
             dec,
@@ -459,11 +759,13 @@ impl Worker {
             &req.gen,
             adapter,
             &conts,
+            &job.cancel,
             &mut on_text,
         );
         let (out, choice_scores) = match gen {
             Ok(o) => o,
             Err(GenError::Cancelled) => return Err(None),
+            Err(GenError::Stopped(_)) => return Err(checkpoint(job).err().flatten()),
             Err(e @ GenError::ContextExceeded { .. }) => {
                 return Err(Some(EngineError::ContextExceeded(e.to_string())))
             }
@@ -486,5 +788,161 @@ impl Worker {
             },
             choice_scores,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tiny::tiny_model;
+
+    fn job(question: &str) -> ChatJob {
+        ChatJob {
+            messages: vec![ChatMessage::new("user", question)],
+            gen: GenParams {
+                max_tokens: 4,
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 0,
+                stop: vec![],
+            },
+            rag: RagParams {
+                mode: RagMode::None,
+                collection: "none".into(),
+                top_k: 1,
+                gate: None,
+            },
+            tta: None,
+            score_choices: vec![],
+        }
+    }
+
+    fn outcome(mut t: Ticket) -> Result<Completion, EngineError> {
+        loop {
+            match t.blocking_recv().expect("the engine answers") {
+                Event::Text(_) => {}
+                Event::Done(c) => return Ok(*c),
+                Event::Error(e) => return Err(e),
+            }
+        }
+    }
+
+    fn until(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[test]
+    fn a_panicking_job_is_answered_and_its_worker_replaced_and_workers_end_with_the_engine() {
+        let dir = std::env::temp_dir().join(format!("ttarag-engine-{}", std::process::id()));
+        let e = Engine::start(
+            Arc::new(tiny_model(1).unwrap()),
+            Arc::new(Collections::new(&dir)),
+            &EngineConfig {
+                workers: 2,
+                queue_capacity: 4,
+                faults: Faults {
+                    panic_on: Some("boom".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let health = e.health().clone();
+        assert_eq!(health.workers_alive(), 2);
+        assert!(matches!(
+            outcome(e.submit(job("boom")).unwrap()),
+            Err(EngineError::Panicked)
+        ));
+        until("the replacement worker", || {
+            health.workers_alive() == 2 && health.panics() == 1
+        });
+        for _ in 0..3 {
+            assert!(outcome(e.submit(job("hello")).unwrap()).is_ok());
+        }
+        // The panic went through rayon's global pool, which candle's CPU matmul (gemm) also
+        // runs on: a product big enough to be split across threads is still right.
+        let n = 384;
+        let a: Vec<f32> = (0..n * n).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+        let b: Vec<f32> = (0..n * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+        let cpu = candle_core::Device::Cpu;
+        let ta = candle_core::Tensor::from_slice(&a, (n, n), &cpu).unwrap();
+        let tb = candle_core::Tensor::from_slice(&b, (n, n), &cpu).unwrap();
+        let c: Vec<Vec<f32>> = ta.matmul(&tb).unwrap().to_vec2().unwrap();
+        for (i, j) in [(0, 0), (17, 300), (383, 383), (200, 5)] {
+            let want: f32 = (0..n).map(|k| a[i * n + k] * b[k * n + j]).sum();
+            assert_eq!(c[i][j], want, "({i}, {j})");
+        }
+        drop(e);
+        until("the workers to exit", || health.workers_alive() == 0);
+    }
+
+    #[test]
+    fn a_job_past_its_deadline_answers_so_and_a_dropped_ticket_is_cancelled() {
+        let dir = std::env::temp_dir().join(format!("ttarag-engine-d-{}", std::process::id()));
+        let mut m = tiny_model(1).unwrap();
+        m.eos_ids.clear();
+        let e = Engine::start(
+            Arc::new(m),
+            Arc::new(Collections::new(&dir)),
+            &EngineConfig {
+                request_timeout: Some(Duration::from_millis(50)),
+                faults: Faults {
+                    text_delay: Some(Duration::from_millis(5)),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut long = job("hello");
+        long.gen.max_tokens = 400;
+        assert!(matches!(
+            outcome(e.submit(long.clone()).unwrap()),
+            Err(EngineError::DeadlineExceeded(50))
+        ));
+        drop(e.submit(long.clone()).unwrap());
+        let health = e.health().clone();
+        until("the dropped job to stop", || health.cancelled() == 1);
+    }
+
+    #[test]
+    fn a_waiting_job_whose_client_left_gives_its_queue_place_back_at_once() {
+        let dir = std::env::temp_dir().join(format!("ttarag-engine-q-{}", std::process::id()));
+        let mut m = tiny_model(1).unwrap();
+        m.eos_ids.clear();
+        let e = Engine::start(
+            Arc::new(m),
+            Arc::new(Collections::new(&dir)),
+            &EngineConfig {
+                faults: Faults {
+                    text_delay: Some(Duration::from_millis(5)),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut long = job("hello");
+        long.gen.max_tokens = 400;
+        // One running (for ~2 s), one waiting: the queue (capacity 1) is full until the waiting one's
+        // client leaves, and then at once, before any worker has reached that job.
+        let running = e.submit(long.clone()).unwrap();
+        until("the first job to start", || e.queue_depth() == 0);
+        let waiting = e.submit(long.clone()).unwrap();
+        assert!(matches!(
+            e.submit(long.clone()),
+            Err(EngineError::Overloaded(1))
+        ));
+        drop(waiting);
+        assert_eq!(e.queue_depth(), 0);
+        let next = e.submit(long).expect("the abandoned job's place is free");
+        drop((running, next));
     }
 }

@@ -176,6 +176,7 @@ pub fn resolve_tta(c: &TtaSection, o: &TtaOverrides, seed: u64) -> Result<TtaPar
             // cost a forward pass for nothing.
             recompute: c.recompute_activations && scope == TtaScope::Lora,
             bf16: c.bf16_products,
+            cancel: Default::default(),
         },
     })
 }

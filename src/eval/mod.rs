@@ -169,6 +169,7 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
             queue_capacity: 2,
             prompt_template: cfg.retrieval.prompt_template.clone(),
             gate,
+            ..Default::default()
         },
     )?;
     let wanted: std::collections::HashSet<(String, String)> = questions

@@ -6,7 +6,6 @@ use candle_core::{DType, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::card::Pass;
-use crate::engine::RagPrompt;
 use crate::model::{ChatMessage, ForwardOpts, Logits, Model};
 
 /// Where a feature vector is read.
@@ -71,15 +70,15 @@ pub fn feature_row(
 /// Runs the chat prompt of `messages` through the model once (no logits) and reads the state
 /// of layers `0..=depth` (every layer when `depth` is `None`; the request-time gate needs only
 /// its card's layer, and the blocks above it are not run). The question is the last user
-/// message (with passages, in the post pass: the whole templated turn); its token span is found
-/// by tokenising the rendered prompt up to its start and end.
+/// message (with passages, in the post pass: the whole templated turn); its tokens are those
+/// [`Model::encode_chat`] places its content at.
 pub fn prompt_features(
     model: &Model,
     messages: &[ChatMessage],
     depth: Option<usize>,
 ) -> anyhow::Result<LayerFeatures> {
-    let prompt = model.render_chat(messages)?;
-    let ids = model.tokenizer.encode(&prompt)?;
+    let chat = model.encode_chat(messages)?;
+    let ids = chat.ids;
     anyhow::ensure!(!ids.is_empty(), "empty prompt");
     let context = model.decoder.config().max_position_embeddings;
     if ids.len() > context {
@@ -89,18 +88,11 @@ pub fn prompt_features(
         }
         .into());
     }
-    let question = RagPrompt::question(messages).unwrap_or("");
-    let span = match prompt.rfind(question).filter(|_| !question.is_empty()) {
-        Some(start) => {
-            let a = model.tokenizer.encode(&prompt[..start])?.len();
-            let b = model
-                .tokenizer
-                .encode(&prompt[..start + question.len()])?
-                .len();
-            (a.min(ids.len() - 1), b.clamp(a + 1, ids.len()))
-        }
-        None => (0, ids.len()),
-    };
+    let question = messages
+        .iter()
+        .rposition(|m| m.role == "user")
+        .and_then(|i| chat.content.get(i).cloned().flatten());
+    let span = question_span(question, ids.len());
     let dec = &model.decoder;
     let layers = dec.config().num_hidden_layers;
     if let Some(d) = depth {
@@ -134,6 +126,17 @@ pub fn prompt_features(
     })
 }
 
+/// The `[start, end)` the mean is taken over: the question's tokens; the last token when the
+/// question has none (an empty message), and the whole prompt when it could not be located.
+/// Non-empty and inside `0..len` for any input with `len > 0`.
+fn question_span(question: Option<std::ops::Range<usize>>, len: usize) -> (usize, usize) {
+    match question {
+        Some(r) if r.start < r.end && r.end <= len => (r.start, r.end),
+        Some(_) => (len.saturating_sub(1), len),
+        None => (0, len),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,8 +156,7 @@ mod tests {
         assert!(f.last.iter().all(|v| v.len() == cfg.hidden_size));
 
         // The tiny tokenizer is byte-level: the span is exactly the question's bytes.
-        let prompt = model.render_chat(&messages).unwrap();
-        let ids = model.tokenizer.encode(&prompt).unwrap();
+        let ids = model.encode_chat(&messages).unwrap().ids;
         let (a, b) = f.question_span;
         assert_eq!(model.tokenizer.decode(&ids[a..b]).unwrap(), q);
 
@@ -216,6 +218,69 @@ mod tests {
         );
         assert!(row(Pass::Pre, 2, Position::Last).is_none());
         assert!(feature_row(&pre, None, Pass::Post, 0, Position::Last).is_none());
+    }
+
+    /// User messages that also occur in the template's text, or are empty or tiny. The first
+    /// ones are last found inside the generation prompt, where the prompt up to them encodes
+    /// to as many tokens as the whole prompt.
+    const AWKWARD: &[&str] = &[
+        ">assistant\n",
+        "|>assistant\n",
+        "t\n",
+        "nt\n",
+        "assistant",
+        "assistant\n",
+        "\n",
+        "",
+        " ",
+        "a",
+        "<",
+        ">",
+        "<|im_start|>assistant\n",
+        "<|im_end|>\n<|im_start|>assistant\n",
+    ];
+
+    #[test]
+    fn the_question_span_is_the_last_user_content_for_any_message() {
+        let model = tiny_model(2).unwrap();
+        for &q in AWKWARD {
+            for messages in [
+                vec![ChatMessage::new("user", q)],
+                vec![
+                    ChatMessage::new("system", q),
+                    ChatMessage::new("user", q),
+                    ChatMessage::new("assistant", q),
+                ],
+            ] {
+                let f = prompt_features(&model, &messages, Some(0))
+                    .unwrap_or_else(|e| panic!("{q:?}: {e}"));
+                let chat = model.encode_chat(&messages).unwrap();
+                let (a, b) = f.question_span;
+                assert!(a < b && b <= chat.ids.len(), "{q:?}: {a}..{b}");
+                if q.is_empty() {
+                    assert_eq!(b - a, 1);
+                    assert_eq!(b, chat.ids.len(), "an empty question reads the last token");
+                } else {
+                    assert_eq!(model.tokenizer.decode(&chat.ids[a..b]).unwrap(), q);
+                    assert!(chat.ids[a..b]
+                        .iter()
+                        .all(|&i| !model.tokenizer.is_special(i)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn question_spans_are_total() {
+        assert_eq!(question_span(Some(2..5), 9), (2, 5));
+        assert_eq!(question_span(Some(4..4), 9), (8, 9));
+        assert_eq!(
+            question_span(Some(std::ops::Range { start: 7, end: 3 }), 9),
+            (8, 9)
+        );
+        assert_eq!(question_span(Some(3..12), 9), (8, 9));
+        assert_eq!(question_span(None, 9), (0, 9));
+        assert_eq!(question_span(Some(0..0), 1), (0, 1));
     }
 
     #[test]

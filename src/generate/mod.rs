@@ -11,7 +11,14 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 pub use score::{score_after_prefill, score_continuations, ContinuationScore};
 pub use stop::{StopMatcher, StopStep};
 
-use crate::model::{Adapter, Decoder, ForwardOpts, IncrementalDecoder, Logits, Model, ModelError};
+use crate::cancel::{Cancel, Stopped};
+use crate::model::{
+    Adapter, Cache, Decoder, ForwardOpts, IncrementalDecoder, Logits, Model, ModelError,
+};
+
+/// Prompt tokens per prefill pass: a cancelled or timed-out request stops within one chunk.
+/// Prompts up to this length are one pass, as before chunking.
+pub const PREFILL_CHUNK: usize = 512;
 
 /// Decoding parameters, already validated.
 #[derive(Debug, Clone)]
@@ -51,6 +58,8 @@ pub enum GenError {
     #[error("generation cancelled")]
     Cancelled,
     #[error(transparent)]
+    Stopped(#[from] Stopped),
+    #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -70,6 +79,38 @@ fn sampler(p: &GenParams) -> LogitsProcessor {
         }
     };
     LogitsProcessor::from_sampling(p.seed, sampling)
+}
+
+/// Runs `prompt` into `cache` `chunk` tokens at a time, checking `cancel` before each pass;
+/// returns the last position's logits.
+fn prefill(
+    dec: &Decoder,
+    prompt: &[u32],
+    cache: &mut Cache,
+    opts: &ForwardOpts,
+    chunk: usize,
+    cancel: &Cancel,
+) -> Result<Tensor, GenError> {
+    let chunks: Vec<&[u32]> = prompt.chunks(chunk.max(1)).collect();
+    let Some((last, head)) = chunks.split_last() else {
+        return Err(GenError::EmptyPrompt);
+    };
+    let quiet = ForwardOpts {
+        logits: Logits::None,
+        ..*opts
+    };
+    for c in head {
+        cancel.check()?;
+        let ids = Tensor::new(*c, dec.device())?.unsqueeze(0)?;
+        dec.forward(&ids, Some(cache), &quiet)?;
+    }
+    cancel.check()?;
+    let ids = Tensor::new(*last, dec.device())?.unsqueeze(0)?;
+    Ok(dec
+        .forward(&ids, Some(cache), opts)?
+        .logits
+        .ok_or(GenError::EmptyPrompt)?
+        .squeeze(0)?)
 }
 
 /// Generates from `prompt`, calling `on_text` with each piece of safe-to-show text. `on_text`
@@ -94,12 +135,14 @@ pub fn generate_with(
     adapter: Option<&dyn Adapter>,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenOutput, GenError> {
-    generate_scoring(model, dec, prompt, params, adapter, &[], on_text).map(|(out, _)| out)
+    let never = Cancel::default();
+    generate_scoring(model, dec, prompt, params, adapter, &[], &never, on_text).map(|(out, _)| out)
 }
 
 /// [`generate_with`] that also scores `continuations` (token ids) after the prompt, from the
 /// prompt's own prefill: no second pass over it. Scoring time counts in neither prefill nor
-/// decode.
+/// decode. `cancel` is checked before each prefill chunk and each decode step.
+#[allow(clippy::too_many_arguments)]
 pub fn generate_scoring(
     model: &Model,
     dec: &Decoder,
@@ -107,6 +150,7 @@ pub fn generate_scoring(
     params: &GenParams,
     adapter: Option<&dyn Adapter>,
     continuations: &[Vec<u32>],
+    cancel: &Cancel,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<(GenOutput, Vec<ContinuationScore>), GenError> {
     if prompt.is_empty() {
@@ -133,12 +177,7 @@ pub fn generate_scoring(
     let mut text = String::new();
 
     let t0 = Instant::now();
-    let ids = Tensor::new(prompt, device)?.unsqueeze(0)?;
-    let mut logits = dec
-        .forward(&ids, Some(&mut cache), &opts)?
-        .logits
-        .expect("Logits::Last yields logits")
-        .squeeze(0)?;
+    let mut logits = prefill(dec, prompt, &mut cache, &opts, PREFILL_CHUNK, cancel)?;
     let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
     let scores = if continuations.is_empty() {
         vec![]
@@ -184,11 +223,12 @@ pub fn generate_scoring(
         if produced == budget {
             break;
         }
+        cancel.check()?;
         let ids = Tensor::new(&[next], device)?.unsqueeze(0)?;
         logits = dec
             .forward(&ids, Some(&mut cache), &opts)?
             .logits
-            .expect("Logits::Last yields logits")
+            .ok_or(GenError::EmptyPrompt)?
             .squeeze(0)?;
     }
     if !stopped {
@@ -258,8 +298,17 @@ mod tests {
             .unwrap();
         let conts = vec![vec![4u32, 8, 15], vec![16u32], vec![]];
         let p = params(0.0, 0, 12);
-        let (out, scores) =
-            generate_scoring(&m, &m.decoder, &prompt, &p, None, &conts, &mut |_| true).unwrap();
+        let (out, scores) = generate_scoring(
+            &m,
+            &m.decoder,
+            &prompt,
+            &p,
+            None,
+            &conts,
+            &Cancel::default(),
+            &mut |_| true,
+        )
+        .unwrap();
         let alone = score_continuations(&m.decoder, &prompt, &conts, None).unwrap();
         assert_eq!(scores.len(), 3);
         for (a, b) in scores.iter().zip(&alone) {
@@ -302,6 +351,58 @@ mod tests {
         assert_eq!(cut.finish_reason, FinishReason::Stop);
         assert!(full.text.starts_with(&cut.text));
         assert!(!cut.text.contains(&stop));
+    }
+
+    #[test]
+    fn chunked_prefill_matches_one_pass_and_stops_when_cancelled() {
+        let m = tiny_model(1).unwrap();
+        let prompt: Vec<u32> = m
+            .tokenizer
+            .encode("a prompt long enough to span several chunks of seven tokens")
+            .unwrap();
+        let opts = ForwardOpts::default();
+        let never = Cancel::default();
+        let logits = |chunk| {
+            let mut cache = m.decoder.new_cache(prompt.len());
+            let l = prefill(&m.decoder, &prompt, &mut cache, &opts, chunk, &never).unwrap();
+            (l.to_vec1::<f32>().unwrap(), cache)
+        };
+        let (whole, _) = logits(usize::MAX);
+        let (chunked, cache) = logits(7);
+        assert_eq!(cache.len(), prompt.len());
+        let diff = whole
+            .iter()
+            .zip(&chunked)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "chunked prefill differs by {diff}");
+
+        let cancelled = Cancel::new(None);
+        cancelled.cancel();
+        let mut cache = m.decoder.new_cache(prompt.len());
+        let err = prefill(&m.decoder, &prompt, &mut cache, &opts, 7, &cancelled).unwrap_err();
+        assert!(
+            matches!(err, GenError::Stopped(Stopped::Cancelled)),
+            "{err}"
+        );
+        assert_eq!(cache.len(), 0, "no chunk may run once cancelled");
+
+        let late = Cancel::new(Some(Instant::now()));
+        let err = generate_scoring(
+            &m,
+            &m.decoder,
+            &prompt,
+            &params(0.0, 0, 5),
+            None,
+            &[],
+            &late,
+            &mut |_| true,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, GenError::Stopped(Stopped::DeadlineExceeded)),
+            "{err}"
+        );
     }
 
     #[test]

@@ -131,6 +131,24 @@ pub fn unit_point(key: &[u8]) -> f64 {
     (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// How a request ended, for the metrics and the arm's statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Status(StatusCode),
+    /// The client went away before the answer was complete.
+    Cancelled,
+}
+
+impl End {
+    /// The `status` label: the HTTP status code, or `cancelled`.
+    pub fn label(self) -> String {
+        match self {
+            Self::Status(s) => s.as_str().to_string(),
+            Self::Cancelled => "cancelled".to_string(),
+        }
+    }
+}
+
 /// The experiment's live state: arms, exact per-arm sums for the summary, and which arm served
 /// each recent response (for feedback).
 pub struct Experiment {
@@ -162,7 +180,7 @@ impl Experiment {
         metrics: &Metrics,
         arm: usize,
         id: u128,
-        status: StatusCode,
+        end: End,
         secs: f64,
         report: Option<&RagReport>,
     ) {
@@ -170,10 +188,10 @@ impl Experiment {
             return;
         };
         let name = cfg.name.as_str();
-        let ok = status.is_success();
+        let ok = matches!(end, End::Status(s) if s.is_success());
         metrics
             .arm_requests
-            .with_label_values(&[name, status.as_str()])
+            .with_label_values(&[name, &end.label()])
             .inc();
         if ok {
             metrics.arm_latency.with_label_values(&[name]).observe(secs);
@@ -192,7 +210,10 @@ impl Experiment {
                 .inc();
         }
         if let Some(s) = lock(&self.stats).get_mut(arm) {
-            s.record(ok, secs * 1e3, delta);
+            match end {
+                End::Cancelled => s.record_cancelled(),
+                End::Status(_) => s.record(ok, secs * 1e3, delta),
+            }
         }
         if ok {
             lock(&self.log).remember(id, arm);

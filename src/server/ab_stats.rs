@@ -18,6 +18,9 @@ const RECENT_LATENCIES: usize = 1024;
 pub struct ArmStats {
     requests: u64,
     errors: u64,
+    /// Requests whose client went away before the answer: counted apart from errors, so an
+    /// arm whose users give up is seen as such instead of vanishing from the statistics.
+    cancelled: u64,
     ok: u64,
     latency_sum_ms: f64,
     recent_ms: VecDeque<f64>,
@@ -47,6 +50,11 @@ impl ArmStats {
             self.deltas += 1;
             self.delta_sum += d;
         }
+    }
+
+    pub fn record_cancelled(&mut self) {
+        self.requests += 1;
+        self.cancelled += 1;
     }
 
     pub fn record_feedback(&mut self, correct: Option<bool>, rating: Option<f64>) {
@@ -118,6 +126,7 @@ pub struct ArmSummary {
     pub mode: String,
     pub requests: u64,
     pub errors: u64,
+    pub cancelled: u64,
     pub latency_ms: Latency,
     pub feedback: FeedbackSummary,
     pub adapt_loss_delta_mean: Option<f64>,
@@ -142,6 +151,7 @@ pub async fn summary(State(app): State<Arc<App>>) -> Json<Summary> {
             mode: a.mode.clone(),
             requests: s.requests,
             errors: s.errors,
+            cancelled: s.cancelled,
             latency_ms: Latency {
                 mean: mean(s.latency_sum_ms, s.ok),
                 p50: s.median_ms(),
@@ -170,7 +180,8 @@ mod tests {
             s.record(true, ms, Some(-0.5));
         }
         s.record(false, 1.0, None);
-        assert_eq!((s.requests, s.errors), (4, 1));
+        s.record_cancelled();
+        assert_eq!((s.requests, s.errors, s.cancelled), (5, 1, 1));
         assert_eq!(mean(s.latency_sum_ms, s.ok), Some(20.0));
         assert_eq!(s.median_ms(), Some(20.0));
         s.record(true, 40.0, None);

@@ -1,8 +1,9 @@
 //! `POST /v1/chat/completions`, plain and streamed (SSE).
 
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -10,12 +11,13 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures::StreamExt;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::engine::{Completion, Event};
+use crate::engine::{ChatJob, Completion, EngineError, Event, Ticket};
 
+use super::ab::End;
+use super::auth::Principal;
 use super::error::ApiError;
 use super::openai::*;
 use super::validate::to_job;
@@ -39,7 +41,9 @@ fn usage(c: &Completion) -> Usage {
 /// Sticky A/B key for clients that do not send OpenAI's `user` field.
 const SESSION_HEADER: &str = "x-session-id";
 
-/// Where one request is: what the metrics need at its end.
+/// Where one request is: what the metrics and the A/B arm need at its end. It counts the
+/// request as in flight while it lives, and a request dropped before it finished (its client
+/// hung up) is recorded as cancelled, so every request ends accounted for.
 struct Outcome {
     app: Arc<App>,
     mode: &'static str,
@@ -48,10 +52,28 @@ struct Outcome {
     id: uuid::Uuid,
     /// The A/B arm serving the request, if any.
     arm: Option<usize>,
+    first_token_seen: bool,
+    finished: bool,
 }
 
 impl Outcome {
-    fn first_token(&self) {
+    fn new(app: Arc<App>) -> Self {
+        app.in_flight.fetch_add(1, Ordering::SeqCst);
+        Self {
+            app,
+            mode: "unknown",
+            start: Instant::now(),
+            id: uuid::Uuid::new_v4(),
+            arm: None,
+            first_token_seen: false,
+            finished: false,
+        }
+    }
+
+    fn first_token(&mut self) {
+        if std::mem::replace(&mut self.first_token_seen, true) {
+            return;
+        }
         self.app
             .metrics
             .ttft
@@ -59,24 +81,22 @@ impl Outcome {
             .observe(self.start.elapsed().as_secs_f64());
     }
 
-    fn finish(&self, status: StatusCode, done: Option<&Completion>) {
+    fn finish(&mut self, end: End, done: Option<&Completion>) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
         let m = &self.app.metrics;
+        let secs = self.start.elapsed().as_secs_f64();
         if let Some(arm) = self.arm {
-            self.app.ab.finish(
-                m,
-                arm,
-                self.id.as_u128(),
-                status,
-                self.start.elapsed().as_secs_f64(),
-                done.map(|c| &c.rag),
-            );
+            let report = done.map(|c| &c.rag);
+            self.app
+                .ab
+                .finish(m, arm, self.id.as_u128(), end, secs, report);
         }
         m.requests
-            .with_label_values(&[self.mode, status.as_str()])
+            .with_label_values(&[self.mode, &end.label()])
             .inc();
-        m.latency
-            .with_label_values(&[self.mode])
-            .observe(self.start.elapsed().as_secs_f64());
+        m.latency.with_label_values(&[self.mode]).observe(secs);
         if let Some(g) = done.and_then(|c| c.rag.gate.as_ref()) {
             m.gate_decisions
                 .with_label_values(&[g.decision.as_str()])
@@ -94,34 +114,83 @@ impl Outcome {
     }
 }
 
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if !self.finished {
+            tracing::info!(id = %self.id.simple(), mode = self.mode, "client went away; request cancelled");
+            self.finish(End::Cancelled, None);
+        }
+        self.app.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 pub async fn chat_completions(
     State(app): State<Arc<App>>,
+    caller: Option<Extension<Principal>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let mut outcome = Outcome {
-        app: app.clone(),
-        mode: "unknown",
-        start: Instant::now(),
-        id: uuid::Uuid::new_v4(),
-        arm: None,
-    };
-    let session = headers.get(SESSION_HEADER).map(|v| v.as_bytes());
-    match handle(&app, body, session, &mut outcome).await {
-        Ok(resp) => resp,
+    // Without the middleware (never in the router) the caller is anonymous: granted nothing.
+    let caller = caller.map(|Extension(p)| p).unwrap_or_default();
+    let mut outcome = Outcome::new(app.clone());
+    if app.draining() {
+        let e = ApiError::server(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down; retry on another replica",
+        )
+        .with_code("draining")
+        .with_retry_after(1);
+        outcome.finish(End::Status(e.status), None);
+        return e.into_response();
+    }
+    let session = headers.get(SESSION_HEADER).map(|v| v.as_bytes().to_vec());
+    match handle(&app, &caller, body, session.as_deref(), &mut outcome).await {
+        Ok(Answer::Json(resp)) => resp,
+        Ok(Answer::Stream(ticket, include_usage, arm_name)) => {
+            stream(&app, ticket, outcome, include_usage, arm_name)
+        }
         Err(e) => {
-            outcome.finish(e.status, None);
+            outcome.finish(End::Status(e.status), None);
             e.into_response()
         }
     }
 }
 
+/// How an accepted request is answered.
+enum Answer {
+    Json(Response),
+    /// The job's events, whether to send usage, the A/B arm's name.
+    Stream(Ticket, bool, Option<String>),
+}
+
+/// Gives the worker a moment past the deadline to answer 504 itself (it checks between steps)
+/// before the handler gives up on it.
+const DEADLINE_GRACE: Duration = Duration::from_secs(2);
+
+/// The job's next event, or a 504 when the worker has not answered by the deadline.
+async fn next_event(ticket: &mut Ticket, deadline: Option<tokio::time::Instant>) -> Event {
+    let ev = match deadline {
+        None => ticket.recv().await,
+        Some(d) => match tokio::time::timeout_at(d + DEADLINE_GRACE, ticket.recv()).await {
+            Ok(ev) => ev,
+            Err(_) => {
+                let ms = d.duration_since(tokio::time::Instant::now());
+                tracing::warn!(?ms, "worker missed the request deadline");
+                return Event::Error(EngineError::DeadlineExceeded(0));
+            }
+        },
+    };
+    ev.unwrap_or_else(|| Event::Error(EngineError::Internal("the model worker stopped".into())))
+}
+
 async fn handle(
     app: &Arc<App>,
+    caller: &Principal,
     body: Result<Bytes, BytesRejection>,
     session: Option<&[u8]>,
     outcome: &mut Outcome,
-) -> Result<Response, ApiError> {
+) -> Result<Answer, ApiError> {
+    let received = tokio::time::Instant::now();
     let req: ChatCompletionRequest = super::error::json_body(body)?;
     if let Some(m) = &req.model {
         if m != &app.engine.model.id {
@@ -142,6 +211,7 @@ async fn handle(
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
+    let asked_full = super::auth::asks_full(req.rag.as_ref().and_then(|r| r.tta.as_ref()));
     let (job, arm) = to_job(
         req,
         &app.config,
@@ -149,156 +219,203 @@ async fn handle(
         &app.ab.arms,
         session.filter(|s| !s.is_empty()),
     )?;
+    super::auth::check_scope(caller, asked_full, &app.config.auth)?;
     outcome.mode = if job.rag.gate.is_some() {
         "auto"
     } else {
         job.rag.mode.as_str()
     };
     outcome.arm = arm;
+    check_prompt_length(app, &job).await?;
     let arm_name = arm.and_then(|i| app.ab.arms.get(i)).map(|a| a.name.clone());
-    let mut rx = app.engine.submit(job)?;
+    let mut ticket = app.engine.submit(job)?;
     app.metrics.queue_depth.set(app.engine.queue_depth() as i64);
-
-    let id = format!("chatcmpl-{}", outcome.id.simple());
-    let created = now_secs();
-    let model = app.engine.model.id.clone();
-
-    // Wait for the first event before answering, so that errors found by the worker
-    // (e.g. a prompt longer than the context) still get their proper status.
-    let first = rx.recv().await.ok_or_else(|| {
-        ApiError::from(crate::engine::EngineError::Internal(
-            "worker stopped".into(),
-        ))
-    })?;
-    if let Event::Error(e) = first {
-        return Err(e.into());
+    if stream {
+        return Ok(Answer::Stream(ticket, include_usage, arm_name));
     }
-    if matches!(first, Event::Text(_)) {
-        outcome.first_token();
-    }
-
-    if !stream {
-        let mut ev = first;
-        loop {
-            match ev {
-                Event::Text(_) => {}
-                Event::Done(c) => {
-                    outcome.finish(StatusCode::OK, Some(&c));
-                    let body = ChatCompletion {
-                        id,
-                        object: "chat.completion",
-                        created,
-                        model,
-                        choices: vec![Choice {
-                            index: 0,
-                            message: AssistantMessage {
-                                role: "assistant",
-                                content: c.text.clone(),
-                            },
-                            finish_reason: serde_json::to_value(c.finish_reason)
-                                .ok()
-                                .and_then(|v| v.as_str().map(String::from))
-                                .unwrap_or_default(),
-                            logprobs: None,
-                        }],
-                        usage: usage(&c),
-                        rag: RagOut {
-                            report: c.rag.clone(),
-                            arm: arm_name,
+    let deadline = app.request_timeout().map(|t| received + t);
+    loop {
+        match next_event(&mut ticket, deadline).await {
+            Event::Text(_) => outcome.first_token(),
+            Event::Error(e) => return Err(e.into()),
+            Event::Done(c) => {
+                outcome.finish(End::Status(StatusCode::OK), Some(&c));
+                let body = ChatCompletion {
+                    id: format!("chatcmpl-{}", outcome.id.simple()),
+                    object: "chat.completion",
+                    created: now_secs(),
+                    model: app.engine.model.id.clone(),
+                    choices: vec![Choice {
+                        index: 0,
+                        message: AssistantMessage {
+                            role: "assistant",
+                            content: c.text.clone(),
                         },
-                    };
-                    return Ok(Json(body).into_response());
-                }
-                Event::Error(e) => return Err(e.into()),
+                        finish_reason: finish_reason(&c).unwrap_or_default(),
+                        logprobs: None,
+                    }],
+                    usage: usage(&c),
+                    rag: RagOut {
+                        report: c.rag.clone(),
+                        arm: arm_name,
+                    },
+                };
+                return Ok(Answer::Json(Json(body).into_response()));
             }
-            ev = rx.recv().await.ok_or_else(|| {
-                ApiError::from(crate::engine::EngineError::Internal(
-                    "worker stopped".into(),
-                ))
-            })?;
+        }
+    }
+}
+
+/// Refuses, before the job is accepted, a conversation that alone is over the prompt limit
+/// (passages only add to it). Tokenizing is CPU work: off the async threads.
+async fn check_prompt_length(app: &Arc<App>, job: &ChatJob) -> Result<(), ApiError> {
+    let engine = app.engine.clone();
+    let messages = job.messages.clone();
+    let tokens = tokio::task::spawn_blocking(move || engine.conversation_tokens(&messages))
+        .await
+        .map_err(|e| ApiError::from(EngineError::Internal(format!("tokenizing: {e}"))))??;
+    let limit = app.engine.prompt_limit();
+    if tokens > limit {
+        return Err(ApiError::invalid(
+            format!("the messages are {tokens} tokens, over this server's prompt limit of {limit}"),
+            Some("messages"),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    Ok(())
+}
+
+fn finish_reason(c: &Completion) -> Option<String> {
+    serde_json::to_value(c.finish_reason)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+}
+
+/// State of one SSE answer: the job's events and its bookkeeping, dropped with the response
+/// body, which cancels the job (the client went away) and records it as cancelled.
+struct StreamState {
+    ticket: Ticket,
+    outcome: Outcome,
+    deadline: Option<tokio::time::Instant>,
+    include_usage: bool,
+    arm: Option<String>,
+    id: String,
+    created: u64,
+    model: String,
+    ended: bool,
+}
+
+impl StreamState {
+    fn chunk(&self, delta: Delta, finish: Option<String>) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                finish_reason: finish,
+                logprobs: None,
+            }],
+            usage: None,
+            rag: None,
         }
     }
 
-    let chunk = move |delta: Delta, finish: Option<String>| ChatCompletionChunk {
-        id: id.clone(),
-        object: "chat.completion.chunk",
-        created,
-        model: model.clone(),
-        choices: vec![ChunkChoice {
-            index: 0,
-            delta,
-            finish_reason: finish,
-            logprobs: None,
-        }],
-        usage: None,
-        rag: None,
+    /// The frames for one engine event.
+    fn frames(&mut self, ev: Event) -> Vec<SseEvent> {
+        match ev {
+            Event::Text(t) => {
+                self.outcome.first_token();
+                let delta = Delta {
+                    role: None,
+                    content: Some(t),
+                };
+                vec![data(&self.chunk(delta, None))]
+            }
+            Event::Done(c) => {
+                self.ended = true;
+                self.outcome.finish(End::Status(StatusCode::OK), Some(&c));
+                let mut last = self.chunk(Delta::default(), finish_reason(&c));
+                let mut frames = vec![];
+                if self.include_usage {
+                    frames.push(data(&last));
+                    last = self.chunk(Delta::default(), None);
+                    last.choices.clear();
+                    last.usage = Some(usage(&c));
+                }
+                last.rag = Some(RagOut {
+                    report: c.rag.clone(),
+                    arm: self.arm.clone(),
+                });
+                frames.push(data(&last));
+                frames.push(SseEvent::default().data("[DONE]"));
+                frames
+            }
+            Event::Error(e) => {
+                self.ended = true;
+                let api = ApiError::from(e);
+                self.outcome.finish(End::Status(api.status), None);
+                vec![
+                    SseEvent::default()
+                        .json_data(api.body())
+                        .unwrap_or_default(),
+                    SseEvent::default().data("[DONE]"),
+                ]
+            }
+        }
+    }
+}
+
+fn data(v: &ChatCompletionChunk) -> SseEvent {
+    SseEvent::default().json_data(v).unwrap_or_default()
+}
+
+/// Answers an accepted streamed request at once: headers and the `role` chunk go out now,
+/// comment keep-alives while the job has no text (queued, adapting), then its text; an error
+/// found later becomes an OpenAI error frame followed by `[DONE]`.
+fn stream(
+    app: &Arc<App>,
+    ticket: Ticket,
+    outcome: Outcome,
+    include_usage: bool,
+    arm: Option<String>,
+) -> Response {
+    let deadline = app
+        .request_timeout()
+        .map(|t| tokio::time::Instant::from_std(outcome.start) + t);
+    let st = StreamState {
+        ticket,
+        id: format!("chatcmpl-{}", outcome.id.simple()),
+        outcome,
+        deadline,
+        include_usage,
+        arm,
+        created: now_secs(),
+        model: app.engine.model.id.clone(),
+        ended: false,
     };
-    let data = |v: &ChatCompletionChunk| SseEvent::default().json_data(v).unwrap_or_default();
-    let head = data(&chunk(
+    let head = data(&st.chunk(
         Delta {
             role: Some("assistant"),
             content: Some(String::new()),
         },
         None,
     ));
-    let outcome = Arc::new(outcome_take(outcome));
-    let events = futures::stream::iter([first])
-        .chain(UnboundedReceiverStream::new(rx))
-        .flat_map(move |ev| {
-            let frames: Vec<SseEvent> = match ev {
-                Event::Text(t) => vec![data(&chunk(
-                    Delta {
-                        role: None,
-                        content: Some(t),
-                    },
-                    None,
-                ))],
-                Event::Done(c) => {
-                    outcome.finish(StatusCode::OK, Some(&c));
-                    let reason = serde_json::to_value(c.finish_reason)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from));
-                    let mut last = chunk(Delta::default(), reason);
-                    let mut frames = vec![];
-                    if include_usage {
-                        frames.push(data(&last));
-                        last = chunk(Delta::default(), None);
-                        last.choices.clear();
-                        last.usage = Some(usage(&c));
-                    }
-                    last.rag = Some(RagOut {
-                        report: c.rag.clone(),
-                        arm: arm_name.clone(),
-                    });
-                    frames.push(data(&last));
-                    frames.push(SseEvent::default().data("[DONE]"));
-                    frames
-                }
-                Event::Error(e) => {
-                    let api = ApiError::from(e);
-                    outcome.finish(api.status, None);
-                    vec![
-                        SseEvent::default()
-                            .json_data(api.body())
-                            .unwrap_or_default(),
-                        SseEvent::default().data("[DONE]"),
-                    ]
-                }
-            };
-            futures::stream::iter(frames.into_iter().map(Ok::<_, Infallible>))
-        });
+    let events = futures::stream::unfold(st, |mut st| async move {
+        if st.ended {
+            return None;
+        }
+        let ev = next_event(&mut st.ticket, st.deadline).await;
+        let frames = st.frames(ev);
+        Some((futures::stream::iter(frames), st))
+    })
+    .flatten()
+    .map(Ok::<_, Infallible>);
     let body = futures::stream::iter([Ok(head)]).chain(events);
-    Ok(Sse::new(body)
-        .keep_alive(KeepAlive::default())
-        .into_response())
-}
-
-fn outcome_take(o: &mut Outcome) -> Outcome {
-    Outcome {
-        app: o.app.clone(),
-        mode: o.mode,
-        start: o.start,
-        id: o.id,
-        arm: o.arm,
-    }
+    let every = Duration::from_millis(app.config.server.sse_keepalive_ms);
+    Sse::new(body)
+        .keep_alive(KeepAlive::new().interval(every))
+        .into_response()
 }

@@ -15,6 +15,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// Seconds for a `Retry-After` header (refusals the client may simply retry).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -25,7 +27,25 @@ impl ApiError {
             kind: "invalid_request_error",
             param: param.map(String::from),
             code: None,
+            retry_after: None,
         }
+    }
+
+    /// A 5xx of the server's own making.
+    pub fn server(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 
     pub fn with_code(mut self, code: &'static str) -> Self {
@@ -73,30 +93,34 @@ impl From<EngineError> for ApiError {
                 kind: "rate_limit_error",
                 param: None,
                 code: Some("overloaded"),
+                retry_after: Some(1),
             },
-            EngineError::Stopped => Self {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: msg,
-                kind: "server_error",
-                param: None,
-                code: None,
-            },
+            EngineError::Busy(_) => Self::server(StatusCode::SERVICE_UNAVAILABLE, msg)
+                .with_code("busy")
+                .with_retry_after(5),
+            EngineError::Stopped => Self::server(StatusCode::SERVICE_UNAVAILABLE, msg),
             EngineError::ContextExceeded(_) => {
                 Self::invalid(msg, Some("messages")).with_code("context_length_exceeded")
             }
-            EngineError::Internal(_) => Self {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                message: msg,
-                kind: "server_error",
-                param: None,
-                code: None,
-            },
+            EngineError::Invalid(_) => Self::invalid(msg, Some("messages")),
+            EngineError::DeadlineExceeded(_) => {
+                Self::server(StatusCode::GATEWAY_TIMEOUT, msg).with_code("timeout")
+            }
+            EngineError::Panicked => {
+                Self::server(StatusCode::INTERNAL_SERVER_ERROR, msg).with_code("internal_error")
+            }
+            EngineError::Internal(_) => Self::server(StatusCode::INTERNAL_SERVER_ERROR, msg),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut resp = (self.status, Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }

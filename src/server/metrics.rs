@@ -1,9 +1,11 @@
 //! Prometheus metrics: requests by outcome, latency and time-to-first-token histograms, tokens,
 //! the A/B arms' (`arm` label) requests, latency, adaptation loss change, fallbacks, feedback,
-//! and the retrieval gate's decisions and time.
+//! the retrieval gate's decisions and time, and the worker pool's health. A request whose
+//! client went away counts under `status="cancelled"`.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// All server metrics, registered in their own registry.
@@ -21,6 +23,12 @@ pub struct Metrics {
     pub feedback: IntCounterVec,
     pub gate_decisions: IntCounterVec,
     pub gate_seconds: prometheus::Histogram,
+    pub workers_alive: IntGauge,
+    pub in_flight: IntGauge,
+    pub worker_panics: IntCounter,
+    pub jobs_cancelled: IntCounter,
+    /// Serialises [`Metrics::observe_engine`], so two scrapes do not both add the same delta.
+    observing: std::sync::Mutex<()>,
 }
 
 const BUCKETS: &[f64] = &[
@@ -122,6 +130,23 @@ impl Metrics {
             &["decision"],
         )
         .expect("metric");
+        let workers_alive =
+            IntGauge::new("ttarag_workers_alive", "Model worker threads running").expect("metric");
+        let in_flight = IntGauge::new(
+            "ttarag_in_flight_requests",
+            "Chat requests received and not yet answered or abandoned",
+        )
+        .expect("metric");
+        let worker_panics = IntCounter::new(
+            "ttarag_worker_panics_total",
+            "Requests whose job panicked (answered 500; the worker was replaced)",
+        )
+        .expect("metric");
+        let jobs_cancelled = IntCounter::new(
+            "ttarag_jobs_cancelled_total",
+            "Jobs a worker stopped early because their client went away",
+        )
+        .expect("metric");
         let gate_seconds = prometheus::Histogram::with_opts(
             HistogramOpts::new(
                 "ttarag_gate_duration_seconds",
@@ -143,6 +168,10 @@ impl Metrics {
             Box::new(feedback.clone()),
             Box::new(gate_decisions.clone()),
             Box::new(gate_seconds.clone()),
+            Box::new(workers_alive.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(worker_panics.clone()),
+            Box::new(jobs_cancelled.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -160,7 +189,27 @@ impl Metrics {
             feedback,
             gate_decisions,
             gate_seconds,
+            workers_alive,
+            in_flight,
+            worker_panics,
+            jobs_cancelled,
+            observing: std::sync::Mutex::new(()),
         }
+    }
+
+    /// Copies the engine's own counts in before a scrape (the engine knows nothing of
+    /// Prometheus; a panicking job may have no client left to count it).
+    pub fn observe_engine(&self, engine: &crate::engine::Engine, in_flight: usize) {
+        let _one = self.observing.lock().unwrap_or_else(|e| e.into_inner());
+        let h = engine.health();
+        self.queue_depth.set(engine.queue_depth() as i64);
+        self.workers_alive.set(h.workers_alive() as i64);
+        self.in_flight.set(in_flight as i64);
+        let seen = self.worker_panics.get();
+        self.worker_panics.inc_by(h.panics().saturating_sub(seen));
+        let seen = self.jobs_cancelled.get();
+        self.jobs_cancelled
+            .inc_by(h.cancelled().saturating_sub(seen));
     }
 
     /// The Prometheus text exposition.

@@ -2,6 +2,7 @@
 
 mod ab;
 mod ab_stats;
+mod auth;
 mod chat;
 mod error;
 mod feedback;
@@ -9,7 +10,9 @@ mod metrics;
 mod openai;
 mod validate;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
@@ -32,12 +35,19 @@ pub struct App {
     /// The live A/B test between RAG arms (`[ab]`); inert when no arms are configured.
     pub ab: Experiment,
     pub started: u64,
+    /// `[auth]`'s keys as digests, and their concurrency slots.
+    pub(crate) auth: auth::Keys,
+    /// Chat requests between arrival and their last byte (or their client's departure).
+    pub in_flight: AtomicUsize,
+    /// Set on SIGTERM: new requests get 503 while in-flight ones finish.
+    draining: AtomicBool,
 }
 
 impl App {
     pub fn new(engine: Engine, config: Config) -> Arc<Self> {
         Arc::new(Self {
             ab: Experiment::new(&config.ab),
+            auth: auth::Keys::new(&config.auth),
             engine,
             config,
             metrics: Metrics::new(),
@@ -45,23 +55,77 @@ impl App {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
         })
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn request_timeout(&self) -> Option<Duration> {
+        Some(Duration::from_millis(self.config.server.request_timeout_ms))
+    }
+
+    /// What `/health` and `/ready` report; ready = a worker alive and not draining.
+    fn readiness(&self) -> (bool, serde_json::Value) {
+        let h = self.engine.health();
+        let alive = h.workers_alive();
+        let draining = self.draining();
+        let status = match (alive, draining) {
+            (_, true) => "draining",
+            (0, false) => "unavailable",
+            _ => "ok",
+        };
+        let body = serde_json::json!({
+            "status": status,
+            "model": self.engine.model.id,
+            "workers": self.engine.workers(),
+            "workers_alive": alive,
+            "draining": draining,
+            "in_flight": self.in_flight(),
+            "queue_depth": self.engine.queue_depth(),
+            "queue_capacity": self.config.server.queue_capacity,
+            "worker_panics": h.panics(),
+        });
+        (status == "ok", body)
     }
 }
 
 /// The full router: `/v1/chat/completions`, `/v1/feedback`, `/v1/ab/summary`, `/v1/models`,
-/// `/health`, `/metrics`.
+/// `/health`, `/ready`, `/metrics`.
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.config.server.max_body_bytes;
     Router::new()
-        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route(
+            "/v1/chat/completions",
+            post(chat::chat_completions).layer(axum::middleware::from_fn_with_state(
+                app.clone(),
+                auth::limit_per_key,
+            )),
+        )
         .route("/v1/feedback", post(feedback::feedback))
         .route("/v1/ab/summary", get(ab_stats::summary))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/ready", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        // Outermost, so the fallback is covered too and no body is read before the key.
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            auth::authenticate,
+        ))
         .with_state(app)
 }
 
@@ -77,17 +141,19 @@ async fn models(State(app): State<Arc<App>>) -> Json<openai::ModelList> {
     })
 }
 
-async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "status": "ok",
-        "model": app.engine.model.id,
-        "queue_depth": app.engine.queue_depth(),
-        "queue_capacity": app.config.server.queue_capacity,
-    }))
+/// `/health` and `/ready`: 200 while a worker is alive and the server is not draining, else
+/// 503 (a load balancer then stops sending traffic here); the body says why either way.
+async fn health(State(app): State<Arc<App>>) -> impl IntoResponse {
+    let (ready, body) = app.readiness();
+    let status = match ready {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (status, Json(body))
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    app.metrics.queue_depth.set(app.engine.queue_depth() as i64);
+    app.metrics.observe_engine(&app.engine, app.in_flight());
     (
         [("content-type", "text/plain; version=0.0.4")],
         app.metrics.render(),

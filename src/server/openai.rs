@@ -1,5 +1,6 @@
 //! OpenAI chat-completions wire types (serde only). Unknown request fields are ignored, as
-//! OpenAI clients send many optional ones.
+//! OpenAI clients send many optional ones; those that would change the meaning of a request
+//! and are not implemented are read here so validation can refuse them by name.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,15 @@ pub struct ChatCompletionRequest {
     pub user: Option<String>,
     /// Retrieval steering extension.
     pub rag: Option<RagRequest>,
+    // Read only to be refused when set (see `validate::refuse_unsupported`).
+    pub tools: Option<serde_json::Value>,
+    pub tool_choice: Option<serde_json::Value>,
+    pub functions: Option<serde_json::Value>,
+    pub function_call: Option<serde_json::Value>,
+    pub response_format: Option<serde_json::Value>,
+    pub logprobs: Option<serde_json::Value>,
+    pub top_logprobs: Option<serde_json::Value>,
+    pub logit_bias: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,9 +12,17 @@ use super::openai::{ChatCompletionRequest, StopSpec, WireContent};
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
-fn message_text(i: usize, content: Option<WireContent>) -> Result<String, ApiError> {
+/// Longest stop sequence, in bytes: the matcher holds back that much text per step.
+pub const MAX_STOP_BYTES: usize = 256;
+
+fn message_text(i: usize, role: &str, content: Option<WireContent>) -> Result<String, ApiError> {
     match content {
-        None => Ok(String::new()),
+        // An assistant turn may carry tool calls instead of text; every other role speaks.
+        None if role == "assistant" => Ok(String::new()),
+        None => Err(ApiError::invalid(
+            format!("messages[{i}].content is required for role `{role}`"),
+            Some(&format!("messages[{i}].content")),
+        )),
         Some(WireContent::Text(s)) => Ok(s),
         Some(WireContent::Parts(parts)) => {
             let mut out = String::new();
@@ -32,6 +40,67 @@ fn message_text(i: usize, content: Option<WireContent>) -> Result<String, ApiErr
     }
 }
 
+/// Fields of OpenAI's API that change what a request means and that this server does not
+/// implement: refused by name rather than silently ignored.
+fn refuse_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
+    use serde_json::Value;
+    let set = |v: &Option<Value>| match v {
+        None | Some(Value::Null) => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+        Some(_) => true,
+    };
+    let unsupported = |field: &str, what: &str| {
+        Err(ApiError::invalid(
+            format!("`{field}` is not supported by this server: {what}"),
+            Some(field),
+        )
+        .with_code("unsupported_parameter"))
+    };
+    if set(&req.tools) || set(&req.functions) {
+        let field = if set(&req.tools) {
+            "tools"
+        } else {
+            "functions"
+        };
+        return unsupported(field, "it answers in text only, without tool calls");
+    }
+    for (field, v) in [
+        ("tool_choice", &req.tool_choice),
+        ("function_call", &req.function_call),
+    ] {
+        if set(v) && v.as_ref().and_then(Value::as_str) != Some("none") {
+            return unsupported(field, "it answers in text only, without tool calls");
+        }
+    }
+    if let Some(f) = req.response_format.as_ref().filter(|v| !v.is_null()) {
+        if f.get("type").and_then(Value::as_str) != Some("text") {
+            return unsupported("response_format", "only {\"type\": \"text\"} is available");
+        }
+    }
+    if matches!(req.logprobs, Some(Value::Bool(true))) || set(&req.top_logprobs) {
+        let field = if set(&req.top_logprobs) {
+            "top_logprobs"
+        } else {
+            "logprobs"
+        };
+        return unsupported(field, "token log-probabilities are not returned");
+    }
+    if !matches!(
+        req.logprobs,
+        None | Some(Value::Null) | Some(Value::Bool(_))
+    ) {
+        return Err(ApiError::invalid(
+            "`logprobs` must be a boolean",
+            Some("logprobs"),
+        ));
+    }
+    if set(&req.logit_bias) {
+        return unsupported("logit_bias", "logits are not biased");
+    }
+    Ok(())
+}
+
 /// Validates `req` against the server's limits and fills defaults from `cfg`. When an A/B arm is
 /// assigned (by `arms`, sticky on the `user` field, else on `session`), its settings fill the
 /// request's `rag` fields first; the arm's index comes back with the job.
@@ -43,6 +112,7 @@ pub fn to_job(
     session: Option<&[u8]>,
 ) -> Result<(ChatJob, Option<usize>), ApiError> {
     let g = &cfg.generation;
+    refuse_unsupported(&req)?;
     let wire = req.messages.unwrap_or_default();
     if wire.is_empty() {
         return Err(ApiError::invalid(
@@ -64,7 +134,7 @@ pub fn to_job(
         } else {
             m.role.as_str()
         };
-        messages.push(ChatMessage::new(role, &message_text(i, m.content)?));
+        messages.push(ChatMessage::new(role, &message_text(i, role, m.content)?));
     }
 
     if let Some(n) = req.n {
@@ -103,6 +173,18 @@ pub fn to_job(
     };
     if stop.len() > 4 {
         return Err(ApiError::invalid("at most 4 stop sequences", Some("stop")));
+    }
+    if let Some(bad) = stop
+        .iter()
+        .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+    {
+        return Err(ApiError::invalid(
+            format!(
+                "stop sequences must be 1 to {MAX_STOP_BYTES} bytes; got one of {}",
+                bad.len()
+            ),
+            Some("stop"),
+        ));
     }
     let seed = match req.seed {
         Some(s) => s as u64,

@@ -88,6 +88,7 @@ pub fn qasc_engine(workers: usize) -> (ttarag::engine::Engine, tempfile::TempDir
             queue_capacity: 8,
             prompt_template: cfg.retrieval.prompt_template.clone(),
             gate: None,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -100,8 +101,25 @@ pub async fn start_tiny_with(
     workers: usize,
     queue: usize,
     never_stop: bool,
-    mut cfg: ttarag::config::Config,
+    cfg: ttarag::config::Config,
 ) -> TestServer {
+    start_tiny_slow(workers, queue, never_stop, cfg, None).await
+}
+
+/// As [`start_tiny_with`], pausing `text_delay` after each piece of answer text (fault
+/// injection: jobs long enough to hang up on or to time out). Every test server's worker
+/// panics on [`PANIC_MARKER`].
+pub async fn start_tiny_slow(
+    workers: usize,
+    queue: usize,
+    never_stop: bool,
+    mut cfg: ttarag::config::Config,
+    text_delay: Option<std::time::Duration>,
+) -> TestServer {
+    let faults = ttarag::engine::Faults {
+        panic_on: Some(PANIC_MARKER.into()),
+        text_delay,
+    };
     use ttarag::engine::{Engine, EngineConfig};
     use ttarag::retrieval::{ingest_path, Collections};
 
@@ -137,6 +155,11 @@ pub async fn start_tiny_with(
             queue_capacity: queue,
             prompt_template: cfg.retrieval.prompt_template.clone(),
             gate,
+            request_timeout: Some(std::time::Duration::from_millis(
+                cfg.server.request_timeout_ms,
+            )),
+            max_prompt_tokens: cfg.server.max_prompt_tokens,
+            faults,
         },
     )
     .unwrap();
@@ -154,6 +177,9 @@ pub async fn start_tiny_with(
         _dir: dir,
     }
 }
+
+/// A user message that makes a test server's worker panic (fault injection).
+pub const PANIC_MARKER: &str = "\u{1}panic-here\u{1}";
 
 /// The weights fingerprint test servers claim for the tiny model.
 pub const TINY_SHA: &str = "tiny-weights";
@@ -238,4 +264,15 @@ pub async fn post_json(
 /// POSTs a chat completion request.
 pub async fn post(base: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
     post_json(base, "/v1/chat/completions", body).await
+}
+
+/// [`start_tiny_with`] over the defaults with `toml` layered on top (e.g. an `[auth]` block).
+pub async fn start_tiny_toml(
+    workers: usize,
+    queue: usize,
+    never_stop: bool,
+    toml: &str,
+) -> TestServer {
+    let cfg = ttarag::config::Config::from_toml(toml).unwrap();
+    start_tiny_with(workers, queue, never_stop, cfg).await
 }
