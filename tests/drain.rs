@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -36,26 +35,14 @@ fn serve(drain_timeout_ms: u64) -> Server {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ttarag"))
-        .args(["serve", "--port", "0", "--config"])
-        .arg(&config)
-        .arg("--model")
-        .arg(common::default_model_path())
-        .arg("--index-dir")
-        .arg(dir.path().join("index"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-        .to_string();
+    let (child, base) = common::spawn_serve(&[
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--model".as_ref(),
+        common::default_model_path().as_os_str(),
+        "--index-dir".as_ref(),
+        dir.path().join("index").as_os_str(),
+    ]);
     Server {
         child,
         base,

@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use candle_core::{DType, Device};
 use ttarag::model::{export_hf_folder, tiny::tiny_parts, Arch};
@@ -45,26 +44,15 @@ fn official_openai_client_round_trips() {
     )
     .unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ttarag"))
-        .args(["serve", "--port", "0", "--config"])
-        .arg(&config)
-        .arg("--model")
-        .arg(&model_dir)
-        .arg("--index-dir")
-        .arg(dir.path().join("index"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let (child, base) = common::spawn_serve(&[
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--model".as_ref(),
+        model_dir.as_os_str(),
+        "--index-dir".as_ref(),
+        dir.path().join("index").as_os_str(),
+    ]);
     let server = Kill(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-        .to_string();
 
     let out = Command::new(&python)
         .arg(common::root().join("tests/python/openai_client.py"))

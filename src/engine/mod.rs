@@ -827,6 +827,24 @@ mod tests {
         }
     }
 
+    /// An engine over the tiny model that never stops early (no EOS) and whose answer text
+    /// comes 5 ms a piece: jobs long enough to cancel or time out.
+    fn slow_engine(request_timeout: Option<Duration>) -> Engine {
+        let dir = std::env::temp_dir().join(format!("ttarag-engine-{}", std::process::id()));
+        let mut m = tiny_model(1).unwrap();
+        m.eos_ids.clear();
+        let faults = Faults {
+            text_delay: Some(Duration::from_millis(5)),
+            ..Default::default()
+        };
+        let cfg = EngineConfig {
+            request_timeout,
+            faults,
+            ..Default::default()
+        };
+        Engine::start(Arc::new(m), Arc::new(Collections::new(&dir)), &cfg).unwrap()
+    }
+
     fn until(what: &str, f: impl Fn() -> bool) {
         for _ in 0..500 {
             if f() {
@@ -885,22 +903,7 @@ mod tests {
 
     #[test]
     fn a_job_past_its_deadline_answers_so_and_a_dropped_ticket_is_cancelled() {
-        let dir = std::env::temp_dir().join(format!("ttarag-engine-d-{}", std::process::id()));
-        let mut m = tiny_model(1).unwrap();
-        m.eos_ids.clear();
-        let e = Engine::start(
-            Arc::new(m),
-            Arc::new(Collections::new(&dir)),
-            &EngineConfig {
-                request_timeout: Some(Duration::from_millis(50)),
-                faults: Faults {
-                    text_delay: Some(Duration::from_millis(5)),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let e = slow_engine(Some(Duration::from_millis(50)));
         let mut long = job("hello");
         long.gen.max_tokens = 400;
         assert!(matches!(
@@ -914,21 +917,7 @@ mod tests {
 
     #[test]
     fn a_waiting_job_whose_client_left_gives_its_queue_place_back_at_once() {
-        let dir = std::env::temp_dir().join(format!("ttarag-engine-q-{}", std::process::id()));
-        let mut m = tiny_model(1).unwrap();
-        m.eos_ids.clear();
-        let e = Engine::start(
-            Arc::new(m),
-            Arc::new(Collections::new(&dir)),
-            &EngineConfig {
-                faults: Faults {
-                    text_delay: Some(Duration::from_millis(5)),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let e = slow_engine(None);
         let mut long = job("hello");
         long.gen.max_tokens = 400;
         // One running (for ~2 s), one waiting: the queue (capacity 1) is full until the waiting one's

@@ -167,16 +167,24 @@ enum Answer {
 /// before the handler gives up on it.
 const DEADLINE_GRACE: Duration = Duration::from_secs(2);
 
+/// When a request must be answered by, and that bound in milliseconds (for the message).
+type Deadline = Option<(tokio::time::Instant, u64)>;
+
+fn deadline_from(app: &App, start: tokio::time::Instant) -> Deadline {
+    app.request_timeout()
+        .map(|t| (start + t, t.as_millis() as u64))
+}
+
 /// The job's next event, or a 504 when the worker has not answered by the deadline.
-async fn next_event(ticket: &mut Ticket, deadline: Option<tokio::time::Instant>) -> Event {
+async fn next_event(ticket: &mut Ticket, deadline: Deadline) -> Event {
     let ev = match deadline {
         None => ticket.recv().await,
-        Some(d) => match tokio::time::timeout_at(d + DEADLINE_GRACE, ticket.recv()).await {
+        Some((at, ms)) => match tokio::time::timeout_at(at + DEADLINE_GRACE, ticket.recv()).await {
             Ok(ev) => ev,
             Err(_) => {
-                let ms = d.duration_since(tokio::time::Instant::now());
-                tracing::warn!(?ms, "worker missed the request deadline");
-                return Event::Error(EngineError::DeadlineExceeded(0));
+                // Dropping the ticket after this cancels the job at its next check.
+                tracing::warn!(deadline_ms = ms, "the worker missed the request's deadline");
+                return Event::Error(EngineError::DeadlineExceeded(ms));
             }
         },
     };
@@ -233,7 +241,7 @@ async fn handle(
     if stream {
         return Ok(Answer::Stream(ticket, include_usage, arm_name));
     }
-    let deadline = app.request_timeout().map(|t| received + t);
+    let deadline = deadline_from(app, received);
     loop {
         match next_event(&mut ticket, deadline).await {
             Event::Text(_) => outcome.first_token(),
@@ -296,7 +304,7 @@ fn finish_reason(c: &Completion) -> Option<String> {
 struct StreamState {
     ticket: Ticket,
     outcome: Outcome,
-    deadline: Option<tokio::time::Instant>,
+    deadline: Deadline,
     include_usage: bool,
     arm: Option<String>,
     id: String,
@@ -382,9 +390,7 @@ fn stream(
     include_usage: bool,
     arm: Option<String>,
 ) -> Response {
-    let deadline = app
-        .request_timeout()
-        .map(|t| tokio::time::Instant::from_std(outcome.start) + t);
+    let deadline = deadline_from(app, tokio::time::Instant::from_std(outcome.start));
     let st = StreamState {
         ticket,
         id: format!("chatcmpl-{}", outcome.id.simple()),

@@ -276,3 +276,26 @@ pub async fn start_tiny_toml(
     let cfg = ttarag::config::Config::from_toml(toml).unwrap();
     start_tiny_with(workers, queue, never_stop, cfg).await
 }
+
+/// Starts the real binary as `ttarag serve --port 0 ARGS...` and returns it with its base URL,
+/// read from the line it prints once it listens.
+pub fn spawn_serve<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ttarag"))
+        .args(["serve", "--port", "0"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .to_string();
+    (child, base)
+}
