@@ -24,17 +24,10 @@ impl Drop for Server {
 
 fn serve(drain_timeout_ms: u64) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let corpus = dir.path().join("facts.jsonl");
-    std::fs::write(&corpus, common::FACTS).unwrap();
-    let config = dir.path().join("test.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\ndrain_timeout_ms = {drain_timeout_ms}\n[retrieval]\ncollection = \"facts\"\nsample_corpus = \"{}\"\n",
-            corpus.display()
-        ),
-    )
-    .unwrap();
+    let config = common::facts_config(
+        dir.path(),
+        &format!("[server]\ndrain_timeout_ms = {drain_timeout_ms}\n"),
+    );
     let (child, base) = common::spawn_serve(&[
         "--config".as_ref(),
         config.as_os_str(),

@@ -32,17 +32,7 @@ fn official_openai_client_round_trips() {
         &model_dir,
     )
     .unwrap();
-    let corpus = dir.path().join("facts.jsonl");
-    std::fs::write(&corpus, common::FACTS).unwrap();
-    let config = dir.path().join("test.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[model]\nid = \"tiny-qwen2\"\n[retrieval]\ncollection = \"facts\"\nsample_corpus = \"{}\"\n",
-            corpus.display()
-        ),
-    )
-    .unwrap();
+    let config = common::facts_config(dir.path(), "[model]\nid = \"tiny-qwen2\"\n");
 
     let (child, base) = common::spawn_serve(&[
         "--config".as_ref(),

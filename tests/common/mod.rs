@@ -299,3 +299,17 @@ pub fn spawn_serve<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (std::process::Chil
         .to_string();
     (child, base)
 }
+
+/// Writes [`FACTS`] and a config file into `dir` whose default collection `facts` is built from
+/// them at first start; `extra` (TOML tables) comes first. Returns the config's path.
+pub fn facts_config(dir: &std::path::Path, extra: &str) -> PathBuf {
+    let corpus = dir.join("facts.jsonl");
+    std::fs::write(&corpus, FACTS).unwrap();
+    let config = dir.join("test.toml");
+    let retrieval = format!(
+        "[retrieval]\ncollection = \"facts\"\nsample_corpus = \"{}\"\n",
+        corpus.display()
+    );
+    std::fs::write(&config, format!("{extra}{retrieval}")).unwrap();
+    config
+}
