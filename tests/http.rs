@@ -499,3 +499,37 @@ async fn full_scope_adapts_a_copy_and_the_served_weights_stay_bit_identical() {
         static_after["choices"][0]["message"]["content"]
     );
 }
+
+#[tokio::test]
+async fn a_tta_request_without_a_seed_adapts_the_same_way_every_time_and_seed_overrides() {
+    let s = start_tiny(1, 8, true).await;
+    let mut body = ask("Water boils at what temperature at sea level?");
+    body.as_object_mut().unwrap().remove("seed");
+    body["rag"] = json!({"mode": "tta", "top_k": 3,
+                         "tta": {"lr": 0.05, "steps": 3, "max_pairs": 2, "min_words": 4}});
+    let run = |body: Value| {
+        let base = s.base.clone();
+        async move {
+            let (status, v) = post(&base, &body).await;
+            assert_eq!(status, 200, "{v}");
+            (
+                v["rag"]["tta"]["loss_after"].as_f64().unwrap(),
+                v["choices"][0]["message"]["content"].clone(),
+            )
+        }
+    };
+    let first = run(body.clone()).await;
+    let again = run(body.clone()).await;
+    assert_eq!(first, again, "same request, same adaptation and answer");
+
+    // An explicit seed still chooses the initialisation: two seeds, two adaptations.
+    body["seed"] = json!(1);
+    let one = run(body.clone()).await;
+    assert_eq!(one, run(body.clone()).await);
+    body["seed"] = json!(2);
+    let two = run(body.clone()).await;
+    assert_ne!(
+        one.0, two.0,
+        "the seed must reach the adapter's initialisation"
+    );
+}

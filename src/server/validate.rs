@@ -15,6 +15,21 @@ const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 /// Longest stop sequence, in bytes: the matcher holds back that much text per step.
 pub const MAX_STOP_BYTES: usize = 256;
 
+/// A seed that is a function of the conversation alone: the first 8 bytes of the SHA-256 of
+/// its roles and contents, each length-prefixed so no two conversations share an encoding.
+pub fn request_seed(messages: &[ChatMessage]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for m in messages {
+        for part in [m.role.as_bytes(), m.content.as_bytes()] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+    }
+    let d = h.finalize();
+    u64::from_le_bytes(d[..8].try_into().expect("a SHA-256 has 32 bytes"))
+}
+
 fn message_text(i: usize, role: &str, content: Option<WireContent>) -> Result<String, ApiError> {
     match content {
         // An assistant turn may carry tool calls instead of text; every other role speaks.
@@ -186,9 +201,15 @@ pub fn to_job(
             Some("stop"),
         ));
     }
+    // Sampling without a seed is random, as OpenAI's; adaptation without one is seeded by the
+    // request itself, so the same request adapts, and at temperature 0 answers, the same way.
     let seed = match req.seed {
         Some(s) => s as u64,
         None => rand::random(),
+    };
+    let adapt_seed = match req.seed {
+        Some(s) => s as u64,
+        None => request_seed(&messages),
     };
 
     let r = &cfg.retrieval;
@@ -263,7 +284,7 @@ pub fn to_job(
         RagMode::Tta => {
             let o = rag.tta.unwrap_or_default();
             Some(
-                resolve_tta(&cfg.tta, &o, seed)
+                resolve_tta(&cfg.tta, &o, adapt_seed)
                     .map_err(|e| ApiError::invalid(e.message, Some(e.param)))?,
             )
         }
