@@ -21,6 +21,23 @@ pub struct Config {
     /// Optional: no section = no keys, an open server.
     #[serde(default)]
     pub auth: AuthSection,
+    pub domain: DomainSection,
+}
+
+/// `[domain]`: per-collection domain adapters (`src/adapt/domain/`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainSection {
+    pub dir: PathBuf,
+    /// Collections whose requests use their adapter unless `rag.domain_adapter` says otherwise.
+    pub default_on: Vec<String>,
+    pub train: crate::adapt::domain::DomainTrain,
+}
+
+impl DomainSection {
+    pub fn default_for(&self, collection: &str) -> bool {
+        self.default_on.iter().any(|c| c == collection)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -211,6 +228,8 @@ pub struct ArmConfig {
     pub mode: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_adapter: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     /// Any key a request may send in `rag.tta`.
     pub tta: Option<crate::engine::TtaOverrides>,
@@ -550,6 +569,7 @@ impl Config {
         }
         self.gate.validate()?;
         self.auth.validate()?;
+        self.domain.train.validate()?;
         self.ab.validate(&self.retrieval, &self.tta, &self.gate)
     }
 }

@@ -75,6 +75,9 @@ enum Inner {
     Candle(AdamW, Vec<Var>),
 }
 
+/// One variable's first and second moment estimates.
+pub type MomentPair = (Vec<f32>, Vec<f32>);
+
 /// AdamW (decoupled weight decay, bias-corrected moments) over `vars`.
 pub struct FastAdamW {
     inner: Inner,
@@ -103,6 +106,51 @@ impl FastAdamW {
             Inner::Candle(AdamW::new(vars.clone(), params.clone())?, vars)
         };
         Ok(Self { inner, params })
+    }
+
+    /// The step count and each variable's first and second moments, for a checkpoint; `None`
+    /// on the candle fallback, whose state is not reachable.
+    pub fn state(&self) -> Option<(i32, Vec<MomentPair>)> {
+        match &self.inner {
+            Inner::InPlace { vars, step } => Some((
+                *step,
+                vars.iter()
+                    .map(|(_, m)| {
+                        let get = |x: &Mutex<Vec<f32>>| {
+                            x.lock().unwrap_or_else(|e| e.into_inner()).clone()
+                        };
+                        (get(&m.m), get(&m.v))
+                    })
+                    .collect(),
+            )),
+            Inner::Candle(..) => None,
+        }
+    }
+
+    /// Restores what [`FastAdamW::state`] returned, for the same variables.
+    pub fn restore(&mut self, at: i32, moments: Vec<MomentPair>) -> Result<()> {
+        let Inner::InPlace { vars, step } = &mut self.inner else {
+            candle_core::bail!("optimiser state can be restored only for f32 variables on the CPU");
+        };
+        if moments.len() != vars.len() {
+            candle_core::bail!(
+                "optimiser state for {} variables, not {}",
+                moments.len(),
+                vars.len()
+            );
+        }
+        for ((var, m), (first, second)) in vars.iter().zip(moments) {
+            if first.len() != var.elem_count() || second.len() != var.elem_count() {
+                candle_core::bail!(
+                    "optimiser state does not fit a variable of {} elements",
+                    var.elem_count()
+                );
+            }
+            *m.m.lock().unwrap_or_else(|e| e.into_inner()) = first;
+            *m.v.lock().unwrap_or_else(|e| e.into_inner()) = second;
+        }
+        *step = at;
+        Ok(())
     }
 
     /// One step with `grads[i]` for the i-th variable, each multiplied by `scale`.

@@ -30,6 +30,19 @@ impl Default for LoraConfig {
     }
 }
 
+/// A target's name, as [`parse_target`] reads it.
+pub fn target_name(t: Target) -> &'static str {
+    match t {
+        Target::Q => "q",
+        Target::K => "k",
+        Target::V => "v",
+        Target::O => "o",
+        Target::Gate => "gate",
+        Target::Up => "up",
+        Target::Down => "down",
+    }
+}
+
 /// Parses a target name (`q`, `k`, `v`, `o`, `gate`, `up`, `down`).
 pub fn parse_target(s: &str) -> Option<Target> {
     Some(match s {
@@ -56,10 +69,14 @@ fn dims(cfg: &ModelConfig, t: Target) -> (usize, usize) {
     }
 }
 
-/// One request's adapters: `A` (rank, in) and `B` (out, rank) per (layer, target).
+/// Low-rank adapters: `A` (rank, in) and `B` (out, rank) per (layer, target). A trainable one
+/// (a request's) holds its matrices as variables; a frozen one (a collection's domain adapter,
+/// shared by every request on it) as plain tensors, which take no gradient.
 pub struct Lora {
-    a: HashMap<(usize, Target), Var>,
-    b: HashMap<(usize, Target), Var>,
+    a: HashMap<(usize, Target), Tensor>,
+    b: HashMap<(usize, Target), Tensor>,
+    /// The variables behind `a` and `b`, in creation order; empty when frozen.
+    vars: Vec<Var>,
     scale: f64,
     dropout: f64,
     /// Mask seed of the training step under way; [`NO_STEP`] outside training (no dropout).
@@ -67,6 +84,10 @@ pub struct Lora {
 }
 
 const NO_STEP: u64 = u64::MAX;
+
+fn tensor_name(layer: usize, t: Target, which: &str) -> String {
+    format!("layers.{layer}.{}.{which}", target_name(t))
+}
 
 impl Lora {
     /// A fresh adapter: `A` uniform in +-1/sqrt(in) (Kaiming, as PEFT), `B` zero, so the
@@ -79,7 +100,7 @@ impl Lora {
         dtype: DType,
     ) -> Result<Self> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let (mut a, mut b) = (HashMap::new(), HashMap::new());
+        let (mut a, mut b, mut vars) = (HashMap::new(), HashMap::new(), Vec::new());
         for layer in 0..model.num_hidden_layers {
             for &t in &cfg.targets {
                 let (inp, out) = dims(model, t);
@@ -88,22 +109,87 @@ impl Lora {
                     .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound)
                     .collect();
                 let at = Tensor::from_vec(data, (cfg.rank, inp), device)?.to_dtype(dtype)?;
-                a.insert((layer, t), Var::from_tensor(&at)?);
-                b.insert((layer, t), Var::zeros((out, cfg.rank), dtype, device)?);
+                let (va, vb) = (
+                    Var::from_tensor(&at)?,
+                    Var::zeros((out, cfg.rank), dtype, device)?,
+                );
+                a.insert((layer, t), va.as_tensor().clone());
+                b.insert((layer, t), vb.as_tensor().clone());
+                vars.extend([va, vb]);
             }
         }
         Ok(Self {
             a,
             b,
+            vars,
             scale: cfg.alpha / cfg.rank as f64,
             dropout: cfg.dropout,
             step: AtomicU64::new(NO_STEP),
         })
     }
 
-    /// The trainable variables.
+    /// A frozen adapter from named matrices (see [`Lora::named_tensors`]), checked against the
+    /// model's shapes; `cfg.targets` and `cfg.rank` must describe them.
+    pub fn frozen_from(
+        model: &ModelConfig,
+        cfg: &LoraConfig,
+        mut named: HashMap<String, Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let (mut a, mut b) = (HashMap::new(), HashMap::new());
+        for layer in 0..model.num_hidden_layers {
+            for &t in &cfg.targets {
+                let (inp, out) = dims(model, t);
+                for (which, shape, map) in [
+                    ("a", (cfg.rank, inp), &mut a),
+                    ("b", (out, cfg.rank), &mut b),
+                ] {
+                    let name = tensor_name(layer, t, which);
+                    let m = named.remove(&name).ok_or_else(|| {
+                        candle_core::Error::Msg(format!("adapter has no tensor `{name}`"))
+                    })?;
+                    if m.dims() != [shape.0, shape.1] {
+                        candle_core::bail!(
+                            "adapter tensor `{name}` is {:?}, the model needs {shape:?}",
+                            m.dims()
+                        );
+                    }
+                    map.insert((layer, t), m.to_device(device)?.to_dtype(dtype)?);
+                }
+            }
+        }
+        if let Some(extra) = named.keys().next() {
+            candle_core::bail!(
+                "adapter tensor `{extra}` belongs to no layer and target of the model"
+            );
+        }
+        Ok(Self {
+            a,
+            b,
+            vars: vec![],
+            scale: cfg.alpha / cfg.rank as f64,
+            dropout: 0.0,
+            step: AtomicU64::new(NO_STEP),
+        })
+    }
+
+    /// Every matrix under a stable name (`layers.L.TARGET.a` / `.b`), for saving.
+    pub fn named_tensors(&self) -> HashMap<String, Tensor> {
+        let a = self
+            .a
+            .iter()
+            .map(|(&(l, t), m)| (tensor_name(l, t, "a"), m));
+        let b = self
+            .b
+            .iter()
+            .map(|(&(l, t), m)| (tensor_name(l, t, "b"), m));
+        a.chain(b).map(|(n, m)| (n, m.clone())).collect()
+    }
+
+    /// The trainable variables, in a fixed order; none when frozen.
     pub fn vars(&self) -> Vec<Var> {
-        self.a.values().chain(self.b.values()).cloned().collect()
+        self.vars.clone()
     }
 
     /// Bytes held by the adapter weights.
@@ -153,8 +239,8 @@ impl Adapter for Lora {
         } else {
             x
         };
-        let h = x.broadcast_matmul(&a.as_tensor().t()?)?;
-        let y = h.broadcast_matmul(&b.as_tensor().t()?)?;
+        let h = x.broadcast_matmul(&a.t()?)?;
+        let y = h.broadcast_matmul(&b.t()?)?;
         Ok(Some((y * self.scale)?))
     }
 }
@@ -174,7 +260,7 @@ mod tests {
         };
         let lora = Lora::new(&parts.config, &cfg, 4, &Device::Cpu, DType::F32).unwrap();
         // Non-zero B so the delta is not identically zero.
-        for v in lora.b.values() {
+        for v in lora.vars.iter().filter(|v| v.dims()[1] == cfg.rank) {
             v.set(&v.ones_like().unwrap()).unwrap();
         }
         let h = parts.config.hidden_size;

@@ -442,6 +442,30 @@ fn checkpointed_grads(
     Ok((loss, grads, forward_ms))
 }
 
+/// Loss of one group of examples and the gradients of `vars` (zeros where a var got none):
+/// the request path's training step, for the offline domain trainer.
+pub(super) fn group_grads(
+    dec: &Decoder,
+    adapter: Option<&dyn Adapter>,
+    vars: &[Var],
+    group: &[&Example],
+    recompute: bool,
+    bf16: bool,
+) -> Result<(f64, Vec<Tensor>)> {
+    let pass = if recompute {
+        checkpointed_grads
+    } else {
+        one_pass_grads
+    };
+    let (loss, grads, _) = pass(dec, adapter, vars, group, bf16)?;
+    let grads = vars
+        .iter()
+        .zip(grads)
+        .map(|(v, g)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((loss, grads))
+}
+
 fn scalar(t: &Tensor) -> Result<f64> {
     t.to_dtype(DType::F64)?.to_scalar::<f64>()
 }
@@ -672,8 +696,11 @@ fn train(
 
 /// Trains a fresh LoRA adapter on `examples`. Returns the adapter (or `None` when adaptation
 /// was aborted: the caller then answers with the base model) and the report.
+/// With `under` (a collection's domain adapter), the new adapter trains on top of it and
+/// is meant to be used stacked on it ([`super::Stack`]); `under` itself is never written.
 pub fn adapt_lora(
     dec: &Decoder,
+    under: Option<&dyn Adapter>,
     examples: &[Example],
     source: PairSource,
     p: &TrainParams,
@@ -685,7 +712,23 @@ pub fn adapt_lora(
         return Ok((None, report));
     }
     let lora = Lora::new(dec.config(), &p.lora, p.seed, dec.device(), dec.dtype())?;
-    let ok = train(dec, Some(&lora), &lora.vars(), examples, p, &mut report, t0)?;
+    let stack;
+    let adapter: &dyn Adapter = match under {
+        Some(under) => {
+            stack = super::Stack { under, over: &lora };
+            &stack
+        }
+        None => &lora,
+    };
+    let ok = train(
+        dec,
+        Some(adapter),
+        &lora.vars(),
+        examples,
+        p,
+        &mut report,
+        t0,
+    )?;
     report.adapt_ms = t0.elapsed().as_secs_f64() * 1e3;
     Ok((ok.then_some(lora), report))
 }
@@ -1129,13 +1172,13 @@ mod tests {
         let model = tiny32(Arch::Llama);
         let ex = two_examples(&model);
         let p = params(1e-2, 3);
-        let (_, plain) = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p).unwrap();
+        let (_, plain) = adapt_lora(&model.decoder, None, &ex, PairSource::Sentences, &p).unwrap();
         let p = TrainParams {
             recompute: true,
             bf16: false,
             ..p
         };
-        let (lora, re) = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p).unwrap();
+        let (lora, re) = adapt_lora(&model.decoder, None, &ex, PairSource::Sentences, &p).unwrap();
         assert!(lora.is_some() && re.fallback.is_none(), "{re:?}");
         let (a, b) = (plain.loss_after.unwrap(), re.loss_after.unwrap());
         assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "{a} vs {b}");
@@ -1147,8 +1190,14 @@ mod tests {
         let model = tiny32(Arch::Llama);
         let ex = vec![example(&model)];
         let base = mean_loss(&model.decoder, None, &ex).unwrap();
-        let (lora, report) =
-            adapt_lora(&model.decoder, &ex, PairSource::Sentences, &params(1e-2, 8)).unwrap();
+        let (lora, report) = adapt_lora(
+            &model.decoder,
+            None,
+            &ex,
+            PairSource::Sentences,
+            &params(1e-2, 8),
+        )
+        .unwrap();
         let lora = lora.expect("adaptation succeeded");
         assert_eq!(report.steps, 8);
         assert_eq!(report.fallback, None);
@@ -1174,8 +1223,9 @@ mod tests {
             bf16: true,
             ..p32.clone()
         };
-        let (_, r32) = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p32).unwrap();
-        let (lora, r16) = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p16).unwrap();
+        let (_, r32) = adapt_lora(&model.decoder, None, &ex, PairSource::Sentences, &p32).unwrap();
+        let (lora, r16) =
+            adapt_lora(&model.decoder, None, &ex, PairSource::Sentences, &p16).unwrap();
         let lora = lora.expect("adaptation succeeded");
         let (b32, a32) = (r32.loss_before.unwrap(), r32.loss_after.unwrap());
         let (b16, a16) = (r16.loss_before.unwrap(), r16.loss_after.unwrap());
@@ -1207,7 +1257,7 @@ mod tests {
             (&three, &dropout),
         ] {
             let base = mean_loss(d, None, ex).unwrap();
-            let (_, r) = adapt_lora(d, ex, PairSource::Sentences, p).unwrap();
+            let (_, r) = adapt_lora(d, None, ex, PairSource::Sentences, p).unwrap();
             let before = r.loss_before.unwrap();
             assert!((before - base).abs() < 1e-5 * base, "{before} vs {base}");
             assert!(r.loss_after.unwrap() < before);
@@ -1248,10 +1298,10 @@ mod tests {
         let ex = vec![example(&model); 3];
         let mut p = params(1e-3, 0);
         p.steps = None;
-        let (_, r) = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p).unwrap();
+        let (_, r) = adapt_lora(&model.decoder, None, &ex, PairSource::Sentences, &p).unwrap();
         assert_eq!(r.steps, 2, "3 pairs with accumulation 2 = 2 steps");
         p.time_budget_ms = Some(0.0);
-        let (lora, r) = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p).unwrap();
+        let (lora, r) = adapt_lora(&model.decoder, None, &ex, PairSource::Sentences, &p).unwrap();
         assert_eq!(r.steps, 0);
         assert!(r.fallback.unwrap().contains("time budget"));
         assert!(
@@ -1267,7 +1317,7 @@ mod tests {
         let mut p = params(1e-3, 4);
         p.cancel = crate::cancel::Cancel::new(None);
         p.cancel.cancel();
-        let err = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p)
+        let err = adapt_lora(&model.decoder, None, &ex, PairSource::Sentences, &p)
             .err()
             .expect("cancelled");
         assert!(err.to_string().contains("client went away"), "{err}");
@@ -1284,7 +1334,7 @@ mod tests {
         let ex = vec![example(&model)];
         let mut p = params(1e30, 4);
         p.clip_norm = 0.0;
-        let (lora, r) = adapt_lora(&model.decoder, &ex, PairSource::Sentences, &p).unwrap();
+        let (lora, r) = adapt_lora(&model.decoder, None, &ex, PairSource::Sentences, &p).unwrap();
         assert!(lora.is_none());
         assert!(
             r.fallback
@@ -1293,7 +1343,8 @@ mod tests {
                 .contains("answered without adaptation"),
             "{r:?}"
         );
-        let (none, r) = adapt_lora(&model.decoder, &[], PairSource::PassageFallback, &p).unwrap();
+        let (none, r) =
+            adapt_lora(&model.decoder, None, &[], PairSource::PassageFallback, &p).unwrap();
         assert!(none.is_none());
         assert_eq!(r.fallback.as_deref(), Some("no training pairs"));
     }

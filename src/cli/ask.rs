@@ -4,7 +4,7 @@ use clap::Args;
 
 use crate::config::Config;
 use crate::engine::{
-    resolve_tta, ChatJob, Engine, EngineConfig, Event, RagMode, RagParams, TtaOverrides,
+    resolve_tta, ChatJob, DomainUse, Engine, EngineConfig, Event, RagMode, RagParams, TtaOverrides,
 };
 use crate::generate::GenParams;
 use crate::model::ChatMessage;
@@ -32,6 +32,10 @@ pub struct AskArgs {
     /// Sampling temperature (0 = greedy).
     #[arg(long)]
     pub temperature: Option<f64>,
+    /// Answer on top of the collection's domain adapter (`true`: fail without a valid one),
+    /// or not; default: `[domain] default_on`.
+    #[arg(long)]
+    pub domain_adapter: Option<bool>,
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -67,13 +71,16 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
         anyhow::bail!("unknown collection `{collection}`; see `ttarag index list`");
     }
     let engine = Engine::start(
-        model,
+        model.clone(),
         collections,
         &EngineConfig {
             workers: 1,
             queue_capacity: 1,
             prompt_template: cfg.retrieval.prompt_template.clone(),
             gate,
+            domain: Some(crate::adapt::domain::DomainAdapters::for_config(
+                &cfg, &model,
+            )),
             ..Default::default()
         },
     )?;
@@ -88,6 +95,12 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
         },
         rag: RagParams {
             mode,
+            domain: match a.domain_adapter {
+                Some(true) => DomainUse::Require,
+                Some(false) => DomainUse::Off,
+                None if cfg.domain.default_for(&collection) => DomainUse::Prefer,
+                None => DomainUse::Off,
+            },
             collection,
             top_k,
             gate: gate_policy,

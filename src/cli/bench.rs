@@ -274,7 +274,9 @@ fn bench_concurrent_lora(
         std::thread::scope(|s| {
             let handles: Vec<_> = sets
                 .iter()
-                .map(|(ex, src)| s.spawn(|| adapt_lora(&model.decoder, ex, *src, &params.train)))
+                .map(|(ex, src)| {
+                    s.spawn(|| adapt_lora(&model.decoder, None, ex, *src, &params.train))
+                })
                 .collect();
             handles
                 .into_iter()
@@ -353,7 +355,7 @@ fn bench_tta(
         let ex = encode_pairs(model, &set.pairs, None, params.train.max_tokens_per_pair)?;
         let r = match params.scope {
             TtaScope::Lora => {
-                let (lora, r) = adapt_lora(&model.decoder, &ex, set.source, &params.train)?;
+                let (lora, r) = adapt_lora(&model.decoder, None, &ex, set.source, &params.train)?;
                 if let Some(l) = &lora {
                     lora_bytes = l.bytes();
                 }

@@ -1,4 +1,4 @@
-//! `ttarag index build|list|delete`.
+//! `ttarag index build|list|delete|adapt`.
 
 use std::path::PathBuf;
 
@@ -31,6 +31,10 @@ pub enum IndexCmd {
         #[arg(long)]
         collection: String,
     },
+    /// Train the collection's domain adapter (settings: `[domain.train]`), from labelled
+    /// questions with their retrieved passages and/or from its passages. Saved in
+    /// `[domain] dir`/NAME with a card; an interrupted run resumes from its checkpoint.
+    Adapt(super::adapt::AdaptArgs),
 }
 
 pub fn run(cfg: Config, cmd: IndexCmd) -> anyhow::Result<()> {
@@ -71,6 +75,7 @@ pub fn run(cfg: Config, cmd: IndexCmd) -> anyhow::Result<()> {
             cols.delete(&collection)?;
             println!("deleted {collection}");
         }
+        IndexCmd::Adapt(a) => super::adapt::run(cfg, a)?,
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The `ttarag` command line: `serve`, `index`, `ask`, `bench`, `eval`, `gate`, `model`.
 
+mod adapt;
 mod ask;
 mod bench;
 mod eval;

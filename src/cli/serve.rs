@@ -71,7 +71,7 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let engine = Engine::start(
-        model,
+        model.clone(),
         collections,
         &EngineConfig {
             workers: cfg.server.workers,
@@ -82,6 +82,9 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
                 cfg.server.request_timeout_ms,
             )),
             max_prompt_tokens: cfg.server.max_prompt_tokens,
+            domain: Some(crate::adapt::domain::DomainAdapters::for_config(
+                &cfg, &model,
+            )),
             faults: Default::default(),
         },
     )?;

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 pub use prompt::RagPrompt;
 pub use tta_params::{resolve_tta, ParamError, TtaOverrides};
 
+use crate::adapt::domain::{DomainAdapter, DomainAdapters};
 use crate::adapt::{
     adapt_full, adapt_lora, build_pairs, encode_pairs, PairOptions, TrainParams, TtaReport,
 };
@@ -70,6 +71,29 @@ pub struct RagParams {
     pub top_k: usize,
     /// Request mode `auto`: the gate decides under this policy whether `mode` runs at all.
     pub gate: Option<Policy>,
+    /// Whether the collection's domain adapter sits under the answer (and any adaptation).
+    pub domain: DomainUse,
+}
+
+/// Whether a request uses its collection's domain adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainUse {
+    Off,
+    /// The config's default: used when the collection has a valid one; the report says why not.
+    Prefer,
+    /// Asked for by the request: no valid adapter is an error.
+    Require,
+}
+
+/// What the domain adapter did for a request (the response's `rag.domain_adapter`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DomainReport {
+    pub used: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter_sha256: Option<String>,
+    /// Why it was not used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Which weights test-time adaptation trains.
@@ -143,6 +167,8 @@ pub struct RagReport {
     pub tta: Option<TtaReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gate: Option<GateReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain_adapter: Option<DomainReport>,
     pub timings_ms: Timings,
 }
 
@@ -173,6 +199,14 @@ pub enum EngineError {
     /// The request cannot be served as written (e.g. the chat template refuses it).
     #[error("{0}")]
     Invalid(String),
+    /// A request parameter names something this server cannot serve (e.g. a domain adapter
+    /// the collection lacks).
+    #[error("{message}")]
+    BadParam {
+        param: &'static str,
+        code: &'static str,
+        message: String,
+    },
     #[error("the request did not finish within its deadline of {0} ms (queue wait included)")]
     DeadlineExceeded(u64),
     /// The job panicked; the cause is logged, not sent to the client.
@@ -312,6 +346,8 @@ pub struct EngineConfig {
     pub request_timeout: Option<Duration>,
     /// Longest prompt (passages included) a job may run, in tokens; 0 = the model's context.
     pub max_prompt_tokens: usize,
+    /// Each collection's domain adapter, for requests that use it.
+    pub domain: Option<Arc<DomainAdapters>>,
     /// Fault injection for tests; the CLI never sets it.
     pub faults: Faults,
 }
@@ -334,6 +370,7 @@ impl Default for EngineConfig {
             gate: None,
             request_timeout: None,
             max_prompt_tokens: 0,
+            domain: None,
             faults: Faults::default(),
         }
     }
@@ -347,6 +384,7 @@ struct Worker {
     /// Taken while a full-weight adaptation and its answer run: one private weight copy at a
     /// time. A second such request is refused at once rather than left to block its worker.
     full_scope: Arc<std::sync::Mutex<()>>,
+    domain: Option<Arc<DomainAdapters>>,
     gate: Option<Arc<LoadedGate>>,
     max_prompt_tokens: usize,
     faults: Faults,
@@ -407,6 +445,7 @@ impl Engine {
             prompt: Arc::new(RagPrompt::new(&cfg.prompt_template)?),
             health: health.clone(),
             full_scope: Arc::new(std::sync::Mutex::new(())),
+            domain: cfg.domain.clone(),
             gate: cfg.gate.clone(),
             max_prompt_tokens: cfg.max_prompt_tokens,
             faults: cfg.faults.clone(),
@@ -577,6 +616,7 @@ impl Worker {
         req: &ChatJob,
         params: &TtaParams,
         passages: &[Passage],
+        under: Option<&dyn Adapter>,
         cancel: &Cancel,
     ) -> anyhow::Result<(Adapted, TtaReport)> {
         let texts: Vec<&str> = passages.iter().map(|p| p.text.as_str()).collect();
@@ -601,7 +641,7 @@ impl Worker {
         };
         Ok(match params.scope {
             TtaScope::Lora => {
-                let (l, r) = adapt_lora(dec, &examples, set.source, &train)?;
+                let (l, r) = adapt_lora(dec, under, &examples, set.source, &train)?;
                 (l.map_or(Adapted::Base, Adapted::Lora), r)
             }
             TtaScope::Full => {
@@ -609,6 +649,55 @@ impl Worker {
                 (d.map_or(Adapted::Base, Adapted::Full), r)
             }
         })
+    }
+
+    /// The domain adapter a request on `collection` answers with, and what to report of it.
+    /// `Require` without a valid adapter is a 400; `Prefer` then answers without one.
+    #[allow(clippy::type_complexity)]
+    fn domain_adapter(
+        &self,
+        collection: &str,
+        want: DomainUse,
+        full: bool,
+    ) -> Result<(Option<Arc<DomainAdapter>>, Option<DomainReport>), Option<EngineError>> {
+        let found = match &self.domain {
+            None => Err("this server has no domain adapters configured".to_string()),
+            Some(store) => self
+                .collections
+                .get(collection)
+                .and_then(|c| c.fingerprint())
+                .map_err(|e| e.to_string())
+                .and_then(|fp| store.get(collection, &fp))
+                .and_then(|a| a.ok_or_else(|| format!("collection `{collection}` has no domain adapter (train one with `ttarag index adapt --collection {collection}`)"))),
+        };
+        // Scope full trains its own copy of every weight; a delta beneath it is not supported.
+        let found = found.and_then(|a| match full {
+            true => Err("scope `full` does not stack on a domain adapter; send \"domain_adapter\": false or scope `lora`".into()),
+            false => Ok(a),
+        });
+        match (found, want) {
+            (Ok(a), _) => {
+                let report = DomainReport {
+                    used: true,
+                    adapter_sha256: Some(a.card.adapter_sha256.clone()),
+                    reason: None,
+                };
+                Ok((Some(a), Some(report)))
+            }
+            (Err(why), DomainUse::Require) => Err(Some(EngineError::BadParam {
+                param: "rag.domain_adapter",
+                code: "domain_adapter_unavailable",
+                message: format!("rag.domain_adapter: {why}"),
+            })),
+            (Err(why), _) => Ok((
+                None,
+                Some(DomainReport {
+                    used: false,
+                    adapter_sha256: None,
+                    reason: Some(why),
+                }),
+            )),
+        }
     }
 
     /// `Err(None)` means the client went away.
@@ -685,6 +774,10 @@ impl Worker {
         };
 
         let full = matches!(&req.tta, Some(p) if p.scope == TtaScope::Full) && mode == RagMode::Tta;
+        let (domain, domain_report) = match (mode, req.rag.domain) {
+            (RagMode::None, _) | (_, DomainUse::Off) => (None, None),
+            (_, want) => self.domain_adapter(&req.rag.collection, want, full)?,
+        };
         // A poisoned lock only means another request panicked; the guard protects no data.
         let _serial = match full {
             false => None,
@@ -703,13 +796,14 @@ impl Worker {
         checkpoint(job)?;
         let (adapted, tta) = match (&req.tta, mode) {
             (Some(params), RagMode::Tta) => {
-                let (adapted, report) = self.adapt(req, params, &passages, &job.cancel).map_err(
-                    |e| match checkpoint(job) {
+                let under = domain.as_ref().map(|d| &d.lora as &dyn Adapter);
+                let (adapted, report) = self
+                    .adapt(req, params, &passages, under, &job.cancel)
+                    .map_err(|e| match checkpoint(job) {
                         // The step check stopped it: report why, not the wrapped error.
                         Err(stop) => stop,
                         Ok(()) => internal(e.to_string()),
-                    },
-                )?;
+                    })?;
                 timings.adapt = report.adapt_ms;
                 (adapted, Some(report))
             }
@@ -733,9 +827,17 @@ impl Worker {
             }
             reply.send(Event::Text(t.to_string())).is_ok()
         };
+        let stack;
+        let under = domain.as_ref().map(|d| &d.lora as &dyn Adapter);
         let (dec, adapter): (&crate::model::Decoder, Option<&dyn Adapter>) = match &adapted {
-            Adapted::Base => (&self.model.decoder, None),
-            Adapted::Lora(l) => (&self.model.decoder, Some(l)),
+            Adapted::Base => (&self.model.decoder, under),
+            Adapted::Lora(l) => match under {
+                Some(under) => {
+                    stack = crate::adapt::Stack { under, over: l };
+                    (&self.model.decoder, Some(&stack))
+                }
+                None => (&self.model.decoder, Some(l)),
+            },
             Adapted::Full(d) => (d, None),
         };
         let conts = req
@@ -784,6 +886,7 @@ impl Worker {
                 passages,
                 tta,
                 gate,
+                domain_adapter: domain_report,
                 timings_ms: timings,
             },
             choice_scores,
@@ -811,6 +914,7 @@ mod tests {
                 collection: "none".into(),
                 top_k: 1,
                 gate: None,
+                domain: DomainUse::Off,
             },
             tta: None,
             score_choices: vec![],

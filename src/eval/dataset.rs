@@ -61,15 +61,26 @@ pub enum Part {
     Dev,
     /// The other four in five.
     Test,
+    /// Four in five of `dev` (by a second digit of the same hash): what a trained artefact
+    /// (a supervised domain adapter) learns from.
+    #[serde(rename = "dev-train")]
+    DevTrain,
+    /// The other fifth of `dev`: where settings of a trained artefact are compared.
+    #[serde(rename = "dev-eval")]
+    DevEval,
 }
 
 impl Part {
     pub fn holds(self, id: &str) -> bool {
-        let dev = stable_hash(id).is_multiple_of(5);
+        let h = stable_hash(id);
+        let dev = h.is_multiple_of(5);
+        let dev_eval = dev && (h / 5).is_multiple_of(5);
         match self {
             Part::All => true,
             Part::Dev => dev,
             Part::Test => !dev,
+            Part::DevTrain => dev && !dev_eval,
+            Part::DevEval => dev_eval,
         }
     }
 }
@@ -163,6 +174,25 @@ mod tests {
         );
         assert_eq!(limited, a[..3].to_vec());
         assert_eq!(select(qs(5), &s).len(), 5);
+    }
+
+    #[test]
+    fn dev_train_and_dev_eval_split_dev_without_overlap() {
+        let part = |p| {
+            select(
+                qs(5000),
+                &Subset {
+                    part: p,
+                    ..Default::default()
+                },
+            )
+        };
+        let (dev, train, eval) = (part(Part::Dev), part(Part::DevTrain), part(Part::DevEval));
+        assert_eq!(train.len() + eval.len(), dev.len());
+        assert!(train.iter().chain(&eval).all(|q| dev.contains(q)));
+        assert!(eval.iter().all(|q| !train.contains(q)));
+        let share = eval.len() as f64 / dev.len() as f64;
+        assert!((0.12..0.28).contains(&share), "{share}");
     }
 
     #[test]

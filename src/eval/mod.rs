@@ -162,13 +162,17 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
 
     let gate = load_gate(cfg, &model, &arms)?;
     let engine = Engine::start(
-        model,
+        model.clone(),
         cols,
         &EngineConfig {
             workers: 1,
             queue_capacity: 2,
             prompt_template: cfg.retrieval.prompt_template.clone(),
             gate,
+            domain: arms
+                .iter()
+                .any(|a| a.domain_adapter)
+                .then(|| crate::adapt::domain::DomainAdapters::for_config(cfg, &model)),
             ..Default::default()
         },
     )?;

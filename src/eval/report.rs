@@ -396,6 +396,7 @@ mod tests {
             top_k: 3,
             tta: None,
             gate: None,
+            domain_adapter: false,
         }
     }
 

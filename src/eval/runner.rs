@@ -62,6 +62,10 @@ fn job(
             collection: ds.collection.clone(),
             top_k: arm.top_k,
             gate: arm.gate.as_ref().map(|g| g.policy),
+            domain: match arm.domain_adapter {
+                true => crate::engine::DomainUse::Require,
+                false => crate::engine::DomainUse::Off,
+            },
         },
         tta,
         score_choices: choice_variants(choices).0,

@@ -78,6 +78,10 @@ pub struct ArmSpec {
     /// Mode `gated`: probe card, policy and `then` mode; each defaults to the server config's
     /// `[gate]`.
     pub gate: Option<ArmGate>,
+    /// Answer (and adapt) on top of the collection's domain adapter (`ttarag index adapt`);
+    /// a missing or refused adapter fails the run rather than quietly scoring without it.
+    #[serde(default)]
+    pub domain_adapter: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -106,6 +110,8 @@ pub struct ResolvedArm {
     pub tta: Option<TtaSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<ResolvedGate>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub domain_adapter: bool,
 }
 
 impl ResolvedArm {
@@ -219,6 +225,7 @@ impl EvalSpec {
                 top_k,
                 tta,
                 gate,
+                domain_adapter: a.domain_adapter,
             });
         }
         if let Some(b) = &self.run.baseline {

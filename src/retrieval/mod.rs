@@ -7,6 +7,7 @@
 //! commit swaps `meta.json` atomically. Readers check `meta.json` before each search, so a
 //! running server sees commits made by other processes.
 
+mod fingerprint;
 mod ingest;
 mod passages;
 
@@ -25,6 +26,7 @@ use tantivy::query::QueryParser;
 use tantivy::schema::{Field, Schema, Value, STORED, STRING, TEXT};
 use tantivy::{Index, IndexReader, IndexSettings, ReloadPolicy, Searcher, TantivyDocument};
 
+pub use fingerprint::Fingerprint;
 pub use ingest::{ingest_path, IngestStats};
 pub use passages::split_passages;
 
@@ -127,6 +129,7 @@ pub struct Collection {
     fields: Fields,
     meta: PathBuf,
     seen: Mutex<Option<MetaStamp>>,
+    fingerprint: fingerprint::Cached,
 }
 
 impl Collection {
@@ -146,6 +149,7 @@ impl Collection {
             fields,
             meta: dir.join(META),
             seen: Mutex::new(seen),
+            fingerprint: Default::default(),
         })
     }
 
@@ -199,6 +203,25 @@ impl Collection {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Every passage, in id order (score 0): what offline training reads of a collection.
+    pub fn passages(&self) -> Result<Vec<Passage>, RetrievalError> {
+        let rows = fingerprint::read_all(&self.searcher(), self.fields)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, title, text)| Passage {
+                id,
+                score: 0.0,
+                text,
+                title: Some(title).filter(|t| !t.is_empty()),
+            })
+            .collect())
+    }
+
+    /// The content identity of the latest commit (see [`Fingerprint`]); cached per commit.
+    pub fn fingerprint(&self) -> Result<Fingerprint, RetrievalError> {
+        self.fingerprint.get(&self.searcher(), self.fields)
     }
 
     /// BM25 top-`k` for a raw question. Any text is accepted: syntax the query language would
@@ -567,6 +590,36 @@ mod tests {
             .unwrap_or_default();
         v.sort();
         v
+    }
+
+    #[test]
+    fn the_fingerprint_follows_content_not_build_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cols = Collections::new(tmp.path().join("index"));
+        let ab = corpus(
+            tmp.path(),
+            "ab.jsonl",
+            &[("a", "Rivers carry sediment."), ("b", "Ice floats.")],
+        );
+        let ba = corpus(
+            tmp.path(),
+            "ba.jsonl",
+            &[("b", "Ice floats."), ("a", "Rivers carry sediment.")],
+        );
+        cols.ingest("one", &ab, 500, None).unwrap();
+        cols.ingest("two", &ba, 500, None).unwrap();
+        let one = cols.get("one").unwrap().fingerprint().unwrap();
+        assert_eq!(one.passages, 2);
+        assert_eq!(one, cols.get("two").unwrap().fingerprint().unwrap());
+        // An edited passage (re-ingesting an id replaces it) moves it; so does a new one.
+        let edit = corpus(tmp.path(), "e.jsonl", &[("b", "Ice floats on water.")]);
+        cols.ingest("two", &edit, 500, None).unwrap();
+        let edited = cols.get("two").unwrap().fingerprint().unwrap();
+        assert_eq!(edited.passages, 2);
+        assert_ne!(edited, one);
+        let more = corpus(tmp.path(), "m.jsonl", &[("c", "Salt dissolves.")]);
+        cols.ingest("one", &more, 500, None).unwrap();
+        assert_eq!(cols.get("one").unwrap().fingerprint().unwrap().passages, 3);
     }
 
     #[test]

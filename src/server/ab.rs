@@ -110,6 +110,7 @@ pub fn apply(arm: &ArmConfig, rag: &mut RagRequest) {
     if let Some(a) = &arm.tta {
         rag.tta = Some(rag.tta.take().unwrap_or_default().or(a));
     }
+    rag.domain_adapter = rag.domain_adapter.or(arm.domain_adapter);
 }
 
 /// Maps a key to [0, 1), identically on every build and platform, so a user keeps their arm
@@ -234,6 +235,7 @@ mod tests {
             top_k: None,
             tta: None,
             gate: None,
+            domain_adapter: None,
         }
     }
 

@@ -103,6 +103,9 @@ impl From<EngineError> for ApiError {
                 Self::invalid(msg, Some("messages")).with_code("context_length_exceeded")
             }
             EngineError::Invalid(_) => Self::invalid(msg, Some("messages")),
+            EngineError::BadParam { param, code, .. } => {
+                Self::invalid(msg, Some(param)).with_code(code)
+            }
             EngineError::DeadlineExceeded(_) => {
                 Self::server(StatusCode::GATEWAY_TIMEOUT, msg).with_code("timeout")
             }

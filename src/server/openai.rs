@@ -67,7 +67,7 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-/// `"rag": {"mode", "arm", "collection", "top_k", "tta", "gate"}`.
+/// `"rag": {"mode", "arm", "collection", "top_k", "domain_adapter", "tta", "gate"}`.
 #[derive(Debug, Deserialize, Default)]
 pub struct RagRequest {
     pub mode: Option<String>,
@@ -75,6 +75,9 @@ pub struct RagRequest {
     pub arm: Option<String>,
     pub collection: Option<String>,
     pub top_k: Option<i64>,
+    /// Answer (and adapt) on top of the collection's domain adapter; default `[domain]
+    /// default_on`.
+    pub domain_adapter: Option<bool>,
     /// Adaptation settings for mode `tta`.
     pub tta: Option<crate::engine::TtaOverrides>,
     /// Settings for mode `auto`.

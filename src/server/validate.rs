@@ -1,7 +1,7 @@
 //! Wire request -> internal [`ChatJob`], rejecting anything out of range with a precise message.
 
 use crate::config::Config;
-use crate::engine::{resolve_tta, ChatJob, RagMode, RagParams};
+use crate::engine::{resolve_tta, ChatJob, DomainUse, RagMode, RagParams};
 use crate::generate::GenParams;
 use crate::model::ChatMessage;
 use crate::retrieval::Collections;
@@ -308,6 +308,12 @@ pub fn to_job(
         },
         rag: RagParams {
             mode,
+            domain: match rag.domain_adapter {
+                Some(true) => DomainUse::Require,
+                Some(false) => DomainUse::Off,
+                None if cfg.domain.default_for(&collection) => DomainUse::Prefer,
+                None => DomainUse::Off,
+            },
             collection,
             top_k,
             gate,

@@ -48,6 +48,13 @@ pub struct TestServer {
     pub _dir: tempfile::TempDir,
 }
 
+impl TestServer {
+    /// The folder of the server's collections.
+    pub fn index_dir(&self) -> PathBuf {
+        self._dir.path().join("index")
+    }
+}
+
 pub const FACTS: &str = "{\"id\": \"f1\", \"text\": \"Earthquakes can damage buildings.\"}\n\
 {\"id\": \"f2\", \"text\": \"Plants need sunlight to grow.\"}\n\
 {\"id\": \"f3\", \"text\": \"Water boils at 100 degrees Celsius at sea level.\"}\n";
@@ -159,6 +166,13 @@ pub async fn start_tiny_slow(
                 cfg.server.request_timeout_ms,
             )),
             max_prompt_tokens: cfg.server.max_prompt_tokens,
+            domain: Some(Arc::new(ttarag::adapt::domain::DomainAdapters::new(
+                cfg.domain.dir.clone(),
+                ttarag::adapt::domain::ModelIdentity::Known(TINY_SHA.into()),
+                model.decoder.config().clone(),
+                Device::Cpu,
+                candle_core::DType::F32,
+            ))),
             faults,
         },
     )
@@ -176,6 +190,66 @@ pub async fn start_tiny_slow(
         model,
         _dir: dir,
     }
+}
+
+/// Trains a domain adapter for the test servers' tiny model and their `facts` collection (as
+/// [`FACTS`] builds it), saved under `dir`/facts with a card claiming `model_sha`. Strong
+/// settings, so answers on it visibly differ from the base model's.
+pub fn tiny_domain_adapter(
+    dir: &std::path::Path,
+    model_sha: &str,
+) -> ttarag::adapt::domain::DomainCard {
+    use ttarag::adapt::domain::*;
+    use ttarag::retrieval::{ingest_path, Collections};
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("facts.jsonl");
+    std::fs::write(&corpus, FACTS).unwrap();
+    let cols = Collections::new(tmp.path().join("index"));
+    let coll = cols.get_or_create("facts").unwrap();
+    ingest_path(&coll, &corpus, 500, None).unwrap();
+    let model = ttarag::model::tiny::tiny_model(3).unwrap();
+    let examples: Vec<ttarag::adapt::Example> = coll
+        .passages()
+        .unwrap()
+        .iter()
+        .map(|p| ttarag::adapt::Example {
+            ids: model.tokenizer.encode_text(&p.text).unwrap(),
+            suffix_start: 1,
+        })
+        .collect();
+    let mut s = ttarag::config::Config::default().domain.train;
+    s.rank = 4;
+    s.alpha = 8.0;
+    s.lr = 5e-2;
+    s.epochs = 8;
+    s.batch = 3;
+    let t = train_domain(&model.decoder, &examples, &s, None, &mut |_, _, _| true).unwrap();
+    let card = DomainCard {
+        format: CARD_FORMAT,
+        collection: "facts".into(),
+        model_id: "tiny".into(),
+        model_sha256: model_sha.into(),
+        fingerprint: coll.fingerprint().unwrap(),
+        shape: Shape {
+            rank: s.rank,
+            alpha: s.alpha,
+            targets: s.targets.clone(),
+        },
+        settings: serde_json::to_value(&s).unwrap(),
+        data: TrainingData {
+            questions: 0,
+            questions_file: None,
+            questions_excluded: 0,
+            corpus_examples: examples.len(),
+            examples_sha256: examples_sha256(&examples),
+        },
+        loss_curve: t.curve,
+        steps: t.steps,
+        train_seconds: 0.0,
+        adapter_sha256: String::new(),
+        adapter_bytes: 0,
+    };
+    save_adapter(&adapter_dir(dir, "facts"), &t.lora, card).unwrap()
 }
 
 /// A user message that makes a test server's worker panic (fault injection).
