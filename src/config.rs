@@ -123,6 +123,12 @@ pub struct TtaSection {
     pub max_steps_cap: usize,
     pub max_tokens_per_pair_cap: usize,
     pub max_lora_rank: usize,
+    /// Passages adaptation learns from (the prompt's top_k and the next ones); 0 = top_k.
+    pub adapt_top_k: usize,
+    pub max_adapt_top_k: usize,
+    /// `adapted`, or `confident`: the static or the adapted answer, whichever its model is
+    /// more confident in.
+    pub select: String,
 }
 
 /// A TOML error on one line (`line L, column C: message`): the parser's own rendering spans
@@ -543,6 +549,11 @@ impl Config {
         self.model.decode_quant()?;
         let t = &self.tta;
         anyhow::ensure!(
+            crate::engine::Select::parse(&t.select).is_some(),
+            "tta.select `{}` is not one of: adapted, confident",
+            t.select
+        );
+        anyhow::ensure!(
             t.scope == "lora" || t.scope == "full",
             "tta.scope `{}` is not one of: lora, full",
             t.scope
@@ -551,7 +562,8 @@ impl Config {
             t.max_pairs <= t.max_pairs_cap
                 && t.steps <= t.max_steps_cap
                 && t.max_tokens_per_pair <= t.max_tokens_per_pair_cap
-                && t.lora_rank <= t.max_lora_rank,
+                && t.lora_rank <= t.max_lora_rank
+                && t.adapt_top_k <= t.max_adapt_top_k,
             "tta defaults exceed their caps"
         );
         for (key, lr) in [("tta.lr", t.lr), ("tta.full_lr", t.full_lr)] {

@@ -533,3 +533,91 @@ async fn a_tta_request_without_a_seed_adapts_the_same_way_every_time_and_seed_ov
         "the seed must reach the adapter's initialisation"
     );
 }
+
+#[tokio::test]
+async fn adaptation_can_learn_from_more_passages_than_the_prompt_shows() {
+    let s = start_tiny(1, 8, true).await;
+    // Words of all three facts: BM25 ranks every one.
+    let mut body = ask("Can plants grow where water boils at sea level?");
+    let tta = json!({"lr": 0.01, "steps": 2, "max_pairs": 8, "min_words": 4});
+    body["rag"] = json!({"mode": "tta", "top_k": 1, "tta": tta});
+    let (status, one) = post(&s.base, &body).await;
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(one["rag"]["passages"].as_array().unwrap().len(), 1);
+    assert_eq!(one["rag"]["tta"]["adapt_passages"], 1);
+
+    body["rag"]["tta"]["adapt_top_k"] = json!(3);
+    let (status, three) = post(&s.base, &body).await;
+    assert_eq!(status, 200, "{three}");
+    assert_eq!(
+        three["rag"]["passages"], one["rag"]["passages"],
+        "the prompt is unchanged"
+    );
+    assert_eq!(three["rag"]["tta"]["adapt_passages"], 3);
+    assert!(
+        three["rag"]["tta"]["pairs"].as_u64() > one["rag"]["tta"]["pairs"].as_u64(),
+        "{} vs {}",
+        three["rag"]["tta"],
+        one["rag"]["tta"]
+    );
+
+    body["rag"]["tta"]["adapt_top_k"] = json!(51);
+    let (status, v) = post(&s.base, &body).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "rag.tta.adapt_top_k");
+}
+
+#[tokio::test]
+async fn confident_selection_answers_with_whichever_answer_its_model_is_surer_of() {
+    let s = start_tiny(1, 8, false).await;
+    let q = "Can plants grow where water boils at sea level?";
+    let tta = json!({"lr": 0.05, "steps": 3, "max_pairs": 2, "min_words": 4});
+    let mut body = ask(q);
+    body["rag"] = json!({"mode": "static", "top_k": 3});
+    let (_, fixed) = post(&s.base, &body).await;
+    body["rag"] = json!({"mode": "tta", "top_k": 3, "tta": tta});
+    let (_, moved) = post(&s.base, &body).await;
+    assert!(
+        moved["rag"].get("selection").is_none(),
+        "select defaults to adapted"
+    );
+    body["rag"]["tta"]["select"] = json!("confident");
+    let (status, v) = post(&s.base, &body).await;
+    assert_eq!(status, 200, "{v}");
+    let sel = &v["rag"]["selection"];
+    assert_eq!(sel["rule"], "confident");
+    let (a, b) = (
+        sel["static_logprob"].as_f64().unwrap(),
+        sel["adapted_logprob"].as_f64().unwrap(),
+    );
+    assert!(a < 0.0 && b < 0.0, "{sel}");
+    let content = |v: &Value| v["choices"][0]["message"]["content"].clone();
+    let expected = if b >= a {
+        ("adapted", &moved)
+    } else {
+        ("static", &fixed)
+    };
+    assert_eq!(sel["chosen"], expected.0, "{sel}");
+    assert_eq!(content(&v), content(expected.1));
+    assert_eq!(sel["same_answer"], content(&fixed) == content(&moved));
+
+    // Streamed, the chosen answer arrives whole.
+    body["stream"] = json!(true);
+    let frames = sse(&s.base, &body).await;
+    let text: String = frames[..frames.len() - 1]
+        .iter()
+        .map(|f| serde_json::from_str::<Value>(f).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(Value::String(text), content(&v));
+
+    body["stream"] = json!(false);
+    body["rag"]["tta"]["select"] = json!("best");
+    let (status, v) = post(&s.base, &body).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "rag.tta.select");
+}

@@ -45,6 +45,8 @@ pub struct TtaReport {
     pub scope: &'static str,
     pub pairs: usize,
     pub pair_source: PairSource,
+    /// Passages the pairs were cut from (`rag.tta.adapt_top_k` may exceed the prompt's).
+    pub adapt_passages: usize,
     pub steps: usize,
     pub loss_before: Option<f64>,
     pub loss_after: Option<f64>,
@@ -564,6 +566,7 @@ fn new_report(scope: &'static str, examples: &[Example], source: PairSource) -> 
         scope,
         pairs: examples.len(),
         pair_source: source,
+        adapt_passages: 0,
         steps: 0,
         loss_before: None,
         loss_after: None,

@@ -85,6 +85,37 @@ pub enum DomainUse {
     Require,
 }
 
+/// Which answer a request in mode `tta` gives (`rag.tta.select`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Select {
+    /// The adapted model's.
+    Adapted,
+    /// The static and the adapted answer are both generated; the one with the higher mean
+    /// token log-probability under its own model is given.
+    Confident,
+}
+
+impl Select {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "adapted" => Some(Self::Adapted),
+            "confident" => Some(Self::Confident),
+            _ => None,
+        }
+    }
+}
+
+/// What answer selection did (the response's `rag.selection`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SelectionReport {
+    pub rule: &'static str,
+    /// `static` or `adapted`.
+    pub chosen: &'static str,
+    pub static_logprob: f64,
+    pub adapted_logprob: f64,
+    pub same_answer: bool,
+}
+
 /// What the domain adapter did for a request (the response's `rag.domain_adapter`).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DomainReport {
@@ -126,6 +157,10 @@ enum Adapted {
 #[derive(Debug, Clone)]
 pub struct TtaParams {
     pub scope: TtaScope,
+    /// Passages adaptation learns from: the prompt's `top_k` and the next ones (0 = the
+    /// prompt's alone).
+    pub adapt_top_k: usize,
+    pub select: Select,
     pub pairs: PairOptions,
     pub train: TrainParams,
 }
@@ -169,6 +204,9 @@ pub struct RagReport {
     pub gate: Option<GateReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub domain_adapter: Option<DomainReport>,
+    /// How `rag.tta.select` chose between the static and the adapted answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selection: Option<SelectionReport>,
     pub timings_ms: Timings,
 }
 
@@ -710,6 +748,12 @@ impl Worker {
             ..Default::default()
         };
 
+        // Adaptation may learn from more passages than the prompt shows: retrieve them all
+        // at once, the prompt's first.
+        let search_k = match (&req.tta, req.rag.mode) {
+            (Some(p), RagMode::Tta) => req.rag.top_k.max(p.adapt_top_k),
+            _ => req.rag.top_k,
+        };
         let retrieve = |timings: &mut Timings| {
             checkpoint(job)?;
             let t = Instant::now();
@@ -719,7 +763,7 @@ impl Worker {
                 .get(&req.rag.collection)
                 .map_err(|e| internal(e.to_string()))?;
             let hits = coll
-                .search(question, req.rag.top_k)
+                .search(question, search_k)
                 .map_err(|e| internal(e.to_string()))?;
             timings.retrieve += t.elapsed().as_secs_f64() * 1e3;
             Ok::<_, Option<EngineError>>(hits)
@@ -738,9 +782,10 @@ impl Worker {
                 })?;
                 let with_passages = if g.needs_passages() && mode != RagMode::None {
                     let hits = retrieve(&mut timings)?;
+                    let shown = &hits[..hits.len().min(req.rag.top_k)];
                     let m = self
                         .prompt
-                        .apply(&req.messages, &hits)
+                        .apply(&req.messages, shown)
                         .map_err(|e| internal(e.to_string()))?;
                     retrieved = Some(hits);
                     Some(m)
@@ -762,7 +807,7 @@ impl Worker {
             }
         };
 
-        let (collection, passages) = match mode {
+        let (collection, mut passages) = match mode {
             RagMode::None => (None, vec![]),
             RagMode::Static | RagMode::Tta => {
                 let hits = match retrieved {
@@ -772,6 +817,8 @@ impl Worker {
                 (Some(req.rag.collection.clone()), hits)
             }
         };
+        // The prompt's passages; the rest (if any) only feed adaptation.
+        let extra = passages.split_off(passages.len().min(req.rag.top_k));
 
         let full = matches!(&req.tta, Some(p) if p.scope == TtaScope::Full) && mode == RagMode::Tta;
         let (domain, domain_report) = match (mode, req.rag.domain) {
@@ -797,14 +844,16 @@ impl Worker {
         let (adapted, tta) = match (&req.tta, mode) {
             (Some(params), RagMode::Tta) => {
                 let under = domain.as_ref().map(|d| &d.lora as &dyn Adapter);
-                let (adapted, report) = self
-                    .adapt(req, params, &passages, under, &job.cancel)
+                let pool: Vec<Passage> = passages.iter().chain(&extra).cloned().collect();
+                let (adapted, mut report) = self
+                    .adapt(req, params, &pool, under, &job.cancel)
                     .map_err(|e| match checkpoint(job) {
                         // The step check stopped it: report why, not the wrapped error.
                         Err(stop) => stop,
                         Ok(()) => internal(e.to_string()),
                     })?;
                 timings.adapt = report.adapt_ms;
+                report.adapt_passages = pool.len();
                 (adapted, Some(report))
             }
             _ => (Adapted::Base, None),
@@ -854,27 +903,62 @@ impl Worker {
             ))));
         }
         checkpoint(job)?;
-        let gen = generate_scoring(
-            &self.model,
-            dec,
-            &ids,
-            &req.gen,
-            adapter,
-            &conts,
-            &job.cancel,
-            &mut on_text,
-        );
-        let (out, choice_scores) = match gen {
-            Ok(o) => o,
-            Err(GenError::Cancelled) => return Err(None),
-            Err(GenError::Stopped(_)) => return Err(checkpoint(job).err().flatten()),
-            Err(e @ GenError::ContextExceeded { .. }) => {
-                return Err(Some(EngineError::ContextExceeded(e.to_string())))
+        let run = |dec, adapter, on_text: &mut dyn FnMut(&str) -> bool| {
+            let gen = generate_scoring(
+                &self.model,
+                dec,
+                &ids,
+                &req.gen,
+                adapter,
+                &conts,
+                &job.cancel,
+                on_text,
+            );
+            match gen {
+                Ok(o) => Ok(o),
+                Err(GenError::Cancelled) => Err(None),
+                Err(GenError::Stopped(_)) => Err(checkpoint(job).err().flatten()),
+                Err(e @ GenError::ContextExceeded { .. }) => {
+                    Err(Some(EngineError::ContextExceeded(e.to_string())))
+                }
+                Err(e) => Err(internal(e.to_string())),
             }
-            Err(e) => return Err(internal(e.to_string())),
         };
-        timings.prefill = out.prefill_ms;
-        timings.decode = out.decode_ms;
+        let select = req.tta.as_ref().map_or(Select::Adapted, |p| p.select);
+        let (out, choice_scores, selection) = match (&adapted, select) {
+            (Adapted::Base, _) | (_, Select::Adapted) => {
+                let (out, scores) = run(dec, adapter, &mut on_text)?;
+                (out, scores, None)
+            }
+            // Both answers in full before either is shown: the more confident one is sent.
+            (_, Select::Confident) => {
+                let (fixed, fixed_scores) = run(&self.model.decoder, under, &mut |_| true)?;
+                let (moved, moved_scores) = run(dec, adapter, &mut |_| true)?;
+                let report = SelectionReport {
+                    rule: "confident",
+                    chosen: if moved.mean_logprob() >= fixed.mean_logprob() {
+                        "adapted"
+                    } else {
+                        "static"
+                    },
+                    static_logprob: fixed.mean_logprob(),
+                    adapted_logprob: moved.mean_logprob(),
+                    same_answer: fixed.text == moved.text,
+                };
+                timings.prefill += fixed.prefill_ms;
+                timings.decode += fixed.decode_ms;
+                let (out, scores) = match report.chosen {
+                    "adapted" => (moved, moved_scores),
+                    _ => (fixed, fixed_scores),
+                };
+                if !on_text(&out.text) {
+                    return Err(None);
+                }
+                (out, scores, Some(report))
+            }
+        };
+        timings.prefill += out.prefill_ms;
+        timings.decode += out.decode_ms;
         Ok(Completion {
             text: out.text,
             finish_reason: out.finish_reason,
@@ -887,6 +971,7 @@ impl Worker {
                 tta,
                 gate,
                 domain_adapter: domain_report,
+                selection,
                 timings_ms: timings,
             },
             choice_scores,

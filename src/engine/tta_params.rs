@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::adapt::{parse_target, LoraConfig, PairOptions, TrainParams};
 use crate::config::TtaSection;
 
-use super::{TtaParams, TtaScope};
+use super::{Select, TtaParams, TtaScope};
 
 /// What a request (`rag.tta`) or an A/B arm (`tta = {...}`) may override; `None` keeps the
 /// configured default. Unknown keys are refused, so a misspelt setting is an error, not a
@@ -35,6 +35,10 @@ pub struct TtaOverrides {
     pub lora_dropout: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_targets: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapt_top_k: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select: Option<String>,
 }
 
 impl TtaOverrides {
@@ -52,6 +56,8 @@ impl TtaOverrides {
             lora_alpha: self.lora_alpha.or(other.lora_alpha),
             lora_dropout: self.lora_dropout.or(other.lora_dropout),
             lora_targets: self.lora_targets.or_else(|| other.lora_targets.clone()),
+            adapt_top_k: self.adapt_top_k.or(other.adapt_top_k),
+            select: self.select.or_else(|| other.select.clone()),
         }
     }
 }
@@ -136,7 +142,20 @@ pub fn resolve_tta(c: &TtaSection, o: &TtaOverrides, seed: u64) -> Result<TtaPar
         });
     }
     let steps = bounded(o.steps, c.steps, 0, c.max_steps_cap, "rag.tta.steps")?;
+    let select_name = o.select.clone().unwrap_or_else(|| c.select.clone());
+    let select = Select::parse(&select_name).ok_or_else(|| ParamError {
+        param: "rag.tta.select",
+        message: format!("rag.tta.select `{select_name}` is not one of \"adapted\", \"confident\""),
+    })?;
     Ok(TtaParams {
+        select,
+        adapt_top_k: bounded(
+            o.adapt_top_k,
+            c.adapt_top_k,
+            0,
+            c.max_adapt_top_k,
+            "rag.tta.adapt_top_k",
+        )?,
         scope,
         pairs: PairOptions {
             min_words: bounded(o.min_words, c.min_words, 1, 1000, "rag.tta.min_words")?,

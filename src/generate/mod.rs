@@ -5,7 +5,7 @@ mod stop;
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 pub use score::{score_after_prefill, score_continuations, ContinuationScore};
@@ -43,6 +43,9 @@ pub enum FinishReason {
 pub struct GenOutput {
     pub text: String,
     pub completion_tokens: usize,
+    /// Sum of the log-probabilities of the tokens produced (an end-of-turn token included),
+    /// under the model that produced them: its confidence in the answer.
+    pub logprob_sum: f64,
     pub finish_reason: FinishReason,
     pub prefill_ms: f64,
     pub decode_ms: f64,
@@ -111,6 +114,23 @@ fn prefill(
         .logits
         .ok_or(GenError::EmptyPrompt)?
         .squeeze(0)?)
+}
+
+/// `log softmax(logits)[id]`, in f64 over an f32 copy of the row.
+fn token_logprob(logits: &Tensor, id: u32) -> Result<f64, GenError> {
+    let row = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+    Ok(row
+        .get(id as usize)
+        .map_or(f64::NEG_INFINITY, |&x| x as f64 - max - sum.ln()))
+}
+
+impl GenOutput {
+    /// Mean log-probability per produced token.
+    pub fn mean_logprob(&self) -> f64 {
+        self.logprob_sum / self.completion_tokens.max(1) as f64
+    }
 }
 
 /// Generates from `prompt`, calling `on_text` with each piece of safe-to-show text. `on_text`
@@ -197,9 +217,11 @@ pub fn generate_scoring(
         text.push_str(t);
         on_text(t)
     };
+    let mut logprob_sum = 0.0;
     while produced < budget {
         let next = sampler.sample(&logits)?;
         produced += 1;
+        logprob_sum += token_logprob(&logits, next)?;
         if model.eos_ids.contains(&next) {
             finish = FinishReason::Stop;
             break;
@@ -248,6 +270,7 @@ pub fn generate_scoring(
     let out = GenOutput {
         text,
         completion_tokens: produced,
+        logprob_sum,
         finish_reason: finish,
         prefill_ms,
         decode_ms: t1.elapsed().as_secs_f64() * 1e3,
@@ -318,6 +341,48 @@ mod tests {
         // The forks used for scoring must not disturb the cache that decoding goes on with.
         assert_eq!(out.text, run(&m, &p).text);
         assert_eq!(out.completion_tokens, 12);
+    }
+
+    #[test]
+    fn the_answers_log_probability_is_that_of_its_tokens_scored_after_the_prompt() {
+        let mut m = tiny_model(1).unwrap();
+        m.eos_ids.clear();
+        let prompt = m
+            .tokenizer
+            .encode("<|im_start|>user\nhello<|im_end|>\n")
+            .unwrap();
+        // Greedy: the answer's tokens are the argmax path, which re-encoding its text might
+        // not reproduce; collect them through a one-token budget at a time instead.
+        let p = params(0.0, 0, 6);
+        let out = generate(&m, &prompt, &p, None, &mut |_| true).unwrap();
+        let mut ids = prompt.clone();
+        let mut tokens = vec![];
+        for _ in 0..6 {
+            let logits = prefill(
+                &m.decoder,
+                &ids,
+                &mut m.decoder.new_cache(ids.len()),
+                &ForwardOpts {
+                    logits: Logits::Last,
+                    ..Default::default()
+                },
+                PREFILL_CHUNK,
+                &Cancel::default(),
+            )
+            .unwrap();
+            let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+            tokens.push(next);
+            ids.push(next);
+        }
+        let scored = score_continuations(&m.decoder, &prompt, &[tokens], None).unwrap();
+        assert!(out.logprob_sum < 0.0);
+        assert!(
+            (out.logprob_sum - scored[0].logprob).abs() < 1e-3,
+            "{} vs {:?}",
+            out.logprob_sum,
+            scored[0]
+        );
+        assert!((out.mean_logprob() - out.logprob_sum / 6.0).abs() < 1e-12);
     }
 
     #[test]
