@@ -240,3 +240,40 @@ gate = {{ probe = "{card}", policy = "always", then = "static" }}
     };
     assert!(format!("{e:#}").contains("sha256"), "{e:#}");
 }
+
+#[test]
+fn a_domain_adapter_arm_runs_on_a_valid_adapter_and_refuses_to_run_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let weights = d.join("tiny.gguf");
+    std::fs::write(&weights, b"tiny weights").unwrap();
+    let mut cfg = Config::default();
+    cfg.retrieval.index_dir = d.join("index");
+    cfg.model.path = weights.clone();
+    cfg.domain.dir = d.join("adapters");
+    let mut s = spec(d, 0);
+    s.arms.truncate(2);
+    s.arms.push(
+        toml::from_str("name = \"domain\"\nmode = \"static\"\ndomain_adapter = true").unwrap(),
+    );
+    let err = eval_with(&cfg, s.clone(), d.join("none")).err().unwrap();
+    assert!(
+        format!("{err:#}").contains("needs the domain adapter of collection `facts`"),
+        "{err:#}"
+    );
+    assert!(
+        !d.join("none/records.jsonl").exists(),
+        "nothing scored without it"
+    );
+
+    let sha = ttarag::model::fingerprint::weights_sha256(&weights).unwrap();
+    let card = common::tiny_domain_adapter(&cfg.domain.dir, &sha);
+    let out = eval_with(&cfg, s, d.join("with")).unwrap();
+    assert_eq!(
+        out.header.domain_adapter_sha256.as_deref(),
+        Some(card.adapter_sha256.as_str())
+    );
+    let domain = out.summary.arms.iter().find(|a| a.name == "domain").unwrap();
+    assert_eq!(domain.errors, 0);
+    assert_eq!(domain.n, 3);
+}

@@ -121,6 +121,25 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
     {
         ensure_collection(&cols, &spec, cfg.retrieval.passage_max_chars)?;
     }
+    // Arms on the domain adapter need a valid one: a run never scores them without it.
+    let domain = match arms.iter().find(|a| a.domain_adapter) {
+        None => None,
+        Some(arm) => {
+            let store = crate::adapt::domain::DomainAdapters::for_config(cfg, &model);
+            let name = &spec.dataset.collection;
+            let fp = cols.get(name)?.fingerprint()?;
+            let adapter = store
+                .get(name, &fp)
+                .map_err(|why| anyhow::anyhow!("arm `{}`: the domain adapter of `{name}` is refused: {why}", arm.name))?
+                .with_context(|| {
+                    format!(
+                        "arm `{}` needs the domain adapter of collection `{name}`; train it with `ttarag index adapt --collection {name}`",
+                        arm.name
+                    )
+                })?;
+            Some((store, adapter.card.adapter_sha256.clone()))
+        }
+    };
     let header = RunHeader {
         version: env!("CARGO_PKG_VERSION").into(),
         model: model.id.clone(),
@@ -133,6 +152,7 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
         questions: questions.len(),
         prompt_template: cfg.retrieval.prompt_template.clone(),
         decode_quant: cfg.model.decode_quant.clone(),
+        domain_adapter_sha256: domain.as_ref().map(|d| d.1.clone()),
     };
 
     std::fs::create_dir_all(&job.out)
@@ -169,10 +189,7 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
             queue_capacity: 2,
             prompt_template: cfg.retrieval.prompt_template.clone(),
             gate,
-            domain: arms
-                .iter()
-                .any(|a| a.domain_adapter)
-                .then(|| crate::adapt::domain::DomainAdapters::for_config(cfg, &model)),
+            domain: domain.map(|d| d.0),
             ..Default::default()
         },
     )?;
@@ -216,6 +233,12 @@ fn check_compatible(old: &RunHeader, new: &RunHeader) -> anyhow::Result<()> {
     }
     if old.prompt_template != new.prompt_template || old.decode_quant != new.decode_quant {
         return Err(differs("retrieval.prompt_template or model.decode_quant"));
+    }
+    if new.domain_adapter_sha256.is_some()
+        && old.domain_adapter_sha256.is_some()
+        && old.domain_adapter_sha256 != new.domain_adapter_sha256
+    {
+        return Err(differs("domain adapter (it was retrained)"));
     }
     let mut a = old.run.clone();
     let mut b = new.run.clone();

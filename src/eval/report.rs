@@ -33,6 +33,10 @@ pub struct RunHeader {
     pub prompt_template: String,
     #[serde(default)]
     pub decode_quant: String,
+    /// The domain adapter that arms with `domain_adapter = true` answer on (its file's
+    /// SHA-256): a retrained adapter is another experiment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_adapter_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -433,6 +437,7 @@ mod tests {
                 questions: 10,
                 prompt_template: String::new(),
                 decode_quant: "q8_0".into(),
+                domain_adapter_sha256: None,
             },
             &s,
         );
