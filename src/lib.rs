@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod eval;
+pub mod file_stamp;
 pub mod gate;
 pub mod generate;
 pub mod model;

@@ -19,6 +19,21 @@ fn text(v: &Value) -> String {
         .to_string()
 }
 
+/// Asks for the domain adapter and expects a 400 whose message says `why`.
+async fn refused(base: &str, q: &str, why: &str) {
+    let (st, v) = post(
+        base,
+        &ask(q, json!({"mode": "static", "domain_adapter": true})),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(v["error"]["param"], "rag.domain_adapter");
+    assert_eq!(v["error"]["code"], "domain_adapter_unavailable");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains(why), "{v}");
+}
+
 async fn server(adapters: &std::path::Path, default_on: &[&str]) -> common::TestServer {
     let mut cfg = ttarag::config::Config::default();
     cfg.auth.full_scope = ttarag::config::FullScope::Any;
@@ -151,20 +166,7 @@ async fn a_missing_or_stale_adapter_is_refused_when_asked_for_and_skipped_by_def
     let adapters = tempfile::tempdir().unwrap();
     let s = server(adapters.path(), &["facts"]).await;
     let q = "What can damage buildings?";
-    let (st, v) = post(
-        &s.base,
-        &ask(q, json!({"mode": "static", "domain_adapter": true})),
-    )
-    .await;
-    assert_eq!(st, 400, "{v}");
-    assert_eq!(v["error"]["type"], "invalid_request_error");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("has no domain adapter"),
-        "{v}"
-    );
+    refused(&s.base, q, "has no domain adapter").await;
     let (st, v) = post(&s.base, &ask(q, json!({"mode": "static"}))).await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["rag"]["domain_adapter"]["used"], false);
@@ -175,19 +177,7 @@ async fn a_missing_or_stale_adapter_is_refused_when_asked_for_and_skipped_by_def
 
     // Trained on other weights.
     tiny_domain_adapter(adapters.path(), "other-weights");
-    let (st, v) = post(
-        &s.base,
-        &ask(q, json!({"mode": "static", "domain_adapter": true})),
-    )
-    .await;
-    assert_eq!(st, 400, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("other model weights"),
-        "{v}"
-    );
+    refused(&s.base, q, "other model weights").await;
 
     // Matching, then the collection changes under it (another process adds a passage).
     tiny_domain_adapter(adapters.path(), TINY_SHA);
@@ -205,19 +195,7 @@ async fn a_missing_or_stale_adapter_is_refused_when_asked_for_and_skipped_by_def
     .unwrap();
     let cols = ttarag::retrieval::Collections::new(s.index_dir());
     cols.ingest("facts", &extra, 500, None).unwrap();
-    let (st, v) = post(
-        &s.base,
-        &ask(q, json!({"mode": "static", "domain_adapter": true})),
-    )
-    .await;
-    assert_eq!(st, 400, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("changed since it was trained"),
-        "{v}"
-    );
+    refused(&s.base, q, "changed since it was trained").await;
     let (_, v) = post(&s.base, &ask(q, json!({"mode": "static"}))).await;
     assert_eq!(v["rag"]["domain_adapter"]["used"], false, "{v}");
 }

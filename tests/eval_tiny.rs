@@ -273,7 +273,12 @@ fn a_domain_adapter_arm_runs_on_a_valid_adapter_and_refuses_to_run_without_one()
         out.header.domain_adapter_sha256.as_deref(),
         Some(card.adapter_sha256.as_str())
     );
-    let domain = out.summary.arms.iter().find(|a| a.name == "domain").unwrap();
+    let domain = out
+        .summary
+        .arms
+        .iter()
+        .find(|a| a.name == "domain")
+        .unwrap();
     assert_eq!(domain.errors, 0);
     assert_eq!(domain.n, 3);
 }

@@ -11,6 +11,19 @@ fn ask(q: &str) -> Value {
            "max_tokens": 16, "temperature": 0, "seed": 1})
 }
 
+/// The answer text streamed in `frames` (the payloads before `[DONE]`).
+fn sse_text(frames: &[String]) -> String {
+    frames[..frames.len() - 1]
+        .iter()
+        .map(|f| serde_json::from_str::<Value>(f).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
 /// Reads an SSE body into its `data:` payloads.
 async fn sse(base: &str, body: &Value) -> Vec<String> {
     let r = reqwest::Client::new()
@@ -403,15 +416,7 @@ async fn tta_mode_reports_its_adaptation_plain_and_streamed() {
     let last: Value = serde_json::from_str(&frames[frames.len() - 2]).unwrap();
     assert_eq!(last["rag"]["tta"]["loss_before"], t["loss_before"]);
     assert_eq!(last["rag"]["tta"]["loss_after"], t["loss_after"]);
-    let text: String = frames[..frames.len() - 1]
-        .iter()
-        .map(|f| serde_json::from_str::<Value>(f).unwrap())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
-        .collect();
+    let text = sse_text(&frames);
     assert_eq!(
         text,
         v["choices"][0]["message"]["content"].as_str().unwrap()
@@ -604,15 +609,7 @@ async fn confident_selection_answers_with_whichever_answer_its_model_is_surer_of
     // Streamed, the chosen answer arrives whole.
     body["stream"] = json!(true);
     let frames = sse(&s.base, &body).await;
-    let text: String = frames[..frames.len() - 1]
-        .iter()
-        .map(|f| serde_json::from_str::<Value>(f).unwrap())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
-        .collect();
+    let text = sse_text(&frames);
     assert_eq!(Value::String(text), content(&v));
 
     body["stream"] = json!(false);

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
+use crate::file_stamp::FileStamp;
 use indicatif::ProgressBar;
 use serde::Serialize;
 use tantivy::collector::TopDocs;
@@ -86,24 +87,6 @@ fn schema() -> (Schema, Fields) {
 
 const META: &str = "meta.json";
 
-/// Which `meta.json` a reader last loaded. tantivy replaces the file on every commit (write
-/// then rename), so a new commit shows as a new inode, time or size.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct MetaStamp {
-    ino: u64,
-    mtime: Option<SystemTime>,
-    len: u64,
-}
-
-fn meta_stamp(path: &Path) -> Option<MetaStamp> {
-    let m = std::fs::metadata(path).ok()?;
-    Some(MetaStamp {
-        ino: m.ino(),
-        mtime: m.modified().ok(),
-        len: m.len(),
-    })
-}
-
 /// A collection folder's identity: a folder deleted and rebuilt under the same name is a
 /// different folder (the birth time guards against a reused inode number).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -128,7 +111,8 @@ pub struct Collection {
     reader: IndexReader,
     fields: Fields,
     meta: PathBuf,
-    seen: Mutex<Option<MetaStamp>>,
+    /// Which `meta.json` the reader last loaded: tantivy replaces it on every commit.
+    seen: Mutex<Option<FileStamp>>,
     fingerprint: fingerprint::Cached,
 }
 
@@ -136,7 +120,7 @@ impl Collection {
     fn with_index(
         dir: &Path,
         index: Index,
-        seen: Option<MetaStamp>,
+        seen: Option<FileStamp>,
     ) -> Result<Self, RetrievalError> {
         let (_, fields) = schema();
         let reader = index
@@ -161,7 +145,7 @@ impl Collection {
     /// Opens the committed index in `dir`.
     fn open(dir: &Path) -> Result<Self, RetrievalError> {
         // Stamped before the reader loads, so a commit landing in between is reloaded later.
-        let seen = meta_stamp(&dir.join(META));
+        let seen = FileStamp::of(&dir.join(META));
         let index = Index::open(Self::mmap(dir)?)?;
         Self::with_index(dir, index, seen)
     }
@@ -169,12 +153,12 @@ impl Collection {
     /// Creates an empty index in the existing, empty folder `dir`.
     fn create(dir: &Path) -> Result<Self, RetrievalError> {
         let index = Index::create(Self::mmap(dir)?, schema().0, IndexSettings::default())?;
-        Self::with_index(dir, index, meta_stamp(&dir.join(META)))
+        Self::with_index(dir, index, FileStamp::of(&dir.join(META)))
     }
 
     /// Reloads the reader now.
     fn reload(&self) -> Result<(), RetrievalError> {
-        let stamp = meta_stamp(&self.meta);
+        let stamp = FileStamp::of(&self.meta);
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         self.reader.reload()?;
         *seen = stamp;
@@ -183,7 +167,7 @@ impl Collection {
 
     /// The searcher over the latest commit, whichever process made it.
     fn searcher(&self) -> Searcher {
-        let now = meta_stamp(&self.meta);
+        let now = FileStamp::of(&self.meta);
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         if now.is_some() && now != *seen {
             // Recorded even on failure, so a broken commit is reported once, not per search;

@@ -3,16 +3,15 @@
 //! every request on that collection.
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 
 use super::card::{adapter_dir, file_sha256, DomainCard, ADAPTER_FILE, CARD_FILE};
 use crate::adapt::{parse_target, Lora, LoraConfig};
+use crate::file_stamp::FileStamp;
 use crate::model::ModelConfig;
 use crate::retrieval::Fingerprint;
 
@@ -29,23 +28,6 @@ pub enum ModelIdentity {
     Known(String),
 }
 
-/// Which card file a cached adapter came from (a retrained adapter replaces the card).
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    ino: u64,
-    mtime: Option<SystemTime>,
-    len: u64,
-}
-
-fn stamp(p: &Path) -> Option<Stamp> {
-    let m = std::fs::metadata(p).ok()?;
-    Some(Stamp {
-        ino: m.ino(),
-        mtime: m.modified().ok(),
-        len: m.len(),
-    })
-}
-
 enum Entry {
     Ready(Arc<DomainAdapter>),
     /// Kept so a broken adapter costs one check per change, not one per request.
@@ -53,7 +35,8 @@ enum Entry {
 }
 
 struct Cached {
-    stamp: Stamp,
+    /// The card file it was loaded from (a retrained adapter replaces the card).
+    stamp: FileStamp,
     fingerprint: Fingerprint,
     entry: Entry,
 }
@@ -129,7 +112,7 @@ impl DomainAdapters {
         now: &Fingerprint,
     ) -> Result<Option<Arc<DomainAdapter>>, String> {
         let folder = adapter_dir(&self.dir, collection);
-        let Some(st) = stamp(&folder.join(CARD_FILE)) else {
+        let Some(st) = FileStamp::of(&folder.join(CARD_FILE)) else {
             return Ok(None);
         };
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
