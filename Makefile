@@ -15,6 +15,13 @@ test: setup
 bench: setup
 	cargo run --release -- bench
 
+# The sample collection's domain adapter (index/adapters/qasc), from the QASC dev-train questions.
+.PHONY: adapt
+adapt: setup
+	cargo run --release -- index build --collection qasc --input index/samples/qasc/corpus.jsonl
+	cargo run --release -- index adapt --collection qasc --questions data/qasc/questions.jsonl \
+	    --system "Answer the question with a short phrase."
+
 # Loopback load test of a server already started with `make run` (it starts none itself):
 # make load ARGS='--requests 6 --concurrency 1,2 --storm 4'
 .PHONY: load
