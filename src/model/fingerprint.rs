@@ -31,6 +31,13 @@ pub fn weights_sha256(path: &Path) -> Result<String> {
     Ok(format!("{:x}", hasher.finalize()))
 }
 
+/// Hex SHA-256 of any one file, read in 1 MB blocks.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    let mut hasher = Sha256::new();
+    hash_file(path, &mut hasher)?;
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
 fn hash_file(path: &Path, hasher: &mut Sha256) -> Result<()> {
     let mut f =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
