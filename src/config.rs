@@ -161,9 +161,18 @@ pub struct GateSection {
     pub then: String,
     /// The mode of requests that name none: `static`, `tta`, `none` or `auto`.
     pub default_mode: String,
+    /// The adaptation gate's card (`ttarag gate train --without static --with tta`): when
+    /// mode `auto` retrieves and `then` is `tta`, it decides whether to adapt or answer
+    /// static. `None` = every such request adapts.
+    pub adapt_probe: Option<PathBuf>,
+    /// The adaptation gate's policy for requests that name none (`rag.gate.adapt`).
+    pub adapt_policy: crate::gate::policy::Policy,
     /// Why the configured probe was not loaded (set at start, never read from a file).
     #[serde(skip)]
     pub refused: Option<String>,
+    /// Why the configured adaptation probe was not loaded (set at start).
+    #[serde(skip)]
+    pub adapt_refused: Option<String>,
 }
 
 impl Default for GateSection {
@@ -174,7 +183,10 @@ impl Default for GateSection {
             collection_policies: Default::default(),
             then: "static".into(),
             default_mode: "static".into(),
+            adapt_probe: None,
+            adapt_policy: crate::gate::policy::Policy::Always,
             refused: None,
+            adapt_refused: None,
         }
     }
 }
@@ -306,6 +318,18 @@ impl AbSection {
                 !auto || gate.probe.is_some(),
                 "ab arm `{name}`: mode \"auto\" needs the retrieval gate, and gate.probe is not set"
             );
+            if a.gate.as_ref().is_some_and(|g| g.adapt.is_some()) {
+                anyhow::ensure!(
+                    mode == crate::engine::RagMode::Tta,
+                    "ab arm `{name}`: gate.adapt decides whether to adapt, so gate.then must be \
+                     \"tta\""
+                );
+                anyhow::ensure!(
+                    gate.adapt_probe.is_some(),
+                    "ab arm `{name}`: gate.adapt needs the adaptation gate, and gate.adapt_probe \
+                     is not set"
+                );
+            }
             if let Some(k) = a.top_k {
                 anyhow::ensure!(
                     (1..=retrieval.max_top_k).contains(&k),

@@ -193,6 +193,117 @@ async fn per_collection_policy_and_default_mode_come_from_the_config() {
     assert_eq!(v["rag"]["mode"], "static");
 }
 
+/// A server whose retrieval gate always retrieves (S2 first) and whose adaptation gate puts S3
+/// (adaptation harms) first, or S2 (it helps) when `helps`.
+async fn adapt_gated(helps: bool) -> (TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ttarag::config::Config::default();
+    cfg.gate.probe = Some(constant_gate(dir.path(), [0.0, 5.0, 0.0, 0.0]));
+    let logits = match helps {
+        true => [0.0, 5.0, 0.0, 0.0],
+        false => [0.0, 0.0, 5.0, 0.0],
+    };
+    cfg.gate.adapt_probe = Some(common::constant_adapt_gate(dir.path(), logits));
+    (start_tiny_with(1, 8, false, cfg).await, dir)
+}
+
+#[tokio::test]
+async fn the_adaptation_gate_chooses_between_static_and_tta_after_retrieval() {
+    let (harms, _d) = adapt_gated(false).await;
+    let rag = json!({"mode": "auto", "gate": {"then": "tta", "adapt": "optimistic"}});
+    let (status, v) = post(&harms.base, &ask(rag.clone())).await;
+    assert_eq!(status, 200, "{v}");
+    let r = &v["rag"];
+    assert_eq!(r["gate"]["decision"], "retrieve");
+    assert_eq!(r["gate"]["decides"], "retrieval");
+    let a = &r["adapt_gate"];
+    assert_eq!(
+        (&a["decides"], &a["decision"], &a["policy"]),
+        (&json!("adaptation"), &json!("skip"), &json!("optimistic"))
+    );
+    assert_eq!(
+        r["mode"], "static",
+        "a skip answers from the same passages: {r}"
+    );
+    assert_eq!(r["passages"][0]["id"], "f1");
+    assert!(r.get("tta").is_none(), "no adaptation ran: {r}");
+    assert_eq!(r["timings_ms"]["adapt"], 0.0);
+    let gate_ms = r["gate"]["gate_ms"].as_f64().unwrap() + a["gate_ms"].as_f64().unwrap();
+    let timed = r["timings_ms"]["gate"].as_f64().unwrap();
+    assert!((timed - gate_ms).abs() < 1e-6, "{timed} vs {gate_ms}");
+
+    // The configured policy (always) adapts and only reports.
+    let (_, v) = post(
+        &harms.base,
+        &ask(json!({"mode": "auto", "gate": {"then": "tta"}})),
+    )
+    .await;
+    assert_eq!(v["rag"]["mode"], "tta", "{v}");
+    assert_eq!(v["rag"]["adapt_gate"]["decision"], "adapt");
+    assert!(v["rag"]["tta"].is_object());
+    // Static `then` never consults the adaptation gate.
+    let (_, v) = post(&harms.base, &ask(json!({"mode": "auto"}))).await;
+    assert!(v["rag"].get("adapt_gate").is_none(), "{v}");
+
+    let (helps, _d2) = adapt_gated(true).await;
+    let (_, v) = post(&helps.base, &ask(rag)).await;
+    assert_eq!(v["rag"]["mode"], "tta", "{v}");
+    assert_eq!(v["rag"]["adapt_gate"]["decision"], "adapt");
+    assert!(v["rag"]["tta"]["steps"].as_u64().unwrap() > 0, "{v}");
+}
+
+#[tokio::test]
+async fn adaptation_gate_requests_that_cannot_run_are_refused() {
+    // No adaptation gate configured.
+    let (s, _d) = gated(|_| {}).await;
+    let (status, v) = post(
+        &s.base,
+        &ask(json!({"mode": "auto", "gate": {"then": "tta", "adapt": "optimistic"}})),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "rag.gate.adapt");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("gate.adapt_probe"),
+        "{v}"
+    );
+    let (s, _d) = adapt_gated(false).await;
+    for rag in [
+        json!({"mode": "auto", "gate": {"then": "static", "adapt": "optimistic"}}),
+        json!({"mode": "tta", "gate": {"adapt": "optimistic"}}),
+    ] {
+        let (status, v) = post(&s.base, &ask(rag.clone())).await;
+        assert_eq!(status, 400, "{rag}: {v}");
+        assert!(
+            v["error"]["param"]
+                .as_str()
+                .unwrap()
+                .starts_with("rag.gate"),
+            "{rag}: {v}"
+        );
+    }
+}
+
+#[test]
+fn a_retrieval_card_is_refused_as_the_adaptation_gate_and_the_reverse() {
+    use candle_core::Device;
+    use ttarag::gate::card::{Decides, LoadedGate};
+    let dir = tempfile::tempdir().unwrap();
+    let model = ttarag::model::tiny::tiny_model(3).unwrap();
+    let load = |p: &std::path::Path| LoadedGate::load(p, &model, common::TINY_SHA, &Device::Cpu);
+    let retrieval = load(&constant_gate(dir.path(), [0.0; 4])).unwrap();
+    let adaptation = load(&common::constant_adapt_gate(dir.path(), [0.0; 4])).unwrap();
+    assert_eq!(adaptation.card.decides, Decides::Adaptation);
+    let e = retrieval.clone().expect(Decides::Adaptation).unwrap_err();
+    assert!(e.to_string().contains("decides retrieval"), "{e}");
+    assert!(adaptation.clone().expect(Decides::Retrieval).is_err());
+    assert!(retrieval.expect(Decides::Retrieval).is_ok());
+    assert!(adaptation.expect(Decides::Adaptation).is_ok());
+}
+
 #[tokio::test]
 async fn gate_requests_that_cannot_run_are_refused_with_openai_errors() {
     let plain = start_tiny(1, 8, false).await;

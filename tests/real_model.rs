@@ -185,6 +185,7 @@ fn answers_a_qasc_question_from_the_retrieved_fact() {
             collection: "qasc".into(),
             top_k: 1,
             gate: None,
+            adapt_gate: None,
             domain: ttarag::engine::DomainUse::Off,
         },
         tta: None,

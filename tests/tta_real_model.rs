@@ -31,6 +31,7 @@ fn job(question: &str, mode: RagMode, overrides: &TtaOverrides) -> ChatJob {
             collection: "qasc".into(),
             top_k: 3,
             gate: None,
+            adapt_gate: None,
             domain: ttarag::engine::DomainUse::Off,
         },
         tta: (mode == RagMode::Tta).then(|| resolve_tta(&cfg.tta, overrides, 7).unwrap()),

@@ -104,6 +104,7 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
             collection,
             top_k,
             gate: gate_policy,
+            adapt_gate: None,
         },
         tta: match mode {
             RagMode::Tta => Some(

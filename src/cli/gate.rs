@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::Config;
 use crate::engine::RagPrompt;
-use crate::gate::card::{CardModel, CardScores, FeatureTap, GateCard, Pass, CARD_FORMAT};
+use crate::gate::card::{CardModel, CardScores, Decides, FeatureTap, GateCard, Pass, CARD_FORMAT};
 use crate::gate::features::{prompt_features, Position};
 use crate::gate::labels::{examples_from_jsonl, examples_from_run, Example};
 use crate::gate::policy::CLASSES;
@@ -21,7 +21,9 @@ use crate::gate::sweep::{sweep, FeatureSets, SweepOptions};
 
 #[derive(Debug, Subcommand)]
 pub enum GateCmd {
-    /// Train the retrieval gate: a probe per layer, the best one saved with its card.
+    /// Train a gate: a probe per layer, the best one saved with its card. With `--without` an
+    /// arm without retrieval it is a retrieval gate; with `--without static --with tta` (both
+    /// retrieve, one adapts) an adaptation gate, for `[gate] adapt_probe`.
     Train(TrainArgs),
 }
 
@@ -31,10 +33,11 @@ pub struct TrainArgs {
     /// questions without and with retrieval. Repeatable.
     #[arg(long, required = true, num_args = 1..)]
     pub records: Vec<PathBuf>,
-    /// The arm without retrieval.
+    /// The arm without retrieval (or, for an adaptation gate, with retrieval but no
+    /// adaptation).
     #[arg(long, default_value = "closed_book")]
     pub without: String,
-    /// The arm with retrieval.
+    /// The arm with retrieval (for an adaptation gate: the one that adapts).
     #[arg(long, default_value = "static")]
     pub with: String,
     /// Hand-labelled questions: JSONL rows {"id", "question", "class": "S1".."S4", "system"?}.
@@ -139,15 +142,34 @@ fn train(cfg: Config, a: TrainArgs) -> anyhow::Result<()> {
     // Labels first: a bad file fails before the model loads.
     let mut examples: Vec<Example> = Vec::new();
     let mut sources = Vec::new();
+    let mut decides = None;
     for r in &a.records {
-        let (ex, skipped) = examples_from_run(r, &a.without, &a.with)?;
+        let run = examples_from_run(r, &a.without, &a.with)?;
+        anyhow::ensure!(
+            decides.is_none_or(|d| d == run.decides),
+            "{}: its `{}` arm {} retrieve, unlike the other records files'; train one gate from \
+             runs of one kind",
+            r.display(),
+            a.without,
+            if run.decides == Decides::Retrieval {
+                "does not"
+            } else {
+                "does"
+            }
+        );
+        decides = Some(run.decides);
         sources.push(Source {
             path: r.display().to_string(),
-            questions: ex.len(),
-            skipped,
+            questions: run.examples.len(),
+            skipped: run.skipped,
         });
-        examples.extend(ex);
+        examples.extend(run.examples);
     }
+    let decides = decides.unwrap_or_default();
+    anyhow::ensure!(
+        a.extra.is_empty() || decides == Decides::Retrieval,
+        "--extra rows are classed by retrieval, so they cannot train an adaptation gate"
+    );
     for e in &a.extra {
         let ex = examples_from_jsonl(e)?;
         sources.push(Source {
@@ -241,6 +263,7 @@ fn train(cfg: Config, a: TrainArgs) -> anyhow::Result<()> {
     let majority = CLASSES[s.majority_class].to_string();
     let card = GateCard {
         format: CARD_FORMAT,
+        decides,
         model: CardModel {
             id: model.id.clone(),
             sha256: sha,
@@ -287,8 +310,9 @@ fn train(cfg: Config, a: TrainArgs) -> anyhow::Result<()> {
     };
     card.save(&card_path, &probe)?;
     println!(
-        "chose layer {} ({}, {:?}, {:?}): validation macro-F1 {:.3}, held-out accuracy {:.3} \
+        "{} gate: chose layer {} ({}, {:?}, {:?}): validation macro-F1 {:.3}, held-out accuracy {:.3} \
          (majority {:.3})\ncard {}; report {}",
+        decides.name(),
         best.layer,
         best.pass.name(),
         best.position,

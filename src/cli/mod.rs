@@ -16,6 +16,7 @@ use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
+use crate::gate::card::Decides;
 use crate::model::Model;
 use crate::retrieval::Collections;
 
@@ -211,7 +212,29 @@ pub fn load_gate(
     cfg: &Config,
     model: &Model,
 ) -> anyhow::Result<Option<Arc<crate::gate::card::LoadedGate>>> {
-    let Some(card) = &cfg.gate.probe else {
+    load_card(cfg.gate.probe.as_deref(), Decides::Retrieval, cfg, model)
+}
+
+/// The adaptation gate named by `[gate] adapt_probe`, like [`load_gate`].
+pub fn load_adapt_gate(
+    cfg: &Config,
+    model: &Model,
+) -> anyhow::Result<Option<Arc<crate::gate::card::LoadedGate>>> {
+    load_card(
+        cfg.gate.adapt_probe.as_deref(),
+        Decides::Adaptation,
+        cfg,
+        model,
+    )
+}
+
+fn load_card(
+    card: Option<&std::path::Path>,
+    decides: Decides,
+    cfg: &Config,
+    model: &Model,
+) -> anyhow::Result<Option<Arc<crate::gate::card::LoadedGate>>> {
+    let Some(card) = card else {
         return Ok(None);
     };
     let t = std::time::Instant::now();
@@ -220,9 +243,12 @@ pub fn load_gate(
         model,
         &cfg.model.path,
         model.decoder.device(),
-    )?;
+    )?
+    .expect(decides)
+    .with_context(|| format!("gate card {}", card.display()))?;
     tracing::info!(
         card = %card.display(),
+        decides = decides.name(),
         layer = gate.card.features.layer,
         secs = t.elapsed().as_secs_f64(),
         "gate loaded"

@@ -70,6 +70,27 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
             None
         }
     };
+    let adapt_gate = match super::load_adapt_gate(&cfg, &model) {
+        Ok(g) => g,
+        // Without it, `auto` requests that would adapt still adapt; those that ask for the
+        // gate by name (`rag.gate.adapt`) are told why it is missing.
+        Err(e)
+            if cfg
+                .ab
+                .arms
+                .iter()
+                .any(|a| a.gate.as_ref().is_some_and(|g| g.adapt.is_some())) =>
+        {
+            return Err(e.context("an [ab] arm runs the adaptation gate"))
+        }
+        Err(e) => {
+            let why = format!("{e:#}");
+            tracing::warn!(error = %why, "adaptation gate refused; auto requests adapt ungated");
+            cfg.gate.adapt_probe = None;
+            cfg.gate.adapt_refused = Some(why);
+            None
+        }
+    };
     let engine = Engine::start(
         model.clone(),
         collections,
@@ -78,6 +99,7 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
             queue_capacity: cfg.server.queue_capacity,
             prompt_template: cfg.retrieval.prompt_template.clone(),
             gate,
+            adapt_gate,
             request_timeout: Some(std::time::Duration::from_millis(
                 cfg.server.request_timeout_ms,
             )),

@@ -71,6 +71,9 @@ pub struct RagParams {
     pub top_k: usize,
     /// Request mode `auto`: the gate decides under this policy whether `mode` runs at all.
     pub gate: Option<Policy>,
+    /// Request mode `auto` with `mode` tta: the adaptation gate decides under this policy
+    /// whether to adapt or answer static.
+    pub adapt_gate: Option<Policy>,
     /// Whether the collection's domain adapter sits under the answer (and any adaptation).
     pub domain: DomainUse,
 }
@@ -202,6 +205,9 @@ pub struct RagReport {
     pub tta: Option<TtaReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gate: Option<GateReport>,
+    /// The adaptation gate's verdict: mode `static` when it skipped adaptation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapt_gate: Option<GateReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub domain_adapter: Option<DomainReport>,
     /// How `rag.tta.select` chose between the static and the adapted answer.
@@ -380,6 +386,8 @@ pub struct EngineConfig {
     pub prompt_template: String,
     /// The retrieval gate for requests in mode `auto`; such requests fail without one.
     pub gate: Option<Arc<LoadedGate>>,
+    /// The adaptation gate for `auto` requests that would adapt.
+    pub adapt_gate: Option<Arc<LoadedGate>>,
     /// Deadline of a job from its submission, queue wait included; `None` = none.
     pub request_timeout: Option<Duration>,
     /// Longest prompt (passages included) a job may run, in tokens; 0 = the model's context.
@@ -406,6 +414,7 @@ impl Default for EngineConfig {
             queue_capacity: 1,
             prompt_template: crate::config::Config::default().retrieval.prompt_template,
             gate: None,
+            adapt_gate: None,
             request_timeout: None,
             max_prompt_tokens: 0,
             domain: None,
@@ -424,6 +433,7 @@ struct Worker {
     full_scope: Arc<std::sync::Mutex<()>>,
     domain: Option<Arc<DomainAdapters>>,
     gate: Option<Arc<LoadedGate>>,
+    adapt_gate: Option<Arc<LoadedGate>>,
     max_prompt_tokens: usize,
     faults: Faults,
 }
@@ -485,6 +495,7 @@ impl Engine {
             full_scope: Arc::new(std::sync::Mutex::new(())),
             domain: cfg.domain.clone(),
             gate: cfg.gate.clone(),
+            adapt_gate: cfg.adapt_gate.clone(),
             max_prompt_tokens: cfg.max_prompt_tokens,
             faults: cfg.faults.clone(),
         });
@@ -820,6 +831,38 @@ impl Worker {
         // The prompt's passages; the rest (if any) only feed adaptation.
         let extra = passages.split_off(passages.len().min(req.rag.top_k));
 
+        // The adaptation gate: adapt, or answer static from the same passages.
+        let adapt_gate = match (mode, req.rag.adapt_gate) {
+            (RagMode::Tta, Some(policy)) => {
+                let g = self.adapt_gate.as_ref().ok_or_else(|| {
+                    internal(
+                        "rag.gate.adapt needs an adaptation gate and this engine has none".into(),
+                    )
+                })?;
+                let with_passages = match g.needs_passages() {
+                    true => Some(
+                        self.prompt
+                            .apply(&req.messages, &passages)
+                            .map_err(|e| internal(e.to_string()))?,
+                    ),
+                    false => None,
+                };
+                checkpoint(job)?;
+                let report = g
+                    .assess(&self.model, &req.messages, with_passages.as_deref(), policy)
+                    .map_err(|e| match e.downcast_ref::<PromptTooLong>() {
+                        Some(t) => Some(EngineError::ContextExceeded(t.to_string())),
+                        None => internal(format!("{e:#}")),
+                    })?;
+                timings.gate += report.gate_ms;
+                if !report.decision.retrieves() {
+                    mode = RagMode::Static;
+                }
+                Some(report)
+            }
+            _ => None,
+        };
+
         let full = matches!(&req.tta, Some(p) if p.scope == TtaScope::Full) && mode == RagMode::Tta;
         let (domain, domain_report) = match (mode, req.rag.domain) {
             (RagMode::None, _) | (_, DomainUse::Off) => (None, None),
@@ -970,6 +1013,7 @@ impl Worker {
                 passages,
                 tta,
                 gate,
+                adapt_gate,
                 domain_adapter: domain_report,
                 selection,
                 timings_ms: timings,
@@ -999,6 +1043,7 @@ mod tests {
                 collection: "none".into(),
                 top_k: 1,
                 gate: None,
+                adapt_gate: None,
                 domain: DomainUse::Off,
             },
             tta: None,

@@ -17,6 +17,7 @@ use anyhow::{bail, Context};
 
 use crate::config::Config;
 use crate::engine::{Engine, EngineConfig};
+use crate::gate::card::Decides;
 use crate::model::Model;
 use crate::retrieval::{ingest_path, Collections};
 use dataset::Subset;
@@ -63,16 +64,21 @@ fn ensure_collection(cols: &Collections, spec: &EvalSpec, max_chars: usize) -> a
     Ok(())
 }
 
-/// The probe of the gated arms (one engine holds one gate, so they must share it), checked
-/// against the model's weights.
+/// The probe of the gated arms (one engine holds one gate of each kind, so they must share
+/// it), checked against the model's weights and against the kind `decides`.
 fn load_gate(
     cfg: &Config,
     model: &Model,
     arms: &[spec::ResolvedArm],
+    decides: Decides,
 ) -> anyhow::Result<Option<Arc<crate::gate::card::LoadedGate>>> {
-    let mut probes = arms
-        .iter()
-        .filter_map(|a| a.gate.as_ref().map(|g| &g.probe));
+    let mut probes = arms.iter().filter_map(|a| {
+        let g = a.gate.as_ref()?;
+        match decides {
+            Decides::Retrieval => Some(&g.probe),
+            Decides::Adaptation => g.adapt.as_ref().map(|a| &a.probe),
+        }
+    });
     let Some(first) = probes.next() else {
         return Ok(None);
     };
@@ -88,7 +94,9 @@ fn load_gate(
         model,
         &cfg.model.path,
         model.decoder.device(),
-    )?;
+    )?
+    .expect(decides)
+    .with_context(|| format!("gate card {}", first.display()))?;
     Ok(Some(Arc::new(gate)))
 }
 
@@ -180,7 +188,8 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
     std::fs::write(&run_file, serde_json::to_vec_pretty(&stored)?)?;
     let (mut log, done) = RecordLog::open(&records_file)?;
 
-    let gate = load_gate(cfg, &model, &arms)?;
+    let gate = load_gate(cfg, &model, &arms, Decides::Retrieval)?;
+    let adapt_gate = load_gate(cfg, &model, &arms, Decides::Adaptation)?;
     let engine = Engine::start(
         model.clone(),
         cols,
@@ -189,6 +198,7 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
             queue_capacity: 2,
             prompt_template: cfg.retrieval.prompt_template.clone(),
             gate,
+            adapt_gate,
             domain: domain.map(|d| d.0),
             ..Default::default()
         },

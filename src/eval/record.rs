@@ -49,6 +49,9 @@ pub struct Record {
     /// A gated arm's decision and class probabilities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<serde_json::Value>,
+    /// A gated arm's adaptation gate: its decision (adapt or skip) and probabilities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapt_gate: Option<serde_json::Value>,
     /// Wall time from submission to the last token (and choice scores).
     pub latency_ms: f64,
     pub prompt_tokens: usize,
@@ -145,6 +148,7 @@ pub(crate) fn sample_record(arm: &str, id: &str, correct: bool) -> Record {
         recall: None,
         tta: None,
         gate: None,
+        adapt_gate: None,
         timings_ms: Timings::default(),
         latency_ms: 10.0,
         prompt_tokens: 5,

@@ -62,6 +62,10 @@ fn job(
             collection: ds.collection.clone(),
             top_k: arm.top_k,
             gate: arm.gate.as_ref().map(|g| g.policy),
+            adapt_gate: arm
+                .gate
+                .as_ref()
+                .and_then(|g| g.adapt.as_ref().map(|a| a.policy)),
             domain: match arm.domain_adapter {
                 true => crate::engine::DomainUse::Require,
                 false => crate::engine::DomainUse::Off,
@@ -129,6 +133,7 @@ pub fn score(
         recall: None,
         tta: None,
         gate: None,
+        adapt_gate: None,
         timings_ms: Default::default(),
         latency_ms,
         prompt_tokens: 0,
@@ -188,6 +193,11 @@ pub fn score(
     r.gate = c
         .rag
         .gate
+        .as_ref()
+        .and_then(|g| serde_json::to_value(g).ok());
+    r.adapt_gate = c
+        .rag
+        .adapt_gate
         .as_ref()
         .and_then(|g| serde_json::to_value(g).ok());
     r.timings_ms = c.rag.timings_ms.clone();

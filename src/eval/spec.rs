@@ -90,6 +90,17 @@ pub struct ArmGate {
     pub probe: Option<PathBuf>,
     pub policy: Option<Policy>,
     pub then: Option<String>,
+    /// With `then = "tta"`: the adaptation gate's policy (its card: `adapt_probe`, else the
+    /// server's `[gate] adapt_probe`). Unset = every retrieved question adapts.
+    pub adapt: Option<Policy>,
+    pub adapt_probe: Option<PathBuf>,
+}
+
+/// A gated arm's adaptation gate, resolved.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResolvedAdaptGate {
+    pub probe: PathBuf,
+    pub policy: Policy,
 }
 
 /// A gated arm's settings, resolved.
@@ -99,6 +110,8 @@ pub struct ResolvedGate {
     pub policy: Policy,
     /// `static` or `tta`.
     pub then: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapt: Option<ResolvedAdaptGate>,
 }
 
 /// An arm with every setting filled in from the server config.
@@ -180,12 +193,39 @@ impl EvalSpec {
                             a.name
                         )
                         })?;
+                    let adapt = match (g.adapt, then.as_str()) {
+                        (None, _) => {
+                            if g.adapt_probe.is_some() {
+                                bail!("arm `{}`: gate.adapt_probe needs gate.adapt", a.name);
+                            }
+                            None
+                        }
+                        (Some(policy), "tta") => Some(ResolvedAdaptGate {
+                            probe: g
+                                .adapt_probe
+                                .or_else(|| cfg.gate.adapt_probe.clone())
+                                .with_context(|| {
+                                    format!(
+                                        "arm `{}`: gate.adapt needs an adaptation probe \
+                                         (gate.adapt_probe in the arm or the server config)",
+                                        a.name
+                                    )
+                                })?,
+                            policy,
+                        }),
+                        (Some(_), _) => bail!(
+                            "arm `{}`: gate.adapt decides whether to adapt, so gate.then must \
+                             be \"tta\"",
+                            a.name
+                        ),
+                    };
                     Some(ResolvedGate {
                         probe,
                         policy: g
                             .policy
                             .unwrap_or_else(|| cfg.gate.policy_for(&self.dataset.collection)),
                         then,
+                        adapt,
                     })
                 }
                 (false, Some(_)) => bail!("arm `{}`: a gate table needs mode = \"gated\"", a.name),
@@ -334,6 +374,40 @@ tta = { scope = "full", full_lr = 1e-5, steps = 3 }
                 .contains("needs mode")
         );
         assert!(err("[[arms]]\nname = \"a b\"\nmode = \"static\"").contains("arm name"));
+        // An adaptation gate needs `then = "tta"` and a card.
+        let gated = |g: &str| format!("[[arms]]\nname = \"g\"\nmode = \"gated\"\ngate = {{ {g} }}");
+        assert!(err(&gated(
+            "probe = \"p.json\", then = \"static\", adapt = \"optimistic\""
+        ))
+        .contains("gate.then must be \"tta\""));
+        assert!(err(&gated(
+            "probe = \"p.json\", then = \"tta\", adapt = \"optimistic\""
+        ))
+        .contains("adaptation probe"));
+        assert!(err(&gated(
+            "probe = \"p.json\", then = \"tta\", adapt_probe = \"a.json\""
+        ))
+        .contains("needs gate.adapt"));
+        let spec: EvalSpec = toml::from_str(&format!(
+            "{SPEC}\n{}",
+            gated("probe = \"p.json\", then = \"tta\", adapt = \"pessimistic\", adapt_probe = \"a.json\"")
+        ))
+        .unwrap();
+        let arms = spec.resolve(&cfg).unwrap();
+        let g = arms
+            .iter()
+            .find(|a| a.name == "g")
+            .unwrap()
+            .gate
+            .clone()
+            .unwrap();
+        assert_eq!(
+            g.adapt,
+            Some(ResolvedAdaptGate {
+                probe: "a.json".into(),
+                policy: Policy::Pessimistic
+            })
+        );
         let spec: EvalSpec =
             toml::from_str(&SPEC.replace("max_tokens = 16", "baseline = \"nope\"")).unwrap();
         assert!(format!("{:#}", spec.resolve(&cfg).unwrap_err()).contains("baseline"));

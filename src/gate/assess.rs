@@ -7,16 +7,21 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use super::card::{LoadedGate, Pass};
+use super::card::{Decides, LoadedGate, Pass};
 use super::features::{feature_row, prompt_features};
 use super::policy::{decide, Decision, Policy, CLASSES};
 use crate::model::{ChatMessage, Model};
 
-/// What the gate did for one request (the response's `rag.gate`).
+/// What a gate did for one request (the response's `rag.gate` or `rag.adapt_gate`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GateReport {
+    pub decides: Decides,
     pub policy: Policy,
+    #[serde(skip)]
     pub decision: Decision,
+    /// The decision in the card's terms: `retrieve` or `adapt`, else `skip`.
+    #[serde(rename = "decision")]
+    pub action: &'static str,
     /// Class probabilities, keyed `S1`..`S4`.
     pub probs: BTreeMap<&'static str, f32>,
     pub layer: usize,
@@ -60,9 +65,17 @@ impl LoadedGate {
             .as_slice()
             .try_into()
             .context("probe does not output four classes")?;
+        let decision = decide(policy, &probs4);
+        let action = match (decision, self.card.decides) {
+            (Decision::Skip, _) => "skip",
+            (Decision::Retrieve, Decides::Retrieval) => "retrieve",
+            (Decision::Retrieve, Decides::Adaptation) => "adapt",
+        };
         Ok(GateReport {
+            decides: self.card.decides,
             policy,
-            decision: decide(policy, &probs4),
+            decision,
+            action,
             probs: CLASSES.iter().copied().zip(probs4).collect(),
             layer: tap.layer,
             gate_ms: t.elapsed().as_secs_f64() * 1e3,

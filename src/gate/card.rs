@@ -46,6 +46,28 @@ impl Pass {
     }
 }
 
+/// What a probe's classes are about, and so what its decision switches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decides {
+    /// Classes compare answers without and with retrieval: the gate decides whether to
+    /// retrieve (and adapt, when `then` is `tta`).
+    #[default]
+    Retrieval,
+    /// Classes compare answers with retrieval but without and with adaptation (S2 = right
+    /// only when adapted, S3 = right only when not): the gate decides whether to adapt.
+    Adaptation,
+}
+
+impl Decides {
+    pub fn name(self) -> &'static str {
+        match self {
+            Decides::Retrieval => "retrieval",
+            Decides::Adaptation => "adaptation",
+        }
+    }
+}
+
 /// The model a probe reads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CardModel {
@@ -78,6 +100,9 @@ pub struct CardScores {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GateCard {
     pub format: u32,
+    /// Cards written before adaptation gates existed decide retrieval.
+    #[serde(default)]
+    pub decides: Decides,
     pub model: CardModel,
     pub features: FeatureTap,
     pub probe: ProbeKind,
@@ -193,6 +218,18 @@ impl LoadedGate {
         Self::load(card_path, model, &sha, device)
     }
 
+    /// Refuses a card whose classes are about something else than `want` (an adaptation
+    /// probe in the retrieval gate's place, or the reverse).
+    pub fn expect(self, want: Decides) -> Result<Self> {
+        ensure!(
+            self.card.decides == want,
+            "the card's probe decides {}, but it is configured as the {} gate",
+            self.card.decides.name(),
+            want.name()
+        );
+        Ok(self)
+    }
+
     /// Checks `card` and `probe` against `model` (see [`LoadedGate::load`]).
     pub fn new(card: GateCard, probe: Probe, model: &Model, model_sha256: &str) -> Result<Self> {
         ensure!(
@@ -249,6 +286,7 @@ mod tests {
         let cfg = model.decoder.config();
         GateCard {
             format: CARD_FORMAT,
+            decides: Decides::Retrieval,
             model: CardModel {
                 id: model.id.clone(),
                 sha256: "abc".into(),

@@ -1,5 +1,7 @@
 //! Gate training labels from evaluation records: a question answered both by an arm without
 //! retrieval and by an arm with it gets its MMA-RAG class (see [`super::policy::class_of`]).
+//! When the `without` arm retrieves too and the `with` arm adapts, the same classes say
+//! whether adaptation helps: the probe becomes an adaptation gate ([`decides`]).
 //! Hand-labelled extra questions (chit-chat, say) join them from a JSONL file.
 
 use std::collections::HashMap;
@@ -8,6 +10,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use super::card::Decides;
 use super::policy::{class_of, CLASSES};
 use crate::eval::record::Record;
 use crate::model::ChatMessage;
@@ -81,6 +84,34 @@ pub fn label(records: &[Record], without: &str, with: &str) -> (Vec<Labelled>, u
     (out, skipped)
 }
 
+/// What a probe trained on `without` against `with` decides, read from the arms' records:
+/// retrieval when `without` never retrieved, adaptation when it did and `with` adapted.
+pub fn decides(records: &[Record], without: &str, with: &str) -> anyhow::Result<Decides> {
+    let answered = |arm: &str, test: fn(&Record) -> bool| {
+        records
+            .iter()
+            .any(|r| r.arm == arm && r.error.is_none() && test(r))
+    };
+    if !answered(without, |r| !r.retrieved.is_empty()) {
+        return Ok(Decides::Retrieval);
+    }
+    anyhow::ensure!(
+        answered(with, |r| r.tta.is_some()),
+        "`{without}` retrieves, so `{with}` must adapt (mode tta): the classes would then say \
+         whether adaptation helps; for a retrieval gate, `--without` is an arm without retrieval"
+    );
+    Ok(Decides::Adaptation)
+}
+
+/// Examples from one run's records, and what their classes decide.
+#[derive(Debug)]
+pub struct RunExamples {
+    pub examples: Vec<Example>,
+    /// Questions lacking either arm, or where either failed.
+    pub skipped: usize,
+    pub decides: Decides,
+}
+
 /// One question of the gate's training set, as the model would see it without retrieval.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
@@ -106,13 +137,9 @@ fn messages(system: Option<&str>, question: &str) -> Vec<ChatMessage> {
 
 /// Labelled examples from one eval run's records. The run's system prompt is read from the
 /// `run.json` beside the records (absent = none), so features see the prompt that was answered.
-/// Returns the examples and how many questions lacked either arm or failed.
-pub fn examples_from_run(
-    records: &Path,
-    without: &str,
-    with: &str,
-) -> anyhow::Result<(Vec<Example>, usize)> {
+pub fn examples_from_run(records: &Path, without: &str, with: &str) -> anyhow::Result<RunExamples> {
     let recs = read_records(records)?;
+    let decides = decides(&recs, without, with).with_context(|| records.display().to_string())?;
     let run_file = records.with_file_name("run.json");
     let run: serde_json::Value = if run_file.exists() {
         serde_json::from_str(&std::fs::read_to_string(&run_file)?)
@@ -139,7 +166,7 @@ pub fn examples_from_run(
         records.display()
     );
     let source = records.display().to_string();
-    let out = labelled
+    let examples = labelled
         .into_iter()
         .map(|l| Example {
             source: source.clone(),
@@ -149,7 +176,11 @@ pub fn examples_from_run(
             retrieval: retrieval.clone(),
         })
         .collect();
-    Ok((out, skipped))
+    Ok(RunExamples {
+        examples,
+        skipped,
+        decides,
+    })
 }
 
 /// Hand-labelled examples: JSONL rows `{"id", "question", "class": "S1".."S4", "system"?}`.
@@ -223,6 +254,43 @@ mod tests {
     }
 
     #[test]
+    fn the_arms_records_say_whether_the_probe_decides_retrieval_or_adaptation() {
+        let with_passages = |arm: &str, id: &str, adapted: bool| {
+            let mut r = sample_record(arm, id, true);
+            r.retrieved = vec!["doc-1".into()];
+            r.tta = adapted.then(|| serde_json::json!({"loss_before": 3.0}));
+            r
+        };
+        let recs = vec![
+            sample_record("closed_book", "a", false),
+            with_passages("static", "a", false),
+            with_passages("tta", "a", true),
+        ];
+        assert_eq!(
+            decides(&recs, "closed_book", "static").unwrap(),
+            Decides::Retrieval
+        );
+        assert_eq!(
+            decides(&recs, "closed_book", "tta").unwrap(),
+            Decides::Retrieval
+        );
+        assert_eq!(
+            decides(&recs, "static", "tta").unwrap(),
+            Decides::Adaptation
+        );
+        let e = decides(&recs, "tta", "static").unwrap_err().to_string();
+        assert!(e.contains("must adapt"), "{e}");
+        // A failed record says nothing about its arm.
+        let mut failed = with_passages("static", "b", false);
+        failed.error = Some("timeout".into());
+        let only_failed = vec![failed, with_passages("tta", "b", true)];
+        assert_eq!(
+            decides(&only_failed, "static", "tta").unwrap(),
+            Decides::Retrieval
+        );
+    }
+
+    #[test]
     fn reads_records_files_and_reports() {
         let dir = tempfile::tempdir().unwrap();
         let recs = vec![
@@ -263,8 +331,9 @@ mod tests {
             .map(|r| serde_json::to_string(r).unwrap())
             .collect();
         std::fs::write(&jsonl, lines.join("\n")).unwrap();
-        let (ex, skipped) = examples_from_run(&jsonl, "closed_book", "static").unwrap();
-        assert_eq!((ex.len(), skipped, ex[0].class), (1, 0, S2));
+        let run = examples_from_run(&jsonl, "closed_book", "static").unwrap();
+        let ex = run.examples;
+        assert_eq!((ex.len(), run.skipped, ex[0].class), (1, 0, S2));
         assert_eq!(ex[0].messages.len(), 1, "no run.json, no system prompt");
         assert_eq!(ex[0].retrieval, None);
         std::fs::write(
@@ -273,7 +342,9 @@ mod tests {
                 "run": {"top_k": 3}, "arms": [{"name": "static", "top_k": 5}]}"#,
         )
         .unwrap();
-        let (ex, _) = examples_from_run(&jsonl, "closed_book", "static").unwrap();
+        let ex = examples_from_run(&jsonl, "closed_book", "static")
+            .unwrap()
+            .examples;
         assert_eq!(ex[0].messages[0].content, "Answer briefly.");
         assert_eq!(ex[0].retrieval, Some(("qasc".to_string(), 5)));
         assert_eq!(ex[0].messages[1].role, "user");

@@ -47,6 +47,9 @@ pub struct GateChoice {
     /// What runs when the gate retrieves: `static` or `tta`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub then: Option<String>,
+    /// With `then` = `tta`: the adaptation gate's policy (adapt, or answer static).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapt: Option<Policy>,
 }
 
 /// What the gate does with a question.

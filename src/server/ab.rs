@@ -103,6 +103,7 @@ pub fn apply(arm: &ArmConfig, rag: &mut RagRequest) {
         let r = rag.gate.get_or_insert_with(Default::default);
         r.policy = r.policy.or(g.policy);
         r.then = r.then.take().or_else(|| g.then.clone());
+        r.adapt = r.adapt.or(g.adapt);
     }
     if rag.top_k.is_none() {
         rag.top_k = arm.top_k.map(|k| i64::try_from(k).unwrap_or(i64::MAX));
@@ -340,6 +341,7 @@ mod tests {
         a.gate = Some(GateChoice {
             policy: Some(Policy::Pessimistic),
             then: Some("tta".into()),
+            adapt: Some(Policy::Optimistic),
         });
         let mut rag = RagRequest::default();
         apply(&a, &mut rag);
@@ -349,14 +351,15 @@ mod tests {
             gate: Some(GateChoice {
                 policy: Some(Policy::Always),
                 then: None,
+                adapt: None,
             }),
             ..Default::default()
         };
         apply(&a, &mut own);
         let g = own.gate.unwrap();
         assert_eq!(
-            (g.policy, g.then.as_deref()),
-            (Some(Policy::Always), Some("tta"))
+            (g.policy, g.then.as_deref(), g.adapt),
+            (Some(Policy::Always), Some("tta"), Some(Policy::Optimistic))
         );
     }
 
@@ -421,6 +424,16 @@ mod tests {
             (
                 "{name = \"g\", weight = 1.0, mode = \"auto\", gate = {then = \"none\"}}",
                 "gate.then `none`",
+            ),
+            (
+                "{name = \"g\", weight = 1.0, mode = \"auto\", \
+                 gate = {then = \"static\", adapt = \"optimistic\"}}",
+                "gate.then must be",
+            ),
+            (
+                "{name = \"g\", weight = 1.0, mode = \"auto\", \
+                 gate = {then = \"tta\", adapt = \"optimistic\"}}",
+                "gate.adapt_probe is not set",
             ),
             (
                 "{name = \"g\", weight = 1.0, mode = \"static\", gate = {policy = \"always\"}}",

@@ -238,7 +238,9 @@ pub fn to_job(
         ));
     }
     let wire_gate = rag.gate.take().unwrap_or_default();
-    if !auto && (wire_gate.policy.is_some() || wire_gate.then.is_some()) {
+    if !auto
+        && (wire_gate.policy.is_some() || wire_gate.then.is_some() || wire_gate.adapt.is_some())
+    {
         return Err(ApiError::invalid(
             format!("rag.gate applies to mode `auto`, not `{asked}`"),
             Some("rag.gate"),
@@ -280,6 +282,30 @@ pub fn to_job(
             .policy
             .unwrap_or_else(|| gc.policy_for(&collection))
     });
+    // The adaptation gate runs where `auto` would adapt: asked for by name, or configured.
+    let adapt_gate = match (auto && mode == RagMode::Tta, wire_gate.adapt) {
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "rag.gate.adapt decides whether to adapt, so rag.gate.then must be `tta`",
+                Some("rag.gate.adapt"),
+            ))
+        }
+        (false, None) => None,
+        (true, asked) if gc.adapt_probe.is_some() => Some(asked.unwrap_or(gc.adapt_policy)),
+        (true, None) => None,
+        (true, Some(_)) => {
+            let why = match &gc.adapt_refused {
+                Some(r) => format!("its probe was refused at start: {r}"),
+                None => "none is configured (gate.adapt_probe)".into(),
+            };
+            return Err(ApiError::invalid(
+                format!(
+                    "rag.gate.adapt needs the adaptation gate, and this server has none: {why}"
+                ),
+                Some("rag.gate.adapt"),
+            ));
+        }
+    };
     let tta = match mode {
         RagMode::Tta => {
             let o = rag.tta.unwrap_or_default();
@@ -317,6 +343,7 @@ pub fn to_job(
             collection,
             top_k,
             gate,
+            adapt_gate,
         },
         tta,
         score_choices: vec![],

@@ -149,11 +149,21 @@ pub async fn start_tiny_slow(
     if cfg.gate.probe == ttarag::config::Config::default().gate.probe {
         cfg.gate.probe = None;
     }
-    let gate = cfg.gate.probe.as_ref().map(|card| {
-        Arc::new(
-            ttarag::gate::card::LoadedGate::load(card, &model, TINY_SHA, &Device::Cpu).unwrap(),
-        )
-    });
+    if cfg.gate.adapt_probe == ttarag::config::Config::default().gate.adapt_probe {
+        cfg.gate.adapt_probe = None;
+    }
+    let load = |card: &PathBuf, decides| {
+        use ttarag::gate::card::LoadedGate;
+        let g = LoadedGate::load(card, &model, TINY_SHA, &Device::Cpu).unwrap();
+        Arc::new(g.expect(decides).unwrap())
+    };
+    use ttarag::gate::card::Decides;
+    let gate = cfg.gate.probe.as_ref().map(|c| load(c, Decides::Retrieval));
+    let adapt_gate = cfg
+        .gate
+        .adapt_probe
+        .as_ref()
+        .map(|c| load(c, Decides::Adaptation));
     let engine = Engine::start(
         model.clone(),
         cols,
@@ -162,6 +172,7 @@ pub async fn start_tiny_slow(
             queue_capacity: queue,
             prompt_template: cfg.retrieval.prompt_template.clone(),
             gate,
+            adapt_gate,
             request_timeout: Some(std::time::Duration::from_millis(
                 cfg.server.request_timeout_ms,
             )),
@@ -276,6 +287,23 @@ pub fn constant_gate_pass(
     sha: &str,
     pass: &str,
 ) -> PathBuf {
+    constant_card(dir, logits, sha, pass, "retrieval", "gate")
+}
+
+/// An adaptation gate for the tiny model (`adapt-gate.json` in `dir`), like [`constant_gate`]:
+/// S2 first = adapt, S3 first = answer static (under the optimistic policy).
+pub fn constant_adapt_gate(dir: &std::path::Path, logits: [f32; 4]) -> PathBuf {
+    constant_card(dir, logits, TINY_SHA, "pre", "adaptation", "adapt-gate")
+}
+
+fn constant_card(
+    dir: &std::path::Path,
+    logits: [f32; 4],
+    sha: &str,
+    pass: &str,
+    decides: &str,
+    stem: &str,
+) -> PathBuf {
     use candle_core::Tensor;
     let m = ttarag::model::tiny::tiny_model(3).unwrap();
     let cfg = m.decoder.config();
@@ -301,20 +329,22 @@ pub fn constant_gate_pass(
         ),
         ("out.bias".to_string(), Tensor::new(&logits, &cpu).unwrap()),
     ]);
-    candle_core::safetensors::save(&tensors, dir.join("gate.safetensors")).unwrap();
+    let weights = format!("{stem}.safetensors");
+    candle_core::safetensors::save(&tensors, dir.join(&weights)).unwrap();
     let card = serde_json::json!({
         "format": 1,
+        "decides": decides,
         "model": {"id": "tiny", "sha256": sha, "hidden_size": hidden,
                   "num_layers": cfg.num_hidden_layers},
         "features": {"pass": pass, "layer": 1, "position": "last"},
         "probe": {"kind": "logistic"},
-        "weights": "gate.safetensors",
+        "weights": weights,
         "classes": ["S1", "S2", "S3", "S4"],
         "label_counts": {"S1": 1, "S2": 1, "S3": 1, "S4": 1},
         "validation": {"n": 4, "accuracy": 0.25, "macro_f1": 0.1,
                        "majority_class": "S1", "majority_accuracy": 0.25},
     });
-    let path = dir.join("gate.json");
+    let path = dir.join(format!("{stem}.json"));
     std::fs::write(&path, serde_json::to_string_pretty(&card).unwrap()).unwrap();
     path
 }
