@@ -32,7 +32,7 @@ pub struct DomainTrain {
     pub batch: usize,
     pub clip_norm: f64,
     pub seed: u64,
-    /// Longest example in tokens; longer prompts lose their start (the system turn stays).
+    /// Longest example in tokens; longer ones are left out (and counted).
     pub max_tokens: usize,
     /// Corpus passages trained on as plain text (next-token loss), per labelled question;
     /// without `--questions`, every passage is.
