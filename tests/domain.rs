@@ -216,3 +216,40 @@ async fn an_ab_arm_can_run_on_the_domain_adapter() {
     assert_eq!(v["rag"]["arm"], "domain");
     assert_eq!(v["rag"]["domain_adapter"]["used"], true, "{v}");
 }
+
+/// The QASC adapter shipped in `index/adapters/qasc` fits the default model's exact weights
+/// and the sample collection as a fresh clone builds it, so `"domain_adapter": true` works on
+/// the default server without retraining; it is refused over another collection's content.
+#[test]
+fn the_shipped_qasc_adapter_fits_the_default_model_and_a_fresh_sample_collection() {
+    use ttarag::adapt::domain::{DomainAdapters, ModelIdentity};
+    let root = common::root();
+    let cfg = ttarag::config::Config::default();
+    let dir = tempfile::tempdir().unwrap();
+    let cols = ttarag::retrieval::Collections::new(dir.path());
+    let sample = root.join(cfg.retrieval.sample_corpus.as_ref().unwrap());
+    cols.ingest("qasc", &sample, cfg.retrieval.passage_max_chars, None)
+        .unwrap();
+    let now = cols.get("qasc").unwrap().fingerprint().unwrap();
+    let model = common::default_model();
+    let store = DomainAdapters::new(
+        root.join(&cfg.domain.dir),
+        ModelIdentity::Weights(common::default_model_path()),
+        model.decoder.config().clone(),
+        model.decoder.device().clone(),
+        model.decoder.dtype(),
+    );
+    let a = store
+        .get("qasc", &now)
+        .unwrap()
+        .expect("an adapter is shipped");
+    assert_eq!(a.card.collection, "qasc");
+    assert_eq!(a.card.fingerprint, now);
+
+    let mut other = now.clone();
+    other.passages += 1;
+    match store.get("qasc", &other) {
+        Err(e) => assert!(e.contains("collection"), "{e}"),
+        Ok(_) => panic!("an adapter for other collection content was accepted"),
+    }
+}
