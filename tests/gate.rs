@@ -250,6 +250,20 @@ async fn the_adaptation_gate_chooses_between_static_and_tta_after_retrieval() {
     assert_eq!(v["rag"]["mode"], "tta", "{v}");
     assert_eq!(v["rag"]["adapt_gate"]["decision"], "adapt");
     assert!(v["rag"]["tta"]["steps"].as_u64().unwrap() > 0, "{v}");
+
+    let metrics = reqwest::get(format!("{}/metrics", harms.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for want in [
+        "ttarag_adapt_gate_decisions_total{decision=\"skip\"} 1",
+        "ttarag_adapt_gate_decisions_total{decision=\"adapt\"} 1",
+        "ttarag_gate_decisions_total{decision=\"retrieve\"} 3",
+    ] {
+        assert!(metrics.contains(want), "{want}: {metrics}");
+    }
 }
 
 #[tokio::test]

@@ -438,6 +438,21 @@ struct Worker {
     faults: Faults,
 }
 
+/// Runs a gate on the request's prompt; a prompt over the model's context is the client's 400.
+fn assess(
+    g: &LoadedGate,
+    model: &Model,
+    req: &ChatJob,
+    with_passages: Option<&[ChatMessage]>,
+    policy: Policy,
+) -> Result<GateReport, Option<EngineError>> {
+    g.assess(model, &req.messages, with_passages, policy)
+        .map_err(|e| match e.downcast_ref::<PromptTooLong>() {
+            Some(t) => Some(EngineError::ContextExceeded(t.to_string())),
+            None => Some(EngineError::Internal(format!("{e:#}"))),
+        })
+}
+
 /// The text of a panic's payload.
 fn panic_cause(payload: &(dyn std::any::Any + Send)) -> String {
     payload
@@ -804,12 +819,7 @@ impl Worker {
                     None
                 };
                 checkpoint(job)?;
-                let report = g
-                    .assess(&self.model, &req.messages, with_passages.as_deref(), policy)
-                    .map_err(|e| match e.downcast_ref::<PromptTooLong>() {
-                        Some(t) => Some(EngineError::ContextExceeded(t.to_string())),
-                        None => internal(format!("{e:#}")),
-                    })?;
+                let report = assess(g, &self.model, req, with_passages.as_deref(), policy)?;
                 timings.gate = report.gate_ms;
                 if !report.decision.retrieves() {
                     mode = RagMode::None;
@@ -848,12 +858,7 @@ impl Worker {
                     false => None,
                 };
                 checkpoint(job)?;
-                let report = g
-                    .assess(&self.model, &req.messages, with_passages.as_deref(), policy)
-                    .map_err(|e| match e.downcast_ref::<PromptTooLong>() {
-                        Some(t) => Some(EngineError::ContextExceeded(t.to_string())),
-                        None => internal(format!("{e:#}")),
-                    })?;
+                let report = assess(g, &self.model, req, with_passages.as_deref(), policy)?;
                 timings.gate += report.gate_ms;
                 if !report.decision.retrieves() {
                     mode = RagMode::Static;

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub arm_fallbacks: IntCounterVec,
     pub feedback: IntCounterVec,
     pub gate_decisions: IntCounterVec,
+    pub adapt_gate_decisions: IntCounterVec,
     pub gate_seconds: prometheus::Histogram,
     pub workers_alive: IntGauge,
     pub in_flight: IntGauge,
@@ -130,6 +131,14 @@ impl Metrics {
             &["decision"],
         )
         .expect("metric");
+        let adapt_gate_decisions = IntCounterVec::new(
+            Opts::new(
+                "ttarag_adapt_gate_decisions_total",
+                "Adaptation gate decisions on mode-auto requests that would adapt (adapt, skip)",
+            ),
+            &["decision"],
+        )
+        .expect("metric");
         let workers_alive =
             IntGauge::new("ttarag_workers_alive", "Model worker threads running").expect("metric");
         let in_flight = IntGauge::new(
@@ -167,6 +176,7 @@ impl Metrics {
             Box::new(arm_fallbacks.clone()),
             Box::new(feedback.clone()),
             Box::new(gate_decisions.clone()),
+            Box::new(adapt_gate_decisions.clone()),
             Box::new(gate_seconds.clone()),
             Box::new(workers_alive.clone()),
             Box::new(in_flight.clone()),
@@ -188,6 +198,7 @@ impl Metrics {
             arm_fallbacks,
             feedback,
             gate_decisions,
+            adapt_gate_decisions,
             gate_seconds,
             workers_alive,
             in_flight,
