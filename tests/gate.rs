@@ -398,3 +398,38 @@ fn the_shipped_probe_loads_for_the_default_model_only() {
     let e = LoadedGate::load(&card, &model, "0123", &Device::Cpu).unwrap_err();
     assert!(format!("{e:#}").contains("sha256"), "{e:#}");
 }
+
+/// The shipped adaptation probe fits the default model, decides adaptation, and is the one
+/// the default config names (its default policy only reports).
+#[test]
+fn the_shipped_adaptation_probe_loads_for_the_default_model() {
+    use candle_core::Device;
+    use ttarag::gate::card::{Decides, LoadedGate};
+    use ttarag::gate::policy::Policy;
+    use ttarag::model::ChatMessage;
+
+    let cfg = ttarag::config::Config::default();
+    let rel = cfg
+        .gate
+        .adapt_probe
+        .clone()
+        .expect("the default config names one");
+    assert_eq!(cfg.gate.adapt_policy, Policy::Always);
+    let model = common::default_model();
+    let sha = ttarag::model::fingerprint::weights_sha256(&common::default_model_path()).unwrap();
+    let gate = LoadedGate::load(&common::root().join(rel), &model, &sha, &Device::Cpu)
+        .unwrap()
+        .expect(Decides::Adaptation)
+        .unwrap();
+    let r = gate
+        .assess(
+            &model,
+            &[ChatMessage::new("user", "What can damage buildings?")],
+            None,
+            Policy::Always,
+        )
+        .unwrap();
+    assert_eq!((r.decides, r.action), (Decides::Adaptation, "adapt"));
+    let total: f32 = r.probs.values().sum();
+    assert!((total - 1.0).abs() < 1e-4, "{:?}", r.probs);
+}

@@ -239,6 +239,7 @@ fn train(cfg: Config, a: TrainArgs) -> anyhow::Result<()> {
         model_sha256: sha.clone(),
         without_arm: a.without.clone(),
         with_arm: a.with.clone(),
+        decides,
         sources,
         seed: a.seed,
         command: std::env::args().collect::<Vec<_>>().join(" "),

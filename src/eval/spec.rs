@@ -380,10 +380,14 @@ tta = { scope = "full", full_lr = 1e-5, steps = 3 }
             "probe = \"p.json\", then = \"static\", adapt = \"optimistic\""
         ))
         .contains("gate.then must be \"tta\""));
-        assert!(err(&gated(
-            "probe = \"p.json\", then = \"tta\", adapt = \"optimistic\""
+        let mut bare = cfg.clone();
+        bare.gate.adapt_probe = None;
+        let spec: EvalSpec = toml::from_str(&format!(
+            "{SPEC}\n{}",
+            gated("probe = \"p.json\", then = \"tta\", adapt = \"optimistic\"")
         ))
-        .contains("adaptation probe"));
+        .unwrap();
+        assert!(format!("{:#}", spec.resolve(&bare).unwrap_err()).contains("adaptation probe"));
         assert!(err(&gated(
             "probe = \"p.json\", then = \"tta\", adapt_probe = \"a.json\""
         ))

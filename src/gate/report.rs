@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use super::card::Decides;
 use super::features::Position;
 use super::policy::CLASSES;
 use super::probe::ProbeKind;
@@ -29,6 +30,8 @@ pub struct Header {
     pub model_sha256: String,
     pub without_arm: String,
     pub with_arm: String,
+    /// What the classes compare: retrieval, or adaptation (both arms retrieve).
+    pub decides: Decides,
     pub sources: Vec<Source>,
     pub seed: u64,
     pub command: String,
@@ -65,11 +68,15 @@ pub fn cell_series(c: &Cell) -> String {
 pub fn markdown(s: &Sweep, h: &Header) -> String {
     let mut md = String::new();
     let best = &s.cells[s.best];
-    let _ = writeln!(md, "# Retrieval gate: layer-wise probes\n");
+    let (title, what) = match h.decides {
+        Decides::Retrieval => ("Retrieval", "retrieval"),
+        Decides::Adaptation => ("Adaptation", "adaptation"),
+    };
+    let _ = writeln!(md, "# {title} gate: layer-wise probes\n");
     let _ = writeln!(
         md,
-        "Model `{}` (weights sha256 `{}`). Labels: `{}` (without retrieval) against `{}` (with), \
-         S1 wrong both ways, S2 right only with retrieval, S3 right only without, S4 right both.\n",
+        "Model `{}` (weights sha256 `{}`). Labels: `{}` (without {what}) against `{}` (with), \
+         S1 wrong both ways, S2 right only with {what}, S3 right only without, S4 right both.\n",
         h.model_id, h.model_sha256, h.without_arm, h.with_arm
     );
     let _ = writeln!(md, "Produced by: `{}`\n", h.command);
@@ -113,8 +120,7 @@ pub fn markdown(s: &Sweep, h: &Header) -> String {
     let _ = writeln!(
         md,
         "## What the chosen probe would do on the held-out questions\n\nRead off their classes: \
-         retrieval is right for S2 and S4, no retrieval for S3 and S4. Always retrieve: {} %, \
-         never: {} %.\n",
+         {what} is right for S2 and S4, no {what} for S3 and S4. Always: {} %, never: {} %.\n",
         pct(s.always_accuracy),
         pct(s.never_accuracy)
     );

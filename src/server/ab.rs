@@ -420,6 +420,14 @@ mod tests {
                     gate = {policy = \"pessimistic\", then = \"tta\"}, tta = {steps = 2}}";
         assert_eq!(arms(auto), "");
         assert_eq!(arms("{name = \"g\", weight = 1.0, mode = \"auto\"}"), "");
+        // The adaptation gate needs `[gate] adapt_probe` (the default config names one).
+        let adapt = "{name = \"g\", weight = 1.0, mode = \"auto\", \
+                     gate = {then = \"tta\", adapt = \"optimistic\"}}";
+        assert_eq!(arms(adapt), "");
+        let mut c = Config::from_toml(&format!("[ab]\narms = [{adapt}]\n")).unwrap();
+        c.gate.adapt_probe = None;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("gate.adapt_probe is not set"), "{e}");
         for (a, want) in [
             (
                 "{name = \"g\", weight = 1.0, mode = \"auto\", gate = {then = \"none\"}}",
@@ -429,11 +437,6 @@ mod tests {
                 "{name = \"g\", weight = 1.0, mode = \"auto\", \
                  gate = {then = \"static\", adapt = \"optimistic\"}}",
                 "gate.then must be",
-            ),
-            (
-                "{name = \"g\", weight = 1.0, mode = \"auto\", \
-                 gate = {then = \"tta\", adapt = \"optimistic\"}}",
-                "gate.adapt_probe is not set",
             ),
             (
                 "{name = \"g\", weight = 1.0, mode = \"static\", gate = {policy = \"always\"}}",
