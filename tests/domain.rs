@@ -222,7 +222,8 @@ async fn an_ab_arm_can_run_on_the_domain_adapter() {
 /// the default server without retraining; it is refused over another collection's content.
 #[test]
 fn the_shipped_qasc_adapter_fits_the_default_model_and_a_fresh_sample_collection() {
-    use ttarag::adapt::domain::{DomainAdapters, ModelIdentity};
+    use ttarag::adapt::domain::DomainAdapters;
+    use ttarag::model::fingerprint::WeightsDigest;
     let root = common::root();
     let cfg = ttarag::config::Config::default();
     let dir = tempfile::tempdir().unwrap();
@@ -234,7 +235,7 @@ fn the_shipped_qasc_adapter_fits_the_default_model_and_a_fresh_sample_collection
     let model = common::default_model();
     let store = DomainAdapters::new(
         root.join(&cfg.domain.dir),
-        ModelIdentity::Weights(common::default_model_path()),
+        WeightsDigest::of(common::default_model_path()),
         model.decoder.config().clone(),
         model.decoder.device().clone(),
         model.decoder.dtype(),

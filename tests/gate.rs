@@ -429,7 +429,7 @@ fn the_shipped_adaptation_probe_loads_for_the_default_model() {
             Policy::Always,
         )
         .unwrap();
-    assert_eq!((r.decides, r.action), (Decides::Adaptation, "adapt"));
+    assert_eq!((r.decides, r.action()), (Decides::Adaptation, "adapt"));
     let total: f32 = r.probs.values().sum();
     assert!((total - 1.0).abs() < 1e-4, "{:?}", r.probs);
 }

@@ -7,6 +7,7 @@ use crate::engine::{
     resolve_tta, ChatJob, DomainUse, Engine, EngineConfig, Event, RagMode, RagParams, TtaOverrides,
 };
 use crate::generate::GenParams;
+use crate::model::fingerprint::WeightsDigest;
 use crate::model::ChatMessage;
 
 #[derive(Debug, Args)]
@@ -62,8 +63,9 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
     );
     let model = super::load_model(&cfg)?;
     let collections = super::open_collections(&cfg)?;
+    let weights = WeightsDigest::of(&cfg.model.path);
     let gate = if auto {
-        super::load_gate(&cfg, &model)?
+        super::load_gate(&cfg, &model, &weights)?
     } else {
         None
     };
@@ -79,7 +81,7 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
             prompt_template: cfg.retrieval.prompt_template.clone(),
             gate,
             domain: Some(crate::adapt::domain::DomainAdapters::for_config(
-                &cfg, &model,
+                &cfg, &model, &weights,
             )),
             ..Default::default()
         },

@@ -173,7 +173,8 @@ fn bench_gate(cfg: &Config, model: &crate::model::Model, n: usize) -> anyhow::Re
     use crate::gate::features::prompt_features;
     use crate::gate::policy::Policy;
 
-    let gate = super::load_gate(cfg, model)?.context("no [gate] probe is configured")?;
+    let weights = crate::model::fingerprint::WeightsDigest::of(&cfg.model.path);
+    let gate = super::load_gate(cfg, model, &weights)?.context("no [gate] probe is configured")?;
     let questions = [
         "What can damage buildings?",
         "Hi there, how are you today?",

@@ -16,7 +16,8 @@ use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
-use crate::gate::card::Decides;
+use crate::gate::card::{Decides, LoadedGate};
+use crate::model::fingerprint::WeightsDigest;
 use crate::model::Model;
 use crate::retrieval::Collections;
 
@@ -206,46 +207,42 @@ pub fn load_model(cfg: &Config) -> anyhow::Result<Arc<Model>> {
     Ok(Arc::new(model))
 }
 
-/// The gate named by `[gate] probe`, checked against the loaded model; `None` when none is
-/// configured.
+/// The gate named by `[gate] probe`, checked against the loaded model (whose weights'
+/// digest is `weights`); `None` when none is configured.
 pub fn load_gate(
     cfg: &Config,
     model: &Model,
-) -> anyhow::Result<Option<Arc<crate::gate::card::LoadedGate>>> {
-    load_card(cfg.gate.probe.as_deref(), Decides::Retrieval, cfg, model)
+    weights: &WeightsDigest,
+) -> anyhow::Result<Option<Arc<LoadedGate>>> {
+    load_card(
+        cfg.gate.probe.as_deref(),
+        Decides::Retrieval,
+        model,
+        weights,
+    )
 }
 
 /// The adaptation gate named by `[gate] adapt_probe`, like [`load_gate`].
 pub fn load_adapt_gate(
     cfg: &Config,
     model: &Model,
-) -> anyhow::Result<Option<Arc<crate::gate::card::LoadedGate>>> {
-    load_card(
-        cfg.gate.adapt_probe.as_deref(),
-        Decides::Adaptation,
-        cfg,
-        model,
-    )
+    weights: &WeightsDigest,
+) -> anyhow::Result<Option<Arc<LoadedGate>>> {
+    let card = cfg.gate.adapt_probe.as_deref();
+    load_card(card, Decides::Adaptation, model, weights)
 }
 
 fn load_card(
     card: Option<&std::path::Path>,
     decides: Decides,
-    cfg: &Config,
     model: &Model,
-) -> anyhow::Result<Option<Arc<crate::gate::card::LoadedGate>>> {
+    weights: &WeightsDigest,
+) -> anyhow::Result<Option<Arc<LoadedGate>>> {
     let Some(card) = card else {
         return Ok(None);
     };
     let t = std::time::Instant::now();
-    let gate = crate::gate::card::LoadedGate::load_for_weights(
-        card,
-        model,
-        &cfg.model.path,
-        model.decoder.device(),
-    )?
-    .expect(decides)
-    .with_context(|| format!("gate card {}", card.display()))?;
+    let gate = LoadedGate::open(card, decides, model, weights)?;
     tracing::info!(
         card = %card.display(),
         decides = decides.name(),

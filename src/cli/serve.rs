@@ -6,6 +6,7 @@ use clap::Args;
 
 use crate::config::Config;
 use crate::engine::{Engine, EngineConfig};
+use crate::model::fingerprint::WeightsDigest;
 use crate::server::{router, App};
 
 #[derive(Debug, Args)]
@@ -54,7 +55,9 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
     }
     let model = super::load_model(&cfg)?;
     let collections = super::open_collections(&cfg)?;
-    let gate = match super::load_gate(&cfg, &model) {
+    // One digest for every artefact checked against the weights: they are hashed once.
+    let weights = WeightsDigest::of(&cfg.model.path);
+    let gate = match super::load_gate(&cfg, &model, &weights) {
         Ok(g) => g,
         // A server that gates by default cannot run without its gate; otherwise it serves
         // everything but mode `auto`, whose requests are told why.
@@ -70,7 +73,7 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let adapt_gate = match super::load_adapt_gate(&cfg, &model) {
+    let adapt_gate = match super::load_adapt_gate(&cfg, &model, &weights) {
         Ok(g) => g,
         // Without it, `auto` requests that would adapt still adapt; those that ask for the
         // gate by name (`rag.gate.adapt`) are told why it is missing.
@@ -105,7 +108,7 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
             )),
             max_prompt_tokens: cfg.server.max_prompt_tokens,
             domain: Some(crate::adapt::domain::DomainAdapters::for_config(
-                &cfg, &model,
+                &cfg, &model, &weights,
             )),
             faults: Default::default(),
         },

@@ -18,6 +18,7 @@ use anyhow::{bail, Context};
 use crate::config::Config;
 use crate::engine::{Engine, EngineConfig};
 use crate::gate::card::Decides;
+use crate::model::fingerprint::WeightsDigest;
 use crate::model::Model;
 use crate::retrieval::{ingest_path, Collections};
 use dataset::Subset;
@@ -67,8 +68,8 @@ fn ensure_collection(cols: &Collections, spec: &EvalSpec, max_chars: usize) -> a
 /// The probe of the gated arms (one engine holds one gate of each kind, so they must share
 /// it), checked against the model's weights and against the kind `decides`.
 fn load_gate(
-    cfg: &Config,
     model: &Model,
+    weights: &WeightsDigest,
     arms: &[spec::ResolvedArm],
     decides: Decides,
 ) -> anyhow::Result<Option<Arc<crate::gate::card::LoadedGate>>> {
@@ -89,14 +90,7 @@ fn load_gate(
             other.display()
         );
     }
-    let gate = crate::gate::card::LoadedGate::load_for_weights(
-        first,
-        model,
-        &cfg.model.path,
-        model.decoder.device(),
-    )?
-    .expect(decides)
-    .with_context(|| format!("gate card {}", first.display()))?;
+    let gate = crate::gate::card::LoadedGate::open(first, decides, model, weights)?;
     Ok(Some(Arc::new(gate)))
 }
 
@@ -129,11 +123,12 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
     {
         ensure_collection(&cols, &spec, cfg.retrieval.passage_max_chars)?;
     }
+    let weights = WeightsDigest::of(&cfg.model.path);
     // Arms on the domain adapter need a valid one: a run never scores them without it.
     let domain = match arms.iter().find(|a| a.domain_adapter) {
         None => None,
         Some(arm) => {
-            let store = crate::adapt::domain::DomainAdapters::for_config(cfg, &model);
+            let store = crate::adapt::domain::DomainAdapters::for_config(cfg, &model, &weights);
             let name = &spec.dataset.collection;
             let fp = cols.get(name)?.fingerprint()?;
             let adapter = store
@@ -188,8 +183,8 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
     std::fs::write(&run_file, serde_json::to_vec_pretty(&stored)?)?;
     let (mut log, done) = RecordLog::open(&records_file)?;
 
-    let gate = load_gate(cfg, &model, &arms, Decides::Retrieval)?;
-    let adapt_gate = load_gate(cfg, &model, &arms, Decides::Adaptation)?;
+    let gate = load_gate(&model, &weights, &arms, Decides::Retrieval)?;
+    let adapt_gate = load_gate(&model, &weights, &arms, Decides::Adaptation)?;
     let engine = Engine::start(
         model.clone(),
         cols,

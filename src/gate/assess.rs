@@ -13,19 +13,41 @@ use super::policy::{decide, Decision, Policy, CLASSES};
 use crate::model::{ChatMessage, Model};
 
 /// What a gate did for one request (the response's `rag.gate` or `rag.adapt_gate`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GateReport {
     pub decides: Decides,
     pub policy: Policy,
-    #[serde(skip)]
     pub decision: Decision,
-    /// The decision in the card's terms: `retrieve` or `adapt`, else `skip`.
-    #[serde(rename = "decision")]
-    pub action: &'static str,
     /// Class probabilities, keyed `S1`..`S4`.
     pub probs: BTreeMap<&'static str, f32>,
     pub layer: usize,
     pub gate_ms: f64,
+}
+
+impl GateReport {
+    /// The decision in the card's terms: `retrieve` or `adapt`, else `skip`.
+    pub fn action(&self) -> &'static str {
+        match (self.decision, self.decides) {
+            (Decision::Skip, _) => "skip",
+            (Decision::Retrieve, Decides::Retrieval) => "retrieve",
+            (Decision::Retrieve, Decides::Adaptation) => "adapt",
+        }
+    }
+}
+
+/// Hand-written only to put [`GateReport::action`] on the wire as `decision`.
+impl Serialize for GateReport {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("GateReport", 6)?;
+        st.serialize_field("decides", &self.decides)?;
+        st.serialize_field("policy", &self.policy)?;
+        st.serialize_field("decision", self.action())?;
+        st.serialize_field("probs", &self.probs)?;
+        st.serialize_field("layer", &self.layer)?;
+        st.serialize_field("gate_ms", &self.gate_ms)?;
+        st.end()
+    }
 }
 
 impl LoadedGate {
@@ -65,17 +87,10 @@ impl LoadedGate {
             .as_slice()
             .try_into()
             .context("probe does not output four classes")?;
-        let decision = decide(policy, &probs4);
-        let action = match (decision, self.card.decides) {
-            (Decision::Skip, _) => "skip",
-            (Decision::Retrieve, Decides::Retrieval) => "retrieve",
-            (Decision::Retrieve, Decides::Adaptation) => "adapt",
-        };
         Ok(GateReport {
             decides: self.card.decides,
             policy,
-            decision,
-            action,
+            decision: decide(policy, &probs4),
             probs: CLASSES.iter().copied().zip(probs4).collect(),
             layer: tap.layer,
             gate_ms: t.elapsed().as_secs_f64() * 1e3,

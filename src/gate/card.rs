@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::features::Position;
 use super::policy::CLASSES;
 use super::probe::{Probe, ProbeKind};
+use crate::model::fingerprint::WeightsDigest;
 use crate::model::Model;
 
 /// Version of the card layout.
@@ -182,6 +183,18 @@ fn check_shape(card: &GateCard, model: &Model, probe_input: usize) -> Result<()>
     Ok(())
 }
 
+/// Refuses a card whose classes are about something else than `want` (an adaptation probe in
+/// the retrieval gate's place, or the reverse).
+fn check_kind(card: &GateCard, want: Decides) -> Result<()> {
+    ensure!(
+        card.decides == want,
+        "the card's probe decides {}, but it is configured as the {} gate",
+        card.decides.name(),
+        want.name()
+    );
+    Ok(())
+}
+
 impl LoadedGate {
     /// Reads the card at `card_path` and its probe, refusing a card made for other weights
     /// (`model_sha256` is the serving model's fingerprint), another hidden size or depth, or
@@ -198,35 +211,32 @@ impl LoadedGate {
             .with_context(|| format!("gate card {}", card_path.display()))
     }
 
-    /// [`LoadedGate::load`] for the model whose weights are at `weights` (a `.gguf` file or a
-    /// Hugging Face folder). The card's shape is checked before the weights are hashed:
-    /// hashing a large model only to learn that the probe cannot fit it would cost seconds.
-    pub fn load_for_weights(
+    /// The card at `card_path` as the gate that decides `want`, for `model` whose weights'
+    /// digest is `weights`. The card's kind and shape are checked before the digest is asked
+    /// for: hashing a large model only to learn that the probe cannot fit it would cost
+    /// seconds.
+    pub fn open(
         card_path: &Path,
+        want: Decides,
         model: &Model,
-        weights: &Path,
-        device: &Device,
+        weights: &WeightsDigest,
     ) -> Result<Self> {
         let card = GateCard::read(card_path)?;
-        check_shape(
-            &card,
-            model,
-            card.model.hidden_size * card.features.pass.width(),
-        )
-        .with_context(|| format!("gate card {}", card_path.display()))?;
-        let sha = crate::model::fingerprint::weights_sha256(weights)?;
-        Self::load(card_path, model, &sha, device)
+        check_kind(&card, want)
+            .and_then(|()| {
+                check_shape(
+                    &card,
+                    model,
+                    card.model.hidden_size * card.features.pass.width(),
+                )
+            })
+            .with_context(|| format!("gate card {}", card_path.display()))?;
+        Self::load(card_path, model, weights.sha256()?, model.decoder.device())
     }
 
-    /// Refuses a card whose classes are about something else than `want` (an adaptation
-    /// probe in the retrieval gate's place, or the reverse).
+    /// Refuses a loaded gate that decides something else than `want`.
     pub fn expect(self, want: Decides) -> Result<Self> {
-        ensure!(
-            self.card.decides == want,
-            "the card's probe decides {}, but it is configured as the {} gate",
-            self.card.decides.name(),
-            want.name()
-        );
+        check_kind(&self.card, want)?;
         Ok(self)
     }
 

@@ -104,7 +104,9 @@ impl Outcome {
             m.gate_seconds.observe(g.gate_ms / 1e3);
         }
         if let Some(g) = done.and_then(|c| c.rag.adapt_gate.as_ref()) {
-            m.adapt_gate_decisions.with_label_values(&[g.action]).inc();
+            m.adapt_gate_decisions
+                .with_label_values(&[g.action()])
+                .inc();
             m.gate_seconds.observe(g.gate_ms / 1e3);
         }
         if let Some(c) = done {

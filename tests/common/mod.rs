@@ -179,7 +179,7 @@ pub async fn start_tiny_slow(
             max_prompt_tokens: cfg.server.max_prompt_tokens,
             domain: Some(Arc::new(ttarag::adapt::domain::DomainAdapters::new(
                 cfg.domain.dir.clone(),
-                ttarag::adapt::domain::ModelIdentity::Known(TINY_SHA.into()),
+                ttarag::model::fingerprint::WeightsDigest::known(TINY_SHA),
                 model.decoder.config().clone(),
                 Device::Cpu,
                 candle_core::DType::F32,

@@ -11,7 +11,7 @@ pub use card::{
     adapter_dir, file_sha256, save_adapter, write_atomic, DomainCard, Shape, TrainingData,
     ADAPTER_FILE, CARD_FILE, CARD_FORMAT,
 };
-pub use store::{load_lora, DomainAdapter, DomainAdapters, ModelIdentity};
+pub use store::{load_lora, DomainAdapter, DomainAdapters};
 pub use trainer::{examples_sha256, schedule, train_domain, DomainTrain, OnStep, Trained};
 
 #[cfg(test)]

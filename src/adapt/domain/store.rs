@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
@@ -12,6 +12,7 @@ use candle_core::{DType, Device};
 use super::card::{adapter_dir, file_sha256, DomainCard, ADAPTER_FILE, CARD_FILE};
 use crate::adapt::{parse_target, Lora, LoraConfig};
 use crate::file_stamp::FileStamp;
+use crate::model::fingerprint::WeightsDigest;
 use crate::model::ModelConfig;
 use crate::retrieval::Fingerprint;
 
@@ -19,13 +20,6 @@ use crate::retrieval::Fingerprint;
 pub struct DomainAdapter {
     pub lora: Lora,
     pub card: DomainCard,
-}
-
-/// How the serving model is identified: hashed from its weight files on first need (seconds
-/// for large models, so not at every start), or known (tests, tiny models).
-pub enum ModelIdentity {
-    Weights(PathBuf),
-    Known(String),
 }
 
 enum Entry {
@@ -51,8 +45,7 @@ impl std::fmt::Debug for DomainAdapters {
 
 pub struct DomainAdapters {
     dir: PathBuf,
-    identity: ModelIdentity,
-    sha: OnceLock<Result<String, String>>,
+    weights: WeightsDigest,
     model: ModelConfig,
     device: Device,
     dtype: DType,
@@ -62,15 +55,14 @@ pub struct DomainAdapters {
 impl DomainAdapters {
     pub fn new(
         dir: impl Into<PathBuf>,
-        identity: ModelIdentity,
+        weights: WeightsDigest,
         model: ModelConfig,
         device: Device,
         dtype: DType,
     ) -> Self {
         Self {
             dir: dir.into(),
-            identity,
-            sha: OnceLock::new(),
+            weights,
             model,
             device,
             dtype,
@@ -78,12 +70,16 @@ impl DomainAdapters {
         }
     }
 
-    /// The store `[domain] dir` of `cfg` names, for `model` loaded from `model.path`.
-    pub fn for_config(cfg: &crate::config::Config, model: &crate::model::Model) -> Arc<Self> {
+    /// The store `[domain] dir` of `cfg` names, for `model`, whose weights are `weights`.
+    pub fn for_config(
+        cfg: &crate::config::Config,
+        model: &crate::model::Model,
+        weights: &WeightsDigest,
+    ) -> Arc<Self> {
         let d = &model.decoder;
         Arc::new(Self::new(
             cfg.domain.dir.clone(),
-            ModelIdentity::Weights(cfg.model.path.clone()),
+            weights.clone(),
             d.config().clone(),
             d.device().clone(),
             d.dtype(),
@@ -95,12 +91,7 @@ impl DomainAdapters {
     }
 
     fn model_sha(&self) -> Result<&str, String> {
-        let r = self.sha.get_or_init(|| match &self.identity {
-            ModelIdentity::Known(s) => Ok(s.clone()),
-            ModelIdentity::Weights(p) => crate::model::fingerprint::weights_sha256(p)
-                .map_err(|e| format!("cannot fingerprint the model weights: {e:#}")),
-        });
-        r.as_deref().map_err(Clone::clone)
+        self.weights.sha256().map_err(|e| format!("{e:#}"))
     }
 
     /// The adapter of `collection`, whose content is now `now`: `Ok(None)` when it has none,

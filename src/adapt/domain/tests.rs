@@ -4,6 +4,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::*;
 use crate::adapt::{mean_loss, Example};
+use crate::model::fingerprint::WeightsDigest;
 use crate::model::tiny::tiny_model;
 use crate::model::Model;
 use crate::retrieval::Fingerprint;
@@ -159,7 +160,7 @@ fn the_store_serves_a_matching_adapter_and_refuses_other_weights_content_or_byte
     let store = |sha: &str| {
         DomainAdapters::new(
             dir.path(),
-            ModelIdentity::Known(sha.into()),
+            WeightsDigest::known(sha),
             model.decoder.config().clone(),
             Device::Cpu,
             DType::F32,
