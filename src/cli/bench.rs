@@ -36,6 +36,18 @@ pub struct BenchArgs {
     /// reading every layer as the trainer does.
     #[arg(long, conflicts_with = "tta")]
     pub gate: Option<usize>,
+    /// Instead, a concurrency sweep: for each of these client counts, clients submitting QASC
+    /// dev questions one after another through the engine; req/s, p50/p99, decode tok/s, RSS.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["tta", "gate"])]
+    pub load: Vec<usize>,
+    /// With --load: the request modes swept.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "static,tta",
+        requires = "load"
+    )]
+    pub modes: Vec<String>,
 }
 
 /// A `/proc/self/status` field in MB (Linux), if known.
@@ -52,7 +64,7 @@ pub fn peak_rss_mb() -> Option<f64> {
 }
 
 /// Resets the peak-RSS mark to the current RSS (Linux); returns the current RSS in MB.
-fn reset_peak_rss() -> Option<f64> {
+pub fn reset_peak_rss() -> Option<f64> {
     use std::io::Write;
     // Opened without truncation: the proc file accepts writes only.
     let mut f = std::fs::OpenOptions::new()
@@ -108,6 +120,9 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
     let model = super::load_model(&cfg)?;
     if let Some(n) = a.gate {
         return bench_gate(&cfg, &model, n);
+    }
+    if !a.load.is_empty() {
+        return super::bench_load::run(&cfg, model, &a.load, &a.modes);
     }
     if let Some(n) = a.tta {
         bench_tta(&cfg, &model, n, a.dump_pairs.as_deref())?;

@@ -3,6 +3,7 @@
 mod adapt;
 mod ask;
 mod bench;
+mod bench_load;
 mod eval;
 mod gate;
 mod index;

@@ -757,21 +757,27 @@ impl Decoder {
             Some(c) => c.append(&k, &v)?,
             None => (k, v),
         };
+        // Grouped-query attention over K and V where they lie (in the cache, its own buffer):
+        // the `rep` query heads sharing a KV head are `rep * t` rows of one product, so no
+        // step copies the cache once per query head, as repeating the KV heads would.
         let rep = a.n_heads / a.n_kv;
-        let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+        let kv_len = k.dim(2)?;
         let scale = 1.0 / (a.head_dim as f64).sqrt();
         // Scaling q (t x d) is cheaper than scaling the scores (t x t).
-        let mut scores = (q * scale)?.matmul(&k.t()?)?;
+        let q = (q * scale)?.reshape((b, a.n_kv, rep * t, a.head_dim))?;
+        let mut scores = q.matmul(&k.t()?)?;
         if let Some(m) = mask {
-            scores = scores.broadcast_add(&m.to_dtype(acc)?)?;
+            scores = scores
+                .reshape((b, a.n_kv, rep, t, kv_len))?
+                .broadcast_add(&m.to_dtype(acc)?)?
+                .reshape((b, a.n_kv, rep * t, kv_len))?;
         }
         let probs = if opts.differentiable {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
-        let y = probs.matmul(&v)?;
+        let y = probs.matmul(&v)?.reshape((b, a.n_heads, t, a.head_dim))?;
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, a.n_heads * a.head_dim))?
@@ -875,6 +881,32 @@ mod tests {
                 assert!(max_diff(&step, &want) < 1e-4, "{arch:?} position {t}");
             }
             assert_eq!(cache.len(), IDS.len());
+        }
+    }
+
+    /// Attention reads K and V in place, as views into the cache's buffer: the spare room of
+    /// a large cache (rows past the cached length) must never be read as positions.
+    #[test]
+    fn decoding_reads_only_the_cached_positions_whatever_the_cache_capacity() {
+        for arch in [Arch::Llama, Arch::Qwen2] {
+            let m = tiny(arch);
+            let all = Tensor::new(&IDS, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let decode = |capacity: usize| {
+                let mut cache = m.new_cache(capacity);
+                let mut out = vec![logits(&m, &all.narrow(1, 0, 3).unwrap(), &mut cache)];
+                for t in 3..IDS.len() {
+                    out.push(logits(&m, &all.narrow(1, t, 1).unwrap(), &mut cache));
+                }
+                out
+            };
+            let exact = decode(IDS.len());
+            let roomy = decode(256);
+            for (t, (a, b)) in exact.iter().zip(&roomy).enumerate() {
+                assert!(max_diff(a, b) < 1e-6, "{arch:?} step {t}: {}", max_diff(a, b));
+            }
         }
     }
 

@@ -1,0 +1,242 @@
+//! `ttarag bench --load 1,2,4,8,16`: the engine under concurrent clients. Each client submits
+//! QASC dev questions one after another through the same `Engine` the server runs (its
+//! `[server]` workers and queue), so the figures are the engine's, without HTTP. Prints a
+//! table; asserts nothing.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+
+use super::bench::{peak_rss_mb, reset_peak_rss};
+use crate::config::Config;
+use crate::engine::{
+    resolve_tta, ChatJob, DomainUse, Engine, EngineConfig, Event, RagMode, RagParams, TtaOverrides,
+};
+use crate::eval::dataset::{load_questions, select, Part, Subset};
+use crate::generate::GenParams;
+use crate::model::{ChatMessage, Model};
+
+/// What one request did.
+struct Sample {
+    latency_ms: f64,
+    tokens: usize,
+    ok: bool,
+}
+
+/// One level of the sweep.
+struct Level {
+    mode: &'static str,
+    clients: usize,
+    wall_s: f64,
+    samples: Vec<Sample>,
+    peak_rss_mb: Option<f64>,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn job(cfg: &Config, question: &str, mode: RagMode, seed: u64) -> anyhow::Result<ChatJob> {
+    let tta = match mode {
+        RagMode::Tta => Some(
+            resolve_tta(&cfg.tta, &TtaOverrides::default(), seed)
+                .map_err(|e| anyhow::anyhow!("[tta]: {}", e.message))?,
+        ),
+        _ => None,
+    };
+    Ok(ChatJob {
+        messages: vec![
+            ChatMessage::new("system", "Answer the question with a short phrase."),
+            ChatMessage::new("user", question),
+        ],
+        gen: GenParams {
+            max_tokens: 24,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed,
+            stop: vec![],
+        },
+        rag: RagParams {
+            mode,
+            collection: cfg.retrieval.collection.clone(),
+            top_k: cfg.retrieval.top_k,
+            gate: None,
+            adapt_gate: None,
+            domain: DomainUse::Off,
+        },
+        tta,
+        score_choices: vec![],
+    })
+}
+
+/// Submits `job` and waits for its end: (completion tokens, whether it succeeded).
+fn complete(engine: &Engine, job: ChatJob) -> (usize, bool) {
+    let Ok(mut rx) = engine.submit(job) else {
+        return (0, false);
+    };
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Text(_) => {}
+            Event::Done(c) => return (c.completion_tokens, true),
+            Event::Error(_) => return (0, false),
+        }
+    }
+    (0, false)
+}
+
+/// `clients` threads share `requests` submissions of `questions` (in turn) until all are done.
+fn run_level(
+    cfg: &Config,
+    engine: &Engine,
+    questions: &[String],
+    mode: RagMode,
+    clients: usize,
+    requests: usize,
+) -> anyhow::Result<(f64, Vec<Sample>)> {
+    let jobs: Vec<ChatJob> = (0..requests)
+        .map(|i| job(cfg, &questions[i % questions.len()], mode, i as u64))
+        .collect::<anyhow::Result<_>>()?;
+    let jobs = Mutex::new(jobs.into_iter().map(Some).collect::<Vec<_>>());
+    let next = AtomicUsize::new(0);
+    let samples = Mutex::new(Vec::with_capacity(requests));
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..clients {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(job) = jobs.lock().ok().and_then(|mut j| j.get_mut(i)?.take()) else {
+                    return;
+                };
+                let t = Instant::now();
+                let (tokens, ok) = complete(engine, job);
+                let latency_ms = t.elapsed().as_secs_f64() * 1e3;
+                if let Ok(mut v) = samples.lock() {
+                    v.push(Sample {
+                        latency_ms,
+                        tokens,
+                        ok,
+                    });
+                }
+            });
+        }
+    });
+    let wall = t0.elapsed().as_secs_f64();
+    let samples = samples.into_inner().unwrap_or_default();
+    Ok((wall, samples))
+}
+
+pub fn run(
+    cfg: &Config,
+    model: Arc<Model>,
+    clients: &[usize],
+    modes: &[String],
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        clients.iter().all(|&c| (1..=256).contains(&c)),
+        "--load: client counts must be within 1..=256"
+    );
+    let modes: Vec<(&'static str, RagMode)> = modes
+        .iter()
+        .map(|m| match m.as_str() {
+            "static" => Ok(("static", RagMode::Static)),
+            "tta" => Ok(("tta", RagMode::Tta)),
+            "none" => Ok(("none", RagMode::None)),
+            other => anyhow::bail!("--modes: `{other}` is not one of static, tta, none"),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let path = std::path::Path::new("data/qasc/questions.jsonl");
+    let subset = Subset {
+        part: Part::Dev,
+        limit: Some(24),
+        ..Default::default()
+    };
+    let questions: Vec<String> = select(load_questions(path)?, &subset)
+        .into_iter()
+        .map(|q| q.question)
+        .collect();
+    anyhow::ensure!(
+        !questions.is_empty(),
+        "{}: no dev questions",
+        path.display()
+    );
+    let collections = super::open_collections(cfg)?;
+    collections
+        .get(&cfg.retrieval.collection)
+        .with_context(|| format!("collection `{}`", cfg.retrieval.collection))?;
+    let engine = Engine::start(
+        model,
+        collections,
+        &EngineConfig {
+            workers: cfg.server.workers,
+            queue_capacity: cfg.server.queue_capacity,
+            prompt_template: cfg.retrieval.prompt_template.clone(),
+            max_prompt_tokens: cfg.server.max_prompt_tokens,
+            ..Default::default()
+        },
+    )?;
+    let mut levels = Vec::new();
+    for &(name, mode) in &modes {
+        // Warm-up: first-touch page faults and lazily made weight copies stay out of the figures.
+        run_level(cfg, &engine, &questions, mode, 1, 2)?;
+        for &c in clients {
+            let requests = (2 * c).max(8);
+            reset_peak_rss();
+            let (wall_s, samples) = run_level(cfg, &engine, &questions, mode, c, requests)?;
+            levels.push(Level {
+                mode: name,
+                clients: c,
+                wall_s,
+                samples,
+                peak_rss_mb: peak_rss_mb(),
+            });
+            eprintln!("{name} x{c}: {requests} requests in {wall_s:.1} s");
+        }
+    }
+    print_table(cfg, &levels);
+    Ok(())
+}
+
+fn print_table(cfg: &Config, levels: &[Level]) {
+    println!("model          {}", cfg.model.path.display());
+    println!(
+        "engine         {} worker(s), queue {}, {} threads; 24 QASC dev questions, greedy, 24 new tokens",
+        cfg.server.workers,
+        cfg.server.queue_capacity,
+        candle_core::utils::get_num_threads()
+    );
+    println!();
+    println!("| mode | clients | requests | failed | req/s | p50 ms | p99 ms | decode tok/s | peak RSS MB |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for l in levels {
+        let mut lat: Vec<f64> = l
+            .samples
+            .iter()
+            .filter(|s| s.ok)
+            .map(|s| s.latency_ms)
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        let ok = lat.len();
+        let tokens: usize = l.samples.iter().map(|s| s.tokens).sum();
+        let rss = l.peak_rss_mb.map_or("–".into(), |p| format!("{p:.0}"));
+        println!(
+            "| {} | {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.1} | {} |",
+            l.mode,
+            l.clients,
+            l.samples.len(),
+            l.samples.len() - ok,
+            ok as f64 / l.wall_s,
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            tokens as f64 / l.wall_s,
+            rss
+        );
+    }
+    println!();
+    println!("p99 of a level is over its requests (2 per client, at least 8): its slowest for small levels.");
+}
