@@ -46,6 +46,11 @@ impl ModelConfig {
         self.hidden_size / self.num_attention_heads
     }
 
+    /// Query heads per KV head (grouped-query attention; 1 for plain multi-head).
+    pub fn kv_group(&self) -> usize {
+        self.num_attention_heads / self.num_key_value_heads
+    }
+
     /// Checks the invariants the decoder relies on, so a bad config fails at load, not mid-request.
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::BadConfig(m));

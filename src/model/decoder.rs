@@ -471,7 +471,7 @@ impl Decoder {
         let mut x = self.embed_ids(ids)?;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
-        let mask = causal_mask(t, offset, &self.device)?;
+        let mask = causal_mask(t, offset, self.cfg.kv_group(), &self.device)?;
         let mut hidden = Vec::new();
         if opts.hidden_states {
             hidden.push(x.clone());
@@ -536,7 +536,7 @@ impl Decoder {
         if step.fused {
             return self.fused_block(step.block, layer, x, &step.cos, &step.sin, opts);
         }
-        let mask = causal_mask(x.dim(1)?, 0, &self.device)?;
+        let mask = causal_mask(x.dim(1)?, 0, self.cfg.kv_group(), &self.device)?;
         let (cos, sin) = (&step.cos, &step.sin);
         self.block_forward(step.block, layer, x, cos, sin, mask.as_ref(), None, opts)
     }
@@ -761,16 +761,12 @@ impl Decoder {
         // the `rep` query heads sharing a KV head are `rep * t` rows of one product, so no
         // step copies the cache once per query head, as repeating the KV heads would.
         let rep = a.n_heads / a.n_kv;
-        let kv_len = k.dim(2)?;
         let scale = 1.0 / (a.head_dim as f64).sqrt();
         // Scaling q (t x d) is cheaper than scaling the scores (t x t).
         let q = (q * scale)?.reshape((b, a.n_kv, rep * t, a.head_dim))?;
         let mut scores = q.matmul(&k.t()?)?;
         if let Some(m) = mask {
-            scores = scores
-                .reshape((b, a.n_kv, rep, t, kv_len))?
-                .broadcast_add(&m.to_dtype(acc)?)?
-                .reshape((b, a.n_kv, rep * t, kv_len))?;
+            scores = scores.broadcast_add(&m.to_dtype(acc)?)?;
         }
         let probs = if opts.differentiable {
             candle_nn::ops::softmax(&scores, D::Minus1)?
@@ -786,14 +782,17 @@ impl Decoder {
     }
 }
 
-/// `(t, offset + t)` additive mask: 0 where a query may attend, -inf above the diagonal.
-/// `None` for a single new position, which may attend to everything cached.
-fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
+/// `(group * t, offset + t)` additive mask: 0 where a query may attend, -inf above the
+/// diagonal; row `r * t + i` is query `i`, once for each of the `group` query heads that share
+/// a KV head (attention's rows). `None` for a single new position, which may attend to
+/// everything cached.
+fn causal_mask(t: usize, offset: usize, group: usize, device: &Device) -> Result<Option<Tensor>> {
     if t == 1 {
         return Ok(None);
     }
     let total = offset + t;
-    let data: Vec<f32> = (0..t)
+    let data: Vec<f32> = (0..group * t)
+        .map(|row| row % t)
         .flat_map(|i| {
             (0..total).map(move |j| {
                 if j > i + offset {
@@ -804,7 +803,7 @@ fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Option<Tensor
             })
         })
         .collect();
-    Ok(Some(Tensor::from_vec(data, (t, total), device)?))
+    Ok(Some(Tensor::from_vec(data, (group * t, total), device)?))
 }
 
 /// Cos/sin tables for the HF ("rotate half") RoPE layout, `(max_pos, head_dim / 2)`, f32.
@@ -905,7 +904,11 @@ mod tests {
             let exact = decode(IDS.len());
             let roomy = decode(256);
             for (t, (a, b)) in exact.iter().zip(&roomy).enumerate() {
-                assert!(max_diff(a, b) < 1e-6, "{arch:?} step {t}: {}", max_diff(a, b));
+                assert!(
+                    max_diff(a, b) < 1e-6,
+                    "{arch:?} step {t}: {}",
+                    max_diff(a, b)
+                );
             }
         }
     }
