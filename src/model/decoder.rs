@@ -36,6 +36,42 @@ pub trait Adapter: Sync {
     fn begin_step(&self, _step: Option<u64>) {}
 }
 
+/// Adapters of a batch, one per row (`None`: the base model): each row's delta is computed
+/// from that row alone, so no row's adapter touches another row. Rows are gathered per
+/// sequence, with no merged weights.
+pub struct PerRow<'a>(pub Vec<Option<&'a dyn Adapter>>);
+
+impl Adapter for PerRow<'_> {
+    fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>> {
+        let rows = x.dim(0)?;
+        if rows != self.0.len() {
+            candle_core::bail!("{} adapters for a batch of {rows} rows", self.0.len());
+        }
+        let mut deltas = Vec::with_capacity(rows);
+        for (i, a) in self.0.iter().enumerate() {
+            deltas.push(match a {
+                Some(a) => a.delta(layer, target, &x.narrow(0, i, 1)?)?,
+                None => None,
+            });
+        }
+        let Some(shape) = deltas.iter().flatten().next().map(|d| d.shape().clone()) else {
+            return Ok(None);
+        };
+        let zeros = Tensor::zeros(shape, x.dtype(), x.device())?;
+        let rows: Vec<Tensor> = deltas
+            .into_iter()
+            .map(|d| d.unwrap_or_else(|| zeros.clone()))
+            .collect();
+        Ok(Some(Tensor::cat(&rows, 0)?))
+    }
+
+    fn begin_step(&self, step: Option<u64>) {
+        for a in self.0.iter().flatten() {
+            a.begin_step(step);
+        }
+    }
+}
+
 /// Which logits a forward pass computes.
 #[derive(Debug, Clone, Copy)]
 pub enum Logits<'a> {
@@ -95,6 +131,13 @@ pub struct ForwardOutput {
     /// `hidden_states[0]` is the embedding output, `hidden_states[l]` the output of block `l`
     /// (1-based), before the final norm: `num_hidden_layers + 1` tensors of `(batch, seq, hidden)`.
     pub hidden_states: Vec<Tensor>,
+}
+
+/// Where a pass's keys and values go: one cache (or none) for the whole batch, or one cache
+/// per row (a batched decode step over sequences of different lengths).
+enum Kv<'a, 'c> {
+    One(Option<&'a mut KvCache>),
+    Rows(&'a mut [&'c mut Cache]),
 }
 
 /// Per-sequence key/value cache, one entry per layer. Owned by a request, never by the model,
@@ -448,6 +491,71 @@ impl Decoder {
         Cache::new(&self.cfg, capacity)
     }
 
+    /// `(batch, vocab)` logits of `last` (`(batch, 1, hidden)`), the blocks' output.
+    fn last_logits(&self, last: &Tensor, differentiable: bool) -> Result<Tensor> {
+        let h = rms_norm(last, &self.norm, self.cfg.rms_norm_eps, differentiable)?;
+        let logits = match &self.lm_head_quant {
+            Some(q) if !differentiable => {
+                q.forward(&h.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?
+            }
+            // The few-row kernels compute each row on its own; gemm's blocking depends on
+            // the row count, which would make a row's logits depend on its batch.
+            _ if !differentiable => self.head(&h, false)?,
+            _ => h.broadcast_matmul(&self.lm_head.t()?)?,
+        };
+        logits.squeeze(1)
+    }
+
+    /// One decode step of several sequences at once: `tokens[i]` continues the sequence
+    /// cached in `caches[i]`, each at its own length. Embedding, norms, projections and head
+    /// run once over all rows (the weights are read once per step, not once per sequence);
+    /// attention runs per row against that row's cache. Returns `(rows, vocab)` logits. An
+    /// adapter in `opts` sees every row: [`PerRow`] gives each row its own.
+    pub fn decode_step(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut Cache],
+        opts: &ForwardOpts,
+    ) -> Result<Tensor> {
+        if tokens.is_empty() || tokens.len() != caches.len() {
+            candle_core::bail!(
+                "decode_step: {} tokens for {} caches",
+                tokens.len(),
+                caches.len()
+            );
+        }
+        if opts.differentiable || opts.stop_after.is_some() || opts.hidden_states {
+            candle_core::bail!(
+                "decode_step is inference only: no gradients, hidden states or stop_after"
+            );
+        }
+        let positions = caches
+            .iter()
+            .map(|c| {
+                let p = c.len();
+                if p + 1 > self.cfg.max_position_embeddings {
+                    candle_core::bail!(
+                        "sequence of {} positions exceeds the model's context of {}",
+                        p + 1,
+                        self.cfg.max_position_embeddings
+                    );
+                }
+                Ok(p as u32)
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(1)?;
+        let pos = Tensor::new(positions.as_slice(), &self.device)?;
+        // Each row's rotary angles are those of its own position: `(rows, 1, head_dim / 2)`.
+        let cos = self.cos.index_select(&pos, 0)?.unsqueeze(1)?;
+        let sin = self.sin.index_select(&pos, 0)?.unsqueeze(1)?;
+        let mut x = self.embed_ids(&ids)?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            let kv = Kv::Rows(&mut *caches);
+            x = self.block_forward(block, l, &x, &cos, &sin, None, kv, opts)?;
+        }
+        self.last_logits(&x, false)
+    }
+
     /// Runs `ids` (`(batch, seq)`, u32) through the model. With a cache, positions continue
     /// after what the cache holds and the new keys/values are appended to it.
     pub fn forward(
@@ -479,7 +587,8 @@ impl Decoder {
         let depth = opts.stop_after.unwrap_or(self.blocks.len());
         for (l, block) in self.blocks.iter().take(depth).enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[l]);
-            x = self.block_forward(block, l, &x, &cos, &sin, mask.as_ref(), layer_cache, opts)?;
+            let kv = Kv::One(layer_cache);
+            x = self.block_forward(block, l, &x, &cos, &sin, mask.as_ref(), kv, opts)?;
             if opts.hidden_states {
                 hidden.push(x.clone());
             }
@@ -491,22 +600,7 @@ impl Decoder {
                 Some(self.head(&h, opts.bf16_frozen)?)
             }
             Logits::Rows(rows) => Some(self.head_rows(&x, rows, opts)?),
-            Logits::Last => {
-                let last = x.narrow(1, t - 1, 1)?;
-                let h = rms_norm(
-                    &last,
-                    &self.norm,
-                    self.cfg.rms_norm_eps,
-                    opts.differentiable,
-                )?;
-                let logits = match &self.lm_head_quant {
-                    Some(q) if !opts.differentiable => {
-                        q.forward(&h.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?
-                    }
-                    _ => h.broadcast_matmul(&self.lm_head.t()?)?,
-                };
-                Some(logits.squeeze(1)?)
-            }
+            Logits::Last => Some(self.last_logits(&x.narrow(1, t - 1, 1)?, opts.differentiable)?),
         };
         Ok(ForwardOutput {
             logits,
@@ -538,7 +632,16 @@ impl Decoder {
         }
         let mask = causal_mask(x.dim(1)?, 0, self.cfg.kv_group(), &self.device)?;
         let (cos, sin) = (&step.cos, &step.sin);
-        self.block_forward(step.block, layer, x, cos, sin, mask.as_ref(), None, opts)
+        self.block_forward(
+            step.block,
+            layer,
+            x,
+            cos,
+            sin,
+            mask.as_ref(),
+            Kv::One(None),
+            opts,
+        )
     }
 
     /// What a cache-less pass of block `layer` over `x` needs: the block, rotary tables for
@@ -701,12 +804,12 @@ impl Decoder {
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
+        kv: Kv<'_, '_>,
         opts: &ForwardOpts,
     ) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
         let h = rms_norm(x, &block.input_norm, eps, opts.differentiable)?;
-        let a = self.attention(&block.attn, layer, &h, cos, sin, mask, cache, opts)?;
+        let a = self.attention(&block.attn, layer, &h, cos, sin, mask, kv, opts)?;
         let x = (x + a)?;
         let h = rms_norm(&x, &block.post_norm, eps, opts.differentiable)?;
         let m = &block.mlp;
@@ -725,7 +828,7 @@ impl Decoder {
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
+        kv: Kv<'_, '_>,
         opts: &ForwardOpts,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -753,33 +856,65 @@ impl Decoder {
                 candle_nn::rotary_emb::rope(&k, cos, sin)?,
             )
         };
-        let (k, v) = match cache {
-            Some(c) => c.append(&k, &v)?,
-            None => (k, v),
+        let y = match kv {
+            Kv::One(cache) => {
+                let (k, v) = match cache {
+                    Some(c) => c.append(&k, &v)?,
+                    None => (k, v),
+                };
+                attend(a, &q, &k, &v, mask, acc, opts.differentiable)?
+            }
+            // Each row against its own cache: the one part of a batched step that is per
+            // sequence (the projections around it run once for every row).
+            Kv::Rows(caches) => {
+                let rows = caches
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let (k, v) =
+                            c.layers[layer].append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
+                        attend(a, &q.narrow(0, i, 1)?, &k, &v, None, acc, false)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)?
+            }
         };
-        // Grouped-query attention over K and V where they lie (in the cache, its own buffer):
-        // the `rep` query heads sharing a KV head are `rep * t` rows of one product, so no
-        // step copies the cache once per query head, as repeating the KV heads would.
-        let rep = a.n_heads / a.n_kv;
-        let scale = 1.0 / (a.head_dim as f64).sqrt();
-        // Scaling q (t x d) is cheaper than scaling the scores (t x t).
-        let q = (q * scale)?.reshape((b, a.n_kv, rep * t, a.head_dim))?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(&m.to_dtype(acc)?)?;
-        }
-        let probs = if opts.differentiable {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
-        let y = probs.matmul(&v)?.reshape((b, a.n_heads, t, a.head_dim))?;
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, a.n_heads * a.head_dim))?
             .to_dtype(self.dtype)?;
         a.o.forward(&y, layer, opts)
     }
+}
+
+/// Softmax attention of `q` (`(b, heads, t, d)`) over `k`, `v` (`(b, kv_heads, len, d)`),
+/// `(b, heads, t, d)` out. Grouped-query attention over K and V where they lie (in the cache,
+/// its own buffer): the query heads sharing a KV head are rows of one product, so no step
+/// copies the cache once per query head, as repeating the KV heads would.
+fn attend(
+    a: &Attention,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    acc: DType,
+    differentiable: bool,
+) -> Result<Tensor> {
+    let (b, _, t, _) = q.dims4()?;
+    let rep = a.n_heads / a.n_kv;
+    let scale = 1.0 / (a.head_dim as f64).sqrt();
+    // Scaling q (t x d) is cheaper than scaling the scores (t x t).
+    let q = (q * scale)?.reshape((b, a.n_kv, rep * t, a.head_dim))?;
+    let mut scores = q.matmul(&k.t()?)?;
+    if let Some(m) = mask {
+        scores = scores.broadcast_add(&m.to_dtype(acc)?)?;
+    }
+    let probs = if differentiable {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    probs.matmul(v)?.reshape((b, a.n_heads, t, a.head_dim))
 }
 
 /// `(group * t, offset + t)` additive mask: 0 where a query may attend, -inf above the
@@ -851,14 +986,19 @@ mod tests {
 
     const IDS: [u32; 9] = [3, 17, 200, 45, 45, 9, 120, 258, 33];
 
+    /// [`IDS`] as a `(1, seq)` batch.
+    fn ids() -> Tensor {
+        Tensor::new(&IDS, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+    }
+
     #[test]
     fn kv_cached_decoding_matches_full_forward() {
         for arch in [Arch::Llama, Arch::Qwen2] {
             let m = tiny(arch);
-            let all = Tensor::new(&IDS, &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
+            let all = ids();
             let full_opts = ForwardOpts {
                 logits: Logits::All,
                 ..Default::default()
@@ -883,16 +1023,165 @@ mod tests {
         }
     }
 
+    /// Three sequences of different lengths, each prefilled alone, then decoded greedily:
+    /// alone (a step each) and together (one batched step), with `adapters[i]` on row `i`.
+    /// Returns both runs' logits per step and row.
+    fn alone_and_batched(
+        m: &Decoder,
+        adapters: &[Option<&dyn Adapter>],
+    ) -> (Vec<Vec<Tensor>>, Vec<Vec<Tensor>>) {
+        let prompts: [&[u32]; 3] = [&IDS[..2], &IDS, &IDS[3..7]];
+        fn opts<'a>(a: Option<&'a dyn Adapter>) -> ForwardOpts<'a> {
+            ForwardOpts {
+                adapter: a,
+                ..Default::default()
+            }
+        }
+        let prefill = |i: usize| {
+            let mut c = m.new_cache(32);
+            let ids = Tensor::new(prompts[i], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let l = m
+                .forward(&ids, Some(&mut c), &opts(adapters[i]))
+                .unwrap()
+                .logits
+                .unwrap();
+            (c, l.squeeze(0).unwrap())
+        };
+        let argmax = |l: &Tensor| l.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap();
+        let steps = 4;
+        // Alone.
+        let mut alone = vec![];
+        for (i, &adapter) in adapters.iter().enumerate() {
+            let (mut c, mut l) = prefill(i);
+            let mut out = vec![];
+            for _ in 0..steps {
+                let ids = Tensor::new(&[argmax(&l)], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                l = m
+                    .forward(&ids, Some(&mut c), &opts(adapter))
+                    .unwrap()
+                    .logits
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap();
+                out.push(l.clone());
+            }
+            alone.push(out);
+        }
+        // Together.
+        let (mut caches, mut last): (Vec<Cache>, Vec<Tensor>) = (0..3).map(prefill).unzip();
+        let per_row = PerRow(adapters.to_vec());
+        let mut batched = vec![vec![]; 3];
+        for _ in 0..steps {
+            let tokens: Vec<u32> = last.iter().map(argmax).collect();
+            let mut refs: Vec<&mut Cache> = caches.iter_mut().collect();
+            let o = ForwardOpts {
+                adapter: adapters
+                    .iter()
+                    .any(Option::is_some)
+                    .then_some(&per_row as &dyn Adapter),
+                ..Default::default()
+            };
+            let l = m.decode_step(&tokens, &mut refs, &o).unwrap();
+            last = (0..3).map(|i| l.get(i).unwrap()).collect();
+            for (i, r) in last.iter().enumerate() {
+                batched[i].push(r.clone());
+            }
+        }
+        (alone, batched)
+    }
+
+    /// A sequence decodes to the same bits whatever else shares its step: every kernel of
+    /// the batched step computes a row from that row alone.
+    #[test]
+    fn a_batched_decode_step_equals_each_sequence_decoded_alone() {
+        for arch in [Arch::Llama, Arch::Qwen2] {
+            for quant in [false, true] {
+                let mut m = tiny(arch);
+                if quant {
+                    m.quantize_for_decode(GgmlDType::Q8_0).unwrap();
+                }
+                let (alone, batched) = alone_and_batched(&m, &[None, None, None]);
+                // f32 products are row-independent only on the few-row kernels; without
+                // them (no AVX2) gemm's blocking follows the row count, so rows agree to
+                // rounding only. Quantized products are row-independent everywhere.
+                let exact = quant || crate::model::skinny::fits(3);
+                if !exact {
+                    eprintln!("no few-row f32 kernels on this CPU: f32 rows compared to 1e-5");
+                }
+                for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+                    for (t, (x, y)) in a.iter().zip(b).enumerate() {
+                        let d = max_diff(x, y);
+                        let ok = if exact { d == 0.0 } else { d < 1e-5 };
+                        assert!(ok, "{arch:?} quant {quant}: row {i} step {t}: {d}");
+                    }
+                }
+            }
+        }
+        let m = tiny(Arch::Llama);
+        let mut a = m.new_cache(4);
+        let err = m
+            .decode_step(&[1, 2], &mut [&mut a], &ForwardOpts::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("2 tokens for 1 caches"), "{err}");
+    }
+
+    /// Canary adapters on rows 0 and 2 of a batch: each row equals its own sequence run alone
+    /// with its own adapter (row 1, with none, equals the base model), and the canaries do
+    /// change their rows.
+    #[test]
+    fn per_row_adapters_touch_only_their_own_rows() {
+        struct Canary(f32);
+        impl Adapter for Canary {
+            fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>> {
+                if layer == 1 && target == Target::V {
+                    let (b, t, _) = x.dims3()?;
+                    return Ok(Some(
+                        (Tensor::ones((b, t, 16), x.dtype(), x.device())? * self.0 as f64)?,
+                    ));
+                }
+                Ok(None)
+            }
+        }
+        // Quantized products are row-independent on every CPU (see the test above).
+        let mut m = tiny(Arch::Llama);
+        m.quantize_for_decode(GgmlDType::Q8_0).unwrap();
+        let (one, two) = (Canary(1.0), Canary(-3.0));
+        let adapters: [Option<&dyn Adapter>; 3] = [Some(&one), None, Some(&two)];
+        let (alone, batched) = alone_and_batched(&m, &adapters);
+        let (base, _) = alone_and_batched(&m, &[None, None, None]);
+        for i in 0..3 {
+            for t in 0..alone[i].len() {
+                assert_eq!(
+                    max_diff(&alone[i][t], &batched[i][t]),
+                    0.0,
+                    "row {i} step {t}"
+                );
+            }
+        }
+        assert_eq!(max_diff(&base[1][0], &batched[1][0]), 0.0, "the plain row");
+        assert!(
+            max_diff(&base[0][0], &batched[0][0]) > 1e-3,
+            "canary 1 changed nothing"
+        );
+        assert!(
+            max_diff(&base[2][0], &batched[2][0]) > 1e-3,
+            "canary 2 changed nothing"
+        );
+    }
+
     /// Attention reads K and V in place, as views into the cache's buffer: the spare room of
     /// a large cache (rows past the cached length) must never be read as positions.
     #[test]
     fn decoding_reads_only_the_cached_positions_whatever_the_cache_capacity() {
         for arch in [Arch::Llama, Arch::Qwen2] {
             let m = tiny(arch);
-            let all = Tensor::new(&IDS, &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
+            let all = ids();
             let decode = |capacity: usize| {
                 let mut cache = m.new_cache(capacity);
                 let mut out = vec![logits(&m, &all.narrow(1, 0, 3).unwrap(), &mut cache)];
@@ -916,10 +1205,7 @@ mod tests {
     #[test]
     fn differentiable_path_equals_fast_path_and_hidden_states_are_exposed() {
         let m = tiny(Arch::Llama);
-        let ids = Tensor::new(&IDS, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
+        let ids = ids();
         let mut opts = ForwardOpts {
             logits: Logits::All,
             hidden_states: true,
@@ -987,10 +1273,7 @@ mod tests {
     #[test]
     fn adapter_delta_changes_the_output() {
         let m = tiny(Arch::Llama);
-        let ids = Tensor::new(&IDS, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
+        let ids = ids();
         let base = m
             .forward(&ids, None, &ForwardOpts::default())
             .unwrap()

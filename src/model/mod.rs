@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor};
 
 pub use chat_template::{ChatMessage, ChatTemplate, LocatedRender};
 pub use config::{Arch, ModelConfig};
-pub use decoder::{Adapter, Cache, Decoder, ForwardOpts, ForwardOutput, Logits, Target};
+pub use decoder::{Adapter, Cache, Decoder, ForwardOpts, ForwardOutput, Logits, PerRow, Target};
 pub use frozen::{frozen_input_grad, frozen_matmul, frozen_matmul_bf16, Bf16Copy};
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
 pub use weight_grads::WeightGrads;
