@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// dev questions one after another through the engine; req/s, p50/p99, decode tok/s, RSS.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["tta", "gate"])]
     pub load: Vec<usize>,
+    /// Instead, batched decode: for each of these batch sizes, that many sequences (each the
+    /// --prompt-tokens prompt, prefilled alone) decode --new-tokens steps together.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["tta", "gate", "load"])]
+    pub batch: Vec<usize>,
     /// With --load: the request modes swept.
     #[arg(
         long,
@@ -132,6 +136,9 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let ids = rag_prompt(&cfg, &model, a.prompt_tokens)?;
+    if !a.batch.is_empty() {
+        return bench_batch(&model, &ids, &a);
+    }
     let dec = &model.decoder;
     let opts = ForwardOpts {
         logits: Logits::Last,
@@ -178,6 +185,53 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
     println!("ttft           {:.1} ms", median(&mut ttft));
     if let Some(mb) = peak_rss_mb() {
         println!("peak rss       {mb:.0} MB");
+    }
+    Ok(())
+}
+
+/// Aggregate decode tok/s of `a.batch` sequences stepping together, against one alone.
+fn bench_batch(model: &crate::model::Model, ids: &[u32], a: &BenchArgs) -> anyhow::Result<()> {
+    let dec = &model.decoder;
+    let opts = ForwardOpts {
+        logits: Logits::Last,
+        ..Default::default()
+    };
+    println!(
+        "prompt {} tokens per sequence, {} decode steps, median of {} runs",
+        ids.len(),
+        a.new_tokens,
+        a.runs
+    );
+    println!("| sequences | step ms | decode tok/s (all sequences) |");
+    println!("|---|---|---|");
+    for &b in &a.batch {
+        anyhow::ensure!(
+            (1..=256).contains(&b),
+            "--batch sizes must be within 1..=256"
+        );
+        let mut per_step = vec![];
+        for run in 0..=a.runs {
+            let mut caches: Vec<_> = (0..b)
+                .map(|_| {
+                    let mut c = dec.new_cache(ids.len() + a.new_tokens);
+                    let input = Tensor::new(ids, dec.device())?.unsqueeze(0)?;
+                    dec.forward(&input, Some(&mut c), &opts)?;
+                    Ok(c)
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let mut refs: Vec<_> = caches.iter_mut().collect();
+            let mut tokens = vec![ids[ids.len() - 1]; b];
+            let t = Instant::now();
+            for _ in 0..a.new_tokens {
+                let logits = dec.decode_step(&tokens, &mut refs, &opts)?;
+                tokens = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+            }
+            if run > 0 {
+                per_step.push(t.elapsed().as_secs_f64() * 1e3 / a.new_tokens as f64);
+            }
+        }
+        let ms = median(&mut per_step);
+        println!("| {b} | {ms:.1} | {:.1} |", b as f64 * 1e3 / ms);
     }
     Ok(())
 }
