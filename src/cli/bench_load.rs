@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use super::bench::{peak_rss_mb, reset_peak_rss};
+use super::rss::{peak_rss_mb, reset_peak_rss};
 use crate::config::Config;
 use crate::engine::{
     resolve_tta, ChatJob, DomainUse, Engine, EngineConfig, Event, RagMode, RagParams, TtaOverrides,

@@ -7,6 +7,7 @@ mod bench_load;
 mod eval;
 mod gate;
 mod index;
+mod rss;
 mod serve;
 
 use std::path::{Path, PathBuf};
