@@ -3,7 +3,6 @@
 //! `[server]` workers and queue), so the figures are the engine's, without HTTP. Prints a
 //! table; asserts nothing.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -12,9 +11,11 @@ use anyhow::Context;
 use super::rss::{peak_rss_mb, reset_peak_rss};
 use crate::config::Config;
 use crate::engine::{
-    resolve_tta, ChatJob, DomainUse, Engine, EngineConfig, Event, RagMode, RagParams, TtaOverrides,
+    resolve_tta, ChatJob, DomainUse, Engine, EngineConfig, RagMode, RagParams, TtaOverrides,
 };
 use crate::eval::dataset::{load_questions, select, Part, Subset};
+use crate::eval::runner::complete;
+use crate::eval::stats::quantile;
 use crate::generate::GenParams;
 use crate::model::{ChatMessage, Model};
 
@@ -32,14 +33,6 @@ struct Level {
     wall_s: f64,
     samples: Vec<Sample>,
     peak_rss_mb: Option<f64>,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 fn job(cfg: &Config, question: &str, mode: RagMode, seed: u64) -> anyhow::Result<ChatJob> {
@@ -75,21 +68,6 @@ fn job(cfg: &Config, question: &str, mode: RagMode, seed: u64) -> anyhow::Result
     })
 }
 
-/// Submits `job` and waits for its end: (completion tokens, whether it succeeded).
-fn complete(engine: &Engine, job: ChatJob) -> (usize, bool) {
-    let Ok(mut rx) = engine.submit(job) else {
-        return (0, false);
-    };
-    while let Some(ev) = rx.blocking_recv() {
-        match ev {
-            Event::Text(_) => {}
-            Event::Done(c) => return (c.completion_tokens, true),
-            Event::Error(_) => return (0, false),
-        }
-    }
-    (0, false)
-}
-
 /// `clients` threads share `requests` submissions of `questions` (in turn) until all are done.
 fn run_level(
     cfg: &Config,
@@ -102,19 +80,20 @@ fn run_level(
     let jobs: Vec<ChatJob> = (0..requests)
         .map(|i| job(cfg, &questions[i % questions.len()], mode, i as u64))
         .collect::<anyhow::Result<_>>()?;
-    let jobs = Mutex::new(jobs.into_iter().map(Some).collect::<Vec<_>>());
-    let next = AtomicUsize::new(0);
+    let jobs = Mutex::new(jobs.into_iter());
     let samples = Mutex::new(Vec::with_capacity(requests));
     let t0 = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..clients {
             s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(job) = jobs.lock().ok().and_then(|mut j| j.get_mut(i)?.take()) else {
+                let Some(job) = jobs.lock().ok().and_then(|mut j| j.next()) else {
                     return;
                 };
                 let t = Instant::now();
-                let (tokens, ok) = complete(engine, job);
+                let (tokens, ok) = match complete(engine, job) {
+                    Ok(c) => (c.completion_tokens, true),
+                    Err(_) => (0, false),
+                };
                 let latency_ms = t.elapsed().as_secs_f64() * 1e3;
                 if let Ok(mut v) = samples.lock() {
                     v.push(Sample {
@@ -214,13 +193,12 @@ fn print_table(cfg: &Config, levels: &[Level]) {
     println!("| mode | clients | requests | failed | req/s | p50 ms | p99 ms | decode tok/s | peak RSS MB |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for l in levels {
-        let mut lat: Vec<f64> = l
+        let lat: Vec<f64> = l
             .samples
             .iter()
             .filter(|s| s.ok)
             .map(|s| s.latency_ms)
             .collect();
-        lat.sort_by(f64::total_cmp);
         let ok = lat.len();
         let tokens: usize = l.samples.iter().map(|s| s.tokens).sum();
         let rss = l.peak_rss_mb.map_or("–".into(), |p| format!("{p:.0}"));
@@ -231,12 +209,12 @@ fn print_table(cfg: &Config, levels: &[Level]) {
             l.samples.len(),
             l.samples.len() - ok,
             ok as f64 / l.wall_s,
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99),
+            quantile(&lat, 0.5),
+            quantile(&lat, 0.99),
             tokens as f64 / l.wall_s,
             rss
         );
     }
     println!();
-    println!("p99 of a level is over its requests (2 per client, at least 8): its slowest for small levels.");
+    println!("p50/p99 interpolate between a level's requests (2 per client, at least 8).");
 }

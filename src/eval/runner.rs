@@ -98,7 +98,7 @@ pub fn choice_variants(choices: &[String]) -> (Vec<String>, Vec<usize>) {
 }
 
 /// Submits a job and waits for its end.
-fn complete(engine: &Engine, job: ChatJob) -> Result<Completion, String> {
+pub fn complete(engine: &Engine, job: ChatJob) -> Result<Completion, String> {
     let mut rx = engine.submit(job).map_err(|e| e.to_string())?;
     while let Some(ev) = rx.blocking_recv() {
         match ev {
