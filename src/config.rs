@@ -56,6 +56,25 @@ pub struct ServerSection {
     pub drain_timeout_ms: u64,
     /// SSE comment keep-alives while a streamed request produces no text (e.g. adapting).
     pub sse_keepalive_ms: u64,
+    /// Requests generating at once in the decode scheduler's batch.
+    pub max_running: usize,
+    /// Tokens one scheduler iteration may run (decode rows plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// KV-cache memory all running requests may reserve together, in MiB.
+    pub kv_cache_mb: usize,
+    /// Prompt tokens per prefill pass.
+    pub prefill_chunk: usize,
+}
+
+impl ServerSection {
+    pub fn batch_limits(&self) -> crate::engine::BatchLimits {
+        crate::engine::BatchLimits {
+            max_running: self.max_running,
+            max_batch_tokens: self.max_batch_tokens,
+            kv_cache_bytes: self.kv_cache_mb.saturating_mul(1 << 20),
+            prefill_chunk: self.prefill_chunk,
+        }
+    }
 }
 
 /// Upper bound of `server.request_timeout_ms`: an hour.
@@ -548,6 +567,14 @@ impl Config {
             self.server.queue_capacity >= 1,
             "server.queue_capacity must be at least 1"
         );
+        for (name, v) in [
+            ("max_running", self.server.max_running),
+            ("max_batch_tokens", self.server.max_batch_tokens),
+            ("kv_cache_mb", self.server.kv_cache_mb),
+            ("prefill_chunk", self.server.prefill_chunk),
+        ] {
+            anyhow::ensure!(v >= 1, "server.{name} must be at least 1");
+        }
         anyhow::ensure!(
             (1..=MAX_REQUEST_TIMEOUT_MS).contains(&self.server.request_timeout_ms),
             "server.request_timeout_ms {} is outside 1..={MAX_REQUEST_TIMEOUT_MS}",

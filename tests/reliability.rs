@@ -202,8 +202,9 @@ async fn past_its_deadline_a_request_answers_504_plain_or_streamed() {
 async fn a_stream_starts_at_once_and_keeps_alive_while_it_waits() {
     let mut cfg = Config::default();
     cfg.server.sse_keepalive_ms = 50;
+    cfg.server.max_running = 1;
     let s = start_tiny_slow(1, 8, true, cfg, Some(Duration::from_millis(5))).await;
-    // The only worker is busy with this one for ~1 s.
+    // The scheduler, allowed one answer at a time, is busy with this one for ~1 s.
     let base = s.base.clone();
     let busy = tokio::spawn(async move { post(&base, &ask("keep the worker busy", 200)).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -230,26 +231,27 @@ async fn a_stream_starts_at_once_and_keeps_alive_while_it_waits() {
 
 #[tokio::test]
 async fn overload_and_retryable_refusals_carry_retry_after() {
-    let s = start_tiny_slow(
-        1,
-        1,
-        true,
-        Config::default(),
-        Some(Duration::from_millis(5)),
-    )
-    .await;
+    let mut cfg = Config::default();
+    cfg.server.max_running = 1;
+    let s = start_tiny_slow(1, 1, true, cfg, Some(Duration::from_millis(5))).await;
+    // One answer generating, one held by the worker until the scheduler has room, one in
+    // the queue (capacity 1): the next is refused at once.
     let base = s.base.clone();
     let running = tokio::spawn(async move { post(&base, &ask("one", 200)).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let base = s.base.clone();
-    let queued = tokio::spawn(async move { post(&base, &ask("two", 2)).await });
+    let held = tokio::spawn(async move { post(&base, &ask("two", 2)).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let r = send(&s.base, &ask("three", 2)).await;
+    let base = s.base.clone();
+    let queued = tokio::spawn(async move { post(&base, &ask("three", 2)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = send(&s.base, &ask("four", 2)).await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "1");
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "overloaded", "{v}");
     assert_eq!(running.await.unwrap().0, 200);
+    assert_eq!(held.await.unwrap().0, 200);
     assert_eq!(queued.await.unwrap().0, 200);
 }
 

@@ -83,6 +83,7 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
             domain: Some(crate::adapt::domain::DomainAdapters::for_config(
                 &cfg, &model, &weights,
             )),
+            batch: cfg.server.batch_limits(),
             ..Default::default()
         },
     )?;

@@ -11,7 +11,8 @@ use anyhow::Context;
 use super::rss::{peak_rss_mb, reset_peak_rss};
 use crate::config::Config;
 use crate::engine::{
-    resolve_tta, ChatJob, DomainUse, Engine, EngineConfig, RagMode, RagParams, TtaOverrides,
+    resolve_tta, ChatJob, DomainUse, Engine, EngineConfig, RagMode, RagParams, Timings,
+    TtaOverrides,
 };
 use crate::eval::dataset::{load_questions, select, Part, Subset};
 use crate::eval::runner::complete;
@@ -23,6 +24,8 @@ use crate::model::{ChatMessage, Model};
 struct Sample {
     latency_ms: f64,
     tokens: usize,
+    prompt_tokens: usize,
+    timings: Timings,
     ok: bool,
 }
 
@@ -90,17 +93,26 @@ fn run_level(
                     return;
                 };
                 let t = Instant::now();
-                let (tokens, ok) = match complete(engine, job) {
-                    Ok(c) => (c.completion_tokens, true),
-                    Err(_) => (0, false),
-                };
+                let done = complete(engine, job);
                 let latency_ms = t.elapsed().as_secs_f64() * 1e3;
-                if let Ok(mut v) = samples.lock() {
-                    v.push(Sample {
+                let sample = match done {
+                    Ok(c) => Sample {
                         latency_ms,
-                        tokens,
-                        ok,
-                    });
+                        tokens: c.completion_tokens,
+                        prompt_tokens: c.prompt_tokens,
+                        timings: c.rag.timings_ms,
+                        ok: true,
+                    },
+                    Err(_) => Sample {
+                        latency_ms,
+                        tokens: 0,
+                        prompt_tokens: 0,
+                        timings: Timings::default(),
+                        ok: false,
+                    },
+                };
+                if let Ok(mut v) = samples.lock() {
+                    v.push(sample);
                 }
             });
         }
@@ -156,6 +168,7 @@ pub fn run(
             queue_capacity: cfg.server.queue_capacity,
             prompt_template: cfg.retrieval.prompt_template.clone(),
             max_prompt_tokens: cfg.server.max_prompt_tokens,
+            batch: cfg.server.batch_limits(),
             ..Default::default()
         },
     )?;
@@ -184,9 +197,10 @@ pub fn run(
 fn print_table(cfg: &Config, levels: &[Level]) {
     println!("model          {}", cfg.model.path.display());
     println!(
-        "engine         {} worker(s), queue {}, {} threads; 24 QASC dev questions, greedy, 24 new tokens",
+        "engine         {} stage worker(s), queue {}, batch of {} at most, {} threads; 24 QASC dev questions, greedy, 24 new tokens",
         cfg.server.workers,
         cfg.server.queue_capacity,
+        cfg.server.max_running,
         candle_core::utils::get_num_threads()
     );
     println!();
@@ -217,4 +231,26 @@ fn print_table(cfg: &Config, levels: &[Level]) {
     }
     println!();
     println!("p50/p99 interpolate between a level's requests (2 per client, at least 8).");
+    println!();
+    println!("Where a request's time goes (mean ms over its level's answered requests; queue includes waiting for the batch):");
+    println!();
+    println!("| mode | clients | prompt tokens | queue | retrieve | adapt | prefill | decode |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for l in levels {
+        let ok: Vec<&Sample> = l.samples.iter().filter(|s| s.ok).collect();
+        let mean = |f: &dyn Fn(&Sample) -> f64| {
+            ok.iter().map(|s| f(s)).sum::<f64>() / ok.len().max(1) as f64
+        };
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            l.mode,
+            l.clients,
+            mean(&|s| s.prompt_tokens as f64),
+            mean(&|s| s.timings.queue),
+            mean(&|s| s.timings.retrieve),
+            mean(&|s| s.timings.adapt),
+            mean(&|s| s.timings.prefill),
+            mean(&|s| s.timings.decode),
+        );
+    }
 }

@@ -110,6 +110,7 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
             domain: Some(crate::adapt::domain::DomainAdapters::for_config(
                 &cfg, &model, &weights,
             )),
+            batch: cfg.server.batch_limits(),
             faults: Default::default(),
         },
     )?;

@@ -1,10 +1,14 @@
-//! The engine: one bounded queue feeding model worker threads. A job runs the request's stages
-//! (retrieve, build the prompt, generate) off the async runtime and streams events back over
-//! its own channel. A full queue refuses at once; a job whose client has gone (its [`Ticket`]
-//! dropped) stops at its next check, and one past its deadline answers so. A job that panics
-//! answers an internal error, and its worker thread is replaced by a fresh one.
+//! The engine: one bounded queue feeding stage worker threads, which run a request's gate,
+//! retrieval, adaptation and prompt off the async runtime and hand it to the decode
+//! [`scheduler`], which generates every running request's answer in shared batched steps.
+//! Events stream back over each job's own channel. A full queue refuses at once; a job whose
+//! client has gone (its [`Ticket`] dropped) stops at its next check, and one past its
+//! deadline answers so. A job that panics answers an internal error, and its stage worker is
+//! replaced by a fresh one (the scheduler answers a panic in its work and goes on).
 
 mod prompt;
+mod scheduler;
+mod sequence;
 mod tta_params;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -16,6 +20,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 pub use prompt::RagPrompt;
+pub use scheduler::BatchLimits;
 pub use tta_params::{resolve_tta, ParamError, TtaOverrides};
 
 use crate::adapt::domain::{DomainAdapter, DomainAdapters};
@@ -30,6 +35,7 @@ use crate::gate::policy::Policy;
 use crate::generate::{generate_scoring, ContinuationScore, FinishReason, GenError, GenParams};
 use crate::model::{Adapter, ChatMessage, Model};
 use crate::retrieval::{Collections, Passage};
+use sequence::{SeqAdapter, Sequence};
 
 /// How retrieval takes part in a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -332,6 +338,12 @@ pub struct Health {
     panics: AtomicU64,
     /// Jobs that stopped because their client went away.
     cancelled: AtomicU64,
+    /// Whether the decode scheduler's thread runs.
+    scheduler_alive: std::sync::atomic::AtomicBool,
+    /// Sequences the scheduler has admitted (prefilling or decoding).
+    running: AtomicUsize,
+    /// Bytes their KV caches reserve.
+    kv_bytes: AtomicUsize,
 }
 
 impl Health {
@@ -345,6 +357,18 @@ impl Health {
 
     pub fn cancelled(&self) -> u64 {
         self.cancelled.load(Ordering::SeqCst)
+    }
+
+    pub fn scheduler_alive(&self) -> bool {
+        self.scheduler_alive.load(Ordering::SeqCst)
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    pub fn kv_bytes(&self) -> usize {
+        self.kv_bytes.load(Ordering::SeqCst)
     }
 }
 
@@ -394,6 +418,8 @@ pub struct EngineConfig {
     pub max_prompt_tokens: usize,
     /// Each collection's domain adapter, for requests that use it.
     pub domain: Option<Arc<DomainAdapters>>,
+    /// What the decode scheduler runs at once.
+    pub batch: BatchLimits,
     /// Fault injection for tests; the CLI never sets it.
     pub faults: Faults,
 }
@@ -405,6 +431,9 @@ pub struct Faults {
     pub panic_on: Option<String>,
     /// A pause after each piece of answer text: jobs long enough to hang up on or time out.
     pub text_delay: Option<Duration>,
+    /// A job whose last user message is exactly this text panics in the decode scheduler,
+    /// while other requests' answers run beside it.
+    pub panic_in_decode: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -418,6 +447,7 @@ impl Default for EngineConfig {
             request_timeout: None,
             max_prompt_tokens: 0,
             domain: None,
+            batch: BatchLimits::default(),
             faults: Faults::default(),
         }
     }
@@ -435,7 +465,10 @@ struct Worker {
     gate: Option<Arc<LoadedGate>>,
     adapt_gate: Option<Arc<LoadedGate>>,
     max_prompt_tokens: usize,
+    prefill_chunk: usize,
     faults: Faults,
+    /// To the decode scheduler; a full scheduler holds the stage workers back.
+    handover: crossbeam_channel::Sender<Sequence>,
 }
 
 /// Runs a gate on the request's prompt; a prompt over the model's context is the client's 400.
@@ -502,6 +535,31 @@ impl Engine {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_capacity * CHANNEL_SLACK);
         let queued = Arc::new(AtomicUsize::new(0));
         let health = Arc::new(Health::default());
+        // A rendezvous: a stage worker's hand-over completes when the scheduler takes the
+        // sequence in, so nothing waits unseen between the queue and the batch.
+        let (handover, sequences) = crossbeam_channel::bounded::<Sequence>(0);
+        let scheduler = scheduler::Scheduler {
+            model: model.clone(),
+            limits: cfg.batch.clone(),
+            health: health.clone(),
+            faults: cfg.faults.clone(),
+        };
+        health.scheduler_alive.store(true, Ordering::SeqCst);
+        let alive = health.clone();
+        std::thread::Builder::new()
+            .name("decode-scheduler".into())
+            .spawn(move || {
+                // Its own panics are caught per sequence; this only marks an exit, however
+                // it comes.
+                struct Exit(Arc<Health>);
+                impl Drop for Exit {
+                    fn drop(&mut self) {
+                        self.0.scheduler_alive.store(false, Ordering::SeqCst);
+                    }
+                }
+                let _exit = Exit(alive);
+                scheduler.run(sequences);
+            })?;
         let w = Arc::new(Worker {
             model: model.clone(),
             collections: collections.clone(),
@@ -512,7 +570,9 @@ impl Engine {
             gate: cfg.gate.clone(),
             adapt_gate: cfg.adapt_gate.clone(),
             max_prompt_tokens: cfg.max_prompt_tokens,
+            prefill_chunk: cfg.batch.prefill_chunk.max(1),
             faults: cfg.faults.clone(),
+            handover,
         });
         let workers = cfg.workers.max(1);
         for i in 0..workers {
@@ -644,9 +704,11 @@ impl Worker {
         let _g = span.enter();
         let queue_ms = job.enqueued.elapsed().as_secs_f64() * 1e3;
         match checkpoint(&job).and_then(|()| self.process(&job, queue_ms)) {
-            Ok(c) => {
+            Ok(Some(c)) => {
                 let _ = job.reply.send(Event::Done(Box::new(c)));
             }
+            // The scheduler answers it.
+            Ok(None) => {}
             Err(Some(e)) => {
                 tracing::warn!(error = %e, "request failed");
                 let _ = job.reply.send(Event::Error(e));
@@ -764,8 +826,10 @@ impl Worker {
         }
     }
 
-    /// `Err(None)` means the client went away.
-    fn process(&self, job: &Job, queue_ms: f64) -> Result<Completion, Option<EngineError>> {
+    /// Runs the stages before generation and hands the request to the scheduler (`None`), or
+    /// answers it here when its answer cannot join a batch (a full-scope copy of the weights,
+    /// or two answers to choose from). `Err(None)` means the client went away.
+    fn process(&self, job: &Job, queue_ms: f64) -> Result<Option<Completion>, Option<EngineError>> {
         let (req, reply) = (&job.req, &job.reply);
         self.maybe_panic(req);
         let internal = |e: String| Some(EngineError::Internal(e));
@@ -917,7 +981,69 @@ impl Worker {
             .encode_chat(&messages)
             .map_err(|e| internal(e.to_string()))?
             .ids;
+        let conts = req
+            .score_choices
+            .iter()
+            .map(|c| self.model.tokenizer.encode_text(c))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| internal(e.to_string()))?;
+        let limit = prompt_limit(&self.model, self.max_prompt_tokens);
+        if ids.len() > limit {
+            return Err(Some(EngineError::ContextExceeded(format!(
+                "the prompt with its passages is {} tokens, over this server's limit of {limit}",
+                ids.len()
+            ))));
+        }
+        checkpoint(job)?;
+        let mut completion = Completion {
+            text: String::new(),
+            finish_reason: FinishReason::Length,
+            prompt_tokens: ids.len(),
+            completion_tokens: 0,
+            rag: RagReport {
+                mode,
+                collection,
+                passages,
+                tta,
+                gate,
+                adapt_gate,
+                domain_adapter: domain_report,
+                selection: None,
+                timings_ms: timings,
+            },
+            choice_scores: vec![],
+        };
+        let select = req.tta.as_ref().map_or(Select::Adapted, |p| p.select);
+        let adapted = match (adapted, select) {
+            (Adapted::Full(d), _) => Adapted::Full(d),
+            (a @ Adapted::Lora(_), Select::Confident) => a,
+            // Everything else joins the batch.
+            (a, _) => {
+                let adapter = match (a, domain) {
+                    (Adapted::Lora(l), Some(d)) => SeqAdapter::OwnOverDomain(l, d),
+                    (Adapted::Lora(l), None) => SeqAdapter::Own(l),
+                    (_, Some(d)) => SeqAdapter::Domain(d),
+                    (_, None) => SeqAdapter::Base,
+                };
+                let seq = Sequence {
+                    prompt: ids,
+                    gen: req.gen.clone(),
+                    adapter,
+                    continuations: conts,
+                    reply: reply.clone(),
+                    cancel: job.cancel.clone(),
+                    enqueued: job.enqueued,
+                    handed_over: Instant::now(),
+                    completion,
+                    panic_when_sampled: self.faults.panic_in_decode.as_deref()
+                        == RagPrompt::question(&req.messages),
+                };
+                self.hand_over(job, seq)?;
+                return Ok(None);
+            }
+        };
 
+        // Answered here, apart from the batch.
         let mut on_text = |t: &str| {
             if let Some(d) = self.faults.text_delay {
                 std::thread::sleep(d);
@@ -937,20 +1063,6 @@ impl Worker {
             },
             Adapted::Full(d) => (d, None),
         };
-        let conts = req
-            .score_choices
-            .iter()
-            .map(|c| self.model.tokenizer.encode_text(c))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| internal(e.to_string()))?;
-        let limit = prompt_limit(&self.model, self.max_prompt_tokens);
-        if ids.len() > limit {
-            return Err(Some(EngineError::ContextExceeded(format!(
-                "the prompt with its passages is {} tokens, over this server's limit of {limit}",
-                ids.len()
-            ))));
-        }
-        checkpoint(job)?;
         let run = |dec, adapter, on_text: &mut dyn FnMut(&str) -> bool| {
             let gen = generate_scoring(
                 &self.model,
@@ -959,6 +1071,7 @@ impl Worker {
                 &req.gen,
                 adapter,
                 &conts,
+                self.prefill_chunk,
                 &job.cancel,
                 on_text,
             );
@@ -972,7 +1085,7 @@ impl Worker {
                 Err(e) => Err(internal(e.to_string())),
             }
         };
-        let select = req.tta.as_ref().map_or(Select::Adapted, |p| p.select);
+        let timings = &mut completion.rag.timings_ms;
         let (out, choice_scores, selection) = match (&adapted, select) {
             (Adapted::Base, _) | (_, Select::Adapted) => {
                 let (out, scores) = run(dec, adapter, &mut on_text)?;
@@ -1007,170 +1120,29 @@ impl Worker {
         };
         timings.prefill += out.prefill_ms;
         timings.decode += out.decode_ms;
-        Ok(Completion {
-            text: out.text,
-            finish_reason: out.finish_reason,
-            prompt_tokens: ids.len(),
-            completion_tokens: out.completion_tokens,
-            rag: RagReport {
-                mode,
-                collection,
-                passages,
-                tta,
-                gate,
-                adapt_gate,
-                domain_adapter: domain_report,
-                selection,
-                timings_ms: timings,
-            },
-            choice_scores,
-        })
+        completion.text = out.text;
+        completion.finish_reason = out.finish_reason;
+        completion.completion_tokens = out.completion_tokens;
+        completion.rag.selection = selection;
+        completion.choice_scores = choice_scores;
+        Ok(Some(completion))
+    }
+
+    /// Hands `seq` to the scheduler, waiting while it is full (and checking the request
+    /// meanwhile: a client that leaves or a deadline that passes ends the wait).
+    fn hand_over(&self, job: &Job, mut seq: Sequence) -> Result<(), Option<EngineError>> {
+        loop {
+            checkpoint(job)?;
+            match self.handover.send_timeout(seq, scheduler::HANDOVER_POLL) {
+                Ok(()) => return Ok(()),
+                Err(crossbeam_channel::SendTimeoutError::Timeout(s)) => seq = s,
+                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => {
+                    return Err(Some(EngineError::Stopped))
+                }
+            }
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::tiny::tiny_model;
-
-    fn job(question: &str) -> ChatJob {
-        ChatJob {
-            messages: vec![ChatMessage::new("user", question)],
-            gen: GenParams {
-                max_tokens: 4,
-                temperature: 0.0,
-                top_p: 1.0,
-                seed: 0,
-                stop: vec![],
-            },
-            rag: RagParams {
-                mode: RagMode::None,
-                collection: "none".into(),
-                top_k: 1,
-                gate: None,
-                adapt_gate: None,
-                domain: DomainUse::Off,
-            },
-            tta: None,
-            score_choices: vec![],
-        }
-    }
-
-    fn outcome(mut t: Ticket) -> Result<Completion, EngineError> {
-        loop {
-            match t.blocking_recv().expect("the engine answers") {
-                Event::Text(_) => {}
-                Event::Done(c) => return Ok(*c),
-                Event::Error(e) => return Err(e),
-            }
-        }
-    }
-
-    /// An engine over the tiny model that never stops early (no EOS) and whose answer text
-    /// comes 5 ms a piece: jobs long enough to cancel or time out.
-    fn slow_engine(request_timeout: Option<Duration>) -> Engine {
-        let dir = std::env::temp_dir().join(format!("ttarag-engine-{}", std::process::id()));
-        let mut m = tiny_model(1).unwrap();
-        m.eos_ids.clear();
-        let faults = Faults {
-            text_delay: Some(Duration::from_millis(5)),
-            ..Default::default()
-        };
-        let cfg = EngineConfig {
-            request_timeout,
-            faults,
-            ..Default::default()
-        };
-        Engine::start(Arc::new(m), Arc::new(Collections::new(&dir)), &cfg).unwrap()
-    }
-
-    fn until(what: &str, f: impl Fn() -> bool) {
-        for _ in 0..500 {
-            if f() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("timed out waiting for {what}");
-    }
-
-    #[test]
-    fn a_panicking_job_is_answered_and_its_worker_replaced_and_workers_end_with_the_engine() {
-        let dir = std::env::temp_dir().join(format!("ttarag-engine-{}", std::process::id()));
-        let e = Engine::start(
-            Arc::new(tiny_model(1).unwrap()),
-            Arc::new(Collections::new(&dir)),
-            &EngineConfig {
-                workers: 2,
-                queue_capacity: 4,
-                faults: Faults {
-                    panic_on: Some("boom".into()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let health = e.health().clone();
-        assert_eq!(health.workers_alive(), 2);
-        assert!(matches!(
-            outcome(e.submit(job("boom")).unwrap()),
-            Err(EngineError::Panicked)
-        ));
-        until("the replacement worker", || {
-            health.workers_alive() == 2 && health.panics() == 1
-        });
-        for _ in 0..3 {
-            assert!(outcome(e.submit(job("hello")).unwrap()).is_ok());
-        }
-        // The panic went through rayon's global pool, which candle's CPU matmul (gemm) also
-        // runs on: a product big enough to be split across threads is still right.
-        let n = 384;
-        let a: Vec<f32> = (0..n * n).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
-        let b: Vec<f32> = (0..n * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
-        let cpu = candle_core::Device::Cpu;
-        let ta = candle_core::Tensor::from_slice(&a, (n, n), &cpu).unwrap();
-        let tb = candle_core::Tensor::from_slice(&b, (n, n), &cpu).unwrap();
-        let c: Vec<Vec<f32>> = ta.matmul(&tb).unwrap().to_vec2().unwrap();
-        for (i, j) in [(0, 0), (17, 300), (383, 383), (200, 5)] {
-            let want: f32 = (0..n).map(|k| a[i * n + k] * b[k * n + j]).sum();
-            assert_eq!(c[i][j], want, "({i}, {j})");
-        }
-        drop(e);
-        until("the workers to exit", || health.workers_alive() == 0);
-    }
-
-    #[test]
-    fn a_job_past_its_deadline_answers_so_and_a_dropped_ticket_is_cancelled() {
-        let e = slow_engine(Some(Duration::from_millis(50)));
-        let mut long = job("hello");
-        long.gen.max_tokens = 400;
-        assert!(matches!(
-            outcome(e.submit(long.clone()).unwrap()),
-            Err(EngineError::DeadlineExceeded(50))
-        ));
-        drop(e.submit(long.clone()).unwrap());
-        let health = e.health().clone();
-        until("the dropped job to stop", || health.cancelled() == 1);
-    }
-
-    #[test]
-    fn a_waiting_job_whose_client_left_gives_its_queue_place_back_at_once() {
-        let e = slow_engine(None);
-        let mut long = job("hello");
-        long.gen.max_tokens = 400;
-        // One running (for ~2 s), one waiting: the queue (capacity 1) is full until the waiting one's
-        // client leaves, and then at once, before any worker has reached that job.
-        let running = e.submit(long.clone()).unwrap();
-        until("the first job to start", || e.queue_depth() == 0);
-        let waiting = e.submit(long.clone()).unwrap();
-        assert!(matches!(
-            e.submit(long.clone()),
-            Err(EngineError::Overloaded(1))
-        ));
-        drop(waiting);
-        assert_eq!(e.queue_depth(), 0);
-        let next = e.submit(long).expect("the abandoned job's place is free");
-        drop((running, next));
-    }
-}
+mod tests;

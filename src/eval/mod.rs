@@ -195,6 +195,7 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
             gate,
             adapt_gate,
             domain: domain.map(|d| d.0),
+            batch: cfg.server.batch_limits(),
             ..Default::default()
         },
     )?;

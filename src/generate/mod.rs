@@ -1,20 +1,19 @@
 //! Autoregressive generation: prefill, KV-cached decode, sampling, stop strings, token budget.
 
+mod decoding;
 mod score;
 mod stop;
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
+use candle_core::{Device, Tensor};
 
+pub use decoding::{Decoding, Next};
 pub use score::{score_after_prefill, score_continuations, ContinuationScore};
 pub use stop::{StopMatcher, StopStep};
 
 use crate::cancel::{Cancel, Stopped};
-use crate::model::{
-    Adapter, Cache, Decoder, ForwardOpts, IncrementalDecoder, Logits, Model, ModelError,
-};
+use crate::model::{Adapter, Cache, Decoder, ForwardOpts, Logits, Model, ModelError};
 
 /// Prompt tokens per prefill pass: a cancelled or timed-out request stops within one chunk.
 /// Prompts up to this length are one pass, as before chunking.
@@ -68,25 +67,9 @@ pub enum GenError {
     Candle(#[from] candle_core::Error),
 }
 
-fn sampler(p: &GenParams) -> LogitsProcessor {
-    let sampling = if p.temperature <= 0.0 {
-        Sampling::ArgMax
-    } else if p.top_p < 1.0 {
-        Sampling::TopP {
-            p: p.top_p,
-            temperature: p.temperature,
-        }
-    } else {
-        Sampling::All {
-            temperature: p.temperature,
-        }
-    };
-    LogitsProcessor::from_sampling(p.seed, sampling)
-}
-
 /// Runs `prompt` into `cache` `chunk` tokens at a time, checking `cancel` before each pass;
 /// returns the last position's logits.
-fn prefill(
+pub fn prefill(
     dec: &Decoder,
     prompt: &[u32],
     cache: &mut Cache,
@@ -114,16 +97,6 @@ fn prefill(
         .logits
         .ok_or(GenError::EmptyPrompt)?
         .squeeze(0)?)
-}
-
-/// `log softmax(logits)[id]`, in f64 over an f32 copy of the row.
-fn token_logprob(logits: &Tensor, id: u32) -> Result<f64, GenError> {
-    let row = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-    Ok(row
-        .get(id as usize)
-        .map_or(f64::NEG_INFINITY, |&x| x as f64 - max - sum.ln()))
 }
 
 impl GenOutput {
@@ -156,12 +129,24 @@ pub fn generate_with(
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenOutput, GenError> {
     let never = Cancel::default();
-    generate_scoring(model, dec, prompt, params, adapter, &[], &never, on_text).map(|(out, _)| out)
+    generate_scoring(
+        model,
+        dec,
+        prompt,
+        params,
+        adapter,
+        &[],
+        PREFILL_CHUNK,
+        &never,
+        on_text,
+    )
+    .map(|(out, _)| out)
 }
 
 /// [`generate_with`] that also scores `continuations` (token ids) after the prompt, from the
 /// prompt's own prefill: no second pass over it. Scoring time counts in neither prefill nor
-/// decode. `cancel` is checked before each prefill chunk and each decode step.
+/// decode. The prompt runs `chunk` tokens a pass; `cancel` is checked before each prefill
+/// chunk and each decode step.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_scoring(
     model: &Model,
@@ -170,34 +155,21 @@ pub fn generate_scoring(
     params: &GenParams,
     adapter: Option<&dyn Adapter>,
     continuations: &[Vec<u32>],
+    chunk: usize,
     cancel: &Cancel,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<(GenOutput, Vec<ContinuationScore>), GenError> {
-    if prompt.is_empty() {
-        return Err(GenError::EmptyPrompt);
-    }
-    let context = dec.config().max_position_embeddings;
-    if prompt.len() >= context {
-        return Err(GenError::ContextExceeded {
-            prompt: prompt.len(),
-            context,
-        });
-    }
-    let budget = params.max_tokens.min(context - prompt.len());
+    let mut decoding = Decoding::new(params, prompt.len(), dec.config().max_position_embeddings)?;
     let device: &Device = dec.device();
-    let mut cache = dec.new_cache(prompt.len() + budget);
+    let mut cache = dec.new_cache(prompt.len() + decoding.budget());
     let opts = ForwardOpts {
         logits: Logits::Last,
         adapter,
         ..Default::default()
     };
-    let mut sampler = sampler(params);
-    let mut stops = StopMatcher::new(&params.stop);
-    let mut detok = IncrementalDecoder::new();
-    let mut text = String::new();
 
     let t0 = Instant::now();
-    let mut logits = prefill(dec, prompt, &mut cache, &opts, PREFILL_CHUNK, cancel)?;
+    let mut logits = prefill(dec, prompt, &mut cache, &opts, chunk, cancel)?;
     let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
     let scores = if continuations.is_empty() {
         vec![]
@@ -205,73 +177,32 @@ pub fn generate_scoring(
         score_after_prefill(dec, &cache, &logits, continuations, adapter)?
     };
     let t1 = Instant::now();
-
-    let mut finish = FinishReason::Length;
-    let mut produced = 0;
-    let mut stopped = false;
-    // Sends text on; false when the consumer has gone.
-    let mut emit = |t: &str, text: &mut String| -> bool {
-        if t.is_empty() {
-            return true;
-        }
-        text.push_str(t);
-        on_text(t)
-    };
-    let mut logprob_sum = 0.0;
-    while produced < budget {
-        let next = sampler.sample(&logits)?;
-        produced += 1;
-        logprob_sum += token_logprob(&logits, next)?;
-        if model.eos_ids.contains(&next) {
-            finish = FinishReason::Stop;
-            break;
-        }
-        let piece = detok.push(&model.tokenizer, next)?;
-        match stops.push(&piece) {
-            StopStep::Emit(t) => {
-                if !emit(&t, &mut text) {
+    loop {
+        let (token, text) = match decoding.step(model, &logits)? {
+            Next::Token { token, text } => (token, text),
+            Next::Finished { text } => {
+                if !text.is_empty() && !on_text(&text) {
                     return Err(GenError::Cancelled);
                 }
-            }
-            StopStep::Stopped(t) => {
-                if !emit(&t, &mut text) {
-                    return Err(GenError::Cancelled);
-                }
-                finish = FinishReason::Stop;
-                stopped = true;
                 break;
             }
-        }
-        if produced == budget {
-            break;
+        };
+        if !text.is_empty() && !on_text(&text) {
+            return Err(GenError::Cancelled);
         }
         cancel.check()?;
-        let ids = Tensor::new(&[next], device)?.unsqueeze(0)?;
+        let ids = Tensor::new(&[token], device)?.unsqueeze(0)?;
         logits = dec
             .forward(&ids, Some(&mut cache), &opts)?
             .logits
             .ok_or(GenError::EmptyPrompt)?
             .squeeze(0)?;
     }
-    if !stopped {
-        // Release what the detokenizer and the stop matcher still hold.
-        let rest = detok.finish(&model.tokenizer)?;
-        let tail = match stops.push(&rest) {
-            StopStep::Emit(t) => t + &stops.flush(),
-            StopStep::Stopped(t) => {
-                finish = FinishReason::Stop;
-                t
-            }
-        };
-        if !emit(&tail, &mut text) {
-            return Err(GenError::Cancelled);
-        }
-    }
     let out = GenOutput {
-        text,
-        completion_tokens: produced,
-        logprob_sum,
-        finish_reason: finish,
+        text: decoding.text().to_string(),
+        completion_tokens: decoding.produced(),
+        logprob_sum: decoding.logprob_sum(),
+        finish_reason: decoding.finish_reason(),
         prefill_ms,
         decode_ms: t1.elapsed().as_secs_f64() * 1e3,
     };
@@ -328,6 +259,7 @@ mod tests {
             &p,
             None,
             &conts,
+            PREFILL_CHUNK,
             &Cancel::default(),
             &mut |_| true,
         )
@@ -460,6 +392,7 @@ mod tests {
             &params(0.0, 0, 5),
             None,
             &[],
+            PREFILL_CHUNK,
             &late,
             &mut |_| true,
         )

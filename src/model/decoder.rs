@@ -491,6 +491,14 @@ impl Decoder {
         Cache::new(&self.cfg, capacity)
     }
 
+    /// Bytes a cache holds per position: keys and values of every layer, in attention's dtype
+    /// (f32 unless the weights are f64). A cache of capacity `n` allocates `n` times this.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let c = &self.cfg;
+        let width = acc_dtype(self.dtype).size_in_bytes();
+        c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim() * width
+    }
+
     /// `(batch, vocab)` logits of `last` (`(batch, 1, hidden)`), the blocks' output.
     fn last_logits(&self, last: &Tensor, differentiable: bool) -> Result<Tensor> {
         let h = rms_norm(last, &self.norm, self.cfg.rms_norm_eps, differentiable)?;

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub adapt_gate_decisions: IntCounterVec,
     pub gate_seconds: prometheus::Histogram,
     pub workers_alive: IntGauge,
+    pub running: IntGauge,
+    pub kv_cache_bytes: IntGauge,
     pub in_flight: IntGauge,
     pub worker_panics: IntCounter,
     pub jobs_cancelled: IntCounter,
@@ -141,6 +143,16 @@ impl Metrics {
         .expect("metric");
         let workers_alive =
             IntGauge::new("ttarag_workers_alive", "Model worker threads running").expect("metric");
+        let running = IntGauge::new(
+            "ttarag_requests_running",
+            "Requests the decode scheduler has admitted (prefilling or decoding)",
+        )
+        .expect("metric");
+        let kv_cache_bytes = IntGauge::new(
+            "ttarag_kv_cache_bytes",
+            "KV-cache bytes the running requests reserve (bounded by server.kv_cache_mb)",
+        )
+        .expect("metric");
         let in_flight = IntGauge::new(
             "ttarag_in_flight_requests",
             "Chat requests received and not yet answered or abandoned",
@@ -179,6 +191,8 @@ impl Metrics {
             Box::new(adapt_gate_decisions.clone()),
             Box::new(gate_seconds.clone()),
             Box::new(workers_alive.clone()),
+            Box::new(running.clone()),
+            Box::new(kv_cache_bytes.clone()),
             Box::new(in_flight.clone()),
             Box::new(worker_panics.clone()),
             Box::new(jobs_cancelled.clone()),
@@ -201,6 +215,8 @@ impl Metrics {
             adapt_gate_decisions,
             gate_seconds,
             workers_alive,
+            running,
+            kv_cache_bytes,
             in_flight,
             worker_panics,
             jobs_cancelled,
@@ -215,6 +231,8 @@ impl Metrics {
         let h = engine.health();
         self.queue_depth.set(engine.queue_depth() as i64);
         self.workers_alive.set(h.workers_alive() as i64);
+        self.running.set(h.running() as i64);
+        self.kv_cache_bytes.set(h.kv_bytes() as i64);
         self.in_flight.set(in_flight as i64);
         let seen = self.worker_panics.get();
         self.worker_panics.inc_by(h.panics().saturating_sub(seen));

@@ -81,9 +81,9 @@ impl App {
         let h = self.engine.health();
         let alive = h.workers_alive();
         let draining = self.draining();
-        let status = match (alive, draining) {
-            (_, true) => "draining",
-            (0, false) => "unavailable",
+        let status = match (alive, h.scheduler_alive(), draining) {
+            (_, _, true) => "draining",
+            (0, _, false) | (_, false, false) => "unavailable",
             _ => "ok",
         };
         let body = serde_json::json!({
@@ -96,6 +96,10 @@ impl App {
             "queue_depth": self.engine.queue_depth(),
             "queue_capacity": self.config.server.queue_capacity,
             "worker_panics": h.panics(),
+            "scheduler_alive": h.scheduler_alive(),
+            "running": h.running(),
+            "max_running": self.config.server.max_running,
+            "kv_cache_bytes": h.kv_bytes(),
         });
         (status == "ok", body)
     }

@@ -120,12 +120,27 @@ pub async fn start_tiny_slow(
     workers: usize,
     queue: usize,
     never_stop: bool,
+    cfg: ttarag::config::Config,
+    text_delay: Option<std::time::Duration>,
+) -> TestServer {
+    start_tiny_opts(workers, queue, never_stop, cfg, text_delay, false).await
+}
+
+/// As [`start_tiny_slow`]; with `quantize`, decode reads q8_0 weights as the real server's
+/// do, whose products are row-independent on every CPU (so batched answers equal lone ones
+/// there too, not only where the few-row f32 kernels run).
+pub async fn start_tiny_opts(
+    workers: usize,
+    queue: usize,
+    never_stop: bool,
     mut cfg: ttarag::config::Config,
     text_delay: Option<std::time::Duration>,
+    quantize: bool,
 ) -> TestServer {
     let faults = ttarag::engine::Faults {
         panic_on: Some(PANIC_MARKER.into()),
         text_delay,
+        panic_in_decode: None,
     };
     use ttarag::engine::{Engine, EngineConfig};
     use ttarag::retrieval::{ingest_path, Collections};
@@ -138,6 +153,12 @@ pub async fn start_tiny_slow(
     let mut model = ttarag::model::tiny::tiny_model(3).unwrap();
     if never_stop {
         model.eos_ids.clear();
+    }
+    if quantize {
+        model
+            .decoder
+            .quantize_for_decode(candle_core::quantized::GgmlDType::Q8_0)
+            .unwrap();
     }
     model.id = "tiny".into();
     cfg.retrieval.collection = "facts".into();
@@ -184,6 +205,7 @@ pub async fn start_tiny_slow(
                 Device::Cpu,
                 candle_core::DType::F32,
             ))),
+            batch: cfg.server.batch_limits(),
             faults,
         },
     )

@@ -1,0 +1,156 @@
+//! One sequence's decoding state: sampler, stop strings, detokenizer, token budget and the
+//! answer's log-probability. It turns each step's logits into text to show and the next
+//! token, and knows when the answer is over; it never runs the model. The one-sequence loop
+//! ([`super::generate_scoring`]) and the engine's batched scheduler drive the same state, so
+//! an answer ends the same way whichever runs it.
+
+use candle_core::{DType, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+
+use super::{FinishReason, GenError, GenParams, StopMatcher, StopStep};
+use crate::model::{IncrementalDecoder, Model};
+
+/// What one step gave.
+#[derive(Debug)]
+pub enum Next {
+    /// Show `text` (may be empty) and feed `token` to the model for the next logits.
+    Token { token: u32, text: String },
+    /// The answer is over: show `text` (may be empty) and stop.
+    Finished { text: String },
+}
+
+/// Decoding state of one sequence.
+pub struct Decoding {
+    sampler: LogitsProcessor,
+    stops: StopMatcher,
+    detok: IncrementalDecoder,
+    budget: usize,
+    produced: usize,
+    logprob_sum: f64,
+    text: String,
+    finish: FinishReason,
+}
+
+fn sampler(p: &GenParams) -> LogitsProcessor {
+    let sampling = if p.temperature <= 0.0 {
+        Sampling::ArgMax
+    } else if p.top_p < 1.0 {
+        Sampling::TopP {
+            p: p.top_p,
+            temperature: p.temperature,
+        }
+    } else {
+        Sampling::All {
+            temperature: p.temperature,
+        }
+    };
+    LogitsProcessor::from_sampling(p.seed, sampling)
+}
+
+/// `log softmax(logits)[id]`, in f64 over an f32 copy of the row.
+fn token_logprob(logits: &Tensor, id: u32) -> Result<f64, GenError> {
+    let row = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+    Ok(row
+        .get(id as usize)
+        .map_or(f64::NEG_INFINITY, |&x| x as f64 - max - sum.ln()))
+}
+
+impl Decoding {
+    /// Checks the prompt against the model's `context` and sets the token budget: what
+    /// `params.max_tokens` asks, never past the context.
+    pub fn new(params: &GenParams, prompt_len: usize, context: usize) -> Result<Self, GenError> {
+        if prompt_len == 0 {
+            return Err(GenError::EmptyPrompt);
+        }
+        if prompt_len >= context {
+            return Err(GenError::ContextExceeded {
+                prompt: prompt_len,
+                context,
+            });
+        }
+        Ok(Self {
+            sampler: sampler(params),
+            stops: StopMatcher::new(&params.stop),
+            detok: IncrementalDecoder::new(),
+            budget: params.max_tokens.min(context - prompt_len),
+            produced: 0,
+            logprob_sum: 0.0,
+            text: String::new(),
+            finish: FinishReason::Length,
+        })
+    }
+
+    /// Most tokens this answer may produce: the KV cache needs room for them.
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    pub fn produced(&self) -> usize {
+        self.produced
+    }
+
+    /// The answer so far (all text returned by [`Self::step`]).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn finish_reason(&self) -> FinishReason {
+        self.finish
+    }
+
+    /// Sum of the produced tokens' log-probabilities (an end-of-turn token included).
+    pub fn logprob_sum(&self) -> f64 {
+        self.logprob_sum
+    }
+
+    /// Samples the next token from `logits` (vocabulary-sized) and says what to show.
+    pub fn step(&mut self, model: &Model, logits: &Tensor) -> Result<Next, GenError> {
+        if self.budget == 0 {
+            let text = self.close(model)?;
+            return Ok(Next::Finished { text });
+        }
+        let next = self.sampler.sample(logits)?;
+        self.produced += 1;
+        self.logprob_sum += token_logprob(logits, next)?;
+        if model.eos_ids.contains(&next) {
+            self.finish = FinishReason::Stop;
+            let text = self.close(model)?;
+            return Ok(Next::Finished { text });
+        }
+        let piece = self.detok.push(&model.tokenizer, next)?;
+        match self.stops.push(&piece) {
+            StopStep::Stopped(t) => {
+                self.finish = FinishReason::Stop;
+                self.text.push_str(&t);
+                Ok(Next::Finished { text: t })
+            }
+            StopStep::Emit(mut t) => {
+                self.text.push_str(&t);
+                if self.produced == self.budget {
+                    t.push_str(&self.close(model)?);
+                    return Ok(Next::Finished { text: t });
+                }
+                Ok(Next::Token {
+                    token: next,
+                    text: t,
+                })
+            }
+        }
+    }
+
+    /// Releases what the detokenizer and the stop matcher still hold.
+    fn close(&mut self, model: &Model) -> Result<String, GenError> {
+        let rest = self.detok.finish(&model.tokenizer)?;
+        let tail = match self.stops.push(&rest) {
+            StopStep::Emit(t) => t + &self.stops.flush(),
+            StopStep::Stopped(t) => {
+                self.finish = FinishReason::Stop;
+                t
+            }
+        };
+        self.text.push_str(&tail);
+        Ok(tail)
+    }
+}

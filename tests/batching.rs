@@ -1,0 +1,101 @@
+//! Answers through the decode scheduler's batch equal the same requests answered one at a
+//! time: static, no-retrieval and per-request LoRA requests mixed in one batch, each with its
+//! own adapter, none leaking into another's rows.
+
+mod common;
+
+use serde_json::json;
+
+fn request(question: &str, rag: serde_json::Value) -> serde_json::Value {
+    json!({
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 40,
+        "temperature": 0,
+        "rag": rag,
+    })
+}
+
+/// Static, none and tta requests over the same few questions; the tta ones adapt strongly so
+/// their answers move.
+fn mixed() -> Vec<serde_json::Value> {
+    let questions = [
+        "What can damage buildings?",
+        "What do plants need to grow?",
+        "At what temperature does water boil?",
+    ];
+    let tta = json!({"mode": "tta", "tta": {"steps": 3, "lr": 0.05, "min_words": 3}});
+    let mut out = vec![];
+    for q in questions {
+        out.push(request(q, json!({"mode": "static"})));
+        out.push(request(q, tta.clone()));
+    }
+    out.push(request(questions[0], json!({"mode": "none"})));
+    out
+}
+
+fn config(max_running: usize) -> ttarag::config::Config {
+    let mut cfg = ttarag::config::Config::default();
+    cfg.server.max_running = max_running;
+    cfg
+}
+
+async fn answers(base: &str, bodies: &[serde_json::Value], together: bool) -> Vec<String> {
+    let one = |b: serde_json::Value| async move {
+        let (st, v) = common::post(base, &b).await;
+        assert_eq!(st, 200, "{v}");
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    if together {
+        futures::future::join_all(bodies.iter().cloned().map(one)).await
+    } else {
+        let mut out = vec![];
+        for b in bodies {
+            out.push(one(b.clone()).await);
+        }
+        out
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mixed_batch_answers_as_each_request_would_alone() {
+    let alone = common::start_tiny_opts(1, 16, true, config(1), None, true).await;
+    let want = answers(&alone.base, &mixed(), false).await;
+    // Slow text keeps the answers overlapping in one batch; two stage workers adapt while
+    // the batch decodes.
+    let delay = Some(std::time::Duration::from_millis(5));
+    let batched = common::start_tiny_opts(2, 16, true, config(16), delay, true).await;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch = {
+        let (base, done) = (batched.base.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let v: serde_json::Value = reqwest::get(format!("{base}/health"))
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                peak = peak.max(v["running"].as_u64().unwrap());
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            peak
+        })
+    };
+    let got = answers(&batched.base, &mixed(), true).await;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        watch.await.unwrap() > 1,
+        "the requests never shared a batch"
+    );
+    assert_eq!(got, want);
+    // The adapters are in effect: at least one adapted answer differs from the static answer
+    // to the same question (so the equality above is not that of unadapted rows).
+    assert!(
+        (0..3).any(|i| want[2 * i] != want[2 * i + 1]),
+        "adaptation changed no answer: {want:?}"
+    );
+}
