@@ -122,6 +122,35 @@ fn concurrent_adapted_requests_do_not_leak_into_each_other() {
     }
 }
 
+/// Static and adapted requests decoded together in the scheduler's batch give the answers
+/// they give alone, on the real model (q8_0 decode products and the fused decode attention,
+/// both row-independent on every CPU).
+#[test]
+fn answers_are_the_same_alone_and_batched_on_the_real_model() {
+    let (e, _dir) = engine(2);
+    let qs = [
+        "What can damage buildings?",
+        "What do plants need to make food?",
+        "Damming a river results in what?",
+    ];
+    let jobs: Vec<ChatJob> = qs
+        .iter()
+        .flat_map(|q| {
+            [
+                job(q, RagMode::Static, &TtaOverrides::default()),
+                job(q, RagMode::Tta, &strong()),
+            ]
+        })
+        .collect();
+    let alone: Vec<String> = jobs
+        .iter()
+        .map(|j| wait(e.submit(j.clone()).unwrap()).text)
+        .collect();
+    let tickets: Vec<_> = jobs.iter().map(|j| e.submit(j.clone()).unwrap()).collect();
+    let together: Vec<String> = tickets.into_iter().map(|t| wait(t).text).collect();
+    assert_eq!(together, alone);
+}
+
 /// Bytes of every served weight, hashed: equal hashes before and after mean bit-identical.
 fn weights_digest(m: &ttarag::model::Model) -> Vec<u64> {
     use std::hash::{Hash, Hasher};

@@ -53,6 +53,10 @@ pub struct BenchArgs {
         requires = "load"
     )]
     pub modes: Vec<String>,
+    /// With --load: also draw req/s and p99 latency against clients, per mode, into
+    /// PREFIX-throughput.png and PREFIX-p99.png.
+    #[arg(long, value_name = "PREFIX", requires = "load")]
+    pub chart: Option<std::path::PathBuf>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -102,7 +106,7 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
         return bench_gate(&cfg, &model, n);
     }
     if !a.load.is_empty() {
-        return super::bench_load::run(&cfg, model, &a.load, &a.modes);
+        return super::bench_load::run(&cfg, model, &a.load, &a.modes, a.chart.as_deref());
     }
     if let Some(n) = a.tta {
         bench_tta(&cfg, &model, n, a.dump_pairs.as_deref())?;

@@ -127,6 +127,7 @@ pub fn run(
     model: Arc<Model>,
     clients: &[usize],
     modes: &[String],
+    chart: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
         clients.iter().all(|&c| (1..=256).contains(&c)),
@@ -191,6 +192,64 @@ pub fn run(
         }
     }
     print_table(cfg, &levels);
+    if let Some(prefix) = chart {
+        draw(prefix, &levels)?;
+    }
+    Ok(())
+}
+
+/// Answered requests' latencies of a level.
+fn latencies(l: &Level) -> Vec<f64> {
+    l.samples
+        .iter()
+        .filter(|s| s.ok)
+        .map(|s| s.latency_ms)
+        .collect()
+}
+
+/// Throughput and p99 latency against clients, one line per mode.
+fn draw(prefix: &std::path::Path, levels: &[Level]) -> anyhow::Result<()> {
+    use crate::eval::plot::{plot_lines, Series};
+    let mut modes: Vec<&str> = levels.iter().map(|l| l.mode).collect();
+    modes.dedup();
+    let series = |f: &dyn Fn(&Level) -> f64| -> Vec<Series> {
+        modes
+            .iter()
+            .map(|m| Series {
+                name: m.to_string(),
+                points: levels
+                    .iter()
+                    .filter(|l| l.mode == *m)
+                    .map(|l| (l.clients, f(l)))
+                    .collect(),
+            })
+            .collect()
+    };
+    let path = |what: &str| {
+        let mut name = prefix.as_os_str().to_owned();
+        name.push(format!("-{what}.png"));
+        std::path::PathBuf::from(name)
+    };
+    let throughput = series(&|l| latencies(l).len() as f64 / l.wall_s);
+    let p99 = series(&|l| quantile(&latencies(l), 0.99));
+    let (t, p) = (path("throughput"), path("p99"));
+    plot_lines(
+        &t,
+        "Throughput under concurrent clients",
+        "clients",
+        "req/s",
+        &throughput,
+        None,
+    )?;
+    plot_lines(
+        &p,
+        "p99 latency under concurrent clients",
+        "clients",
+        "p99 ms",
+        &p99,
+        None,
+    )?;
+    eprintln!("wrote {} and {}", t.display(), p.display());
     Ok(())
 }
 
@@ -207,12 +266,7 @@ fn print_table(cfg: &Config, levels: &[Level]) {
     println!("| mode | clients | requests | failed | req/s | p50 ms | p99 ms | decode tok/s | peak RSS MB |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for l in levels {
-        let lat: Vec<f64> = l
-            .samples
-            .iter()
-            .filter(|s| s.ok)
-            .map(|s| s.latency_ms)
-            .collect();
+        let lat = latencies(l);
         let ok = lat.len();
         let tokens: usize = l.samples.iter().map(|s| s.tokens).sum();
         let rss = l.peak_rss_mb.map_or("–".into(), |p| format!("{p:.0}"));

@@ -97,6 +97,19 @@ pub fn plot_by_layer(
     series: &[Series],
     baseline: Option<(&str, f64)>,
 ) -> Result<()> {
+    plot_lines(path, title, "layer", y_label, series, baseline)
+}
+
+/// Lines of `series` against an integer x (layers, client counts), with an optional
+/// horizontal baseline.
+pub fn plot_lines(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    baseline: Option<(&str, f64)>,
+) -> Result<()> {
     if series.is_empty() {
         bail!("cannot draw chart {}: no series given", path.display());
     }
@@ -131,7 +144,15 @@ pub fn plot_by_layer(
     };
     render(path, |root| {
         let body = titled(root, title)?;
-        draw_layers(&body, y_label, series, baseline, (x_min, x_max), y_range)
+        draw_lines(
+            &body,
+            x_label,
+            y_label,
+            series,
+            baseline,
+            (x_min, x_max),
+            y_range,
+        )
     })
     .with_context(|| format!("writing chart {}", path.display()))
 }
@@ -550,8 +571,9 @@ fn runs(points: &[(usize, f64)]) -> Vec<Vec<(f64, f64)>> {
     out
 }
 
-fn draw_layers(
+fn draw_lines(
     area: &Area<'_>,
+    x_label: &str,
     y_label: &str,
     series: &[Series],
     baseline: Option<(&str, f64)>,
@@ -575,7 +597,7 @@ fn draw_layers(
     let y_desc = fit(area, y_label, &text_style(14), HEIGHT - 120)?;
     chart
         .configure_mesh()
-        .x_desc("layer")
+        .x_desc(x_label)
         .y_desc(y_desc)
         .x_labels(n_ticks)
         .x_label_formatter(&|v| format!("{}", v.round() as i64))

@@ -8,11 +8,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{kv_cache::KvCache, Linear};
 
-use super::{fused, ModelConfig, WeightGrads};
+use super::{decode_attention, fused, ModelConfig, WeightGrads};
 
 /// The linear projections an adapter can attach to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -212,7 +212,7 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, diff: bool) -> Result<Tensor> {
 struct Proj {
     linear: Linear,
     /// Quantized copy of the weight for decode steps (memory-bound: fewer bytes per token).
-    quant: Option<QMatMul>,
+    quant: Option<super::q8::DecodeMatmul>,
     /// bf16 copy of the weight for adaptation's products, made on first use.
     bf16: super::Bf16Copy,
     target: Target,
@@ -355,7 +355,7 @@ pub struct Decoder {
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: Tensor,
-    lm_head_quant: Option<QMatMul>,
+    lm_head_quant: Option<super::q8::DecodeMatmul>,
     lm_head_bf16: super::Bf16Copy,
     cos: Tensor,
     sin: Tensor,
@@ -420,8 +420,7 @@ impl Decoder {
     /// Adds a quantized copy of every projection and of the output head, used by decode steps
     /// (a few new positions, no gradients). Prefill and training keep the full weights.
     pub fn quantize_for_decode(&mut self, dtype: GgmlDType) -> Result<()> {
-        let q =
-            |w: &Tensor| -> Result<QMatMul> { QMatMul::from_qtensor(QTensor::quantize(w, dtype)?) };
+        let q = |w: &Tensor| super::q8::DecodeMatmul::new(w, dtype);
         for b in &mut self.blocks {
             for p in [
                 &mut b.attn.q,
@@ -870,21 +869,31 @@ impl Decoder {
                     Some(c) => c.append(&k, &v)?,
                     None => (k, v),
                 };
-                attend(a, &q, &k, &v, mask, acc, opts.differentiable)?
+                // One new position (a decode step): the fused kernel, as in a batched step.
+                if t == 1 && b == 1 && !opts.differentiable && decode_attention::applies(&q) {
+                    decode_attention::attend_rows(&q, &[(k, v)], attn_scale(a))?
+                } else {
+                    attend(a, &q, &k, &v, mask, acc, opts.differentiable)?
+                }
             }
             // Each row against its own cache: the one part of a batched step that is per
             // sequence (the projections around it run once for every row).
             Kv::Rows(caches) => {
-                let rows = caches
+                let kv = caches
                     .iter_mut()
                     .enumerate()
-                    .map(|(i, c)| {
-                        let (k, v) =
-                            c.layers[layer].append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
-                        attend(a, &q.narrow(0, i, 1)?, &k, &v, None, acc, false)
-                    })
+                    .map(|(i, c)| c.layers[layer].append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?))
                     .collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&rows, 0)?
+                if decode_attention::applies(&q) {
+                    decode_attention::attend_rows(&q, &kv, attn_scale(a))?
+                } else {
+                    let rows = kv
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (k, v))| attend(a, &q.narrow(0, i, 1)?, k, v, None, acc, false))
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::cat(&rows, 0)?
+                }
             }
         };
         let y = y
@@ -899,6 +908,10 @@ impl Decoder {
 /// `(b, heads, t, d)` out. Grouped-query attention over K and V where they lie (in the cache,
 /// its own buffer): the query heads sharing a KV head are rows of one product, so no step
 /// copies the cache once per query head, as repeating the KV heads would.
+fn attn_scale(a: &Attention) -> f64 {
+    1.0 / (a.head_dim as f64).sqrt()
+}
+
 fn attend(
     a: &Attention,
     q: &Tensor,
@@ -910,7 +923,7 @@ fn attend(
 ) -> Result<Tensor> {
     let (b, _, t, _) = q.dims4()?;
     let rep = a.n_heads / a.n_kv;
-    let scale = 1.0 / (a.head_dim as f64).sqrt();
+    let scale = attn_scale(a);
     // Scaling q (t x d) is cheaper than scaling the scores (t x t).
     let q = (q * scale)?.reshape((b, a.n_kv, rep * t, a.head_dim))?;
     let mut scores = q.matmul(&k.t()?)?;

@@ -3,12 +3,14 @@
 
 mod chat_template;
 mod config;
+mod decode_attention;
 mod decoder;
 pub mod fingerprint;
 mod frozen;
 mod fused;
 pub mod gguf;
 mod head_loss;
+pub mod q8;
 mod skinny;
 pub mod tiny;
 mod tokenizer;
