@@ -682,20 +682,29 @@ fn prompt_limit(model: &Model, configured: usize) -> usize {
     }
 }
 
-/// Whether `job` may go on: `Err(None)` when its client went away, an error past its deadline.
-fn checkpoint(job: &Job) -> Result<(), Option<EngineError>> {
-    if job.reply.is_closed() {
+/// Whether a request may go on: `Err(None)` when its client went away (its event channel
+/// closed or its ticket dropped), an error once past its deadline (counted from `enqueued`).
+fn may_go_on(
+    reply: &mpsc::UnboundedSender<Event>,
+    cancel: &Cancel,
+    enqueued: Instant,
+) -> Result<(), Option<EngineError>> {
+    if reply.is_closed() {
         return Err(None);
     }
-    match job.cancel.check() {
+    match cancel.check() {
         Ok(()) => Ok(()),
         Err(Stopped::Cancelled) => Err(None),
         Err(Stopped::DeadlineExceeded) => Err(Some(EngineError::DeadlineExceeded(
-            job.cancel
+            cancel
                 .deadline()
-                .map_or(0, |d| d.duration_since(job.enqueued).as_millis() as u64),
+                .map_or(0, |d| d.duration_since(enqueued).as_millis() as u64),
         ))),
     }
+}
+
+fn checkpoint(job: &Job) -> Result<(), Option<EngineError>> {
+    may_go_on(&job.reply, &job.cancel, job.enqueued)
 }
 
 impl Worker {

@@ -24,7 +24,6 @@ use candle_core::Tensor;
 
 use super::sequence::Sequence;
 use super::{panic_cause, EngineError, Event, Faults, Health};
-use crate::cancel::Stopped;
 use crate::generate::{score_after_prefill, ContinuationScore, Decoding, GenError, Next};
 use crate::model::{Adapter, Cache, ForwardOpts, Logits, Model, PerRow};
 
@@ -82,18 +81,7 @@ fn gen_error(e: GenError) -> EngineError {
 
 /// Whether `seq` may go on.
 fn checkpoint(seq: &Sequence) -> Result<(), Leave> {
-    if seq.reply.is_closed() {
-        return Err(None);
-    }
-    match seq.cancel.check() {
-        Ok(()) => Ok(()),
-        Err(Stopped::Cancelled) => Err(None),
-        Err(Stopped::DeadlineExceeded) => Err(Some(EngineError::DeadlineExceeded(
-            seq.cancel
-                .deadline()
-                .map_or(0, |d| d.duration_since(seq.enqueued).as_millis() as u64),
-        ))),
-    }
+    super::may_go_on(&seq.reply, &seq.cancel, seq.enqueued)
 }
 
 pub(super) struct Scheduler {
