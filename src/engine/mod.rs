@@ -486,6 +486,35 @@ fn assess(
         })
 }
 
+/// Answers a request that ends without a completion: an error is logged and sent; a client
+/// that went away (`None`) is only counted.
+fn end_early(health: &Health, reply: &mpsc::UnboundedSender<Event>, why: Option<EngineError>) {
+    match why {
+        Some(e) => {
+            tracing::warn!(error = %e, "request failed");
+            let _ = reply.send(Event::Error(e));
+        }
+        None => {
+            health.cancelled.fetch_add(1, Ordering::SeqCst);
+            tracing::debug!("client went away; request cancelled");
+        }
+    }
+}
+
+/// Answers a request whose work panicked (500), logging the cause and counting it; `then`
+/// says what happens next.
+fn answer_panic(
+    health: &Health,
+    reply: &mpsc::UnboundedSender<Event>,
+    payload: &(dyn std::any::Any + Send),
+    then: &str,
+) {
+    let cause = panic_cause(payload);
+    health.panics.fetch_add(1, Ordering::SeqCst);
+    tracing::error!(%cause, "request panicked; {then}");
+    let _ = reply.send(Event::Error(EngineError::Panicked));
+}
+
 /// The text of a panic's payload.
 fn panic_cause(payload: &(dyn std::any::Any + Send)) -> String {
     payload
@@ -513,10 +542,8 @@ fn spawn_worker(
                 let Err(payload) = catch_unwind(AssertUnwindSafe(|| w.run(job))) else {
                     continue;
                 };
-                let cause = panic_cause(payload.as_ref());
-                w.health.panics.fetch_add(1, Ordering::SeqCst);
-                tracing::error!(worker = id, %cause, "request panicked; worker replaced");
-                let _ = reply.send(Event::Error(EngineError::Panicked));
+                let then = format!("stage worker {id} is replaced");
+                answer_panic(&w.health, &reply, payload.as_ref(), &then);
                 if let Err(e) = spawn_worker(id, rx.clone(), w.clone()) {
                     tracing::error!(worker = id, error = %e, "could not start a replacement worker");
                 }
@@ -718,14 +745,7 @@ impl Worker {
             }
             // The scheduler answers it.
             Ok(None) => {}
-            Err(Some(e)) => {
-                tracing::warn!(error = %e, "request failed");
-                let _ = job.reply.send(Event::Error(e));
-            }
-            Err(None) => {
-                self.health.cancelled.fetch_add(1, Ordering::SeqCst);
-                tracing::debug!("client went away; request cancelled");
-            }
+            Err(why) => end_early(&self.health, &job.reply, why),
         }
     }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 
 use super::sequence::Sequence;
-use super::{panic_cause, EngineError, Event, Faults, Health};
+use super::{answer_panic, end_early, EngineError, Event, Faults, Health};
 use crate::generate::{score_after_prefill, ContinuationScore, Decoding, GenError, Next};
 use crate::model::{Adapter, Cache, ForwardOpts, Logits, Model, PerRow};
 
@@ -208,24 +208,12 @@ impl Scheduler {
 
     /// Answers a sequence that leaves early; a client that went away is only counted.
     fn leave(&self, seq: &Sequence, why: Leave) {
-        match why {
-            Some(e) => {
-                tracing::warn!(error = %e, "request failed");
-                let _ = seq.reply.send(Event::Error(e));
-            }
-            None => {
-                self.health.cancelled.fetch_add(1, Ordering::SeqCst);
-                tracing::debug!("client went away; request cancelled");
-            }
-        }
+        end_early(&self.health, &seq.reply, why);
     }
 
     /// A panic costs the sequences whose work it interrupted: answered, logged, counted.
     fn panicked(&self, seq: &Sequence, payload: &(dyn std::any::Any + Send)) {
-        let cause = panic_cause(payload);
-        self.health.panics.fetch_add(1, Ordering::SeqCst);
-        tracing::error!(%cause, "request panicked in the scheduler");
-        let _ = seq.reply.send(Event::Error(EngineError::Panicked));
+        answer_panic(&self.health, &seq.reply, payload, "the scheduler goes on");
     }
 
     /// One iteration over `active`. A sequence that leaves gets `kv_bytes = 0` (the caller

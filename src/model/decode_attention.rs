@@ -48,7 +48,9 @@ fn cpu_f32(s: &Storage) -> Result<&[f32]> {
     }
 }
 
-/// Dot product with eight independent sums (so it vectorises), in a fixed order.
+/// Dot product with eight independent sums (so it vectorises), summed as the q8 kernels sum
+/// their lanes. (`fused::dot` sums its lanes in another order; merging the two would move one
+/// path's rounding.)
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
@@ -109,9 +111,7 @@ pub fn attend_rows(q: &Tensor, kv: &[(Tensor, Tensor)], scale: f64) -> Result<Te
         for (p, s) in scores.iter().enumerate() {
             let e = (s - max).exp();
             sum += e;
-            for (oi, vi) in o.iter_mut().zip(at(v, kh, p, d)) {
-                *oi += e * vi;
-            }
+            super::fused::axpy(e, at(v, kh, p, d), o);
         }
         let inv = 1.0 / sum;
         o.iter_mut().for_each(|x| *x *= inv);

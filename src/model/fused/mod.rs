@@ -58,7 +58,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `y += alpha * x`.
 #[inline(always)]
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+pub(super) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += alpha * xi;
     }
