@@ -62,7 +62,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    super::q8::sum_lanes(acc) + tail
+    super::quant::sum_lanes(acc) + tail
 }
 
 /// `q` is `(rows, heads, 1, head_dim)`; `kv[r]` is row `r`'s `(keys, values)`, each

@@ -187,6 +187,17 @@ impl Cache {
     }
 }
 
+/// Runs an inference pass on a thread of rayon's pool. Its products are parallel loops;
+/// started from a thread outside the pool, each loop parks the caller until the pool is done
+/// and wakes it again (a futex round trip per product, about a fifth of a decode step on two
+/// cores), while a pool thread takes part in its own loops. Only inference passes come here:
+/// they hold no lock a pool thread could need while it waits in one of their loops.
+fn on_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    let mut out = None;
+    rayon::scope(|_| out = Some(f()));
+    out.expect("the scope ran its body")
+}
+
 /// Precision for norms and attention: f32, or f64 when the weights are f64 (gradient checks).
 fn acc_dtype(dtype: DType) -> DType {
     if dtype == DType::F64 {
@@ -212,7 +223,7 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, diff: bool) -> Result<Tensor> {
 struct Proj {
     linear: Linear,
     /// Quantized copy of the weight for decode steps (memory-bound: fewer bytes per token).
-    quant: Option<super::q8::DecodeMatmul>,
+    quant: Option<super::quant::DecodeMatmul>,
     /// bf16 copy of the weight for adaptation's products, made on first use.
     bf16: super::Bf16Copy,
     target: Target,
@@ -243,14 +254,36 @@ impl Proj {
         })
     }
 
+    /// `y`, this projection's decode product of `x`, with its bias and adapter delta added.
+    fn finish_decode(
+        &self,
+        y: Tensor,
+        x: &Tensor,
+        layer: usize,
+        opts: &ForwardOpts,
+    ) -> Result<Tensor> {
+        let y = match self.linear.bias() {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        self.add_delta(y, x, layer, opts)
+    }
+
+    fn add_delta(&self, y: Tensor, x: &Tensor, layer: usize, opts: &ForwardOpts) -> Result<Tensor> {
+        match opts.adapter {
+            Some(a) => match a.delta(layer, self.target, x)? {
+                Some(d) => y + d,
+                None => Ok(y),
+            },
+            None => Ok(y),
+        }
+    }
+
     fn forward(&self, x: &Tensor, layer: usize, opts: &ForwardOpts) -> Result<Tensor> {
         let y = match &self.quant {
             Some(q) if use_quant(x, opts) => {
                 let y = q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
-                match self.linear.bias() {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                }
+                return self.finish_decode(y, x, layer, opts);
             }
             // Frozen weights, or no gradient wanted: no weight gradient, and few-row inputs
             // (training, scoring, a full-scope copy's decode steps) take the skinny kernels.
@@ -277,13 +310,54 @@ impl Proj {
                 }
             }
         };
-        match opts.adapter {
-            Some(a) => match a.delta(layer, self.target, x)? {
-                Some(d) => y + d,
-                None => Ok(y),
-            },
-            None => Ok(y),
-        }
+        self.add_delta(y, x, layer, opts)
+    }
+}
+
+/// Projections that read the same input (q, k, v; gate, up) as one decode product: their
+/// weights stacked by output row, so a decode step quantizes its input once and dispatches
+/// one parallel product instead of one per projection. Each output element is the same fixed
+/// computation on its own weight row as in a product of its own, so the results are the
+/// same bits either way.
+struct Joint {
+    quant: super::quant::DecodeMatmul,
+    widths: Vec<usize>,
+}
+
+impl Joint {
+    fn new(parts: &[&Proj], dtype: GgmlDType) -> Result<Self> {
+        let ws = parts
+            .iter()
+            .map(|p| p.linear.weight().clone())
+            .collect::<Vec<_>>();
+        Ok(Self {
+            quant: super::quant::DecodeMatmul::new(&Tensor::cat(&ws, 0)?, dtype)?,
+            widths: ws.iter().map(|w| w.dim(0)).collect::<Result<_>>()?,
+        })
+    }
+
+    /// Each part's output for `x`, its bias and adapter delta added.
+    fn forward(
+        &self,
+        parts: &[&Proj],
+        x: &Tensor,
+        layer: usize,
+        opts: &ForwardOpts,
+    ) -> Result<Vec<Tensor>> {
+        let y = self
+            .quant
+            .forward(&x.to_dtype(DType::F32)?)?
+            .to_dtype(x.dtype())?;
+        let mut at = 0;
+        parts
+            .iter()
+            .zip(&self.widths)
+            .map(|(p, &w)| {
+                let part = y.narrow(D::Minus1, at, w)?;
+                at += w;
+                p.finish_decode(part, x, layer, opts)
+            })
+            .collect()
     }
 }
 
@@ -313,6 +387,8 @@ struct Attention {
     k: Proj,
     v: Proj,
     o: Proj,
+    /// q, k and v as one decode product (their own decode copies are then dropped).
+    qkv: Option<Joint>,
     n_heads: usize,
     n_kv: usize,
     head_dim: usize,
@@ -322,6 +398,8 @@ struct Mlp {
     gate: Proj,
     up: Proj,
     down: Proj,
+    /// gate and up as one decode product.
+    gate_up: Option<Joint>,
 }
 
 struct Block {
@@ -355,7 +433,7 @@ pub struct Decoder {
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: Tensor,
-    lm_head_quant: Option<super::q8::DecodeMatmul>,
+    lm_head_quant: Option<super::quant::DecodeMatmul>,
     lm_head_bf16: super::Bf16Copy,
     cos: Tensor,
     sin: Tensor,
@@ -379,6 +457,7 @@ impl Decoder {
                 k: Proj::new(&mut w, &format!("{p}.self_attn.k_proj"), bias, Target::K)?,
                 v: Proj::new(&mut w, &format!("{p}.self_attn.v_proj"), bias, Target::V)?,
                 o: Proj::new(&mut w, &format!("{p}.self_attn.o_proj"), false, Target::O)?,
+                qkv: None,
                 n_heads: cfg.num_attention_heads,
                 n_kv: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim(),
@@ -387,6 +466,7 @@ impl Decoder {
                 gate: Proj::new(&mut w, &format!("{p}.mlp.gate_proj"), false, Target::Gate)?,
                 up: Proj::new(&mut w, &format!("{p}.mlp.up_proj"), false, Target::Up)?,
                 down: Proj::new(&mut w, &format!("{p}.mlp.down_proj"), false, Target::Down)?,
+                gate_up: None,
             };
             blocks.push(Block {
                 attn,
@@ -418,23 +498,23 @@ impl Decoder {
     }
 
     /// Adds a quantized copy of every projection and of the output head, used by decode steps
-    /// (a few new positions, no gradients). Prefill and training keep the full weights.
+    /// (a few new positions, no gradients). Prefill and training keep the full weights. With
+    /// q4_1 the head stays q8_0, as a GGUF of q4_1 blocks stores its embedding table (and as
+    /// llama.cpp reads it): the one matrix every logit comes from keeps its precision.
     pub fn quantize_for_decode(&mut self, dtype: GgmlDType) -> Result<()> {
-        let q = |w: &Tensor| super::q8::DecodeMatmul::new(w, dtype);
         for b in &mut self.blocks {
-            for p in [
-                &mut b.attn.q,
-                &mut b.attn.k,
-                &mut b.attn.v,
-                &mut b.attn.o,
-                &mut b.mlp.gate,
-                &mut b.mlp.up,
-                &mut b.mlp.down,
-            ] {
-                p.quant = Some(q(p.linear.weight())?);
+            let (a, m) = (&mut b.attn, &mut b.mlp);
+            a.qkv = Some(Joint::new(&[&a.q, &a.k, &a.v], dtype)?);
+            m.gate_up = Some(Joint::new(&[&m.gate, &m.up], dtype)?);
+            for p in [&mut a.o, &mut m.down] {
+                p.quant = Some(super::quant::DecodeMatmul::new(p.linear.weight(), dtype)?);
             }
         }
-        self.lm_head_quant = Some(q(&self.lm_head)?);
+        let head = match dtype {
+            GgmlDType::Q4_1 => GgmlDType::Q8_0,
+            d => d,
+        };
+        self.lm_head_quant = Some(super::quant::DecodeMatmul::new(&self.lm_head, head)?);
         Ok(())
     }
 
@@ -524,6 +604,15 @@ impl Decoder {
         caches: &mut [&mut Cache],
         opts: &ForwardOpts,
     ) -> Result<Tensor> {
+        on_pool(|| self.decode_step_here(tokens, caches, opts))
+    }
+
+    fn decode_step_here(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut Cache],
+        opts: &ForwardOpts,
+    ) -> Result<Tensor> {
         if tokens.is_empty() || tokens.len() != caches.len() {
             candle_core::bail!(
                 "decode_step: {} tokens for {} caches",
@@ -566,6 +655,18 @@ impl Decoder {
     /// Runs `ids` (`(batch, seq)`, u32) through the model. With a cache, positions continue
     /// after what the cache holds and the new keys/values are appended to it.
     pub fn forward(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut Cache>,
+        opts: &ForwardOpts,
+    ) -> Result<ForwardOutput> {
+        if opts.differentiable {
+            return self.forward_here(ids, cache, opts);
+        }
+        on_pool(|| self.forward_here(ids, cache, opts))
+    }
+
+    fn forward_here(
         &self,
         ids: &Tensor,
         mut cache: Option<&mut Cache>,
@@ -820,9 +921,19 @@ impl Decoder {
         let x = (x + a)?;
         let h = rms_norm(&x, &block.post_norm, eps, opts.differentiable)?;
         let m = &block.mlp;
-        let g = candle_nn::ops::silu(&m.gate.forward(&h, layer, opts)?)?;
-        let u = m.up.forward(&h, layer, opts)?;
-        let y = m.down.forward(&(g * u)?, layer, opts)?;
+        let (g, u) = match &m.gate_up {
+            Some(j) if use_quant(&h, opts) => {
+                let mut gu = j.forward(&[&m.gate, &m.up], &h, layer, opts)?.into_iter();
+                (gu.next().expect("gate"), gu.next().expect("up"))
+            }
+            _ => (
+                m.gate.forward(&h, layer, opts)?,
+                m.up.forward(&h, layer, opts)?,
+            ),
+        };
+        let y = m
+            .down
+            .forward(&(candle_nn::ops::silu(&g)? * u)?, layer, opts)?;
         x + y
     }
 
@@ -849,9 +960,21 @@ impl Decoder {
         };
         let cos = &cos.to_dtype(acc)?;
         let sin = &sin.to_dtype(acc)?;
-        let q = split(a.q.forward(x, layer, opts)?, a.n_heads)?;
-        let k = split(a.k.forward(x, layer, opts)?, a.n_kv)?;
-        let v = split(a.v.forward(x, layer, opts)?, a.n_kv)?;
+        let (q, k, v) = match &a.qkv {
+            Some(j) if use_quant(x, opts) => {
+                let mut qkv = j.forward(&[&a.q, &a.k, &a.v], x, layer, opts)?.into_iter();
+                let mut next = || qkv.next().expect("q, k, v");
+                (next(), next(), next())
+            }
+            _ => (
+                a.q.forward(x, layer, opts)?,
+                a.k.forward(x, layer, opts)?,
+                a.v.forward(x, layer, opts)?,
+            ),
+        };
+        let q = split(q, a.n_heads)?;
+        let k = split(k, a.n_kv)?;
+        let v = split(v, a.n_kv)?;
         let (q, k) = if opts.differentiable {
             (
                 candle_nn::rotary_emb::rope_slow(&q, cos, sin)?,
@@ -1122,11 +1245,12 @@ mod tests {
     #[test]
     fn a_batched_decode_step_equals_each_sequence_decoded_alone() {
         for arch in [Arch::Llama, Arch::Qwen2] {
-            for quant in [false, true] {
+            for quant in [None, Some(GgmlDType::Q8_0), Some(GgmlDType::Q4_1)] {
                 let mut m = tiny(arch);
-                if quant {
-                    m.quantize_for_decode(GgmlDType::Q8_0).unwrap();
+                if let Some(q) = quant {
+                    m.quantize_for_decode(q).unwrap();
                 }
+                let quant = quant.is_some();
                 let (alone, batched) = alone_and_batched(&m, &[None, None, None]);
                 // f32 products are row-independent only on the few-row kernels; without
                 // them (no AVX2) gemm's blocking follows the row count, so rows agree to
@@ -1150,6 +1274,31 @@ mod tests {
             .decode_step(&[1, 2], &mut [&mut a], &ForwardOpts::default())
             .unwrap_err();
         assert!(err.to_string().contains("2 tokens for 1 caches"), "{err}");
+    }
+
+    #[test]
+    fn joint_decode_products_equal_each_projections_own_product() {
+        // Qwen2 has q, k and v biases: the joint product must add each part's own.
+        let m = tiny(Arch::Qwen2);
+        let (a, mlp) = (&m.blocks[1].attn, &m.blocks[1].mlp);
+        let x = Tensor::randn(0f32, 1.0, (3, 1, m.cfg.hidden_size), &Device::Cpu).unwrap();
+        let opts = ForwardOpts::default();
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+            for parts in [vec![&a.q, &a.k, &a.v], vec![&mlp.gate, &mlp.up]] {
+                let joint = Joint::new(&parts, dtype).unwrap();
+                let ys = joint.forward(&parts, &x, 1, &opts).unwrap();
+                assert_eq!(ys.len(), parts.len());
+                for (p, y) in parts.iter().zip(ys) {
+                    let own = crate::model::quant::DecodeMatmul::new(p.linear.weight(), dtype)
+                        .unwrap()
+                        .forward(&x)
+                        .unwrap();
+                    let own = p.finish_decode(own, &x, 1, &opts).unwrap();
+                    assert_eq!(y.dims(), own.dims());
+                    assert_eq!(max_diff(&y, &own), 0.0, "{dtype:?}");
+                }
+            }
+        }
     }
 
     /// Canary adapters on rows 0 and 2 of a batch: each row equals its own sequence run alone

@@ -10,7 +10,7 @@ mod frozen;
 mod fused;
 pub mod gguf;
 mod head_loss;
-pub mod q8;
+pub mod quant;
 mod skinny;
 pub mod tiny;
 mod tokenizer;
