@@ -1440,6 +1440,55 @@ mod tests {
         }
     }
 
+    /// Inference passes run on a pool thread: a panic inside one (here an adapter's) must still
+    /// reach the caller, whose `catch_unwind` answers the request, and the pool must serve the
+    /// next pass.
+    #[test]
+    fn a_panic_inside_an_inference_pass_reaches_the_caller_and_the_pool_goes_on() {
+        struct Boom;
+        impl Adapter for Boom {
+            fn delta(&self, layer: usize, _: Target, _: &Tensor) -> Result<Option<Tensor>> {
+                assert!(layer < 1, "boom in layer {layer}");
+                Ok(None)
+            }
+        }
+        let mut m = tiny(Arch::Llama);
+        m.quantize_for_decode(GgmlDType::Q8_0).unwrap();
+        let boom = ForwardOpts {
+            adapter: Some(&Boom),
+            ..Default::default()
+        };
+        let mut cache = m.new_cache(8);
+        let want = {
+            let mut c = m.new_cache(8);
+            m.forward(&ids(), Some(&mut c), &ForwardOpts::default())
+                .unwrap();
+            m.decode_step(&[3], &mut [&mut c], &ForwardOpts::default())
+                .unwrap()
+        };
+        let prefill = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            m.forward(&ids(), None, &boom)
+        }));
+        let Err(msg) = prefill else {
+            panic!("the adapter's panic did not reach the caller")
+        };
+        assert!(msg
+            .downcast_ref::<String>()
+            .unwrap()
+            .contains("boom in layer 1"));
+        m.forward(&ids(), Some(&mut cache), &ForwardOpts::default())
+            .unwrap();
+        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut fork = cache.fork(1).unwrap();
+            m.decode_step(&[3], &mut [&mut fork], &boom)
+        }));
+        assert!(step.is_err());
+        let got = m
+            .decode_step(&[3], &mut [&mut cache], &ForwardOpts::default())
+            .unwrap();
+        assert_eq!(max_diff(&got, &want), 0.0);
+    }
+
     #[test]
     fn adapter_delta_changes_the_output() {
         let m = tiny(Arch::Llama);
