@@ -152,7 +152,7 @@ impl QWeight {
     /// implementation runs; [`Kernel::best`] is the fastest this CPU has.
     pub fn matmul(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
-        let acts = Acts::quantize(&x[..m * k], m);
+        let acts = Acts::quantize(&x[..m * k], m, self.format() == Format::Q4_1);
         // Column-major tiles (each task's columns for every row, contiguous), then transposed:
         // tasks write disjoint slices without unsafe sharing. Enough columns per task that
         // the per-task cost is small against its work.
@@ -211,20 +211,24 @@ pub struct Acts {
     pub m: usize,
     pub d: Vec<f32>,
     pub qs: Vec<i8>,
-    /// Each block's `d * sum(qs)`: the term a q4_1 block's minimum multiplies.
+    /// Each block's `d * sum(qs)`: the term a q4_1 block's minimum multiplies (empty unless
+    /// asked for: q8_0 weights have no minimum).
     pub s: Vec<f32>,
 }
 
 impl Acts {
-    fn quantize(x: &[f32], m: usize) -> Self {
+    fn quantize(x: &[f32], m: usize, sums: bool) -> Self {
         let nb = x.len() / BLOCK;
         let (mut d, mut qs) = (vec![0f32; nb], vec![0i8; x.len()]);
         quantize_q8(x, &mut d, &mut qs);
-        let s = d
-            .iter()
-            .zip(qs.chunks_exact(BLOCK))
-            .map(|(d, q)| d * q.iter().map(|&v| v as i32).sum::<i32>() as f32)
-            .collect();
+        let s = match sums {
+            true => d
+                .iter()
+                .zip(qs.chunks_exact(BLOCK))
+                .map(|(d, q)| d * q.iter().map(|&v| v as i32).sum::<i32>() as f32)
+                .collect(),
+            false => Vec::new(),
+        };
         Self { m, d, qs, s }
     }
 }
