@@ -62,6 +62,9 @@ pub struct ServerSection {
     pub max_batch_tokens: usize,
     /// KV-cache memory all running requests may reserve together, in MiB.
     pub kv_cache_mb: usize,
+    /// Memory adaptations in flight may reserve together, in MiB: each one's estimated working
+    /// set while it trains, its adapter while its answer runs.
+    pub adapt_memory_mb: usize,
     /// Prompt tokens per prefill pass.
     pub prefill_chunk: usize,
 }
@@ -72,6 +75,7 @@ impl ServerSection {
             max_running: self.max_running,
             max_batch_tokens: self.max_batch_tokens,
             kv_cache_bytes: self.kv_cache_mb.saturating_mul(1 << 20),
+            adapt_memory_bytes: self.adapt_memory_mb.saturating_mul(1 << 20),
             prefill_chunk: self.prefill_chunk,
         }
     }
@@ -571,6 +575,7 @@ impl Config {
             ("max_running", self.server.max_running),
             ("max_batch_tokens", self.server.max_batch_tokens),
             ("kv_cache_mb", self.server.kv_cache_mb),
+            ("adapt_memory_mb", self.server.adapt_memory_mb),
             ("prefill_chunk", self.server.prefill_chunk),
         ] {
             anyhow::ensure!(v >= 1, "server.{name} must be at least 1");

@@ -71,7 +71,7 @@ async fn a_mixed_batch_answers_as_each_request_would_alone() {
     let watch = {
         let (base, done) = (batched.base.clone(), done.clone());
         tokio::spawn(async move {
-            let mut peak = 0;
+            let (mut peak, mut held) = (0, 0);
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
                 let v: serde_json::Value = reqwest::get(format!("{base}/health"))
                     .await
@@ -80,18 +80,37 @@ async fn a_mixed_batch_answers_as_each_request_would_alone() {
                     .await
                     .unwrap();
                 peak = peak.max(v["running"].as_u64().unwrap());
+                held = held.max(v["adapt_memory_bytes"].as_u64().unwrap());
                 tokio::time::sleep(std::time::Duration::from_millis(2)).await;
             }
-            peak
+            (peak, held)
         })
     };
     let got = answers(&batched.base, &mixed(), true).await;
     done.store(true, std::sync::atomic::Ordering::SeqCst);
-    assert!(
-        watch.await.unwrap() > 1,
-        "the requests never shared a batch"
-    );
+    let (peak, held) = watch.await.unwrap();
+    assert!(peak > 1, "the requests never shared a batch");
+    assert!(held > 0, "adaptations never showed in the memory budget");
     assert_eq!(got, want);
+    // Every reservation came back once its request finished.
+    let mut left = u64::MAX;
+    for _ in 0..200 {
+        let v: serde_json::Value = reqwest::get(format!("{}/health", batched.base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        left = v["adapt_memory_bytes"].as_u64().unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        left, 0,
+        "adaptation memory still reserved after every answer"
+    );
     // The adapters are in effect: at least one adapted answer differs from the static answer
     // to the same question (so the equality above is not that of unadapted rows).
     assert!(

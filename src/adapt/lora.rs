@@ -58,7 +58,7 @@ pub fn parse_target(s: &str) -> Option<Target> {
 }
 
 /// `(in, out)` features of a projection.
-fn dims(cfg: &ModelConfig, t: Target) -> (usize, usize) {
+pub(super) fn dims(cfg: &ModelConfig, t: Target) -> (usize, usize) {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let kv = cfg.num_key_value_heads * cfg.head_dim();
     match t {

@@ -3,6 +3,7 @@
 mod adamw;
 pub mod domain;
 mod lora;
+pub mod memory;
 mod pairs;
 mod stack;
 mod train;

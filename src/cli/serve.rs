@@ -114,6 +114,13 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
             faults: Default::default(),
         },
     )?;
+    // Beside the weights, what requests may hold: each budget is reserved before it is used.
+    tracing::info!(
+        kv_cache_mb = cfg.server.kv_cache_mb,
+        adapt_memory_mb = cfg.server.adapt_memory_mb,
+        max_running = cfg.server.max_running,
+        "memory budgets"
+    );
     let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
     let app = App::new(engine, cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()

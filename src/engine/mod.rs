@@ -6,6 +6,7 @@
 //! deadline answers so. A job that panics answers an internal error, and its stage worker is
 //! replaced by a fresh one (the scheduler answers a panic in its work and goes on).
 
+mod memory;
 mod prompt;
 mod scheduler;
 mod sequence;
@@ -19,11 +20,13 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+pub use memory::MemoryBudget;
 pub use prompt::RagPrompt;
 pub use scheduler::BatchLimits;
 pub use tta_params::{resolve_tta, ParamError, TtaOverrides};
 
 use crate::adapt::domain::{DomainAdapter, DomainAdapters};
+use crate::adapt::memory::{footprint, Trained};
 use crate::adapt::{
     adapt_full, adapt_lora, build_pairs, encode_pairs, PairOptions, TrainParams, TtaReport,
 };
@@ -35,6 +38,7 @@ use crate::gate::policy::Policy;
 use crate::generate::{generate_scoring, ContinuationScore, FinishReason, GenError, GenParams};
 use crate::model::{Adapter, ChatMessage, Model};
 use crate::retrieval::{Collections, Passage};
+use memory::{Refused, Reservation};
 use sequence::{SeqAdapter, Sequence};
 
 /// How retrieval takes part in a request.
@@ -398,6 +402,7 @@ pub struct Engine {
     timeout: Option<Duration>,
     max_prompt_tokens: usize,
     health: Arc<Health>,
+    adapt_memory: Arc<MemoryBudget>,
     pub model: Arc<Model>,
     pub collections: Arc<Collections>,
 }
@@ -469,6 +474,8 @@ struct Worker {
     faults: Faults,
     /// To the decode scheduler; a full scheduler holds the stage workers back.
     handover: crossbeam_channel::Sender<Sequence>,
+    /// What adaptations in flight hold (working sets while training, adapters after).
+    adapt_memory: Arc<MemoryBudget>,
 }
 
 /// Runs a gate on the request's prompt; a prompt over the model's context is the client's 400.
@@ -565,6 +572,7 @@ impl Engine {
         // A rendezvous: a stage worker's hand-over completes when the scheduler takes the
         // sequence in, so nothing waits unseen between the queue and the batch.
         let (handover, sequences) = crossbeam_channel::bounded::<Sequence>(0);
+        let adapt_memory = MemoryBudget::new(cfg.batch.adapt_memory_bytes);
         let scheduler = scheduler::Scheduler {
             model: model.clone(),
             limits: cfg.batch.clone(),
@@ -600,6 +608,7 @@ impl Engine {
             prefill_chunk: cfg.batch.prefill_chunk.max(1),
             faults: cfg.faults.clone(),
             handover,
+            adapt_memory: adapt_memory.clone(),
         });
         let workers = cfg.workers.max(1);
         for i in 0..workers {
@@ -613,6 +622,7 @@ impl Engine {
             timeout: cfg.request_timeout,
             max_prompt_tokens: cfg.max_prompt_tokens,
             health,
+            adapt_memory,
             model,
             collections,
         })
@@ -620,6 +630,11 @@ impl Engine {
 
     pub fn health(&self) -> &Arc<Health> {
         &self.health
+    }
+
+    /// The adaptation memory budget: its limit and what is reserved now.
+    pub fn adapt_memory(&self) -> &Arc<MemoryBudget> {
+        &self.adapt_memory
     }
 
     /// Worker threads configured.
@@ -766,14 +781,17 @@ impl Worker {
     }
 
     /// Trains this request's adapter on prefix/suffix pairs cut from the passages.
+    /// Adapts within the adaptation memory budget: reserves the estimated working set first
+    /// (waiting while others hold too much), and returns what the result keeps reserved.
+    #[allow(clippy::type_complexity)]
     fn adapt(
         &self,
-        req: &ChatJob,
+        job: &Job,
         params: &TtaParams,
         passages: &[Passage],
         under: Option<&dyn Adapter>,
-        cancel: &Cancel,
-    ) -> anyhow::Result<(Adapted, TtaReport)> {
+    ) -> Result<(Adapted, TtaReport, Option<Reservation>), Option<EngineError>> {
+        let req = &job.req;
         let texts: Vec<&str> = passages.iter().map(|p| p.text.as_str()).collect();
         let set = build_pairs(&texts, &params.pairs);
         let query = if params.train.condition_on_query {
@@ -786,24 +804,56 @@ impl Worker {
             &set.pairs,
             query,
             params.train.max_tokens_per_pair,
-        )?;
-        let span = tracing::info_span!("adapt", pairs = examples.len());
-        let _g = span.enter();
+        )
+        .map_err(|e| Some(EngineError::Internal(e.to_string())))?;
         let dec = &self.model.decoder;
+        let trained = match params.scope {
+            TtaScope::Lora => Trained::Lora(&params.train.lora),
+            TtaScope::Full => Trained::Full,
+        };
+        let need = footprint(dec, trained, &examples, &params.train);
+        let mut memory = self
+            .adapt_memory
+            .reserve(need.working, || checkpoint(job))
+            .map_err(|r| match r {
+                Refused::Stopped(why) => why,
+                Refused::TooLarge { need, limit } => Some(EngineError::BadParam {
+                    param: "rag.tta",
+                    code: "adaptation_too_large",
+                    message: format!(
+                        "this adaptation needs ~{} MiB of working memory, over this server's \
+                         server.adapt_memory_mb of {}; use fewer or shorter pairs \
+                         (rag.tta.max_pairs), a lower rag.tta.lora_rank, or scope `lora`",
+                        need.div_ceil(1 << 20),
+                        limit >> 20
+                    ),
+                }),
+            })?;
+        let span = tracing::info_span!("adapt", pairs = examples.len(), reserved = need.working);
+        let _g = span.enter();
         let train = TrainParams {
-            cancel: cancel.clone(),
+            cancel: job.cancel.clone(),
             ..params.train.clone()
         };
-        Ok(match params.scope {
-            TtaScope::Lora => {
-                let (l, r) = adapt_lora(dec, under, &examples, set.source, &train)?;
-                (l.map_or(Adapted::Base, Adapted::Lora), r)
-            }
-            TtaScope::Full => {
-                let (d, r) = adapt_full(dec, &examples, set.source, &train)?;
-                (d.map_or(Adapted::Base, Adapted::Full), r)
-            }
-        })
+        let trained = match params.scope {
+            TtaScope::Lora => adapt_lora(dec, under, &examples, set.source, &train)
+                .map(|(l, r)| (l.map_or(Adapted::Base, Adapted::Lora), r)),
+            TtaScope::Full => adapt_full(dec, &examples, set.source, &train)
+                .map(|(d, r)| (d.map_or(Adapted::Base, Adapted::Full), r)),
+        };
+        let (adapted, report) = trained.map_err(|e| match checkpoint(job) {
+            // The step check stopped it: report why, not the wrapped error.
+            Err(stop) => stop,
+            Ok(()) => Some(EngineError::Internal(e.to_string())),
+        })?;
+        // From here on the request holds only what its answer reads.
+        let keep = match &adapted {
+            Adapted::Base => 0,
+            Adapted::Lora(l) => l.bytes(),
+            Adapted::Full(_) => need.resident,
+        };
+        memory.shrink_to(keep);
+        Ok((adapted, report, (keep > 0).then_some(memory)))
     }
 
     /// The domain adapter a request on `collection` answers with, and what to report of it.
@@ -982,22 +1032,16 @@ impl Worker {
             },
         };
         checkpoint(job)?;
-        let (adapted, tta) = match (&req.tta, mode) {
+        let (adapted, tta, memory) = match (&req.tta, mode) {
             (Some(params), RagMode::Tta) => {
                 let under = domain.as_ref().map(|d| &d.lora as &dyn Adapter);
                 let pool: Vec<Passage> = passages.iter().chain(&extra).cloned().collect();
-                let (adapted, mut report) = self
-                    .adapt(req, params, &pool, under, &job.cancel)
-                    .map_err(|e| match checkpoint(job) {
-                        // The step check stopped it: report why, not the wrapped error.
-                        Err(stop) => stop,
-                        Ok(()) => internal(e.to_string()),
-                    })?;
+                let (adapted, mut report, memory) = self.adapt(job, params, &pool, under)?;
                 timings.adapt = report.adapt_ms;
                 report.adapt_passages = pool.len();
-                (adapted, Some(report))
+                (adapted, Some(report), memory)
             }
-            _ => (Adapted::Base, None),
+            _ => (Adapted::Base, None, None),
         };
 
         let messages = self
@@ -1066,13 +1110,15 @@ impl Worker {
                     completion,
                     panic_when_sampled: self.faults.panic_in_decode.as_deref()
                         == RagPrompt::question(&req.messages),
+                    memory,
                 };
                 self.hand_over(job, seq)?;
                 return Ok(None);
             }
         };
 
-        // Answered here, apart from the batch.
+        // Answered here, apart from the batch; the adaptation's reservation (`memory`) is
+        // held until this function returns.
         let mut on_text = |t: &str| {
             if let Some(d) = self.faults.text_delay {
                 std::thread::sleep(d);

@@ -27,7 +27,7 @@ use super::{answer_panic, end_early, EngineError, Event, Faults, Health};
 use crate::generate::{score_after_prefill, ContinuationScore, Decoding, GenError, Next};
 use crate::model::{Adapter, Cache, ForwardOpts, Logits, Model, PerRow};
 
-/// How much the scheduler runs at once.
+/// How much the engine runs at once.
 #[derive(Debug, Clone)]
 pub struct BatchLimits {
     /// Sequences admitted at once (prefilling or decoding).
@@ -37,6 +37,9 @@ pub struct BatchLimits {
     pub max_batch_tokens: usize,
     /// Bytes all admitted sequences' KV caches may hold together.
     pub kv_cache_bytes: usize,
+    /// Bytes adaptations in flight may reserve together (see [`super::memory`]); the stage
+    /// workers reserve it, the scheduler only drops what finished sequences held.
+    pub adapt_memory_bytes: usize,
     /// Prompt tokens per prefill pass. Fixed per prompt (never chosen by load), because
     /// chunking changes a prompt's rounding.
     pub prefill_chunk: usize,
@@ -48,6 +51,7 @@ impl Default for BatchLimits {
             max_running: 16,
             max_batch_tokens: 512,
             kv_cache_bytes: 1 << 30,
+            adapt_memory_bytes: 4 << 30,
             prefill_chunk: crate::generate::PREFILL_CHUNK,
         }
     }

@@ -7,6 +7,7 @@ use std::time::Instant;
 use candle_core::{Result, Tensor};
 use tokio::sync::mpsc;
 
+use super::memory::Reservation;
 use super::{Completion, Event};
 use crate::adapt::domain::DomainAdapter;
 use crate::adapt::{Lora, Stack};
@@ -66,4 +67,8 @@ pub struct Sequence {
     pub completion: Completion,
     /// Fault injection: the sequence panics at its first sampling step.
     pub panic_when_sampled: bool,
+    /// The adapter's bytes in the adaptation memory budget: held, never read; dropping the
+    /// sequence gives them back.
+    #[allow(dead_code)]
+    pub memory: Option<Reservation>,
 }

@@ -314,3 +314,114 @@ fn kv_memory_bounds_admission_and_a_request_that_could_never_fit_is_refused() {
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
+
+/// An engine over the tiny model with a `facts` collection to adapt on, answers whose text
+/// comes 20 ms a piece (long enough to watch one run), and `adapt_memory_bytes` of
+/// adaptation memory.
+fn adapting_engine(adapt_memory_bytes: usize) -> (Engine, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("facts.jsonl");
+    std::fs::write(
+        &corpus,
+        "{\"id\": \"a\", \"text\": \"Plants need sunlight and water to grow tall. Roots take up \
+         water from the wet soil below.\"}\n{\"id\": \"b\", \"text\": \"The moon pulls on the \
+         oceans and makes the tides rise. Tides fall again as the earth turns.\"}\n",
+    )
+    .unwrap();
+    let cols = Arc::new(Collections::new(dir.path().join("index")));
+    crate::retrieval::ingest_path(&cols.get_or_create("facts").unwrap(), &corpus, 500, None)
+        .unwrap();
+    let mut m = tiny_model(1).unwrap();
+    m.eos_ids.clear();
+    let cfg = EngineConfig {
+        workers: 2,
+        queue_capacity: 4,
+        batch: BatchLimits {
+            adapt_memory_bytes,
+            ..Default::default()
+        },
+        faults: Faults {
+            text_delay: Some(Duration::from_millis(20)),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    (Engine::start(Arc::new(m), cols, &cfg).unwrap(), dir)
+}
+
+fn tta_job(question: &str, max_tokens: usize) -> ChatJob {
+    let mut j = job(question);
+    j.gen.max_tokens = max_tokens;
+    j.rag.mode = RagMode::Tta;
+    j.rag.collection = "facts".into();
+    j.rag.top_k = 2;
+    let mut c = crate::config::Config::default();
+    c.tta.time_budget_ms = 0.0;
+    let o = TtaOverrides {
+        min_words: Some(3),
+        ..Default::default()
+    };
+    j.tta = Some(resolve_tta(&c.tta, &o, 1).unwrap());
+    j
+}
+
+#[test]
+fn an_adaptation_larger_than_the_whole_memory_budget_is_refused_by_name() {
+    let (e, _dir) = adapting_engine(64 << 10);
+    match outcome(e.submit(tta_job("What do plants need?", 2)).unwrap()) {
+        Err(EngineError::BadParam {
+            param,
+            code,
+            message,
+        }) => {
+            assert_eq!((param, code), ("rag.tta", "adaptation_too_large"));
+            assert!(message.contains("server.adapt_memory_mb"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(e.adapt_memory().used(), 0);
+    // Requests that do not adapt are not concerned.
+    let mut plain = tta_job("What do plants need?", 2);
+    plain.rag.mode = RagMode::Static;
+    assert!(outcome(e.submit(plain).unwrap()).is_ok());
+}
+
+#[test]
+fn an_answer_holds_its_adapters_bytes_while_it_runs_and_gives_them_back() {
+    let (e, _dir) = adapting_engine(64 << 20);
+    let j = tta_job("What do plants need?", 40);
+    let lora = j.tta.as_ref().unwrap().train.lora.clone();
+    let adapter = crate::adapt::memory::lora_elements(e.model.decoder.config(), &lora) * 4;
+    let t = e.submit(j).unwrap();
+    until("the adapted answer to run", || e.health().running() == 1);
+    assert_eq!(
+        e.adapt_memory().used(),
+        adapter,
+        "the adapter alone, not the working set"
+    );
+    let c = outcome(t).unwrap();
+    let report = c.rag.tta.expect("adapted");
+    assert!(report.steps > 0 && report.fallback.is_none(), "{report:?}");
+    // The scheduler drops the finished sequence, and its reservation, after answering.
+    until("the adapter's bytes to come back", || {
+        e.adapt_memory().used() == 0
+    });
+}
+
+#[test]
+fn an_adaptation_waits_while_others_hold_the_memory_and_runs_once_it_is_free() {
+    let (e, _dir) = adapting_engine(64 << 20);
+    // Everything but 1 KiB held elsewhere: the request passes its stages up to adaptation and
+    // waits there (its worker checking on it), not refused: it would fit an empty budget.
+    let hog = e
+        .adapt_memory()
+        .reserve((64 << 20) - 1024, || Ok::<(), ()>(()))
+        .unwrap();
+    let mut t = e.submit(tta_job("What do plants need?", 2)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(t.try_recv().is_err(), "no answer while the memory is held");
+    assert_eq!(e.adapt_memory().used(), (64 << 20) - 1024);
+    drop(hog);
+    let c = outcome(t).unwrap();
+    assert!(c.rag.tta.unwrap().steps > 0);
+}

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub workers_alive: IntGauge,
     pub running: IntGauge,
     pub kv_cache_bytes: IntGauge,
+    pub adapt_memory_bytes: IntGauge,
     pub in_flight: IntGauge,
     pub worker_panics: IntCounter,
     pub jobs_cancelled: IntCounter,
@@ -153,6 +154,12 @@ impl Metrics {
             "KV-cache bytes the running requests reserve (bounded by server.kv_cache_mb)",
         )
         .expect("metric");
+        let adapt_memory_bytes = IntGauge::new(
+            "ttarag_adapt_memory_bytes",
+            "Bytes adaptations in flight reserve: working sets while training, adapters while \
+             answering (bounded by server.adapt_memory_mb)",
+        )
+        .expect("metric");
         let in_flight = IntGauge::new(
             "ttarag_in_flight_requests",
             "Chat requests received and not yet answered or abandoned",
@@ -193,6 +200,7 @@ impl Metrics {
             Box::new(workers_alive.clone()),
             Box::new(running.clone()),
             Box::new(kv_cache_bytes.clone()),
+            Box::new(adapt_memory_bytes.clone()),
             Box::new(in_flight.clone()),
             Box::new(worker_panics.clone()),
             Box::new(jobs_cancelled.clone()),
@@ -217,6 +225,7 @@ impl Metrics {
             workers_alive,
             running,
             kv_cache_bytes,
+            adapt_memory_bytes,
             in_flight,
             worker_panics,
             jobs_cancelled,
@@ -233,6 +242,8 @@ impl Metrics {
         self.workers_alive.set(h.workers_alive() as i64);
         self.running.set(h.running() as i64);
         self.kv_cache_bytes.set(h.kv_bytes() as i64);
+        self.adapt_memory_bytes
+            .set(engine.adapt_memory().used() as i64);
         self.in_flight.set(in_flight as i64);
         let seen = self.worker_panics.get();
         self.worker_panics.inc_by(h.panics().saturating_sub(seen));

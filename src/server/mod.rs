@@ -100,6 +100,8 @@ impl App {
             "running": h.running(),
             "max_running": self.config.server.max_running,
             "kv_cache_bytes": h.kv_bytes(),
+            "adapt_memory_bytes": self.engine.adapt_memory().used(),
+            "adapt_memory_limit_bytes": self.engine.adapt_memory().limit(),
         });
         (status == "ok", body)
     }
