@@ -7,7 +7,7 @@ use anyhow::Context;
 use candle_core::Tensor;
 use clap::Args;
 
-use super::rss::{peak_rss_mb, reset_peak_rss};
+use super::usage::{peak_rss_mb, reset_peak_rss};
 use crate::config::Config;
 use crate::model::{ChatMessage, ForwardOpts, Logits};
 
@@ -33,6 +33,11 @@ pub struct BenchArgs {
     /// add, per request.
     #[arg(long, requires = "tta")]
     pub concurrent: Option<usize>,
+    /// With --tta: for each of these counts k, time one LoRA training step over the pairs of
+    /// k requests in one pass (what batching adaptations across requests would run) against k
+    /// steps of one request each.
+    #[arg(long, requires = "tta", value_delimiter = ',')]
+    pub adapt_batch: Vec<usize>,
     /// Instead, time the retrieval gate (config [gate] probe) on this many questions, against
     /// reading every layer as the trainer does.
     #[arg(long, conflicts_with = "tta")]
@@ -112,6 +117,9 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
         bench_tta(&cfg, &model, n, a.dump_pairs.as_deref())?;
         if let Some(k) = a.concurrent {
             bench_concurrent_lora(&cfg, &model, k)?;
+        }
+        if !a.adapt_batch.is_empty() {
+            bench_adapt_batch(&cfg, &model, &a.adapt_batch, a.runs)?;
         }
         return Ok(());
     }
@@ -351,6 +359,86 @@ fn bench_concurrent_lora(
         );
     } else {
         println!("concurrent     peak RSS is not readable on this system");
+    }
+    Ok(())
+}
+
+/// One training step (forward and backward; the optimiser is per request either way) over the
+/// pairs of `k` requests in one pass, against `k` one-request steps: whether batching
+/// adaptations across requests pays on this device. The pass shares one adapter, which costs
+/// the same as per-row adapters up to their rank-r products.
+fn bench_adapt_batch(
+    cfg: &Config,
+    model: &crate::model::Model,
+    ks: &[usize],
+    runs: usize,
+) -> anyhow::Result<()> {
+    use crate::adapt::{adapt_lora, build_pairs, encode_pairs, Example, PairSource};
+    use crate::engine::{resolve_tta, TtaOverrides};
+
+    let cols = super::open_collections(cfg)?;
+    let coll = cols.get(&cfg.retrieval.collection)?;
+    let mut tta = cfg.tta.clone();
+    tta.time_budget_ms = 0.0;
+    tta.scope = "lora".into();
+    let base = resolve_tta(&tta, &TtaOverrides::default(), 0)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let per_request = base.train.grad_accum.max(1);
+    let questions = [
+        "What can damage buildings?",
+        "What do plants need to make food?",
+        "What causes the seasons on Earth?",
+        "How do animals get energy?",
+        "What can cause erosion of soil?",
+        "What do bees help plants do?",
+        "How do fish breathe underwater?",
+        "What protects the body from germs?",
+    ];
+    // One step's pairs per request: the first `grad_accum` of its retrieved passages' pairs.
+    let mut requests: Vec<Vec<Example>> = Vec::new();
+    for q in questions.iter().cycle() {
+        if requests.len() == ks.iter().copied().max().unwrap_or(1) {
+            break;
+        }
+        let hits = coll.search(q, cfg.retrieval.top_k)?;
+        let texts: Vec<&str> = hits.iter().map(|p| p.text.as_str()).collect();
+        let set = build_pairs(&texts, &base.pairs);
+        let ex = encode_pairs(model, &set.pairs, None, base.train.max_tokens_per_pair)?;
+        if ex.len() >= per_request {
+            requests.push(ex[..per_request].to_vec());
+        }
+    }
+    // Forward + backward of one step over `ex` as one group.
+    let step = |ex: &[Example]| -> anyhow::Result<f64> {
+        let mut p = base.train.clone();
+        p.grad_accum = ex.len();
+        p.steps = Some(1);
+        let (_, r) = adapt_lora(&model.decoder, None, ex, PairSource::Sentences, &p)?;
+        Ok(r.forward_ms + r.backward_ms)
+    };
+    step(&requests[0])?; // warm-up
+    println!("adapt batch    one training step (forward + backward), medians of {runs}");
+    let timed = |ex: &[Example]| -> anyhow::Result<f64> {
+        let mut v = (0..runs.max(1))
+            .map(|_| step(ex))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(median(&mut v))
+    };
+    // Each request's own step, timed once and summed per k.
+    let alone = requests
+        .iter()
+        .map(|r| timed(r))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for &k in ks {
+        let k = k.clamp(1, requests.len());
+        let together = timed(&requests[..k].concat())?;
+        let one_by_one: f64 = alone[..k].iter().sum();
+        println!(
+            "adapt batch    {k:>2} requests ({:>2} pairs): {together:>7.1} ms in one pass, \
+             {one_by_one:>7.1} ms one by one: {:.2}x",
+            k * per_request,
+            one_by_one / together
+        );
     }
     Ok(())
 }

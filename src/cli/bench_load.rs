@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use super::rss::{peak_rss_mb, reset_peak_rss};
+use super::usage::{cpu_seconds, peak_rss_mb, reset_peak_rss};
 use crate::config::Config;
 use crate::engine::{
     resolve_tta, ChatJob, DomainUse, Engine, EngineConfig, RagMode, RagParams, Timings,
@@ -36,6 +36,8 @@ struct Level {
     wall_s: f64,
     samples: Vec<Sample>,
     peak_rss_mb: Option<f64>,
+    /// CPU seconds the process used during the level (every thread).
+    cpu_s: Option<f64>,
 }
 
 fn job(cfg: &Config, question: &str, mode: RagMode, seed: u64) -> anyhow::Result<ChatJob> {
@@ -180,6 +182,7 @@ pub fn run(
         for &c in clients {
             let requests = (2 * c).max(8);
             reset_peak_rss();
+            let cpu0 = cpu_seconds();
             let (wall_s, samples) = run_level(cfg, &engine, &questions, mode, c, requests)?;
             levels.push(Level {
                 mode: name,
@@ -187,6 +190,7 @@ pub fn run(
                 wall_s,
                 samples,
                 peak_rss_mb: peak_rss_mb(),
+                cpu_s: cpu0.zip(cpu_seconds()).map(|(a, b)| b - a),
             });
             eprintln!("{name} x{c}: {requests} requests in {wall_s:.1} s");
         }
@@ -263,15 +267,22 @@ fn print_table(cfg: &Config, levels: &[Level]) {
         candle_core::utils::get_num_threads()
     );
     println!();
-    println!("| mode | clients | requests | failed | req/s | p50 ms | p99 ms | decode tok/s | peak RSS MB |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| mode | clients | requests | failed | req/s | p50 ms | p99 ms | decode tok/s | cores busy | CPU ms/request | peak RSS MB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for l in levels {
         let lat = latencies(l);
         let ok = lat.len();
         let tokens: usize = l.samples.iter().map(|s| s.tokens).sum();
         let rss = l.peak_rss_mb.map_or("–".into(), |p| format!("{p:.0}"));
+        let (busy, per_request) = match l.cpu_s {
+            Some(c) => (
+                format!("{:.2}", c / l.wall_s),
+                format!("{:.0}", c * 1e3 / l.samples.len().max(1) as f64),
+            ),
+            None => ("–".into(), "–".into()),
+        };
         println!(
-            "| {} | {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.1} | {} |",
+            "| {} | {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.1} | {busy} | {per_request} | {} |",
             l.mode,
             l.clients,
             l.samples.len(),

@@ -7,8 +7,8 @@ mod bench_load;
 mod eval;
 mod gate;
 mod index;
-mod rss;
 mod serve;
+mod usage;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
