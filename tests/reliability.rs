@@ -332,3 +332,34 @@ async fn a_prompt_over_the_configured_limit_is_refused_before_it_is_accepted() {
         "{v}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_says_ready_only_once_warmed_up_and_serves_meanwhile() {
+    let s = start_tiny(1, 4, false).await;
+    s.app.set_warming(true);
+    let (status, body) = get(&s.base, "/ready").await;
+    assert_eq!(status, 503, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["status"], "warming");
+    // A load balancer holds traffic back, but a request that comes anyway is answered.
+    assert_eq!(post(&s.base, &ask("hello", 2)).await.0, 200);
+    let app = s.app.clone();
+    let w = tokio::task::spawn_blocking(move || ttarag::server::warm_up(&app))
+        .await
+        .unwrap()
+        .expect("the warm-up ran");
+    assert!(
+        w.adapt.is_some(),
+        "the default scope is LoRA: one adaptation ran"
+    );
+    let (status, body) = get(&s.base, "/ready").await;
+    assert_eq!(status, 200, "{body}");
+    // Its requests went to the engine directly: no client-visible request was counted.
+    let (_, text) = get(&s.base, "/metrics").await;
+    let counted: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("ttarag_requests_total{"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(counted, 1.0, "{text}");
+}

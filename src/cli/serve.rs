@@ -123,6 +123,12 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
     );
     let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
     let app = App::new(engine, cfg);
+    // Listening at once, ready (`/ready`) once what the first request would make is made.
+    app.set_warming(true);
+    let warming = app.clone();
+    std::thread::Builder::new()
+        .name("warm-up".into())
+        .spawn(move || crate::server::warm_up(&warming))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -11,6 +11,7 @@ mod prompt;
 mod scheduler;
 mod sequence;
 mod tta_params;
+mod warmup;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -24,6 +25,7 @@ pub use memory::MemoryBudget;
 pub use prompt::RagPrompt;
 pub use scheduler::BatchLimits;
 pub use tta_params::{resolve_tta, ParamError, TtaOverrides};
+pub use warmup::{warm_up, WarmUp};
 
 use crate::adapt::domain::{DomainAdapter, DomainAdapters};
 use crate::adapt::memory::{footprint, Trained};

@@ -41,6 +41,8 @@ pub struct App {
     pub in_flight: AtomicUsize,
     /// Set on SIGTERM: new requests get 503 while in-flight ones finish.
     draining: AtomicBool,
+    /// Set while the start-up warm-up runs: `/ready` says 503 until it is done.
+    warming: AtomicBool,
 }
 
 impl App {
@@ -57,7 +59,13 @@ impl App {
                 .unwrap_or(0),
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            warming: AtomicBool::new(false),
         })
+    }
+
+    /// Marks the server as warming up (not ready) or done.
+    pub fn set_warming(&self, on: bool) {
+        self.warming.store(on, Ordering::SeqCst);
     }
 
     pub fn start_draining(&self) {
@@ -76,7 +84,7 @@ impl App {
         Some(Duration::from_millis(self.config.server.request_timeout_ms))
     }
 
-    /// What `/health` and `/ready` report; ready = a worker alive and not draining.
+    /// What `/health` and `/ready` report; ready = a worker alive, warmed up and not draining.
     fn readiness(&self) -> (bool, serde_json::Value) {
         let h = self.engine.health();
         let alive = h.workers_alive();
@@ -84,6 +92,7 @@ impl App {
         let status = match (alive, h.scheduler_alive(), draining) {
             (_, _, true) => "draining",
             (0, _, false) | (_, false, false) => "unavailable",
+            _ if self.warming.load(Ordering::SeqCst) => "warming",
             _ => "ok",
         };
         let body = serde_json::json!({
@@ -104,6 +113,37 @@ impl App {
             "adapt_memory_limit_bytes": self.engine.adapt_memory().limit(),
         });
         (status == "ok", body)
+    }
+}
+
+/// Warms the engine up through its own path (see [`crate::engine::warm_up`]): a short answer,
+/// and when the configured scope is LoRA one adaptation step on the default collection. Marks
+/// the server ready afterwards whatever happened; a failure is logged (a broken engine shows in
+/// `/health` on its own). Blocks: run it on a thread of its own.
+pub fn warm_up(app: &App) -> Option<crate::engine::WarmUp> {
+    let cfg = &app.config;
+    let overrides = crate::engine::TtaOverrides {
+        steps: Some(1),
+        ..Default::default()
+    };
+    let tta = (cfg.tta.scope == "lora")
+        .then(|| crate::engine::resolve_tta(&cfg.tta, &overrides, 0).ok())
+        .flatten();
+    let done = crate::engine::warm_up(&app.engine, &cfg.retrieval.collection, tta);
+    app.set_warming(false);
+    match done {
+        Ok(w) => {
+            tracing::info!(
+                answer_ms = w.answer.as_millis() as u64,
+                adapt_ms = w.adapt.map(|d| d.as_millis() as u64),
+                "warmed up"
+            );
+            Some(w)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "warm-up failed; serving anyway");
+            None
+        }
     }
 }
 

@@ -45,6 +45,7 @@ pub fn golden() -> serde_json::Value {
 pub struct TestServer {
     pub base: String,
     pub model: Arc<Model>,
+    pub app: Arc<ttarag::server::App>,
     pub _dir: tempfile::TempDir,
 }
 
@@ -213,14 +214,12 @@ pub async fn start_tiny_opts(
     let app = ttarag::server::App::new(engine, cfg);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(listener, ttarag::server::router(app))
-            .await
-            .unwrap();
-    });
+    let router = ttarag::server::router(app.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     TestServer {
         base: format!("http://{addr}"),
         model,
+        app,
         _dir: dir,
     }
 }
@@ -404,7 +403,8 @@ pub async fn start_tiny_toml(
 }
 
 /// Starts the real binary as `ttarag serve --port 0 ARGS...` and returns it with its base URL,
-/// read from the line it prints once it listens.
+/// read from the line it prints once it listens, after `/ready` has said 200 (it listens at
+/// once and warms up before it is ready).
 pub fn spawn_serve<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (std::process::Child, String) {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ttarag"))
@@ -423,7 +423,31 @@ pub fn spawn_serve<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (std::process::Chil
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
         .to_string();
+    wait_ready(&base);
     (child, base)
+}
+
+/// Polls `GET /ready` (plain HTTP/1.0 over a blocking socket) until it answers 200; 60 s at most.
+pub fn wait_ready(base: &str) {
+    use std::io::{Read, Write};
+    let addr = base.strip_prefix("http://").expect("an http base URL");
+    let started = std::time::Instant::now();
+    loop {
+        let status = std::net::TcpStream::connect(addr).ok().and_then(|mut s| {
+            s.write_all(b"GET /ready HTTP/1.0\r\n\r\n").ok()?;
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head).ok()?;
+            Some(String::from_utf8_lossy(&head[9..12]).to_string())
+        });
+        if status.as_deref() == Some("200") {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{base} never said ready (last status {status:?})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Writes [`FACTS`] and a config file into `dir` whose default collection `facts` is built from
