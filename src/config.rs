@@ -114,6 +114,8 @@ pub struct RetrievalSection {
     pub max_top_k: usize,
     pub passage_max_chars: usize,
     pub prompt_template: String,
+    /// Most documents one `POST /v1/collections/{name}/documents` may carry.
+    pub max_ingest_documents: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

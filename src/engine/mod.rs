@@ -932,7 +932,17 @@ impl Worker {
             let coll = self
                 .collections
                 .get(&req.rag.collection)
-                .map_err(|e| internal(e.to_string()))?;
+                .map_err(|e| match e {
+                    // Deleted since the request was validated.
+                    crate::retrieval::RetrievalError::UnknownCollection(_) => {
+                        Some(EngineError::BadParam {
+                            param: "rag.collection",
+                            code: "collection_not_found",
+                            message: e.to_string(),
+                        })
+                    }
+                    e => internal(e.to_string()),
+                })?;
             let hits = coll
                 .search(question, search_k)
                 .map_err(|e| internal(e.to_string()))?;

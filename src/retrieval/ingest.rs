@@ -27,6 +27,32 @@ struct JsonDoc {
     title: Option<String>,
 }
 
+/// One document to ingest: its id (re-ingesting an id replaces its passages), title and text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Document {
+    pub id: String,
+    pub title: String,
+    pub text: String,
+}
+
+impl Document {
+    /// A document from one JSON object `{"id", "text", "title"?}`; the id a non-empty string
+    /// or a number. Other keys are ignored, as in JSONL files.
+    pub fn from_json(v: serde_json::Value) -> Result<Self, String> {
+        let d: JsonDoc = serde_json::from_value(v).map_err(|e| e.to_string())?;
+        let id = match &d.id {
+            serde_json::Value::String(s) if !s.is_empty() => s.clone(),
+            serde_json::Value::Number(x) => x.to_string(),
+            _ => return Err("`id` must be a non-empty string or a number".into()),
+        };
+        Ok(Self {
+            id,
+            title: d.title.unwrap_or_default(),
+            text: d.text,
+        })
+    }
+}
+
 fn io_err(p: &Path, e: std::io::Error) -> RetrievalError {
     RetrievalError::Io(p.display().to_string(), e)
 }
@@ -160,15 +186,51 @@ fn ingest_jsonl(
         }
         let bad =
             |why: String| RetrievalError::BadInput(format!("{}:{}: {why}", file.display(), n + 1));
-        let d: JsonDoc = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
-        let id = match &d.id {
-            serde_json::Value::String(s) if !s.is_empty() => s.clone(),
-            serde_json::Value::Number(x) => x.to_string(),
-            _ => return Err(bad("`id` must be a non-empty string or a number".into())),
-        };
-        sink.add(&id, d.title.as_deref().unwrap_or(""), &d.text)?;
+        let v = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
+        let d = Document::from_json(v).map_err(bad)?;
+        sink.add(&d.id, &d.title, &d.text)?;
     }
     Ok(())
+}
+
+/// Ingests `docs` into `coll` in one commit (all or none), splitting each into passages of at
+/// most `max_chars` characters.
+pub fn ingest_documents(
+    coll: &Collection,
+    docs: &[Document],
+    max_chars: usize,
+) -> Result<IngestStats, RetrievalError> {
+    let mut sink = Sink {
+        coll,
+        writer: coll.index.writer(50_000_000)?,
+        max_chars,
+        stats: IngestStats::default(),
+    };
+    for d in docs {
+        sink.add(&d.id, &d.title, &d.text)?;
+    }
+    let mut writer = sink.writer;
+    writer.commit()?;
+    writer.wait_merging_threads()?;
+    coll.reload()?;
+    Ok(sink.stats)
+}
+
+/// Deletes document `id`'s passages from `coll` in one commit; `false` when it has none.
+pub fn delete_document(coll: &Collection, id: &str) -> Result<bool, RetrievalError> {
+    let f = coll.fields;
+    let term = Term::from_field_text(f.doc, id);
+    let query =
+        tantivy::query::TermQuery::new(term.clone(), tantivy::schema::IndexRecordOption::Basic);
+    if coll.searcher().search(&query, &tantivy::collector::Count)? == 0 {
+        return Ok(false);
+    }
+    let mut writer: IndexWriter = coll.index.writer(15_000_000)?;
+    writer.delete_term(term);
+    writer.commit()?;
+    writer.wait_merging_threads()?;
+    coll.reload()?;
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use tantivy::schema::{Field, Schema, Value, STORED, STRING, TEXT};
 use tantivy::{Index, IndexReader, IndexSettings, ReloadPolicy, Searcher, TantivyDocument};
 
 pub use fingerprint::Fingerprint;
-pub use ingest::{ingest_path, IngestStats};
+pub use ingest::{delete_document, ingest_documents, ingest_path, Document, IngestStats};
 pub use passages::split_passages;
 
 /// Errors of the retrieval stage.
@@ -189,6 +189,21 @@ impl Collection {
         self.len() == 0
     }
 
+    /// Distinct documents (ingested ids) of the latest commit.
+    pub fn documents(&self) -> Result<u64, RetrievalError> {
+        let s = self.searcher();
+        let mut ids = std::collections::HashSet::new();
+        for (ord, reader) in s.segment_readers().iter().enumerate() {
+            for doc in reader.doc_ids_alive() {
+                let d: TantivyDocument = s.doc(tantivy::DocAddress::new(ord as u32, doc))?;
+                if let Some(id) = d.get_first(self.fields.doc).and_then(|v| v.as_str()) {
+                    ids.insert(id.to_string());
+                }
+            }
+        }
+        Ok(ids.len() as u64)
+    }
+
     /// Every passage, in id order (score 0): what offline training reads of a collection.
     pub fn passages(&self) -> Result<Vec<Passage>, RetrievalError> {
         let rows = fingerprint::read_all(&self.searcher(), self.fields)?;
@@ -240,6 +255,18 @@ impl Collection {
 pub struct CollectionInfo {
     pub name: String,
     pub passages: u64,
+}
+
+/// What the collections API lists of one collection.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CollectionStats {
+    pub name: String,
+    pub documents: u64,
+    pub passages: u64,
+    /// Bytes of its folder.
+    pub size_bytes: u64,
+    /// When its latest commit landed (Unix seconds).
+    pub last_commit: Option<u64>,
 }
 
 struct OpenEntry {
@@ -505,6 +532,60 @@ impl Collections {
                 }
             }
         }
+    }
+
+    /// Ingests `docs` into collection `name` in one commit, creating it when missing (a new
+    /// collection appears only once complete). Returns what was ingested and whether the
+    /// collection was created.
+    pub fn ingest_documents(
+        &self,
+        name: &str,
+        docs: &[Document],
+        max_chars: usize,
+    ) -> Result<(IngestStats, bool), RetrievalError> {
+        validate_name(name)?;
+        self.remove_stale_tmp();
+        if !self.exists(name) {
+            if let Some(stats) = self.create_new(name, |c| ingest_documents(c, docs, max_chars))? {
+                return Ok((stats, true));
+            }
+        }
+        Ok((ingest_documents(&*self.get(name)?, docs, max_chars)?, false))
+    }
+
+    /// Deletes document `id` of collection `name`; `false` when it has no such document.
+    pub fn delete_document(&self, name: &str, id: &str) -> Result<bool, RetrievalError> {
+        delete_document(&*self.get(name)?, id)
+    }
+
+    /// [`CollectionStats`] of every collection, by name.
+    pub fn stats(&self) -> Result<Vec<CollectionStats>, RetrievalError> {
+        self.list()?
+            .into_iter()
+            .map(|info| {
+                let c = self.get(&info.name)?;
+                let dir = self.dir(&info.name);
+                let size_bytes = walkdir::WalkDir::new(&dir)
+                    .into_iter()
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum();
+                let last_commit = std::fs::metadata(dir.join(META))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs());
+                Ok(CollectionStats {
+                    documents: c.documents()?,
+                    passages: c.len(),
+                    name: info.name,
+                    size_bytes,
+                    last_commit,
+                })
+            })
+            .collect()
     }
 
     pub fn list(&self) -> Result<Vec<CollectionInfo>, RetrievalError> {

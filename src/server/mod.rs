@@ -4,6 +4,7 @@ mod ab;
 mod ab_stats;
 mod auth;
 mod chat;
+mod collections;
 mod error;
 mod feedback;
 mod metrics;
@@ -17,7 +18,7 @@ use std::time::Duration;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 
 pub use ab::Experiment;
@@ -148,7 +149,7 @@ pub fn warm_up(app: &App) -> Option<crate::engine::WarmUp> {
 }
 
 /// The full router: `/v1/chat/completions`, `/v1/feedback`, `/v1/ab/summary`, `/v1/models`,
-/// `/health`, `/ready`, `/metrics`.
+/// `/v1/collections` (and its documents), `/health`, `/ready`, `/metrics`.
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.config.server.max_body_bytes;
     Router::new()
@@ -162,6 +163,19 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/feedback", post(feedback::feedback))
         .route("/v1/ab/summary", get(ab_stats::summary))
         .route("/v1/models", get(models))
+        .route("/v1/collections", get(collections::list))
+        .route(
+            "/v1/collections/{name}",
+            delete(collections::delete_collection),
+        )
+        .route(
+            "/v1/collections/{name}/documents",
+            post(collections::ingest),
+        )
+        .route(
+            "/v1/collections/{name}/documents/{id}",
+            delete(collections::delete_document),
+        )
         .route("/health", get(health))
         .route("/ready", get(health))
         .route("/metrics", get(metrics))

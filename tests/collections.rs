@@ -1,0 +1,309 @@
+//! The collections API over real loopback connections, on the tiny model: what it lists, that
+//! ingested documents are what chat requests retrieve at once, replacement by id, refusals that
+//! name the bad line and change nothing, deletes, the admin key, and searches during an ingest
+//! seeing all of it or none.
+
+mod common;
+
+use serde_json::{json, Value};
+
+const USER: &str = "sk-test-user-0123456789";
+const ADMIN: &str = "sk-test-admin-0123456789";
+
+async fn server() -> common::TestServer {
+    let toml = format!("[auth]\napi_keys = [\"{USER}\"]\nadmin_key = \"{ADMIN}\"\n");
+    common::start_tiny_toml(1, 8, false, &toml).await
+}
+
+enum Body<'a> {
+    None,
+    Raw(&'a str),
+    Json(&'a Value),
+}
+
+async fn call(base: &str, method: &str, path: &str, key: &str, body: Body<'_>) -> (u16, Value) {
+    let c = reqwest::Client::new();
+    let url = format!("{base}{path}");
+    let req = match method {
+        "GET" => c.get(url),
+        "POST" => c.post(url),
+        "DELETE" => c.delete(url),
+        m => panic!("{m}"),
+    }
+    .bearer_auth(key);
+    let req = match body {
+        Body::None => req,
+        Body::Raw(s) => req.body(s.to_string()),
+        Body::Json(v) => req.json(v),
+    };
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// The passages a static chat request on `collection` retrieves for `question`, by id.
+async fn retrieved(base: &str, collection: &str, question: &str) -> (u16, Vec<String>) {
+    let body = json!({"model": "tiny", "max_tokens": 1, "temperature": 0,
+        "messages": [{"role": "user", "content": question}],
+        "rag": {"mode": "static", "collection": collection, "top_k": 5}});
+    let (s, v) = call(
+        base,
+        "POST",
+        "/v1/chat/completions",
+        USER,
+        Body::Json(&body),
+    )
+    .await;
+    let ids = v["rag"]["passages"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| p["id"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    (s, ids)
+}
+
+fn listed(v: &Value, name: &str) -> Option<Value> {
+    v["data"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingested_documents_are_retrieved_at_once_replaced_by_id_and_deleted() {
+    let s = server().await;
+    let b = &s.base;
+    let docs = "{\"id\": \"v1\", \"text\": \"Volcanoes erupt molten lava and ash.\", \"title\": \"Geo\"}\n\
+                {\"id\": 7, \"text\": \"Glaciers carve valleys slowly.\"}\n";
+    let (st, v) = call(
+        b,
+        "POST",
+        "/v1/collections/geo/documents",
+        ADMIN,
+        Body::Raw(docs),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(
+        (v["created"].clone(), v["documents"].clone()),
+        (json!(true), json!(2))
+    );
+
+    let (st, v) = call(b, "GET", "/v1/collections", USER, Body::None).await;
+    assert_eq!(st, 200, "{v}");
+    let geo = listed(&v, "geo").expect("listed");
+    assert_eq!(
+        (geo["documents"].clone(), geo["passages"].clone()),
+        (json!(2), json!(2))
+    );
+    assert!(geo["size_bytes"].as_u64().unwrap() > 0 && geo["last_commit"].as_u64().is_some());
+    assert_eq!(geo["domain_adapter"], json!(false));
+    assert!(
+        listed(&v, "facts").is_some(),
+        "the server's own collection is listed too"
+    );
+
+    // The running server retrieves them without a restart.
+    assert_eq!(
+        retrieved(b, "geo", "volcanoes lava").await,
+        (200, vec!["v1".to_string()])
+    );
+
+    // Same id again: replaced, not added.
+    let again = json!([{"id": "v1", "text": "Geysers spout hot water."}]);
+    let (st, v) = call(
+        b,
+        "POST",
+        "/v1/collections/geo/documents",
+        ADMIN,
+        Body::Json(&again),
+    )
+    .await;
+    assert_eq!((st, v["created"].clone()), (200, json!(false)), "{v}");
+    assert_eq!(
+        retrieved(b, "geo", "volcanoes lava").await.1,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        retrieved(b, "geo", "geysers").await.1,
+        vec!["v1".to_string()]
+    );
+
+    // A bad line refuses the whole body by its line number and commits nothing.
+    let bad = "{\"id\": \"ok\", \"text\": \"Rivers carry sand.\"}\n{\"id\": \"no-text\"}\n";
+    let (st, v) = call(
+        b,
+        "POST",
+        "/v1/collections/geo/documents",
+        ADMIN,
+        Body::Raw(bad),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.starts_with("line 2: missing field `text`"), "{msg}");
+    assert_eq!(
+        retrieved(b, "geo", "rivers sand").await.1,
+        Vec::<String>::new()
+    );
+
+    // Deletes: a document, an unknown document, the collection.
+    let (st, _) = call(
+        b,
+        "DELETE",
+        "/v1/collections/geo/documents/7",
+        ADMIN,
+        Body::None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        retrieved(b, "geo", "glaciers valleys").await.1,
+        Vec::<String>::new()
+    );
+    let (st, v) = call(
+        b,
+        "DELETE",
+        "/v1/collections/geo/documents/7",
+        ADMIN,
+        Body::None,
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (404, json!("document_not_found"))
+    );
+    let (st, _) = call(b, "DELETE", "/v1/collections/geo", ADMIN, Body::None).await;
+    assert_eq!(st, 200);
+    let (st, v) = call(b, "GET", "/v1/collections", USER, Body::None).await;
+    assert!(st == 200 && listed(&v, "geo").is_none(), "{v}");
+    let (st, _) = retrieved(b, "geo", "geysers").await;
+    assert_eq!(st, 400, "a deleted collection is unknown to chat requests");
+    let (st, _) = call(b, "DELETE", "/v1/collections/geo", ADMIN, Body::None).await;
+    assert_eq!(st, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_admin_key_changes_collections_and_bad_requests_are_named() {
+    let s = server().await;
+    let b = &s.base;
+    let one = json!([{"id": 1, "text": "Bees carry pollen."}]);
+    let (st, v) = call(
+        b,
+        "POST",
+        "/v1/collections/bees/documents",
+        USER,
+        Body::Json(&one),
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (403, json!("admin_key_required"))
+    );
+    let (st, _) = call(b, "DELETE", "/v1/collections/facts", USER, Body::None).await;
+    assert_eq!(st, 403);
+    let (st, _) = call(
+        b,
+        "GET",
+        "/v1/collections",
+        "sk-wrong-0123456789",
+        Body::None,
+    )
+    .await;
+    assert_eq!(st, 401);
+    // Nothing was created by the refused request.
+    let (_, v) = call(b, "GET", "/v1/collections", USER, Body::None).await;
+    assert!(listed(&v, "bees").is_none());
+
+    let (st, v) = call(
+        b,
+        "POST",
+        "/v1/collections/bad%20name/documents",
+        ADMIN,
+        Body::Json(&one),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    let (st, v) = call(
+        b,
+        "POST",
+        "/v1/collections/bees/documents",
+        ADMIN,
+        Body::Raw("[]"),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    let many: Vec<Value> = (0..1001).map(|i| json!({"id": i, "text": "x"})).collect();
+    let (st, v) = call(
+        b,
+        "POST",
+        "/v1/collections/bees/documents",
+        ADMIN,
+        Body::Json(&json!(many)),
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (400, json!("too_many_documents"))
+    );
+    let (st, _) = call(b, "DELETE", "/v1/collections/nope", ADMIN, Body::None).await;
+    assert_eq!(st, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_search_during_an_ingest_sees_all_of_it_or_none() {
+    let s = server().await;
+    let b = s.base.clone();
+    let seed = json!([{"id": "seed", "text": "Sand dunes move with the wind."}]);
+    let (st, _) = call(
+        &b,
+        "POST",
+        "/v1/collections/dunes/documents",
+        ADMIN,
+        Body::Json(&seed),
+    )
+    .await;
+    assert_eq!(st, 201);
+    let cols = s.app.engine.collections.clone();
+    let watcher = std::thread::spawn(move || {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..400 {
+            let c = cols.get("dunes").unwrap();
+            seen.insert(c.search("zebra", 1000).unwrap().len());
+            if seen.contains(&300) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        seen
+    });
+    let batch: Vec<Value> = (0..300)
+        .map(|i| json!({"id": format!("z{i}"), "text": format!("A zebra number {i} grazes.")}))
+        .collect();
+    let (st, v) = call(
+        &b,
+        "POST",
+        "/v1/collections/dunes/documents",
+        ADMIN,
+        Body::Json(&json!(batch)),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let seen = watcher.join().unwrap();
+    assert!(
+        seen.iter().all(|&n| n == 0 || n == 300),
+        "a search saw part of an ingest: {seen:?}"
+    );
+    assert!(
+        seen.contains(&300),
+        "the ingest never became visible: {seen:?}"
+    );
+}
