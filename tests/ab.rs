@@ -336,3 +336,54 @@ async fn a_tta_arm_reports_its_loss_change_and_request_fields_win() {
         2.0
     );
 }
+
+#[tokio::test]
+async fn the_summary_compares_each_arm_with_the_baseline_and_says_when_it_can_tell() {
+    let s = server(HALF_HALF).await;
+    let mut ids: HashMap<&str, Vec<String>> = HashMap::new();
+    for arm in ["static", "none"] {
+        for _ in 0..30 {
+            let v = chat(&s.base, &with_rag(json!({"arm": arm}))).await;
+            ids.entry(arm)
+                .or_default()
+                .push(v["id"].as_str().unwrap().to_string());
+        }
+    }
+    let rate = |arm: &'static str, which: std::ops::Range<usize>, correct: bool| {
+        let (base, ids) = (s.base.clone(), ids[arm][which].to_vec());
+        async move {
+            for id in ids {
+                let body =
+                    json!({"id": id, "correct": correct, "rating": if correct { 5 } else { 1 }});
+                assert_eq!(post_json(&base, "/v1/feedback", &body).await.0, 200);
+            }
+        }
+    };
+    rate("static", 0..30, true).await;
+    rate("none", 0..29, false).await;
+    let sum = summary(&s.base).await;
+    assert!(
+        sum["static"].get("vs_baseline").is_none(),
+        "the baseline is not compared with itself"
+    );
+    let c = &sum["none"]["vs_baseline"];
+    assert_eq!(c["baseline"], "static");
+    assert_eq!(
+        c["verdict"], "insufficient_feedback",
+        "29 labelled answers are too few: {c}"
+    );
+    assert_eq!(c["enough_feedback"], false);
+    assert!(c["latency_ms"]["ci95"].is_array(), "{c}");
+
+    rate("none", 29..30, false).await;
+    let c = summary(&s.base).await["none"]["vs_baseline"].clone();
+    assert_eq!(c["verdict"], "worse", "{c}");
+    assert_eq!(c["accuracy"]["diff"].as_f64(), Some(-1.0));
+    let ci = c["accuracy"]["ci95"].as_array().unwrap();
+    assert!(
+        ci[1].as_f64().unwrap() < 0.0,
+        "the interval excludes zero: {c}"
+    );
+    assert!(c["accuracy"]["p_value"].as_f64().unwrap() < 1e-6);
+    assert_eq!(c["rating"]["diff"].as_f64(), Some(-4.0));
+}

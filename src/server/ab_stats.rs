@@ -9,6 +9,7 @@ use axum::Json;
 use serde::Serialize;
 
 use super::ab::lock;
+use super::ab_compare::{self, Difference, Moments, Verdict};
 use super::App;
 
 /// How many recent successful latencies the median is taken over (bounded memory).
@@ -22,13 +23,13 @@ pub struct ArmStats {
     /// arm whose users give up is seen as such instead of vanishing from the statistics.
     cancelled: u64,
     ok: u64,
-    latency_sum_ms: f64,
+    /// Latencies of successful responses.
+    latency: Moments,
     recent_ms: VecDeque<f64>,
     feedback: u64,
     correct: u64,
     incorrect: u64,
-    ratings: u64,
-    rating_sum: f64,
+    rating: Moments,
     deltas: u64,
     delta_sum: f64,
 }
@@ -41,7 +42,7 @@ impl ArmStats {
             return;
         }
         self.ok += 1;
-        self.latency_sum_ms += ms;
+        self.latency.add(ms);
         if self.recent_ms.len() == RECENT_LATENCIES {
             self.recent_ms.pop_front();
         }
@@ -65,8 +66,7 @@ impl ArmStats {
             None => {}
         }
         if let Some(r) = rating {
-            self.ratings += 1;
-            self.rating_sum += r;
+            self.rating.add(r);
         }
     }
 
@@ -130,6 +130,41 @@ pub struct ArmSummary {
     pub latency_ms: Latency,
     pub feedback: FeedbackSummary,
     pub adapt_loss_delta_mean: Option<f64>,
+    /// This arm against the baseline (the first arm); absent on the baseline itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vs_baseline: Option<Comparison>,
+}
+
+/// One arm against the baseline: differences are this arm's minus the baseline's.
+#[derive(Debug, Serialize)]
+pub struct Comparison {
+    pub baseline: String,
+    /// Feedback accuracy (share marked correct): Newcombe interval, Fisher's exact test.
+    pub accuracy: Option<Difference>,
+    /// Mean rating: Welch.
+    pub rating: Option<Difference>,
+    /// Mean latency of successful responses, ms: Welch.
+    pub latency_ms: Option<Difference>,
+    /// Whether both arms have the labelled feedback a verdict needs.
+    pub enough_feedback: bool,
+    pub min_feedback: u64,
+    pub verdict: Verdict,
+}
+
+fn compare(baseline: &str, arm: &ArmStats, base: &ArmStats) -> Comparison {
+    let labelled = (arm.correct + arm.incorrect, base.correct + base.incorrect);
+    let accuracy =
+        ab_compare::accuracy((arm.correct, arm.incorrect), (base.correct, base.incorrect));
+    let verdict = ab_compare::verdict(accuracy.as_ref(), labelled);
+    Comparison {
+        baseline: baseline.to_string(),
+        rating: ab_compare::mean(&arm.rating, &base.rating),
+        latency_ms: ab_compare::mean(&arm.latency, &base.latency),
+        enough_feedback: verdict != Verdict::InsufficientFeedback,
+        min_feedback: ab_compare::MIN_FEEDBACK,
+        accuracy,
+        verdict,
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -145,7 +180,8 @@ pub async fn summary(State(app): State<Arc<App>>) -> Json<Summary> {
         .arms
         .iter()
         .zip(stats.iter())
-        .map(|(a, s)| ArmSummary {
+        .enumerate()
+        .map(|(i, (a, s))| ArmSummary {
             name: a.name.clone(),
             weight: a.weight,
             mode: a.mode.clone(),
@@ -153,7 +189,7 @@ pub async fn summary(State(app): State<Arc<App>>) -> Json<Summary> {
             errors: s.errors,
             cancelled: s.cancelled,
             latency_ms: Latency {
-                mean: mean(s.latency_sum_ms, s.ok),
+                mean: s.latency.mean(),
                 p50: s.median_ms(),
             },
             feedback: FeedbackSummary {
@@ -161,9 +197,13 @@ pub async fn summary(State(app): State<Arc<App>>) -> Json<Summary> {
                 correct: s.correct,
                 incorrect: s.incorrect,
                 accuracy: mean(s.correct as f64, s.correct + s.incorrect),
-                rating_mean: mean(s.rating_sum, s.ratings),
+                rating_mean: s.rating.mean(),
             },
             adapt_loss_delta_mean: mean(s.delta_sum, s.deltas),
+            vs_baseline: match (i, app.ab.arms.get(0), stats.first()) {
+                (1.., Some(b), Some(bs)) => Some(compare(&b.name, s, bs)),
+                _ => None,
+            },
         })
         .collect();
     Json(Summary { arms })
@@ -182,7 +222,7 @@ mod tests {
         s.record(false, 1.0, None);
         s.record_cancelled();
         assert_eq!((s.requests, s.errors, s.cancelled), (5, 1, 1));
-        assert_eq!(mean(s.latency_sum_ms, s.ok), Some(20.0));
+        assert_eq!(s.latency.mean(), Some(20.0));
         assert_eq!(s.median_ms(), Some(20.0));
         s.record(true, 40.0, None);
         assert_eq!(s.median_ms(), Some(25.0));
@@ -195,7 +235,7 @@ mod tests {
         s.record_feedback(Some(false), None);
         s.record_feedback(None, Some(2.0));
         assert_eq!((s.feedback, s.correct, s.incorrect), (3, 1, 1));
-        assert_eq!(mean(s.rating_sum, s.ratings), Some(3.5));
+        assert_eq!(s.rating.mean(), Some(3.5));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The HTTP layer: OpenAI-compatible routes over the engine. No tensor is touched here.
 
 mod ab;
+mod ab_compare;
 mod ab_stats;
 mod auth;
 mod chat;
