@@ -25,8 +25,9 @@ use crate::config::{AuthSection, FullScope};
 use super::error::ApiError;
 use super::App;
 
-/// Routes that orchestrators probe without credentials; they tell nothing but liveness.
-pub const OPEN_PATHS: &[&str] = &["/health", "/ready"];
+/// Routes answered without credentials: the probes, which tell nothing but liveness, and the
+/// A/B page, a static page that asks the browser's user for a key before it reads any data.
+pub const OPEN_PATHS: &[&str] = &["/health", "/ready", "/ab"];
 
 /// Seconds a client refused by the per-key limit is told to wait: requests take about that
 /// long, and OpenAI's clients retry a 429 after `Retry-After`.

@@ -150,7 +150,7 @@ pub fn warm_up(app: &App) -> Option<crate::engine::WarmUp> {
 }
 
 /// The full router: `/v1/chat/completions`, `/v1/feedback`, `/v1/ab/summary`, `/v1/models`,
-/// `/v1/collections` (and its documents), `/health`, `/ready`, `/metrics`.
+/// `/v1/collections` (and its documents), `/ab`, `/health`, `/ready`, `/metrics`.
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.config.server.max_body_bytes;
     Router::new()
@@ -163,6 +163,7 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/v1/feedback", post(feedback::feedback))
         .route("/v1/ab/summary", get(ab_stats::summary))
+        .route("/ab", get(ab_page))
         .route("/v1/models", get(models))
         .route("/v1/collections", get(collections::list))
         .route(
@@ -188,6 +189,15 @@ pub fn router(app: Arc<App>) -> Router {
             auth::authenticate,
         ))
         .with_state(app)
+}
+
+/// `GET /ab`: the experiment's page, embedded in the binary (no build step); it reads
+/// `/v1/ab/summary` from the browser.
+async fn ab_page() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("ab_page.html"),
+    )
 }
 
 async fn models(State(app): State<Arc<App>>) -> Json<openai::ModelList> {
