@@ -22,6 +22,29 @@ pub struct Config {
     #[serde(default)]
     pub auth: AuthSection,
     pub domain: DomainSection,
+    /// `[collections.NAME]`: per-collection settings over the server-wide ones.
+    #[serde(default)]
+    pub collections: std::collections::BTreeMap<String, CollectionSettings>,
+}
+
+/// `[collections.NAME]`: how requests on one collection are served when they do not say, so
+/// one server serves several domains, each tuned. A request's own `rag` fields (and its A/B
+/// arm's) win over these; these win over the server-wide defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectionSettings {
+    /// As `retrieval.prompt_template`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_template: Option<String>,
+    /// As `retrieval.top_k`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    /// Mode of requests that name none (as `gate.default_mode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// The adaptation recipe: the keys a request may send in `rag.tta`.
+    #[serde(default)]
+    pub tta: crate::engine::TtaOverrides,
 }
 
 /// `[domain]`: per-collection domain adapters (`src/adapt/domain/`).
@@ -564,7 +587,43 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The prompt templates of collections that set their own.
+    pub fn collection_templates(&self) -> Vec<(String, String)> {
+        self.collections
+            .iter()
+            .filter_map(|(n, c)| Some((n.clone(), c.prompt_template.clone()?)))
+            .collect()
+    }
+
+    fn validate_collections(&self) -> anyhow::Result<()> {
+        for (name, c) in &self.collections {
+            let at = format!("collections.{name}");
+            crate::retrieval::validate_name(name).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+            if let Some(k) = c.top_k {
+                anyhow::ensure!(
+                    (1..=self.retrieval.max_top_k).contains(&k),
+                    "{at}.top_k {k} is outside 1..={}",
+                    self.retrieval.max_top_k
+                );
+            }
+            if let Some(m) = &c.mode {
+                anyhow::ensure!(
+                    ["static", "tta", "none", "auto"].contains(&m.as_str()),
+                    "{at}.mode `{m}` is not one of: static, tta, none, auto"
+                );
+            }
+            crate::engine::resolve_tta(&self.tta, &c.tta, 0)
+                .map_err(|e| anyhow::anyhow!("{at}.tta: {}", e.message))?;
+            if let Some(t) = &c.prompt_template {
+                crate::engine::RagPrompt::new(t)
+                    .map_err(|e| anyhow::anyhow!("{at}.prompt_template: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.validate_collections()?;
         anyhow::ensure!(
             self.server.workers >= 1,
             "server.workers must be at least 1"
@@ -662,6 +721,33 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn collection_settings_are_checked_at_load_by_name() {
+        let bad = |toml: &str, want: &str| {
+            let err = Config::from_toml(toml)
+                .and_then(|c| c.validate())
+                .unwrap_err();
+            assert!(format!("{err:#}").contains(want), "{err:#}");
+        };
+        bad(
+            "[collections.geo]\nmode = \"fast\"\n",
+            "collections.geo.mode `fast`",
+        );
+        bad("[collections.geo]\ntop_k = 0\n", "collections.geo.top_k 0");
+        bad(
+            "[collections.geo]\nprompt_template = \"{% for %}\"\n",
+            "collections.geo.prompt_template",
+        );
+        bad(
+            "[collections.geo.tta]\nscope = \"huge\"\n",
+            "collections.geo.tta",
+        );
+        bad("[collections.\"a b\"]\ntop_k = 1\n", "collections.a b");
+        let ok = Config::from_toml("[collections.geo]\ntop_k = 2\nmode = \"tta\"\n").unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.collections["geo"].top_k, Some(2));
+    }
+
     use super::*;
 
     #[test]

@@ -307,3 +307,55 @@ async fn a_search_during_an_ingest_sees_all_of_it_or_none() {
         "the ingest never became visible: {seen:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collections_own_settings_serve_its_requests_unless_they_say_otherwise() {
+    let toml = format!(
+        "[auth]\napi_keys = [\"{USER}\"]\nadmin_key = \"{ADMIN}\"\n\
+         [collections.terse]\nprompt_template = \"{{{{ question }}}}\"\ntop_k = 1\n\
+         [collections.quiet]\nmode = \"none\"\n[collections.quiet.tta]\nsteps = 1\nmin_words = 3\n"
+    );
+    let s = common::start_tiny_toml(1, 8, false, &toml).await;
+    let b = &s.base;
+    let docs = json!([{"id": "a", "text": "Volcanoes erupt molten lava and ash."},
+                      {"id": "b", "text": "Volcanoes can also release lava domes."}]);
+    for c in ["terse", "quiet", "plain"] {
+        let path = format!("/v1/collections/{c}/documents");
+        assert_eq!(
+            call(b, "POST", &path, ADMIN, Body::Json(&docs)).await.0,
+            201
+        );
+    }
+    let ask = |collection: &str, rag: Value| {
+        let mut r = rag;
+        r["collection"] = json!(collection);
+        json!({"model": "tiny", "max_tokens": 1, "temperature": 0, "rag": r,
+               "messages": [{"role": "user", "content": "What do volcanoes erupt?"}]})
+    };
+    let chat = |body: Value| async move {
+        let (st, v) = call(b, "POST", "/v1/chat/completions", USER, Body::Json(&body)).await;
+        assert_eq!(st, 200, "{v}");
+        v
+    };
+    // `terse`: its own template (the question alone) and top_k.
+    let terse = chat(ask("terse", json!({"mode": "static"}))).await;
+    let plain = chat(ask("plain", json!({"mode": "static"}))).await;
+    let bare = chat(ask("plain", json!({"mode": "none"}))).await;
+    assert_eq!(terse["rag"]["passages"].as_array().unwrap().len(), 1);
+    assert_eq!(plain["rag"]["passages"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        terse["usage"]["prompt_tokens"], bare["usage"]["prompt_tokens"],
+        "the collection's template shows the question alone"
+    );
+    assert!(plain["usage"]["prompt_tokens"].as_u64() > bare["usage"]["prompt_tokens"].as_u64());
+    // The request's own top_k wins.
+    let wide = chat(ask("terse", json!({"mode": "static", "top_k": 2}))).await;
+    assert_eq!(wide["rag"]["passages"].as_array().unwrap().len(), 2);
+    // `quiet`: mode `none` unless the request names one; its TTA recipe under the request's.
+    let quiet = chat(ask("quiet", json!({}))).await;
+    assert_eq!(quiet["rag"]["mode"], "none", "{quiet}");
+    let adapted = chat(ask("quiet", json!({"mode": "tta"}))).await;
+    assert_eq!(adapted["rag"]["tta"]["steps"], 1, "{adapted}");
+    let more = chat(ask("quiet", json!({"mode": "tta", "tta": {"steps": 2}}))).await;
+    assert_eq!(more["rag"]["tta"]["steps"], 2, "{more}");
+}

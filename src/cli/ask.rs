@@ -79,6 +79,7 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
             workers: 1,
             queue_capacity: 1,
             prompt_template: cfg.retrieval.prompt_template.clone(),
+            collection_templates: cfg.collection_templates(),
             gate,
             domain: Some(crate::adapt::domain::DomainAdapters::for_config(
                 &cfg, &model, &weights,

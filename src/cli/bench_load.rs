@@ -170,6 +170,7 @@ pub fn run(
             workers: cfg.server.workers,
             queue_capacity: cfg.server.queue_capacity,
             prompt_template: cfg.retrieval.prompt_template.clone(),
+            collection_templates: cfg.collection_templates(),
             max_prompt_tokens: cfg.server.max_prompt_tokens,
             batch: cfg.server.batch_limits(),
             ..Default::default()

@@ -101,6 +101,7 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
             workers: cfg.server.workers,
             queue_capacity: cfg.server.queue_capacity,
             prompt_template: cfg.retrieval.prompt_template.clone(),
+            collection_templates: cfg.collection_templates(),
             gate,
             adapt_gate,
             request_timeout: Some(std::time::Duration::from_millis(

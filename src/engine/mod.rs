@@ -415,6 +415,8 @@ pub struct EngineConfig {
     pub workers: usize,
     pub queue_capacity: usize,
     pub prompt_template: String,
+    /// Collections' own prompt templates, by name (`[collections.NAME] prompt_template`).
+    pub collection_templates: Vec<(String, String)>,
     /// The retrieval gate for requests in mode `auto`; such requests fail without one.
     pub gate: Option<Arc<LoadedGate>>,
     /// The adaptation gate for `auto` requests that would adapt.
@@ -449,6 +451,7 @@ impl Default for EngineConfig {
             workers: 1,
             queue_capacity: 1,
             prompt_template: crate::config::Config::default().retrieval.prompt_template,
+            collection_templates: vec![],
             gate: None,
             adapt_gate: None,
             request_timeout: None,
@@ -600,7 +603,13 @@ impl Engine {
         let w = Arc::new(Worker {
             model: model.clone(),
             collections: collections.clone(),
-            prompt: Arc::new(RagPrompt::new(&cfg.prompt_template)?),
+            prompt: Arc::new(
+                cfg.collection_templates
+                    .iter()
+                    .try_fold(RagPrompt::new(&cfg.prompt_template)?, |p, (n, t)| {
+                        p.with_collection(n, t)
+                    })?,
+            ),
             health: health.clone(),
             full_scope: Arc::new(std::sync::Mutex::new(())),
             domain: cfg.domain.clone(),
@@ -966,7 +975,7 @@ impl Worker {
                     let shown = &hits[..hits.len().min(req.rag.top_k)];
                     let m = self
                         .prompt
-                        .apply(&req.messages, shown)
+                        .apply_for(&req.rag.collection, &req.messages, shown)
                         .map_err(|e| internal(e.to_string()))?;
                     retrieved = Some(hits);
                     Some(m)
@@ -1007,7 +1016,7 @@ impl Worker {
                 let with_passages = match g.needs_passages() {
                     true => Some(
                         self.prompt
-                            .apply(&req.messages, &passages)
+                            .apply_for(&req.rag.collection, &req.messages, &passages)
                             .map_err(|e| internal(e.to_string()))?,
                     ),
                     false => None,
@@ -1058,7 +1067,7 @@ impl Worker {
 
         let messages = self
             .prompt
-            .apply(&req.messages, &passages)
+            .apply_for(&req.rag.collection, &req.messages, &passages)
             .map_err(|e| internal(e.to_string()))?;
         // Contents are plain text: only the template writes control tokens.
         let ids = self

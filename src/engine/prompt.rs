@@ -5,7 +5,8 @@ use minijinja::{context, Environment};
 use crate::model::ChatMessage;
 use crate::retrieval::Passage;
 
-/// The configured template that places passages and the question into the last user turn.
+/// The configured templates that place passages and the question into the last user turn:
+/// the server's, and those of collections that set their own.
 pub struct RagPrompt {
     env: Environment<'static>,
 }
@@ -16,6 +17,14 @@ impl RagPrompt {
         env.add_template_owned("rag", template.to_string())
             .map_err(|e| anyhow::anyhow!("retrieval.prompt_template: {e}"))?;
         Ok(Self { env })
+    }
+
+    /// Adds collection `name`'s own template.
+    pub fn with_collection(mut self, name: &str, template: &str) -> anyhow::Result<Self> {
+        self.env
+            .add_template_owned(format!("rag:{name}"), template.to_string())
+            .map_err(|e| anyhow::anyhow!("collections.{name}.prompt_template: {e}"))?;
+        Ok(self)
     }
 
     /// The text of the last user message: what retrieval searches for.
@@ -34,6 +43,29 @@ impl RagPrompt {
         messages: &[ChatMessage],
         passages: &[Passage],
     ) -> anyhow::Result<Vec<ChatMessage>> {
+        self.apply_as("rag", messages, passages)
+    }
+
+    /// [`Self::apply`] with `collection`'s own template where it has one.
+    pub fn apply_for(
+        &self,
+        collection: &str,
+        messages: &[ChatMessage],
+        passages: &[Passage],
+    ) -> anyhow::Result<Vec<ChatMessage>> {
+        let own = format!("rag:{collection}");
+        match self.env.get_template(&own) {
+            Ok(_) => self.apply_as(&own, messages, passages),
+            Err(_) => self.apply_as("rag", messages, passages),
+        }
+    }
+
+    fn apply_as(
+        &self,
+        template: &str,
+        messages: &[ChatMessage],
+        passages: &[Passage],
+    ) -> anyhow::Result<Vec<ChatMessage>> {
         let mut out = messages.to_vec();
         if passages.is_empty() {
             return Ok(out);
@@ -41,7 +73,7 @@ impl RagPrompt {
         let Some(idx) = out.iter().rposition(|m| m.role == "user") else {
             return Ok(out);
         };
-        let tmpl = self.env.get_template("rag")?;
+        let tmpl = self.env.get_template(template)?;
         out[idx].content = tmpl.render(context! {
             passages => passages,
             question => out[idx].content.clone(),

@@ -192,6 +192,7 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
             workers: 1,
             queue_capacity: 2,
             prompt_template: cfg.retrieval.prompt_template.clone(),
+            collection_templates: cfg.collection_templates(),
             gate,
             adapt_gate,
             domain: domain.map(|d| d.0),

@@ -224,8 +224,18 @@ pub fn to_job(
     if let Some(a) = arm.and_then(|i| arms.get(i)) {
         ab::apply(a, &mut rag);
     }
+    let collection = rag
+        .collection
+        .clone()
+        .unwrap_or_else(|| r.collection.clone());
+    // The collection's own settings fill in what the request and its arm leave unsaid.
+    let own = cfg.collections.get(&collection);
     let gc = &cfg.gate;
-    let asked = rag.mode.as_deref().unwrap_or(&gc.default_mode);
+    let asked = rag
+        .mode
+        .as_deref()
+        .or(own.and_then(|c| c.mode.as_deref()))
+        .unwrap_or(&gc.default_mode);
     let auto = asked == "auto";
     if auto && gc.probe.is_none() {
         let why = match &gc.refused {
@@ -267,7 +277,7 @@ pub fn to_job(
         )
     })?;
     let top_k = match rag.top_k {
-        None => r.top_k,
+        None => own.and_then(|c| c.top_k).unwrap_or(r.top_k),
         Some(k) if k >= 1 && k as usize <= r.max_top_k => k as usize,
         Some(k) => {
             return Err(ApiError::invalid(
@@ -276,7 +286,6 @@ pub fn to_job(
             ))
         }
     };
-    let collection = rag.collection.unwrap_or_else(|| r.collection.clone());
     let gate = auto.then(|| {
         wire_gate
             .policy
@@ -308,7 +317,10 @@ pub fn to_job(
     };
     let tta = match mode {
         RagMode::Tta => {
-            let o = rag.tta.unwrap_or_default();
+            let mut o = rag.tta.unwrap_or_default();
+            if let Some(c) = own {
+                o = o.or(&c.tta);
+            }
             Some(
                 resolve_tta(&cfg.tta, &o, adapt_seed)
                     .map_err(|e| ApiError::invalid(e.message, Some(e.param)))?,

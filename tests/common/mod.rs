@@ -95,6 +95,7 @@ pub fn qasc_engine(workers: usize) -> (ttarag::engine::Engine, tempfile::TempDir
             workers,
             queue_capacity: 8,
             prompt_template: cfg.retrieval.prompt_template.clone(),
+            collection_templates: cfg.collection_templates(),
             gate: None,
             ..Default::default()
         },
@@ -193,6 +194,7 @@ pub async fn start_tiny_opts(
             workers,
             queue_capacity: queue,
             prompt_template: cfg.retrieval.prompt_template.clone(),
+            collection_templates: cfg.collection_templates(),
             gate,
             adapt_gate,
             request_timeout: Some(std::time::Duration::from_millis(
