@@ -111,11 +111,41 @@ async fn ingested_documents_are_retrieved_at_once_replaced_by_id_and_deleted() {
         "the server's own collection is listed too"
     );
 
-    // The running server retrieves them without a restart.
+    // The running server retrieves them without a restart, in chat requests and searches.
     assert_eq!(
         retrieved(b, "geo", "volcanoes lava").await,
         (200, vec!["v1".to_string()])
     );
+    let (st, v) = call(
+        b,
+        "GET",
+        "/v1/collections/geo/search?q=glaciers&k=1",
+        USER,
+        Body::None,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["data"][0]["id"], "7");
+    assert_eq!(v["data"].as_array().unwrap().len(), 1);
+    assert!(v["search_ms"].as_f64().unwrap() >= 0.0);
+    let (st, _) = call(
+        b,
+        "GET",
+        "/v1/collections/geo/search?q=x&k=0",
+        USER,
+        Body::None,
+    )
+    .await;
+    assert_eq!(st, 400);
+    let (st, _) = call(
+        b,
+        "GET",
+        "/v1/collections/nope/search?q=x",
+        USER,
+        Body::None,
+    )
+    .await;
+    assert_eq!(st, 404);
 
     // Same id again: replaced, not added.
     let again = json!([{"id": "v1", "text": "Geysers spout hot water."}]);

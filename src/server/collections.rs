@@ -173,6 +173,40 @@ pub async fn ingest(
     ))
 }
 
+#[derive(Debug, serde::Deserialize)]
+pub struct SearchQuery {
+    q: String,
+    k: Option<usize>,
+}
+
+/// `GET /v1/collections/{name}/search?q=TEXT&k=N`: the passages a request would retrieve (BM25,
+/// the same lenient parsing), and how long the search took: to check a collection without
+/// running the model.
+pub async fn search(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<SearchQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let max = app.config.retrieval.max_top_k;
+    let k = query.k.unwrap_or(app.config.retrieval.top_k);
+    if !(1..=max).contains(&k) {
+        return Err(ApiError::invalid(
+            format!("k {k} is outside 1..={max}"),
+            Some("k"),
+        ));
+    }
+    let cols = app.engine.collections.clone();
+    let (passages, ms) = blocking(move || {
+        let t = std::time::Instant::now();
+        let hits = cols.get(&name)?.search(&query.q, k)?;
+        Ok((hits, t.elapsed().as_secs_f64() * 1e3))
+    })
+    .await?;
+    Ok(Json(
+        json!({"object": "list", "data": passages, "search_ms": ms}),
+    ))
+}
+
 /// `DELETE /v1/collections/{name}/documents/{id}`.
 pub async fn delete_document(
     State(app): State<Arc<App>>,

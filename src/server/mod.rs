@@ -166,6 +166,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ab", get(ab_page))
         .route("/v1/models", get(models))
         .route("/v1/collections", get(collections::list))
+        .route("/v1/collections/{name}/search", get(collections::search))
         .route(
             "/v1/collections/{name}",
             delete(collections::delete_collection),
