@@ -146,6 +146,33 @@ async fn ingested_documents_are_retrieved_at_once_replaced_by_id_and_deleted() {
     )
     .await;
     assert_eq!(st, 404);
+    // Passages name their document; `rag.cite` numbers them in the prompt.
+    let ask = |cite: bool| {
+        json!({"model": "tiny", "max_tokens": 1, "temperature": 0,
+               "messages": [{"role": "user", "content": "volcanoes lava"}],
+               "rag": {"mode": "static", "collection": "geo", "cite": cite}})
+    };
+    let (_, plain) = call(
+        b,
+        "POST",
+        "/v1/chat/completions",
+        USER,
+        Body::Json(&ask(false)),
+    )
+    .await;
+    let (st, cited) = call(
+        b,
+        "POST",
+        "/v1/chat/completions",
+        USER,
+        Body::Json(&ask(true)),
+    )
+    .await;
+    assert_eq!(st, 200, "{cited}");
+    assert_eq!(cited["rag"]["passages"][0]["document"], "v1");
+    assert_eq!(cited["rag"]["passages"][0]["title"], "Geo");
+    let tokens = |v: &Value| v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(tokens(&cited) > tokens(&plain), "{cited}");
 
     // Same id again: replaced, not added.
     let again = json!([{"id": "v1", "text": "Geysers spout hot water."}]);

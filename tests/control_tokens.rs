@@ -32,6 +32,7 @@ fn qasc_passages(n: usize) -> Vec<Passage> {
                 score: 1.0,
                 text: v["text"].as_str().unwrap().into(),
                 title: None,
+                document: None,
             }
         })
         .collect()

@@ -187,6 +187,7 @@ fn answers_a_qasc_question_from_the_retrieved_fact() {
             gate: None,
             adapt_gate: None,
             domain: ttarag::engine::DomainUse::Off,
+            cite: false,
         },
         tta: None,
         score_choices: vec![],

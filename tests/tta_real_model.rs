@@ -33,6 +33,7 @@ fn job(question: &str, mode: RagMode, overrides: &TtaOverrides) -> ChatJob {
             gate: None,
             adapt_gate: None,
             domain: ttarag::engine::DomainUse::Off,
+            cite: false,
         },
         tta: (mode == RagMode::Tta).then(|| resolve_tta(&cfg.tta, overrides, 7).unwrap()),
         score_choices: vec![],

@@ -105,6 +105,7 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
                 None if cfg.domain.default_for(&collection) => DomainUse::Prefer,
                 None => DomainUse::Off,
             },
+            cite: false,
             collection,
             top_k,
             gate: gate_policy,

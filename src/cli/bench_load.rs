@@ -67,6 +67,7 @@ fn job(cfg: &Config, question: &str, mode: RagMode, seed: u64) -> anyhow::Result
             gate: None,
             adapt_gate: None,
             domain: DomainUse::Off,
+            cite: false,
         },
         tta,
         score_choices: vec![],

@@ -88,6 +88,8 @@ pub struct RagParams {
     pub adapt_gate: Option<Policy>,
     /// Whether the collection's domain adapter sits under the answer (and any adaptation).
     pub domain: DomainUse,
+    /// Passages numbered in the prompt, the answer asked to cite them as `[n]`.
+    pub cite: bool,
 }
 
 /// Whether a request uses its collection's domain adapter.
@@ -975,7 +977,7 @@ impl Worker {
                     let shown = &hits[..hits.len().min(req.rag.top_k)];
                     let m = self
                         .prompt
-                        .apply_for(&req.rag.collection, &req.messages, shown)
+                        .apply_for(&req.rag.collection, req.rag.cite, &req.messages, shown)
                         .map_err(|e| internal(e.to_string()))?;
                     retrieved = Some(hits);
                     Some(m)
@@ -1016,7 +1018,7 @@ impl Worker {
                 let with_passages = match g.needs_passages() {
                     true => Some(
                         self.prompt
-                            .apply_for(&req.rag.collection, &req.messages, &passages)
+                            .apply_for(&req.rag.collection, req.rag.cite, &req.messages, &passages)
                             .map_err(|e| internal(e.to_string()))?,
                     ),
                     false => None,
@@ -1067,7 +1069,7 @@ impl Worker {
 
         let messages = self
             .prompt
-            .apply_for(&req.rag.collection, &req.messages, &passages)
+            .apply_for(&req.rag.collection, req.rag.cite, &req.messages, &passages)
             .map_err(|e| internal(e.to_string()))?;
         // Contents are plain text: only the template writes control tokens.
         let ids = self

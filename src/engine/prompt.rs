@@ -43,26 +43,29 @@ impl RagPrompt {
         messages: &[ChatMessage],
         passages: &[Passage],
     ) -> anyhow::Result<Vec<ChatMessage>> {
-        self.apply_as("rag", messages, passages)
+        self.apply_as("rag", false, messages, passages)
     }
 
-    /// [`Self::apply`] with `collection`'s own template where it has one.
+    /// [`Self::apply`] with `collection`'s own template where it has one; templates see
+    /// `cite` (number the passages, ask for `[n]` citations; the default template does).
     pub fn apply_for(
         &self,
         collection: &str,
+        cite: bool,
         messages: &[ChatMessage],
         passages: &[Passage],
     ) -> anyhow::Result<Vec<ChatMessage>> {
         let own = format!("rag:{collection}");
         match self.env.get_template(&own) {
-            Ok(_) => self.apply_as(&own, messages, passages),
-            Err(_) => self.apply_as("rag", messages, passages),
+            Ok(_) => self.apply_as(&own, cite, messages, passages),
+            Err(_) => self.apply_as("rag", cite, messages, passages),
         }
     }
 
     fn apply_as(
         &self,
         template: &str,
+        cite: bool,
         messages: &[ChatMessage],
         passages: &[Passage],
     ) -> anyhow::Result<Vec<ChatMessage>> {
@@ -77,6 +80,7 @@ impl RagPrompt {
         out[idx].content = tmpl.render(context! {
             passages => passages,
             question => out[idx].content.clone(),
+            cite => cite,
         })?;
         Ok(out)
     }
@@ -85,6 +89,36 @@ impl RagPrompt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_template_numbers_passages_only_when_citations_are_asked_for() {
+        let p =
+            RagPrompt::new(&crate::config::Config::default().retrieval.prompt_template).unwrap();
+        let passage = |id: &str, text: &str| Passage {
+            id: id.into(),
+            score: 1.0,
+            text: text.into(),
+            title: None,
+            document: Some(id.into()),
+        };
+        let passages = [passage("a", "Rocks erode."), passage("b", "Rivers carve.")];
+        let msgs = [ChatMessage::new("user", "What carves?")];
+        // Without citations: the prompt as it always was (answers must not move).
+        let plain = p.apply_for("any", false, &msgs, &passages).unwrap();
+        assert_eq!(
+            plain[0].content,
+            "Answer the question using the context.\n\nContext:\n- Rocks erode.\n- Rivers \
+             carve.\n\nQuestion: What carves?"
+        );
+        assert_eq!(plain, p.apply(&msgs, &passages).unwrap());
+        let cited = p.apply_for("any", true, &msgs, &passages).unwrap();
+        assert!(cited[0]
+            .content
+            .contains("- [1] Rocks erode.\n- [2] Rivers carve."));
+        assert!(cited[0]
+            .content
+            .contains("by their numbers in brackets, as in [1]."));
+    }
 
     #[test]
     fn passages_go_into_the_last_user_turn_only() {
@@ -102,6 +136,7 @@ mod tests {
             score: 1.0,
             text: "The ground shakes.".into(),
             title: None,
+            document: None,
         }];
         let out = p.apply(&msgs, &passages).unwrap();
         assert_eq!(out[0].content, "first");

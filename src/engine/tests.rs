@@ -21,6 +21,7 @@ fn job(question: &str) -> ChatJob {
             gate: None,
             adapt_gate: None,
             domain: DomainUse::Off,
+            cite: false,
         },
         tta: None,
         score_choices: vec![],

@@ -35,6 +35,7 @@ fn job(mode: RagMode, collection: &str, tta: Option<TtaParams>) -> ChatJob {
             gate: None,
             adapt_gate: None,
             domain: DomainUse::Off,
+            cite: false,
         },
         tta,
         score_choices: vec![],

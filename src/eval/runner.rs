@@ -70,6 +70,7 @@ fn job(
                 true => crate::engine::DomainUse::Require,
                 false => crate::engine::DomainUse::Off,
             },
+            cite: false,
         },
         tta,
         score_choices: choice_variants(choices).0,

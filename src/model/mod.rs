@@ -345,6 +345,7 @@ mod tests {
             score: 1.0,
             text: format!("Plants grow.\n{FORGED}\nThey need light."),
             title: None,
+            document: None,
         };
         let plain = vec![
             ChatMessage::new("system", "Be brief."),

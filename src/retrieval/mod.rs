@@ -58,6 +58,9 @@ pub struct Passage {
     pub text: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
+    /// The id of the document it was cut from (as ingested), where known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub document: Option<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -214,6 +217,7 @@ impl Collection {
                 score: 0.0,
                 text,
                 title: Some(title).filter(|t| !t.is_empty()),
+                document: None,
             })
             .collect())
     }
@@ -244,6 +248,7 @@ impl Collection {
                     score,
                     text: get(&d, self.fields.text).unwrap_or_default(),
                     title: get(&d, self.fields.title).filter(|t| !t.is_empty()),
+                    document: get(&d, self.fields.doc),
                 })
             })
             .collect()

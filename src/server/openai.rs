@@ -67,7 +67,7 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-/// `"rag": {"mode", "arm", "collection", "top_k", "domain_adapter", "tta", "gate"}`.
+/// `"rag": {"mode", "arm", "collection", "top_k", "domain_adapter", "tta", "gate", "cite"}`.
 #[derive(Debug, Deserialize, Default)]
 pub struct RagRequest {
     pub mode: Option<String>,
@@ -82,6 +82,8 @@ pub struct RagRequest {
     pub tta: Option<crate::engine::TtaOverrides>,
     /// Settings for mode `auto`.
     pub gate: Option<crate::gate::policy::GateChoice>,
+    /// Number the passages in the prompt and ask the answer to cite them as `[n]`.
+    pub cite: Option<bool>,
 }
 
 /// The response's `rag` object: the engine's report plus the A/B arm that served it, which only

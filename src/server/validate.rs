@@ -356,6 +356,7 @@ pub fn to_job(
             top_k,
             gate,
             adapt_gate,
+            cite: rag.cite.unwrap_or(false),
         },
         tta,
         score_choices: vec![],
