@@ -1,4 +1,4 @@
-//! `ttarag index build|list|delete|adapt`.
+//! `ttarag index build|list|snapshot|delete|adapt`.
 
 use std::path::PathBuf;
 
@@ -25,6 +25,16 @@ pub enum IndexCmd {
     },
     /// List collections and their passage counts.
     List,
+    /// Copy a collection's latest commit into OUT/NAME: a read-only snapshot to ship to every
+    /// replica, which then serves it with `retrieval.index_dir` = OUT.
+    Snapshot {
+        /// Collection name.
+        #[arg(long)]
+        collection: String,
+        /// Folder to write the snapshot under (OUT/NAME must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Delete a collection.
     Delete {
         /// Collection name.
@@ -70,6 +80,15 @@ pub fn run(cfg: Config, cmd: IndexCmd) -> anyhow::Result<()> {
             for info in cols.list()? {
                 println!("{}\t{} passages", info.name, info.passages);
             }
+        }
+        IndexCmd::Snapshot { collection, out } => {
+            let bytes = cols.snapshot(&collection, &out)?;
+            println!(
+                "{collection}: snapshot of {} passages ({:.1} MB) in {}",
+                cols.get(&collection)?.len(),
+                bytes as f64 / 1e6,
+                out.join(&collection).display()
+            );
         }
         IndexCmd::Delete { collection } => {
             cols.delete(&collection)?;

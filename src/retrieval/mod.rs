@@ -612,6 +612,49 @@ impl Collections {
             .collect()
     }
 
+    /// Copies collection `name`'s latest commit into `out`/`name` (which must not exist): a
+    /// read-only snapshot to ship to replicas, whose `retrieval.index_dir` can be `out` as is.
+    /// It holds the collection's writer lock while it copies, so no commit or merge removes a
+    /// file under it (a write under way elsewhere makes it fail at once, to be retried), and
+    /// it writes the copy in a temporary folder renamed into place, so a failed one leaves none.
+    /// Returns the bytes copied.
+    pub fn snapshot(&self, name: &str, out: &Path) -> Result<u64, RetrievalError> {
+        let coll = self.get(name)?;
+        let dest = out.join(name);
+        if dest.exists() {
+            return Err(RetrievalError::BadInput(format!(
+                "{} exists: snapshot into a new folder",
+                dest.display()
+            )));
+        }
+        let _lock: tantivy::IndexWriter = coll.index.writer(15_000_000)?;
+        let metas = coll.index.load_metas()?;
+        let src = self.dir(name);
+        std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+        let tmp = out.join(format!(".{name}.snapshot.{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+        // The commit's files: meta.json and every component of its segments (named by the
+        // segment's id), nothing of segments a merge left behind.
+        let ids: Vec<String> = metas
+            .segments
+            .iter()
+            .map(|s| s.id().uuid_string())
+            .collect();
+        let mut bytes = 0;
+        for e in std::fs::read_dir(&src).map_err(|e| io_err(&src, e))? {
+            let e = e.map_err(|e| io_err(&src, e))?;
+            let f = e.file_name().to_string_lossy().to_string();
+            if f == META || ids.iter().any(|id| f.starts_with(id.as_str())) {
+                let from = e.path();
+                bytes += std::fs::copy(&from, tmp.join(&f)).map_err(|e| io_err(&from, e))?;
+            }
+        }
+        sync_dir(&tmp)?;
+        std::fs::rename(&tmp, &dest).map_err(|e| io_err(&dest, e))?;
+        sync_dir(out)?;
+        Ok(bytes)
+    }
+
     /// Deletes a collection: renamed out of the namespace first, so a crash while removing its
     /// files leaves no half collection, only a temporary folder that the next build removes.
     pub fn delete(&self, name: &str) -> Result<(), RetrievalError> {
@@ -648,6 +691,74 @@ mod tests {
             .collect();
         std::fs::write(&p, body).unwrap();
         p
+    }
+
+    #[test]
+    fn a_snapshot_serves_the_commit_it_was_taken_of_and_nothing_later() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cols = Collections::new(tmp.path().join("index"));
+        let a = corpus(
+            tmp.path(),
+            "a.jsonl",
+            &[("1", "Basalt is volcanic rock."), ("2", "Granite is hard.")],
+        );
+        cols.ingest("rocks", &a, 500, None).unwrap();
+        // Replace one document, so the index has deletes and more than one segment.
+        let b = corpus(
+            tmp.path(),
+            "b.jsonl",
+            &[("2", "Granite cools slowly underground.")],
+        );
+        cols.ingest("rocks", &b, 500, None).unwrap();
+        let out = tmp.path().join("snap");
+        assert!(cols.snapshot("rocks", &out).unwrap() > 0);
+        let shipped = Collections::new(&out);
+        let ids = |c: &Collections, q: &str| -> Vec<String> {
+            c.get("rocks")
+                .unwrap()
+                .search(q, 5)
+                .unwrap()
+                .into_iter()
+                .map(|p| p.id)
+                .collect()
+        };
+        assert_eq!(shipped.get("rocks").unwrap().len(), 2);
+        assert_eq!(
+            ids(&shipped, "granite underground"),
+            ids(&cols, "granite underground")
+        );
+        assert_eq!(
+            ids(&shipped, "hard"),
+            Vec::<String>::new(),
+            "the replaced text is gone"
+        );
+        // Later commits stay out of it.
+        let c = corpus(tmp.path(), "c.jsonl", &[("3", "Marble is metamorphic.")]);
+        cols.ingest("rocks", &c, 500, None).unwrap();
+        assert_eq!(ids(&shipped, "marble"), Vec::<String>::new());
+        assert_eq!(
+            entries(&out),
+            vec!["rocks".to_string()],
+            "no temporary folder is left"
+        );
+        // It never overwrites, and it does not copy under another writer.
+        assert!(cols.snapshot("rocks", &out).is_err());
+        let busy = cols.get("rocks").unwrap();
+        let _writer: tantivy::IndexWriter = busy.index.writer(15_000_000).unwrap();
+        let err = cols
+            .snapshot("rocks", &tmp.path().join("snap2"))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RetrievalError::Index(tantivy::TantivyError::LockFailure(..))
+            ),
+            "{err}"
+        );
+        assert!(matches!(
+            cols.snapshot("nope", &out),
+            Err(RetrievalError::UnknownCollection(_))
+        ));
     }
 
     fn entries(dir: &Path) -> Vec<String> {
