@@ -80,6 +80,19 @@ fn examples(n: usize, len: usize, vocab: usize) -> Vec<Example> {
         .collect()
 }
 
+/// Rank 32 on every projection: a large adapter.
+fn wide() -> TtaOverrides {
+    TtaOverrides {
+        lora_rank: Some(32),
+        lora_targets: Some(
+            ["q", "k", "v", "o", "gate", "up", "down"]
+                .map(String::from)
+                .to_vec(),
+        ),
+        ..Default::default()
+    }
+}
+
 fn params(o: TtaOverrides, recompute: bool) -> TrainParams {
     let mut cfg = Config::default();
     cfg.tta.time_budget_ms = 0.0;
@@ -158,14 +171,8 @@ fn the_estimate_bounds_what_adaptations_of_the_tiny_model_allocate() {
             false,
         );
         let wide = TtaOverrides {
-            lora_rank: Some(32),
-            lora_targets: Some(
-                ["q", "k", "v", "o", "gate", "up", "down"]
-                    .map(String::from)
-                    .to_vec(),
-            ),
             grad_accum: Some(4),
-            ..Default::default()
+            ..wide()
         };
         let p = params(wide, recompute);
         check(
@@ -187,21 +194,12 @@ fn the_estimate_bounds_what_lora_adaptations_of_the_real_model_allocate() {
     // The server's default recipe; the tiny model covers the other paths.
     let p = params(TtaOverrides::default(), true);
     check(&model, "real lora", false, &examples(3, 96, v), &p, true);
-    let wide = TtaOverrides {
-        lora_rank: Some(32),
-        lora_targets: Some(
-            ["q", "k", "v", "o", "gate", "up", "down"]
-                .map(String::from)
-                .to_vec(),
-        ),
-        ..Default::default()
-    };
     check(
         &model,
         "real wide lora",
         false,
         &examples(3, 200, v),
-        &params(wide, true),
+        &params(wide(), true),
         false,
     );
 }

@@ -293,6 +293,28 @@ fn bench_gate(cfg: &Config, model: &crate::model::Model, n: usize) -> anyhow::Re
     Ok(())
 }
 
+/// Questions the LoRA benches retrieve passages for.
+const ADAPT_QUESTIONS: [&str; 8] = [
+    "What can damage buildings?",
+    "What do plants need to make food?",
+    "What causes the seasons on Earth?",
+    "How do animals get energy?",
+    "What can cause erosion of soil?",
+    "What do bees help plants do?",
+    "How do fish breathe underwater?",
+    "What protects the body from germs?",
+];
+
+/// The configured adaptation recipe as scope LoRA, without a time budget (benches time whole
+/// adaptations).
+fn lora_recipe(cfg: &Config) -> anyhow::Result<crate::engine::TtaParams> {
+    let mut tta = cfg.tta.clone();
+    tta.time_budget_ms = 0.0;
+    tta.scope = "lora".into();
+    crate::engine::resolve_tta(&tta, &crate::engine::TtaOverrides::default(), 0)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))
+}
+
 /// Peak memory that `k` simultaneous LoRA adaptations add above the resident model, against
 /// one alone: what each concurrent request costs, activations and optimiser state included.
 fn bench_concurrent_lora(
@@ -301,25 +323,11 @@ fn bench_concurrent_lora(
     k: usize,
 ) -> anyhow::Result<()> {
     use crate::adapt::{adapt_lora, build_pairs, encode_pairs};
-    use crate::engine::{resolve_tta, TtaOverrides};
 
     let cols = super::open_collections(cfg)?;
     let coll = cols.get(&cfg.retrieval.collection)?;
-    let mut tta = cfg.tta.clone();
-    tta.time_budget_ms = 0.0;
-    tta.scope = "lora".into();
-    let params = resolve_tta(&tta, &TtaOverrides::default(), 0)
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    let questions = [
-        "What can damage buildings?",
-        "What do plants need to make food?",
-        "What causes the seasons on Earth?",
-        "How do animals get energy?",
-        "What can cause erosion of soil?",
-        "What do bees help plants do?",
-        "How do fish breathe underwater?",
-        "What protects the body from germs?",
-    ];
+    let params = lora_recipe(cfg)?;
+    let questions = ADAPT_QUESTIONS;
     let mut sets = Vec::new();
     for q in questions.iter().cycle().take(k.max(1)) {
         let hits = coll.search(q, cfg.retrieval.top_k)?;
@@ -374,26 +382,12 @@ fn bench_adapt_batch(
     runs: usize,
 ) -> anyhow::Result<()> {
     use crate::adapt::{adapt_lora, build_pairs, encode_pairs, Example, PairSource};
-    use crate::engine::{resolve_tta, TtaOverrides};
 
     let cols = super::open_collections(cfg)?;
     let coll = cols.get(&cfg.retrieval.collection)?;
-    let mut tta = cfg.tta.clone();
-    tta.time_budget_ms = 0.0;
-    tta.scope = "lora".into();
-    let base = resolve_tta(&tta, &TtaOverrides::default(), 0)
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let base = lora_recipe(cfg)?;
     let per_request = base.train.grad_accum.max(1);
-    let questions = [
-        "What can damage buildings?",
-        "What do plants need to make food?",
-        "What causes the seasons on Earth?",
-        "How do animals get energy?",
-        "What can cause erosion of soil?",
-        "What do bees help plants do?",
-        "How do fish breathe underwater?",
-        "What protects the body from germs?",
-    ];
+    let questions = ADAPT_QUESTIONS;
     // One step's pairs per request: the first `grad_accum` of its retrieved passages' pairs.
     let mut requests: Vec<Vec<Example>> = Vec::new();
     for q in questions.iter().cycle() {
