@@ -139,6 +139,8 @@ pub struct RetrievalSection {
     pub prompt_template: String,
     /// Most documents one `POST /v1/collections/{name}/documents` may carry.
     pub max_ingest_documents: usize,
+    /// Largest body of that request, in bytes (other requests: `server.max_body_bytes`).
+    pub max_ingest_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

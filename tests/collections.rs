@@ -416,3 +416,39 @@ async fn a_collections_own_settings_serve_its_requests_unless_they_say_otherwise
     let more = chat(ask("quiet", json!({"mode": "tta", "tta": {"steps": 2}}))).await;
     assert_eq!(more["rag"]["tta"]["steps"], 2, "{more}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_body_may_be_larger_than_other_requests_up_to_its_own_bound() {
+    let s = server().await;
+    let b = &s.base;
+    // The test server takes 64 KiB bodies elsewhere; this one is ~200 KB.
+    let docs: Vec<Value> = (0..100)
+        .map(|i| json!({"id": i, "text": format!("Sediment layer {i}. {}", "Silt settles. ".repeat(140))}))
+        .collect();
+    let body = json!(docs);
+    assert!(body.to_string().len() > 150_000);
+    let (st, v) = call(
+        b,
+        "POST",
+        "/v1/collections/big/documents",
+        ADMIN,
+        Body::Json(&body),
+    )
+    .await;
+    assert_eq!((st, v["documents"].clone()), (201, json!(100)), "{v}");
+    let chat =
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "x".repeat(150_000)}]});
+    let (st, _) = call(b, "POST", "/v1/chat/completions", USER, Body::Json(&chat)).await;
+    assert_eq!(st, 413);
+    // Past its own bound (16 MiB by default) an ingest is refused too.
+    let huge = "{\"id\": 1, \"text\": \"a\"}\n".repeat(800_000);
+    let (st, _) = call(
+        b,
+        "POST",
+        "/v1/collections/big/documents",
+        ADMIN,
+        Body::Raw(&huge),
+    )
+    .await;
+    assert_eq!(st, 413);
+}

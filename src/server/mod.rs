@@ -173,7 +173,8 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route(
             "/v1/collections/{name}/documents",
-            post(collections::ingest),
+            post(collections::ingest)
+                .layer(DefaultBodyLimit::max(app.config.retrieval.max_ingest_bytes)),
         )
         .route(
             "/v1/collections/{name}/documents/{id}",
