@@ -180,15 +180,7 @@ fn answers_a_qasc_question_from_the_retrieved_fact() {
             seed: 0,
             stop: vec![],
         },
-        rag: RagParams {
-            mode: RagMode::Static,
-            collection: "qasc".into(),
-            top_k: 1,
-            gate: None,
-            adapt_gate: None,
-            domain: ttarag::engine::DomainUse::Off,
-            cite: false,
-        },
+        rag: RagParams::plain(RagMode::Static, "qasc", 1),
         tta: None,
         score_choices: vec![],
     };

@@ -26,15 +26,7 @@ fn job(question: &str, mode: RagMode, overrides: &TtaOverrides) -> ChatJob {
             seed: 0,
             stop: vec![],
         },
-        rag: RagParams {
-            mode,
-            collection: "qasc".into(),
-            top_k: 3,
-            gate: None,
-            adapt_gate: None,
-            domain: ttarag::engine::DomainUse::Off,
-            cite: false,
-        },
+        rag: RagParams::plain(mode, "qasc", 3),
         tta: (mode == RagMode::Tta).then(|| resolve_tta(&cfg.tta, overrides, 7).unwrap()),
         score_choices: vec![],
     }

@@ -40,20 +40,6 @@ pub fn lora_elements(cfg: &ModelConfig, lora: &LoraConfig) -> usize {
     per_layer * cfg.num_hidden_layers
 }
 
-/// Elements of every weight of `cfg` (what full scope copies and trains).
-pub fn model_elements(cfg: &ModelConfig) -> usize {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let kv = cfg.num_key_value_heads * cfg.head_dim();
-    let bias = if cfg.attention_bias { h + 2 * kv } else { 0 };
-    let layer = h * h * 2 + h * kv * 2 + h * i * 3 + 2 * h + bias;
-    let head = if cfg.tie_word_embeddings {
-        0
-    } else {
-        cfg.vocab_size * h
-    };
-    cfg.vocab_size * h + head + layer * cfg.num_hidden_layers + h
-}
-
 /// Floats one block keeps per token for its backward pass: the inputs and outputs of its
 /// norms, projections, rotary, SwiGLU and residuals (`6h + 2kv + 4i`, rounded up by a fifth),
 /// and per query head and key position `attn` floats of attention. Measured (the test
@@ -76,7 +62,12 @@ pub fn footprint(
     let dsz = dec.dtype().size_in_bytes();
     let elements = match trained {
         Trained::Lora(l) => lora_elements(cfg, l),
-        Trained::Full => model_elements(cfg),
+        // Exactly what scope full copies and trains.
+        Trained::Full => dec
+            .named_weights()
+            .iter()
+            .map(|(_, w)| w.elem_count())
+            .sum(),
     };
     let resident = elements * dsz;
     // Weights, two f32 moments, and the gradient twice over (candle's and the clipped or

@@ -11,8 +11,7 @@ use anyhow::Context;
 use super::usage::{cpu_seconds, peak_rss_mb, reset_peak_rss};
 use crate::config::Config;
 use crate::engine::{
-    resolve_tta, ChatJob, DomainUse, Engine, EngineConfig, RagMode, RagParams, Timings,
-    TtaOverrides,
+    resolve_tta, ChatJob, Engine, EngineConfig, RagMode, RagParams, Timings, TtaOverrides,
 };
 use crate::eval::dataset::{load_questions, select, Part, Subset};
 use crate::eval::runner::complete;
@@ -60,15 +59,7 @@ fn job(cfg: &Config, question: &str, mode: RagMode, seed: u64) -> anyhow::Result
             seed,
             stop: vec![],
         },
-        rag: RagParams {
-            mode,
-            collection: cfg.retrieval.collection.clone(),
-            top_k: cfg.retrieval.top_k,
-            gate: None,
-            adapt_gate: None,
-            domain: DomainUse::Off,
-            cite: false,
-        },
+        rag: RagParams::plain(mode, cfg.retrieval.collection.clone(), cfg.retrieval.top_k),
         tta,
         score_choices: vec![],
     })

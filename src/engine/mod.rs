@@ -92,6 +92,21 @@ pub struct RagParams {
     pub cite: bool,
 }
 
+impl RagParams {
+    /// `mode` on `collection` with `top_k` passages: no gate, no domain adapter, no citations.
+    pub fn plain(mode: RagMode, collection: impl Into<String>, top_k: usize) -> Self {
+        Self {
+            mode,
+            collection: collection.into(),
+            top_k,
+            gate: None,
+            adapt_gate: None,
+            domain: DomainUse::Off,
+            cite: false,
+        }
+    }
+}
+
 /// Whether a request uses its collection's domain adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DomainUse {

@@ -14,15 +14,7 @@ fn job(question: &str) -> ChatJob {
             seed: 0,
             stop: vec![],
         },
-        rag: RagParams {
-            mode: RagMode::None,
-            collection: "none".into(),
-            top_k: 1,
-            gate: None,
-            adapt_gate: None,
-            domain: DomainUse::Off,
-            cite: false,
-        },
+        rag: RagParams::plain(RagMode::None, "none", 1),
         tta: None,
         score_choices: vec![],
     }

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{ChatJob, DomainUse, Engine, EngineError, Event, RagMode, RagParams, TtaParams};
+use super::{ChatJob, Engine, EngineError, Event, RagMode, RagParams, TtaParams};
 use crate::generate::GenParams;
 use crate::model::ChatMessage;
 
@@ -28,15 +28,7 @@ fn job(mode: RagMode, collection: &str, tta: Option<TtaParams>) -> ChatJob {
             seed: 0,
             stop: vec![],
         },
-        rag: RagParams {
-            mode,
-            collection: collection.to_string(),
-            top_k: 2,
-            gate: None,
-            adapt_gate: None,
-            domain: DomainUse::Off,
-            cite: false,
-        },
+        rag: RagParams::plain(mode, collection, 2),
         tta,
         score_choices: vec![],
     }

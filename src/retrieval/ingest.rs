@@ -117,6 +117,15 @@ impl Sink<'_> {
         self.stats.passages += parts.len();
         Ok(())
     }
+
+    /// Commits everything added, as one commit, and has the collection's reader see it.
+    fn finish(self) -> Result<IngestStats, RetrievalError> {
+        let mut writer = self.writer;
+        writer.commit()?;
+        writer.wait_merging_threads()?;
+        self.coll.reload()?;
+        Ok(self.stats)
+    }
 }
 
 /// Ingests a file or folder into `coll`, splitting documents into passages of at most
@@ -163,11 +172,7 @@ pub fn ingest_path(
         }
         sink.stats.files += 1;
     }
-    let mut writer = sink.writer;
-    writer.commit()?;
-    writer.wait_merging_threads()?;
-    coll.reload()?;
-    Ok(sink.stats)
+    sink.finish()
 }
 
 fn ingest_jsonl(
@@ -209,11 +214,7 @@ pub fn ingest_documents(
     for d in docs {
         sink.add(&d.id, &d.title, &d.text)?;
     }
-    let mut writer = sink.writer;
-    writer.commit()?;
-    writer.wait_merging_threads()?;
-    coll.reload()?;
-    Ok(sink.stats)
+    sink.finish()
 }
 
 /// Deletes document `id`'s passages from `coll` in one commit; `false` when it has none.
