@@ -90,6 +90,9 @@ pub struct ServerSection {
     pub adapt_memory_mb: usize,
     /// Prompt tokens per prefill pass.
     pub prefill_chunk: usize,
+    /// This process's name among replicas; `None` = `<hostname>:<port>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_id: Option<String>,
 }
 
 impl ServerSection {
@@ -269,13 +272,29 @@ impl GateSection {
     }
 }
 
-/// `[ab]`: live traffic split between RAG arms (`src/server/ab.rs`). No arms = no experiment.
+/// `[ab]`: live traffic split between RAG arms (`src/server/experiment/`). No arms = no
+/// experiment.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AbSection {
     pub arms: Vec<ArmConfig>,
-    /// How many most recent in-experiment responses accept feedback; bounds that memory.
+    /// How many most recent in-experiment responses accept feedback; bounds that memory
+    /// (store `memory` only: PostgreSQL keeps every response).
     pub feedback_window: usize,
+    /// Where responses, arms and feedback live: `memory` (this process) or `postgres` (shared
+    /// by every replica that names the same database and experiment).
+    pub store: String,
+    /// The PostgreSQL URL (`postgres://user:pass@host:port/db`) for store `postgres`; the
+    /// environment variable `TTARAG_AB_POSTGRES_URL` overrides it, to keep passwords out of files.
+    pub postgres_url: Option<String>,
+    /// The experiment's name in the shared store: replicas with the same name share one
+    /// experiment and must have the same arms.
+    pub experiment: String,
+    /// Connections each replica keeps to PostgreSQL.
+    pub postgres_pool: usize,
+    /// How long an answer waits for its record to be stored before it goes out anyway, so
+    /// feedback sent at once to another replica finds it.
+    pub write_wait_ms: u64,
 }
 
 impl Default for AbSection {
@@ -283,6 +302,11 @@ impl Default for AbSection {
         Self {
             arms: Vec::new(),
             feedback_window: 100_000,
+            store: "memory".into(),
+            postgres_url: None,
+            experiment: "default".into(),
+            postgres_pool: 8,
+            write_wait_ms: 2000,
         }
     }
 }
@@ -306,6 +330,15 @@ pub struct ArmConfig {
     pub gate: Option<crate::gate::policy::GateChoice>,
 }
 
+/// An arm's or experiment's name: 1 to 64 characters of A-Z a-z 0-9 _ . -, safe in a metric
+/// label, a URL and a log line.
+fn is_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
 /// Larger windows would let feedback bookkeeping take hundreds of MB.
 pub const MAX_FEEDBACK_WINDOW: usize = 10_000_000;
 
@@ -322,13 +355,39 @@ impl AbSection {
             "ab.feedback_window {} is outside 1..={MAX_FEEDBACK_WINDOW}",
             self.feedback_window
         );
+        match self.store.as_str() {
+            "memory" => {}
+            "postgres" => {
+                let url = self.postgres_url.as_deref().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "ab.store is `postgres` but ab.postgres_url is not set \
+                         (nor TTARAG_AB_POSTGRES_URL)"
+                    )
+                })?;
+                url.parse::<tokio_postgres::Config>()
+                    .map_err(|e| anyhow::anyhow!("ab.postgres_url does not parse: {e}"))?;
+            }
+            other => anyhow::bail!("ab.store `{other}` is not one of: memory, postgres"),
+        }
+        anyhow::ensure!(
+            is_name(&self.experiment),
+            "ab.experiment `{}` must be 1 to 64 characters of A-Z a-z 0-9 _ . -",
+            self.experiment
+        );
+        anyhow::ensure!(
+            (1..=256).contains(&self.postgres_pool),
+            "ab.postgres_pool {} is outside 1..=256",
+            self.postgres_pool
+        );
+        anyhow::ensure!(
+            self.write_wait_ms <= 60_000,
+            "ab.write_wait_ms {} is over 60000",
+            self.write_wait_ms
+        );
         for (i, a) in self.arms.iter().enumerate() {
             let name = &a.name;
             anyhow::ensure!(
-                (1..=64).contains(&name.len())
-                    && name
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)),
+                is_name(name),
                 "ab.arms[{i}].name `{name}` must be 1 to 64 characters of A-Z a-z 0-9 _ . -"
             );
             anyhow::ensure!(
@@ -665,6 +724,12 @@ impl Config {
             self.generation.max_tokens <= self.generation.max_tokens_cap,
             "generation.max_tokens exceeds generation.max_tokens_cap"
         );
+        if let Some(r) = &self.server.replica_id {
+            anyhow::ensure!(
+                (1..=128).contains(&r.len()) && r.bytes().all(|b| b.is_ascii_graphic()),
+                "server.replica_id `{r}` must be 1 to 128 visible ASCII characters"
+            );
+        }
         self.model.decode_quant()?;
         let t = &self.tta;
         anyhow::ensure!(

@@ -44,6 +44,10 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
         env_var("TTARAG_API_KEYS")?.as_deref(),
         env_var("TTARAG_ADMIN_KEY")?.as_deref(),
     )?;
+    // Like the keys: a database URL carries a password.
+    if let Some(url) = env_var("TTARAG_AB_POSTGRES_URL")? {
+        cfg.ab.postgres_url = Some(url);
+    }
     cfg.validate()?;
     if !cfg.auth.has_keys() && !is_loopback(&cfg.server.host) {
         let host = &cfg.server.host;
@@ -123,13 +127,7 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
         "memory budgets"
     );
     let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
-    let app = App::new(engine, cfg);
-    // Listening at once, ready (`/ready`) once what the first request would make is made.
-    app.set_warming(true);
-    let warming = app.clone();
-    std::thread::Builder::new()
-        .name("warm-up".into())
-        .spawn(move || crate::server::warm_up(&warming))?;
+    let app = App::new(engine, cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -139,6 +137,19 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("cannot bind {addr}: {e}"))?;
         let local = listener.local_addr()?;
+        let replica = match &app.config.server.replica_id {
+            Some(r) => r.clone(),
+            None => format!("{}:{}", hostname(), local.port()),
+        };
+        app.set_replica(&replica);
+        // A shared experiment is checked before any traffic: differing arms refuse the start.
+        app.ab.open(&app.config.ab, &replica).await?;
+        // Listening now, ready (`/ready`) once what the first request would make is made.
+        app.set_warming(true);
+        let warming = app.clone();
+        std::thread::Builder::new()
+            .name("warm-up".into())
+            .spawn(move || crate::server::warm_up(&warming))?;
         // Tests and scripts wait for this exact line.
         println!("listening on http://{local}");
         tracing::info!(%local, "serving");
@@ -164,6 +175,7 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
             r = server => r?,
             _ = linger => tracing::warn!("connections still open after the drain; exiting"),
         }
+        app.ab.close(Duration::from_secs(5)).await;
         tracing::info!("stopped");
         Ok(())
     })
@@ -185,6 +197,16 @@ async fn drain_in_flight(app: &App, deadline: Duration) {
             "drain deadline passed; exiting with requests in flight"
         ),
     }
+}
+
+/// This machine's host name, for the default replica name.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// A variable's value; `None` when unset. One that is not UTF-8 is an error rather than

@@ -16,9 +16,9 @@ use futures::StreamExt;
 
 use crate::engine::{ChatJob, Completion, EngineError, Event, Ticket};
 
-use super::ab::End;
 use super::auth::Principal;
 use super::error::ApiError;
+use super::experiment::{End, Stored};
 use super::openai::*;
 use super::validate::to_job;
 use super::App;
@@ -54,6 +54,8 @@ struct Outcome {
     arm: Option<usize>,
     first_token_seen: bool,
     finished: bool,
+    /// Resolves once the shared A/B store has the record (see [`Outcome::stored`]).
+    stored: Option<Stored>,
 }
 
 impl Outcome {
@@ -67,6 +69,7 @@ impl Outcome {
             arm: None,
             first_token_seen: false,
             finished: false,
+            stored: None,
         }
     }
 
@@ -89,7 +92,8 @@ impl Outcome {
         let secs = self.start.elapsed().as_secs_f64();
         if let Some(arm) = self.arm {
             let report = done.map(|c| &c.rag);
-            self.app
+            self.stored = self
+                .app
                 .ab
                 .finish(m, arm, self.id.as_u128(), end, secs, report);
         }
@@ -116,6 +120,21 @@ impl Outcome {
             m.tokens
                 .with_label_values(&["completion"])
                 .inc_by(c.completion_tokens as u64);
+        }
+    }
+}
+
+impl Outcome {
+    /// Waits (up to `[ab] write_wait_ms`) until the shared A/B store holds this request's
+    /// record, so feedback sent the moment the answer arrives, to any replica, finds it.
+    async fn stored(&mut self) {
+        if let Some(rx) = self.stored.take() {
+            if tokio::time::timeout(self.app.ab.write_wait(), rx)
+                .await
+                .is_err()
+            {
+                tracing::warn!(id = %self.id.simple(), "A/B record not yet stored; answering anyway");
+            }
         }
     }
 }
@@ -254,6 +273,7 @@ async fn handle(
             Event::Error(e) => return Err(e.into()),
             Event::Done(c) => {
                 outcome.finish(End::Status(StatusCode::OK), Some(&c));
+                outcome.stored().await;
                 let body = ChatCompletion {
                     id: format!("chatcmpl-{}", outcome.id.simple()),
                     object: "chat.completion",
@@ -421,6 +441,8 @@ fn stream(
         }
         let ev = next_event(&mut st.ticket, st.deadline).await;
         let frames = st.frames(ev);
+        // The last frames name the arm and close the answer: the record goes first.
+        st.outcome.stored().await;
         Some((futures::stream::iter(frames), st))
     })
     .flatten()

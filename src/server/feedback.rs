@@ -2,7 +2,6 @@
 //! served it. Only responses served by an arm are remembered: feedback on anything else could
 //! not be attributed to a treatment, so it is answered 404 like an unknown id.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -13,68 +12,12 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::ab::lock;
 use super::error::ApiError;
+use super::experiment::{Feedback, Refused};
 use super::App;
 
 /// Longest accepted comment, in characters. Comments are only logged, never stored.
 const MAX_COMMENT_CHARS: usize = 2000;
-
-/// Which arm served each of the last `cap` in-experiment responses, oldest evicted first, so
-/// memory stays bounded whatever the traffic. Ids are the uuid inside `chatcmpl-<uuid>`.
-#[derive(Debug)]
-pub struct ResponseLog {
-    cap: usize,
-    order: VecDeque<u128>,
-    served: HashMap<u128, Served>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Served {
-    arm: usize,
-    /// Kept after feedback so a second verdict is refused rather than counted twice.
-    rated: bool,
-}
-
-/// Why feedback cannot be taken.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Refused {
-    Unknown,
-    Duplicate,
-}
-
-impl ResponseLog {
-    pub fn new(cap: usize) -> Self {
-        Self {
-            cap,
-            order: VecDeque::new(),
-            served: HashMap::new(),
-        }
-    }
-
-    pub fn remember(&mut self, id: u128, arm: usize) {
-        if self.cap == 0 || self.served.contains_key(&id) {
-            return;
-        }
-        self.served.insert(id, Served { arm, rated: false });
-        self.order.push_back(id);
-        while self.order.len() > self.cap {
-            if let Some(old) = self.order.pop_front() {
-                self.served.remove(&old);
-            }
-        }
-    }
-
-    /// Marks `id` as rated and returns its arm.
-    pub fn claim(&mut self, id: u128) -> Result<usize, Refused> {
-        let s = self.served.get_mut(&id).ok_or(Refused::Unknown)?;
-        if s.rated {
-            return Err(Refused::Duplicate);
-        }
-        s.rated = true;
-        Ok(s.arm)
-    }
-}
 
 /// `rating` is an integer from 1 (bad) to 5 (good): the familiar star scale, with no doubt
 /// about which end is better or whether 0 means "no rating".
@@ -122,23 +65,34 @@ pub async fn feedback(
             ));
         }
     }
+    let verdict = Feedback {
+        correct: req.correct,
+        rating: req.rating,
+    };
     let claimed = match parse_id(&id) {
-        Some(key) => lock(&app.ab.log).claim(key),
+        Some(key) => app.ab.claim(key, &verdict).await,
         None => Err(Refused::Unknown),
     };
     let arm = match claimed {
         Ok(arm) => arm,
         Err(Refused::Unknown) => {
+            let window = match app.ab.store_kind() {
+                "memory" => format!(
+                    "older than the last {} A/B responses",
+                    app.ab.feedback_window
+                ),
+                _ => "its answer failed or was cancelled".to_string(),
+            };
             return Err(ApiError::invalid(
                 format!(
-                    "no response `{id}` awaits feedback: the id is unknown, older than the last {} \
-                     A/B responses, or its response was not served by an A/B arm",
-                    app.ab.feedback_window
+                    "no response `{id}` awaits feedback: the id is unknown, {}, or its response \
+                     was not served by an A/B arm",
+                    window
                 ),
                 Some("id"),
             )
             .with_status(StatusCode::NOT_FOUND)
-            .with_code("unknown_response"))
+            .with_code("unknown_response"));
         }
         Err(Refused::Duplicate) => {
             return Err(ApiError::invalid(
@@ -148,6 +102,11 @@ pub async fn feedback(
             .with_status(StatusCode::CONFLICT)
             .with_code("duplicate_feedback"))
         }
+        Err(Refused::Unavailable(why)) => {
+            return Err(ApiError::server(StatusCode::SERVICE_UNAVAILABLE, why)
+                .with_code("ab_store_unavailable")
+                .with_retry_after(1))
+        }
     };
     let name = app
         .ab
@@ -155,9 +114,6 @@ pub async fn feedback(
         .get(arm)
         .map(|a| a.name.clone())
         .unwrap_or_default();
-    if let Some(s) = lock(&app.ab.stats).get_mut(arm) {
-        s.record_feedback(req.correct, req.rating);
-    }
     let signal = |s: &str| app.metrics.feedback.with_label_values(&[&name, s]).inc();
     match req.correct {
         Some(true) => signal("correct"),
@@ -181,25 +137,6 @@ pub async fn feedback(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn log_is_bounded_and_refuses_duplicates() {
-        let mut log = ResponseLog::new(3);
-        for id in 0..10u128 {
-            log.remember(id, (id % 2) as usize);
-        }
-        assert_eq!(log.served.len(), 3);
-        assert_eq!(log.order.len(), 3);
-        assert_eq!(log.claim(2), Err(Refused::Unknown));
-        assert_eq!(log.claim(9), Ok(1));
-        assert_eq!(log.claim(9), Err(Refused::Duplicate));
-        assert_eq!(log.claim(8), Ok(0));
-        // A rated entry still ages out.
-        for id in 10..13u128 {
-            log.remember(id, 0);
-        }
-        assert_eq!(log.claim(9), Err(Refused::Unknown));
-    }
 
     #[test]
     fn ids_parse_only_from_our_format() {

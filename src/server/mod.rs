@@ -1,12 +1,11 @@
 //! The HTTP layer: OpenAI-compatible routes over the engine. No tensor is touched here.
 
 mod ab;
-mod ab_compare;
-mod ab_stats;
 mod auth;
 mod chat;
 mod collections;
 mod error;
+pub mod experiment;
 mod feedback;
 mod metrics;
 mod openai;
@@ -22,8 +21,8 @@ use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 
-pub use ab::Experiment;
 pub use error::ApiError;
+pub use experiment::Experiment;
 pub use metrics::Metrics;
 
 use crate::config::Config;
@@ -45,12 +44,15 @@ pub struct App {
     draining: AtomicBool,
     /// Set while the start-up warm-up runs: `/ready` says 503 until it is done.
     warming: AtomicBool,
+    /// This process's name among replicas (`server.replica_id`, else `host:port`), sent as
+    /// the `x-ttarag-replica` header and written with every shared A/B record.
+    replica: std::sync::OnceLock<String>,
 }
 
 impl App {
-    pub fn new(engine: Engine, config: Config) -> Arc<Self> {
-        Arc::new(Self {
-            ab: Experiment::new(&config.ab),
+    pub fn new(engine: Engine, config: Config) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            ab: Experiment::new(&config.ab)?,
             auth: auth::Keys::new(&config.auth),
             engine,
             config,
@@ -62,7 +64,17 @@ impl App {
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             warming: AtomicBool::new(false),
-        })
+            replica: std::sync::OnceLock::new(),
+        }))
+    }
+
+    /// Names this replica (once; later calls are ignored).
+    pub fn set_replica(&self, name: &str) {
+        let _ = self.replica.set(name.to_string());
+    }
+
+    pub fn replica(&self) -> Option<&str> {
+        self.replica.get().map(String::as_str)
     }
 
     /// Marks the server as warming up (not ready) or done.
@@ -113,6 +125,8 @@ impl App {
             "kv_cache_bytes": h.kv_bytes(),
             "adapt_memory_bytes": self.engine.adapt_memory().used(),
             "adapt_memory_limit_bytes": self.engine.adapt_memory().limit(),
+            "replica": self.replica(),
+            "ab": self.ab.health(),
         });
         (status == "ok", body)
     }
@@ -162,8 +176,8 @@ pub fn router(app: Arc<App>) -> Router {
             )),
         )
         .route("/v1/feedback", post(feedback::feedback))
-        .route("/v1/ab/summary", get(ab_stats::summary))
-        .route("/ab", get(ab_page))
+        .route("/v1/ab/summary", get(ab::summary))
+        .route("/ab", get(ab::page))
         .route("/v1/models", get(models))
         .route("/v1/collections", get(collections::list))
         .route("/v1/collections/{name}/search", get(collections::search))
@@ -185,21 +199,30 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
-        // Outermost, so the fallback is covered too and no body is read before the key.
+        // Outside the routes, so the fallback is covered too and no body is read before the key.
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             auth::authenticate,
         ))
+        .layer(axum::middleware::map_response_with_state(
+            app.clone(),
+            name_replica,
+        ))
         .with_state(app)
 }
 
-/// `GET /ab`: the experiment's page, embedded in the binary (no build step); it reads
-/// `/v1/ab/summary` from the browser.
-async fn ab_page() -> impl IntoResponse {
-    (
-        [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        include_str!("ab_page.html"),
-    )
+/// Says which replica answered, so a client or an operator behind a load balancer can tell.
+async fn name_replica(
+    State(app): State<Arc<App>>,
+    mut res: axum::response::Response,
+) -> axum::response::Response {
+    if let Some(v) = app
+        .replica()
+        .and_then(|r| axum::http::HeaderValue::from_str(r).ok())
+    {
+        res.headers_mut().insert("x-ttarag-replica", v);
+    }
+    res
 }
 
 async fn models(State(app): State<Arc<App>>) -> Json<openai::ModelList> {

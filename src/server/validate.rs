@@ -6,8 +6,8 @@ use crate::generate::GenParams;
 use crate::model::ChatMessage;
 use crate::retrieval::Collections;
 
-use super::ab::{self, Arms};
 use super::error::ApiError;
+use super::experiment::arms::{self, Arms};
 use super::openai::{ChatCompletionRequest, StopSpec, WireContent};
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
@@ -222,7 +222,7 @@ pub fn to_job(
         .or(session);
     let arm = arms.assign(&rag, key)?;
     if let Some(a) = arm.and_then(|i| arms.get(i)) {
-        ab::apply(a, &mut rag);
+        arms::apply(a, &mut rag);
     }
     let collection = rag
         .collection

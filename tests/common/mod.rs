@@ -213,7 +213,7 @@ pub async fn start_tiny_opts(
         },
     )
     .unwrap();
-    let app = ttarag::server::App::new(engine, cfg);
+    let app = ttarag::server::App::new(engine, cfg).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let router = ttarag::server::router(app.clone());

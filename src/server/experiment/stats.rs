@@ -1,19 +1,34 @@
 //! Exact per-arm sums for `GET /v1/ab/summary`. Prometheus histograms are for scraping and only
-//! approximate; comparing arms needs the exact counts and means.
+//! approximate; comparing arms needs the exact counts and means. Each store yields the same
+//! [`ArmTotals`], so the summary reads alike whether one replica or many fed it.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 
-use axum::extract::State;
-use axum::Json;
 use serde::Serialize;
 
-use super::ab::lock;
-use super::ab_compare::{self, Difference, Moments, Verdict};
-use super::App;
+use super::arms::Arms;
+use super::compare::{self, Difference, Moments, Verdict};
 
 /// How many recent successful latencies the median is taken over (bounded memory).
-const RECENT_LATENCIES: usize = 1024;
+pub const RECENT_LATENCIES: usize = 1024;
+
+/// One arm's totals, as the summary needs them.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ArmTotals {
+    pub requests: u64,
+    pub errors: u64,
+    pub cancelled: u64,
+    /// Latencies of successful responses, ms.
+    pub latency: Moments,
+    /// Median of the most recent [`RECENT_LATENCIES`] successful latencies.
+    pub p50_ms: Option<f64>,
+    pub feedback: u64,
+    pub correct: u64,
+    pub incorrect: u64,
+    pub rating: Moments,
+    /// Adaptation loss deltas of successful responses.
+    pub loss_delta: Moments,
+}
 
 #[derive(Debug, Default)]
 pub struct ArmStats {
@@ -30,8 +45,7 @@ pub struct ArmStats {
     correct: u64,
     incorrect: u64,
     rating: Moments,
-    deltas: u64,
-    delta_sum: f64,
+    loss_delta: Moments,
 }
 
 impl ArmStats {
@@ -48,8 +62,7 @@ impl ArmStats {
         }
         self.recent_ms.push_back(ms);
         if let Some(d) = loss_delta {
-            self.deltas += 1;
-            self.delta_sum += d;
+            self.loss_delta.add(d);
         }
     }
 
@@ -80,10 +93,25 @@ impl ArmStats {
             _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
         }
     }
+
+    pub fn totals(&self) -> ArmTotals {
+        ArmTotals {
+            requests: self.requests,
+            errors: self.errors,
+            cancelled: self.cancelled,
+            latency: self.latency,
+            p50_ms: self.median_ms(),
+            feedback: self.feedback,
+            correct: self.correct,
+            incorrect: self.incorrect,
+            rating: self.rating,
+            loss_delta: self.loss_delta,
+        }
+    }
 }
 
-fn mean(sum: f64, n: u64) -> Option<f64> {
-    (n > 0).then(|| sum / n as f64)
+fn share(k: u64, n: u64) -> Option<f64> {
+    (n > 0).then(|| k as f64 / n as f64)
 }
 
 /// Maps the adapter's free-text fallback message to a small fixed label set, so the metric's
@@ -151,17 +179,16 @@ pub struct Comparison {
     pub verdict: Verdict,
 }
 
-fn compare(baseline: &str, arm: &ArmStats, base: &ArmStats) -> Comparison {
+fn versus(baseline: &str, arm: &ArmTotals, base: &ArmTotals) -> Comparison {
     let labelled = (arm.correct + arm.incorrect, base.correct + base.incorrect);
-    let accuracy =
-        ab_compare::accuracy((arm.correct, arm.incorrect), (base.correct, base.incorrect));
-    let verdict = ab_compare::verdict(accuracy.as_ref(), labelled);
+    let accuracy = compare::accuracy((arm.correct, arm.incorrect), (base.correct, base.incorrect));
+    let verdict = compare::verdict(accuracy.as_ref(), labelled);
     Comparison {
         baseline: baseline.to_string(),
-        rating: ab_compare::mean(&arm.rating, &base.rating),
-        latency_ms: ab_compare::mean(&arm.latency, &base.latency),
+        rating: compare::mean(&arm.rating, &base.rating),
+        latency_ms: compare::mean(&arm.latency, &base.latency),
         enough_feedback: verdict != Verdict::InsufficientFeedback,
-        min_feedback: ab_compare::MIN_FEEDBACK,
+        min_feedback: compare::MIN_FEEDBACK,
         accuracy,
         verdict,
     }
@@ -172,14 +199,11 @@ pub struct Summary {
     pub arms: Vec<ArmSummary>,
 }
 
-/// `GET /v1/ab/summary`.
-pub async fn summary(State(app): State<Arc<App>>) -> Json<Summary> {
-    let stats = lock(&app.ab.stats);
-    let arms = app
-        .ab
-        .arms
+/// The summary of `arms` from their totals (in the same order).
+pub fn summarize(arms: &Arms, totals: &[ArmTotals]) -> Summary {
+    let arms = arms
         .iter()
-        .zip(stats.iter())
+        .zip(totals)
         .enumerate()
         .map(|(i, (a, s))| ArmSummary {
             name: a.name.clone(),
@@ -190,23 +214,23 @@ pub async fn summary(State(app): State<Arc<App>>) -> Json<Summary> {
             cancelled: s.cancelled,
             latency_ms: Latency {
                 mean: s.latency.mean(),
-                p50: s.median_ms(),
+                p50: s.p50_ms,
             },
             feedback: FeedbackSummary {
                 count: s.feedback,
                 correct: s.correct,
                 incorrect: s.incorrect,
-                accuracy: mean(s.correct as f64, s.correct + s.incorrect),
+                accuracy: share(s.correct, s.correct + s.incorrect),
                 rating_mean: s.rating.mean(),
             },
-            adapt_loss_delta_mean: mean(s.delta_sum, s.deltas),
-            vs_baseline: match (i, app.ab.arms.get(0), stats.first()) {
-                (1.., Some(b), Some(bs)) => Some(compare(&b.name, s, bs)),
+            adapt_loss_delta_mean: s.loss_delta.mean(),
+            vs_baseline: match (i, arms.get(0), totals.first()) {
+                (1.., Some(b), Some(bs)) => Some(versus(&b.name, s, bs)),
                 _ => None,
             },
         })
         .collect();
-    Json(Summary { arms })
+    Summary { arms }
 }
 
 #[cfg(test)]
@@ -226,7 +250,7 @@ mod tests {
         assert_eq!(s.median_ms(), Some(20.0));
         s.record(true, 40.0, None);
         assert_eq!(s.median_ms(), Some(25.0));
-        assert_eq!(mean(s.delta_sum, s.deltas), Some(-0.5));
+        assert_eq!(s.loss_delta.mean(), Some(-0.5));
         for _ in 0..2 * RECENT_LATENCIES {
             s.record(true, 1.0, None);
         }
