@@ -452,3 +452,71 @@ async fn an_ingest_body_may_be_larger_than_other_requests_up_to_its_own_bound() 
     .await;
     assert_eq!(st, 413);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn document_metadata_comes_back_with_searches_and_chat_passages() {
+    let s = server().await;
+    let b = &s.base;
+    let meta = json!({"source": "pubmed", "pmid": 12345, "year": 2019});
+    let docs = json!([
+        {"id": "m1", "text": "Aspirin lowers the risk of heart attacks.", "title": "Cardio",
+         "metadata": meta},
+        {"id": "m2", "text": "Statins lower cholesterol in the blood."},
+    ]);
+    let (st, v) = call(
+        b,
+        "POST",
+        "/v1/collections/med/documents",
+        ADMIN,
+        Body::Json(&docs),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = call(
+        b,
+        "GET",
+        "/v1/collections/med/search?q=aspirin&k=1",
+        USER,
+        Body::None,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        (&v["data"][0]["document"], &v["data"][0]["metadata"]),
+        (&json!("m1"), &meta)
+    );
+    let chat = json!({"model": "tiny", "max_tokens": 1, "temperature": 0,
+        "messages": [{"role": "user", "content": "Does aspirin help the heart?"}],
+        "rag": {"mode": "static", "collection": "med", "top_k": 2}});
+    let (st, v) = call(b, "POST", "/v1/chat/completions", USER, Body::Json(&chat)).await;
+    assert_eq!(st, 200, "{v}");
+    let passages = v["rag"]["passages"].as_array().unwrap();
+    let m1 = passages
+        .iter()
+        .find(|p| p["id"] == "m1")
+        .expect("m1 retrieved");
+    assert_eq!(m1["metadata"], meta);
+    assert!(
+        passages
+            .iter()
+            .filter(|p| p["id"] != "m1")
+            .all(|p| p.get("metadata").is_none()),
+        "{passages:?}"
+    );
+
+    // Metadata that is not an object is named by its index, and nothing is written.
+    let bad = json!([{"id": "m3", "text": "x"}, {"id": "m4", "text": "y", "metadata": [1, 2]}]);
+    let (st, v) = call(
+        b,
+        "POST",
+        "/v1/collections/med/documents",
+        ADMIN,
+        Body::Json(&bad),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("item 1") && msg.contains("metadata"), "{msg}");
+    let (_, v) = call(b, "GET", "/v1/collections", USER, Body::None).await;
+    assert_eq!(listed(&v, "med").unwrap()["documents"], json!(2));
+}

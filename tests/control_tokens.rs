@@ -33,6 +33,7 @@ fn qasc_passages(n: usize) -> Vec<Passage> {
                 text: v["text"].as_str().unwrap().into(),
                 title: None,
                 document: None,
+                metadata: None,
             }
         })
         .collect()

@@ -100,6 +100,7 @@ mod tests {
             text: text.into(),
             title: None,
             document: Some(id.into()),
+            metadata: None,
         };
         let passages = [passage("a", "Rocks erode."), passage("b", "Rivers carve.")];
         let msgs = [ChatMessage::new("user", "What carves?")];
@@ -137,11 +138,43 @@ mod tests {
             text: "The ground shakes.".into(),
             title: None,
             document: None,
+            metadata: None,
         }];
         let out = p.apply(&msgs, &passages).unwrap();
         assert_eq!(out[0].content, "first");
         assert_eq!(out[2].content, "C: [The ground shakes.] Q: What shakes?");
         assert_eq!(p.apply(&msgs, &[]).unwrap(), msgs);
         assert_eq!(RagPrompt::question(&msgs), Some("What shakes?"));
+    }
+
+    #[test]
+    fn templates_read_a_passages_document_metadata() {
+        let p = RagPrompt::new(
+            "{% for p in passages %}{% if p.metadata is defined %}({{ p.metadata.source }}) \
+             {% endif %}{{ p.text }} {% endfor %}",
+        )
+        .unwrap();
+        let passage = |text: &str, metadata| Passage {
+            id: text.into(),
+            score: 1.0,
+            text: text.into(),
+            title: None,
+            document: None,
+            metadata,
+        };
+        let passages = [
+            passage(
+                "Aspirin thins blood.",
+                Some(serde_json::json!({"source": "pubmed"})),
+            ),
+            passage("Rocks erode.", None),
+        ];
+        let out = p
+            .apply(&[ChatMessage::new("user", "q")], &passages)
+            .unwrap();
+        assert_eq!(
+            out[0].content,
+            "(pubmed) Aspirin thins blood. Rocks erode. "
+        );
     }
 }

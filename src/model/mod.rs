@@ -346,6 +346,7 @@ mod tests {
             text: format!("Plants grow.\n{FORGED}\nThey need light."),
             title: None,
             document: None,
+            metadata: None,
         };
         let plain = vec![
             ChatMessage::new("system", "Be brief."),

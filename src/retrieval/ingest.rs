@@ -25,19 +25,29 @@ struct JsonDoc {
     text: String,
     #[serde(default)]
     title: Option<String>,
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
 }
 
-/// One document to ingest: its id (re-ingesting an id replaces its passages), title and text.
+/// Longest accepted `metadata`, as compact JSON: it is stored with every passage of the
+/// document and returned with each retrieved one.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+/// One document to ingest: its id (re-ingesting an id replaces its passages), title, text and
+/// optional metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Document {
     pub id: String,
     pub title: String,
     pub text: String,
+    /// A JSON object as compact text, returned with each of the document's passages.
+    pub metadata: Option<String>,
 }
 
 impl Document {
-    /// A document from one JSON object `{"id", "text", "title"?}`; the id a non-empty string
-    /// or a number. Other keys are ignored, as in JSONL files.
+    /// A document from one JSON object `{"id", "text", "title"?, "metadata"?}`; the id a
+    /// non-empty string or a number, the metadata an object. Other keys are ignored, as in
+    /// JSONL files.
     pub fn from_json(v: serde_json::Value) -> Result<Self, String> {
         let d: JsonDoc = serde_json::from_value(v).map_err(|e| e.to_string())?;
         let id = match &d.id {
@@ -45,10 +55,25 @@ impl Document {
             serde_json::Value::Number(x) => x.to_string(),
             _ => return Err("`id` must be a non-empty string or a number".into()),
         };
+        let metadata = match d.metadata {
+            None | Some(serde_json::Value::Null) => None,
+            Some(m @ serde_json::Value::Object(_)) => {
+                let text = m.to_string();
+                if text.len() > MAX_METADATA_BYTES {
+                    return Err(format!(
+                        "`metadata` is {} bytes as JSON, over {MAX_METADATA_BYTES}",
+                        text.len()
+                    ));
+                }
+                Some(text)
+            }
+            Some(_) => return Err("`metadata` must be a JSON object".into()),
+        };
         Ok(Self {
             id,
             title: d.title.unwrap_or_default(),
             text: d.text,
+            metadata,
         })
     }
 }
@@ -97,8 +122,24 @@ struct Sink<'a> {
 }
 
 impl Sink<'_> {
-    fn add(&mut self, doc_id: &str, title: &str, text: &str) -> Result<(), RetrievalError> {
+    fn add(
+        &mut self,
+        doc_id: &str,
+        title: &str,
+        text: &str,
+        metadata: Option<&str>,
+    ) -> Result<(), RetrievalError> {
         let f = self.coll.fields;
+        let metadata = match (metadata, f.metadata) {
+            (None, _) => None,
+            (Some(m), Some(field)) => Some((field, m)),
+            (Some(_), None) => {
+                return Err(RetrievalError::BadInput(format!(
+                    "document `{doc_id}` has metadata, but this collection was built before \
+                     documents could carry it: rebuild it (`ttarag index build`) to store metadata"
+                )))
+            }
+        };
         self.writer
             .delete_term(Term::from_field_text(f.doc, doc_id));
         let parts = split_passages(text, self.max_chars);
@@ -109,9 +150,13 @@ impl Sink<'_> {
             } else {
                 format!("{doc_id}#{i}")
             };
-            self.writer.add_document(doc!(
+            let mut d = doc!(
                 f.id => id, f.doc => doc_id, f.title => title, f.text => p.as_str()
-            ))?;
+            );
+            if let Some((field, m)) = metadata {
+                d.add_text(field, m);
+            }
+            self.writer.add_document(d)?;
         }
         self.stats.documents += 1;
         self.stats.passages += parts.len();
@@ -165,7 +210,7 @@ pub fn ingest_path(
                 rel
             };
             let title = file.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-            sink.add(&rel.to_string_lossy(), title, &text)?;
+            sink.add(&rel.to_string_lossy(), title, &text, None)?;
             if let Some(pb) = progress {
                 pb.inc(text.len() as u64);
             }
@@ -193,7 +238,7 @@ fn ingest_jsonl(
             |why: String| RetrievalError::BadInput(format!("{}:{}: {why}", file.display(), n + 1));
         let v = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
         let d = Document::from_json(v).map_err(bad)?;
-        sink.add(&d.id, &d.title, &d.text)?;
+        sink.add(&d.id, &d.title, &d.text, d.metadata.as_deref())?;
     }
     Ok(())
 }
@@ -212,7 +257,7 @@ pub fn ingest_documents(
         stats: IngestStats::default(),
     };
     for d in docs {
-        sink.add(&d.id, &d.title, &d.text)?;
+        sink.add(&d.id, &d.title, &d.text, d.metadata.as_deref())?;
     }
     sink.finish()
 }
@@ -280,6 +325,75 @@ mod tests {
             Some("Botany")
         );
         assert_eq!(cols.list().unwrap()[0].passages, 2);
+    }
+
+    #[test]
+    fn metadata_comes_back_with_every_passage_of_its_document() {
+        use serde_json::json;
+        let tmp = tempfile::tempdir().unwrap();
+        let cols = Collections::new(tmp.path().join("index"));
+        let c = cols.get_or_create("meta").unwrap();
+        let meta = json!({"source": "pubmed", "year": 2019, "tags": ["a", "b"]});
+        let long = "Earthquakes damage old buildings. ".repeat(6);
+        let docs = [
+            json!({"id": "d1", "text": long, "metadata": meta}),
+            json!({"id": "d2", "text": "Earthquakes shake the ground.", "metadata": null}),
+        ]
+        .map(|v| Document::from_json(v).unwrap());
+        let s = ingest_documents(&c, &docs, 80).unwrap();
+        assert!(s.passages > 2, "d1 is cut into several passages");
+        let hits = c.search("earthquakes", 10).unwrap();
+        assert_eq!(hits.len(), s.passages);
+        for h in &hits {
+            match h.document.as_deref() {
+                Some("d1") => assert_eq!(h.metadata.as_ref(), Some(&meta), "{}", h.id),
+                _ => assert_eq!(h.metadata, None, "{}", h.id),
+            }
+        }
+        for (v, want) in [
+            (
+                json!({"id": 1, "text": "t", "metadata": [1]}),
+                "must be a JSON object",
+            ),
+            (
+                json!({"id": 1, "text": "t", "metadata": "x"}),
+                "must be a JSON object",
+            ),
+            (
+                json!({"id": 1, "text": "t", "metadata": {"k": "x".repeat(MAX_METADATA_BYTES)}}),
+                "over 16384",
+            ),
+        ] {
+            let e = Document::from_json(v).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_collection_built_before_metadata_serves_and_refuses_only_metadata() {
+        use tantivy::schema::{Schema, STORED, STRING, TEXT};
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("index");
+        // The schema collections had before documents carried metadata.
+        let mut b = Schema::builder();
+        b.add_text_field("id", STRING | STORED);
+        b.add_text_field("doc", STRING | STORED);
+        b.add_text_field("title", TEXT | STORED);
+        b.add_text_field("text", TEXT | STORED);
+        let dir = root.join("old");
+        std::fs::create_dir_all(&dir).unwrap();
+        tantivy::Index::create_in_dir(&dir, b.build()).unwrap();
+        let c = Collections::new(&root).get("old").unwrap();
+        let plain = Document::from_json(serde_json::json!({"id": "a", "text": "Rivers carve."}));
+        ingest_documents(&c, &[plain.unwrap()], 500).unwrap();
+        let hit = &c.search("rivers", 1).unwrap()[0];
+        assert_eq!((hit.id.as_str(), hit.metadata.as_ref()), ("a", None));
+        let with = Document::from_json(
+            serde_json::json!({"id": "b", "text": "Rocks erode.", "metadata": {"k": 1}}),
+        );
+        let e = ingest_documents(&c, &[with.unwrap()], 500).unwrap_err();
+        assert!(e.to_string().contains("rebuild it"), "{e}");
+        assert_eq!(c.len(), 1, "nothing of the refused batch was written");
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub struct Passage {
     /// The id of the document it was cut from (as ingested), where known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub document: Option<String>,
+    /// The document's `metadata` object, as ingested.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Copy)]
@@ -69,6 +72,9 @@ struct Fields {
     doc: Field,
     title: Field,
     text: Field,
+    /// The document's metadata as JSON text, stored only. `None` in a collection built before
+    /// the field existed: it still serves, and refuses documents that carry metadata.
+    metadata: Option<Field>,
 }
 
 fn schema() -> (Schema, Fields) {
@@ -77,6 +83,7 @@ fn schema() -> (Schema, Fields) {
     let doc = b.add_text_field("doc", STRING | STORED);
     let title = b.add_text_field("title", TEXT | STORED);
     let text = b.add_text_field("text", TEXT | STORED);
+    let metadata = Some(b.add_text_field("metadata", STORED));
     (
         b.build(),
         Fields {
@@ -84,6 +91,7 @@ fn schema() -> (Schema, Fields) {
             doc,
             title,
             text,
+            metadata,
         },
     )
 }
@@ -125,7 +133,8 @@ impl Collection {
         index: Index,
         seen: Option<FileStamp>,
     ) -> Result<Self, RetrievalError> {
-        let (_, fields) = schema();
+        let (_, mut fields) = schema();
+        fields.metadata = index.schema().get_field("metadata").ok();
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
@@ -218,6 +227,7 @@ impl Collection {
                 text,
                 title: Some(title).filter(|t| !t.is_empty()),
                 document: None,
+                metadata: None,
             })
             .collect())
     }
@@ -249,6 +259,11 @@ impl Collection {
                     text: get(&d, self.fields.text).unwrap_or_default(),
                     title: get(&d, self.fields.title).filter(|t| !t.is_empty()),
                     document: get(&d, self.fields.doc),
+                    metadata: self
+                        .fields
+                        .metadata
+                        .and_then(|f| get(&d, f))
+                        .and_then(|m| serde_json::from_str(&m).ok()),
                 })
             })
             .collect()

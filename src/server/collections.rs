@@ -261,7 +261,8 @@ mod tests {
             Document {
                 id: "x".into(),
                 title: "T".into(),
-                text: "b".into()
+                text: "b".into(),
+                metadata: None,
             }
         );
         let l = parse_documents(
