@@ -173,6 +173,15 @@ async fn ingested_documents_are_retrieved_at_once_replaced_by_id_and_deleted() {
     assert_eq!(cited["rag"]["passages"][0]["title"], "Geo");
     let tokens = |v: &Value| v["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(tokens(&cited) > tokens(&plain), "{cited}");
+    // A cited answer lists what its markers cite (the tiny model's text may cite nothing);
+    // an uncited one has no list.
+    assert!(plain["rag"].get("citations").is_none(), "{plain}");
+    let answer = cited["choices"][0]["message"]["content"].as_str().unwrap();
+    for c in cited["rag"]["citations"].as_array().expect("citations") {
+        let n = c["marker"].as_u64().unwrap() as usize;
+        assert!(answer.contains(&n.to_string()), "{c} not in {answer:?}");
+        assert_eq!(c["passage"], cited["rag"]["passages"][n - 1]["id"]);
+    }
 
     // Same id again: replaced, not added.
     let again = json!([{"id": "v1", "text": "Geysers spout hot water."}]);

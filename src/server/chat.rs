@@ -171,8 +171,8 @@ pub async fn chat_completions(
     let session = headers.get(SESSION_HEADER).map(|v| v.as_bytes().to_vec());
     match handle(&app, &caller, body, session.as_deref(), &mut outcome).await {
         Ok(Answer::Json(resp)) => resp,
-        Ok(Answer::Stream(ticket, include_usage, arm_name)) => {
-            stream(&app, ticket, outcome, include_usage, arm_name)
+        Ok(Answer::Stream(ticket, include_usage, arm_name, cite)) => {
+            stream(&app, ticket, outcome, include_usage, arm_name, cite)
         }
         Err(e) => {
             outcome.finish(End::Status(e.status), None);
@@ -184,8 +184,8 @@ pub async fn chat_completions(
 /// How an accepted request is answered.
 enum Answer {
     Json(Response),
-    /// The job's events, whether to send usage, the A/B arm's name.
-    Stream(Ticket, bool, Option<String>),
+    /// The job's events, whether to send usage, the A/B arm's name, whether it cites.
+    Stream(Ticket, bool, Option<String>, bool),
 }
 
 /// Gives the worker a moment past the deadline to answer 504 itself (it checks between steps)
@@ -261,10 +261,11 @@ async fn handle(
     outcome.arm = arm;
     check_prompt_length(app, &job).await?;
     let arm_name = arm.and_then(|i| app.ab.arms.get(i)).map(|a| a.name.clone());
+    let cite = job.rag.cite;
     let mut ticket = app.engine.submit(job)?;
     app.metrics.queue_depth.set(app.engine.queue_depth() as i64);
     if stream {
-        return Ok(Answer::Stream(ticket, include_usage, arm_name));
+        return Ok(Answer::Stream(ticket, include_usage, arm_name, cite));
     }
     let deadline = deadline_from(app, received);
     loop {
@@ -289,10 +290,7 @@ async fn handle(
                         logprobs: None,
                     }],
                     usage: usage(&c),
-                    rag: RagOut {
-                        report: c.rag.clone(),
-                        arm: arm_name,
-                    },
+                    rag: rag_out(&c, arm_name, cite),
                 };
                 return Ok(Answer::Json(Json(body).into_response()));
             }
@@ -319,6 +317,16 @@ async fn check_prompt_length(app: &Arc<App>, job: &ChatJob) -> Result<(), ApiErr
     Ok(())
 }
 
+/// The response's `rag` block: the engine's report, the A/B arm, and with `rag.cite` what the
+/// answer cites.
+fn rag_out(c: &Completion, arm: Option<String>, cite: bool) -> RagOut {
+    RagOut {
+        report: c.rag.clone(),
+        arm,
+        citations: cite.then(|| super::citations::cited(&c.text, &c.rag.passages)),
+    }
+}
+
 fn finish_reason(c: &Completion) -> Option<String> {
     serde_json::to_value(c.finish_reason)
         .ok()
@@ -333,6 +341,7 @@ struct StreamState {
     deadline: Deadline,
     include_usage: bool,
     arm: Option<String>,
+    cite: bool,
     id: String,
     created: u64,
     model: String,
@@ -379,10 +388,7 @@ impl StreamState {
                     last.choices.clear();
                     last.usage = Some(usage(&c));
                 }
-                last.rag = Some(RagOut {
-                    report: c.rag.clone(),
-                    arm: self.arm.clone(),
-                });
+                last.rag = Some(rag_out(&c, self.arm.clone(), self.cite));
                 frames.push(data(&last));
                 frames.push(SseEvent::default().data("[DONE]"));
                 frames
@@ -415,6 +421,7 @@ fn stream(
     outcome: Outcome,
     include_usage: bool,
     arm: Option<String>,
+    cite: bool,
 ) -> Response {
     let deadline = deadline_from(app, tokio::time::Instant::from_std(outcome.start));
     let st = StreamState {
@@ -424,6 +431,7 @@ fn stream(
         deadline,
         include_usage,
         arm,
+        cite,
         created: now_secs(),
         model: app.engine.model.id.clone(),
         ended: false,

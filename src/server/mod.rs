@@ -3,6 +3,7 @@
 mod ab;
 mod auth;
 mod chat;
+mod citations;
 mod collections;
 mod error;
 pub mod experiment;

@@ -94,6 +94,9 @@ pub struct RagOut {
     pub report: RagReport,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arm: Option<String>,
+    /// With `rag.cite`: the passages the answer's `[n]` markers cite.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub citations: Option<Vec<super::citations::Citation>>,
 }
 
 #[derive(Debug, Serialize)]
