@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+// The `[tta]` section is the adaptation recipe's: it lives beside its overrides and resolution.
+pub use crate::params::TtaSection;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -44,7 +47,7 @@ pub struct CollectionSettings {
     pub mode: Option<String>,
     /// The adaptation recipe: the keys a request may send in `rag.tta`.
     #[serde(default)]
-    pub tta: crate::engine::TtaOverrides,
+    pub tta: crate::params::TtaOverrides,
 }
 
 /// `[domain]`: per-collection domain adapters (`src/adapt/domain/`).
@@ -95,18 +98,6 @@ pub struct ServerSection {
     pub replica_id: Option<String>,
 }
 
-impl ServerSection {
-    pub fn batch_limits(&self) -> crate::engine::BatchLimits {
-        crate::engine::BatchLimits {
-            max_running: self.max_running,
-            max_batch_tokens: self.max_batch_tokens,
-            kv_cache_bytes: self.kv_cache_mb.saturating_mul(1 << 20),
-            adapt_memory_bytes: self.adapt_memory_mb.saturating_mul(1 << 20),
-            prefill_chunk: self.prefill_chunk,
-        }
-    }
-}
-
 /// Upper bound of `server.request_timeout_ms`: an hour.
 pub const MAX_REQUEST_TIMEOUT_MS: u64 = 3_600_000;
 
@@ -144,44 +135,6 @@ pub struct RetrievalSection {
     pub max_ingest_documents: usize,
     /// Largest body of that request, in bytes (other requests: `server.max_body_bytes`).
     pub max_ingest_bytes: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TtaSection {
-    pub scope: String,
-    /// Learning rate of scope `lora`.
-    pub lr: f64,
-    /// Learning rate of scope `full`.
-    pub full_lr: f64,
-    pub weight_decay: f64,
-    pub eps: f64,
-    pub grad_accum: usize,
-    pub clip_norm: f64,
-    pub min_words: usize,
-    pub max_pairs: usize,
-    pub steps: usize,
-    pub max_tokens_per_pair: usize,
-    pub condition_on_query: bool,
-    pub lora_rank: usize,
-    pub lora_alpha: f64,
-    pub lora_dropout: f64,
-    pub lora_targets: Vec<String>,
-    pub time_budget_ms: f64,
-    /// Rebuild each block's activations during the backward pass instead of keeping them all.
-    pub recompute_activations: bool,
-    /// Multiply by the frozen weights in bf16 (f32 sums) on CPUs with AVX-512 BF16.
-    pub bf16_products: bool,
-    pub max_pairs_cap: usize,
-    pub max_steps_cap: usize,
-    pub max_tokens_per_pair_cap: usize,
-    pub max_lora_rank: usize,
-    /// Passages adaptation learns from (the prompt's top_k and the next ones); 0 = top_k.
-    pub adapt_top_k: usize,
-    pub max_adapt_top_k: usize,
-    /// `adapted`, or `confident`: the static or the adapted answer, whichever its model is
-    /// more confident in.
-    pub select: String,
 }
 
 /// A TOML error on one line (`line L, column C: message`): the parser's own rendering spans
@@ -324,7 +277,7 @@ pub struct ArmConfig {
     pub domain_adapter: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     /// Any key a request may send in `rag.tta`.
-    pub tta: Option<crate::engine::TtaOverrides>,
+    pub tta: Option<crate::params::TtaOverrides>,
     /// For mode `auto`: the gate's policy and what runs when it retrieves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<crate::gate::policy::GateChoice>,
@@ -407,8 +360,8 @@ impl AbSection {
             } else {
                 &a.mode
             };
-            let mode = crate::engine::RagMode::parse(mode_name)
-                .filter(|m| !auto || *m != crate::engine::RagMode::None)
+            let mode = crate::params::RagMode::parse(mode_name)
+                .filter(|m| !auto || *m != crate::params::RagMode::None)
                 .ok_or_else(|| match auto {
                     true => anyhow::anyhow!(
                         "ab arm `{name}`: gate.then `{mode_name}` is not one of static, tta"
@@ -429,7 +382,7 @@ impl AbSection {
             );
             if a.gate.as_ref().is_some_and(|g| g.adapt.is_some()) {
                 anyhow::ensure!(
-                    mode == crate::engine::RagMode::Tta,
+                    mode == crate::params::RagMode::Tta,
                     "ab arm `{name}`: gate.adapt decides whether to adapt, so gate.then must be \
                      \"tta\""
                 );
@@ -447,13 +400,13 @@ impl AbSection {
                 );
             }
             match (&a.tta, mode) {
-                (Some(_), m) if m != crate::engine::RagMode::Tta => anyhow::bail!(
+                (Some(_), m) if m != crate::params::RagMode::Tta => anyhow::bail!(
                     "ab arm `{name}`: tta settings need mode \"tta\", not \"{}\"",
                     a.mode
                 ),
-                (t, crate::engine::RagMode::Tta) => {
+                (t, crate::params::RagMode::Tta) => {
                     let o = t.clone().unwrap_or_default();
-                    crate::engine::resolve_tta(tta, &o, 0).map_err(|e| {
+                    crate::params::resolve_tta(tta, &o, 0).map_err(|e| {
                         anyhow::anyhow!(
                             "ab arm `{name}`: {}",
                             e.message.replace("rag.tta.", "tta.")
@@ -673,10 +626,10 @@ impl Config {
                     "{at}.mode `{m}` is not one of: static, tta, none, auto"
                 );
             }
-            crate::engine::resolve_tta(&self.tta, &c.tta, 0)
+            crate::params::resolve_tta(&self.tta, &c.tta, 0)
                 .map_err(|e| anyhow::anyhow!("{at}.tta: {}", e.message))?;
             if let Some(t) = &c.prompt_template {
-                crate::engine::RagPrompt::new(t)
+                crate::prompt::RagPrompt::new(t)
                     .map_err(|e| anyhow::anyhow!("{at}.prompt_template: {e}"))?;
             }
         }
@@ -733,7 +686,7 @@ impl Config {
         self.model.decode_quant()?;
         let t = &self.tta;
         anyhow::ensure!(
-            crate::engine::Select::parse(&t.select).is_some(),
+            crate::params::Select::parse(&t.select).is_some(),
             "tta.select `{}` is not one of: adapted, confident",
             t.select
         );

@@ -12,5 +12,7 @@ pub mod file_stamp;
 pub mod gate;
 pub mod generate;
 pub mod model;
+pub mod params;
+pub mod prompt;
 pub mod retrieval;
 pub mod server;

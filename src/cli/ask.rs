@@ -81,10 +81,12 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
             prompt_template: cfg.retrieval.prompt_template.clone(),
             collection_templates: cfg.collection_templates(),
             gate,
-            domain: Some(crate::adapt::domain::DomainAdapters::for_config(
-                &cfg, &model, &weights,
+            domain: Some(crate::adapt::domain::DomainAdapters::for_model(
+                &cfg.domain.dir,
+                &model,
+                &weights,
             )),
-            batch: cfg.server.batch_limits(),
+            batch: crate::engine::BatchLimits::of(&cfg.server),
             ..Default::default()
         },
     )?;

@@ -164,7 +164,7 @@ pub fn run(
             prompt_template: cfg.retrieval.prompt_template.clone(),
             collection_templates: cfg.collection_templates(),
             max_prompt_tokens: cfg.server.max_prompt_tokens,
-            batch: cfg.server.batch_limits(),
+            batch: crate::engine::BatchLimits::of(&cfg.server),
             ..Default::default()
         },
     )?;

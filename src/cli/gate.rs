@@ -207,7 +207,7 @@ fn train(cfg: Config, a: TrainArgs) -> anyhow::Result<()> {
                 .retrieval
                 .clone()
                 .unwrap_or_else(|| (cfg.retrieval.collection.clone(), cfg.retrieval.top_k));
-            let question = RagPrompt::question(&e.messages).unwrap_or("");
+            let question = crate::model::question(&e.messages).unwrap_or("");
             let hits = cols.get(&name)?.search(question, k).with_context(at)?;
             let with_passages = rag.apply(&e.messages, &hits)?;
             post_feats.push(prompt_features(&model, &with_passages, None).with_context(at)?);

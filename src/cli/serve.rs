@@ -112,10 +112,12 @@ pub fn run(mut cfg: Config, a: ServeArgs) -> anyhow::Result<()> {
                 cfg.server.request_timeout_ms,
             )),
             max_prompt_tokens: cfg.server.max_prompt_tokens,
-            domain: Some(crate::adapt::domain::DomainAdapters::for_config(
-                &cfg, &model, &weights,
+            domain: Some(crate::adapt::domain::DomainAdapters::for_model(
+                &cfg.domain.dir,
+                &model,
+                &weights,
             )),
-            batch: cfg.server.batch_limits(),
+            batch: crate::engine::BatchLimits::of(&cfg.server),
             faults: Default::default(),
         },
     )?;

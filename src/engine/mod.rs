@@ -7,10 +7,8 @@
 //! replaced by a fresh one (the scheduler answers a panic in its work and goes on).
 
 mod memory;
-mod prompt;
 mod scheduler;
 mod sequence;
-mod tta_params;
 mod warmup;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -21,17 +19,17 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+pub use crate::params::{
+    resolve_tta, ParamError, RagMode, Select, TtaOverrides, TtaParams, TtaScope,
+};
+pub use crate::prompt::RagPrompt;
 pub use memory::MemoryBudget;
-pub use prompt::RagPrompt;
 pub use scheduler::BatchLimits;
-pub use tta_params::{resolve_tta, ParamError, TtaOverrides};
 pub use warmup::{warm_up, WarmUp};
 
 use crate::adapt::domain::{DomainAdapter, DomainAdapters};
 use crate::adapt::memory::{footprint, Trained};
-use crate::adapt::{
-    adapt_full, adapt_lora, build_pairs, encode_pairs, PairOptions, TrainParams, TtaReport,
-};
+use crate::adapt::{adapt_full, adapt_lora, build_pairs, encode_pairs, TrainParams, TtaReport};
 use crate::cancel::{Cancel, CancelOnDrop, Stopped};
 use crate::gate::assess::GateReport;
 use crate::gate::card::LoadedGate;
@@ -42,37 +40,6 @@ use crate::model::{Adapter, ChatMessage, Model};
 use crate::retrieval::{Collections, Passage};
 use memory::{Refused, Reservation};
 use sequence::{SeqAdapter, Sequence};
-
-/// How retrieval takes part in a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RagMode {
-    /// Retrieve, put the passages in the prompt, answer.
-    Static,
-    /// Retrieve, adapt the model to the passages for this request only, then answer.
-    Tta,
-    /// No retrieval.
-    None,
-}
-
-impl RagMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Static => "static",
-            Self::Tta => "tta",
-            Self::None => "none",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "static" => Some(Self::Static),
-            "tta" => Some(Self::Tta),
-            "none" => Some(Self::None),
-            _ => None,
-        }
-    }
-}
 
 /// Retrieval settings of one request, resolved against the config.
 #[derive(Debug, Clone)]
@@ -117,26 +84,6 @@ pub enum DomainUse {
     Require,
 }
 
-/// Which answer a request in mode `tta` gives (`rag.tta.select`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Select {
-    /// The adapted model's.
-    Adapted,
-    /// The static and the adapted answer are both generated; the one with the higher mean
-    /// token log-probability under its own model is given.
-    Confident,
-}
-
-impl Select {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "adapted" => Some(Self::Adapted),
-            "confident" => Some(Self::Confident),
-            _ => None,
-        }
-    }
-}
-
 /// What answer selection did (the response's `rag.selection`).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct SelectionReport {
@@ -159,42 +106,11 @@ pub struct DomainReport {
     pub reason: Option<String>,
 }
 
-/// Which weights test-time adaptation trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TtaScope {
-    /// Per-request low-rank adapters; the shared weights are read only.
-    Lora,
-    /// Every weight, on a private copy; serialised to bound memory.
-    Full,
-}
-
-impl TtaScope {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "lora" => Some(Self::Lora),
-            "full" => Some(Self::Full),
-            _ => None,
-        }
-    }
-}
-
 /// What a request answers with after adaptation.
 enum Adapted {
     Base,
     Lora(crate::adapt::Lora),
     Full(crate::model::Decoder),
-}
-
-/// Adaptation settings of one request (mode `tta`), validated and capped.
-#[derive(Debug, Clone)]
-pub struct TtaParams {
-    pub scope: TtaScope,
-    /// Passages adaptation learns from: the prompt's `top_k` and the next ones (0 = the
-    /// prompt's alone).
-    pub adapt_top_k: usize,
-    pub select: Select,
-    pub pairs: PairOptions,
-    pub train: TrainParams,
 }
 
 /// One validated chat request, independent of the wire format.
@@ -798,7 +714,7 @@ impl Worker {
         let Some(marker) = &self.faults.panic_on else {
             return;
         };
-        if RagPrompt::question(&req.messages) == Some(marker.as_str()) {
+        if crate::model::question(&req.messages) == Some(marker.as_str()) {
             use rayon::prelude::*;
             (0..4).into_par_iter().for_each(|i| {
                 if i == 3 {
@@ -823,7 +739,7 @@ impl Worker {
         let texts: Vec<&str> = passages.iter().map(|p| p.text.as_str()).collect();
         let set = build_pairs(&texts, &params.pairs);
         let query = if params.train.condition_on_query {
-            RagPrompt::question(&req.messages)
+            crate::model::question(&req.messages)
         } else {
             None
         };
@@ -954,7 +870,7 @@ impl Worker {
         let retrieve = |timings: &mut Timings| {
             checkpoint(job)?;
             let t = Instant::now();
-            let question = RagPrompt::question(&req.messages).unwrap_or("");
+            let question = crate::model::question(&req.messages).unwrap_or("");
             let coll = self
                 .collections
                 .get(&req.rag.collection)
@@ -1147,7 +1063,7 @@ impl Worker {
                     handed_over: Instant::now(),
                     completion,
                     panic_when_sampled: self.faults.panic_in_decode.as_deref()
-                        == RagPrompt::question(&req.messages),
+                        == crate::model::question(&req.messages),
                     memory,
                 };
                 self.hand_over(job, seq)?;

@@ -45,6 +45,19 @@ pub struct BatchLimits {
     pub prefill_chunk: usize,
 }
 
+impl BatchLimits {
+    /// The limits `[server]` sets.
+    pub fn of(server: &crate::config::ServerSection) -> Self {
+        Self {
+            max_running: server.max_running,
+            max_batch_tokens: server.max_batch_tokens,
+            kv_cache_bytes: server.kv_cache_mb.saturating_mul(1 << 20),
+            adapt_memory_bytes: server.adapt_memory_mb.saturating_mul(1 << 20),
+            prefill_chunk: server.prefill_chunk,
+        }
+    }
+}
+
 impl Default for BatchLimits {
     fn default() -> Self {
         Self {

@@ -128,7 +128,8 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
     let domain = match arms.iter().find(|a| a.domain_adapter) {
         None => None,
         Some(arm) => {
-            let store = crate::adapt::domain::DomainAdapters::for_config(cfg, &model, &weights);
+            let store =
+                crate::adapt::domain::DomainAdapters::for_model(&cfg.domain.dir, &model, &weights);
             let name = &spec.dataset.collection;
             let fp = cols.get(name)?.fingerprint()?;
             let adapter = store
@@ -196,7 +197,7 @@ pub fn run(cfg: &Config, model: Arc<Model>, job: EvalJob) -> anyhow::Result<Eval
             gate,
             adapt_gate,
             domain: domain.map(|d| d.0),
-            batch: cfg.server.batch_limits(),
+            batch: crate::engine::BatchLimits::of(&cfg.server),
             ..Default::default()
         },
     )?;

@@ -9,6 +9,8 @@ use anyhow::{ensure, Context, Result};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
+// `Pass` is the features' own notion; the card names it.
+pub use super::features::Pass;
 use super::features::Position;
 use super::policy::CLASSES;
 use super::probe::{Probe, ProbeKind};
@@ -17,35 +19,6 @@ use crate::model::Model;
 
 /// Version of the card layout.
 pub const CARD_FORMAT: u32 = 1;
-
-/// Which forward passes the features come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Pass {
-    /// The question alone, before retrieval: a skip saves retrieval and adaptation entirely.
-    Pre,
-    /// MMA-RAG's design: the question alone and the question with its retrieved passages,
-    /// features concatenated. Retrieval runs first; a skip saves adaptation and the longer
-    /// prompt, at the cost of a second (longer) gate pass.
-    Post,
-}
-
-impl Pass {
-    /// Feature width in hidden sizes.
-    pub fn width(self) -> usize {
-        match self {
-            Pass::Pre => 1,
-            Pass::Post => 2,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Pass::Pre => "pre",
-            Pass::Post => "post",
-        }
-    }
-}
 
 /// What a probe's classes are about, and so what its decision switches.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -5,8 +5,36 @@
 use candle_core::{DType, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::card::Pass;
 use crate::model::{ChatMessage, ForwardOpts, Logits, Model};
+
+/// Which forward passes the features come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pass {
+    /// The question alone, before retrieval: a skip saves retrieval and adaptation entirely.
+    Pre,
+    /// MMA-RAG's design: the question alone and the question with its retrieved passages,
+    /// features concatenated. Retrieval runs first; a skip saves adaptation and the longer
+    /// prompt, at the cost of a second (longer) gate pass.
+    Post,
+}
+
+impl Pass {
+    /// Feature width in hidden sizes.
+    pub fn width(self) -> usize {
+        match self {
+            Pass::Pre => 1,
+            Pass::Post => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Pass::Pre => "pre",
+            Pass::Post => "post",
+        }
+    }
+}
 
 /// Where a feature vector is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

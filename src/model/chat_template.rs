@@ -25,6 +25,15 @@ impl ChatMessage {
     }
 }
 
+/// The text of the last user message: the question retrieval searches for and the gate reads.
+pub fn question(messages: &[ChatMessage]) -> Option<&str> {
+    messages
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .map(|m| m.content.as_str())
+}
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,

@@ -316,6 +316,10 @@ mod tests {
             "((",
             "-",
             "\\",
+            // `field:*` asks whether a field exists: an unknown field must not fail the search.
+            "\u{b}:*",
+            "note:*",
+            "What is stated under heading:* here?",
         ] {
             c.search(q, 3)
                 .unwrap_or_else(|e| panic!("query {q:?} failed: {e}"));

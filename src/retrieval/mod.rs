@@ -244,9 +244,19 @@ impl Collection {
             return Ok(vec![]);
         }
         let parser = QueryParser::for_index(&self.index, vec![self.fields.title, self.fields.text]);
-        let (q, _ignored) = parser.parse_query_lenient(query);
         let searcher = self.searcher();
-        let hits = searcher.search(&q, &TopDocs::with_limit(k).order_by_score())?;
+        let top = TopDocs::with_limit(k).order_by_score();
+        let (q, _ignored) = parser.parse_query_lenient(query);
+        let hits = match searcher.search(&q, &top) {
+            // The lenient parser still reads `word:*` as "has field `word`", which fails at
+            // search time when no such field exists: such a question is read as plain words.
+            // Only failing queries are rewritten, so every other keeps its ranking.
+            Err(tantivy::TantivyError::FieldNotFound(_)) => {
+                let (q, _ignored) = parser.parse_query_lenient(&query.replace(':', " "));
+                searcher.search(&q, &top)?
+            }
+            r => r?,
+        };
         let get = |d: &TantivyDocument, f: Field| {
             d.get_first(f).and_then(|v| v.as_str()).map(String::from)
         };

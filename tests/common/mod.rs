@@ -208,7 +208,7 @@ pub async fn start_tiny_opts(
                 Device::Cpu,
                 candle_core::DType::F32,
             ))),
-            batch: cfg.server.batch_limits(),
+            batch: ttarag::engine::BatchLimits::of(&cfg.server),
             faults,
         },
     )

@@ -70,15 +70,15 @@ impl DomainAdapters {
         }
     }
 
-    /// The store `[domain] dir` of `cfg` names, for `model`, whose weights are `weights`.
-    pub fn for_config(
-        cfg: &crate::config::Config,
+    /// The store in `dir` (`[domain] dir`), for `model`, whose weights are `weights`.
+    pub fn for_model(
+        dir: impl Into<PathBuf>,
         model: &crate::model::Model,
         weights: &WeightsDigest,
     ) -> Arc<Self> {
         let d = &model.decoder;
         Arc::new(Self::new(
-            cfg.domain.dir.clone(),
+            dir,
             weights.clone(),
             d.config().clone(),
             d.device().clone(),

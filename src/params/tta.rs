@@ -3,9 +3,47 @@
 use serde::{Deserialize, Serialize};
 
 use crate::adapt::{parse_target, LoraConfig, PairOptions, TrainParams};
-use crate::config::TtaSection;
 
 use super::{Select, TtaParams, TtaScope};
+
+/// `[tta]`: the adaptation recipe's defaults and the caps on what a request may change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtaSection {
+    pub scope: String,
+    /// Learning rate of scope `lora`.
+    pub lr: f64,
+    /// Learning rate of scope `full`.
+    pub full_lr: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+    pub grad_accum: usize,
+    pub clip_norm: f64,
+    pub min_words: usize,
+    pub max_pairs: usize,
+    pub steps: usize,
+    pub max_tokens_per_pair: usize,
+    pub condition_on_query: bool,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub lora_targets: Vec<String>,
+    pub time_budget_ms: f64,
+    /// Rebuild each block's activations during the backward pass instead of keeping them all.
+    pub recompute_activations: bool,
+    /// Multiply by the frozen weights in bf16 (f32 sums) on CPUs with AVX-512 BF16.
+    pub bf16_products: bool,
+    pub max_pairs_cap: usize,
+    pub max_steps_cap: usize,
+    pub max_tokens_per_pair_cap: usize,
+    pub max_lora_rank: usize,
+    /// Passages adaptation learns from (the prompt's top_k and the next ones); 0 = top_k.
+    pub adapt_top_k: usize,
+    pub max_adapt_top_k: usize,
+    /// `adapted`, or `confident`: the static or the adapted answer, whichever its model is
+    /// more confident in.
+    pub select: String,
+}
 
 /// What a request (`rag.tta`) or an A/B arm (`tta = {...}`) may override; `None` keeps the
 /// configured default. Unknown keys are refused, so a misspelt setting is an error, not a
