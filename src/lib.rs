@@ -16,3 +16,4 @@ pub mod params;
 pub mod prompt;
 pub mod retrieval;
 pub mod server;
+pub mod stable_hash;

@@ -2,6 +2,7 @@
 
 mod adamw;
 pub mod domain;
+mod fallback;
 mod lora;
 pub mod memory;
 mod pairs;
@@ -9,6 +10,7 @@ mod stack;
 mod train;
 
 pub use adamw::FastAdamW;
+pub use fallback::Fallback;
 pub use lora::{parse_target, target_name, Lora, LoraConfig};
 pub use pairs::{build_pairs, split_pair, split_sentences, Pair, PairOptions, PairSet, PairSource};
 pub use stack::Stack;

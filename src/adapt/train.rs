@@ -9,7 +9,7 @@ use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::ParamsAdamW;
 use serde::Serialize;
 
-use super::{FastAdamW, Lora, LoraConfig, Pair, PairSource};
+use super::{Fallback, FastAdamW, Lora, LoraConfig, Pair, PairSource};
 use crate::model::{Adapter, Decoder, ForwardOpts, Logits, Model, ModelError, WeightGrads};
 
 /// Settings of one adaptation, already validated and capped.
@@ -55,7 +55,7 @@ pub struct TtaReport {
     pub backward_ms: f64,
     pub optimizer_ms: f64,
     /// Why adaptation was skipped, cut short or discarded; `None` when it ran fully.
-    pub fallback: Option<String>,
+    pub fallback: Option<Fallback>,
 }
 
 /// One pair as token ids; the loss covers `ids[suffix_start..]`.
@@ -622,10 +622,11 @@ fn train(
         p.cancel.check().map_err(candle_core::Error::wrap)?;
         if let Some(budget) = p.time_budget_ms {
             if t0.elapsed().as_secs_f64() * 1e3 > budget {
-                report.fallback = Some(format!(
-                    "time budget of {budget:.0} ms reached after {} of {steps} steps",
-                    report.steps
-                ));
+                report.fallback = Some(Fallback::TimeBudget {
+                    budget_ms: budget,
+                    done: report.steps,
+                    steps,
+                });
                 break;
             }
         }
@@ -657,9 +658,7 @@ fn train(
                 Some((value * first as f64 + rest_before * (n - first as f64)) / n);
         }
         if !value.is_finite() {
-            report.fallback = Some(format!(
-                "non-finite loss ({value}); answered without adaptation"
-            ));
+            report.fallback = Some(Fallback::NonFiniteLoss(value));
             return Ok(false);
         }
         let grads = vars
@@ -691,7 +690,7 @@ fn train(
     let after = mean_loss_in(dec, adapter, examples, p.bf16)?;
     report.loss_after = Some(after);
     if !after.is_finite() {
-        report.fallback = Some("adapted model diverged; answered without adaptation".into());
+        report.fallback = Some(Fallback::Diverged);
         return Ok(false);
     }
     Ok(true)
@@ -711,7 +710,7 @@ pub fn adapt_lora(
     let t0 = Instant::now();
     let mut report = new_report("lora", examples, source);
     if examples.is_empty() {
-        report.fallback = Some("no training pairs".into());
+        report.fallback = Some(Fallback::NoPairs);
         return Ok((None, report));
     }
     let lora = Lora::new(dec.config(), &p.lora, p.seed, dec.device(), dec.dtype())?;
@@ -747,7 +746,7 @@ pub fn adapt_full(
     let t0 = Instant::now();
     let mut report = new_report("full", examples, source);
     if examples.is_empty() {
-        report.fallback = Some("no training pairs".into());
+        report.fallback = Some(Fallback::NoPairs);
         return Ok((None, report));
     }
     let mut vars = Vec::new();
@@ -1306,7 +1305,7 @@ mod tests {
         p.time_budget_ms = Some(0.0);
         let (lora, r) = adapt_lora(&model.decoder, None, &ex, PairSource::Sentences, &p).unwrap();
         assert_eq!(r.steps, 0);
-        assert!(r.fallback.unwrap().contains("time budget"));
+        assert!(r.fallback.unwrap().to_string().contains("time budget"));
         assert!(
             lora.is_some(),
             "a truncated adaptation still answers with its adapter"
@@ -1341,15 +1340,17 @@ mod tests {
         assert!(lora.is_none());
         assert!(
             r.fallback
-                .as_deref()
-                .unwrap_or("")
+                .as_ref()
+                .map(|f| f.to_string())
+                .unwrap_or_default()
                 .contains("answered without adaptation"),
             "{r:?}"
         );
         let (none, r) =
             adapt_lora(&model.decoder, None, &[], PairSource::PassageFallback, &p).unwrap();
         assert!(none.is_none());
-        assert_eq!(r.fallback.as_deref(), Some("no training pairs"));
+        assert_eq!(r.fallback, Some(Fallback::NoPairs));
+        assert_eq!(r.fallback.unwrap().to_string(), "no training pairs");
     }
 
     #[test]

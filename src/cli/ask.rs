@@ -159,7 +159,7 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
                         tta.loss_after,
                         tta.adapt_ms,
                         tta.fallback
-                            .as_deref()
+                            .as_ref()
                             .map(|f| format!(" ({f})"))
                             .unwrap_or_default()
                     );

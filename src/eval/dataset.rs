@@ -85,15 +85,9 @@ impl Part {
     }
 }
 
-/// FNV-1a: stable across Rust releases and platforms, unlike std's hasher, so splits and seeds
-/// derived from ids never move.
+/// Stable across Rust releases and platforms, so splits and seeds derived from ids never move.
 pub fn stable_hash(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    crate::stable_hash::fnv1a(s.as_bytes())
 }
 
 /// Which questions a run covers.

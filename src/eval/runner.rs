@@ -176,7 +176,13 @@ pub fn score(
         .rag
         .passages
         .iter()
-        .map(|p| doc_id(&p.id).to_string())
+        .map(|p| {
+            // The index stores each passage's document; collections without it name it in the
+            // passage id.
+            p.document
+                .clone()
+                .unwrap_or_else(|| doc_id(&p.id).to_string())
+        })
         .collect();
     if !q.gold_doc_ids.is_empty() && c.rag.collection.is_some() {
         let found = q

@@ -107,16 +107,12 @@ pub fn apply(arm: &ArmConfig, rag: &mut RagRequest) {
 }
 
 /// Maps a key to [0, 1), identically on every build and platform, so a user keeps their arm
-/// across restarts and upgrades (std's `DefaultHasher` promises neither). FNV-1a (64-bit, fixed
-/// published constants) hashes the bytes; because FNV's high bits mix poorly for keys that
-/// differ only at the end ("user-1", "user-2"), MurmurHash3's 64-bit finaliser then spreads
-/// every input bit over the whole word. The top 53 bits become the fraction.
+/// across restarts and upgrades (std's `DefaultHasher` promises neither). FNV-1a hashes the
+/// bytes; because FNV's high bits mix poorly for keys that differ only at the end ("user-1",
+/// "user-2"), MurmurHash3's 64-bit finaliser then spreads every input bit over the whole word.
+/// The top 53 bits become the fraction.
 pub fn unit_point(key: &[u8]) -> f64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in key {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let mut h = crate::stable_hash::fnv1a(key);
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;

@@ -22,7 +22,7 @@ use super::metrics::Metrics;
 use arms::Arms;
 use memory::MemoryStore;
 use postgres::PostgresStore;
-use stats::{fallback_reason, ArmTotals};
+use stats::ArmTotals;
 
 /// How a request ended, for the metrics and the arm's statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,10 +193,10 @@ impl Experiment {
         if let Some(d) = loss_delta {
             metrics.arm_loss_delta.with_label_values(&[name]).observe(d);
         }
-        if let Some(reason) = tta.and_then(|t| t.fallback.as_deref()) {
+        if let Some(fallback) = tta.and_then(|t| t.fallback.as_ref()) {
             metrics
                 .arm_fallbacks
-                .with_label_values(&[name, fallback_reason(reason)])
+                .with_label_values(&[name, fallback.label()])
                 .inc();
         }
         let record = Record {

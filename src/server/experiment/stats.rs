@@ -114,22 +114,6 @@ fn share(k: u64, n: u64) -> Option<f64> {
     (n > 0).then(|| k as f64 / n as f64)
 }
 
-/// Maps the adapter's free-text fallback message to a small fixed label set, so the metric's
-/// label values stay bounded whatever numbers the message carries.
-pub fn fallback_reason(message: &str) -> &'static str {
-    if message.contains("time budget") {
-        "time_budget"
-    } else if message.contains("no training pairs") {
-        "no_pairs"
-    } else if message.contains("non-finite") {
-        "non_finite_loss"
-    } else if message.contains("diverged") {
-        "diverged"
-    } else {
-        "other"
-    }
-}
-
 #[derive(Debug, Serialize)]
 pub struct Latency {
     /// Over all successful responses.
@@ -260,15 +244,5 @@ mod tests {
         s.record_feedback(None, Some(2.0));
         assert_eq!((s.feedback, s.correct, s.incorrect), (3, 1, 1));
         assert_eq!(s.rating.mean(), Some(3.5));
-    }
-
-    #[test]
-    fn fallback_labels_are_bounded() {
-        assert_eq!(
-            fallback_reason("time budget of 20000 ms reached after 1 of 3 steps"),
-            "time_budget"
-        );
-        assert_eq!(fallback_reason("no training pairs"), "no_pairs");
-        assert_eq!(fallback_reason("something new"), "other");
     }
 }
