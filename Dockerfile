@@ -6,7 +6,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY configs ./configs
 COPY tests ./tests
-RUN cargo build --release --locked --bin ttarag
+# The serving build: without the lab (eval, bench, gate training, charts).
+RUN cargo build --release --locked --no-default-features --bin ttarag
 COPY scripts ./scripts
 RUN python3 -m pip config set global.break-system-packages true && bash scripts/fetch-model.sh
 

@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make run   - fetch the model, build, and serve the default RAG server on 127.0.0.1:8080
-#   make test  - fetch what the tests need and run the whole suite
+#   make test  - fetch what the tests need, run the whole suite, and check the serving build
+#                (no lab: see scripts/check-serving-build.sh)
 .PHONY: run test setup bench lint
 
 setup:
@@ -11,6 +12,7 @@ run: setup
 
 test: setup
 	cargo test --locked --all-targets
+	bash scripts/check-serving-build.sh
 
 bench: setup
 	cargo run --release -- bench

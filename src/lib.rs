@@ -7,6 +7,7 @@ pub mod cancel;
 pub mod cli;
 pub mod config;
 pub mod engine;
+#[cfg(feature = "lab")]
 pub mod eval;
 pub mod file_stamp;
 pub mod gate;

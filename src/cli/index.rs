@@ -1,4 +1,4 @@
-//! `ttarag index build|list|snapshot|delete|adapt`.
+//! `ttarag index build|list|snapshot|delete`, and `adapt` (training, in the lab build).
 
 use std::path::PathBuf;
 
@@ -44,6 +44,7 @@ pub enum IndexCmd {
     /// Train the collection's domain adapter (settings: `[domain.train]`), from labelled
     /// questions with their retrieved passages and/or from its passages. Saved in
     /// `[domain] dir`/NAME with a card; an interrupted run resumes from its checkpoint.
+    #[cfg(feature = "lab")]
     Adapt(super::adapt::AdaptArgs),
 }
 
@@ -94,6 +95,7 @@ pub fn run(cfg: Config, cmd: IndexCmd) -> anyhow::Result<()> {
             cols.delete(&collection)?;
             println!("deleted {collection}");
         }
+        #[cfg(feature = "lab")]
         IndexCmd::Adapt(a) => super::adapt::run(cfg, a)?,
     }
     Ok(())

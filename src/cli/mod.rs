@@ -1,13 +1,20 @@
-//! The `ttarag` command line: `serve`, `index`, `ask`, `bench`, `eval`, `gate`, `model`.
+//! The `ttarag` command line: `serve`, `index`, `ask`, `model`, and in the lab build (feature
+//! `lab`, on by default) `bench`, `eval` and `gate`.
 
+#[cfg(feature = "lab")]
 mod adapt;
 mod ask;
+#[cfg(feature = "lab")]
 mod bench;
+#[cfg(feature = "lab")]
 mod bench_load;
+#[cfg(feature = "lab")]
 mod eval;
+#[cfg(feature = "lab")]
 mod gate;
 mod index;
 mod serve;
+#[cfg(feature = "lab")]
 mod usage;
 
 use std::path::{Path, PathBuf};
@@ -54,10 +61,13 @@ pub enum Command {
     /// Answer one question in the terminal, showing the passages used.
     Ask(ask::AskArgs),
     /// Measure prefill and decode speed, time to first token and peak memory.
+    #[cfg(feature = "lab")]
     Bench(bench::BenchArgs),
     /// Compare RAG arms (closed book, static, test-time adaptation) on a QA set.
+    #[cfg(feature = "lab")]
     Eval(eval::EvalArgs),
     /// The retrieval gate: train a probe on the model's hidden states from eval records.
+    #[cfg(feature = "lab")]
     #[command(subcommand)]
     Gate(gate::GateCmd),
     /// Model utilities.
@@ -132,8 +142,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(cfg, a),
         Command::Index(c) => index::run(cfg, c),
         Command::Ask(a) => ask::run(cfg, a),
+        #[cfg(feature = "lab")]
         Command::Bench(a) => bench::run(cfg, a),
+        #[cfg(feature = "lab")]
         Command::Eval(a) => eval::run(cfg, a),
+        #[cfg(feature = "lab")]
         Command::Gate(c) => gate::run(cfg, c),
         Command::Model(ModelCmd::ExportHf { out }) => {
             let (device, dtype) = device_and_dtype(&cfg)?;

@@ -12,6 +12,8 @@ pub mod gguf;
 mod head_loss;
 pub mod quant;
 mod skinny;
+/// A random-weight model of real shape, for tests and the lab.
+#[cfg(any(test, feature = "lab"))]
 pub mod tiny;
 mod tokenizer;
 mod trained;

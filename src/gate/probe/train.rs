@@ -1,20 +1,8 @@
-//! The gate's classifier: a logistic regression or a one-hidden-layer MLP over standardised
-//! hidden-state features, trained with class-weighted cross-entropy in seconds on a CPU.
-//!
-//! Features are rows of `f32` (`&[Vec<f32>]`, one row per question, all of the same length):
-//! they come from the decoder's hidden states on the host and are few (hundreds to thousands of
-//! rows), so the probe copies them to its device itself. The probe always computes in f32,
-//! whatever dtype the model that produced the features uses.
-//!
-//! Training (see [`train`]): per-dimension standardisation fitted on the training split,
-//! seeded initialisation and shuffling (same seed, same probe), AdamW (weight decay on weight
-//! matrices, not biases), early stopping on the class-weighted validation loss keeping a copy of
-//! the best epoch's weights. The result saves to and loads from a safetensors file.
+//! Training the gate's probe (`ttarag gate train`): standardisation fitted on the training
+//! split, seeded initialisation and shuffling, AdamW, early stopping on the class-weighted
+//! validation loss keeping the best epoch's weights.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::rngs::StdRng;
@@ -22,21 +10,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::policy::argmax;
-
-/// The classifier's shape. Serialised as `{"kind": "logistic"}` or
-/// `{"kind": "mlp", "hidden": 64}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum ProbeKind {
-    /// Multinomial logistic regression: one linear layer to the class logits.
-    Logistic,
-    /// Linear -> ReLU -> dropout (training only) -> linear.
-    Mlp {
-        /// Width of the hidden layer.
-        hidden: usize,
-    },
-}
+use super::metrics::{accuracy, macro_f1};
+use super::*;
 
 /// Training settings; every field has a default (`#[serde(default)]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,59 +75,6 @@ pub struct TrainReport {
     pub val_loss_history: Vec<f64>,
 }
 
-/// A linear layer's parameters: weight `(out, in)`, bias `(out)`.
-#[derive(Debug, Clone)]
-struct Linear {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-/// A trained gate classifier (see the module docs). Cheap to clone (tensors are shared).
-#[derive(Debug, Clone)]
-pub struct Probe {
-    kind: ProbeKind,
-    input_dim: usize,
-    classes: usize,
-    /// Per-dimension training mean, `(input_dim)`.
-    mean: Tensor,
-    /// Per-dimension training standard deviation (floored at [`STD_FLOOR`]), `(input_dim)`.
-    std: Tensor,
-    /// The MLP's hidden layer; `None` for a logistic probe.
-    hidden: Option<Linear>,
-    out: Linear,
-}
-
-/// Lower bound on a feature's standard deviation, so constant features do not divide by zero.
-pub const STD_FLOOR: f32 = 1e-6;
-
-/// Version of the safetensors layout written by [`Probe::save`].
-const FORMAT_VERSION: u32 = 1;
-const META: &str = "gate.meta";
-const MEAN: &str = "norm.mean";
-const STD: &str = "norm.std";
-const HIDDEN_W: &str = "hidden.weight";
-const HIDDEN_B: &str = "hidden.bias";
-const OUT_W: &str = "out.weight";
-const OUT_B: &str = "out.bias";
-
-/// Logits of standardised features `x` `(n, in)`; `mask` (`(n, hidden)`, already scaled by
-/// `1 / (1 - p)`) is the dropout applied after the hidden ReLU.
-fn forward(
-    x: &Tensor,
-    hidden: Option<(&Tensor, &Tensor)>,
-    out: (&Tensor, &Tensor),
-    mask: Option<&Tensor>,
-) -> candle_core::Result<Tensor> {
-    let mut h = x.clone();
-    if let Some((w, b)) = hidden {
-        h = h.matmul(&w.t()?)?.broadcast_add(b)?.relu()?;
-        if let Some(m) = mask {
-            h = h.mul(m)?;
-        }
-    }
-    h.matmul(&out.0.t()?)?.broadcast_add(out.1)
-}
-
 /// Class-weighted mean cross-entropy: `-sum_i w_i log p_i[y_i] / weight_sum`, with `logits`
 /// `(n, classes)`, `labels` u32 `(n)`, per-example weights `(n)`. Built from
 /// `candle_nn::ops::log_softmax` (max, sub, exp, sum, log: all with backward; the max term's
@@ -168,23 +90,6 @@ fn weighted_ce(
     (picked * weights)?
         .sum_all()?
         .affine(-1.0 / weight_sum, 0.0)
-}
-
-/// Rows as one row-major buffer, checking that each has `dim` finite values.
-fn flatten(x: &[Vec<f32>], dim: usize, what: &str) -> Result<Vec<f32>> {
-    let mut flat = Vec::with_capacity(x.len() * dim);
-    for (r, row) in x.iter().enumerate() {
-        ensure!(
-            row.len() == dim,
-            "{what}: row {r} has {} features, expected {dim}",
-            row.len()
-        );
-        if let Some(c) = row.iter().position(|v| !v.is_finite()) {
-            bail!("{what}: row {r} feature {c} is not finite ({})", row[c]);
-        }
-        flat.extend_from_slice(row);
-    }
-    Ok(flat)
 }
 
 fn check_labels(y: &[usize], classes: usize, what: &str) -> Result<()> {
@@ -541,60 +446,6 @@ pub fn train(
 }
 
 impl Probe {
-    /// The classifier's shape.
-    pub fn kind(&self) -> ProbeKind {
-        self.kind
-    }
-
-    /// Length of a feature row.
-    pub fn input_dim(&self) -> usize {
-        self.input_dim
-    }
-
-    /// Number of classes.
-    pub fn classes(&self) -> usize {
-        self.classes
-    }
-
-    /// The device the probe's tensors live on.
-    pub fn device(&self) -> &Device {
-        self.out.weight.device()
-    }
-
-    /// Standardised features `(n, input_dim)` on the probe's device.
-    fn features(&self, x: &[Vec<f32>]) -> Result<Tensor> {
-        let flat = flatten(x, self.input_dim, "gate probe features")?;
-        Ok(
-            Tensor::from_vec(flat, (x.len(), self.input_dim), self.device())?
-                .broadcast_sub(&self.mean)?
-                .broadcast_div(&self.std)?,
-        )
-    }
-
-    fn logits(&self, x: &[Vec<f32>]) -> Result<Tensor> {
-        let xs = self.features(x)?;
-        Ok(forward(
-            &xs,
-            self.hidden.as_ref().map(|l| (&l.weight, &l.bias)),
-            (&self.out.weight, &self.out.bias),
-            None,
-        )?)
-    }
-
-    /// Class probabilities for each feature row (`classes` values summing to 1 per row).
-    pub fn predict_proba(&self, x: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
-        if x.is_empty() {
-            return Ok(Vec::new());
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&self.logits(x)?)?;
-        Ok(probs.to_vec2::<f32>()?)
-    }
-
-    /// The most likely class of each row (ties: lowest index).
-    pub fn predict(&self, x: &[Vec<f32>]) -> Result<Vec<usize>> {
-        Ok(self.predict_proba(x)?.iter().map(|p| argmax(p)).collect())
-    }
-
     /// Class-weighted mean cross-entropy of the probe on `x`/`y` (the loss training
     /// minimises and early-stops on).
     pub fn weighted_cross_entropy(
@@ -624,253 +475,6 @@ impl Probe {
         let loss = weighted_ce(&self.logits(x)?, &t.labels, &t.weights, t.weight_sum)?;
         Ok(loss.to_scalar::<f32>()? as f64)
     }
-
-    fn tensors(&self) -> Result<HashMap<String, Tensor>> {
-        let (code, hidden) = match self.kind {
-            ProbeKind::Logistic => (0u32, 0usize),
-            ProbeKind::Mlp { hidden } => (1, hidden),
-        };
-        let meta = [
-            FORMAT_VERSION,
-            code,
-            self.input_dim as u32,
-            self.classes as u32,
-            hidden as u32,
-        ];
-        let mut map = HashMap::new();
-        map.insert(META.to_string(), Tensor::new(&meta, self.device())?);
-        map.insert(MEAN.to_string(), self.mean.clone());
-        map.insert(STD.to_string(), self.std.clone());
-        map.insert(OUT_W.to_string(), self.out.weight.clone());
-        map.insert(OUT_B.to_string(), self.out.bias.clone());
-        if let Some(h) = &self.hidden {
-            map.insert(HIDDEN_W.to_string(), h.weight.clone());
-            map.insert(HIDDEN_B.to_string(), h.bias.clone());
-        }
-        Ok(map)
-    }
-
-    /// Writes the probe as safetensors: `gate.meta` (u32: format version, kind 0 = logistic /
-    /// 1 = MLP, input dim, classes, hidden width), `norm.mean`, `norm.std`, `out.weight`
-    /// `(classes, in)`, `out.bias`, and for an MLP `hidden.weight` `(hidden, input_dim)`,
-    /// `hidden.bias`.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        candle_core::safetensors::save(&self.tensors()?, path)
-            .with_context(|| format!("writing gate probe {}", path.display()))
-    }
-
-    /// Reads a probe written by [`Probe::save`] onto `device`. A file that is not safetensors,
-    /// lacks a tensor, has an unexpected one, or whose shapes disagree with its metadata is an
-    /// error.
-    pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let map = candle_core::safetensors::load(path, device)
-            .with_context(|| format!("reading gate probe {}", path.display()))?;
-        Self::from_tensors(map).with_context(|| format!("gate probe {}", path.display()))
-    }
-
-    fn from_tensors(mut map: HashMap<String, Tensor>) -> Result<Self> {
-        let meta = map
-            .remove(META)
-            .with_context(|| format!("missing tensor `{META}`"))?;
-        ensure!(
-            meta.dtype() == DType::U32 && meta.dims() == [5],
-            "tensor `{META}` should be u32 [5], is {:?} {:?}",
-            meta.dtype(),
-            meta.dims()
-        );
-        let meta = meta.to_vec1::<u32>()?;
-        ensure!(
-            meta[0] == FORMAT_VERSION,
-            "format version {} is not {FORMAT_VERSION}",
-            meta[0]
-        );
-        let (input_dim, classes, hidden) = (meta[2] as usize, meta[3] as usize, meta[4] as usize);
-        let kind = match (meta[1], hidden) {
-            (0, 0) => ProbeKind::Logistic,
-            (1, h) if h > 0 => ProbeKind::Mlp { hidden: h },
-            (k, h) => bail!("bad kind {k} / hidden width {h} in `{META}`"),
-        };
-        ensure!(
-            input_dim > 0 && classes >= 2,
-            "bad input dim {input_dim} / classes {classes} in `{META}`"
-        );
-        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let t = map
-                .remove(name)
-                .with_context(|| format!("missing tensor `{name}`"))?;
-            ensure!(
-                t.dims() == shape,
-                "tensor `{name}` has shape {:?}, expected {shape:?}",
-                t.dims()
-            );
-            ensure!(
-                t.dtype().is_float(),
-                "tensor `{name}` has dtype {:?}, expected a float",
-                t.dtype()
-            );
-            let t = t.to_dtype(DType::F32)?;
-            let finite = t
-                .flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .all(|v| v.is_finite());
-            ensure!(finite, "tensor `{name}` has non-finite values");
-            Ok(t)
-        };
-        let mean = take(MEAN, &[input_dim])?;
-        let std = take(STD, &[input_dim])?;
-        let (hidden, out_in) = match kind {
-            ProbeKind::Logistic => (None, input_dim),
-            ProbeKind::Mlp { hidden } => (
-                Some(Linear {
-                    weight: take(HIDDEN_W, &[hidden, input_dim])?,
-                    bias: take(HIDDEN_B, &[hidden])?,
-                }),
-                hidden,
-            ),
-        };
-        let out = Linear {
-            weight: take(OUT_W, &[classes, out_in])?,
-            bias: take(OUT_B, &[classes])?,
-        };
-        ensure!(
-            std.to_vec1::<f32>()?.iter().all(|&s| s > 0.0),
-            "tensor `{STD}` has non-positive values"
-        );
-        if !map.is_empty() {
-            let mut extra: Vec<_> = map.keys().cloned().collect();
-            extra.sort();
-            bail!("unexpected tensors {extra:?} for a {kind:?} probe");
-        }
-        Ok(Self {
-            kind,
-            input_dim,
-            classes,
-            mean,
-            std,
-            hidden,
-            out,
-        })
-    }
-}
-
-/// Fraction of positions where `pred` equals `gold` (0 for empty input).
-///
-/// # Panics
-/// If the lengths differ.
-pub fn accuracy(pred: &[usize], gold: &[usize]) -> f64 {
-    assert_eq!(
-        pred.len(),
-        gold.len(),
-        "accuracy: prediction/gold lengths differ"
-    );
-    if gold.is_empty() {
-        return 0.0;
-    }
-    pred.iter().zip(gold).filter(|(p, g)| p == g).count() as f64 / gold.len() as f64
-}
-
-/// Confusion counts: `m[gold][pred]`.
-///
-/// # Panics
-/// If the lengths differ or a label is not below `classes`.
-pub fn confusion_matrix(pred: &[usize], gold: &[usize], classes: usize) -> Vec<Vec<usize>> {
-    assert_eq!(
-        pred.len(),
-        gold.len(),
-        "confusion: prediction/gold lengths differ"
-    );
-    let mut m = vec![vec![0usize; classes]; classes];
-    for (&p, &g) in pred.iter().zip(gold) {
-        assert!(
-            p < classes && g < classes,
-            "label {p}/{g} not below {classes}"
-        );
-        m[g][p] += 1;
-    }
-    m
-}
-
-/// Unweighted mean of the per-class F1 (`2 tp / (2 tp + fp + fn)`) over the classes that occur
-/// in `pred` or `gold`; classes absent from both are left out of the mean. 0 for empty input.
-///
-/// # Panics
-/// If the lengths differ or a label is not below `classes`.
-pub fn macro_f1(pred: &[usize], gold: &[usize], classes: usize) -> f64 {
-    let m = confusion_matrix(pred, gold, classes);
-    let mut sum = 0.0;
-    let mut counted = 0usize;
-    for (c, row) in m.iter().enumerate() {
-        let tp = row[c];
-        let fn_ = row.iter().sum::<usize>() - tp;
-        let fp = m.iter().map(|r| r[c]).sum::<usize>() - tp;
-        if tp + fp + fn_ == 0 {
-            continue;
-        }
-        sum += 2.0 * tp as f64 / (2 * tp + fp + fn_) as f64;
-        counted += 1;
-    }
-    if counted == 0 {
-        0.0
-    } else {
-        sum / counted as f64
-    }
-}
-
-/// The most frequent class in `train` (ties: lowest index; 0 when empty) and the accuracy of
-/// always predicting it on `eval_gold`.
-pub fn majority_baseline(train: &[usize], eval_gold: &[usize]) -> (usize, f64) {
-    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
-    for &c in train {
-        *counts.entry(c).or_default() += 1;
-    }
-    let mut majority = (0usize, 0usize);
-    for (&c, &n) in &counts {
-        if n > majority.1 {
-            majority = (c, n);
-        }
-    }
-    let class = majority.0;
-    (class, accuracy(&vec![class; eval_gold.len()], eval_gold))
-}
-
-/// Splits example indices into (train, val), each class separately: a class with `n` examples
-/// sends `round(n * val_fraction)` of them (chosen by a seeded shuffle) to validation, at least
-/// one and at most `n - 1` when `n >= 2` and `val_fraction > 0`; a single-example class stays in
-/// training. Both index lists come back sorted.
-///
-/// # Panics
-/// If `val_fraction` is not within `[0, 1]`.
-pub fn stratified_split(
-    labels: &[usize],
-    val_fraction: f64,
-    seed: u64,
-) -> (Vec<usize>, Vec<usize>) {
-    assert!(
-        (0.0..=1.0).contains(&val_fraction),
-        "stratified_split: val_fraction must be in [0, 1], got {val_fraction}"
-    );
-    let mut by_class: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for (i, &c) in labels.iter().enumerate() {
-        by_class.entry(c).or_default().push(i);
-    }
-    let mut rng = StdRng::seed_from_u64(seed);
-    let (mut train, mut val) = (Vec::new(), Vec::new());
-    for (_, mut idx) in by_class {
-        idx.shuffle(&mut rng);
-        let n = idx.len();
-        let mut n_val = (n as f64 * val_fraction).round() as usize;
-        if n >= 2 && val_fraction > 0.0 {
-            n_val = n_val.clamp(1, n - 1);
-        } else if n < 2 {
-            n_val = 0;
-        }
-        val.extend_from_slice(&idx[..n_val]);
-        train.extend_from_slice(&idx[n_val..]);
-    }
-    train.sort_unstable();
-    val.sort_unstable();
-    (train, val)
 }
 
 #[cfg(test)]
