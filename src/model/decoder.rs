@@ -12,7 +12,8 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{kv_cache::KvCache, Linear};
 
-use super::{decode_attention, fused, ModelConfig, WeightGrads};
+use super::kernels::{decode_attention, fused};
+use super::{ModelConfig, WeightGrads};
 
 /// The linear projections an adapter can attach to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -223,7 +224,7 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, diff: bool) -> Result<Tensor> {
 struct Proj {
     linear: Linear,
     /// Quantized copy of the weight for decode steps (memory-bound: fewer bytes per token).
-    quant: Option<super::quant::DecodeMatmul>,
+    quant: Option<super::kernels::quant::DecodeMatmul>,
     /// bf16 copy of the weight for adaptation's products, made on first use.
     bf16: super::Bf16Copy,
     target: Target,
@@ -286,7 +287,7 @@ impl Proj {
                 return self.finish_decode(y, x, layer, opts);
             }
             // Frozen weights, or no gradient wanted: no weight gradient, and few-row inputs
-            // (training, scoring, a full-scope copy's decode steps) take the skinny kernels.
+            // (training, scoring, a full-scope copy's decode steps) take the few-row kernels.
             _ if !opts.differentiable || !self.linear.weight().is_variable() => {
                 let w = self.linear.weight();
                 // A trained weight changes between passes: a copy made once would go stale.
@@ -303,7 +304,11 @@ impl Proj {
             }
             // A trained weight (full scope).
             _ => {
-                let y = super::trained::trained_matmul(x, self.linear.weight(), opts.weight_grads)?;
+                let y = super::kernels::trained_matmul::trained_matmul(
+                    x,
+                    self.linear.weight(),
+                    opts.weight_grads,
+                )?;
                 match self.linear.bias() {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
@@ -320,7 +325,7 @@ impl Proj {
 /// computation on its own weight row as in a product of its own, so the results are the
 /// same bits either way.
 struct Joint {
-    quant: super::quant::DecodeMatmul,
+    quant: super::kernels::quant::DecodeMatmul,
     widths: Vec<usize>,
 }
 
@@ -331,7 +336,7 @@ impl Joint {
             .map(|p| p.linear.weight().clone())
             .collect::<Vec<_>>();
         Ok(Self {
-            quant: super::quant::DecodeMatmul::new(&Tensor::cat(&ws, 0)?, dtype)?,
+            quant: super::kernels::quant::DecodeMatmul::new(&Tensor::cat(&ws, 0)?, dtype)?,
             widths: ws.iter().map(|w| w.dim(0)).collect::<Result<_>>()?,
         })
     }
@@ -433,7 +438,7 @@ pub struct Decoder {
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: Tensor,
-    lm_head_quant: Option<super::quant::DecodeMatmul>,
+    lm_head_quant: Option<super::kernels::quant::DecodeMatmul>,
     lm_head_bf16: super::Bf16Copy,
     cos: Tensor,
     sin: Tensor,
@@ -507,14 +512,20 @@ impl Decoder {
             a.qkv = Some(Joint::new(&[&a.q, &a.k, &a.v], dtype)?);
             m.gate_up = Some(Joint::new(&[&m.gate, &m.up], dtype)?);
             for p in [&mut a.o, &mut m.down] {
-                p.quant = Some(super::quant::DecodeMatmul::new(p.linear.weight(), dtype)?);
+                p.quant = Some(super::kernels::quant::DecodeMatmul::new(
+                    p.linear.weight(),
+                    dtype,
+                )?);
             }
         }
         let head = match dtype {
             GgmlDType::Q4_1 => GgmlDType::Q8_0,
             d => d,
         };
-        self.lm_head_quant = Some(super::quant::DecodeMatmul::new(&self.lm_head, head)?);
+        self.lm_head_quant = Some(super::kernels::quant::DecodeMatmul::new(
+            &self.lm_head,
+            head,
+        )?);
         Ok(())
     }
 
@@ -885,7 +896,9 @@ impl Decoder {
             .flatten();
         let w = wb.unwrap_or(&self.lm_head);
         let sink = opts.weight_grads.filter(|_| trained);
-        if (trained && sink.is_none()) || !super::head_loss::supported(rows.dim(0)?, x.dtype(), w) {
+        if (trained && sink.is_none())
+            || !super::kernels::head_loss::supported(rows.dim(0)?, x.dtype(), w)
+        {
             return Ok(None);
         }
         let picked = x.reshape((b * t, h))?.index_select(rows, 0)?;
@@ -895,7 +908,7 @@ impl Decoder {
             self.cfg.rms_norm_eps,
             opts.differentiable,
         )?;
-        super::head_loss::head_loss(&normed, w, targets, weights, sink).map(Some)
+        super::kernels::head_loss::head_loss(&normed, w, targets, weights, sink).map(Some)
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -908,7 +921,7 @@ impl Decoder {
             let wb = bf16.then(|| self.lm_head_bf16.get(&self.lm_head)).flatten();
             super::frozen_matmul_bf16(h, &self.lm_head, wb)
         } else {
-            super::trained::trained_matmul(h, &self.lm_head, None)
+            super::kernels::trained_matmul::trained_matmul(h, &self.lm_head, None)
         }
     }
 
@@ -1264,7 +1277,7 @@ mod tests {
                 // f32 products are row-independent only on the few-row kernels; without
                 // them (no AVX2) gemm's blocking follows the row count, so rows agree to
                 // rounding only. Quantized products are row-independent everywhere.
-                let exact = quant || crate::model::skinny::fits(3);
+                let exact = quant || crate::model::kernels::few_rows::fits(3);
                 if !exact {
                     eprintln!("no few-row f32 kernels on this CPU: f32 rows compared to 1e-5");
                 }
@@ -1298,10 +1311,11 @@ mod tests {
                 let ys = joint.forward(&parts, &x, 1, &opts).unwrap();
                 assert_eq!(ys.len(), parts.len());
                 for (p, y) in parts.iter().zip(ys) {
-                    let own = crate::model::quant::DecodeMatmul::new(p.linear.weight(), dtype)
-                        .unwrap()
-                        .forward(&x)
-                        .unwrap();
+                    let own =
+                        crate::model::kernels::quant::DecodeMatmul::new(p.linear.weight(), dtype)
+                            .unwrap()
+                            .forward(&x)
+                            .unwrap();
                     let own = p.finish_decode(own, &x, 1, &opts).unwrap();
                     assert_eq!(y.dims(), own.dims());
                     assert_eq!(max_diff(&y, &own), 0.0, "{dtype:?}");

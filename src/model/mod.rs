@@ -3,20 +3,14 @@
 
 mod chat_template;
 mod config;
-mod decode_attention;
 mod decoder;
 pub mod fingerprint;
-mod frozen;
-mod fused;
 pub mod gguf;
-mod head_loss;
-pub mod quant;
-mod skinny;
+mod kernels;
 /// A random-weight model of real shape, for tests and the lab.
 #[cfg(any(test, feature = "lab"))]
 pub mod tiny;
 mod tokenizer;
-mod trained;
 mod weight_grads;
 
 use std::collections::HashMap;
@@ -28,14 +22,15 @@ use candle_core::{DType, Device, Tensor};
 pub use chat_template::{question, ChatMessage, ChatTemplate, LocatedRender};
 pub use config::{Arch, ModelConfig};
 pub use decoder::{Adapter, Cache, Decoder, ForwardOpts, ForwardOutput, Logits, PerRow, Target};
-pub use frozen::{frozen_input_grad, frozen_matmul, frozen_matmul_bf16, Bf16Copy};
+pub use kernels::frozen_matmul::{frozen_input_grad, frozen_matmul, frozen_matmul_bf16, Bf16Copy};
+pub use kernels::quant;
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
 pub use weight_grads::WeightGrads;
 
 /// Whether this CPU multiplies bf16 natively (AVX-512 BF16), which `[tta] bf16_products`
 /// needs.
 pub fn bf16_products_available() -> bool {
-    skinny::fits_bf16(1)
+    kernels::few_rows::fits_bf16(1)
 }
 
 /// Errors of the model stage.

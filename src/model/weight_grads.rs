@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{Result, Tensor, TensorId};
 
-use super::skinny;
+use super::kernels::few_rows;
 
 /// Weight gradients of one backward pass (or several, summed), by weight.
 #[derive(Default)]
@@ -24,17 +24,17 @@ impl WeightGrads {
     }
 
     /// Adds `g^T x` to the gradient of `w` `(n, k)`: `g` is `(m, n)`, `x` `(m, k)`.
-    /// Requires [`skinny::fits`]`(m)`.
+    /// Requires [`few_rows::fits`]`(m)`.
     pub fn add_outer(&self, w: &Tensor, g: &[f32], x: &[f32], m: usize) -> Result<()> {
         let (n, k) = w.dims2()?;
-        if g.len() != m * n || x.len() != m * k || !skinny::fits(m) {
+        if g.len() != m * n || x.len() != m * k || !few_rows::fits(m) {
             candle_core::bail!("weight-grads: ({m}, {n}) by ({m}, {k}) does not fit");
         }
         let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
         match bufs.get_mut(&w.id()) {
-            Some(dw) => skinny::gt_x_add(g, x, m, n, k, dw),
+            Some(dw) => few_rows::gt_x_add(g, x, m, n, k, dw),
             None => {
-                bufs.insert(w.id(), skinny::gt_x(g, x, m, n, k));
+                bufs.insert(w.id(), few_rows::gt_x(g, x, m, n, k));
             }
         }
         Ok(())
@@ -79,7 +79,7 @@ mod tests {
 
     #[test]
     fn contributions_are_written_then_added_and_rows_scatter() -> Result<()> {
-        if !skinny::fits(3) {
+        if !few_rows::fits(3) {
             return Ok(()); // No AVX2 here: the kernels that fill it do not run either.
         }
         let dev = Device::Cpu;

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-use super::skinny::{self, Weight};
-use super::weight_grads::WeightGrads;
+use super::few_rows::{self, Weight};
+use crate::model::WeightGrads;
 
 /// Vocabulary rows per chunk: `rows * VOCAB_CHUNK` floats of logits at a time (1 MB at 64 rows).
 const VOCAB_CHUNK: usize = 4096;
@@ -30,8 +30,8 @@ pub fn supported(rows: usize, dtype: DType, w: &Tensor) -> bool {
     w.device().is_cpu()
         && dtype == DType::F32
         && match w.dtype() {
-            DType::BF16 => skinny::fits_bf16(rows),
-            DType::F32 => skinny::fits(rows),
+            DType::BF16 => few_rows::fits_bf16(rows),
+            DType::F32 => few_rows::fits(rows),
             _ => false,
         }
 }

@@ -6,7 +6,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::skinny::{self, Weight};
+use super::few_rows::{self, Weight};
 
 struct FrozenMatmul {
     /// `(out, in)`, as stored in the model.
@@ -53,7 +53,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        if let Some(out) = skinny_fwd(x, l, &self.w, self.wb.as_ref())? {
+        if let Some(out) = few_rows_fwd(x, l, &self.w, self.wb.as_ref())? {
             return Ok(out);
         }
         self.run(x, l, |s| match s {
@@ -85,7 +85,7 @@ impl CustomOp1 for FrozenMatmul {
 pub fn frozen_input_grad(grad: &Tensor, w: &Tensor, wb: Option<&Tensor>) -> Result<Tensor> {
     let rows = grad.elem_count() / grad.dim(candle_core::D::Minus1)?.max(1);
     if grad.device().is_cpu() && grad.dtype() == DType::F32 {
-        if let Some(w) = skinny::pick(w, wb, rows) {
+        if let Some(w) = few_rows::pick(w, wb, rows) {
             return grad
                 .contiguous()?
                 .apply_op1_no_bwd(&InputGrad { w: w.clone() });
@@ -94,8 +94,8 @@ pub fn frozen_input_grad(grad: &Tensor, w: &Tensor, wb: Option<&Tensor>) -> Resu
     grad.broadcast_matmul(w)
 }
 
-/// The forward product through [`skinny`] when the input has few rows; `None` to use gemm.
-fn skinny_fwd(
+/// The forward product through [`few_rows`] when the input has few rows; `None` to use gemm.
+fn few_rows_fwd(
     x: &CpuStorage,
     l: &Layout,
     w: &Tensor,
@@ -111,7 +111,7 @@ fn skinny_fwd(
     if k == 0 || inp != k {
         return Ok(None);
     }
-    let Some(w) = skinny::pick(w, wb, m) else {
+    let Some(w) = few_rows::pick(w, wb, m) else {
         return Ok(None);
     };
     let Some(y) = Weight::of(w, |w| w.x_wt(&xv[a..b], m, k, n)) else {
@@ -186,7 +186,7 @@ impl Bf16Copy {
         self.0
             .get_or_init(|| {
                 let eligible =
-                    w.device().is_cpu() && w.dtype() == DType::F32 && skinny::fits_bf16(1);
+                    w.device().is_cpu() && w.dtype() == DType::F32 && few_rows::fits_bf16(1);
                 eligible.then(|| w.to_dtype(DType::BF16).ok()).flatten()
             })
             .as_ref()
@@ -229,9 +229,9 @@ mod tests {
     }
 
     #[test]
-    fn few_f32_rows_take_the_skinny_kernels_and_agree_with_f64_matmul() -> Result<()> {
+    fn few_f32_rows_take_the_few_row_kernels_and_agree_with_f64_matmul() -> Result<()> {
         let dev = Device::Cpu;
-        // 2 * 3 = 6 rows: within skinny::MAX_ROWS; widths off the kernels' lane multiples.
+        // 2 * 3 = 6 rows: within few_rows::MAX_ROWS; widths off the kernels' lane multiples.
         let w64 = Tensor::randn(0f64, 1.0, (70, 40), &dev)?;
         let x64 = Tensor::randn(0f64, 1.0, (2, 3, 40), &dev)?;
         let x = Var::from_tensor(&x64.to_dtype(DType::F32)?)?;
@@ -259,7 +259,7 @@ mod tests {
         let copy = Bf16Copy::default();
         let Some(wb) = copy.get(&w) else {
             // No AVX-512 BF16 here: no copy is made and callers keep f32.
-            assert!(!skinny::fits_bf16(1));
+            assert!(!few_rows::fits_bf16(1));
             return Ok(());
         };
         assert_eq!(wb.dtype(), DType::BF16);

@@ -1,5 +1,5 @@
 //! `x W^T` for a weight being trained (full-scope adaptation) with few rows of input: the
-//! product and both gradients take the few-row kernels of [`super::skinny`]. candle's matmul
+//! product and both gradients take the few-row kernels of [`super::few_rows`]. candle's matmul
 //! would pack the transposed weight for each of the three products and route the weight's
 //! gradient through a broadcast and two transposes; at ~20 rows that was most of the backward.
 
@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-use super::skinny::{self, Weight};
-use super::weight_grads::WeightGrads;
+use super::few_rows::{self, Weight};
+use crate::model::WeightGrads;
 
 struct TrainedMatmul {
     /// Where the weight's gradient goes; without one it is returned to candle.
@@ -49,10 +49,10 @@ impl CustomOp2 for TrainedMatmul {
         let k = *dims.last().unwrap_or(&0);
         let (n, wk) = wl.shape().dims2()?;
         let m = (xb - xa) / k.max(1);
-        if k == 0 || wk != k || !skinny::fits(m) {
+        if k == 0 || wk != k || !few_rows::fits(m) {
             candle_core::bail!("trained-matmul: {dims:?} by weight ({n}, {wk})");
         }
-        let y = skinny::x_wt(&xv[xa..xb], &wv[wa..wb], m, k, n);
+        let y = few_rows::x_wt(&xv[xa..xb], &wv[wa..wb], m, k, n);
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("rank >= 1") = n;
         Ok((CpuStorage::F32(y), Shape::from(shape)))
@@ -69,10 +69,10 @@ impl CustomOp2 for TrainedMatmul {
         let m = x.elem_count() / k.max(1);
         let grad = grad.contiguous()?;
         let (dx, dw) = f32s(&grad, |g| {
-            let dx = f32s(w, |w| skinny::g_w(g, w, m, n, k))?;
+            let dx = f32s(w, |w| few_rows::g_w(g, w, m, n, k))?;
             let dw = f32s(x, |x| match &self.sink {
                 Some(sink) => sink.add_outer(w, g, x, m).map(|()| None),
-                None => Ok(Some(skinny::gt_x(g, x, m, n, k))),
+                None => Ok(Some(few_rows::gt_x(g, x, m, n, k))),
             })??;
             Ok::<_, candle_core::Error>((dx, dw))
         })??;
@@ -91,7 +91,7 @@ pub fn trained_matmul(x: &Tensor, w: &Tensor, sink: Option<&Arc<WeightGrads>>) -
     let k = x.dim(candle_core::D::Minus1)?;
     let m = x.elem_count() / k.max(1);
     let cpu = x.device().is_cpu() && w.device().is_cpu();
-    if cpu && x.dtype() == DType::F32 && w.dtype() == DType::F32 && skinny::fits(m) {
+    if cpu && x.dtype() == DType::F32 && w.dtype() == DType::F32 && few_rows::fits(m) {
         x.contiguous()?.apply_op2_arc(
             &w.contiguous()?,
             Arc::new(Box::new(TrainedMatmul {

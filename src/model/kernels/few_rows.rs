@@ -15,10 +15,10 @@ use half::bf16;
 #[cfg(target_arch = "x86_64")]
 // Register tiles read best indexed by row and lane group.
 #[allow(clippy::needless_range_loop)]
-mod avx2;
+mod cpu_avx2;
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
-mod avx512bf16;
+mod cpu_avx512;
 
 /// Above this many rows gemm's packing pays for itself.
 pub const MAX_ROWS: usize = 64;
@@ -139,7 +139,7 @@ pub fn x_wt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
         // of `k`, and `out` addresses columns of `y` that only this tile writes.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            avx2::dots(x, rows, m, k, out, n)
+            cpu_avx2::dots(x, rows, m, k, out, n)
         };
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!(
@@ -159,7 +159,7 @@ pub fn g_w(g: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
         // columns and `acc` is `(m, k)`.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            avx2::axpys(g, rows, j0, m, n, k, acc)
+            cpu_avx2::axpys(g, rows, j0, m, n, k, acc)
         };
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!(
@@ -205,7 +205,7 @@ unsafe fn gt_x_raw(g: &[f32], x: &[f32], m: usize, n: usize, k: usize, dw: *mut 
             // `j0..j0 + rows` of `dw` belong to this pair only.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                avx2::outer(g, x, m, n, k, j0, rows, out.0.add(j0 * k), add)
+                cpu_avx2::outer(g, x, m, n, k, j0, rows, out.0.add(j0 * k), add)
             };
             #[cfg(not(target_arch = "x86_64"))]
             unreachable!("fits() is false off x86-64: {rows} {} {add}", x.len());
@@ -295,7 +295,7 @@ fn to_bf16(v: &[f32], cols: usize, stride: usize) -> Vec<u16> {
         // SAFETY: callers checked `fits_bf16`, hence AVX-512 F, BW and BF16.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            avx512bf16::to_bf16(src, dst)
+            cpu_avx512::to_bf16(src, dst)
         };
         #[cfg(not(target_arch = "x86_64"))]
         for (j, s) in src.iter().enumerate() {
@@ -321,7 +321,7 @@ pub fn x_wt_bf16(x: &[f32], w: &[u16], m: usize, k: usize, n: usize) -> Vec<f32>
         // SAFETY: `fits_bf16` checked AVX-512 F, BW and BF16; as in `x_wt`.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            avx512bf16::dots(&xb, rows, m, k, out, n)
+            cpu_avx512::dots(&xb, rows, m, k, out, n)
         };
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!(
@@ -346,7 +346,7 @@ pub fn g_w_bf16(g: &[f32], w: &[u16], m: usize, n: usize, k: usize) -> Vec<f32> 
         // rows from `j0` (even), `gb` has the even row stride `ns` and `acc` is `(m, k)`.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            avx512bf16::axpys(&gb, rows, j0, m, ns, k, acc)
+            cpu_avx512::axpys(&gb, rows, j0, m, ns, k, acc)
         };
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!(

@@ -17,9 +17,9 @@
 //! alone or batched, on any thread count, and the portable kernels reproduce the AVX2 ones bit
 //! for bit (the tests hold both to that).
 
-mod portable;
 #[cfg(target_arch = "x86_64")]
-mod x86_avx2;
+mod cpu_avx2;
+mod portable;
 
 use std::sync::Arc;
 
@@ -265,10 +265,10 @@ impl Kernel {
             // SAFETY: `best` picks Avx2 only where the CPU has AVX2, FMA and F16C; tests pick
             // it only after the same check.
             #[cfg(target_arch = "x86_64")]
-            (Self::Avx2, WeightRow::Q8 { d, qs }) => unsafe { x86_avx2::q8_rows(d, qs, acts, out) },
+            (Self::Avx2, WeightRow::Q8 { d, qs }) => unsafe { cpu_avx2::q8_rows(d, qs, acts, out) },
             #[cfg(target_arch = "x86_64")]
             (Self::Avx2, WeightRow::Q41 { d, m, qs }) => unsafe {
-                x86_avx2::q41_rows(d, m, qs, acts, out)
+                cpu_avx2::q41_rows(d, m, qs, acts, out)
             },
             #[cfg(not(target_arch = "x86_64"))]
             (Self::Avx2, _) => Self::Portable.dot_rows(w, acts, out),

@@ -1,0 +1,24 @@
+//! The model's own kernels, named by what they serve. Each exists because candle's composed ops
+//! were measured slower (or lack a backward) on that shape; each keeps candle's path beside it
+//! as the fallback and as the reference its tests compare against.
+//!
+//! | kernel | serves | used when | tested against |
+//! |---|---|---|---|
+//! | [`few_rows`] (`cpu_avx2`, `cpu_avx512`) | adaptation's products of ~10-60 token rows with a large weight | x86-64 CPU, f32 (AVX2 + FMA) or bf16 operands (AVX-512 BF16, `[tta] bf16_products`), at most [`few_rows::MAX_ROWS`] rows | a plain loop (f32, and bf16 on the rounded operands) |
+//! | [`frozen_matmul`] | `x W^T` of a weight LoRA does not train: backward returns only the input's gradient | every adapter-carrying projection in a differentiable pass | candle's matmul and its input gradient; f64 matmul for few rows |
+//! | [`trained_matmul`] | `x W^T` of a weight full scope trains: both gradients through the few-row kernels | full scope on the CPU in f32 | candle's matmul and its gradients |
+//! | [`head_loss`] | the head's cross-entropy a vocabulary chunk at a time, no logits held | adaptation's loss on the CPU | log-softmax cross-entropy and its gradient |
+//! | [`fused`] | RMS norm, SwiGLU and rotary causal attention as one op each, with a backward | adaptation's block passes on the CPU in f32 | the composed candle ops and their gradients |
+//! | [`quant`] (`cpu_avx2`, `portable`) | decode products on q8_0 / q4_1 weights, a tile of rows per weight block | decode steps on the CPU | dequantized f32 matmul; the portable kernels reproduce the AVX2 ones bit for bit on every CPU |
+//! | [`decode_attention`] | one new position per sequence over its own KV cache | decode steps on the CPU in f32 | the attention formula, row by row |
+//!
+//! Off the CPU (CUDA) every one of these falls back to candle's ops; a `cuda` module joins
+//! here when the GPU kernels land.
+
+pub mod decode_attention;
+pub mod few_rows;
+pub mod frozen_matmul;
+pub mod fused;
+pub mod head_loss;
+pub mod quant;
+pub mod trained_matmul;
