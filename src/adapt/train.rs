@@ -426,7 +426,7 @@ fn checkpointed_grads(
         let l = inputs.len();
         let x = Var::from_tensor(&input)?.as_tensor().clone();
         drop(input);
-        let store = dec.block_objective(l, &x, &g, &opts)?.backward()?;
+        let store = dec.block_backward(l, &x, &g, &opts)?.backward()?;
         collect(&store)?;
         g = store
             .get(&x)
@@ -1236,7 +1236,7 @@ mod tests {
         // The report's losses are the bf16 ones: the f32 loss of the same adapter differs
         // where the CPU has bf16 dot products, and is the same loss otherwise.
         let f32_after = mean_loss(&model.decoder, Some(&lora), &ex).unwrap();
-        let bf16_ran = crate::model::Bf16Copy::default()
+        let bf16_ran = crate::model::Bf16Weight::default()
             .get(&Tensor::zeros((1, 1), DType::F32, &Device::Cpu).unwrap())
             .is_some();
         assert_eq!(f32_after != a16, bf16_ran, "{f32_after} vs {a16}");

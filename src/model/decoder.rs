@@ -226,7 +226,7 @@ struct Proj {
     /// Quantized copy of the weight for decode steps (memory-bound: fewer bytes per token).
     quant: Option<super::kernels::quant::DecodeMatmul>,
     /// bf16 copy of the weight for adaptation's products, made on first use.
-    bf16: super::Bf16Copy,
+    bf16: super::Bf16Weight,
     target: Target,
 }
 
@@ -439,7 +439,7 @@ pub struct Decoder {
     norm: Tensor,
     lm_head: Tensor,
     lm_head_quant: Option<super::kernels::quant::DecodeMatmul>,
-    lm_head_bf16: super::Bf16Copy,
+    lm_head_bf16: super::Bf16Weight,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -809,7 +809,7 @@ impl Decoder {
     /// left out: `sum(down(s) * g)` passes `s` the gradient `g W_down`, which is computed
     /// directly (the backward needs that product anyway), so the rebuild skips a quarter of a
     /// block's forward products.
-    pub fn block_objective(
+    pub fn block_backward(
         &self,
         layer: usize,
         x: &Tensor,

@@ -114,14 +114,16 @@ fn input_files(path: &Path) -> Result<Vec<PathBuf>, RetrievalError> {
     Ok(files)
 }
 
-struct Sink<'a> {
+/// Documents added under one index writer, committed together by [`IngestBatch::finish`]: one
+/// ingest request or file set is one commit.
+struct IngestBatch<'a> {
     coll: &'a Collection,
     writer: IndexWriter,
     max_chars: usize,
     stats: IngestStats,
 }
 
-impl Sink<'_> {
+impl IngestBatch<'_> {
     fn add(
         &mut self,
         doc_id: &str,
@@ -191,7 +193,7 @@ pub fn ingest_path(
         pb.set_length(total);
     }
     let writer = coll.index.writer(50_000_000)?;
-    let mut sink = Sink {
+    let mut batch = IngestBatch {
         coll,
         writer,
         max_chars,
@@ -200,7 +202,7 @@ pub fn ingest_path(
     for file in &files {
         let ext = file.extension().and_then(|x| x.to_str()).unwrap_or("");
         if ext == "jsonl" {
-            ingest_jsonl(&mut sink, file, progress)?;
+            ingest_jsonl(&mut batch, file, progress)?;
         } else {
             let text = std::fs::read_to_string(file).map_err(|e| io_err(file, e))?;
             let rel = file.strip_prefix(path).unwrap_or(file);
@@ -210,18 +212,18 @@ pub fn ingest_path(
                 rel
             };
             let title = file.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-            sink.add(&rel.to_string_lossy(), title, &text, None)?;
+            batch.add(&rel.to_string_lossy(), title, &text, None)?;
             if let Some(pb) = progress {
                 pb.inc(text.len() as u64);
             }
         }
-        sink.stats.files += 1;
+        batch.stats.files += 1;
     }
-    sink.finish()
+    batch.finish()
 }
 
 fn ingest_jsonl(
-    sink: &mut Sink,
+    batch: &mut IngestBatch,
     file: &Path,
     progress: Option<&ProgressBar>,
 ) -> Result<(), RetrievalError> {
@@ -238,7 +240,7 @@ fn ingest_jsonl(
             |why: String| RetrievalError::BadInput(format!("{}:{}: {why}", file.display(), n + 1));
         let v = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
         let d = Document::from_json(v).map_err(bad)?;
-        sink.add(&d.id, &d.title, &d.text, d.metadata.as_deref())?;
+        batch.add(&d.id, &d.title, &d.text, d.metadata.as_deref())?;
     }
     Ok(())
 }
@@ -250,16 +252,16 @@ pub fn ingest_documents(
     docs: &[Document],
     max_chars: usize,
 ) -> Result<IngestStats, RetrievalError> {
-    let mut sink = Sink {
+    let mut batch = IngestBatch {
         coll,
         writer: coll.index.writer(50_000_000)?,
         max_chars,
         stats: IngestStats::default(),
     };
     for d in docs {
-        sink.add(&d.id, &d.title, &d.text, d.metadata.as_deref())?;
+        batch.add(&d.id, &d.title, &d.text, d.metadata.as_deref())?;
     }
-    sink.finish()
+    batch.finish()
 }
 
 /// Deletes document `id`'s passages from `coll` in one commit; `false` when it has none.

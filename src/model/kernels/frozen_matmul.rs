@@ -179,9 +179,9 @@ pub fn frozen_matmul_bf16(x: &Tensor, w: &Tensor, wb: Option<&Tensor>) -> Result
 /// A bf16 copy of a frozen f32 CPU weight, made on first use (by adaptation) and kept; none
 /// where the CPU lacks native bf16 dot products.
 #[derive(Default)]
-pub struct Bf16Copy(std::sync::OnceLock<Option<Tensor>>);
+pub struct Bf16Weight(std::sync::OnceLock<Option<Tensor>>);
 
-impl Bf16Copy {
+impl Bf16Weight {
     pub fn get(&self, w: &Tensor) -> Option<&Tensor> {
         self.0
             .get_or_init(|| {
@@ -256,7 +256,7 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (70, 40), &dev)?;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 40), &dev)?)?;
-        let copy = Bf16Copy::default();
+        let copy = Bf16Weight::default();
         let Some(wb) = copy.get(&w) else {
             // No AVX-512 BF16 here: no copy is made and callers keep f32.
             assert!(!few_rows::fits_bf16(1));

@@ -80,7 +80,7 @@ impl Arms {
             return Ok(None);
         }
         let u = match key {
-            Some(k) => unit_point(k),
+            Some(k) => key_position(k),
             None => rand::random::<f64>(),
         };
         Ok(Some(self.pick(u)))
@@ -111,7 +111,7 @@ pub fn apply(arm: &ArmConfig, rag: &mut RagRequest) {
 /// bytes; because FNV's high bits mix poorly for keys that differ only at the end ("user-1",
 /// "user-2"), MurmurHash3's 64-bit finaliser then spreads every input bit over the whole word.
 /// The top 53 bits become the fraction.
-pub fn unit_point(key: &[u8]) -> f64 {
+pub fn key_position(key: &[u8]) -> f64 {
     let mut h = crate::stable_hash::fnv1a(key);
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
@@ -175,9 +175,9 @@ mod tests {
         }
         // Pinned values (computed independently): changing the hash would move live users.
         let frac = |top53: u64| top53 as f64 / (1u64 << 53) as f64;
-        assert_eq!(unit_point(b""), frac(0x1d_fa03_ec17_5325));
-        assert_eq!(unit_point(b"alice"), frac(0x6_a0fa_08f4_cf81));
-        assert_eq!(unit_point(b"user-1"), frac(0x8_345f_94b8_d080));
+        assert_eq!(key_position(b""), frac(0x1d_fa03_ec17_5325));
+        assert_eq!(key_position(b"alice"), frac(0x6_a0fa_08f4_cf81));
+        assert_eq!(key_position(b"user-1"), frac(0x8_345f_94b8_d080));
     }
 
     #[test]
