@@ -13,6 +13,7 @@ pub mod file_stamp;
 pub mod gate;
 pub mod generate;
 pub mod model;
+pub mod numeric;
 pub mod params;
 pub mod prompt;
 pub mod retrieval;

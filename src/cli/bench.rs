@@ -65,8 +65,7 @@ pub struct BenchArgs {
 }
 
 fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    crate::numeric::median(v)
 }
 
 fn rag_prompt(

@@ -231,7 +231,8 @@ pub fn summarise(
     }
 }
 
-fn pct(x: f64) -> String {
+/// A share as a percentage with one decimal; `–` when undefined.
+pub(crate) fn pct(x: f64) -> String {
     if x.is_finite() {
         format!("{:.1}", 100.0 * x)
     } else {

@@ -117,20 +117,7 @@ pub fn first_choice_mentioned(pred: &str, choices: &[String]) -> Option<usize> {
     best.map(|(_, _, i)| i)
 }
 
-/// Index of the largest finite score, first on ties so the choice order breaks ties
-/// deterministically; NaN and infinities are ignored as failed scores.
-pub fn argmax(scores: &[f64]) -> Option<usize> {
-    let mut best: Option<(usize, f64)> = None;
-    for (i, &s) in scores.iter().enumerate() {
-        if !s.is_finite() {
-            continue;
-        }
-        if best.is_none_or(|(_, b)| s > b) {
-            best = Some((i, s));
-        }
-    }
-    best.map(|(i, _)| i)
-}
+pub use crate::numeric::argmax;
 
 #[cfg(test)]
 mod tests {
@@ -265,7 +252,7 @@ mod tests {
 
     #[test]
     fn argmax_first_largest_finite() {
-        assert_eq!(argmax(&[]), None);
+        assert_eq!(argmax::<f64>(&[]), None);
         assert_eq!(argmax(&[f64::NAN, f64::INFINITY, f64::NEG_INFINITY]), None);
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), Some(1));
         assert_eq!(argmax(&[f64::NAN, -5.0, f64::INFINITY, -7.0]), Some(1));

@@ -19,34 +19,8 @@ impl Interval {
     };
 }
 
-/// Arithmetic mean; NaN for an empty slice, since "no data" must not read as a score of 0.
-pub fn mean(xs: &[f64]) -> f64 {
-    if xs.is_empty() {
-        return f64::NAN;
-    }
-    xs.iter().sum::<f64>() / xs.len() as f64
-}
-
-/// Quantile by linear interpolation between closest ranks (numpy's default), so numbers match
-/// what a reader recomputes in Python; NaN for empty input or q outside [0, 1].
-pub fn quantile(xs: &[f64], q: f64) -> f64 {
-    if xs.is_empty() || !(0.0..=1.0).contains(&q) {
-        return f64::NAN;
-    }
-    let mut sorted = xs.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    quantile_sorted(&sorted, q)
-}
-
-fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
-    let h = (sorted.len() - 1) as f64 * q;
-    let i = h.floor() as usize;
-    let frac = h - i as f64;
-    match sorted.get(i + 1) {
-        Some(&next) if frac > 0.0 => sorted[i] + frac * (next - sorted[i]),
-        _ => sorted[i],
-    }
-}
+use crate::numeric::quantile_sorted;
+pub use crate::numeric::{mean, quantile};
 
 /// Percentile-bootstrap CI of the mean, seeded so a report can be reproduced exactly; NaN
 /// bounds for empty input, zero resamples or a confidence outside (0, 1).

@@ -182,15 +182,9 @@ impl<'de> Deserialize<'de> for Policy {
 }
 
 /// Index of the largest probability; ties go to the lowest index, and NaN never wins over a
-/// number.
+/// number (all NaN: 0).
 pub fn argmax(probs: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &p) in probs.iter().enumerate().skip(1) {
-        if p > probs[best] || (probs[best].is_nan() && !p.is_nan()) {
-            best = i;
-        }
-    }
-    best
+    crate::numeric::argmax(probs).unwrap_or(0)
 }
 
 /// The decision for one question from its class probabilities (in [`CLASSES`] order):

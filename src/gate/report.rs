@@ -51,9 +51,7 @@ fn pos_name(p: Position) -> &'static str {
     }
 }
 
-fn pct(x: f64) -> String {
-    format!("{:.1}", 100.0 * x)
-}
+use crate::eval::report::pct;
 
 /// Name of a series: pass, position and probe kind.
 pub fn cell_series(c: &Cell) -> String {

@@ -205,6 +205,12 @@ impl TextTokenizer {
 /// Only a short window of recent ids is decoded per step (not the whole answer), and always
 /// with one already-emitted token in front, so decoders that treat a leading space specially
 /// still produce the same text as decoding everything at once.
+///
+/// Hand-written rather than `tokenizers::DecodeStream`, which does the same windowed decode but
+/// borrows its tokenizer for its whole life (a sequence's decoding state lives in the batch
+/// scheduler beside the shared model, so it would borrow from its own owner) and has no
+/// `finish`: bytes of an unfinished character at the end of an answer would be dropped, where
+/// the whole-answer decode (and this) gives U+FFFD.
 pub struct IncrementalDecoder {
     ids: Vec<u32>,
     /// Start of the window that is decoded.

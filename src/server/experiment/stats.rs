@@ -84,14 +84,8 @@ impl ArmStats {
     }
 
     fn median_ms(&self) -> Option<f64> {
-        let mut v: Vec<f64> = self.recent_ms.iter().copied().collect();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        match n {
-            0 => None,
-            _ if n % 2 == 1 => Some(v[n / 2]),
-            _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-        }
+        let v: Vec<f64> = self.recent_ms.iter().copied().collect();
+        (!v.is_empty()).then(|| crate::numeric::median(&v))
     }
 
     pub fn totals(&self) -> ArmTotals {
