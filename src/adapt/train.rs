@@ -58,6 +58,14 @@ pub struct TtaReport {
     pub fallback: Option<Fallback>,
 }
 
+impl TtaReport {
+    /// Loss after minus loss before adaptation, when both were measured and finite: what the
+    /// A/B summary and the metrics average.
+    pub fn loss_delta(&self) -> Option<f64> {
+        Some(self.loss_after? - self.loss_before?).filter(|d| d.is_finite())
+    }
+}
+
 /// One pair as token ids; the loss covers `ids[suffix_start..]`.
 #[derive(Debug, Clone)]
 pub struct Example {

@@ -61,7 +61,8 @@ pub struct Record {
 }
 
 impl Record {
-    /// Loss after minus loss before adaptation, when both were measured.
+    /// [`crate::adapt::TtaReport::loss_delta`], read back from a stored record (JSON holds no
+    /// NaN: a non-finite loss was stored as null).
     pub fn loss_delta(&self) -> Option<f64> {
         let t = self.tta.as_ref()?;
         Some(t.get("loss_after")?.as_f64()? - t.get("loss_before")?.as_f64()?)

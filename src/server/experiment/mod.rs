@@ -187,9 +187,7 @@ impl Experiment {
             metrics.arm_latency.with_label_values(&[name]).observe(secs);
         }
         let tta = report.and_then(|r| r.tta.as_ref());
-        let loss_delta = tta
-            .and_then(|t| Some(t.loss_after? - t.loss_before?))
-            .filter(|d| d.is_finite());
+        let loss_delta = tta.and_then(|t| t.loss_delta());
         if let Some(d) = loss_delta {
             metrics.arm_loss_delta.with_label_values(&[name]).observe(d);
         }
