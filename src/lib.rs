@@ -17,5 +17,6 @@ pub mod numeric;
 pub mod params;
 pub mod prompt;
 pub mod retrieval;
+pub mod sentences;
 pub mod server;
 pub mod stable_hash;

@@ -2,7 +2,8 @@
 //! predict each suffix from its prefix ("Predict the Retrieval!").
 
 use serde::Serialize;
-use unicode_segmentation::UnicodeSegmentation;
+
+use crate::sentences::{is_abbreviation, sentences};
 
 /// One training example: the model learns to continue `prefix` with `suffix`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -50,12 +51,6 @@ pub struct PairSet {
     pub source: PairSource,
 }
 
-/// Words whose final period does not end a sentence (compared ignoring ASCII case).
-const ABBREVIATIONS: &[&str] = &[
-    "e.g.", "i.e.", "etc.", "vs.", "cf.", "dr.", "mr.", "mrs.", "ms.", "prof.", "st.", "fig.",
-    "figs.", "no.", "al.", "approx.", "inc.", "ltd.", "jr.", "sr.", "u.s.", "u.k.", "ph.d.",
-];
-
 /// Split marks, most preferred first.
 const MARKS: [char; 6] = ['.', ',', ';', ':', '!', '?'];
 
@@ -97,31 +92,22 @@ pub fn build_pairs(passages: &[&str], opts: &PairOptions) -> PairSet {
     }
 }
 
-/// Splits `text` into trimmed, non-empty sentences (Unicode sentence boundaries), re-joining
-/// pieces that were cut after a known abbreviation ("e.g.", "Dr.", "et al.", ...) or a
-/// one-letter initial such as "J.".
+/// Splits `text` into trimmed, non-empty sentences ([`crate::sentences`]: Unicode sentence
+/// boundaries, re-joined after a known abbreviation or an initial), each sentence's pieces
+/// joined by one space.
 pub fn split_sentences(text: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let mut continues = false;
-    for piece in text
-        .split_sentence_bounds()
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-    {
-        match out.last_mut() {
-            Some(last) if continues => {
-                last.push(' ');
-                last.push_str(piece);
-            }
-            _ => out.push(piece.to_string()),
-        }
-        // The merged sentence ends with `piece`, so only the piece's last word matters.
-        continues = piece
-            .rsplit(char::is_whitespace)
-            .next()
-            .is_some_and(is_abbreviation);
-    }
-    out
+    sentences(text)
+        .into_iter()
+        .map(|pieces| {
+            let trimmed: Vec<&str> = pieces
+                .into_iter()
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .collect();
+            trimmed.join(" ")
+        })
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// Cuts one sentence into a pair.
@@ -204,20 +190,6 @@ fn between_digits(s: &str, at: usize, end: usize) -> bool {
     let prev = s[..at].chars().next_back();
     let next = s[end..].chars().next();
     matches!((prev, next), (Some(a), Some(b)) if a.is_numeric() && b.is_numeric())
-}
-
-/// Whether a whitespace-delimited `word` is a known abbreviation or a one-letter initial,
-/// i.e. its period need not end a sentence.
-fn is_abbreviation(word: &str) -> bool {
-    let mut chars = word.chars();
-    if let (Some(c), Some('.'), None) = (chars.next(), chars.next(), chars.next()) {
-        if c.is_uppercase() {
-            return true;
-        }
-    }
-    // Opening brackets and quotes, as in "(e.g.", do not change the abbreviation.
-    let core = word.trim_start_matches(|c: char| !c.is_alphanumeric());
-    ABBREVIATIONS.iter().any(|a| a.eq_ignore_ascii_case(core))
 }
 
 #[cfg(test)]

@@ -2,8 +2,11 @@
 
 use unicode_segmentation::UnicodeSegmentation;
 
-/// Splits `text` into passages of at most `max_chars` characters, packing whole sentences; a
-/// sentence longer than the bound is cut between words (or, for one huge word, by characters).
+use crate::sentences::sentences;
+
+/// Splits `text` into passages of at most `max_chars` characters, packing whole sentences
+/// ([`crate::sentences`], so none ends at "e.g."); a sentence longer than the bound is cut
+/// between words (or, for one huge word, by characters).
 pub fn split_passages(text: &str, max_chars: usize) -> Vec<String> {
     let max_chars = max_chars.max(16);
     let mut out = Vec::new();
@@ -15,7 +18,9 @@ pub fn split_passages(text: &str, max_chars: usize) -> Vec<String> {
         }
         cur.clear();
     };
-    for sentence in text.split_sentence_bounds() {
+    for pieces in sentences(text) {
+        let sentence = pieces.concat();
+        let sentence = sentence.as_str();
         let n = sentence.chars().count();
         if cur.chars().count() + n <= max_chars {
             cur.push_str(sentence);
@@ -70,6 +75,20 @@ mod tests {
         assert_eq!(
             parts.join(" "),
             text.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
+    }
+
+    #[test]
+    fn abbreviations_and_initials_do_not_end_a_passage() {
+        let text = "Many plants, e.g. ferns and mosses, grow in shade. \
+                    J. Smith et al. found more of them under trees.";
+        let parts = split_passages(text, 60);
+        assert_eq!(
+            parts,
+            [
+                "Many plants, e.g. ferns and mosses, grow in shade.",
+                "J. Smith et al. found more of them under trees."
+            ]
         );
     }
 
