@@ -1,0 +1,533 @@
+//! The decoder against itself: cached against full forward passes, batched against alone,
+//! quantized against full precision, fused against composed blocks (values and gradients).
+
+use super::*;
+use crate::model::tiny::{random_weights, tiny_config};
+use crate::model::Arch;
+
+fn tiny(arch: Arch) -> Decoder {
+    let cfg = tiny_config(arch);
+    Decoder::load(
+        &cfg,
+        random_weights(&cfg, 7, &Device::Cpu, DType::F32).unwrap(),
+    )
+    .unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+const IDS: [u32; 9] = [3, 17, 200, 45, 45, 9, 120, 258, 33];
+
+/// [`IDS`] as a `(1, seq)` batch.
+fn ids() -> Tensor {
+    Tensor::new(&IDS, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+}
+
+#[test]
+fn kv_cached_decoding_matches_full_forward() {
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let m = tiny(arch);
+        let all = ids();
+        let full_opts = ForwardOpts {
+            logits: Logits::All,
+            ..Default::default()
+        };
+        let full = m.forward(&all, None, &full_opts).unwrap().logits.unwrap();
+        // Prefill 4 positions, then feed one at a time.
+        let mut cache = m.new_cache(4);
+        let first = all.narrow(1, 0, 4).unwrap();
+        let pre = m.forward(&first, Some(&mut cache), &full_opts).unwrap();
+        assert!(max_diff(&pre.logits.unwrap(), &full.narrow(1, 0, 4).unwrap()) < 1e-4);
+        for t in 4..IDS.len() {
+            let one = all.narrow(1, t, 1).unwrap();
+            let step = m
+                .forward(&one, Some(&mut cache), &ForwardOpts::default())
+                .unwrap()
+                .logits
+                .unwrap();
+            let want = full.narrow(1, t, 1).unwrap().squeeze(1).unwrap();
+            assert!(max_diff(&step, &want) < 1e-4, "{arch:?} position {t}");
+        }
+        assert_eq!(cache.len(), IDS.len());
+    }
+}
+
+/// Three sequences of different lengths, each prefilled alone, then decoded greedily:
+/// alone (a step each) and together (one batched step), with `adapters[i]` on row `i`.
+/// Returns both runs' logits per step and row.
+fn alone_and_batched(
+    m: &Decoder,
+    adapters: &[Option<&dyn Adapter>],
+) -> (Vec<Vec<Tensor>>, Vec<Vec<Tensor>>) {
+    let prompts: [&[u32]; 3] = [&IDS[..2], &IDS, &IDS[3..7]];
+    fn opts<'a>(a: Option<&'a dyn Adapter>) -> ForwardOpts<'a> {
+        ForwardOpts {
+            adapter: a,
+            ..Default::default()
+        }
+    }
+    let prefill = |i: usize| {
+        let mut c = m.new_cache(32);
+        let ids = Tensor::new(prompts[i], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let l = m
+            .forward(&ids, Some(&mut c), &opts(adapters[i]))
+            .unwrap()
+            .logits
+            .unwrap();
+        (c, l.squeeze(0).unwrap())
+    };
+    let argmax = |l: &Tensor| l.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap();
+    let steps = 4;
+    // Alone.
+    let mut alone = vec![];
+    for (i, &adapter) in adapters.iter().enumerate() {
+        let (mut c, mut l) = prefill(i);
+        let mut out = vec![];
+        for _ in 0..steps {
+            let ids = Tensor::new(&[argmax(&l)], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            l = m
+                .forward(&ids, Some(&mut c), &opts(adapter))
+                .unwrap()
+                .logits
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            out.push(l.clone());
+        }
+        alone.push(out);
+    }
+    // Together.
+    let (mut caches, mut last): (Vec<Cache>, Vec<Tensor>) = (0..3).map(prefill).unzip();
+    let per_row = PerRow(adapters.to_vec());
+    let mut batched = vec![vec![]; 3];
+    for _ in 0..steps {
+        let tokens: Vec<u32> = last.iter().map(argmax).collect();
+        let mut refs: Vec<&mut Cache> = caches.iter_mut().collect();
+        let o = ForwardOpts {
+            adapter: adapters
+                .iter()
+                .any(Option::is_some)
+                .then_some(&per_row as &dyn Adapter),
+            ..Default::default()
+        };
+        let l = m.decode_step(&tokens, &mut refs, &o).unwrap();
+        last = (0..3).map(|i| l.get(i).unwrap()).collect();
+        for (i, r) in last.iter().enumerate() {
+            batched[i].push(r.clone());
+        }
+    }
+    (alone, batched)
+}
+
+/// A sequence decodes to the same bits whatever else shares its step: every kernel of
+/// the batched step computes a row from that row alone.
+#[test]
+fn a_batched_decode_step_equals_each_sequence_decoded_alone() {
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        for quant in [None, Some(GgmlDType::Q8_0), Some(GgmlDType::Q4_1)] {
+            let mut m = tiny(arch);
+            if let Some(q) = quant {
+                m.quantize_for_decode(q).unwrap();
+            }
+            let quant = quant.is_some();
+            let (alone, batched) = alone_and_batched(&m, &[None, None, None]);
+            // f32 products are row-independent only on the few-row kernels; without
+            // them (no AVX2) gemm's blocking follows the row count, so rows agree to
+            // rounding only. Quantized products are row-independent everywhere.
+            let exact = quant || crate::model::kernels::few_rows::fits(3);
+            if !exact {
+                eprintln!("no few-row f32 kernels on this CPU: f32 rows compared to 1e-5");
+            }
+            for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+                for (t, (x, y)) in a.iter().zip(b).enumerate() {
+                    let d = max_diff(x, y);
+                    let ok = if exact { d == 0.0 } else { d < 1e-5 };
+                    assert!(ok, "{arch:?} quant {quant}: row {i} step {t}: {d}");
+                }
+            }
+        }
+    }
+    let m = tiny(Arch::Llama);
+    let mut a = m.new_cache(4);
+    let err = m
+        .decode_step(&[1, 2], &mut [&mut a], &ForwardOpts::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("2 tokens for 1 caches"), "{err}");
+}
+
+#[test]
+fn joint_decode_products_equal_each_projections_own_product() {
+    // Qwen2 has q, k and v biases: the joint product must add each part's own.
+    let m = tiny(Arch::Qwen2);
+    let (a, mlp) = (&m.blocks[1].attn, &m.blocks[1].mlp);
+    let x = Tensor::randn(0f32, 1.0, (3, 1, m.cfg.hidden_size), &Device::Cpu).unwrap();
+    let opts = ForwardOpts::default();
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+        for parts in [vec![&a.q, &a.k, &a.v], vec![&mlp.gate, &mlp.up]] {
+            let joint = Joint::new(&parts, dtype).unwrap();
+            let ys = joint.forward(&parts, &x, 1, &opts).unwrap();
+            assert_eq!(ys.len(), parts.len());
+            for (p, y) in parts.iter().zip(ys) {
+                let own = crate::model::kernels::quant::DecodeMatmul::new(p.linear.weight(), dtype)
+                    .unwrap()
+                    .forward(&x)
+                    .unwrap();
+                let own = p.finish_decode(own, &x, 1, &opts).unwrap();
+                assert_eq!(y.dims(), own.dims());
+                assert_eq!(max_diff(&y, &own), 0.0, "{dtype:?}");
+            }
+        }
+    }
+}
+
+/// Canary adapters on rows 0 and 2 of a batch: each row equals its own sequence run alone
+/// with its own adapter (row 1, with none, equals the base model), and the canaries do
+/// change their rows.
+#[test]
+fn per_row_adapters_touch_only_their_own_rows() {
+    struct Canary(f32);
+    impl Adapter for Canary {
+        fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>> {
+            if layer == 1 && target == Target::V {
+                let (b, t, _) = x.dims3()?;
+                return Ok(Some(
+                    (Tensor::ones((b, t, 16), x.dtype(), x.device())? * self.0 as f64)?,
+                ));
+            }
+            Ok(None)
+        }
+    }
+    // Quantized products are row-independent on every CPU (see the test above).
+    let mut m = tiny(Arch::Llama);
+    m.quantize_for_decode(GgmlDType::Q8_0).unwrap();
+    let (one, two) = (Canary(1.0), Canary(-3.0));
+    let adapters: [Option<&dyn Adapter>; 3] = [Some(&one), None, Some(&two)];
+    let (alone, batched) = alone_and_batched(&m, &adapters);
+    let (base, _) = alone_and_batched(&m, &[None, None, None]);
+    for i in 0..3 {
+        for t in 0..alone[i].len() {
+            assert_eq!(
+                max_diff(&alone[i][t], &batched[i][t]),
+                0.0,
+                "row {i} step {t}"
+            );
+        }
+    }
+    assert_eq!(max_diff(&base[1][0], &batched[1][0]), 0.0, "the plain row");
+    assert!(
+        max_diff(&base[0][0], &batched[0][0]) > 1e-3,
+        "canary 1 changed nothing"
+    );
+    assert!(
+        max_diff(&base[2][0], &batched[2][0]) > 1e-3,
+        "canary 2 changed nothing"
+    );
+}
+
+/// Attention reads K and V in place, as views into the cache's buffer: the spare room of
+/// a large cache (rows past the cached length) must never be read as positions.
+#[test]
+fn decoding_reads_only_the_cached_positions_whatever_the_cache_capacity() {
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let m = tiny(arch);
+        let all = ids();
+        let decode = |capacity: usize| {
+            let mut cache = m.new_cache(capacity);
+            let mut out = vec![logits(&m, &all.narrow(1, 0, 3).unwrap(), &mut cache)];
+            for t in 3..IDS.len() {
+                out.push(logits(&m, &all.narrow(1, t, 1).unwrap(), &mut cache));
+            }
+            out
+        };
+        let exact = decode(IDS.len());
+        let roomy = decode(256);
+        for (t, (a, b)) in exact.iter().zip(&roomy).enumerate() {
+            assert!(
+                max_diff(a, b) < 1e-6,
+                "{arch:?} step {t}: {}",
+                max_diff(a, b)
+            );
+        }
+    }
+}
+
+#[test]
+fn differentiable_path_equals_fast_path_and_hidden_states_are_exposed() {
+    let m = tiny(Arch::Llama);
+    let ids = ids();
+    let mut opts = ForwardOpts {
+        logits: Logits::All,
+        hidden_states: true,
+        ..Default::default()
+    };
+    let fast = m.forward(&ids, None, &opts).unwrap();
+    opts.differentiable = true;
+    let slow = m.forward(&ids, None, &opts).unwrap();
+    assert!(max_diff(fast.logits.as_ref().unwrap(), slow.logits.as_ref().unwrap()) < 1e-4);
+    let n = m.config().num_hidden_layers;
+    assert_eq!(fast.hidden_states.len(), n + 1);
+    assert_eq!(fast.hidden_states[0].dims(), &[1, IDS.len(), 32]);
+    // hidden_states[0] is the raw embedding of the ids.
+    let emb = m.embed.index_select(&ids.squeeze(0).unwrap(), 0).unwrap();
+    assert!(max_diff(&fast.hidden_states[0].squeeze(0).unwrap(), &emb) == 0.0);
+    // The last hidden state, normed and projected, gives the logits.
+    let h = rms_norm(&fast.hidden_states[n], &m.norm, m.cfg.rms_norm_eps, false).unwrap();
+    let logits = h.broadcast_matmul(&m.lm_head.t().unwrap()).unwrap();
+    assert!(max_diff(&logits, fast.logits.as_ref().unwrap()) < 1e-5);
+}
+
+#[test]
+fn causal_mask_blocks_the_future() {
+    let m = tiny(Arch::Llama);
+    let opts = ForwardOpts {
+        logits: Logits::All,
+        ..Default::default()
+    };
+    let a = Tensor::new(&[1u32, 2, 3, 4], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let b = Tensor::new(&[1u32, 2, 99, 100], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let la = m.forward(&a, None, &opts).unwrap().logits.unwrap();
+    let lb = m.forward(&b, None, &opts).unwrap().logits.unwrap();
+    assert!(max_diff(&la.narrow(1, 0, 2).unwrap(), &lb.narrow(1, 0, 2).unwrap()) < 1e-6);
+    assert!(max_diff(&la.narrow(1, 2, 2).unwrap(), &lb.narrow(1, 2, 2).unwrap()) > 1e-3);
+}
+
+#[test]
+fn context_overflow_is_an_error_not_a_panic() {
+    let m = tiny(Arch::Llama);
+    let ids = Tensor::zeros((1, 513), DType::U32, &Device::Cpu).unwrap();
+    let err = m
+        .forward(&ids, None, &ForwardOpts::default())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("context"), "{err}");
+}
+
+struct AddOne;
+impl Adapter for AddOne {
+    fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>> {
+        if layer == 1 && target == Target::V {
+            let (b, t, _) = x.dims3()?;
+            return Ok(Some(Tensor::ones((b, t, 16), x.dtype(), x.device())?));
+        }
+        Ok(None)
+    }
+}
+
+/// Inference passes run on a pool thread: a panic inside one (here an adapter's) must still
+/// reach the caller, whose `catch_unwind` answers the request, and the pool must serve the
+/// next pass.
+#[test]
+fn a_panic_inside_an_inference_pass_reaches_the_caller_and_the_pool_goes_on() {
+    struct Boom;
+    impl Adapter for Boom {
+        fn delta(&self, layer: usize, _: Target, _: &Tensor) -> Result<Option<Tensor>> {
+            assert!(layer < 1, "boom in layer {layer}");
+            Ok(None)
+        }
+    }
+    let mut m = tiny(Arch::Llama);
+    m.quantize_for_decode(GgmlDType::Q8_0).unwrap();
+    let boom = ForwardOpts {
+        adapter: Some(&Boom),
+        ..Default::default()
+    };
+    let mut cache = m.new_cache(8);
+    let want = {
+        let mut c = m.new_cache(8);
+        m.forward(&ids(), Some(&mut c), &ForwardOpts::default())
+            .unwrap();
+        m.decode_step(&[3], &mut [&mut c], &ForwardOpts::default())
+            .unwrap()
+    };
+    let prefill = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        m.forward(&ids(), None, &boom)
+    }));
+    let Err(msg) = prefill else {
+        panic!("the adapter's panic did not reach the caller")
+    };
+    assert!(msg
+        .downcast_ref::<String>()
+        .unwrap()
+        .contains("boom in layer 1"));
+    m.forward(&ids(), Some(&mut cache), &ForwardOpts::default())
+        .unwrap();
+    let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut fork = cache.fork(1).unwrap();
+        m.decode_step(&[3], &mut [&mut fork], &boom)
+    }));
+    assert!(step.is_err());
+    let got = m
+        .decode_step(&[3], &mut [&mut cache], &ForwardOpts::default())
+        .unwrap();
+    assert_eq!(max_diff(&got, &want), 0.0);
+}
+
+#[test]
+fn adapter_delta_changes_the_output() {
+    let m = tiny(Arch::Llama);
+    let ids = ids();
+    let base = m
+        .forward(&ids, None, &ForwardOpts::default())
+        .unwrap()
+        .logits
+        .unwrap();
+    let opts = ForwardOpts {
+        adapter: Some(&AddOne),
+        ..Default::default()
+    };
+    let adapted = m.forward(&ids, None, &opts).unwrap().logits.unwrap();
+    assert!(max_diff(&base, &adapted) > 1e-3);
+    let again = m
+        .forward(&ids, None, &ForwardOpts::default())
+        .unwrap()
+        .logits
+        .unwrap();
+    assert_eq!(
+        max_diff(&base, &again),
+        0.0,
+        "adapters must not touch the base weights"
+    );
+}
+
+fn logits(d: &Decoder, ids: &Tensor, cache: &mut Cache) -> Tensor {
+    d.forward(ids, Some(cache), &ForwardOpts::default())
+        .unwrap()
+        .logits
+        .unwrap()
+}
+
+#[test]
+fn quantized_decode_steps_stay_close_to_full_precision_and_prefill_is_unchanged() {
+    let cfg = tiny_config(Arch::Qwen2);
+    let w = random_weights(&cfg, 9, &Device::Cpu, DType::F32).unwrap();
+    let full = Decoder::load(&cfg, w.clone()).unwrap();
+    let mut quant = Decoder::load(&cfg, w).unwrap();
+    quant.quantize_for_decode(GgmlDType::Q8_0).unwrap();
+    let ids = Tensor::new(&[5u32, 80, 12, 200, 7, 7, 31, 99], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let (mut c1, mut c2) = (full.new_cache(16), quant.new_cache(16));
+    let prefill = ids.narrow(1, 0, 6).unwrap();
+    // Only the output head is quantized in a prefill: logits agree to Q8_0 precision.
+    let d = max_diff(
+        &logits(&full, &prefill, &mut c1),
+        &logits(&quant, &prefill, &mut c2),
+    );
+    assert!(d < 0.05, "prefill diff {d}");
+    for t in 6..8 {
+        let one = ids.narrow(1, t, 1).unwrap();
+        let a = logits(&full, &one, &mut c1);
+        let d = max_diff(&a, &logits(&quant, &one, &mut c2));
+        let scale = max_diff(&a, &a.zeros_like().unwrap());
+        assert!(d > 0.0, "decode must take the quantized path");
+        assert!(d < 0.05 * scale, "decode diff {d} vs scale {scale}");
+    }
+    // Training ignores the quantized copy entirely.
+    let train = ForwardOpts {
+        logits: Logits::All,
+        differentiable: true,
+        ..Default::default()
+    };
+    let a = full.forward(&ids, None, &train).unwrap().logits.unwrap();
+    let b = quant.forward(&ids, None, &train).unwrap().logits.unwrap();
+    assert_eq!(max_diff(&a, &b), 0.0);
+}
+
+#[test]
+fn fused_blocks_match_composed_blocks_in_value_and_every_gradient() {
+    use candle_core::Var;
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let cfg = tiny_config(arch);
+        let vars: HashMap<String, Var> = random_weights(&cfg, 3, &Device::Cpu, DType::F32)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| (k, Var::from_tensor(&t).unwrap()))
+            .collect();
+        let weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone()));
+        let dec = Decoder::load(&cfg, weights.collect()).unwrap();
+        // Two sequences, the second right-padded as adaptation's batches are.
+        let ids = Tensor::new(&[IDS, [5, 80, 13, 250, 0, 0, 0, 0, 0]], &Device::Cpu).unwrap();
+        let r = Tensor::arange(0f32, (2 * IDS.len() * cfg.hidden_size) as f32, &Device::Cpu)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape((2, IDS.len(), cfg.hidden_size))
+            .unwrap();
+        let run = |composed_ops: bool| {
+            let opts = ForwardOpts {
+                logits: Logits::None,
+                differentiable: true,
+                composed_ops,
+                ..Default::default()
+            };
+            let mut x = dec.embed_ids(&ids).unwrap();
+            for l in 0..dec.num_blocks() {
+                x = dec.block_step(l, &x, &opts).unwrap();
+            }
+            let store = (&x * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            // The final norm and an untied head are past the blocks: no gradient.
+            let grads: HashMap<String, Tensor> = vars
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), store.get(v.as_tensor())?.clone())))
+                .collect();
+            (x, grads)
+        };
+        let (yf, gf) = run(false);
+        let (yc, gc) = run(true);
+        assert!(
+            max_diff(&yf, &yc) < 1e-4,
+            "{arch:?}: {}",
+            max_diff(&yf, &yc)
+        );
+        let mut names: Vec<&String> = gf.keys().collect();
+        names.sort();
+        let mut want: Vec<&String> = gc.keys().collect();
+        want.sort();
+        assert_eq!(names, want, "{arch:?}: not the same weights got gradients");
+        assert_eq!(
+            gc.len(),
+            vars.len() - if cfg.tie_word_embeddings { 1 } else { 2 }
+        );
+        for (name, c) in &gc {
+            let scale = c
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_diff(&gf[name], c);
+            assert!(
+                d <= 1e-4 * scale.max(1e-3),
+                "{arch:?} {name}: {d} of {scale}"
+            );
+        }
+    }
+}
