@@ -11,13 +11,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::Config;
 use crate::engine::RagPrompt;
+use crate::eval::gate::labels::{examples_from_jsonl, examples_from_run, Example};
+use crate::eval::gate::report::{write_all, Header, Source};
+use crate::eval::gate::sweep::{sweep, FeatureSets, SweepOptions};
 use crate::gate::card::{CardModel, CardScores, Decides, FeatureTap, GateCard, Pass, CARD_FORMAT};
 use crate::gate::features::{prompt_features, Position};
-use crate::gate::labels::{examples_from_jsonl, examples_from_run, Example};
 use crate::gate::policy::CLASSES;
 use crate::gate::probe::{ProbeKind, TrainOptions};
-use crate::gate::report::{write_all, Header, Source};
-use crate::gate::sweep::{sweep, FeatureSets, SweepOptions};
 
 #[derive(Debug, Subcommand)]
 pub enum GateCmd {

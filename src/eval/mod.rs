@@ -2,6 +2,7 @@
 //! experiment file over a QA set through the server's own engine and writes a report.
 
 pub mod dataset;
+pub mod gate;
 pub mod plot;
 pub mod record;
 pub mod report;

@@ -7,12 +7,12 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use super::card::Decides;
-use super::features::Position;
-use super::policy::CLASSES;
-use super::probe::ProbeKind;
 use super::sweep::{Cell, Sweep};
 use crate::eval::plot::{plot_by_layer, Series};
+use crate::gate::card::Decides;
+use crate::gate::features::Position;
+use crate::gate::policy::CLASSES;
+use crate::gate::probe::ProbeKind;
 
 /// Where the labels came from.
 #[derive(Debug, Clone, Serialize)]

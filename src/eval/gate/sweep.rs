@@ -6,10 +6,10 @@ use anyhow::{ensure, Context, Result};
 use candle_core::Device;
 use serde::Serialize;
 
-use super::card::Pass;
-use super::features::{feature_row, LayerFeatures, Position};
-use super::policy::{decide, Policy, CLASSES, S2, S3};
-use super::probe::{
+use crate::gate::card::Pass;
+use crate::gate::features::{feature_row, LayerFeatures, Position};
+use crate::gate::policy::{decide, Policy, CLASSES, S2, S3};
+use crate::gate::probe::{
     accuracy, macro_f1, majority_baseline, stratified_split, train, Probe, ProbeKind, TrainOptions,
 };
 

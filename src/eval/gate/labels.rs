@@ -1,5 +1,5 @@
 //! Gate training labels from evaluation records: a question answered both by an arm without
-//! retrieval and by an arm with it gets its MMA-RAG class (see [`super::policy::class_of`]).
+//! retrieval and by an arm with it gets its MMA-RAG class (see [`crate::gate::policy::class_of`]).
 //! When the `without` arm retrieves too and the `with` arm adapts, the same classes say
 //! whether adaptation helps: the probe becomes an adaptation gate ([`decides`]).
 //! Hand-labelled extra questions (chit-chat, say) join them from a JSONL file.
@@ -10,9 +10,9 @@ use std::path::Path;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use super::card::Decides;
-use super::policy::{class_of, CLASSES};
 use crate::eval::record::Record;
+use crate::gate::card::Decides;
+use crate::gate::policy::{class_of, CLASSES};
 use crate::model::ChatMessage;
 
 /// One labelled question.
