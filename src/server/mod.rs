@@ -105,10 +105,10 @@ impl App {
         let alive = h.workers_alive();
         let draining = self.draining();
         let status = match (alive, h.scheduler_alive(), draining) {
-            (_, _, true) => "draining",
-            (0, _, false) | (_, false, false) => "unavailable",
-            _ if self.warming.load(Ordering::SeqCst) => "warming",
-            _ => "ok",
+            (_, _, true) => Readiness::Draining,
+            (0, _, false) | (_, false, false) => Readiness::Unavailable,
+            _ if self.warming.load(Ordering::SeqCst) => Readiness::Warming,
+            _ => Readiness::Ok,
         };
         let body = serde_json::json!({
             "status": status,
@@ -129,8 +129,21 @@ impl App {
             "replica": self.replica(),
             "ab": self.ab.health(),
         });
-        (status == "ok", body)
+        (status == Readiness::Ok, body)
     }
+}
+
+/// The `status` of `/health` and `/ready`: only `ok` is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Readiness {
+    Ok,
+    /// The start-up warm-up is still running.
+    Warming,
+    /// SIGTERM came: in-flight requests finish, new ones get 503.
+    Draining,
+    /// No stage worker or no decode scheduler is alive.
+    Unavailable,
 }
 
 /// Warms the engine up through its own path (see [`crate::engine::warm_up`]): a short answer,
