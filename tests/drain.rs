@@ -10,16 +10,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 struct Server {
-    child: Child,
+    child: common::KillOnDrop,
     base: String,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn serve(drain_timeout_ms: u64) -> Server {
@@ -37,7 +30,7 @@ fn serve(drain_timeout_ms: u64) -> Server {
         dir.path().join("index").as_os_str(),
     ]);
     Server {
-        child,
+        child: common::KillOnDrop(child),
         base,
         _dir: dir,
     }
@@ -106,7 +99,7 @@ async fn sigterm_finishes_in_flight_work_refuses_new_work_and_exits_zero() {
         }
     });
     until_in_flight(&s.base, 1).await;
-    sigterm(&s.child);
+    sigterm(&s.child.0);
 
     // Draining: health says so with 503, new requests get 503 with Retry-After.
     let mut saw_draining = false;
@@ -135,7 +128,7 @@ async fn sigterm_finishes_in_flight_work_refuses_new_work_and_exits_zero() {
     let (st, v) = in_flight.await.unwrap();
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 1, "{v}");
-    let status = exit_status(&mut s.child);
+    let status = exit_status(&mut s.child.0);
     assert!(status.success(), "exit status {status}");
 }
 
@@ -151,8 +144,8 @@ async fn past_the_drain_deadline_the_process_exits_anyway() {
             .await
     });
     until_in_flight(&s.base, 1).await;
-    sigterm(&s.child);
-    let status = exit_status(&mut s.child);
+    sigterm(&s.child.0);
+    let status = exit_status(&mut s.child.0);
     assert!(status.success(), "exit status {status}");
     // The client saw its connection end rather than an answer.
     let r = in_flight.await.unwrap();

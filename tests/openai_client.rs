@@ -9,14 +9,6 @@ use std::process::Command;
 use candle_core::{DType, Device};
 use ttarag::model::{export_hf_folder, tiny::tiny_parts, Arch};
 
-struct Kill(std::process::Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn official_openai_client_round_trips() {
     let python = common::root().join(".venv/bin/python");
@@ -42,7 +34,7 @@ fn official_openai_client_round_trips() {
         "--index-dir".as_ref(),
         dir.path().join("index").as_os_str(),
     ]);
-    let server = Kill(child);
+    let server = common::KillOnDrop(child);
 
     let out = Command::new(&python)
         .arg(common::root().join("tests/python/openai_client.py"))

@@ -223,17 +223,11 @@ impl Drop for Nginx {
     }
 }
 
+/// A replica's process (killed first) and its folder.
 struct Replica {
-    child: Child,
+    _process: common::KillOnDrop,
     base: String,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 const ARMS: &str = "arms = [{name = \"static\", weight = 1.0, mode = \"static\"}, \
@@ -266,7 +260,7 @@ fn replica(name: &str, url: &str) -> Replica {
     let config = replica_config(dir.path(), name, url, ARMS);
     let (child, base) = common::spawn_serve(&serve_args(dir.path(), &config));
     Replica {
-        child,
+        _process: common::KillOnDrop(child),
         base,
         _dir: dir,
     }

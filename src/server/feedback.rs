@@ -76,18 +76,11 @@ pub async fn feedback(
     let arm = match claimed {
         Ok(arm) => arm,
         Err(Refused::Unknown) => {
-            let window = match app.ab.store_kind() {
-                "memory" => format!(
-                    "older than the last {} A/B responses",
-                    app.ab.feedback_window
-                ),
-                _ => "its answer failed or was cancelled".to_string(),
-            };
             return Err(ApiError::invalid(
                 format!(
                     "no response `{id}` awaits feedback: the id is unknown, {}, or its response \
                      was not served by an A/B arm",
-                    window
+                    app.ab.unknown_because()
                 ),
                 Some("id"),
             )

@@ -404,6 +404,17 @@ pub async fn start_tiny_toml(
     start_tiny_with(workers, queue, never_stop, cfg).await
 }
 
+/// A child process (a server started for a test) killed and reaped when the test is done,
+/// however it ends.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the real binary as `ttarag serve --port 0 ARGS...` and returns it with its base URL,
 /// read from the line it prints once it listens, after `/ready` has said 200 (it listens at
 /// once and warms up before it is ready).

@@ -91,7 +91,7 @@ enum Store {
 pub struct Experiment {
     pub arms: Arms,
     store: Store,
-    pub feedback_window: usize,
+    feedback_window: usize,
     write_wait: Duration,
 }
 
@@ -119,11 +119,13 @@ impl Experiment {
         })
     }
 
-    /// Which store holds the experiment: `memory` or `postgres`.
-    pub fn store_kind(&self) -> &'static str {
+    /// Besides an unknown id, why feedback finds no response: what this store forgets.
+    pub fn unknown_because(&self) -> String {
         match self.store {
-            Store::Memory(_) => "memory",
-            Store::Postgres(_) => "postgres",
+            Store::Memory(_) => {
+                format!("older than the last {} A/B responses", self.feedback_window)
+            }
+            Store::Postgres(_) => "its answer failed or was cancelled".into(),
         }
     }
 
@@ -172,12 +174,13 @@ impl Experiment {
     ) -> Option<Stored> {
         let cfg = self.arms.get(arm)?;
         let name = cfg.name.as_str();
+        let tta = report.and_then(|r| r.tta.as_ref());
         let record = Record {
             id,
             arm,
             end,
             ms: secs * 1e3,
-            loss_delta: None,
+            loss_delta: tta.and_then(|t| t.loss_delta()),
         };
         metrics
             .arm_requests
@@ -186,9 +189,7 @@ impl Experiment {
         if record.ok() {
             metrics.arm_latency.with_label_values(&[name]).observe(secs);
         }
-        let tta = report.and_then(|r| r.tta.as_ref());
-        let loss_delta = tta.and_then(|t| t.loss_delta());
-        if let Some(d) = loss_delta {
+        if let Some(d) = record.loss_delta {
             metrics.arm_loss_delta.with_label_values(&[name]).observe(d);
         }
         if let Some(fallback) = tta.and_then(|t| t.fallback.as_ref()) {
@@ -197,10 +198,6 @@ impl Experiment {
                 .with_label_values(&[name, fallback.label()])
                 .inc();
         }
-        let record = Record {
-            loss_delta,
-            ..record
-        };
         match &self.store {
             Store::Memory(m) => {
                 m.record(&record);

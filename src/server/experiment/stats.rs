@@ -84,8 +84,9 @@ impl ArmStats {
     }
 
     fn median_ms(&self) -> Option<f64> {
-        let v: Vec<f64> = self.recent_ms.iter().copied().collect();
-        (!v.is_empty()).then(|| crate::numeric::median(&v))
+        let mut v: Vec<f64> = self.recent_ms.iter().copied().collect();
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| crate::numeric::quantile_sorted(&v, 0.5))
     }
 
     pub fn totals(&self) -> ArmTotals {
