@@ -109,6 +109,9 @@ pub struct ModelSection {
     pub device: String,
     pub dtype: String,
     pub decode_quant: String,
+    /// bf16/f16 models: inference passes convert to f32 for norms and attention.
+    #[serde(default)]
+    pub f32_norms_attention: bool,
     pub threads: usize,
 }
 

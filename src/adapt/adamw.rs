@@ -1,13 +1,19 @@
 //! AdamW that updates weights in place. candle_nn::AdamW builds several new tensors per
 //! variable per step, which for full-weight adaptation (every weight of the model) costs more
 //! than the forward and backward passes together; here each element is read and written once.
-//! On other devices or dtypes it falls back to candle_nn::AdamW.
+//! On the CPU in f32 that is the loop below; on a CUDA device (f32 or bf16) the multi-tensor
+//! kernels of `model::cuda::optimizer`, which also clip on the device; elsewhere
+//! candle_nn::AdamW.
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rayon::prelude::*;
+
+use super::norms::global_norm;
+#[cfg(feature = "cuda")]
+use crate::model::cuda::optimizer::{AdamWStep, GradScale, MultiTensorAdamW};
 
 /// One in-place update of a weight given its gradient; holds the moment estimates.
 struct Moments {
@@ -72,6 +78,12 @@ enum Inner {
         vars: Vec<(Var, Moments)>,
         step: i32,
     },
+    #[cfg(feature = "cuda")]
+    Cuda {
+        kernels: MultiTensorAdamW,
+        vars: Vec<Var>,
+        step: i32,
+    },
     Candle(AdamW, Vec<Var>),
 }
 
@@ -89,6 +101,19 @@ impl FastAdamW {
         let in_place = vars.iter().all(|v| {
             v.device().is_cpu() && v.dtype() == candle_core::DType::F32 && v.is_contiguous()
         });
+        #[cfg(feature = "cuda")]
+        {
+            let tensors: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+            if MultiTensorAdamW::applies(&tensors) {
+                let kernels = MultiTensorAdamW::new(&tensors)?;
+                let inner = Inner::Cuda {
+                    kernels,
+                    vars,
+                    step: 0,
+                };
+                return Ok(Self { inner, params });
+            }
+        }
         let inner = if in_place {
             let vars = vars
                 .into_iter()
@@ -108,6 +133,17 @@ impl FastAdamW {
         Ok(Self { inner, params })
     }
 
+    /// Which implementation steps: `cpu` (the in-place loop), `cuda` (the multi-tensor
+    /// kernels) or `candle` (candle_nn::AdamW).
+    pub fn path(&self) -> &'static str {
+        match self.inner {
+            Inner::InPlace { .. } => "cpu",
+            #[cfg(feature = "cuda")]
+            Inner::Cuda { .. } => "cuda",
+            Inner::Candle(..) => "candle",
+        }
+    }
+
     /// The step count and each variable's first and second moments, for a checkpoint; `None`
     /// on the candle fallback, whose state is not reachable.
     pub fn state(&self) -> Option<(i32, Vec<MomentPair>)> {
@@ -123,14 +159,24 @@ impl FastAdamW {
                     })
                     .collect(),
             )),
+            #[cfg(feature = "cuda")]
+            Inner::Cuda { kernels, step, .. } => kernels.moments().ok().map(|m| (*step, m)),
             Inner::Candle(..) => None,
         }
     }
 
     /// Restores what [`FastAdamW::state`] returned, for the same variables.
     pub fn restore(&mut self, at: i32, moments: Vec<MomentPair>) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Inner::Cuda { kernels, step, .. } = &mut self.inner {
+            kernels.set_moments(&moments)?;
+            *step = at;
+            return Ok(());
+        }
         let Inner::InPlace { vars, step } = &mut self.inner else {
-            candle_core::bail!("optimiser state can be restored only for f32 variables on the CPU");
+            candle_core::bail!(
+                "optimiser state can be restored only for f32 variables on the CPU or CUDA"
+            );
         };
         if moments.len() != vars.len() {
             candle_core::bail!(
@@ -153,9 +199,44 @@ impl FastAdamW {
         Ok(())
     }
 
+    /// One step with `grads[i]` for the i-th variable, scaled down together so that their
+    /// global L2 norm is at most `clip_norm` (no clipping when it is 0 or less).
+    pub fn step_clipped(&mut self, grads: &[Tensor], clip_norm: f64) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Inner::Cuda {
+            kernels,
+            vars,
+            step,
+        } = &mut self.inner
+        {
+            let scale = GradScale::ClipNorm(clip_norm);
+            return cuda_step(kernels, vars, step, &self.params, grads, scale);
+        }
+        let norm = global_norm(grads)?;
+        let scale = if clip_norm > 0.0 && norm > clip_norm {
+            clip_norm / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        self.step(grads, scale)
+    }
+
     /// One step with `grads[i]` for the i-th variable, each multiplied by `scale`.
     pub fn step(&mut self, grads: &[Tensor], scale: f64) -> Result<()> {
         match &mut self.inner {
+            #[cfg(feature = "cuda")]
+            Inner::Cuda {
+                kernels,
+                vars,
+                step,
+            } => cuda_step(
+                kernels,
+                vars,
+                step,
+                &self.params,
+                grads,
+                GradScale::By(scale),
+            ),
             Inner::InPlace { vars, step } => {
                 *step += 1;
                 let c1 = 1.0 - self.params.beta1.powi(*step);
@@ -181,6 +262,30 @@ impl FastAdamW {
             }
         }
     }
+}
+
+/// One step of the CUDA kernels; `step` counts it.
+#[cfg(feature = "cuda")]
+fn cuda_step(
+    kernels: &MultiTensorAdamW,
+    vars: &[Var],
+    step: &mut i32,
+    p: &ParamsAdamW,
+    grads: &[Tensor],
+    scale: GradScale,
+) -> Result<()> {
+    *step += 1;
+    let hyper = AdamWStep {
+        lr: p.lr,
+        beta1: p.beta1,
+        beta2: p.beta2,
+        eps: p.eps,
+        weight_decay: p.weight_decay,
+        c1: 1.0 - p.beta1.powi(*step),
+        c2: 1.0 - p.beta2.powi(*step),
+    };
+    let tensors: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+    kernels.step(&tensors, grads, &hyper, scale)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod domain;
 mod fallback;
 mod lora;
 pub mod memory;
+mod norms;
 mod pairs;
 mod stack;
 mod train;
@@ -12,9 +13,10 @@ mod train;
 pub use adamw::FastAdamW;
 pub use fallback::Fallback;
 pub use lora::{parse_target, target_name, Lora, LoraConfig};
+pub use norms::{clip_global_norm, global_norm};
 pub use pairs::{build_pairs, split_pair, split_sentences, Pair, PairOptions, PairSet, PairSource};
 pub use stack::Stack;
 pub use train::{
-    adapt_full, adapt_lora, batch_loss, clip_global_norm, encode_pair, encode_pairs, global_norm,
-    mean_loss, suffix_loss, Example, TrainParams, TtaReport,
+    adapt_full, adapt_lora, batch_loss, encode_pair, encode_pairs, mean_loss, suffix_loss, Example,
+    TrainParams, TtaReport,
 };

@@ -50,6 +50,20 @@ pub struct BenchArgs {
     /// --prompt-tokens prompt, prefilled alone) decode --new-tokens steps together.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["tta", "gate", "load"])]
     pub batch: Vec<usize>,
+    /// Instead, check the device's own kernels against the candle ops they replace (largest
+    /// difference, time of each) over this many steps; exits 1 when one is out of tolerance.
+    #[arg(long, conflicts_with_all = ["tta", "gate", "load", "batch"])]
+    pub kernels: Option<usize>,
+    /// Instead, this many whole adapted answers (after one untimed): a --prompt-tokens RAG
+    /// prompt, three training pairs of about 96 tokens, adaptation ([tta] scope), then
+    /// prefill and --new-tokens greedy tokens through the adapted model.
+    #[arg(long, conflicts_with_all = ["tta", "gate", "load", "batch", "kernels"])]
+    pub query: Option<usize>,
+    /// With --query: also write the prompt's ids, the pairs' ids and the training settings as
+    /// JSON, for a reference implementation to run the same query
+    /// (scripts/reference/query_reference.py).
+    #[arg(long, requires = "query")]
+    pub dump_query: Option<std::path::PathBuf>,
     /// With --load: the request modes swept.
     #[arg(
         long,
@@ -68,7 +82,7 @@ fn median(v: &mut [f64]) -> f64 {
     crate::numeric::median(v)
 }
 
-fn rag_prompt(
+pub(super) fn rag_prompt(
     cfg: &Config,
     model: &crate::model::Model,
     target: usize,
@@ -106,6 +120,9 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
         "--runs and --new-tokens must be positive"
     );
     let model = super::load_model(&cfg)?;
+    if let Some(steps) = a.kernels {
+        return super::bench_kernels::run(&model.decoder, steps.max(1));
+    }
     if let Some(n) = a.gate {
         return bench_gate(&cfg, &model, n);
     }
@@ -123,6 +140,16 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let ids = rag_prompt(&cfg, &model, a.prompt_tokens)?;
+    if let Some(n) = a.query {
+        return super::bench_query::run(
+            &cfg,
+            &model,
+            &ids,
+            a.new_tokens,
+            n.max(1),
+            a.dump_query.as_deref(),
+        );
+    }
     if !a.batch.is_empty() {
         return bench_batch(&model, &ids, &a);
     }

@@ -7,7 +7,11 @@ mod ask;
 #[cfg(feature = "lab")]
 mod bench;
 #[cfg(feature = "lab")]
+mod bench_kernels;
+#[cfg(feature = "lab")]
 mod bench_load;
+#[cfg(feature = "lab")]
+mod bench_query;
 #[cfg(feature = "lab")]
 mod eval;
 #[cfg(feature = "lab")]
@@ -213,6 +217,9 @@ pub fn load_model(cfg: &Config) -> anyhow::Result<Arc<Model>> {
     if let Some(q) = cfg.model.decode_quant()? {
         model.decoder.quantize_for_decode(q)?;
     }
+    model
+        .decoder
+        .set_f32_norms_attention(cfg.model.f32_norms_attention);
     tracing::info!(
         path = %cfg.model.path.display(),
         layers = model.decoder.config().num_hidden_layers,

@@ -22,6 +22,9 @@ use candle_core::{DType, Device, Tensor};
 pub use chat_template::{question, ChatMessage, ChatTemplate, LocatedRender};
 pub use config::{Arch, ModelConfig};
 pub use decoder::{Adapter, Cache, Decoder, ForwardOpts, ForwardOutput, Logits, PerRow, Target};
+/// The GPU's own kernels (`--features cuda`).
+#[cfg(feature = "cuda")]
+pub use kernels::cuda;
 pub use kernels::frozen_matmul::{
     frozen_input_grad, frozen_matmul, frozen_matmul_bf16, Bf16Weight,
 };

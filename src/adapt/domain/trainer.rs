@@ -14,7 +14,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::adapt::train::group_grads;
-use crate::adapt::{global_norm, parse_target, Example, FastAdamW, Lora, LoraConfig};
+use crate::adapt::{parse_target, Example, FastAdamW, Lora, LoraConfig};
 use crate::model::{Adapter, Decoder};
 
 /// `[domain.train]`: how `ttarag index adapt` trains.
@@ -227,13 +227,7 @@ pub fn train_domain(
             loss.is_finite(),
             "training diverged at step {k} (loss {loss}); lower domain.train.lr"
         );
-        let norm = global_norm(&grads)?;
-        let scale = if s.clip_norm > 0.0 && norm > s.clip_norm {
-            s.clip_norm / (norm + 1e-6)
-        } else {
-            1.0
-        };
-        opt.step(&grads, scale)?;
+        opt.step_clipped(&grads, s.clip_norm)?;
         span = (span.0 + loss, span.1 + 1);
         let done = k + 1;
         if span.1 == log_every || done == total {

@@ -1,7 +1,7 @@
 //! The adaptation loop: next-token cross-entropy on each pair's suffix (prefix masked), AdamW
 //! with gradient accumulation and global-norm clipping, as in TTARAG. The pair encoding
-//! (`examples.rs`), the loss (`loss.rs`), a step's gradients (`checkpoint.rs`), norms
-//! (`norms.rs`) and full scope's weight copy (`copy.rs`) are rooms of their own.
+//! (`examples.rs`), the loss (`loss.rs`), a step's gradients (`checkpoint.rs`) and full
+//! scope's weight copy (`copy.rs`) are rooms of their own; clipping is the optimiser's.
 
 use std::time::Instant;
 
@@ -13,7 +13,6 @@ mod checkpoint;
 mod copy;
 mod examples;
 mod loss;
-mod norms;
 
 use super::{Fallback, FastAdamW, Lora, LoraConfig, Pair, PairSource};
 use crate::model::{Adapter, Decoder, ForwardOpts, Logits, Model, ModelError, WeightGrads};
@@ -23,7 +22,6 @@ use copy::*;
 pub use examples::{encode_pair, encode_pairs, Example};
 use loss::*;
 pub use loss::{batch_loss, mean_loss, suffix_loss};
-pub use norms::{clip_global_norm, global_norm};
 
 /// Settings of one adaptation, already validated and capped.
 #[derive(Debug, Clone)]
@@ -188,13 +186,7 @@ fn train(
             })
             .collect::<Result<Vec<_>>>()?;
         let to = Instant::now();
-        let norm = global_norm(&grads)?;
-        let scale = if p.clip_norm > 0.0 && norm > p.clip_norm {
-            p.clip_norm / (norm + 1e-6)
-        } else {
-            1.0
-        };
-        opt.step(&grads, scale)?;
+        opt.step_clipped(&grads, p.clip_norm)?;
         report.optimizer_ms += to.elapsed().as_secs_f64() * 1e3;
         report.steps += 1;
     }

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::norms::*;
 use super::*;
+use crate::adapt::norms::*;
 use crate::model::tiny::{tiny_parts, tiny_tokenizer};
 use crate::model::{Arch, Decoder, Target};
 

@@ -2,8 +2,11 @@
 //! rather than taken from candle-transformers because we need logits at every position, the hidden
 //! state of every layer (for the gate) and a differentiable path (for test-time adaptation).
 //!
-//! Tensors are generic over [`Device`] and [`DType`]; attention scores and norms are computed in
-//! f32 whatever the weight dtype.
+//! Tensors are generic over [`Device`] and [`DType`]. Norms and attention sum in f32 whatever
+//! the weight dtype: training passes convert bf16/f16 activations to f32 for them; inference
+//! passes keep the weights' dtype (KV cache included), since candle's fused norm, softmax and
+//! matmul kernels already sum in f32, and each conversion is a kernel launch of its own
+//! (unless [`Decoder::set_f32_norms_attention`] asks for the conversions).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -110,10 +113,11 @@ fn acc_dtype(dtype: DType) -> DType {
     }
 }
 
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, diff: bool) -> Result<Tensor> {
+/// RMS norm of `x` by `w`, computed on `dt` operands (a no-op conversion where `x` has it).
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, diff: bool, dt: DType) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(acc_dtype(dtype))?;
-    let w32 = w.to_dtype(acc_dtype(dtype))?;
+    let x = x.to_dtype(dt)?;
+    let w32 = w.to_dtype(dt)?;
     // The fused kernel has no backward, and none for f64 either.
     let y = if diff || dtype == DType::F64 {
         candle_nn::ops::rms_norm_slow(&x, &w32, eps as f32)?
@@ -346,6 +350,8 @@ pub struct Decoder {
     sin: Tensor,
     device: Device,
     dtype: DType,
+    /// Inference passes convert to f32 for norms and attention, as training passes do.
+    f32_norms_attention: bool,
 }
 
 impl Decoder {
@@ -401,7 +407,31 @@ impl Decoder {
             sin,
             device,
             dtype,
+            f32_norms_attention: false,
         })
+    }
+
+    /// Makes inference passes of a bf16/f16 model run norms and attention on f32 operands
+    /// (and keep the KV cache in f32), as before the native path: the reference it is
+    /// compared against, and a switch (`[model] f32_norms_attention`).
+    pub fn set_f32_norms_attention(&mut self, on: bool) {
+        self.f32_norms_attention = on;
+    }
+
+    /// The dtype norms and attention take their operands in: f32 (f64 for f64 weights) for a
+    /// differentiable pass, the weights' dtype otherwise.
+    fn work_dtype(&self, differentiable: bool) -> DType {
+        if differentiable || self.f32_norms_attention {
+            acc_dtype(self.dtype)
+        } else {
+            self.dtype
+        }
+    }
+
+    /// The RMS norm of a pass.
+    fn norm(&self, x: &Tensor, w: &Tensor, differentiable: bool) -> Result<Tensor> {
+        let dt = self.work_dtype(differentiable);
+        rms_norm(x, w, self.cfg.rms_norm_eps, differentiable, dt)
     }
 
     /// Adds a quantized copy of every projection and of the output head, used by decode steps
@@ -496,13 +526,13 @@ impl Decoder {
 
     pub fn kv_bytes_per_token(&self) -> usize {
         let c = &self.cfg;
-        let width = acc_dtype(self.dtype).size_in_bytes();
+        let width = self.work_dtype(false).size_in_bytes();
         c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim() * width
     }
 
     /// `(batch, vocab)` logits of `last` (`(batch, 1, hidden)`), the blocks' output.
     fn last_logits(&self, last: &Tensor, differentiable: bool) -> Result<Tensor> {
-        let h = rms_norm(last, &self.norm, self.cfg.rms_norm_eps, differentiable)?;
+        let h = self.norm(last, &self.norm, differentiable)?;
         let logits = match &self.lm_head_quant {
             Some(q) if !differentiable => {
                 q.forward(&h.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?
@@ -564,8 +594,9 @@ impl Decoder {
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(1)?;
         let pos = Tensor::new(positions.as_slice(), &self.device)?;
         // Each row's rotary angles are those of its own position: `(rows, 1, head_dim / 2)`.
-        let cos = self.cos.index_select(&pos, 0)?.unsqueeze(1)?;
-        let sin = self.sin.index_select(&pos, 0)?.unsqueeze(1)?;
+        let dt = self.work_dtype(false);
+        let cos = self.cos.index_select(&pos, 0)?.unsqueeze(1)?.to_dtype(dt)?;
+        let sin = self.sin.index_select(&pos, 0)?.unsqueeze(1)?.to_dtype(dt)?;
         let mut x = self.embed_ids(&ids)?;
         for (l, block) in self.blocks.iter().enumerate() {
             let kv = Kv::Rows(&mut *caches);
@@ -607,9 +638,13 @@ impl Decoder {
             );
         }
         let mut x = self.embed_ids(ids)?;
-        let cos = self.cos.narrow(0, offset, t)?;
-        let sin = self.sin.narrow(0, offset, t)?;
-        let mask = causal_mask(t, offset, self.cfg.kv_group(), &self.device)?;
+        // Converted once per pass, not once per layer.
+        let dt = self.work_dtype(opts.differentiable);
+        let cos = self.cos.narrow(0, offset, t)?.to_dtype(dt)?;
+        let sin = self.sin.narrow(0, offset, t)?.to_dtype(dt)?;
+        let mask = causal_mask(t, offset, self.cfg.kv_group(), &self.device)?
+            .map(|m| m.to_dtype(dt))
+            .transpose()?;
         let mut hidden = Vec::new();
         if opts.hidden_states {
             hidden.push(x.clone());
@@ -626,7 +661,7 @@ impl Decoder {
         let logits = match opts.logits {
             Logits::None => None,
             Logits::All => {
-                let h = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, opts.differentiable)?;
+                let h = self.norm(&x, &self.norm, opts.differentiable)?;
                 Some(self.head(&h, opts.bf16_frozen)?)
             }
             Logits::Rows(rows) => Some(self.head_rows(&x, rows, opts)?),
@@ -656,12 +691,7 @@ impl Decoder {
     pub fn head_rows(&self, x: &Tensor, rows: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let picked = x.reshape((b * t, h))?.index_select(rows, 0)?;
-        let h = rms_norm(
-            &picked,
-            &self.norm,
-            self.cfg.rms_norm_eps,
-            opts.differentiable,
-        )?;
+        let h = self.norm(&picked, &self.norm, opts.differentiable)?;
         self.head(&h, opts.bf16_frozen)
     }
 
@@ -691,11 +721,10 @@ impl Decoder {
         kv: Kv<'_, '_>,
         opts: &ForwardOpts,
     ) -> Result<Tensor> {
-        let eps = self.cfg.rms_norm_eps;
-        let h = rms_norm(x, &block.input_norm, eps, opts.differentiable)?;
+        let h = self.norm(x, &block.input_norm, opts.differentiable)?;
         let a = self.attention(&block.attn, layer, &h, cos, sin, mask, kv, opts)?;
         let x = (x + a)?;
-        let h = rms_norm(&x, &block.post_norm, eps, opts.differentiable)?;
+        let h = self.norm(&x, &block.post_norm, opts.differentiable)?;
         let m = &block.mlp;
         let (g, u) = match &m.gate_up {
             Some(j) if use_quant(&h, opts) => {
@@ -726,8 +755,9 @@ impl Decoder {
         opts: &ForwardOpts,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        // Attention runs in f32 (f64 for f64 weights) whatever the weight dtype; so does the cache.
-        let acc = acc_dtype(self.dtype);
+        // Training passes attend in f32 (f64 for f64 weights); inference passes in the work
+        // dtype, which the cache keeps too.
+        let acc = self.work_dtype(opts.differentiable);
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
             y.reshape((b, t, heads, a.head_dim))?
                 .transpose(1, 2)?

@@ -291,7 +291,7 @@ fn differentiable_path_equals_fast_path_and_hidden_states_are_exposed() {
     let emb = m.embed.index_select(&ids.squeeze(0).unwrap(), 0).unwrap();
     assert!(max_diff(&fast.hidden_states[0].squeeze(0).unwrap(), &emb) == 0.0);
     // The last hidden state, normed and projected, gives the logits.
-    let h = rms_norm(&fast.hidden_states[n], &m.norm, m.cfg.rms_norm_eps, false).unwrap();
+    let h = m.norm(&fast.hidden_states[n], &m.norm, false).unwrap();
     let logits = h.broadcast_matmul(&m.lm_head.t().unwrap()).unwrap();
     assert!(max_diff(&logits, fast.logits.as_ref().unwrap()) < 1e-5);
 }
@@ -529,5 +529,69 @@ fn fused_blocks_match_composed_blocks_in_value_and_every_gradient() {
                 "{arch:?} {name}: {d} of {scale}"
             );
         }
+    }
+}
+
+#[test]
+fn bf16_inference_in_its_own_dtype_stays_close_to_f32_norms_and_attention() {
+    // The native path (norms, attention and the cache in bf16, sums in f32 inside the ops)
+    // against the converting one, over a prefill and cached decode steps, batched too.
+    let cfg = tiny_config(Arch::Qwen2);
+    let w = random_weights(&cfg, 5, &Device::Cpu, DType::BF16).unwrap();
+    let native = Decoder::load(&cfg, w.clone()).unwrap();
+    let mut f32_ops = Decoder::load(&cfg, w).unwrap();
+    f32_ops.set_f32_norms_attention(true);
+    assert_eq!(
+        native.kv_bytes_per_token() * 2,
+        f32_ops.kv_bytes_per_token()
+    );
+    let to32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+    let ids = Tensor::new(&[5u32, 80, 12, 200, 7, 7, 31, 99], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let (mut c1, mut c2) = (native.new_cache(16), f32_ops.new_cache(16));
+    let prefill = ids.narrow(1, 0, 6).unwrap();
+    let (a, b) = (
+        to32(logits(&native, &prefill, &mut c1)),
+        to32(logits(&f32_ops, &prefill, &mut c2)),
+    );
+    let scale = max_diff(&b, &b.zeros_like().unwrap());
+    let d = max_diff(&a, &b);
+    assert!(d > 0.0, "the native path must not convert");
+    assert!(d < 0.05 * scale, "prefill diff {d} vs scale {scale}");
+    // The cache holds bf16 on the native path, f32 on the other.
+    let (k1, k2) = (
+        c1.layers[0].k().unwrap().unwrap(),
+        c2.layers[0].k().unwrap().unwrap(),
+    );
+    assert_eq!((k1.dtype(), k2.dtype()), (DType::BF16, DType::F32));
+    for t in 6..8 {
+        let one = ids.narrow(1, t, 1).unwrap();
+        let a = to32(logits(&native, &one, &mut c1));
+        let b = to32(logits(&f32_ops, &one, &mut c2));
+        let d = max_diff(&a, &b);
+        assert!(d < 0.05 * scale, "decode diff {d} at {t}");
+    }
+    // A batched step of two rows over their own bf16 caches gives each row's own logits.
+    let mut caches = [native.new_cache(16), native.new_cache(16)];
+    for (c, n) in caches.iter_mut().zip([3usize, 5]) {
+        logits(&native, &ids.narrow(1, 0, n).unwrap(), c);
+    }
+    let mut alone = Vec::new();
+    for (c, n) in caches.iter().zip([3usize, 5]) {
+        let mut c = c.fork(1).unwrap();
+        alone.push(to32(logits(&native, &ids.narrow(1, n, 1).unwrap(), &mut c)));
+    }
+    let [c0, c1b] = &mut caches;
+    let mut rows = [c0, c1b];
+    let both = to32(
+        native
+            .decode_step(&[200, 7], &mut rows, &ForwardOpts::default())
+            .unwrap(),
+    );
+    for (i, a) in alone.iter().enumerate() {
+        let d = max_diff(&both.narrow(0, i, 1).unwrap(), a);
+        assert!(d < 0.05 * scale, "batched row {i} diff {d}");
     }
 }

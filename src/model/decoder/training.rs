@@ -146,12 +146,7 @@ impl Decoder {
             return Ok(None);
         }
         let picked = x.reshape((b * t, h))?.index_select(rows, 0)?;
-        let normed = rms_norm(
-            &picked,
-            &self.norm,
-            self.cfg.rms_norm_eps,
-            opts.differentiable,
-        )?;
+        let normed = self.norm(&picked, &self.norm, opts.differentiable)?;
         crate::model::kernels::head_loss::head_loss(&normed, w, targets, weights, sink).map(Some)
     }
 }

@@ -12,9 +12,12 @@
 //! | [`quant`] (`cpu_avx2`, `portable`) | decode products on q8_0 / q4_1 weights, a tile of rows per weight block | decode steps on the CPU | dequantized f32 matmul; the portable kernels reproduce the AVX2 ones bit for bit on every CPU |
 //! | [`decode_attention`] | one new position per sequence over its own KV cache | decode steps on the CPU in f32 | the attention formula, row by row |
 //!
-//! Off the CPU (CUDA) every one of these falls back to candle's ops; a `cuda` module joins
-//! here when the GPU kernels land.
+//! | [`cuda`] (`--features cuda`) | the GPU's own kernels; its header tabulates them | a CUDA device | the CPU path each replaces (`ttarag bench kernels`) |
+//!
+//! Off the CPU (CUDA) the CPU kernels above fall back to candle's ops.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod decode_attention;
 pub mod few_rows;
 pub mod frozen_matmul;

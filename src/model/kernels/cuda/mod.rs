@@ -1,0 +1,78 @@
+//! The project's own CUDA kernels (`--features cuda`), compiled to PTX by `build.rs` and
+//! loaded into candle's device on first use. They run on candle's one stream per device, so
+//! they are ordered with every candle op without events of their own.
+//!
+//! | kernel | serves | used when | tested against |
+//! |---|---|---|---|
+//! | [`optimizer`] (`optimizer.cu`) | adaptation's optimiser step: global-norm clipping and AdamW over every trained tensor in three launches, moments in f32 | trained variables on a CUDA device, f32 or bf16 | `FastAdamW`'s CPU loop, step for step (`ttarag bench kernels` on the GPU machine) |
+
+pub mod optimizer;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, SyncOnDrop};
+use candle_core::cuda_backend::CudaStorageSlice;
+use candle_core::{CudaDevice, Device, Result, Storage, Tensor};
+
+/// The module name candle caches the PTX under, and the PTX.
+const OPTIMIZER: (&str, &str) = (
+    "ttarag_optimizer",
+    include_str!(concat!(env!("OUT_DIR"), "/optimizer.ptx")),
+);
+
+/// The CUDA device of `t`, or an error naming `what`.
+fn cuda_device<'a>(t: &'a Tensor, what: &str) -> Result<&'a CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d),
+        _ => candle_core::bail!("{what}: a CUDA tensor was expected"),
+    }
+}
+
+/// Runs `f` with the device address of the first element of each of `tensors` (contiguous,
+/// on one CUDA device), keeping them alive and their storage locked for reading until `f`'s
+/// launches are queued. Writes through these addresses (an in-place update) are ordered by
+/// the stream, which every candle op on the device shares.
+fn with_addresses<R>(
+    stream: &CudaStream,
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[i64]) -> Result<R>,
+) -> Result<R> {
+    let held: Vec<_> = tensors
+        .iter()
+        .map(|t| {
+            if !t.is_contiguous() {
+                candle_core::bail!("a CUDA kernel needs contiguous tensors");
+            }
+            Ok(t.storage_and_layout())
+        })
+        .collect::<Result<_>>()?;
+    let mut guards: Vec<SyncOnDrop<'_>> = Vec::with_capacity(held.len());
+    let mut addresses = Vec::with_capacity(held.len());
+    for (storage, layout) in &held {
+        let Storage::Cuda(cs) = &**storage else {
+            candle_core::bail!("a CUDA kernel got a tensor on another device");
+        };
+        let (base, guard, size) = match &cs.slice {
+            CudaStorageSlice::F32(s) => {
+                let (p, g) = s.device_ptr(stream);
+                (p, g, 4)
+            }
+            CudaStorageSlice::BF16(s) => {
+                let (p, g) = s.device_ptr(stream);
+                (p, g, 2)
+            }
+            CudaStorageSlice::F64(s) => {
+                let (p, g) = s.device_ptr(stream);
+                (p, g, 8)
+            }
+            CudaStorageSlice::I64(s) => {
+                let (p, g) = s.device_ptr(stream);
+                (p, g, 8)
+            }
+            _ => candle_core::bail!("a CUDA kernel got an unsupported dtype"),
+        };
+        guards.push(guard);
+        addresses.push((base + (layout.start_offset() * size) as u64) as i64);
+    }
+    let r = f(&addresses);
+    drop(guards);
+    r
+}
