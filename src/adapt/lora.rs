@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
-use crate::model::{Adapter, ModelConfig, Target};
+use crate::model::{Adapter, LowRank, ModelConfig, Target};
 
 /// Shape of the adapters.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +81,15 @@ pub struct Lora {
     dropout: f64,
     /// Mask seed of the training step under way; [`NO_STEP`] outside training (no dropout).
     step: AtomicU64,
+    /// This instance's number, never reused (see [`LowRank::id`]).
+    id: u64,
+}
+
+/// The next [`Lora::id`].
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
 const NO_STEP: u64 = u64::MAX;
@@ -125,6 +134,7 @@ impl Lora {
             scale: cfg.alpha / cfg.rank as f64,
             dropout: cfg.dropout,
             step: AtomicU64::new(NO_STEP),
+            id: next_id(),
         })
     }
 
@@ -171,6 +181,7 @@ impl Lora {
             scale: cfg.alpha / cfg.rank as f64,
             dropout: 0.0,
             step: AtomicU64::new(NO_STEP),
+            id: next_id(),
         })
     }
 
@@ -224,6 +235,19 @@ impl Adapter for Lora {
             step.map_or(NO_STEP, |s| s.min(NO_STEP - 1)),
             Ordering::Relaxed,
         );
+    }
+
+    fn low_rank(&self, layer: usize, target: Target) -> Option<LowRank<'_>> {
+        // Inside a training step with dropout the delta is not `B A x`.
+        if self.dropout > 0.0 && self.step.load(Ordering::Relaxed) != NO_STEP {
+            return None;
+        }
+        Some(LowRank {
+            id: self.id,
+            a: self.a.get(&(layer, target))?,
+            b: self.b.get(&(layer, target))?,
+            scale: self.scale,
+        })
     }
 
     fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>> {

@@ -64,6 +64,11 @@ pub struct BenchArgs {
     /// (scripts/reference/query_reference.py).
     #[arg(long, requires = "query")]
     pub dump_query: Option<std::path::PathBuf>,
+    /// With --batch: each sequence also carries its own LoRA ([tta] rank and targets); each
+    /// batch size is timed with no adapters, with each row's delta computed alone, and with
+    /// the rows' factors gathered into batched products.
+    #[arg(long, requires = "batch")]
+    pub lora: bool,
     /// With --load: the request modes swept.
     #[arg(
         long,
@@ -151,7 +156,7 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
         );
     }
     if !a.batch.is_empty() {
-        return bench_batch(&model, &ids, &a);
+        return bench_batch(&cfg, &model, &ids, &a);
     }
     let dec = &model.decoder;
     let opts = ForwardOpts {
@@ -204,7 +209,12 @@ pub fn run(cfg: Config, a: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// Aggregate decode tok/s of `a.batch` sequences stepping together, against one alone.
-fn bench_batch(model: &crate::model::Model, ids: &[u32], a: &BenchArgs) -> anyhow::Result<()> {
+fn bench_batch(
+    cfg: &Config,
+    model: &crate::model::Model,
+    ids: &[u32],
+    a: &BenchArgs,
+) -> anyhow::Result<()> {
     let dec = &model.decoder;
     let opts = ForwardOpts {
         logits: Logits::Last,
@@ -216,36 +226,81 @@ fn bench_batch(model: &crate::model::Model, ids: &[u32], a: &BenchArgs) -> anyho
         a.new_tokens,
         a.runs
     );
-    println!("| sequences | step ms | decode tok/s (all sequences) |");
-    println!("|---|---|---|");
+    println!("| sequences | adapters | step ms | decode tok/s (all sequences) |");
+    println!("|---|---|---|---|");
+    let variants: &[&str] = if a.lora {
+        &["none", "each alone", "gathered"]
+    } else {
+        &["none"]
+    };
+    let lora_cfg = crate::adapt::LoraConfig {
+        rank: cfg.tta.lora_rank,
+        targets: cfg
+            .tta
+            .lora_targets
+            .iter()
+            .filter_map(|t| crate::adapt::parse_target(t))
+            .collect(),
+        ..Default::default()
+    };
     for &b in &a.batch {
         anyhow::ensure!(
             (1..=256).contains(&b),
             "--batch sizes must be within 1..=256"
         );
-        let mut per_step = vec![];
-        for run in 0..=a.runs {
-            let mut caches: Vec<_> = (0..b)
-                .map(|_| {
-                    let mut c = dec.new_cache(ids.len() + a.new_tokens);
-                    let input = Tensor::new(ids, dec.device())?.unsqueeze(0)?;
-                    dec.forward(&input, Some(&mut c), &opts)?;
-                    Ok(c)
+        let loras = if a.lora {
+            (0..b)
+                .map(|i| {
+                    crate::adapt::Lora::new(
+                        dec.config(),
+                        &lora_cfg,
+                        i as u64,
+                        dec.device(),
+                        dec.dtype(),
+                    )
                 })
-                .collect::<anyhow::Result<_>>()?;
-            let mut refs: Vec<_> = caches.iter_mut().collect();
-            let mut tokens = vec![ids[ids.len() - 1]; b];
-            let t = Instant::now();
-            for _ in 0..a.new_tokens {
-                let logits = dec.decode_step(&tokens, &mut refs, &opts)?;
-                tokens = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+                .collect::<candle_core::Result<Vec<_>>>()?
+        } else {
+            vec![]
+        };
+        for &variant in variants {
+            let rows: Vec<Option<&dyn crate::model::Adapter>> = loras
+                .iter()
+                .map(|l| Some(l as &dyn crate::model::Adapter))
+                .collect();
+            let cache = crate::model::Gathered::default();
+            let per_row = match variant {
+                "each alone" => crate::model::PerRow::each_alone(rows),
+                _ => crate::model::PerRow::with_cache(rows, &cache),
+            };
+            let step_opts = ForwardOpts {
+                adapter: (variant != "none").then_some(&per_row as &dyn crate::model::Adapter),
+                ..opts
+            };
+            let mut per_step = vec![];
+            for run in 0..=a.runs {
+                let mut caches: Vec<_> = (0..b)
+                    .map(|_| {
+                        let mut c = dec.new_cache(ids.len() + a.new_tokens);
+                        let input = Tensor::new(ids, dec.device())?.unsqueeze(0)?;
+                        dec.forward(&input, Some(&mut c), &opts)?;
+                        Ok(c)
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                let mut refs: Vec<_> = caches.iter_mut().collect();
+                let mut tokens = vec![ids[ids.len() - 1]; b];
+                let t = Instant::now();
+                for _ in 0..a.new_tokens {
+                    let logits = dec.decode_step(&tokens, &mut refs, &step_opts)?;
+                    tokens = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+                }
+                if run > 0 {
+                    per_step.push(t.elapsed().as_secs_f64() * 1e3 / a.new_tokens as f64);
+                }
             }
-            if run > 0 {
-                per_step.push(t.elapsed().as_secs_f64() * 1e3 / a.new_tokens as f64);
-            }
+            let ms = median(&mut per_step);
+            println!("| {b} | {variant} | {ms:.1} | {:.1} |", b as f64 * 1e3 / ms);
         }
-        let ms = median(&mut per_step);
-        println!("| {b} | {ms:.1} | {:.1} |", b as f64 * 1e3 / ms);
     }
     Ok(())
 }

@@ -516,6 +516,7 @@ impl Engine {
             limits: cfg.batch.clone(),
             health: health.clone(),
             faults: cfg.faults.clone(),
+            gathered: Default::default(),
         };
         health.scheduler_alive.store(true, Ordering::SeqCst);
         let alive = health.clone();

@@ -106,6 +106,8 @@ pub(super) struct Scheduler {
     pub limits: BatchLimits,
     pub health: Arc<Health>,
     pub faults: Faults,
+    /// The running rows' LoRA factors, stacked for gathered decode products.
+    pub gathered: crate::model::Gathered,
 }
 
 impl Scheduler {
@@ -416,7 +418,10 @@ impl Scheduler {
             adapters.push(seq.adapter.as_adapter());
         }
         let any = adapters.iter().any(Option::is_some);
-        let per_row = PerRow(adapters);
+        if !any {
+            self.gathered.clear();
+        }
+        let per_row = PerRow::with_cache(adapters, &self.gathered);
         let opts = ForwardOpts {
             logits: Logits::Last,
             adapter: if any { Some(&per_row) } else { None },

@@ -21,7 +21,9 @@ use candle_core::{DType, Device, Tensor};
 
 pub use chat_template::{question, ChatMessage, ChatTemplate, LocatedRender};
 pub use config::{Arch, ModelConfig};
-pub use decoder::{Adapter, Cache, Decoder, ForwardOpts, ForwardOutput, Logits, PerRow, Target};
+pub use decoder::{
+    Adapter, Cache, Decoder, ForwardOpts, ForwardOutput, Gathered, Logits, LowRank, PerRow, Target,
+};
 /// The GPU's own kernels (`--features cuda`).
 #[cfg(feature = "cuda")]
 pub use kernels::cuda;

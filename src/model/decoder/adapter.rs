@@ -1,6 +1,9 @@
 //! What a request may add to the shared weights: an adapter's delta on named projections, and
 //! one adapter per row of a batch.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use candle_core::{Result, Tensor};
 
 /// The linear projections an adapter can attach to.
@@ -20,24 +23,165 @@ pub enum Target {
 pub trait Adapter: Sync {
     fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>>;
 
+    /// The delta as `scale * B A x` factors, where it is one (a LoRA outside training):
+    /// [`PerRow`] then gathers the rows' factors into two batched products.
+    fn low_rank(&self, _layer: usize, _target: Target) -> Option<LowRank<'_>> {
+        None
+    }
+
     /// A training step begins (`Some(seed)`, e.g. for dropout masks) or training is over
     /// (`None`: inference behaviour).
     fn begin_step(&self, _step: Option<u64>) {}
 }
 
+/// A low-rank delta `scale * B (A x)`: `a` is `(rank, in)`, `b` `(out, rank)`. `id` names the
+/// adapter instance and is never reused, so copies of its factors can be cached by it.
+pub struct LowRank<'a> {
+    pub id: u64,
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scale: f64,
+}
+
 /// Adapters of a batch, one per row (`None`: the base model): each row's delta is computed
-/// from that row alone, so no row's adapter touches another row. Rows are gathered per
-/// sequence, with no merged weights.
-pub struct PerRow<'a>(pub Vec<Option<&'a dyn Adapter>>);
+/// from that row alone, so no row's adapter touches another row; no weights are merged.
+/// Where every row's delta is low-rank with factors of one shape, the rows' factors are
+/// stacked and the deltas are two batched products for the whole batch (as S-LoRA's and
+/// Punica's gathered kernels do), instead of products per row; otherwise each row is
+/// computed alone.
+pub struct PerRow<'a> {
+    rows: Vec<Option<&'a dyn Adapter>>,
+    gather: bool,
+    gathered: Option<&'a Gathered>,
+}
+
+/// Rows' stacked low-rank factors per projection, kept across decode steps by whoever owns
+/// the batch: an entry is used only while the very same adapters sit in the very same rows.
+#[derive(Default)]
+pub struct Gathered(Mutex<HashMap<(usize, Target), Stacked>>);
+
+impl Gathered {
+    /// Projections with stacked factors held.
+    pub fn entries(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Drops every entry (the batch has no adapters left).
+    pub fn clear(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+/// One projection's factors for a batch: `a` `(rows, rank, in)`, `b` `(rows, out, rank)` and
+/// `scale` `(rows, 1, 1)` (0 for a row without adapter), built for the adapter ids `key`.
+#[derive(Clone)]
+struct Stacked {
+    key: Vec<Option<u64>>,
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+}
+
+impl<'a> PerRow<'a> {
+    pub fn new(rows: Vec<Option<&'a dyn Adapter>>) -> Self {
+        Self {
+            rows,
+            gather: true,
+            gathered: None,
+        }
+    }
+
+    /// With stacked factors kept in `cache` from one step to the next.
+    pub fn with_cache(rows: Vec<Option<&'a dyn Adapter>>, cache: &'a Gathered) -> Self {
+        Self {
+            rows,
+            gather: true,
+            gathered: Some(cache),
+        }
+    }
+
+    /// Every row's delta computed alone, never gathered: the reference the gathered products
+    /// are measured against (`ttarag bench --batch --lora`).
+    pub fn each_alone(rows: Vec<Option<&'a dyn Adapter>>) -> Self {
+        Self {
+            rows,
+            gather: false,
+            gathered: None,
+        }
+    }
+
+    /// The batch's deltas as two batched products, or `None` where some row's delta is not
+    /// low-rank or the factors' shapes differ.
+    fn gathered_delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>> {
+        let mut factors = Vec::with_capacity(self.rows.len());
+        for a in &self.rows {
+            factors.push(match a {
+                Some(a) => match a.low_rank(layer, target) {
+                    Some(f) => Some(f),
+                    None => return Ok(None),
+                },
+                None => None,
+            });
+        }
+        let Some(first) = factors.iter().flatten().next() else {
+            return Ok(None);
+        };
+        let same = |f: &LowRank| f.a.dims() == first.a.dims() && f.b.dims() == first.b.dims();
+        if !factors.iter().flatten().all(same) {
+            return Ok(None);
+        }
+        let key: Vec<Option<u64>> = factors.iter().map(|f| f.as_ref().map(|f| f.id)).collect();
+        let build = || -> Result<Stacked> {
+            // A row without adapter multiplies some other row's factors by 0.
+            let pick = |f: &Option<LowRank<'_>>| f.as_ref().unwrap_or(first).a.clone();
+            let a = Tensor::stack(&factors.iter().map(pick).collect::<Vec<_>>(), 0)?;
+            let pick = |f: &Option<LowRank<'_>>| f.as_ref().unwrap_or(first).b.clone();
+            let b = Tensor::stack(&factors.iter().map(pick).collect::<Vec<_>>(), 0)?;
+            let s: Vec<f32> = factors
+                .iter()
+                .map(|f| f.as_ref().map_or(0.0, |f| f.scale as f32))
+                .collect();
+            let scale = Tensor::from_vec(s, (factors.len(), 1, 1), x.device())?;
+            Ok(Stacked {
+                key: key.clone(),
+                a,
+                b,
+                scale: scale.to_dtype(x.dtype())?,
+            })
+        };
+        let st = match self.gathered {
+            Some(cache) => {
+                let mut map = cache.0.lock().unwrap_or_else(|e| e.into_inner());
+                match map.get(&(layer, target)) {
+                    Some(st) if st.key == key => st.clone(),
+                    _ => {
+                        let st = build()?;
+                        map.insert((layer, target), st.clone());
+                        st
+                    }
+                }
+            }
+            None => build()?,
+        };
+        let h = x.matmul(&st.a.transpose(1, 2)?)?;
+        let y = h.matmul(&st.b.transpose(1, 2)?)?;
+        Ok(Some(y.broadcast_mul(&st.scale)?))
+    }
+}
 
 impl Adapter for PerRow<'_> {
     fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>> {
         let rows = x.dim(0)?;
-        if rows != self.0.len() {
-            candle_core::bail!("{} adapters for a batch of {rows} rows", self.0.len());
+        if rows != self.rows.len() {
+            candle_core::bail!("{} adapters for a batch of {rows} rows", self.rows.len());
+        }
+        if rows > 1 && self.gather {
+            if let Some(d) = self.gathered_delta(layer, target, x)? {
+                return Ok(Some(d));
+            }
         }
         let mut deltas = Vec::with_capacity(rows);
-        for (i, a) in self.0.iter().enumerate() {
+        for (i, a) in self.rows.iter().enumerate() {
             deltas.push(match a {
                 Some(a) => a.delta(layer, target, &x.narrow(0, i, 1)?)?,
                 None => None,
@@ -55,7 +199,7 @@ impl Adapter for PerRow<'_> {
     }
 
     fn begin_step(&self, step: Option<u64>) {
-        for a in self.0.iter().flatten() {
+        for a in self.rows.iter().flatten() {
             a.begin_step(step);
         }
     }

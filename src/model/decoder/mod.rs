@@ -22,7 +22,7 @@ mod adapter;
 mod cache;
 mod training;
 
-pub use adapter::{Adapter, PerRow, Target};
+pub use adapter::{Adapter, Gathered, LowRank, PerRow, Target};
 pub use cache::Cache;
 
 /// Which logits a forward pass computes.

@@ -118,7 +118,7 @@ fn alone_and_batched(
     }
     // Together.
     let (mut caches, mut last): (Vec<Cache>, Vec<Tensor>) = (0..3).map(prefill).unzip();
-    let per_row = PerRow(adapters.to_vec());
+    let per_row = PerRow::new(adapters.to_vec());
     let mut batched = vec![vec![]; 3];
     for _ in 0..steps {
         let tokens: Vec<u32> = last.iter().map(argmax).collect();
@@ -594,4 +594,142 @@ fn bf16_inference_in_its_own_dtype_stays_close_to_f32_norms_and_attention() {
         let d = max_diff(&both.narrow(0, i, 1).unwrap(), a);
         assert!(d < 0.05 * scale, "batched row {i} diff {d}");
     }
+}
+
+/// A low-rank adapter on Q and O of every layer, `scale * B A x`, that says so.
+struct LowRankTest {
+    id: u64,
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+}
+
+impl LowRankTest {
+    fn new(id: u64, rank: usize, seed: f64) -> Self {
+        let dev = Device::Cpu;
+        let r = |n: usize, m: usize, k: f64| {
+            Tensor::arange(0f32, (n * m) as f32, &dev)
+                .unwrap()
+                .reshape((n, m))
+                .unwrap()
+                .affine(0.37 * k, 0.0)
+                .unwrap()
+                .sin()
+                .unwrap()
+        };
+        Self {
+            id,
+            a: r(rank, 32, seed),
+            b: r(32, rank, seed + 1.0),
+            scale: 0.5 * seed,
+        }
+    }
+}
+
+impl Adapter for LowRankTest {
+    fn delta(&self, _l: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>> {
+        if !matches!(target, Target::Q | Target::O) {
+            return Ok(None);
+        }
+        let y = x
+            .broadcast_matmul(&self.a.t()?)?
+            .broadcast_matmul(&self.b.t()?)?;
+        Ok(Some((y * self.scale)?))
+    }
+
+    fn low_rank(&self, _l: usize, target: Target) -> Option<LowRank<'_>> {
+        matches!(target, Target::Q | Target::O).then_some(LowRank {
+            id: self.id,
+            a: &self.a,
+            b: &self.b,
+            scale: self.scale,
+        })
+    }
+}
+
+#[test]
+fn gathered_low_rank_rows_equal_each_row_alone_and_a_cache_follows_its_adapters() {
+    // Quantized products are row-independent on every CPU (see the tests above).
+    let mut m = tiny(Arch::Llama);
+    m.quantize_for_decode(GgmlDType::Q8_0).unwrap();
+    let (one, two, three) = (
+        LowRankTest::new(1, 4, 1.0),
+        LowRankTest::new(2, 4, 2.0),
+        LowRankTest::new(3, 4, 3.0),
+    );
+    // Through `alone_and_batched` (a fresh stack per step): exact, and each adapter acts.
+    let adapters: [Option<&dyn Adapter>; 3] = [Some(&one), None, Some(&two)];
+    let (alone, batched) = alone_and_batched(&m, &adapters);
+    let (base, _) = alone_and_batched(&m, &[None, None, None]);
+    for i in 0..3 {
+        for t in 0..alone[i].len() {
+            let d = max_diff(&alone[i][t], &batched[i][t]);
+            assert_eq!(d, 0.0, "row {i} step {t}");
+        }
+    }
+    assert_eq!(max_diff(&base[1][0], &batched[1][0]), 0.0, "the plain row");
+    assert!(
+        max_diff(&base[0][0], &batched[0][0]) > 1e-3,
+        "adapter 1 acted"
+    );
+
+    // One cache across steps whose rows change adapters: every step equals its rows alone.
+    let cache = Gathered::default();
+    let step = |rows: [Option<&dyn Adapter>; 2]| {
+        let mut caches = [m.new_cache(8), m.new_cache(8)];
+        for c in caches.iter_mut() {
+            logits(&m, &ids().narrow(1, 0, 3).unwrap(), c);
+        }
+        let mut alone = Vec::new();
+        for (c, a) in caches.iter().zip(rows) {
+            let mut c = c.fork(1).unwrap();
+            let o = ForwardOpts {
+                adapter: a,
+                ..Default::default()
+            };
+            let one = Tensor::new(&[[IDS[3]]], &Device::Cpu).unwrap();
+            alone.push(m.forward(&one, Some(&mut c), &o).unwrap().logits.unwrap());
+        }
+        let per_row = PerRow::with_cache(rows.to_vec(), &cache);
+        let o = ForwardOpts {
+            adapter: Some(&per_row),
+            ..Default::default()
+        };
+        let [c0, c1] = &mut caches;
+        let both = m.decode_step(&[IDS[3]; 2], &mut [c0, c1], &o).unwrap();
+        for (i, a) in alone.iter().enumerate() {
+            assert_eq!(max_diff(&both.narrow(0, i, 1).unwrap(), a), 0.0, "row {i}");
+        }
+    };
+    step([Some(&one), Some(&two)]);
+    let held = cache.entries();
+    assert_eq!(
+        held,
+        2 * m.config().num_hidden_layers,
+        "Q and O of every layer"
+    );
+    step([Some(&two), Some(&one)]); // the same adapters, swapped rows
+    step([Some(&three), Some(&one)]); // a new adapter in a row
+    step([None, Some(&three)]);
+    assert_eq!(cache.entries(), held);
+    // Factors of different shapes: each row alone, nothing stacked.
+    let wide = LowRankTest::new(4, 8, 4.0);
+    let fresh = Gathered::default();
+    let per_row = PerRow::with_cache(vec![Some(&one as &dyn Adapter), Some(&wide)], &fresh);
+    let x = Tensor::ones((2, 1, 32), DType::F32, &Device::Cpu).unwrap();
+    let d = per_row.delta(0, Target::Q, &x).unwrap().unwrap();
+    let want = Tensor::cat(
+        &[
+            one.delta(0, Target::Q, &x.narrow(0, 0, 1).unwrap())
+                .unwrap()
+                .unwrap(),
+            wide.delta(0, Target::Q, &x.narrow(0, 1, 1).unwrap())
+                .unwrap()
+                .unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    assert_eq!(max_diff(&d, &want), 0.0);
+    assert_eq!(fresh.entries(), 0);
 }
