@@ -117,6 +117,114 @@ pub fn optimizer(
     })
 }
 
+/// Largest |a - b| over the largest |b|.
+fn rel_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+    let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+    let m = b.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+    Ok(d / m.max(f64::MIN_POSITIVE))
+}
+
+/// A two-input differentiable op, fused against composed, on `(rows, n)` inputs in `dtype`:
+/// the output and both input gradients of `sum(op(a, b) * r)`, as the largest relative
+/// difference, and the time of a forward and backward of each.
+#[allow(clippy::too_many_arguments)]
+fn op_check(
+    name: &str,
+    (rows, n): (usize, usize),
+    dtype: DType,
+    dev: &Device,
+    steps: usize,
+    b_is_weight: bool,
+    fused: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    composed: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> anyhow::Result<KernelCheck> {
+    let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, n), dev)?.to_dtype(dtype)?)?;
+    let b_shape: &[usize] = if b_is_weight { &[n] } else { &[rows, n] };
+    let b =
+        Tensor::randn(0f32, 0.5, b_shape, dev)?.affine(1.0, if b_is_weight { 1.0 } else { 0.0 })?;
+    let b = Var::from_tensor(&b.to_dtype(dtype)?)?;
+    let r = Tensor::randn(0f32, 1.0, (rows, n), dev)?.to_dtype(dtype)?;
+    let run = |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>| {
+        let y = f(a.as_tensor(), b.as_tensor())?;
+        let grads = (&y * &r)?.sum_all()?.backward()?;
+        let ga = grads.get(a.as_tensor()).cloned();
+        let gb = grads.get(b.as_tensor()).cloned();
+        candle_core::Result::Ok((y, ga, gb))
+    };
+    let (mut kernel_ms, mut reference_ms) = (vec![], vec![]);
+    for _ in 0..steps {
+        for (f, times) in [
+            (
+                &fused as &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+                &mut kernel_ms,
+            ),
+            (&composed, &mut reference_ms),
+        ] {
+            dev.synchronize()?;
+            let t = Instant::now();
+            run(f)?;
+            dev.synchronize()?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let (y1, ga1, gb1) = run(&fused)?;
+    let (y2, ga2, gb2) = run(&composed)?;
+    let mut max_diff = rel_diff(&y1, &y2)?;
+    for (g1, g2) in [(ga1, ga2), (gb1, gb2)] {
+        match (g1, g2) {
+            (Some(g1), Some(g2)) => max_diff = max_diff.max(rel_diff(&g1, &g2)?),
+            _ => max_diff = f64::NAN,
+        }
+    }
+    Ok(KernelCheck {
+        kernel: format!("{name} ({rows}x{n}, {dtype:?}, relative)"),
+        path: if dev.is_cpu() { "cpu" } else { "cuda" },
+        max_diff,
+        // f32: rounding; bf16: a few units in the last place of 8 bits.
+        tolerance: if dtype == DType::BF16 { 2e-2 } else { 1e-4 },
+        kernel_ms: crate::numeric::median(&kernel_ms),
+        reference_ms: crate::numeric::median(&reference_ms),
+    })
+}
+
+/// The fused RMS norm (f32, as training takes norms) and SwiGLU (f32, and bf16 off the CPU)
+/// over `rows` positions of `dec`'s widths.
+pub fn block_ops(dec: &Decoder, rows: usize, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
+    use crate::model::fused;
+    let dev = dec.device();
+    let cfg = dec.config();
+    let eps = cfg.rms_norm_eps;
+    let mut out = vec![op_check(
+        "rms norm fwd+bwd",
+        (rows, cfg.hidden_size),
+        DType::F32,
+        dev,
+        steps,
+        true,
+        |x, w| fused::rms_norm(x, w, eps),
+        |x, w| candle_nn::ops::rms_norm_slow(x, w, eps as f32),
+    )?];
+    let dtypes: &[DType] = if dev.is_cpu() {
+        &[DType::F32]
+    } else {
+        &[DType::F32, DType::BF16]
+    };
+    for &dtype in dtypes {
+        out.push(op_check(
+            "swiglu fwd+bwd",
+            (rows, cfg.intermediate_size),
+            dtype,
+            dev,
+            steps,
+            false,
+            fused::swiglu,
+            |a, b| candle_nn::ops::silu(a)? * b,
+        )?);
+    }
+    Ok(out)
+}
+
 /// Every check for `dec`'s shapes on its device: the optimiser over a LoRA r8 q,v adapter and
 /// over every weight, in f32 and (off the CPU) bf16.
 pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
@@ -138,6 +246,8 @@ pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
         out.push(optimizer("adamw lora", &lora_shapes, dtype, dev, steps)?);
         out.push(optimizer("adamw full", &full_shapes, dtype, dev, steps)?);
     }
+    // About three training pairs' worth of positions.
+    out.extend(block_ops(dec, 192, steps)?);
     Ok(out)
 }
 
@@ -145,12 +255,12 @@ pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
 pub fn run(dec: &Decoder, steps: usize) -> anyhow::Result<()> {
     let checks = all(dec, steps)?;
     println!(
-        "{:<36} {:<7} {:>10} {:>9} {:>10} {:>12}  parity",
+        "{:<50} {:<7} {:>10} {:>9} {:>10} {:>12}  parity",
         "kernel", "path", "max diff", "tol", "kernel ms", "candle ms"
     );
     for c in &checks {
         println!(
-            "{:<36} {:<7} {:>10.2e} {:>9.0e} {:>10.3} {:>12.3}  {}",
+            "{:<50} {:<7} {:>10.2e} {:>9.0e} {:>10.3} {:>12.3}  {}",
             c.kernel,
             c.path,
             c.max_diff,
@@ -177,6 +287,20 @@ mod tests {
         assert!(c.ok(), "{c:?}");
         assert!(c.max_diff < 1e-5, "{c:?}");
         assert!(c.kernel_ms >= 0.0 && c.reference_ms >= 0.0);
+    }
+
+    #[test]
+    fn fused_block_ops_match_their_composed_ops_in_value_and_gradients() {
+        let parts =
+            crate::model::tiny::tiny_parts(crate::model::Arch::Llama, 3, &Device::Cpu, DType::F32)
+                .unwrap();
+        let dec = crate::model::Model::from_parts("t", parts).unwrap().decoder;
+        let checks = block_ops(&dec, 24, 2).unwrap();
+        assert_eq!(checks.len(), 2);
+        for c in &checks {
+            assert!(c.ok(), "{c:?}");
+            assert_eq!(c.path, "cpu");
+        }
     }
 
     #[test]

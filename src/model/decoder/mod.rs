@@ -113,6 +113,11 @@ fn acc_dtype(dtype: DType) -> DType {
     }
 }
 
+/// Whether the fused ops' CUDA bodies take `x` (a differentiable pass on a GPU, f32 or bf16).
+fn gpu_fused(x: &Tensor) -> bool {
+    x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16)
+}
+
 /// RMS norm of `x` by `w`, computed on `dt` operands (a no-op conversion where `x` has it).
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, diff: bool, dt: DType) -> Result<Tensor> {
     let dtype = x.dtype();
@@ -434,6 +439,18 @@ impl Decoder {
         rms_norm(x, w, self.cfg.rms_norm_eps, differentiable, dt)
     }
 
+    /// The RMS norm of a pass with `opts`: a differentiable pass on a GPU takes the fused op
+    /// (a launch each way, in f32) where candle's composed ops take about six and a dozen,
+    /// unless `opts.composed_ops` asks for those.
+    fn norm_with(&self, x: &Tensor, w: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
+        if opts.differentiable && !opts.composed_ops && gpu_fused(x) {
+            let f32 = DType::F32;
+            let y = fused::rms_norm(&x.to_dtype(f32)?, &w.to_dtype(f32)?, self.cfg.rms_norm_eps)?;
+            return y.to_dtype(x.dtype());
+        }
+        self.norm(x, w, opts.differentiable)
+    }
+
     /// Adds a quantized copy of every projection and of the output head, used by decode steps
     /// (a few new positions, no gradients). Prefill and training keep the full weights. With
     /// q4_1 the head stays q8_0, as a GGUF of q4_1 blocks stores its embedding table (and as
@@ -691,7 +708,7 @@ impl Decoder {
     pub fn head_rows(&self, x: &Tensor, rows: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let picked = x.reshape((b * t, h))?.index_select(rows, 0)?;
-        let h = self.norm(&picked, &self.norm, opts.differentiable)?;
+        let h = self.norm_with(&picked, &self.norm, opts)?;
         self.head(&h, opts.bf16_frozen)
     }
 
@@ -721,10 +738,10 @@ impl Decoder {
         kv: Kv<'_, '_>,
         opts: &ForwardOpts,
     ) -> Result<Tensor> {
-        let h = self.norm(x, &block.input_norm, opts.differentiable)?;
+        let h = self.norm_with(x, &block.input_norm, opts)?;
         let a = self.attention(&block.attn, layer, &h, cos, sin, mask, kv, opts)?;
         let x = (x + a)?;
-        let h = self.norm(&x, &block.post_norm, opts.differentiable)?;
+        let h = self.norm_with(&x, &block.post_norm, opts)?;
         let m = &block.mlp;
         let (g, u) = match &m.gate_up {
             Some(j) if use_quant(&h, opts) => {
@@ -736,9 +753,12 @@ impl Decoder {
                 m.up.forward(&h, layer, opts)?,
             ),
         };
-        let y = m
-            .down
-            .forward(&(candle_nn::ops::silu(&g)? * u)?, layer, opts)?;
+        let act = if opts.differentiable && !opts.composed_ops && gpu_fused(&g) {
+            fused::swiglu(&g, &u)?
+        } else {
+            (candle_nn::ops::silu(&g)? * u)?
+        };
+        let y = m.down.forward(&act, layer, opts)?;
         x + y
     }
 

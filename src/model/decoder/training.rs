@@ -146,7 +146,7 @@ impl Decoder {
             return Ok(None);
         }
         let picked = x.reshape((b * t, h))?.index_select(rows, 0)?;
-        let normed = self.norm(&picked, &self.norm, opts.differentiable)?;
+        let normed = self.norm_with(&picked, &self.norm, opts)?;
         crate::model::kernels::head_loss::head_loss(&normed, w, targets, weights, sink).map(Some)
     }
 }

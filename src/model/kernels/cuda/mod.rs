@@ -4,9 +4,11 @@
 //!
 //! | kernel | serves | used when | tested against |
 //! |---|---|---|---|
-//! | [`optimizer`] (`optimizer.cu`) | adaptation's optimiser step: global-norm clipping and AdamW over every trained tensor in three launches, moments in f32 | trained variables on a CUDA device, f32 or bf16 | `FastAdamW`'s CPU loop, step for step (`ttarag bench kernels` on the GPU machine) |
+//! | [`optimizer`] (`optimizer.cu`) | adaptation's optimiser step: global-norm clipping and AdamW over every trained tensor in three launches, moments in f32 | trained variables on a CUDA device, f32 or bf16 | candle_nn::AdamW with the gradients clipped on the host, step for step (`ttarag bench --kernels`) |
+//! | [`training_ops`] (`training_ops.cu`) | the CUDA bodies of `fused::rms_norm` (f32) and `fused::swiglu` (f32, bf16): one launch forward, one backward | differentiable passes on a CUDA device (adaptation), unless `composed_ops` | candle's composed ops, values and gradients (`ttarag bench --kernels`) |
 
 pub mod optimizer;
+pub mod training_ops;
 
 use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, SyncOnDrop};
 use candle_core::cuda_backend::CudaStorageSlice;
@@ -16,6 +18,11 @@ use candle_core::{CudaDevice, Device, Result, Storage, Tensor};
 const OPTIMIZER: (&str, &str) = (
     "ttarag_optimizer",
     include_str!(concat!(env!("OUT_DIR"), "/optimizer.ptx")),
+);
+
+const TRAINING_OPS: (&str, &str) = (
+    "ttarag_training_ops",
+    include_str!(concat!(env!("OUT_DIR"), "/training_ops.ptx")),
 );
 
 /// The CUDA device of `t`, or an error naming `what`.

@@ -38,6 +38,17 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::model::kernels::cuda::training_ops::rms_norm_fwd(s1, l1, s2, l2, self.eps)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -47,6 +58,12 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // dx = r (g*w) - x r^3 / n * sum(g*w*x);  dw = sum over rows of g * x * r.
         let want_w = w.track_op();
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (dx, dw) =
+                crate::model::kernels::cuda::training_ops::rms_norm_grads(x, w, g, self.eps)?;
+            return Ok((Some(dx), want_w.then_some(dw)));
+        }
         let (dx, dw) = with_f32(x, |x| {
             with_f32(w, |w| {
                 with_f32(g, |g| {
@@ -84,7 +101,8 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
-/// RMS norm of `x` (f32, CPU, contiguous) over its last dimension, scaled by `w`.
+/// RMS norm of `x` (f32, on the CPU or, with `--features cuda`, a GPU) over its last
+/// dimension, scaled by `w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let n = x.dim(candle_core::D::Minus1)?;
     if w.dims() != [n] {

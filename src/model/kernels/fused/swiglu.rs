@@ -60,6 +60,17 @@ impl CustomOp2 for Swiglu {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::model::kernels::cuda::training_ops::swiglu_fwd(s1, l1, s2, l2)
+    }
+
     fn bwd(
         &self,
         a: &Tensor,
@@ -68,6 +79,11 @@ impl CustomOp2 for Swiglu {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // da = g b s (1 + a (1 - s)), db = g a s, with s = sigmoid(a).
+        #[cfg(feature = "cuda")]
+        if a.device().is_cuda() {
+            let (da, db) = crate::model::kernels::cuda::training_ops::swiglu_grads(a, b, g)?;
+            return Ok((Some(da), Some(db)));
+        }
         let (da, db) = with_f32(a, |a| {
             with_f32(b, |b| {
                 with_f32(g, |g| {
@@ -89,7 +105,8 @@ impl CustomOp2 for Swiglu {
     }
 }
 
-/// `silu(a) * b` elementwise; `a` and `b` f32 on the CPU, of one shape.
+/// `silu(a) * b` elementwise; `a` and `b` of one shape, f32 on the CPU or (with
+/// `--features cuda`) f32 or bf16 on a GPU.
 pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.shape() != b.shape() {
         candle_core::bail!("swiglu: shapes {:?} and {:?}", a.shape(), b.shape());

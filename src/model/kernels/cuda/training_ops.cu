@@ -1,0 +1,102 @@
+// Adaptation's RMS norm and gated activation on the GPU, each one launch forward and one
+// backward, where candle's composed ops take about six launches forward and a dozen backward
+// per norm (`model/kernels/fused/` holds the same ops for the CPU, and the reference math).
+// Sums are in f32 in a fixed order (one block per row, a fixed tree), so a pass gives the
+// same bits run after run.
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define THREADS 256
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ void put(float *p, int64_t i, float x) { p[i] = x; }
+__device__ __forceinline__ void put(__nv_bfloat16 *p, int64_t i, float x) {
+    p[i] = __float2bfloat16(x);
+}
+
+// Sum of `v` over the block, the same order every time; every thread gets it.
+__device__ float block_sum(float v) {
+    __shared__ float s[THREADS];
+    __syncthreads();
+    s[threadIdx.x] = v;
+    __syncthreads();
+    for (int k = THREADS / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) s[threadIdx.x] += s[threadIdx.x + k];
+        __syncthreads();
+    }
+    return s[0];
+}
+
+// y = x / rms(x) * w, one block per row of `n` (f32: training takes norms in f32).
+extern "C" __global__ void rms_norm_fwd(const float *x, const float *w, float *y, int n,
+                                        float eps) {
+    const float *xr = x + (int64_t)blockIdx.x * n;
+    float *yr = y + (int64_t)blockIdx.x * n;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += THREADS) ss += xr[i] * xr[i];
+    const float r = 1.0f / sqrtf(block_sum(ss) / n + eps);
+    for (int i = threadIdx.x; i < n; i += THREADS) yr[i] = xr[i] * r * w[i];
+}
+
+// out[0] = dx = r (g w) - x r^3 / n * sum(g w x); out[1] = each row's g x r (dw is their sum
+// over rows, taken after, in a fixed order). `rows` rows of `n`.
+extern "C" __global__ void rms_norm_bwd(const float *x, const float *w, const float *g,
+                                        float *out, int64_t rows, int n, float eps) {
+    const int64_t o = (int64_t)blockIdx.x * n;
+    const float *xr = x + o, *gr = g + o;
+    float ss = 0.f, s = 0.f;
+    for (int i = threadIdx.x; i < n; i += THREADS) {
+        ss += xr[i] * xr[i];
+        s += gr[i] * w[i] * xr[i];
+    }
+    ss = block_sum(ss);
+    s = block_sum(s);
+    const float r = 1.0f / sqrtf(ss / n + eps);
+    const float c = s * r * r * r / n;
+    float *dx = out + o, *dw = out + rows * n + o;
+    for (int i = threadIdx.x; i < n; i += THREADS) {
+        dx[i] = r * gr[i] * w[i] - c * xr[i];
+        dw[i] = gr[i] * xr[i] * r;
+    }
+}
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+template <typename T>
+__device__ void swiglu_fwd(const T *a, const T *b, T *y, int64_t len) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const float av = to_f(a[i]);
+        put(y, i, av * sigmoid(av) * to_f(b[i]));
+    }
+}
+
+// out[0] = da = g b silu'(a), out[1] = db = g silu(a); `len` elements each.
+template <typename T>
+__device__ void swiglu_bwd(const T *a, const T *b, const T *g, T *out, int64_t len) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const float av = to_f(a[i]), gv = to_f(g[i]);
+        const float sg = sigmoid(av);
+        put(out, i, gv * to_f(b[i]) * sg * (1.0f + av * (1.0f - sg)));
+        put(out, len + i, gv * av * sg);
+    }
+}
+
+extern "C" __global__ void swiglu_fwd_f32(const float *a, const float *b, float *y, int64_t len) {
+    swiglu_fwd<float>(a, b, y, len);
+}
+extern "C" __global__ void swiglu_fwd_bf16(const __nv_bfloat16 *a, const __nv_bfloat16 *b,
+                                           __nv_bfloat16 *y, int64_t len) {
+    swiglu_fwd<__nv_bfloat16>(a, b, y, len);
+}
+extern "C" __global__ void swiglu_bwd_f32(const float *a, const float *b, const float *g,
+                                          float *out, int64_t len) {
+    swiglu_bwd<float>(a, b, g, out, len);
+}
+extern "C" __global__ void swiglu_bwd_bf16(const __nv_bfloat16 *a, const __nv_bfloat16 *b,
+                                           const __nv_bfloat16 *g, __nv_bfloat16 *out,
+                                           int64_t len) {
+    swiglu_bwd<__nv_bfloat16>(a, b, g, out, len);
+}

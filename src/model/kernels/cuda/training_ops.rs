@@ -1,0 +1,256 @@
+//! Adaptation's RMS norm and `silu(a) * b` on the GPU (`training_ops.cu`): the CUDA bodies of
+//! the ops in `model/kernels/fused/` (`rms_norm`, `swiglu`), forward and backward, one launch
+//! each. Their backward returns both gradients of one op in one `(2, ..)` buffer.
+
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
+use candle_core::backend::BackendStorage;
+use candle_core::{CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::TRAINING_OPS;
+
+const THREADS: u32 = 256;
+
+/// The elements of a contiguous storage from its layout's offset on.
+fn view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => candle_core::bail!("CUDA training op: contiguous inputs only"),
+    }
+}
+
+fn launch_cfg(blocks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Blocks for an elementwise pass over `len` elements (grid-stride beyond).
+fn elementwise_blocks(len: usize) -> usize {
+    len.div_ceil(THREADS as usize).min(65_535)
+}
+
+/// `x / rms(x) * w` over rows of `w.len()`, f32.
+pub fn rms_norm_fwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    w: &CudaStorage,
+    lw: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &x.device;
+    let n = lw.shape().elem_count();
+    let len = lx.shape().elem_count();
+    let (xv, wv) = (view::<f32>(x, lx)?, view::<f32>(w, lw)?);
+    // SAFETY: every element is written by the kernel before the buffer is read.
+    let mut y = unsafe { dev.alloc::<f32>(len) }?;
+    let f = dev.get_or_load_custom_func("rms_norm_fwd", TRAINING_OPS.0, TRAINING_OPS.1)?;
+    let mut b = f.builder();
+    let (n32, eps) = (n as i32, eps);
+    b.arg(&xv).arg(&wv).arg(&mut y).arg(&n32).arg(&eps);
+    if len > 0 && n > 0 {
+        // SAFETY: one block per row of `n` contiguous f32, as the kernel reads them.
+        unsafe { b.launch(launch_cfg(len / n)) }.map_err(candle_core::Error::wrap)?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev.clone()),
+        lx.shape().clone(),
+    ))
+}
+
+/// The gradients of `rms_norm(x, w)` for the output gradient `g`: `(dx, dw)`.
+pub fn rms_norm_grads(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let both = x.contiguous()?.apply_op3_no_bwd(
+        &w.contiguous()?,
+        &g.contiguous()?,
+        &RmsNormGrads { eps },
+    )?;
+    let dw = both.get(1)?.sum(0)?;
+    Ok((both.get(0)?, dw))
+}
+
+struct RmsNormGrads {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormGrads {
+    fn name(&self) -> &'static str {
+        "cuda-rms-norm-grads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("cuda-rms-norm-grads runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &x.device;
+        let n = lw.shape().elem_count();
+        let len = lx.shape().elem_count();
+        let rows = (len / n.max(1)) as i64;
+        let (xv, wv, gv) = (
+            view::<f32>(x, lx)?,
+            view::<f32>(w, lw)?,
+            view::<f32>(g, lg)?,
+        );
+        // SAFETY: the kernel writes both halves in full.
+        let mut out = unsafe { dev.alloc::<f32>(2 * len) }?;
+        let f = dev.get_or_load_custom_func("rms_norm_bwd", TRAINING_OPS.0, TRAINING_OPS.1)?;
+        let mut b = f.builder();
+        let (n32, eps) = (n as i32, self.eps);
+        b.arg(&xv)
+            .arg(&wv)
+            .arg(&gv)
+            .arg(&mut out)
+            .arg(&rows)
+            .arg(&n32)
+            .arg(&eps);
+        if rows > 0 {
+            // SAFETY: one block per row; `out` holds `2 * len` f32.
+            unsafe { b.launch(launch_cfg(rows as usize)) }.map_err(candle_core::Error::wrap)?;
+        }
+        let shape = Shape::from((2, rows as usize, n));
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+    }
+}
+
+/// `silu(a) * b`, f32 or bf16.
+pub fn swiglu_fwd(
+    a: &CudaStorage,
+    la: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &a.device;
+    let len = la.shape().elem_count() as i64;
+    let blocks = elementwise_blocks(len as usize);
+    let storage = match (&a.slice, &b.slice) {
+        (CudaStorageSlice::F32(_), CudaStorageSlice::F32(_)) => {
+            let (av, bv) = (view::<f32>(a, la)?, view::<f32>(b, lb)?);
+            // SAFETY: every element is written by the kernel.
+            let mut y = unsafe { dev.alloc::<f32>(len as usize) }?;
+            let f =
+                dev.get_or_load_custom_func("swiglu_fwd_f32", TRAINING_OPS.0, TRAINING_OPS.1)?;
+            let mut bl = f.builder();
+            bl.arg(&av).arg(&bv).arg(&mut y).arg(&len);
+            // SAFETY: a grid-stride loop over `len` elements of each buffer.
+            unsafe { bl.launch(launch_cfg(blocks)) }.map_err(candle_core::Error::wrap)?;
+            CudaStorage::wrap_cuda_slice(y, dev.clone())
+        }
+        (CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_)) => {
+            let (av, bv) = (view::<half::bf16>(a, la)?, view::<half::bf16>(b, lb)?);
+            // SAFETY: as above.
+            let mut y = unsafe { dev.alloc::<half::bf16>(len as usize) }?;
+            let f =
+                dev.get_or_load_custom_func("swiglu_fwd_bf16", TRAINING_OPS.0, TRAINING_OPS.1)?;
+            let mut bl = f.builder();
+            bl.arg(&av).arg(&bv).arg(&mut y).arg(&len);
+            // SAFETY: as above.
+            unsafe { bl.launch(launch_cfg(blocks)) }.map_err(candle_core::Error::wrap)?;
+            CudaStorage::wrap_cuda_slice(y, dev.clone())
+        }
+        _ => candle_core::bail!("CUDA swiglu: f32 or bf16 operands of one dtype"),
+    };
+    Ok((storage, la.shape().clone()))
+}
+
+/// The gradients of `silu(a) * b` for the output gradient `g`: `(da, db)`.
+pub fn swiglu_grads(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let g = g.to_dtype(a.dtype())?.contiguous()?;
+    let both = a
+        .contiguous()?
+        .apply_op3_no_bwd(&b.contiguous()?, &g, &SwigluGrads)?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+struct SwigluGrads;
+
+impl CustomOp3 for SwigluGrads {
+    fn name(&self) -> &'static str {
+        "cuda-swiglu-grads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("cuda-swiglu-grads runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        la: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &a.device;
+        let len = la.shape().elem_count() as i64;
+        let blocks = elementwise_blocks(len as usize);
+        let mut dims = vec![2];
+        dims.extend_from_slice(la.dims());
+        let storage = match a.dtype() {
+            DType::F32 => {
+                let (av, bv, gv) = (
+                    view::<f32>(a, la)?,
+                    view::<f32>(b, lb)?,
+                    view::<f32>(g, lg)?,
+                );
+                // SAFETY: the kernel writes both halves in full.
+                let mut out = unsafe { dev.alloc::<f32>(2 * len as usize) }?;
+                let f =
+                    dev.get_or_load_custom_func("swiglu_bwd_f32", TRAINING_OPS.0, TRAINING_OPS.1)?;
+                let mut bl = f.builder();
+                bl.arg(&av).arg(&bv).arg(&gv).arg(&mut out).arg(&len);
+                // SAFETY: a grid-stride loop; `out` holds `2 * len` elements.
+                unsafe { bl.launch(launch_cfg(blocks)) }.map_err(candle_core::Error::wrap)?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }
+            DType::BF16 => {
+                let (av, bv, gv) = (
+                    view::<half::bf16>(a, la)?,
+                    view::<half::bf16>(b, lb)?,
+                    view::<half::bf16>(g, lg)?,
+                );
+                // SAFETY: as above.
+                let mut out = unsafe { dev.alloc::<half::bf16>(2 * len as usize) }?;
+                let f =
+                    dev.get_or_load_custom_func("swiglu_bwd_bf16", TRAINING_OPS.0, TRAINING_OPS.1)?;
+                let mut bl = f.builder();
+                bl.arg(&av).arg(&bv).arg(&gv).arg(&mut out).arg(&len);
+                // SAFETY: as above.
+                unsafe { bl.launch(launch_cfg(blocks)) }.map_err(candle_core::Error::wrap)?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }
+            d => candle_core::bail!("CUDA swiglu: {d:?} operands"),
+        };
+        Ok((storage, Shape::from(dims)))
+    }
+}
