@@ -12,7 +12,8 @@
 #  2. greedy parity, CPU against CUDA (f32), and the whole request path on CUDA;
 #  3. per query at the GPU targets' shape (1,000-token prompt, 3 pairs of ~96 tokens, 64 new
 #     tokens, bf16): LoRA and full scope (`bench --query`), and decode per token with norms and
-#     attention in bf16 against converting to f32 (`[model] f32_norms_attention`);
+#     attention in bf16 against converting to f32 (`[model] f32_norms_attention`), and 8
+#     sequences with 8 adapters against one (`bench --batch 1,8 --lora`);
 #  4. the PyTorch reference on the same queries (scripts/reference/query_reference.py);
 #  5. the same for the Llama-3.2-1B shape.
 set -euo pipefail
@@ -63,6 +64,8 @@ for scope in lora full; do
 done
 run "$bin" --config "$bf16" --model "$small" --device cuda bench --runs 5 $shape
 run "$bin" --config "$bf16_conv" --model "$small" --device cuda bench --runs 5 $shape
+# 8 sequences, each its own LoRA, against one: decode throughput, each row alone and gathered.
+run "$bin" --config "$lora" --model "$small" --device cuda bench --batch 1,8 --lora --runs 3 $shape
 
 # 4. The reference on the same queries.
 for scope in lora full; do

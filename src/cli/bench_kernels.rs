@@ -225,6 +225,85 @@ pub fn block_ops(dec: &Decoder, rows: usize, steps: usize) -> anyhow::Result<Vec
     Ok(out)
 }
 
+/// A decode step's attention (`rows` sequences over caches of about `len` positions, in
+/// `dtype`) by the device's kernel against the composed candle ops, grouped-query as the
+/// decoder attends.
+pub fn decode_attention(
+    dec: &Decoder,
+    rows: usize,
+    len: usize,
+    dtype: DType,
+    steps: usize,
+) -> anyhow::Result<KernelCheck> {
+    let (dev, cfg) = (dec.device(), dec.config());
+    let (heads, kv_heads, d) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim(),
+    );
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = Tensor::randn(0f32, 1.0, (rows, heads, 1, d), dev)?.to_dtype(dtype)?;
+    // Views into larger buffers, as caches are; lengths differ by row.
+    let kv = (0..rows)
+        .map(|r| {
+            let n = len + 7 * r;
+            let buf = |_| Tensor::randn(0f32, 1.0, (1, kv_heads, n + 16, d), dev)?.to_dtype(dtype);
+            let (k, v) = (buf(0)?, buf(1)?);
+            Ok((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?))
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let composed = || -> candle_core::Result<Tensor> {
+        let rep = heads / kv_heads;
+        let rows = kv
+            .iter()
+            .enumerate()
+            .map(|(r, (k, v))| {
+                let qr = (q.narrow(0, r, 1)? * scale)?.reshape((1, kv_heads, rep, d))?;
+                let p = candle_nn::ops::softmax_last_dim(&qr.matmul(&k.t()?)?)?;
+                p.matmul(v)?.reshape((1, heads, 1, d))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&rows, 0)
+    };
+    let kernel = || crate::model::decode_attention::attend_rows(&q, &kv, scale);
+    let applies = crate::model::decode_attention::applies(&q, &kv);
+    let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> candle_core::Result<f64> {
+        dev.synchronize()?;
+        let t = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let (mut kernel_ms, mut reference_ms) = (vec![], vec![]);
+    for _ in 0..steps {
+        if applies {
+            kernel_ms.push(time(&kernel)?);
+        }
+        reference_ms.push(time(&composed)?);
+    }
+    let max_diff = if applies {
+        rel_diff(&kernel()?, &composed()?)?
+    } else {
+        f64::NAN
+    };
+    Ok(KernelCheck {
+        kernel: format!("decode attention ({rows} rows, ~{len} positions, {dtype:?}, relative)"),
+        path: match (applies, dev.is_cpu()) {
+            (false, _) => "candle",
+            (true, true) => "cpu",
+            (true, false) => "cuda",
+        },
+        max_diff,
+        tolerance: if dtype == DType::BF16 { 2e-2 } else { 1e-4 },
+        kernel_ms: if applies {
+            crate::numeric::median(&kernel_ms)
+        } else {
+            f64::NAN
+        },
+        reference_ms: crate::numeric::median(&reference_ms),
+    })
+}
+
 /// Every check for `dec`'s shapes on its device: the optimiser over a LoRA r8 q,v adapter and
 /// over every weight, in f32 and (off the CPU) bf16.
 pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
@@ -248,6 +327,11 @@ pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
     }
     // About three training pairs' worth of positions.
     out.extend(block_ops(dec, 192, steps)?);
+    for &dtype in dtypes {
+        for rows in [1, 8] {
+            out.push(decode_attention(dec, rows, 1000, dtype, steps)?);
+        }
+    }
     Ok(out)
 }
 
@@ -300,6 +384,19 @@ mod tests {
         for c in &checks {
             assert!(c.ok(), "{c:?}");
             assert_eq!(c.path, "cpu");
+        }
+    }
+
+    #[test]
+    fn decode_attention_matches_the_composed_ops_over_cache_views() {
+        let parts =
+            crate::model::tiny::tiny_parts(crate::model::Arch::Qwen2, 3, &Device::Cpu, DType::F32)
+                .unwrap();
+        let dec = crate::model::Model::from_parts("t", parts).unwrap().decoder;
+        for rows in [1, 3] {
+            let c = decode_attention(&dec, rows, 40, DType::F32, 2).unwrap();
+            assert_eq!(c.path, "cpu");
+            assert!(c.ok(), "{c:?}");
         }
     }
 

@@ -30,9 +30,9 @@ pub use kernels::cuda;
 pub use kernels::frozen_matmul::{
     frozen_input_grad, frozen_matmul, frozen_matmul_bf16, Bf16Weight,
 };
-/// Fused differentiable ops (RMS norm, SwiGLU, causal attention), for the lab's checks.
-pub use kernels::fused;
 pub use kernels::quant;
+/// Fused ops and decode attention, for the lab's checks.
+pub use kernels::{decode_attention, fused};
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
 pub use weight_grads::WeightGrads;
 

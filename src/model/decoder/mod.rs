@@ -819,9 +819,12 @@ impl Decoder {
                     None => (k, v),
                 };
                 // One new position (a decode step): the fused kernel, as in a batched step.
-                if t == 1 && b == 1 && !opts.differentiable && decode_attention::applies(&q) {
-                    decode_attention::attend_rows(&q, &[(k, v)], attn_scale(a))?
+                let kv = [(k, v)];
+                let fused = !opts.differentiable && !opts.composed_ops;
+                if t == 1 && b == 1 && fused && decode_attention::applies(&q, &kv) {
+                    decode_attention::attend_rows(&q, &kv, attn_scale(a))?
                 } else {
+                    let [(k, v)] = kv;
                     attend(a, &q, &k, &v, mask, acc, opts.differentiable)?
                 }
             }
@@ -833,7 +836,7 @@ impl Decoder {
                     .enumerate()
                     .map(|(i, c)| c.layers[layer].append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?))
                     .collect::<Result<Vec<_>>>()?;
-                if decode_attention::applies(&q) {
+                if !opts.composed_ops && decode_attention::applies(&q, &kv) {
                     decode_attention::attend_rows(&q, &kv, attn_scale(a))?
                 } else {
                     let rows = kv

@@ -12,9 +12,20 @@
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
-/// Whether [`attend_rows`] serves these tensors (else the composed candle path runs).
-pub fn applies(q: &Tensor) -> bool {
-    matches!(q.device(), Device::Cpu) && q.dtype() == DType::F32
+/// Whether [`attend_rows`] serves `q` over the caches `kv` (else the composed candle path
+/// runs): f32 on the CPU; with `--features cuda`, f32 or bf16 on a GPU (its own kernel,
+/// `cuda::decode_attention`) where the longest cache fits the kernel.
+pub fn applies(q: &Tensor, kv: &[(Tensor, Tensor)]) -> bool {
+    if matches!(q.device(), Device::Cpu) {
+        return q.dtype() == DType::F32;
+    }
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        let longest = kv.iter().map(|(k, _)| k.dim(2).unwrap_or(usize::MAX)).max();
+        return super::cuda::decode_attention::applies(q, longest.unwrap_or(0));
+    }
+    let _ = kv;
+    false
 }
 
 /// A `(1, kv_heads, len, head_dim)` view into a cache buffer: element `(h, p, i)` lies at
@@ -69,6 +80,10 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `(1, kv_heads, len_r, head_dim)` (views into its cache). Query head `h` reads KV head
 /// `h / (heads / kv_heads)`. Returns `(rows, heads, 1, head_dim)`.
 pub fn attend_rows(q: &Tensor, kv: &[(Tensor, Tensor)], scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return super::cuda::decode_attention::attend_rows(q, kv, scale);
+    }
     let (rows, heads, t, d) = q.dims4()?;
     if t != 1 || rows != kv.len() {
         candle_core::bail!(

@@ -5,8 +5,10 @@
 //! | kernel | serves | used when | tested against |
 //! |---|---|---|---|
 //! | [`optimizer`] (`optimizer.cu`) | adaptation's optimiser step: global-norm clipping and AdamW over every trained tensor in three launches, moments in f32 | trained variables on a CUDA device, f32 or bf16 | candle_nn::AdamW with the gradients clipped on the host, step for step (`ttarag bench --kernels`) |
+//! | [`decode_attention`] (`decode_attention.cu`) | a decode step's attention: every row and query head in one launch, each row over its own cache in place | decode steps on a CUDA device, f32 or bf16, caches of at most ~12k positions | the composed candle ops (`ttarag bench --kernels`) |
 //! | [`training_ops`] (`training_ops.cu`) | the CUDA bodies of `fused::rms_norm` (f32) and `fused::swiglu` (f32, bf16): one launch forward, one backward | differentiable passes on a CUDA device (adaptation), unless `composed_ops` | candle's composed ops, values and gradients (`ttarag bench --kernels`) |
 
+pub mod decode_attention;
 pub mod optimizer;
 pub mod training_ops;
 
@@ -18,6 +20,11 @@ use candle_core::{CudaDevice, Device, Result, Storage, Tensor};
 const OPTIMIZER: (&str, &str) = (
     "ttarag_optimizer",
     include_str!(concat!(env!("OUT_DIR"), "/optimizer.ptx")),
+);
+
+const DECODE_ATTENTION: (&str, &str) = (
+    "ttarag_decode_attention",
+    include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx")),
 );
 
 const TRAINING_OPS: (&str, &str) = (
@@ -33,8 +40,8 @@ fn cuda_device<'a>(t: &'a Tensor, what: &str) -> Result<&'a CudaDevice> {
     }
 }
 
-/// Runs `f` with the device address of the first element of each of `tensors` (contiguous,
-/// on one CUDA device), keeping them alive and their storage locked for reading until `f`'s
+/// Runs `f` with the device address of the first element of each of `tensors` (on one CUDA
+/// device; the callers check the layouts they need), keeping them alive and their storage locked for reading until `f`'s
 /// launches are queued. Writes through these addresses (an in-place update) are ordered by
 /// the stream, which every candle op on the device shares.
 fn with_addresses<R>(
@@ -42,15 +49,7 @@ fn with_addresses<R>(
     tensors: &[&Tensor],
     f: impl FnOnce(&[i64]) -> Result<R>,
 ) -> Result<R> {
-    let held: Vec<_> = tensors
-        .iter()
-        .map(|t| {
-            if !t.is_contiguous() {
-                candle_core::bail!("a CUDA kernel needs contiguous tensors");
-            }
-            Ok(t.storage_and_layout())
-        })
-        .collect::<Result<_>>()?;
+    let held: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
     let mut guards: Vec<SyncOnDrop<'_>> = Vec::with_capacity(held.len());
     let mut addresses = Vec::with_capacity(held.len());
     for (storage, layout) in &held {

@@ -2,9 +2,9 @@
 //! the ops in `model/kernels/fused/` (`rms_norm`, `swiglu`), forward and backward, one launch
 //! each. Their backward returns both gradients of one op in one `(2, ..)` buffer.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
-use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::TRAINING_OPS;

@@ -1,0 +1,168 @@
+//! A decode step's attention on the GPU (`decode_attention.cu`): every row and query head in
+//! one launch, each row over its own cache where it lies. The CPU body and reference is
+//! `model/kernels/decode_attention.rs`; `ttarag bench --kernels` compares this one with the
+//! composed candle ops on the GPU.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+
+use super::{cuda_device, with_addresses, DECODE_ATTENTION};
+
+const THREADS: u32 = 128;
+/// Dynamic shared memory a block may use without opting in: the query and one score per
+/// cached position must fit.
+const SHARED_BYTES: usize = 48 * 1024;
+
+/// Whether the kernel takes a query `(rows, heads, 1, d)` of this dtype over caches of
+/// `max_len` positions (longer ones do not fit its shared memory: the composed path runs).
+pub fn applies(q: &Tensor, max_len: usize) -> bool {
+    let d = q.dims().last().copied().unwrap_or(0);
+    q.device().is_cuda()
+        && matches!(q.dtype(), DType::F32 | DType::BF16)
+        && (d + max_len) * 4 <= SHARED_BYTES
+}
+
+/// `q` `(rows, heads, 1, d)`; `kv[r]` row `r`'s keys and values, each `(1, kv_heads, len_r, d)`
+/// with unit stride on `d` (views into its cache). Returns `(rows, heads, 1, d)`.
+pub fn attend_rows(q: &Tensor, kv: &[(Tensor, Tensor)], scale: f64) -> Result<Tensor> {
+    let (rows, heads, t, d) = q.dims4()?;
+    if t != 1 || rows != kv.len() || rows == 0 {
+        candle_core::bail!(
+            "decode attention: {rows} rows of {t} positions, {} caches",
+            kv.len()
+        );
+    }
+    let kv_heads = kv[0].0.dim(1)?;
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        candle_core::bail!("decode attention: {heads} query heads over {kv_heads} KV heads");
+    }
+    let mut strides = Vec::with_capacity(rows * 6);
+    let mut flat = Vec::with_capacity(rows * 2);
+    let mut max_len = 0;
+    for (k, v) in kv {
+        for x in [k, v] {
+            let (dims, st) = (x.dims(), x.stride());
+            if dims.len() != 4 || dims[0] != 1 || dims[1] != kv_heads || dims[3] != d || st[3] != 1
+            {
+                candle_core::bail!("decode attention: unexpected cache layout {dims:?} / {st:?}");
+            }
+            if x.dtype() != q.dtype() {
+                candle_core::bail!(
+                    "decode attention: cache {:?}, query {:?}",
+                    x.dtype(),
+                    q.dtype()
+                );
+            }
+        }
+        let len = k.dim(2)?;
+        if v.dim(2)? != len {
+            candle_core::bail!("decode attention: {len} keys, {} values", v.dim(2)?);
+        }
+        max_len = max_len.max(len);
+        strides.push([
+            k.stride()[1],
+            k.stride()[2],
+            v.stride()[1],
+            v.stride()[2],
+            len,
+        ]);
+        flat.push(k);
+        flat.push(v);
+    }
+    if !applies(q, max_len) {
+        candle_core::bail!("decode attention: {max_len} positions do not fit the kernel");
+    }
+    let dev = cuda_device(q, "decode attention")?.clone();
+    let stream = dev.cuda_stream();
+    let q = q.contiguous()?;
+    with_addresses(&stream, &flat, |addresses| {
+        let mut table = Vec::with_capacity(rows * 8);
+        for (r, s) in strides.iter().enumerate() {
+            table.extend([addresses[2 * r], addresses[2 * r + 1]]);
+            table.extend(s.iter().map(|&x| x as i64));
+            table.push(0);
+        }
+        let table = Tensor::from_vec(table, (rows, 8), q.device())?;
+        q.apply_op1_no_bwd(&DecodeAttention {
+            table,
+            group: (heads / kv_heads) as i32,
+            scale: scale as f32,
+            max_len,
+        })
+    })
+}
+
+struct DecodeAttention {
+    table: Tensor,
+    group: i32,
+    scale: f32,
+    max_len: usize,
+}
+
+impl DecodeAttention {
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        q: &CudaStorage,
+        l: &Layout,
+        name: &str,
+    ) -> Result<CudaStorage> {
+        let (rows, heads, _, d) = l.shape().dims4()?;
+        let dev = &q.device;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("decode attention: contiguous query only");
+        };
+        let qv = q.as_cuda_slice::<T>()?.slice(a..b);
+        let (ts, tl) = self.table.storage_and_layout();
+        let candle_core::Storage::Cuda(ts) = &*ts else {
+            candle_core::bail!("decode attention: the row table is not on the GPU");
+        };
+        let tv = ts.as_cuda_slice::<i64>()?.slice(tl.start_offset()..);
+        // SAFETY: the kernel writes every element.
+        let mut out = unsafe { dev.alloc::<T>(b - a) }?;
+        let f = dev.get_or_load_custom_func(name, DECODE_ATTENTION.0, DECODE_ATTENTION.1)?;
+        let mut bl = f.builder();
+        let (h32, d32) = (heads as i32, d as i32);
+        bl.arg(&qv)
+            .arg(&tv)
+            .arg(&mut out)
+            .arg(&h32)
+            .arg(&self.group)
+            .arg(&d32)
+            .arg(&self.scale);
+        let cfg = LaunchConfig {
+            grid_dim: (heads as u32, rows as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: ((d + self.max_len) * 4) as u32,
+        };
+        // SAFETY: one block per (head, row) reading its row's table entry, whose addresses
+        // and strides describe live cache views held by the caller; shared memory holds the
+        // query and the longest row's scores.
+        unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+}
+
+impl CustomOp1 for DecodeAttention {
+    fn name(&self) -> &'static str {
+        "cuda-decode-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("cuda-decode-attention runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, q: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let out = match q.dtype() {
+            DType::F32 => self.launch::<f32>(q, l, "decode_attention_f32")?,
+            DType::BF16 => self.launch::<half::bf16>(q, l, "decode_attention_bf16")?,
+            d => candle_core::bail!("decode attention: {d:?} query"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+}
