@@ -98,6 +98,10 @@ pub struct ServerSection {
     pub replica_id: Option<String>,
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// Upper bound of `server.request_timeout_ms`: an hour.
 pub const MAX_REQUEST_TIMEOUT_MS: u64 = 3_600_000;
 
@@ -112,6 +116,10 @@ pub struct ModelSection {
     /// bf16/f16 models: inference passes convert to f32 for norms and attention.
     #[serde(default)]
     pub f32_norms_attention: bool,
+    /// CUDA builds: the project's own kernels (optimiser, training ops, decode attention);
+    /// false runs candle's composed ops instead.
+    #[serde(default = "yes")]
+    pub cuda_kernels: bool,
     pub threads: usize,
 }
 

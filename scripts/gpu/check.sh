@@ -11,7 +11,8 @@
 #  1. the project's CUDA kernels against the candle ops they replace (`bench --kernels`);
 #  2. greedy parity, CPU against CUDA (f32), and the whole request path on CUDA;
 #  3. per query at the GPU targets' shape (1,000-token prompt, 3 pairs of ~96 tokens, 64 new
-#     tokens, bf16): LoRA and full scope (`bench --query`), and decode per token with norms and
+#     tokens, bf16): LoRA and full scope (`bench --query`), each also with the project's CUDA
+#     kernels off (`[model] cuda_kernels = false`), and decode per token with norms and
 #     attention in bf16 against converting to f32 (`[model] f32_norms_attention`), and 8
 #     sequences with 8 adapters against one (`bench --batch 1,8 --lora`);
 #  4. the PyTorch reference on the same queries (scripts/reference/query_reference.py);
@@ -44,6 +45,9 @@ bf16=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"')
 bf16_conv=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\nf32_norms_attention = true')
 lora=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\n[tta]\nscope = "lora"')
 full=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\n[tta]\nscope = "full"')
+# The same without the project's CUDA kernels: candle's composed ops, the baseline they beat.
+lora_off=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\ncuda_kernels = false\n[tta]\nscope = "lora"')
+full_off=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\ncuda_kernels = false\n[tta]\nscope = "full"')
 q="What can damage buildings?"
 shape="--prompt-tokens 1000 --new-tokens 64"
 
@@ -62,8 +66,12 @@ for scope in lora full; do
     run "$bin" --config "$c" --model "$small" --device cuda bench --query 5 $shape \
         --dump-query "$out/query-smollm2-$scope.json"
 done
+for c in "$lora_off" "$full_off"; do
+    run "$bin" --config "$c" --model "$small" --device cuda bench --query 5 $shape
+done
 run "$bin" --config "$bf16" --model "$small" --device cuda bench --runs 5 $shape
 run "$bin" --config "$bf16_conv" --model "$small" --device cuda bench --runs 5 $shape
+run "$bin" --config "$lora_off" --model "$small" --device cuda bench --runs 5 $shape
 # 8 sequences, each its own LoRA, against one: decode throughput, each row alone and gathered.
 run "$bin" --config "$lora" --model "$small" --device cuda bench --batch 1,8 --lora --runs 3 $shape
 

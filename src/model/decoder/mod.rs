@@ -115,7 +115,17 @@ fn acc_dtype(dtype: DType) -> DType {
 
 /// Whether the fused ops' CUDA bodies take `x` (a differentiable pass on a GPU, f32 or bf16).
 fn gpu_fused(x: &Tensor) -> bool {
-    x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16)
+    #[cfg(feature = "cuda")]
+    {
+        super::kernels::cuda::enabled()
+            && x.device().is_cuda()
+            && matches!(x.dtype(), DType::F32 | DType::BF16)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = x;
+        false
+    }
 }
 
 /// RMS norm of `x` by `w`, computed on `dt` operands (a no-op conversion where `x` has it).

@@ -19,7 +19,8 @@ const SHARED_BYTES: usize = 48 * 1024;
 /// `max_len` positions (longer ones do not fit its shared memory: the composed path runs).
 pub fn applies(q: &Tensor, max_len: usize) -> bool {
     let d = q.dims().last().copied().unwrap_or(0);
-    q.device().is_cuda()
+    super::enabled()
+        && q.device().is_cuda()
         && matches!(q.dtype(), DType::F32 | DType::BF16)
         && (d + max_len) * 4 <= SHARED_BYTES
 }

@@ -12,6 +12,8 @@ pub mod decode_attention;
 pub mod optimizer;
 pub mod training_ops;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, SyncOnDrop};
 use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::{CudaDevice, Device, Result, Storage, Tensor};
@@ -31,6 +33,19 @@ const TRAINING_OPS: (&str, &str) = (
     "ttarag_training_ops",
     include_str!(concat!(env!("OUT_DIR"), "/training_ops.ptx")),
 );
+
+/// Whether these kernels run (`[model] cuda_kernels`); set once at start, for the process.
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the kernels on or off: off, every caller takes candle's composed ops.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether the kernels run.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
 
 /// The CUDA device of `t`, or an error naming `what`.
 fn cuda_device<'a>(t: &'a Tensor, what: &str) -> Result<&'a CudaDevice> {

@@ -56,7 +56,8 @@ impl MultiTensorAdamW {
         let Some(first) = vars.first() else {
             return false;
         };
-        first.device().is_cuda()
+        super::enabled()
+            && first.device().is_cuda()
             && matches!(first.dtype(), DType::F32 | DType::BF16)
             && vars.iter().all(|v| {
                 v.dtype() == first.dtype()
