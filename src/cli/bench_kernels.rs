@@ -188,6 +188,51 @@ fn op_check(
     })
 }
 
+/// A one-input differentiable op (f32), fused against composed, on `x` of `shape`: the output
+/// and the gradient of `sum(op(x) * r)`, and the time of a forward and backward of each.
+fn op_check1(
+    name: &str,
+    x: Tensor,
+    steps: usize,
+    fused: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    composed: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> anyhow::Result<KernelCheck> {
+    let dev = x.device().clone();
+    let shape = x.dims().to_vec();
+    let x = Var::from_tensor(&x)?;
+    let r = x.as_tensor().randn_like(0.0, 1.0)?;
+    let run = |f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| {
+        let y = f(x.as_tensor())?;
+        let grads = (&y * &r)?.sum_all()?.backward()?;
+        candle_core::Result::Ok((y, grads.get(x.as_tensor()).cloned()))
+    };
+    let time = |f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| -> anyhow::Result<f64> {
+        dev.synchronize()?;
+        let t = Instant::now();
+        run(f)?;
+        dev.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let (mut kernel_ms, mut reference_ms) = (vec![], vec![]);
+    for _ in 0..steps {
+        kernel_ms.push(time(&fused)?);
+        reference_ms.push(time(&composed)?);
+    }
+    let ((y1, g1), (y2, g2)) = (run(&fused)?, run(&composed)?);
+    let max_diff = match (g1, g2) {
+        (Some(g1), Some(g2)) => rel_diff(&y1, &y2)?.max(rel_diff(&g1, &g2)?),
+        _ => f64::NAN,
+    };
+    Ok(KernelCheck {
+        kernel: format!("{name} ({shape:?}, F32, relative)"),
+        path: if dev.is_cpu() { "cpu" } else { "cuda" },
+        max_diff,
+        tolerance: 1e-4,
+        kernel_ms: crate::numeric::median(&kernel_ms),
+        reference_ms: crate::numeric::median(&reference_ms),
+    })
+}
+
 /// The fused RMS norm (f32, as training takes norms) and SwiGLU (f32, and bf16 off the CPU)
 /// over `rows` positions of `dec`'s widths.
 pub fn block_ops(dec: &Decoder, rows: usize, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
@@ -222,6 +267,41 @@ pub fn block_ops(dec: &Decoder, rows: usize, steps: usize) -> anyhow::Result<Vec
             |a, b| candle_nn::ops::silu(a)? * b,
         )?);
     }
+    // Attention's rotary embedding of the queries and its softmax over causal scores.
+    let (heads, d) = (cfg.num_attention_heads, cfg.head_dim());
+    let inv: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / d as f32))
+        .collect();
+    let angles = Tensor::arange(0u32, rows as u32, dev)?
+        .to_dtype(DType::F32)?
+        .reshape((rows, 1))?
+        .broadcast_mul(&Tensor::from_vec(inv, (1, d / 2), dev)?)?;
+    let (cos, sin) = (angles.cos()?, angles.sin()?);
+    out.push(op_check1(
+        "rope fwd+bwd",
+        Tensor::randn(0f32, 1.0, (1, heads, rows, d), dev)?,
+        steps,
+        |x| fused::rope(x, &cos, &sin),
+        |x| candle_nn::rotary_emb::rope_slow(x, &cos, &sin),
+    )?);
+    let causal: Vec<f32> = (0..rows * rows)
+        .map(|i| {
+            if i % rows > i / rows {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(causal, (rows, rows), dev)?;
+    let scores = Tensor::randn(0f32, 3.0, (1, heads, rows, rows), dev)?.broadcast_add(&mask)?;
+    out.push(op_check1(
+        "causal softmax fwd+bwd",
+        scores,
+        steps,
+        fused::softmax_last_dim,
+        |x| candle_nn::ops::softmax(x, candle_core::D::Minus1),
+    )?);
     Ok(out)
 }
 
@@ -380,7 +460,7 @@ mod tests {
                 .unwrap();
         let dec = crate::model::Model::from_parts("t", parts).unwrap().decoder;
         let checks = block_ops(&dec, 24, 2).unwrap();
-        assert_eq!(checks.len(), 2);
+        assert_eq!(checks.len(), 4);
         for c in &checks {
             assert!(c.ok(), "{c:?}");
             assert_eq!(c.path, "cpu");

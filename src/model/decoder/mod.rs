@@ -811,7 +811,10 @@ impl Decoder {
         let q = split(q, a.n_heads)?;
         let k = split(k, a.n_kv)?;
         let v = split(v, a.n_kv)?;
-        let (q, k) = if opts.differentiable {
+        let gpu = opts.differentiable && !opts.composed_ops && gpu_fused(&q);
+        let (q, k) = if gpu && acc == DType::F32 {
+            (fused::rope(&q, cos, sin)?, fused::rope(&k, cos, sin)?)
+        } else if opts.differentiable {
             (
                 candle_nn::rotary_emb::rope_slow(&q, cos, sin)?,
                 candle_nn::rotary_emb::rope_slow(&k, cos, sin)?,
@@ -835,7 +838,12 @@ impl Decoder {
                     decode_attention::attend_rows(&q, &kv, attn_scale(a))?
                 } else {
                     let [(k, v)] = kv;
-                    attend(a, &q, &k, &v, mask, acc, opts.differentiable)?
+                    let softmax = match (opts.differentiable, gpu && acc == DType::F32) {
+                        (true, true) => Softmax::Fused,
+                        (true, false) => Softmax::Composed,
+                        (false, _) => Softmax::Inference,
+                    };
+                    attend(a, &q, &k, &v, mask, acc, softmax)?
                 }
             }
             // Each row against its own cache: the one part of a batched step that is per
@@ -852,7 +860,9 @@ impl Decoder {
                     let rows = kv
                         .iter()
                         .enumerate()
-                        .map(|(i, (k, v))| attend(a, &q.narrow(0, i, 1)?, k, v, None, acc, false))
+                        .map(|(i, (k, v))| {
+                            attend(a, &q.narrow(0, i, 1)?, k, v, None, acc, Softmax::Inference)
+                        })
                         .collect::<Result<Vec<_>>>()?;
                     Tensor::cat(&rows, 0)?
                 }
@@ -874,6 +884,17 @@ fn attn_scale(a: &Attention) -> f64 {
     1.0 / (a.head_dim as f64).sqrt()
 }
 
+/// Which softmax a pass's attention takes.
+#[derive(Clone, Copy)]
+enum Softmax {
+    /// candle's fused kernel, which cuts the autograd graph.
+    Inference,
+    /// candle's composed ops, with a backward.
+    Composed,
+    /// One op with a backward (`fused::softmax_last_dim`; a differentiable pass on a GPU).
+    Fused,
+}
+
 fn attend(
     a: &Attention,
     q: &Tensor,
@@ -881,7 +902,7 @@ fn attend(
     v: &Tensor,
     mask: Option<&Tensor>,
     acc: DType,
-    differentiable: bool,
+    softmax: Softmax,
 ) -> Result<Tensor> {
     let (b, _, t, _) = q.dims4()?;
     let rep = a.n_heads / a.n_kv;
@@ -892,10 +913,10 @@ fn attend(
     if let Some(m) = mask {
         scores = scores.broadcast_add(&m.to_dtype(acc)?)?;
     }
-    let probs = if differentiable {
-        candle_nn::ops::softmax(&scores, D::Minus1)?
-    } else {
-        candle_nn::ops::softmax_last_dim(&scores)?
+    let probs = match softmax {
+        Softmax::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
+        Softmax::Composed => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        Softmax::Fused => fused::softmax_last_dim(&scores)?,
     };
     probs.matmul(v)?.reshape((b, a.n_heads, t, a.head_dim))
 }

@@ -8,7 +8,7 @@
 //! | [`frozen_matmul`] | `x W^T` of a weight LoRA does not train: backward returns only the input's gradient | every adapter-carrying projection in a differentiable pass | candle's matmul and its input gradient; f64 matmul for few rows |
 //! | [`trained_matmul`] | `x W^T` of a weight full scope trains: both gradients through the few-row kernels | full scope on the CPU in f32 | candle's matmul and its gradients |
 //! | [`head_loss`] | the head's cross-entropy a vocabulary chunk at a time, no logits held | adaptation's loss on the CPU | log-softmax cross-entropy and its gradient |
-//! | [`fused`] | RMS norm, SwiGLU and rotary causal attention as one op each, with a backward | adaptation's block passes on the CPU in f32 | the composed candle ops and their gradients |
+//! | [`fused`] | RMS norm, SwiGLU and rotary causal attention as one op each, with a backward; rotary embedding and softmax too | adaptation's block passes on the CPU in f32; on a GPU the norm, SwiGLU, rotary and softmax through their CUDA bodies | the composed candle ops and their gradients |
 //! | [`quant`] (`cpu_avx2`, `portable`) | decode products on q8_0 / q4_1 weights, a tile of rows per weight block | decode steps on the CPU | dequantized f32 matmul; the portable kernels reproduce the AVX2 ones bit for bit on every CPU |
 //! | [`decode_attention`] | one new position per sequence over its own KV cache | decode steps on the CPU in f32 | the attention formula, row by row |
 //!

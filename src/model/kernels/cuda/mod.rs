@@ -6,7 +6,7 @@
 //! |---|---|---|---|
 //! | [`optimizer`] (`optimizer.cu`) | adaptation's optimiser step: global-norm clipping and AdamW over every trained tensor in three launches, moments in f32 | trained variables on a CUDA device, f32 or bf16 | candle_nn::AdamW with the gradients clipped on the host, step for step (`ttarag bench --kernels`) |
 //! | [`decode_attention`] (`decode_attention.cu`) | a decode step's attention: every row and query head in one launch, each row over its own cache in place | decode steps on a CUDA device, f32 or bf16, caches of at most ~12k positions | the composed candle ops (`ttarag bench --kernels`) |
-//! | [`training_ops`] (`training_ops.cu`) | the CUDA bodies of `fused::rms_norm` (f32) and `fused::swiglu` (f32, bf16): one launch forward, one backward | differentiable passes on a CUDA device (adaptation), unless `composed_ops` | candle's composed ops, values and gradients (`ttarag bench --kernels`) |
+//! | [`training_ops`] (`training_ops.cu`) | the CUDA bodies of `fused::rms_norm` (f32), `fused::swiglu` (f32, bf16), `fused::rope` and `fused::softmax_last_dim` (f32): one launch forward, one backward | differentiable passes on a CUDA device (adaptation), unless `composed_ops` | candle's composed ops, values and gradients (`ttarag bench --kernels`) |
 
 pub mod decode_attention;
 pub mod optimizer;

@@ -4,6 +4,7 @@
 // Sums are in f32 in a fixed order (one block per row, a fixed tree), so a pass gives the
 // same bits run after run.
 #include <cuda_bf16.h>
+#include <math.h>
 #include <stdint.h>
 
 #define THREADS 256
@@ -99,4 +100,55 @@ extern "C" __global__ void swiglu_bwd_bf16(const __nv_bfloat16 *a, const __nv_bf
                                            const __nv_bfloat16 *g, __nv_bfloat16 *out,
                                            int64_t len) {
     swiglu_bwd<__nv_bfloat16>(a, b, g, out, len);
+}
+
+// Rotary embedding, rotate-half layout: x (rows of d, position = row % t), cos/sin (t, d/2).
+// sign -1 rotates back (the backward).
+extern "C" __global__ void rope_f32(const float *x, const float *cos, const float *sin, float *y,
+                                    int64_t rows, int t, int d, float sign) {
+    const int half = d / 2;
+    const int64_t pairs = rows * half;
+    for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < pairs;
+         j += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t row = j / half;
+        const int i = (int)(j % half);
+        const int64_t p = (row % t) * half + i;
+        const float c = cos[p], s = sign * sin[p];
+        const float a = x[row * d + i], b = x[row * d + i + half];
+        y[row * d + i] = a * c - b * s;
+        y[row * d + i + half] = b * c + a * s;
+    }
+}
+
+// Softmax over rows of n, one block per row.
+extern "C" __global__ void softmax_fwd_f32(const float *x, float *y, int n) {
+    const float *xr = x + (int64_t)blockIdx.x * n;
+    float *yr = y + (int64_t)blockIdx.x * n;
+    __shared__ float mx[THREADS];
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < n; i += THREADS) m = fmaxf(m, xr[i]);
+    mx[threadIdx.x] = m;
+    __syncthreads();
+    for (int k = THREADS / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) mx[threadIdx.x] = fmaxf(mx[threadIdx.x], mx[threadIdx.x + k]);
+        __syncthreads();
+    }
+    m = mx[0];
+    float sum = 0.f;
+    for (int i = threadIdx.x; i < n; i += THREADS) {
+        const float e = expf(xr[i] - m);
+        yr[i] = e;
+        sum += e;
+    }
+    const float inv = 1.0f / block_sum(sum);
+    for (int i = threadIdx.x; i < n; i += THREADS) yr[i] *= inv;
+}
+
+// dx = y (g - sum(g y)) over rows of n, one block per row.
+extern "C" __global__ void softmax_bwd_f32(const float *y, const float *g, float *dx, int n) {
+    const int64_t o = (int64_t)blockIdx.x * n;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < n; i += THREADS) s += g[o + i] * y[o + i];
+    s = block_sum(s);
+    for (int i = threadIdx.x; i < n; i += THREADS) dx[o + i] = y[o + i] * (g[o + i] - s);
 }

@@ -1,6 +1,7 @@
-//! Adaptation's RMS norm and `silu(a) * b` on the GPU (`training_ops.cu`): the CUDA bodies of
-//! the ops in `model/kernels/fused/` (`rms_norm`, `swiglu`), forward and backward, one launch
-//! each. Their backward returns both gradients of one op in one `(2, ..)` buffer.
+//! Adaptation's RMS norm, `silu(a) * b`, rotary embedding and softmax on the GPU
+//! (`training_ops.cu`): the CUDA bodies of the ops in `model/kernels/fused/`, forward and
+//! backward, one launch each. A backward with two gradients returns them in one `(2, ..)`
+//! buffer.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -253,4 +254,96 @@ impl CustomOp3 for SwigluGrads {
         };
         Ok((storage, Shape::from(dims)))
     }
+}
+
+/// `x` (`(b, h, t, d)`, f32) rotated by `cos`/`sin` (`(t, d / 2)`), by `sign` times the angle.
+pub fn rope(
+    x: &CudaStorage,
+    lx: &Layout,
+    cos: &CudaStorage,
+    lc: &Layout,
+    sin: &CudaStorage,
+    ls: &Layout,
+    sign: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &x.device;
+    let (b, h, t, d) = lx.shape().dims4()?;
+    let rows = (b * h * t) as i64;
+    let len = lx.shape().elem_count();
+    let (xv, cv, sv) = (
+        view::<f32>(x, lx)?,
+        view::<f32>(cos, lc)?,
+        view::<f32>(sin, ls)?,
+    );
+    // SAFETY: the kernel writes every element.
+    let mut y = unsafe { dev.alloc::<f32>(len) }?;
+    let f = dev.get_or_load_custom_func("rope_f32", TRAINING_OPS.0, TRAINING_OPS.1)?;
+    let mut bl = f.builder();
+    let (t32, d32) = (t as i32, d as i32);
+    bl.arg(&xv)
+        .arg(&cv)
+        .arg(&sv)
+        .arg(&mut y)
+        .arg(&rows)
+        .arg(&t32)
+        .arg(&d32)
+        .arg(&sign);
+    if len > 0 {
+        // SAFETY: a grid-stride loop over the `rows * d / 2` pairs of contiguous buffers.
+        unsafe { bl.launch(launch_cfg(elementwise_blocks(len / 2))) }
+            .map_err(candle_core::Error::wrap)?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev.clone()),
+        lx.shape().clone(),
+    ))
+}
+
+/// Softmax of `x` (f32) over its last dimension.
+pub fn softmax_fwd(x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = &x.device;
+    let n = l.shape().dims().last().copied().unwrap_or(1);
+    let len = l.shape().elem_count();
+    let xv = view::<f32>(x, l)?;
+    // SAFETY: the kernel writes every element.
+    let mut y = unsafe { dev.alloc::<f32>(len) }?;
+    let f = dev.get_or_load_custom_func("softmax_fwd_f32", TRAINING_OPS.0, TRAINING_OPS.1)?;
+    let mut bl = f.builder();
+    let n32 = n as i32;
+    bl.arg(&xv).arg(&mut y).arg(&n32);
+    if len > 0 && n > 0 {
+        // SAFETY: one block per row of `n` contiguous f32.
+        unsafe { bl.launch(launch_cfg(len / n)) }.map_err(candle_core::Error::wrap)?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev.clone()),
+        l.shape().clone(),
+    ))
+}
+
+/// `dx = y (g - sum(g y))` per row of the last dimension (f32).
+pub fn softmax_bwd(
+    y: &CudaStorage,
+    ly: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &y.device;
+    let n = ly.shape().dims().last().copied().unwrap_or(1);
+    let len = ly.shape().elem_count();
+    let (yv, gv) = (view::<f32>(y, ly)?, view::<f32>(g, lg)?);
+    // SAFETY: the kernel writes every element.
+    let mut dx = unsafe { dev.alloc::<f32>(len) }?;
+    let f = dev.get_or_load_custom_func("softmax_bwd_f32", TRAINING_OPS.0, TRAINING_OPS.1)?;
+    let mut bl = f.builder();
+    let n32 = n as i32;
+    bl.arg(&yv).arg(&gv).arg(&mut dx).arg(&n32);
+    if len > 0 && n > 0 {
+        // SAFETY: one block per row of `n` contiguous f32.
+        unsafe { bl.launch(launch_cfg(len / n)) }.map_err(candle_core::Error::wrap)?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(dx, dev.clone()),
+        ly.shape().clone(),
+    ))
 }

@@ -2,17 +2,23 @@
 //! the CPU in f32. Composed from candle's elementwise ops, a block's backward is hundreds of
 //! tiny ops, each allocating, zero-filling and adding its gradient: at ~24 rows that
 //! bookkeeping cost as much as the block's matrix products. Each op here does its forward in
-//! one pass and its backward in another; elsewhere (a GPU, bf16, f64) the decoder keeps the
-//! composed path, which these ops are tested against.
+//! one pass and its backward in another. On a GPU the block keeps its composed shape (no fused
+//! attention) but its norms, rotary embedding, softmax and activation take these ops' CUDA
+//! bodies (`cuda::training_ops`), one launch each way instead of five to a dozen; elsewhere
+//! (bf16 or f64 on the CPU) the composed path runs, which these ops are tested against.
 
 mod attention;
 mod rms_norm;
+mod rope;
+mod softmax;
 mod swiglu;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor};
 
 pub use attention::{causal_attention, MAX_POSITIONS};
 pub use rms_norm::rms_norm;
+pub use rope::rope;
+pub use softmax::softmax_last_dim;
 pub use swiglu::swiglu;
 
 /// Whether the fused ops take `x`: f32 on the CPU.

@@ -190,3 +190,40 @@ fn causal_attention_rejects_shapes_it_was_not_built_for() {
     assert!(causal_attention(&long, &long_kv, &long_kv, 2, 1, &cos, &sin).is_err());
     assert!(applies(&q) && !applies(&q.to_dtype(DType::F64).unwrap()));
 }
+
+#[test]
+fn rope_matches_the_composed_rotation_and_its_gradient() {
+    // Tables longer than the sequence, as the decoder's are: only the first rows are read.
+    let (cos, sin) = rope_tables(9, 8);
+    let fused = |t: &[Tensor]| rope(&t[0], &cos, &sin);
+    let composed = |t: &[Tensor]| {
+        let (c, s) = (cos.narrow(0, 0, 5)?, sin.narrow(0, 0, 5)?);
+        candle_nn::rotary_emb::rope_slow(&t[0], &c, &s)
+    };
+    assert_same(&fused, &composed, &[(data(&[2, 3, 5, 8], 7, 1.5), true)]);
+    assert!(rope(&data(&[1, 1, 5, 7], 8, 1.0), &cos, &sin).is_err());
+    assert!(rope(&data(&[1, 1, 12, 8], 8, 1.0), &cos, &sin).is_err());
+}
+
+#[test]
+fn softmax_matches_the_composed_softmax_and_its_gradient_with_masked_entries() {
+    let fused = |t: &[Tensor]| softmax_last_dim(&t[0]);
+    let composed = |t: &[Tensor]| candle_nn::ops::softmax(&t[0], D::Minus1);
+    // A causal mask's -inf entries, as attention's scores carry them.
+    let mask = Tensor::from_vec(
+        (0..6 * 11)
+            .map(|i| {
+                if i % 11 > 6 + i / 11 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect::<Vec<_>>(),
+        (6, 11),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let x = data(&[2, 6, 11], 9, 4.0).broadcast_add(&mask).unwrap();
+    assert_same(&fused, &composed, &[(x, true)]);
+}
