@@ -8,43 +8,9 @@
 // `table` holds eight int64 per row: key address, value address, key head stride, key
 // position stride, value head stride, value position stride, length, 0 (strides in elements).
 // Dynamic shared memory: the scaled query (`d` floats), then the row's scores (`len` floats).
-#include <cuda_bf16.h>
-#include <math.h>
-#include <stdint.h>
+#include "common.cuh"
 
 #define THREADS 128
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ void put(float *p, int64_t i, float x) { p[i] = x; }
-__device__ __forceinline__ void put(__nv_bfloat16 *p, int64_t i, float x) {
-    p[i] = __float2bfloat16(x);
-}
-
-// Fixed-order reductions over the block; every thread gets the result.
-__device__ float block_max(float v) {
-    __shared__ float s[THREADS];
-    __syncthreads();
-    s[threadIdx.x] = v;
-    __syncthreads();
-    for (int k = THREADS / 2; k > 0; k >>= 1) {
-        if (threadIdx.x < k) s[threadIdx.x] = fmaxf(s[threadIdx.x], s[threadIdx.x + k]);
-        __syncthreads();
-    }
-    return s[0];
-}
-
-__device__ float block_sum(float v) {
-    __shared__ float s[THREADS];
-    __syncthreads();
-    s[threadIdx.x] = v;
-    __syncthreads();
-    for (int k = THREADS / 2; k > 0; k >>= 1) {
-        if (threadIdx.x < k) s[threadIdx.x] += s[threadIdx.x + k];
-        __syncthreads();
-    }
-    return s[0];
-}
 
 template <typename T>
 __device__ void decode_attention(const T *q, const int64_t *table, T *out, int heads,
@@ -68,14 +34,14 @@ __device__ void decode_attention(const T *q, const int64_t *table, T *out, int h
         sc[p] = s;
         m = fmaxf(m, s);
     }
-    m = block_max(m);
+    m = block_max<THREADS>(m);
     float sum = 0.f;
     for (int p = threadIdx.x; p < len; p += THREADS) {
         const float e = expf(sc[p] - m);
         sc[p] = e;
         sum += e;
     }
-    sum = block_sum(sum);  // its barriers also publish every score
+    sum = block_sum<THREADS>(sum);  // its barriers also publish every score
     const float inv = 1.0f / sum;
     for (int i = threadIdx.x; i < d; i += THREADS) {
         float acc = 0.f;

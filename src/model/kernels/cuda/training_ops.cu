@@ -3,31 +3,9 @@
 // per norm (`model/kernels/fused/` holds the same ops for the CPU, and the reference math).
 // Sums are in f32 in a fixed order (one block per row, a fixed tree), so a pass gives the
 // same bits run after run.
-#include <cuda_bf16.h>
-#include <math.h>
-#include <stdint.h>
+#include "common.cuh"
 
 #define THREADS 256
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ void put(float *p, int64_t i, float x) { p[i] = x; }
-__device__ __forceinline__ void put(__nv_bfloat16 *p, int64_t i, float x) {
-    p[i] = __float2bfloat16(x);
-}
-
-// Sum of `v` over the block, the same order every time; every thread gets it.
-__device__ float block_sum(float v) {
-    __shared__ float s[THREADS];
-    __syncthreads();
-    s[threadIdx.x] = v;
-    __syncthreads();
-    for (int k = THREADS / 2; k > 0; k >>= 1) {
-        if (threadIdx.x < k) s[threadIdx.x] += s[threadIdx.x + k];
-        __syncthreads();
-    }
-    return s[0];
-}
 
 // y = x / rms(x) * w, one block per row of `n` (f32: training takes norms in f32).
 extern "C" __global__ void rms_norm_fwd(const float *x, const float *w, float *y, int n,
@@ -36,7 +14,7 @@ extern "C" __global__ void rms_norm_fwd(const float *x, const float *w, float *y
     float *yr = y + (int64_t)blockIdx.x * n;
     float ss = 0.f;
     for (int i = threadIdx.x; i < n; i += THREADS) ss += xr[i] * xr[i];
-    const float r = 1.0f / sqrtf(block_sum(ss) / n + eps);
+    const float r = 1.0f / sqrtf(block_sum<THREADS>(ss) / n + eps);
     for (int i = threadIdx.x; i < n; i += THREADS) yr[i] = xr[i] * r * w[i];
 }
 
@@ -51,8 +29,8 @@ extern "C" __global__ void rms_norm_bwd(const float *x, const float *w, const fl
         ss += xr[i] * xr[i];
         s += gr[i] * w[i] * xr[i];
     }
-    ss = block_sum(ss);
-    s = block_sum(s);
+    ss = block_sum<THREADS>(ss);
+    s = block_sum<THREADS>(s);
     const float r = 1.0f / sqrtf(ss / n + eps);
     const float c = s * r * r * r / n;
     float *dx = out + o, *dw = out + rows * n + o;
@@ -124,23 +102,16 @@ extern "C" __global__ void rope_f32(const float *x, const float *cos, const floa
 extern "C" __global__ void softmax_fwd_f32(const float *x, float *y, int n) {
     const float *xr = x + (int64_t)blockIdx.x * n;
     float *yr = y + (int64_t)blockIdx.x * n;
-    __shared__ float mx[THREADS];
     float m = -INFINITY;
     for (int i = threadIdx.x; i < n; i += THREADS) m = fmaxf(m, xr[i]);
-    mx[threadIdx.x] = m;
-    __syncthreads();
-    for (int k = THREADS / 2; k > 0; k >>= 1) {
-        if (threadIdx.x < k) mx[threadIdx.x] = fmaxf(mx[threadIdx.x], mx[threadIdx.x + k]);
-        __syncthreads();
-    }
-    m = mx[0];
+    m = block_max<THREADS>(m);
     float sum = 0.f;
     for (int i = threadIdx.x; i < n; i += THREADS) {
         const float e = expf(xr[i] - m);
         yr[i] = e;
         sum += e;
     }
-    const float inv = 1.0f / block_sum(sum);
+    const float inv = 1.0f / block_sum<THREADS>(sum);
     for (int i = threadIdx.x; i < n; i += THREADS) yr[i] *= inv;
 }
 
@@ -149,6 +120,6 @@ extern "C" __global__ void softmax_bwd_f32(const float *y, const float *g, float
     const int64_t o = (int64_t)blockIdx.x * n;
     float s = 0.f;
     for (int i = threadIdx.x; i < n; i += THREADS) s += g[o + i] * y[o + i];
-    s = block_sum(s);
+    s = block_sum<THREADS>(s);
     for (int i = threadIdx.x; i < n; i += THREADS) dx[o + i] = y[o + i] * (g[o + i] - s);
 }

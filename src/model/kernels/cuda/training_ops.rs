@@ -4,8 +4,8 @@
 //! buffer.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::TRAINING_OPS;
@@ -135,6 +135,50 @@ impl CustomOp3 for RmsNormGrads {
     }
 }
 
+/// One elementwise launch of `name_{f32,bf16}` over `len` elements of `inputs` (contiguous,
+/// one dtype), writing `outputs * len` elements.
+fn elementwise(
+    name: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    outputs: usize,
+    len: usize,
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr>(
+        name: &str,
+        inputs: &[(&CudaStorage, &Layout)],
+        outputs: usize,
+        len: usize,
+    ) -> Result<CudaStorage> {
+        let dev = &inputs[0].0.device;
+        let views = inputs
+            .iter()
+            .map(|(s, l)| view::<T>(s, l))
+            .collect::<Result<Vec<_>>>()?;
+        // SAFETY: the kernel writes every element.
+        let mut out = unsafe { dev.alloc::<T>(outputs * len) }?;
+        let f = dev.get_or_load_custom_func(name, TRAINING_OPS.0, TRAINING_OPS.1)?;
+        let mut bl = f.builder();
+        for v in &views {
+            bl.arg(v);
+        }
+        let n = len as i64;
+        bl.arg(&mut out).arg(&n);
+        // SAFETY: a grid-stride loop over `len` elements of each input and output.
+        unsafe { bl.launch(launch_cfg(elementwise_blocks(len))) }
+            .map_err(candle_core::Error::wrap)?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let dtype = inputs[0].0.dtype();
+    if inputs.iter().any(|(s, _)| s.dtype() != dtype) {
+        candle_core::bail!("CUDA {name}: operands of one dtype");
+    }
+    match dtype {
+        DType::F32 => run::<f32>(&format!("{name}_f32"), inputs, outputs, len),
+        DType::BF16 => run::<half::bf16>(&format!("{name}_bf16"), inputs, outputs, len),
+        d => candle_core::bail!("CUDA {name}: {d:?} operands"),
+    }
+}
+
 /// `silu(a) * b`, f32 or bf16.
 pub fn swiglu_fwd(
     a: &CudaStorage,
@@ -142,37 +186,9 @@ pub fn swiglu_fwd(
     b: &CudaStorage,
     lb: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    let dev = &a.device;
-    let len = la.shape().elem_count() as i64;
-    let blocks = elementwise_blocks(len as usize);
-    let storage = match (&a.slice, &b.slice) {
-        (CudaStorageSlice::F32(_), CudaStorageSlice::F32(_)) => {
-            let (av, bv) = (view::<f32>(a, la)?, view::<f32>(b, lb)?);
-            // SAFETY: every element is written by the kernel.
-            let mut y = unsafe { dev.alloc::<f32>(len as usize) }?;
-            let f =
-                dev.get_or_load_custom_func("swiglu_fwd_f32", TRAINING_OPS.0, TRAINING_OPS.1)?;
-            let mut bl = f.builder();
-            bl.arg(&av).arg(&bv).arg(&mut y).arg(&len);
-            // SAFETY: a grid-stride loop over `len` elements of each buffer.
-            unsafe { bl.launch(launch_cfg(blocks)) }.map_err(candle_core::Error::wrap)?;
-            CudaStorage::wrap_cuda_slice(y, dev.clone())
-        }
-        (CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_)) => {
-            let (av, bv) = (view::<half::bf16>(a, la)?, view::<half::bf16>(b, lb)?);
-            // SAFETY: as above.
-            let mut y = unsafe { dev.alloc::<half::bf16>(len as usize) }?;
-            let f =
-                dev.get_or_load_custom_func("swiglu_fwd_bf16", TRAINING_OPS.0, TRAINING_OPS.1)?;
-            let mut bl = f.builder();
-            bl.arg(&av).arg(&bv).arg(&mut y).arg(&len);
-            // SAFETY: as above.
-            unsafe { bl.launch(launch_cfg(blocks)) }.map_err(candle_core::Error::wrap)?;
-            CudaStorage::wrap_cuda_slice(y, dev.clone())
-        }
-        _ => candle_core::bail!("CUDA swiglu: f32 or bf16 operands of one dtype"),
-    };
-    Ok((storage, la.shape().clone()))
+    let len = la.shape().elem_count();
+    let y = elementwise("swiglu_fwd", &[(a, la), (b, lb)], 1, len)?;
+    Ok((y, la.shape().clone()))
 }
 
 /// The gradients of `silu(a) * b` for the output gradient `g`: `(da, db)`.
@@ -212,46 +228,10 @@ impl CustomOp3 for SwigluGrads {
         g: &CudaStorage,
         lg: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = &a.device;
-        let len = la.shape().elem_count() as i64;
-        let blocks = elementwise_blocks(len as usize);
+        let len = la.shape().elem_count();
         let mut dims = vec![2];
         dims.extend_from_slice(la.dims());
-        let storage = match a.dtype() {
-            DType::F32 => {
-                let (av, bv, gv) = (
-                    view::<f32>(a, la)?,
-                    view::<f32>(b, lb)?,
-                    view::<f32>(g, lg)?,
-                );
-                // SAFETY: the kernel writes both halves in full.
-                let mut out = unsafe { dev.alloc::<f32>(2 * len as usize) }?;
-                let f =
-                    dev.get_or_load_custom_func("swiglu_bwd_f32", TRAINING_OPS.0, TRAINING_OPS.1)?;
-                let mut bl = f.builder();
-                bl.arg(&av).arg(&bv).arg(&gv).arg(&mut out).arg(&len);
-                // SAFETY: a grid-stride loop; `out` holds `2 * len` elements.
-                unsafe { bl.launch(launch_cfg(blocks)) }.map_err(candle_core::Error::wrap)?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }
-            DType::BF16 => {
-                let (av, bv, gv) = (
-                    view::<half::bf16>(a, la)?,
-                    view::<half::bf16>(b, lb)?,
-                    view::<half::bf16>(g, lg)?,
-                );
-                // SAFETY: as above.
-                let mut out = unsafe { dev.alloc::<half::bf16>(2 * len as usize) }?;
-                let f =
-                    dev.get_or_load_custom_func("swiglu_bwd_bf16", TRAINING_OPS.0, TRAINING_OPS.1)?;
-                let mut bl = f.builder();
-                bl.arg(&av).arg(&bv).arg(&gv).arg(&mut out).arg(&len);
-                // SAFETY: as above.
-                unsafe { bl.launch(launch_cfg(blocks)) }.map_err(candle_core::Error::wrap)?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }
-            d => candle_core::bail!("CUDA swiglu: {d:?} operands"),
-        };
+        let storage = elementwise("swiglu_bwd", &[(a, la), (b, lb), (g, lg)], 2, len)?;
         Ok((storage, Shape::from(dims)))
     }
 }
