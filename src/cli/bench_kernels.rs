@@ -139,12 +139,13 @@ fn op_check(
     fused: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
     composed: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
 ) -> anyhow::Result<KernelCheck> {
-    let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, n), dev)?.to_dtype(dtype)?)?;
-    let b_shape: &[usize] = if b_is_weight { &[n] } else { &[rows, n] };
+    // (1, rows, n): a batch of one sequence, as the decoder's passes have it.
+    let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, rows, n), dev)?.to_dtype(dtype)?)?;
+    let b_shape: &[usize] = if b_is_weight { &[n] } else { &[1, rows, n] };
     let b =
         Tensor::randn(0f32, 0.5, b_shape, dev)?.affine(1.0, if b_is_weight { 1.0 } else { 0.0 })?;
     let b = Var::from_tensor(&b.to_dtype(dtype)?)?;
-    let r = Tensor::randn(0f32, 1.0, (rows, n), dev)?.to_dtype(dtype)?;
+    let r = Tensor::randn(0f32, 1.0, (1, rows, n), dev)?.to_dtype(dtype)?;
     let run = |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>| {
         let y = f(a.as_tensor(), b.as_tensor())?;
         let grads = (&y * &r)?.sum_all()?.backward()?;

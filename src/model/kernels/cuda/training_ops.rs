@@ -72,7 +72,7 @@ pub fn rms_norm_grads(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(T
         &RmsNormGrads { eps },
     )?;
     let dw = both.get(1)?.sum(0)?;
-    Ok((both.get(0)?, dw))
+    Ok((both.get(0)?.reshape(x.shape())?, dw))
 }
 
 struct RmsNormGrads {
