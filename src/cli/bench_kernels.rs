@@ -385,6 +385,77 @@ pub fn decode_attention(
     })
 }
 
+/// The LoRA-add kernel against the composed delta: `rows` decode rows of the hidden width,
+/// one adapter shared (`rows` = 1) or one per row (gathered), rank 8, in `dtype`.
+#[cfg(feature = "cuda")]
+pub fn lora_add(
+    dec: &Decoder,
+    rows: usize,
+    dtype: DType,
+    steps: usize,
+) -> anyhow::Result<KernelCheck> {
+    use crate::model::{Adapter, Gathered, PerRow, RowFactors, Target};
+    let dev = dec.device();
+    let h = dec.config().hidden_size;
+    let cfg = LoraConfig::default();
+    let loras = (0..rows)
+        .map(|i| Lora::new(dec.config(), &cfg, i as u64 + 1, dev, dtype))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    // A fresh LoRA's B is zero: give each a random one, as a trained adapter has.
+    for l in &loras {
+        for v in l.vars() {
+            if v.dims()[1] == cfg.rank {
+                v.set(&Tensor::randn(0f32, 0.05, v.dims(), dev)?.to_dtype(dtype)?)?;
+            }
+        }
+    }
+    let adapters: Vec<Option<&dyn Adapter>> =
+        loras.iter().map(|l| Some(l as &dyn Adapter)).collect();
+    let cache = Gathered::default();
+    let per_row = PerRow::with_cache(adapters, &cache);
+    let adapter: &dyn Adapter = if rows == 1 { &loras[0] } else { &per_row };
+    let x = Tensor::randn(0f32, 1.0, (rows, 1, h), dev)?.to_dtype(dtype)?;
+    // The projection's output: zeros, so the output is the delta itself, rounded once.
+    let y = Tensor::zeros((rows, 1, h), dtype, dev)?;
+    let kernel = || -> candle_core::Result<Tensor> {
+        let added = match adapter.row_factors(0, Target::Q, &x)? {
+            Some(RowFactors::Shared { a, b, scale }) => {
+                crate::model::cuda::lora::add(&y, &x, &a, &b, None, scale)?
+            }
+            Some(RowFactors::Stacked { a, b, scales }) => {
+                crate::model::cuda::lora::add(&y, &x, &a, &b, Some(&scales), 0.0)?
+            }
+            None => None,
+        };
+        added.ok_or_else(|| candle_core::Error::Msg("the kernel did not take the factors".into()))
+    };
+    let composed = || -> candle_core::Result<Tensor> {
+        let d = adapter.delta(0, Target::Q, &x)?.expect("a delta on q");
+        &y + d
+    };
+    let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> anyhow::Result<f64> {
+        dev.synchronize()?;
+        let t = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let (mut kernel_ms, mut reference_ms) = (vec![], vec![]);
+    for _ in 0..steps {
+        kernel_ms.push(time(&kernel)?);
+        reference_ms.push(time(&composed)?);
+    }
+    let max_diff = rel_diff(&kernel()?, &composed()?)?;
+    Ok(KernelCheck {
+        kernel: format!("lora add ({rows} rows, rank 8, {dtype:?}, relative)"),
+        path: "cuda",
+        max_diff,
+        tolerance: if dtype == DType::BF16 { 2e-2 } else { 1e-4 },
+        kernel_ms: crate::numeric::median(&kernel_ms),
+        reference_ms: crate::numeric::median(&reference_ms),
+    })
+}
+
 /// Every check for `dec`'s shapes on its device: the optimiser over a LoRA r8 q,v adapter and
 /// over every weight, in f32 and (off the CPU) bf16.
 pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
@@ -411,6 +482,10 @@ pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
     for &dtype in dtypes {
         for rows in [1, 8] {
             out.push(decode_attention(dec, rows, 1000, dtype, steps)?);
+            #[cfg(feature = "cuda")]
+            if dev.is_cuda() {
+                out.push(lora_add(dec, rows, dtype, steps)?);
+            }
         }
     }
     Ok(out)

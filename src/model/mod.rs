@@ -22,7 +22,8 @@ use candle_core::{DType, Device, Tensor};
 pub use chat_template::{question, ChatMessage, ChatTemplate, LocatedRender};
 pub use config::{Arch, ModelConfig};
 pub use decoder::{
-    Adapter, Cache, Decoder, ForwardOpts, ForwardOutput, Gathered, Logits, LowRank, PerRow, Target,
+    Adapter, Cache, Decoder, ForwardOpts, ForwardOutput, Gathered, Logits, LowRank, PerRow,
+    RowFactors, Target,
 };
 /// The GPU's own kernels (`--features cuda`).
 #[cfg(feature = "cuda")]

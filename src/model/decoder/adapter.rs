@@ -29,6 +29,17 @@ pub trait Adapter: Sync {
         None
     }
 
+    /// The delta on `x` as factors a kernel can add to a projection's output in one launch:
+    /// one pair for every row (a single LoRA), or a pair per row (a gathered batch). `None`
+    /// where the delta is not low-rank.
+    fn row_factors(&self, layer: usize, target: Target, _x: &Tensor) -> Result<Option<RowFactors>> {
+        Ok(self.low_rank(layer, target).map(|l| RowFactors::Shared {
+            a: l.a.clone(),
+            b: l.b.clone(),
+            scale: l.scale,
+        }))
+    }
+
     /// A training step begins (`Some(seed)`, e.g. for dropout masks) or training is over
     /// (`None`: inference behaviour).
     fn begin_step(&self, _step: Option<u64>) {}
@@ -41,6 +52,19 @@ pub struct LowRank<'a> {
     pub a: &'a Tensor,
     pub b: &'a Tensor,
     pub scale: f64,
+}
+
+/// A low-rank delta's factors for every row of a pass (see [`Adapter::row_factors`]).
+pub enum RowFactors {
+    /// `a` `(rank, in)` and `b` `(out, rank)`, scaled by `scale`, for every row.
+    Shared { a: Tensor, b: Tensor, scale: f64 },
+    /// `a` `(rows, rank, in)`, `b` `(rows, out, rank)` and `scales` `(rows,)` f32: row `i`'s
+    /// own pair (scale 0 for a row without adapter).
+    Stacked {
+        a: Tensor,
+        b: Tensor,
+        scales: Tensor,
+    },
 }
 
 /// Adapters of a batch, one per row (`None`: the base model): each row's delta is computed
@@ -73,13 +97,15 @@ impl Gathered {
 }
 
 /// One projection's factors for a batch: `a` `(rows, rank, in)`, `b` `(rows, out, rank)` and
-/// `scale` `(rows, 1, 1)` (0 for a row without adapter), built for the adapter ids `key`.
+/// `scale` `(rows, 1, 1)` in the activations' dtype (0 for a row without adapter; `scales`
+/// the same in f32, `(rows,)`), built for the adapter ids `key`.
 #[derive(Clone)]
 struct Stacked {
     key: Vec<Option<u64>>,
     a: Tensor,
     b: Tensor,
     scale: Tensor,
+    scales: Tensor,
 }
 
 impl<'a> PerRow<'a> {
@@ -113,6 +139,17 @@ impl<'a> PerRow<'a> {
     /// The batch's deltas as two batched products, or `None` where some row's delta is not
     /// low-rank or the factors' shapes differ.
     fn gathered_delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(st) = self.stacked(layer, target, x)? else {
+            return Ok(None);
+        };
+        let h = x.matmul(&st.a.transpose(1, 2)?)?;
+        let y = h.matmul(&st.b.transpose(1, 2)?)?;
+        Ok(Some(y.broadcast_mul(&st.scale)?))
+    }
+
+    /// The rows' factors stacked (from the cache where it holds them for these very adapters),
+    /// or `None` where some row's delta is not low-rank or the factors' shapes differ.
+    fn stacked(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Stacked>> {
         let mut factors = Vec::with_capacity(self.rows.len());
         for a in &self.rows {
             factors.push(match a {
@@ -141,12 +178,13 @@ impl<'a> PerRow<'a> {
                 .iter()
                 .map(|f| f.as_ref().map_or(0.0, |f| f.scale as f32))
                 .collect();
-            let scale = Tensor::from_vec(s, (factors.len(), 1, 1), x.device())?;
+            let scales = Tensor::from_vec(s, factors.len(), x.device())?;
             Ok(Stacked {
                 key: key.clone(),
                 a,
                 b,
-                scale: scale.to_dtype(x.dtype())?,
+                scale: scales.reshape((factors.len(), 1, 1))?.to_dtype(x.dtype())?,
+                scales,
             })
         };
         let st = match self.gathered {
@@ -163,13 +201,24 @@ impl<'a> PerRow<'a> {
             }
             None => build()?,
         };
-        let h = x.matmul(&st.a.transpose(1, 2)?)?;
-        let y = h.matmul(&st.b.transpose(1, 2)?)?;
-        Ok(Some(y.broadcast_mul(&st.scale)?))
+        Ok(Some(st))
     }
 }
 
 impl Adapter for PerRow<'_> {
+    fn row_factors(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<RowFactors>> {
+        if !self.gather || x.dim(0)? != self.rows.len() {
+            return Ok(None);
+        }
+        Ok(self
+            .stacked(layer, target, x)?
+            .map(|st| RowFactors::Stacked {
+                a: st.a,
+                b: st.b,
+                scales: st.scales,
+            }))
+    }
+
     fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>> {
         let rows = x.dim(0)?;
         if rows != self.rows.len() {

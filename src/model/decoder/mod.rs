@@ -22,7 +22,7 @@ mod adapter;
 mod cache;
 mod training;
 
-pub use adapter::{Adapter, Gathered, LowRank, PerRow, Target};
+pub use adapter::{Adapter, Gathered, LowRank, PerRow, RowFactors, Target};
 pub use cache::Cache;
 
 /// Which logits a forward pass computes.
@@ -192,6 +192,25 @@ impl Proj {
     }
 
     fn add_delta(&self, y: Tensor, x: &Tensor, layer: usize, opts: &ForwardOpts) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(a) = opts.adapter {
+            use super::kernels::cuda::lora;
+            // A decode step's delta added in one launch (`cuda::lora`).
+            if !opts.differentiable && !opts.composed_ops && lora::applies(x) {
+                let added = match a.row_factors(layer, self.target, x)? {
+                    Some(RowFactors::Shared { a, b, scale }) => {
+                        lora::add(&y, x, &a, &b, None, scale)?
+                    }
+                    Some(RowFactors::Stacked { a, b, scales }) => {
+                        lora::add(&y, x, &a, &b, Some(&scales), 0.0)?
+                    }
+                    None => None,
+                };
+                if let Some(y) = added {
+                    return Ok(y);
+                }
+            }
+        }
         match opts.adapter {
             Some(a) => match a.delta(layer, self.target, x)? {
                 Some(d) => y + d,

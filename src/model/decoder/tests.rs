@@ -733,3 +733,55 @@ fn gathered_low_rank_rows_equal_each_row_alone_and_a_cache_follows_its_adapters(
     assert_eq!(max_diff(&d, &want), 0.0);
     assert_eq!(fresh.entries(), 0);
 }
+
+#[test]
+fn row_factors_describe_each_rows_delta() {
+    // What the GPU's one-launch LoRA add computes from them, y + s_i B_i (A_i x_i), must be
+    // what each row's adapter adds: checked here with candle's ops on the factors.
+    let (one, two) = (LowRankTest::new(1, 4, 1.0), LowRankTest::new(2, 4, 2.0));
+    let x = Tensor::randn(0f32, 1.0, (3, 1, 32), &Device::Cpu).unwrap();
+    let from = |a: &Tensor, b: &Tensor, s: f64, x: &Tensor| {
+        (x.broadcast_matmul(&a.t().unwrap())
+            .unwrap()
+            .broadcast_matmul(&b.t().unwrap())
+            .unwrap()
+            * s)
+            .unwrap()
+    };
+    match one.row_factors(0, Target::Q, &x).unwrap() {
+        Some(RowFactors::Shared { a, b, scale }) => {
+            let want = one.delta(0, Target::Q, &x).unwrap().unwrap();
+            assert_eq!(max_diff(&from(&a, &b, scale, &x), &want), 0.0);
+        }
+        _ => panic!("a single low-rank adapter shares its factors across rows"),
+    }
+    assert!(one.row_factors(0, Target::V, &x).unwrap().is_none());
+    let cache = Gathered::default();
+    let rows: Vec<Option<&dyn Adapter>> = vec![Some(&one), None, Some(&two)];
+    let per_row = PerRow::with_cache(rows.clone(), &cache);
+    let Some(RowFactors::Stacked { a, b, scales }) = per_row.row_factors(0, Target::Q, &x).unwrap()
+    else {
+        panic!("a batch of low-rank adapters stacks its factors");
+    };
+    assert_eq!((a.dims(), b.dims()), (&[3, 4, 32][..], &[3, 32, 4][..]));
+    let s = scales.to_vec1::<f32>().unwrap();
+    assert_eq!(s, vec![0.5, 0.0, 1.0]);
+    for (i, adapter) in rows.iter().enumerate() {
+        let xi = x.narrow(0, i, 1).unwrap();
+        let got = from(&a.get(i).unwrap(), &b.get(i).unwrap(), s[i] as f64, &xi);
+        match adapter {
+            Some(ad) => {
+                let want = ad.delta(0, Target::Q, &xi).unwrap().unwrap();
+                assert!(max_diff(&got, &want) < 1e-6, "row {i}");
+            }
+            None => assert_eq!(max_diff(&got, &got.zeros_like().unwrap()), 0.0),
+        }
+    }
+    // Not gathered, or a batch of another size: no factors.
+    let alone = PerRow::each_alone(rows);
+    assert!(alone.row_factors(0, Target::Q, &x).unwrap().is_none());
+    assert!(per_row
+        .row_factors(0, Target::Q, &x.narrow(0, 0, 2).unwrap())
+        .unwrap()
+        .is_none());
+}

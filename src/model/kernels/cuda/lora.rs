@@ -1,0 +1,193 @@
+//! A LoRA delta added to a projection's output in one launch (`lora.cu`), for the few rows of
+//! a decode step, each row with its own adapter (gathered, BGMV-style) or all with one. The
+//! composed reference is two products, a scale and an add (`Adapter::delta`).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+
+use super::LORA;
+
+/// Rows and rank the kernel takes (its shared memory holds one row's `A x`).
+pub const MAX_ROWS: usize = 64;
+const MAX_RANK: usize = 64;
+const THREADS: u32 = 256;
+
+/// Whether a decode step's `x` (`(batch, t, in)`) may take the kernel.
+pub fn applies(x: &Tensor) -> bool {
+    let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+    super::enabled()
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && rows <= MAX_ROWS
+}
+
+/// `y + scale B (A x)` for each row of `x` (`(batch, t, in)`), or `None` where the kernel does
+/// not take the factors (rank above 64, another dtype, or per-row factors for other than one
+/// position per row). `a` `(rank, in)` and `b` `(out, rank)` serve every row with `scale`;
+/// with `scales` (`(batch,)`), `a` `(batch, rank, in)` and `b` `(batch, out, rank)` hold a
+/// factor pair per row.
+pub fn add(
+    y: &Tensor,
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scales: Option<&Tensor>,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let dims = x.dims();
+    let (inp, rows) = (
+        dims[dims.len() - 1],
+        x.elem_count() / dims[dims.len() - 1].max(1),
+    );
+    let outs = y.dims().last().copied().unwrap_or(0);
+    let (per_row, scale) = (scales.is_some(), scale as f32);
+    let rank = a.dims().iter().rev().nth(1).copied().unwrap_or(0);
+    let shapes_fit = if per_row {
+        a.dims() == [rows, rank, inp]
+            && b.dims() == [rows, outs, rank]
+            && dims.len() == 3
+            && dims[1] == 1
+    } else {
+        a.dims() == [rank, inp] && b.dims() == [outs, rank]
+    };
+    if !shapes_fit
+        || rank == 0
+        || rank > MAX_RANK
+        || a.dtype() != x.dtype()
+        || b.dtype() != x.dtype()
+    {
+        return Ok(None);
+    }
+    let op = LoraAdd {
+        a: a.contiguous()?,
+        b: b.contiguous()?,
+        scales: scales
+            .map(|s| s.to_dtype(DType::F32)?.contiguous())
+            .transpose()?,
+        scale,
+        stride: if per_row {
+            (rank * inp, outs * rank)
+        } else {
+            (0, 0)
+        },
+        rank,
+    };
+    let y = y.contiguous()?;
+    Ok(Some(y.apply_op2_no_bwd(&x.contiguous()?, &op)?))
+}
+
+struct LoraAdd {
+    a: Tensor,
+    b: Tensor,
+    scales: Option<Tensor>,
+    scale: f32,
+    /// Elements from one row's A (and B) to the next; 0 when every row shares one.
+    stride: (usize, usize),
+    rank: usize,
+}
+
+/// A contiguous CUDA tensor's elements, from its offset on.
+fn elements<'a, T: CudaDType>(
+    s: &'a Storage,
+    l: &Layout,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    let Storage::Cuda(s) = s else {
+        candle_core::bail!("lora-add: a factor is not on the GPU");
+    };
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+impl LoraAdd {
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        y: &CudaStorage,
+        ly: &Layout,
+        x: &CudaStorage,
+        lx: &Layout,
+        name: &str,
+    ) -> Result<CudaStorage> {
+        let dev = &y.device;
+        let (Some((y0, y1)), Some((x0, x1))) = (ly.contiguous_offsets(), lx.contiguous_offsets())
+        else {
+            candle_core::bail!("lora-add: contiguous operands only");
+        };
+        let outs = ly.shape().dims().last().copied().unwrap_or(1);
+        let inp = lx.shape().dims().last().copied().unwrap_or(1);
+        let rows = (y1 - y0) / outs.max(1);
+        let yv = y.as_cuda_slice::<T>()?.slice(y0..y1);
+        let xv = x.as_cuda_slice::<T>()?.slice(x0..x1);
+        let (a_s, a_l) = self.a.storage_and_layout();
+        let (b_s, b_l) = self.b.storage_and_layout();
+        let av = elements::<T>(&a_s, a_l)?;
+        let bv = elements::<T>(&b_s, b_l)?;
+        let scales = self.scales.as_ref().map(|s| s.storage_and_layout());
+        let sv = match &scales {
+            Some((s, l)) => Some(elements::<f32>(s, l)?),
+            None => None,
+        };
+        // SAFETY: the kernel writes every element.
+        let mut out = unsafe { dev.alloc::<T>(y1 - y0) }?;
+        let f = dev.get_or_load_custom_func(name, LORA.0, LORA.1)?;
+        let mut bl = f.builder();
+        let null = 0u64;
+        bl.arg(&yv).arg(&xv).arg(&av).arg(&bv);
+        match &sv {
+            Some(v) => bl.arg(v),
+            None => bl.arg(&null),
+        };
+        let (in32, out32, r32) = (inp as i32, outs as i32, self.rank as i32);
+        let (sa, sb) = (self.stride.0 as i64, self.stride.1 as i64);
+        bl.arg(&self.scale)
+            .arg(&mut out)
+            .arg(&in32)
+            .arg(&out32)
+            .arg(&r32)
+            .arg(&sa)
+            .arg(&sb);
+        let cfg = LaunchConfig {
+            grid_dim: (rows.max(1) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if rows > 0 {
+            // SAFETY: one block per row; each reads its row of x and y, its adapter's A
+            // (rank x in) and B (out x rank) at the given strides (checked against the
+            // factors' shapes by `add`), its scale, and writes its row of the output.
+            unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+}
+
+impl CustomOp2 for LoraAdd {
+    fn name(&self) -> &'static str {
+        "cuda-lora-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("cuda-lora-add runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        y: &CudaStorage,
+        ly: &Layout,
+        x: &CudaStorage,
+        lx: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = match y.dtype() {
+            DType::F32 => self.launch::<f32>(y, ly, x, lx, "lora_add_f32")?,
+            DType::BF16 => self.launch::<half::bf16>(y, ly, x, lx, "lora_add_bf16")?,
+            d => candle_core::bail!("lora-add: {d:?} operands"),
+        };
+        Ok((out, ly.shape().clone()))
+    }
+}
