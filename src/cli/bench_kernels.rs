@@ -495,12 +495,12 @@ pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
 pub fn run(dec: &Decoder, steps: usize) -> anyhow::Result<()> {
     let checks = all(dec, steps)?;
     println!(
-        "{:<50} {:<7} {:>10} {:>9} {:>10} {:>12}  parity",
+        "{:<60} {:<7} {:>10} {:>9} {:>10} {:>12}  parity",
         "kernel", "path", "max diff", "tol", "kernel ms", "candle ms"
     );
     for c in &checks {
         println!(
-            "{:<50} {:<7} {:>10.2e} {:>9.0e} {:>10.3} {:>12.3}  {}",
+            "{:<60} {:<7} {:>10.2e} {:>9.0e} {:>10.3} {:>12.3}  {}",
             c.kernel,
             c.path,
             c.max_diff,
