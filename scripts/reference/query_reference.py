@@ -31,8 +31,8 @@ n_new = q["new_tokens"]
 
 def answer(m):
     with torch.no_grad():
-        m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
-                   min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+        m.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                   max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)
 
 
 def adapt(m, params):
