@@ -260,13 +260,24 @@ impl Proj {
 }
 
 /// Projections that read the same input (q, k, v; gate, up) as one decode product: their
-/// weights stacked by output row, so a decode step quantizes its input once and dispatches
-/// one parallel product instead of one per projection. Each output element is the same fixed
-/// computation on its own weight row as in a product of its own, so the results are the
-/// same bits either way.
+/// weights stacked by output row, so a decode step runs one product instead of one per
+/// projection. On the CPU the stack is quantized (one input quantization, one parallel
+/// dispatch; each output element is the same fixed computation on its own weight row as in a
+/// product of its own, so the results are the same bits either way); on a GPU it is the
+/// full-precision weights themselves, of which the parts' weights are views (no second
+/// copy): one launch instead of three, or two.
 struct Joint {
-    quant: super::kernels::quant::DecodeMatmul,
+    body: JointBody,
     widths: Vec<usize>,
+}
+
+enum JointBody {
+    Quant(super::kernels::quant::DecodeMatmul),
+    /// The stacked weights, used for inputs of at most `max_rows` rows.
+    Full {
+        w: Tensor,
+        max_rows: usize,
+    },
 }
 
 impl Joint {
@@ -276,9 +287,48 @@ impl Joint {
             .map(|p| p.linear.weight().clone())
             .collect::<Vec<_>>();
         Ok(Self {
-            quant: super::kernels::quant::DecodeMatmul::new(&Tensor::cat(&ws, 0)?, dtype)?,
+            body: JointBody::Quant(super::kernels::quant::DecodeMatmul::new(
+                &Tensor::cat(&ws, 0)?,
+                dtype,
+            )?),
             widths: ws.iter().map(|w| w.dim(0)).collect::<Result<_>>()?,
         })
+    }
+
+    /// Stacks the full-precision weights of `parts` and makes each part's weight a view into
+    /// the stack; `None` where a weight is trained (full scope's copy: its variables must
+    /// stay the tensors the projections multiply by).
+    fn full(parts: &mut [&mut Proj], max_rows: usize) -> Result<Option<Self>> {
+        if parts.iter().any(|p| p.linear.weight().is_variable()) {
+            return Ok(None);
+        }
+        let ws = parts
+            .iter()
+            .map(|p| p.linear.weight().clone())
+            .collect::<Vec<_>>();
+        let w = Tensor::cat(&ws, 0)?;
+        let widths: Vec<usize> = ws.iter().map(|w| w.dim(0)).collect::<Result<_>>()?;
+        let mut at = 0;
+        for (p, &n) in parts.iter_mut().zip(&widths) {
+            let bias = p.linear.bias().cloned();
+            p.linear = Linear::new(w.narrow(0, at, n)?, bias);
+            at += n;
+        }
+        Ok(Some(Self {
+            body: JointBody::Full { w, max_rows },
+            widths,
+        }))
+    }
+
+    /// Whether this pass takes the joint product for `x`.
+    fn takes(&self, x: &Tensor, opts: &ForwardOpts) -> bool {
+        match &self.body {
+            JointBody::Quant(_) => use_quant(x, opts),
+            JointBody::Full { max_rows, .. } => {
+                let rows = x.elem_count() / x.dim(D::Minus1).unwrap_or(1).max(1);
+                !opts.differentiable && rows <= *max_rows
+            }
+        }
     }
 
     /// Each part's output for `x`, its bias and adapter delta added.
@@ -289,10 +339,10 @@ impl Joint {
         layer: usize,
         opts: &ForwardOpts,
     ) -> Result<Vec<Tensor>> {
-        let y = self
-            .quant
-            .forward(&x.to_dtype(DType::F32)?)?
-            .to_dtype(x.dtype())?;
+        let y = match &self.body {
+            JointBody::Quant(q) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
+            JointBody::Full { w, .. } => super::frozen_matmul_bf16(x, w, None)?,
+        };
         let mut at = 0;
         parts
             .iter()
@@ -429,7 +479,7 @@ impl Decoder {
             Err(e) => return Err(e),
         };
         let (cos, sin) = rope_tables(cfg, &device)?;
-        Ok(Self {
+        let mut dec = Self {
             cfg: cfg.clone(),
             embed,
             blocks,
@@ -442,7 +492,30 @@ impl Decoder {
             device,
             dtype,
             f32_norms_attention: false,
-        })
+        };
+        // On a GPU a decode step is launch-bound: one product for q, k, v and one for
+        // gate, up. (The CPU has its own joint products, quantized: `quantize_for_decode`.)
+        if !dec.device.is_cpu() {
+            dec.join_projections()?;
+        }
+        Ok(dec)
+    }
+
+    /// Stacks q, k and v, and gate and up, into one weight each whose parts the projections
+    /// then view, for one decode product where there were three and two: q, k, v for
+    /// single-row steps (a batch's parts would need copies to split), gate and up for any
+    /// decode step. Trained weights (a full-scope copy) stay apart.
+    pub fn join_projections(&mut self) -> Result<()> {
+        for b in &mut self.blocks {
+            let (a, m) = (&mut b.attn, &mut b.mlp);
+            if a.qkv.is_none() {
+                a.qkv = Joint::full(&mut [&mut a.q, &mut a.k, &mut a.v], 1)?;
+            }
+            if m.gate_up.is_none() {
+                m.gate_up = Joint::full(&mut [&mut m.gate, &mut m.up], QUANT_MAX_POSITIONS)?;
+            }
+        }
+        Ok(())
     }
 
     /// Makes inference passes of a bf16/f16 model run norms and attention on f32 operands
@@ -773,7 +846,7 @@ impl Decoder {
         let h = self.norm_with(&x, &block.post_norm, opts)?;
         let m = &block.mlp;
         let (g, u) = match &m.gate_up {
-            Some(j) if use_quant(&h, opts) => {
+            Some(j) if j.takes(&h, opts) => {
                 let mut gu = j.forward(&[&m.gate, &m.up], &h, layer, opts)?.into_iter();
                 (gu.next().expect("gate"), gu.next().expect("up"))
             }
@@ -816,7 +889,7 @@ impl Decoder {
         let cos = &cos.to_dtype(acc)?;
         let sin = &sin.to_dtype(acc)?;
         let (q, k, v) = match &a.qkv {
-            Some(j) if use_quant(x, opts) => {
+            Some(j) if j.takes(x, opts) => {
                 let mut qkv = j.forward(&[&a.q, &a.k, &a.v], x, layer, opts)?.into_iter();
                 let mut next = || qkv.next().expect("q, k, v");
                 (next(), next(), next())

@@ -785,3 +785,85 @@ fn row_factors_describe_each_rows_delta() {
         .unwrap()
         .is_none());
 }
+
+#[test]
+fn joined_projections_give_the_separate_products_and_leave_trained_weights_apart() {
+    // What a GPU load does: q, k, v and gate, up as one product each over views of one stack.
+    let cfg = tiny_config(Arch::Qwen2); // with q, k, v biases
+    let w = random_weights(&cfg, 4, &Device::Cpu, DType::F32).unwrap();
+    let apart = Decoder::load(&cfg, w.clone()).unwrap();
+    let mut joined = Decoder::load(&cfg, w).unwrap();
+    joined.join_projections().unwrap();
+    assert!(joined.blocks.iter().all(|b| matches!(
+        (&b.attn.qkv, &b.mlp.gate_up),
+        (
+            Some(Joint {
+                body: JointBody::Full { .. },
+                ..
+            }),
+            Some(_)
+        )
+    )));
+    let lora = LowRankTest::new(9, 4, 1.5);
+    for adapter in [None, Some(&lora as &dyn Adapter)] {
+        let o = ForwardOpts {
+            adapter,
+            ..Default::default()
+        };
+        let (mut c1, mut c2) = (apart.new_cache(16), joined.new_cache(16));
+        let pre = ids().narrow(1, 0, 5).unwrap();
+        let a = apart
+            .forward(&pre, Some(&mut c1), &o)
+            .unwrap()
+            .logits
+            .unwrap();
+        let b = joined
+            .forward(&pre, Some(&mut c2), &o)
+            .unwrap()
+            .logits
+            .unwrap();
+        assert!(max_diff(&a, &b) < 1e-5, "prefill");
+        for t in 5..IDS.len() {
+            let one = ids().narrow(1, t, 1).unwrap();
+            let a = apart
+                .forward(&one, Some(&mut c1), &o)
+                .unwrap()
+                .logits
+                .unwrap();
+            let b = joined
+                .forward(&one, Some(&mut c2), &o)
+                .unwrap()
+                .logits
+                .unwrap();
+            assert!(max_diff(&a, &b) < 1e-5, "step {t}");
+        }
+        // A batched step (q, k, v apart, gate and up joined).
+        let mut two = [c1.fork(1).unwrap(), c1.fork(1).unwrap()];
+        let mut four = [c2.fork(1).unwrap(), c2.fork(1).unwrap()];
+        let [x0, x1] = &mut two;
+        let a = apart.decode_step(&[3, 4], &mut [x0, x1], &o).unwrap();
+        let [y0, y1] = &mut four;
+        let b = joined.decode_step(&[3, 4], &mut [y0, y1], &o).unwrap();
+        assert!(max_diff(&a, &b) < 1e-5, "batched step");
+    }
+    // Trained weights (a full-scope copy) are not joined: their variables stay multiplied.
+    let vars: HashMap<String, Tensor> = apart
+        .named_weights()
+        .into_iter()
+        .map(|(n, t)| {
+            (
+                n,
+                candle_core::Var::from_tensor(&t)
+                    .unwrap()
+                    .as_tensor()
+                    .clone(),
+            )
+        })
+        .collect();
+    let mut trained = Decoder::load(&cfg, vars).unwrap();
+    trained.join_projections().unwrap();
+    assert!(trained
+        .blocks
+        .iter()
+        .all(|b| b.attn.qkv.is_none() && b.mlp.gate_up.is_none()));
+}
