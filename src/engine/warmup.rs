@@ -55,6 +55,18 @@ pub fn warm_up(
     collection: &str,
     tta: Option<TtaParams>,
 ) -> Result<WarmUp, EngineError> {
+    // The project's own CUDA kernels: every module, including those this warm-up's two
+    // requests would not reach (a batch's, bf16's). A driver that cannot load them leaves
+    // candle's ops serving rather than failing requests later.
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = engine.model.decoder.device() {
+        if crate::model::cuda::enabled() {
+            if let Err(e) = crate::model::cuda::preload(d) {
+                tracing::warn!(error = %e, "the CUDA kernels did not load; candle's ops serve");
+                crate::model::cuda::set_enabled(false);
+            }
+        }
+    }
     let answer = run(engine, job(RagMode::None, collection, None))?;
     let adapt = match tta {
         Some(p) => Some(run(engine, job(RagMode::Tta, collection, Some(p)))?),

@@ -54,6 +54,20 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
+/// Loads every module of these kernels into `dev` (the driver compiles their PTX for the GPU
+/// then), so that no request pays for it: the server's warm-up calls it before it says ready.
+pub fn preload(dev: &CudaDevice) -> Result<()> {
+    for (function, (module, ptx)) in [
+        ("adamw_f32", OPTIMIZER),
+        ("rms_norm_fwd", TRAINING_OPS),
+        ("decode_attention_f32", DECODE_ATTENTION),
+        ("lora_add_f32", LORA),
+    ] {
+        dev.get_or_load_custom_func(function, module, ptx)?;
+    }
+    Ok(())
+}
+
 /// The CUDA device of `t`, or an error naming `what`.
 fn cuda_device<'a>(t: &'a Tensor, what: &str) -> Result<&'a CudaDevice> {
     match t.device() {
