@@ -78,24 +78,19 @@ pub fn optimizer(
             .collect::<candle_core::Result<Vec<_>>>()?;
         let norm = global_norm(&grads_ref)?;
         let clip = if step % 2 == 0 { norm / 2.0 } else { 0.0 };
-        dev.synchronize()?;
-        let t = Instant::now();
-        fast.step_clipped(&grads_dt, clip)?;
-        dev.synchronize()?;
-        kernel_ms.push(t.elapsed().as_secs_f64() * 1e3);
-        let t = Instant::now();
-        let scale = if clip > 0.0 && norm > clip {
-            clip / (norm + 1e-6)
-        } else {
-            1.0
-        };
-        let mut store = candle_core::backprop::GradStore::default();
-        for (v, g) in refs.iter().zip(&grads_ref) {
-            store.insert(v.as_tensor(), (g * scale)?);
-        }
-        reference.step(&store)?;
-        dev.synchronize()?;
-        reference_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        kernel_ms.push(time_ms(dev, || fast.step_clipped(&grads_dt, clip))?);
+        reference_ms.push(time_ms(dev, || {
+            let scale = if clip > 0.0 && norm > clip {
+                clip / (norm + 1e-6)
+            } else {
+                1.0
+            };
+            let mut store = candle_core::backprop::GradStore::default();
+            for (v, g) in refs.iter().zip(&grads_ref) {
+                store.insert(v.as_tensor(), (g * scale)?);
+            }
+            reference.step(&store)
+        })?);
     }
     let mut max_diff = 0f64;
     for (v, r) in vars.iter().zip(&refs) {
@@ -125,131 +120,121 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
     Ok(d / m.max(f64::MIN_POSITIVE))
 }
 
-/// A two-input differentiable op, fused against composed, on `(rows, n)` inputs in `dtype`:
-/// the output and both input gradients of `sum(op(a, b) * r)`, as the largest relative
-/// difference, and the time of a forward and backward of each.
-#[allow(clippy::too_many_arguments)]
+/// Milliseconds of one run of `f`, with the device synchronised before and after.
+fn time_ms<T>(
+    dev: &Device,
+    f: impl FnOnce() -> candle_core::Result<T>,
+) -> candle_core::Result<f64> {
+    dev.synchronize()?;
+    let t = Instant::now();
+    f()?;
+    dev.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+type Parts<'a> = &'a dyn Fn() -> candle_core::Result<Vec<Tensor>>;
+
+/// `kernel` against `reference`, each run `steps` times, alternately, and timed; then their
+/// parts compared one by one: the largest relative difference (NaN where one gives parts the
+/// other lacks).
+fn compare(
+    kernel_name: String,
+    dev: &Device,
+    tolerance: f64,
+    steps: usize,
+    kernel: Parts,
+    reference: Parts,
+) -> anyhow::Result<KernelCheck> {
+    let (mut kernel_ms, mut reference_ms) = (vec![], vec![]);
+    for _ in 0..steps {
+        kernel_ms.push(time_ms(dev, kernel)?);
+        reference_ms.push(time_ms(dev, reference)?);
+    }
+    let (got, want) = (kernel()?, reference()?);
+    let mut max_diff = if got.len() == want.len() {
+        0f64
+    } else {
+        f64::NAN
+    };
+    for (g, w) in got.iter().zip(&want) {
+        max_diff = max_diff.max(rel_diff(g, w)?);
+    }
+    Ok(KernelCheck {
+        kernel: kernel_name,
+        path: if dev.is_cpu() { "cpu" } else { "cuda" },
+        max_diff,
+        tolerance,
+        kernel_ms: crate::numeric::median(&kernel_ms),
+        reference_ms: crate::numeric::median(&reference_ms),
+    })
+}
+
+/// f32: rounding; bf16: a few units in the last place of 8 bits.
+fn tolerance(dtype: DType) -> f64 {
+    if dtype == DType::BF16 {
+        2e-2
+    } else {
+        1e-4
+    }
+}
+
+type Op<'a> = &'a dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>;
+
+/// A differentiable op, fused against composed, on `inputs` (each flagged trainable): the
+/// output and the gradient of `sum(op(inputs) * r)` for every trainable input, and the time
+/// of a forward and backward of each.
 fn op_check(
     name: &str,
-    (rows, n): (usize, usize),
-    dtype: DType,
-    dev: &Device,
+    inputs: &[(Tensor, bool)],
     steps: usize,
-    b_is_weight: bool,
-    fused: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
-    composed: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    fused: Op,
+    composed: Op,
 ) -> anyhow::Result<KernelCheck> {
-    // (1, rows, n): a batch of one sequence, as the decoder's passes have it.
-    let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, rows, n), dev)?.to_dtype(dtype)?)?;
-    let b_shape: &[usize] = if b_is_weight { &[n] } else { &[1, rows, n] };
-    let b =
-        Tensor::randn(0f32, 0.5, b_shape, dev)?.affine(1.0, if b_is_weight { 1.0 } else { 0.0 })?;
-    let b = Var::from_tensor(&b.to_dtype(dtype)?)?;
-    let r = Tensor::randn(0f32, 1.0, (1, rows, n), dev)?.to_dtype(dtype)?;
-    let run = |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>| {
-        let y = f(a.as_tensor(), b.as_tensor())?;
+    let x = &inputs[0].0;
+    let (dev, dtype) = (x.device().clone(), x.dtype());
+    let vars = inputs
+        .iter()
+        .map(|(t, train)| match train {
+            true => Ok(Var::from_tensor(t)?.as_tensor().clone()),
+            false => Ok(t.clone()),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let r = x.randn_like(0.0, 1.0)?;
+    // The output, then the gradients the op gave (a missing one leaves the parts short).
+    let run = |f: Op| -> candle_core::Result<Vec<Tensor>> {
+        let y = f(&vars)?;
         let grads = (&y * &r)?.sum_all()?.backward()?;
-        let ga = grads.get(a.as_tensor()).cloned();
-        let gb = grads.get(b.as_tensor()).cloned();
-        candle_core::Result::Ok((y, ga, gb))
+        let trained = vars.iter().zip(inputs).filter(|(_, (_, train))| *train);
+        let mut parts = vec![y.clone()];
+        parts.extend(trained.filter_map(|(v, _)| grads.get(v).cloned()));
+        Ok(parts)
     };
-    let (mut kernel_ms, mut reference_ms) = (vec![], vec![]);
-    for _ in 0..steps {
-        for (f, times) in [
-            (
-                &fused as &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
-                &mut kernel_ms,
-            ),
-            (&composed, &mut reference_ms),
-        ] {
-            dev.synchronize()?;
-            let t = Instant::now();
-            run(f)?;
-            dev.synchronize()?;
-            times.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    let (y1, ga1, gb1) = run(&fused)?;
-    let (y2, ga2, gb2) = run(&composed)?;
-    let mut max_diff = rel_diff(&y1, &y2)?;
-    for (g1, g2) in [(ga1, ga2), (gb1, gb2)] {
-        match (g1, g2) {
-            (Some(g1), Some(g2)) => max_diff = max_diff.max(rel_diff(&g1, &g2)?),
-            _ => max_diff = f64::NAN,
-        }
-    }
-    Ok(KernelCheck {
-        kernel: format!("{name} ({rows}x{n}, {dtype:?}, relative)"),
-        path: if dev.is_cpu() { "cpu" } else { "cuda" },
-        max_diff,
-        // f32: rounding; bf16: a few units in the last place of 8 bits.
-        tolerance: if dtype == DType::BF16 { 2e-2 } else { 1e-4 },
-        kernel_ms: crate::numeric::median(&kernel_ms),
-        reference_ms: crate::numeric::median(&reference_ms),
+    let name = format!("{name} ({:?}, {dtype:?}, relative)", x.dims());
+    compare(name, &dev, tolerance(dtype), steps, &|| run(fused), &|| {
+        run(composed)
     })
 }
 
-/// A one-input differentiable op (f32), fused against composed, on `x` of `shape`: the output
-/// and the gradient of `sum(op(x) * r)`, and the time of a forward and backward of each.
-fn op_check1(
-    name: &str,
-    x: Tensor,
-    steps: usize,
-    fused: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
-    composed: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
-) -> anyhow::Result<KernelCheck> {
-    let dev = x.device().clone();
-    let shape = x.dims().to_vec();
-    let x = Var::from_tensor(&x)?;
-    let r = x.as_tensor().randn_like(0.0, 1.0)?;
-    let run = |f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| {
-        let y = f(x.as_tensor())?;
-        let grads = (&y * &r)?.sum_all()?.backward()?;
-        candle_core::Result::Ok((y, grads.get(x.as_tensor()).cloned()))
-    };
-    let time = |f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| -> anyhow::Result<f64> {
-        dev.synchronize()?;
-        let t = Instant::now();
-        run(f)?;
-        dev.synchronize()?;
-        Ok(t.elapsed().as_secs_f64() * 1e3)
-    };
-    let (mut kernel_ms, mut reference_ms) = (vec![], vec![]);
-    for _ in 0..steps {
-        kernel_ms.push(time(&fused)?);
-        reference_ms.push(time(&composed)?);
-    }
-    let ((y1, g1), (y2, g2)) = (run(&fused)?, run(&composed)?);
-    let max_diff = match (g1, g2) {
-        (Some(g1), Some(g2)) => rel_diff(&y1, &y2)?.max(rel_diff(&g1, &g2)?),
-        _ => f64::NAN,
-    };
-    Ok(KernelCheck {
-        kernel: format!("{name} ({shape:?}, F32, relative)"),
-        path: if dev.is_cpu() { "cpu" } else { "cuda" },
-        max_diff,
-        tolerance: 1e-4,
-        kernel_ms: crate::numeric::median(&kernel_ms),
-        reference_ms: crate::numeric::median(&reference_ms),
-    })
-}
-
-/// The fused RMS norm (f32, as training takes norms) and SwiGLU (f32, and bf16 off the CPU)
-/// over `rows` positions of `dec`'s widths.
+/// The fused RMS norm (f32, as training takes norms), SwiGLU (f32, and bf16 off the CPU),
+/// rotary embedding and causal softmax over `rows` positions of `dec`'s widths, each a batch
+/// of one sequence as the decoder's passes have it.
 pub fn block_ops(dec: &Decoder, rows: usize, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
     use crate::model::fused;
     let dev = dec.device();
     let cfg = dec.config();
     let eps = cfg.rms_norm_eps;
+    let randn =
+        |shape: &[usize], std: f32, dtype| Tensor::randn(0f32, std, shape, dev)?.to_dtype(dtype);
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let mut out = vec![op_check(
         "rms norm fwd+bwd",
-        (rows, cfg.hidden_size),
-        DType::F32,
-        dev,
+        &[
+            (randn(&[1, rows, h], 1.0, DType::F32)?, true),
+            ((randn(&[h], 0.5, DType::F32)? + 1.0)?, true),
+        ],
         steps,
-        true,
-        |x, w| fused::rms_norm(x, w, eps),
-        |x, w| candle_nn::ops::rms_norm_slow(x, w, eps as f32),
+        &|t| fused::rms_norm(&t[0], &t[1], eps),
+        &|t| candle_nn::ops::rms_norm_slow(&t[0], &t[1], eps as f32),
     )?];
     let dtypes: &[DType] = if dev.is_cpu() {
         &[DType::F32]
@@ -259,13 +244,13 @@ pub fn block_ops(dec: &Decoder, rows: usize, steps: usize) -> anyhow::Result<Vec
     for &dtype in dtypes {
         out.push(op_check(
             "swiglu fwd+bwd",
-            (rows, cfg.intermediate_size),
-            dtype,
-            dev,
+            &[
+                (randn(&[1, rows, i], 1.0, dtype)?, true),
+                (randn(&[1, rows, i], 0.5, dtype)?, true),
+            ],
             steps,
-            false,
-            fused::swiglu,
-            |a, b| candle_nn::ops::silu(a)? * b,
+            &|t| fused::swiglu(&t[0], &t[1]),
+            &|t| candle_nn::ops::silu(&t[0])? * &t[1],
         )?);
     }
     // Attention's rotary embedding of the queries and its softmax over causal scores.
@@ -278,12 +263,12 @@ pub fn block_ops(dec: &Decoder, rows: usize, steps: usize) -> anyhow::Result<Vec
         .reshape((rows, 1))?
         .broadcast_mul(&Tensor::from_vec(inv, (1, d / 2), dev)?)?;
     let (cos, sin) = (angles.cos()?, angles.sin()?);
-    out.push(op_check1(
+    out.push(op_check(
         "rope fwd+bwd",
-        Tensor::randn(0f32, 1.0, (1, heads, rows, d), dev)?,
+        &[(randn(&[1, heads, rows, d], 1.0, DType::F32)?, true)],
         steps,
-        |x| fused::rope(x, &cos, &sin),
-        |x| candle_nn::rotary_emb::rope_slow(x, &cos, &sin),
+        &|t| fused::rope(&t[0], &cos, &sin),
+        &|t| candle_nn::rotary_emb::rope_slow(&t[0], &cos, &sin),
     )?);
     let causal: Vec<f32> = (0..rows * rows)
         .map(|i| {
@@ -295,13 +280,13 @@ pub fn block_ops(dec: &Decoder, rows: usize, steps: usize) -> anyhow::Result<Vec
         })
         .collect();
     let mask = Tensor::from_vec(causal, (rows, rows), dev)?;
-    let scores = Tensor::randn(0f32, 3.0, (1, heads, rows, rows), dev)?.broadcast_add(&mask)?;
-    out.push(op_check1(
+    let scores = randn(&[1, heads, rows, rows], 3.0, DType::F32)?.broadcast_add(&mask)?;
+    out.push(op_check(
         "causal softmax fwd+bwd",
-        scores,
+        &[(scores, true)],
         steps,
-        fused::softmax_last_dim,
-        |x| candle_nn::ops::softmax(x, candle_core::D::Minus1),
+        &|t| fused::softmax_last_dim(&t[0]),
+        &|t| candle_nn::ops::softmax(&t[0], candle_core::D::Minus1),
     )?);
     Ok(out)
 }
@@ -333,7 +318,7 @@ pub fn decode_attention(
             Ok((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?))
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let composed = || -> candle_core::Result<Tensor> {
+    let composed = || -> candle_core::Result<Vec<Tensor>> {
         let rep = heads / kv_heads;
         let rows = kv
             .iter()
@@ -344,45 +329,29 @@ pub fn decode_attention(
                 p.matmul(v)?.reshape((1, heads, 1, d))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::cat(&rows, 0)
+        Ok(vec![Tensor::cat(&rows, 0)?])
     };
-    let kernel = || crate::model::decode_attention::attend_rows(&q, &kv, scale);
-    let applies = crate::model::decode_attention::applies(&q, &kv);
-    let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> candle_core::Result<f64> {
-        dev.synchronize()?;
-        let t = Instant::now();
-        f()?;
-        dev.synchronize()?;
-        Ok(t.elapsed().as_secs_f64() * 1e3)
-    };
-    let (mut kernel_ms, mut reference_ms) = (vec![], vec![]);
-    for _ in 0..steps {
-        if applies {
-            kernel_ms.push(time(&kernel)?);
-        }
-        reference_ms.push(time(&composed)?);
+    let name = format!("decode attention ({rows} rows, ~{len} positions, {dtype:?}, relative)");
+    if !crate::model::decode_attention::applies(&q, &kv) {
+        // No kernel here: the composed ops' time alone.
+        let times = (0..steps)
+            .map(|_| time_ms(dev, composed))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        return Ok(KernelCheck {
+            kernel: name,
+            path: "candle",
+            max_diff: f64::NAN,
+            tolerance: tolerance(dtype),
+            kernel_ms: f64::NAN,
+            reference_ms: crate::numeric::median(&times),
+        });
     }
-    let max_diff = if applies {
-        rel_diff(&kernel()?, &composed()?)?
-    } else {
-        f64::NAN
+    let kernel = || {
+        Ok(vec![crate::model::decode_attention::attend_rows(
+            &q, &kv, scale,
+        )?])
     };
-    Ok(KernelCheck {
-        kernel: format!("decode attention ({rows} rows, ~{len} positions, {dtype:?}, relative)"),
-        path: match (applies, dev.is_cpu()) {
-            (false, _) => "candle",
-            (true, true) => "cpu",
-            (true, false) => "cuda",
-        },
-        max_diff,
-        tolerance: if dtype == DType::BF16 { 2e-2 } else { 1e-4 },
-        kernel_ms: if applies {
-            crate::numeric::median(&kernel_ms)
-        } else {
-            f64::NAN
-        },
-        reference_ms: crate::numeric::median(&reference_ms),
-    })
+    compare(name, dev, tolerance(dtype), steps, &kernel, &composed)
 }
 
 /// The LoRA-add kernel against the composed delta: `rows` decode rows of the hidden width,
@@ -394,7 +363,7 @@ pub fn lora_add(
     dtype: DType,
     steps: usize,
 ) -> anyhow::Result<KernelCheck> {
-    use crate::model::{Adapter, Gathered, PerRow, RowFactors, Target};
+    use crate::model::{Adapter, Gathered, PerRow, Target};
     let dev = dec.device();
     let h = dec.config().hidden_size;
     let cfg = LoraConfig::default();
@@ -417,43 +386,19 @@ pub fn lora_add(
     let x = Tensor::randn(0f32, 1.0, (rows, 1, h), dev)?.to_dtype(dtype)?;
     // The projection's output: zeros, so the output is the delta itself, rounded once.
     let y = Tensor::zeros((rows, 1, h), dtype, dev)?;
-    let kernel = || -> candle_core::Result<Tensor> {
-        let added = match adapter.row_factors(0, Target::Q, &x)? {
-            Some(RowFactors::Shared { a, b, scale }) => {
-                crate::model::cuda::lora::add(&y, &x, &a, &b, None, scale)?
-            }
-            Some(RowFactors::Stacked { a, b, scales }) => {
-                crate::model::cuda::lora::add(&y, &x, &a, &b, Some(&scales), 0.0)?
-            }
-            None => None,
-        };
-        added.ok_or_else(|| candle_core::Error::Msg("the kernel did not take the factors".into()))
+    let kernel = || -> candle_core::Result<Vec<Tensor>> {
+        let missing = || candle_core::Error::Msg("the kernel did not take the factors".into());
+        let f = adapter.row_factors(0, Target::Q, &x)?.ok_or_else(missing)?;
+        let (a, b, scales, scale) = f.parts();
+        let added = crate::model::cuda::lora::add(&y, &x, a, b, scales, scale)?;
+        Ok(vec![added.ok_or_else(missing)?])
     };
-    let composed = || -> candle_core::Result<Tensor> {
+    let composed = || -> candle_core::Result<Vec<Tensor>> {
         let d = adapter.delta(0, Target::Q, &x)?.expect("a delta on q");
-        &y + d
+        Ok(vec![(&y + d)?])
     };
-    let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> anyhow::Result<f64> {
-        dev.synchronize()?;
-        let t = Instant::now();
-        f()?;
-        dev.synchronize()?;
-        Ok(t.elapsed().as_secs_f64() * 1e3)
-    };
-    let (mut kernel_ms, mut reference_ms) = (vec![], vec![]);
-    for _ in 0..steps {
-        kernel_ms.push(time(&kernel)?);
-        reference_ms.push(time(&composed)?);
-    }
-    let max_diff = rel_diff(&kernel()?, &composed()?)?;
-    Ok(KernelCheck {
-        kernel: format!("lora add ({rows} rows, rank 8, {dtype:?}, relative)"),
-        path: "cuda",
-        max_diff,
-        tolerance: if dtype == DType::BF16 { 2e-2 } else { 1e-4 },
-        kernel_ms: crate::numeric::median(&kernel_ms),
-        reference_ms: crate::numeric::median(&reference_ms),
-    })
+    let name = format!("lora add ({rows} rows, rank 8, {dtype:?}, relative)");
+    compare(name, dev, tolerance(dtype), steps, &kernel, &composed)
 }
 
 /// Every check for `dec`'s shapes on its device: the optimiser over a LoRA r8 q,v adapter and

@@ -67,6 +67,16 @@ pub enum RowFactors {
     },
 }
 
+impl RowFactors {
+    /// `(a, b, scales, scale)`: the per-row scales where there are some, else the one scale.
+    pub fn parts(&self) -> (&Tensor, &Tensor, Option<&Tensor>, f64) {
+        match self {
+            Self::Shared { a, b, scale } => (a, b, None, *scale),
+            Self::Stacked { a, b, scales } => (a, b, Some(scales), 0.0),
+        }
+    }
+}
+
 /// Adapters of a batch, one per row (`None`: the base model): each row's delta is computed
 /// from that row alone, so no row's adapter touches another row; no weights are merged.
 /// Where every row's delta is low-rank with factors of one shape, the rows' factors are

@@ -113,17 +113,20 @@ fn acc_dtype(dtype: DType) -> DType {
     }
 }
 
-/// Whether the fused ops' CUDA bodies take `x` (a differentiable pass on a GPU, f32 or bf16).
-fn gpu_fused(x: &Tensor) -> bool {
+/// Whether the fused ops' CUDA bodies take `x` in a pass with `opts`: a differentiable pass on
+/// a GPU, f32 or bf16, unless `opts.composed_ops` asks for candle's ops.
+fn gpu_fused(x: &Tensor, opts: &ForwardOpts) -> bool {
     #[cfg(feature = "cuda")]
     {
-        super::kernels::cuda::enabled()
+        opts.differentiable
+            && !opts.composed_ops
+            && super::kernels::cuda::enabled()
             && x.device().is_cuda()
             && matches!(x.dtype(), DType::F32 | DType::BF16)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = x;
+        let _ = (x, opts);
         false
     }
 }
@@ -197,17 +200,11 @@ impl Proj {
             use super::kernels::cuda::lora;
             // A decode step's delta added in one launch (`cuda::lora`).
             if !opts.differentiable && !opts.composed_ops && lora::applies(x) {
-                let added = match a.row_factors(layer, self.target, x)? {
-                    Some(RowFactors::Shared { a, b, scale }) => {
-                        lora::add(&y, x, &a, &b, None, scale)?
+                if let Some(f) = a.row_factors(layer, self.target, x)? {
+                    let (fa, fb, scales, scale) = f.parts();
+                    if let Some(y) = lora::add(&y, x, fa, fb, scales, scale)? {
+                        return Ok(y);
                     }
-                    Some(RowFactors::Stacked { a, b, scales }) => {
-                        lora::add(&y, x, &a, &b, Some(&scales), 0.0)?
-                    }
-                    None => None,
-                };
-                if let Some(y) = added {
-                    return Ok(y);
                 }
             }
         }
@@ -545,7 +542,7 @@ impl Decoder {
     /// (a launch each way, in f32) where candle's composed ops take about six and a dozen,
     /// unless `opts.composed_ops` asks for those.
     fn norm_with(&self, x: &Tensor, w: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
-        if opts.differentiable && !opts.composed_ops && gpu_fused(x) {
+        if gpu_fused(x, opts) {
             let f32 = DType::F32;
             let y = fused::rms_norm(&x.to_dtype(f32)?, &w.to_dtype(f32)?, self.cfg.rms_norm_eps)?;
             return y.to_dtype(x.dtype());
@@ -855,7 +852,7 @@ impl Decoder {
                 m.up.forward(&h, layer, opts)?,
             ),
         };
-        let act = if opts.differentiable && !opts.composed_ops && gpu_fused(&g) {
+        let act = if gpu_fused(&g, opts) {
             fused::swiglu(&g, &u)?
         } else {
             (candle_nn::ops::silu(&g)? * u)?
@@ -903,7 +900,7 @@ impl Decoder {
         let q = split(q, a.n_heads)?;
         let k = split(k, a.n_kv)?;
         let v = split(v, a.n_kv)?;
-        let gpu = opts.differentiable && !opts.composed_ops && gpu_fused(&q);
+        let gpu = gpu_fused(&q, opts);
         let (q, k) = if gpu && acc == DType::F32 {
             (fused::rope(&q, cos, sin)?, fused::rope(&k, cos, sin)?)
         } else if opts.differentiable {
