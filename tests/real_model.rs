@@ -182,7 +182,6 @@ fn answers_a_qasc_question_from_the_retrieved_fact() {
         },
         rag: RagParams::plain(RagMode::Static, "qasc", 1),
         tta: None,
-        score_choices: vec![],
     };
     let mut rx = engine.submit(job).unwrap();
     let done = loop {

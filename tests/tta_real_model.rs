@@ -28,7 +28,6 @@ fn job(question: &str, mode: RagMode, overrides: &TtaOverrides) -> ChatJob {
         },
         rag: RagParams::plain(mode, "qasc", 3),
         tta: (mode == RagMode::Tta).then(|| resolve_tta(&cfg.tta, overrides, 7).unwrap()),
-        score_choices: vec![],
     }
 }
 

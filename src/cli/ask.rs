@@ -120,7 +120,6 @@ pub fn run(cfg: Config, a: AskArgs) -> anyhow::Result<()> {
             ),
             _ => None,
         },
-        score_choices: vec![],
     };
     let mut rx = engine.submit(job)?;
     while let Some(ev) = rx.blocking_recv() {

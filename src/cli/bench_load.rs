@@ -61,7 +61,6 @@ fn job(cfg: &Config, question: &str, mode: RagMode, seed: u64) -> anyhow::Result
         },
         rag: RagParams::plain(mode, cfg.retrieval.collection.clone(), cfg.retrieval.top_k),
         tta,
-        score_choices: vec![],
     })
 }
 

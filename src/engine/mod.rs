@@ -121,9 +121,6 @@ pub struct ChatJob {
     pub rag: RagParams,
     /// Set when `rag.mode` is `tta`.
     pub tta: Option<TtaParams>,
-    /// Answer choices to rank by likelihood under the same (adapted) model, after the answer
-    /// is generated; empty for ordinary requests.
-    pub score_choices: Vec<String>,
 }
 
 /// Per-stage wall time in milliseconds.
@@ -169,7 +166,7 @@ pub struct Completion {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub rag: RagReport,
-    /// One score per `ChatJob::score_choices`, in order.
+    /// One score per choice given to [`Engine::submit_scored`], in order; empty otherwise.
     pub choice_scores: Vec<ContinuationScore>,
 }
 
@@ -216,6 +213,9 @@ pub enum Event {
 
 struct Job {
     req: ChatJob,
+    /// Answer choices to rank by likelihood under the request's own (adapted) model, after
+    /// its answer (the offline evaluation's multiple-choice questions).
+    choices: Vec<String>,
     reply: mpsc::UnboundedSender<Event>,
     enqueued: Instant,
     cancel: Cancel,
@@ -612,6 +612,18 @@ impl Engine {
     /// Queues a request; fails at once when the queue is full. The job's deadline (queue wait
     /// included) starts now.
     pub fn submit(&self, req: ChatJob) -> Result<Ticket, EngineError> {
+        self.enqueue(req, vec![])
+    }
+
+    /// [`submit`](Self::submit) that also scores each of `choices` as a continuation of the
+    /// prompt under the model the answer came from, adaptation included, into
+    /// [`Completion::choice_scores`]: how the offline evaluation ranks fixed answer choices.
+    #[cfg(feature = "lab")]
+    pub fn submit_scored(&self, req: ChatJob, choices: Vec<String>) -> Result<Ticket, EngineError> {
+        self.enqueue(req, choices)
+    }
+
+    fn enqueue(&self, req: ChatJob, choices: Vec<String>) -> Result<Ticket, EngineError> {
         let (reply, rx) = mpsc::unbounded_channel();
         let enqueued = Instant::now();
         let cancel = Cancel::new(self.timeout.map(|t| enqueued + t));
@@ -636,6 +648,7 @@ impl Engine {
         };
         let job = Job {
             req,
+            choices,
             reply,
             enqueued,
             cancel,
@@ -1009,8 +1022,8 @@ impl Worker {
             .encode_chat(&messages)
             .map_err(|e| internal(e.to_string()))?
             .ids;
-        let conts = req
-            .score_choices
+        let conts = job
+            .choices
             .iter()
             .map(|c| self.model.tokenizer.encode_text(c))
             .collect::<Result<Vec<_>, _>>()

@@ -16,7 +16,6 @@ fn job(question: &str) -> ChatJob {
         },
         rag: RagParams::plain(RagMode::None, "none", 1),
         tta: None,
-        score_choices: vec![],
     }
 }
 
@@ -417,4 +416,38 @@ fn an_adaptation_waits_while_others_hold_the_memory_and_runs_once_it_is_free() {
     drop(hog);
     let c = outcome(t).unwrap();
     assert!(c.rag.tta.unwrap().steps > 0);
+}
+
+#[test]
+fn a_scored_job_ranks_its_choices_after_the_prompt_and_answers_as_a_plain_one() {
+    let dir = std::env::temp_dir().join(format!("ttarag-engine-{}", std::process::id()));
+    let mut m = tiny_model(1).unwrap();
+    m.eos_ids.clear();
+    let e = Engine::start(
+        Arc::new(m),
+        Arc::new(Collections::new(&dir)),
+        &EngineConfig::default(),
+    )
+    .unwrap();
+    let plain = outcome(e.submit(job("hello")).unwrap()).unwrap();
+    assert!(plain.choice_scores.is_empty());
+    let choices = vec!["yes".to_string(), "No way".to_string()];
+    let scored = outcome(e.submit_scored(job("hello"), choices.clone()).unwrap()).unwrap();
+    assert_eq!(scored.text, plain.text);
+    // The same scores as the choices scored alone after the prompt the engine built.
+    let prompt = RagPrompt::new(&EngineConfig::default().prompt_template)
+        .unwrap()
+        .apply_for("none", false, &job("hello").messages, &[])
+        .unwrap();
+    let ids = e.model.encode_chat(&prompt).unwrap().ids;
+    let conts: Vec<Vec<u32>> = choices
+        .iter()
+        .map(|c| e.model.tokenizer.encode_text(c).unwrap())
+        .collect();
+    let alone = crate::generate::score_continuations(&e.model.decoder, &ids, &conts, None).unwrap();
+    assert_eq!(scored.choice_scores.len(), 2);
+    for (a, b) in scored.choice_scores.iter().zip(&alone) {
+        assert_eq!(a.tokens, b.tokens);
+        assert!((a.logprob - b.logprob).abs() < 1e-4, "{a:?} vs {b:?}");
+    }
 }

@@ -30,7 +30,6 @@ fn job(mode: RagMode, collection: &str, tta: Option<TtaParams>) -> ChatJob {
         },
         rag: RagParams::plain(mode, collection, 2),
         tta,
-        score_choices: vec![],
     }
 }
 

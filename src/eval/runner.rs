@@ -10,7 +10,9 @@ use super::dataset::Question;
 use super::record::{ChoiceRecord, Done, Record, RecordLog};
 use super::score::{argmax, contains_answer, exact_match, first_choice_mentioned, token_f1};
 use super::spec::{DatasetSpec, EvalSpec, ResolvedArm, RunSpec};
-use crate::engine::{resolve_tta, ChatJob, Completion, Engine, Event, RagParams, TtaOverrides};
+use crate::engine::{
+    resolve_tta, ChatJob, Completion, Engine, EngineError, Event, RagParams, Ticket, TtaOverrides,
+};
 use crate::generate::GenParams;
 use crate::model::ChatMessage;
 
@@ -33,7 +35,6 @@ fn job(
     run: &RunSpec,
     arm: &ResolvedArm,
     q: &Question,
-    choices: &[String],
 ) -> anyhow::Result<ChatJob> {
     let seed = question_seed(run.seed, &q.id);
     let mut messages = Vec::new();
@@ -73,7 +74,6 @@ fn job(
             cite: false,
         },
         tta,
-        score_choices: choice_variants(choices).0,
     })
 }
 
@@ -100,7 +100,12 @@ pub fn choice_variants(choices: &[String]) -> (Vec<String>, Vec<usize>) {
 
 /// Submits a job and waits for its end.
 pub fn complete(engine: &Engine, job: ChatJob) -> Result<Completion, String> {
-    let mut rx = engine.submit(job).map_err(|e| e.to_string())?;
+    wait(engine.submit(job))
+}
+
+/// Waits for a submitted job's end.
+fn wait(submitted: Result<Ticket, EngineError>) -> Result<Completion, String> {
+    let mut rx = submitted.map_err(|e| e.to_string())?;
     while let Some(ev) = rx.blocking_recv() {
         match ev {
             Event::Text(_) => {}
@@ -251,9 +256,10 @@ pub fn run_all(
             let rec = match done.remove(&key) {
                 Some(r) => r,
                 None => {
-                    let job = job(ds, run, arm, q, choices)?;
+                    let job = job(ds, run, arm, q)?;
+                    let forms = choice_variants(choices).0;
                     let t = Instant::now();
-                    let result = complete(engine, job);
+                    let result = wait(engine.submit_scored(job, forms));
                     let ms = t.elapsed().as_secs_f64() * 1e3;
                     let r = score(&arm.name, q, choices, result, ms);
                     if let Some(e) = &r.error {

@@ -359,7 +359,6 @@ pub fn to_job(
             cite: rag.cite.unwrap_or(false),
         },
         tta,
-        score_choices: vec![],
     };
     Ok((job, arm))
 }
