@@ -120,6 +120,10 @@ pub struct ModelSection {
     /// false runs candle's composed ops instead.
     #[serde(default = "yes")]
     pub cuda_kernels: bool,
+    /// CUDA builds: decode steps captured once as a CUDA graph per batch and replayed per
+    /// token; false launches every op of every step.
+    #[serde(default = "yes")]
+    pub cuda_graphs: bool,
     pub threads: usize,
 }
 

@@ -8,10 +8,12 @@
 #   scripts/gpu/check.sh [OUT_DIR]            # on the GPU machine, from the repository root
 #
 # In order of what matters most, each step reported and the check going on after a failure:
-#  1. the project's CUDA kernels against the candle ops they replace (`bench --kernels`);
+#  1. the project's CUDA kernels against the candle ops they replace, and a whole decode step
+#     replayed from a captured graph against `decode_step` (`bench --kernels`);
 #  2. greedy parity, CPU against CUDA (f32), and the whole request path on CUDA;
 #  3. per query at the GPU targets' shape (1,000-token prompt, 3 pairs of ~96 tokens, 64 new
-#     tokens, bf16): LoRA and full scope (`bench --query`), each also with the project's CUDA
+#     tokens, bf16): LoRA and full scope (`bench --query`: decode through step graphs and op by
+#     op, both timed, with whether their tokens agree), each also with the project's CUDA
 #     kernels off (`[model] cuda_kernels = false`), and decode per token with norms and
 #     attention in bf16 against converting to f32 (`[model] f32_norms_attention`), and 8
 #     sequences with 8 adapters against one (`bench --batch 1,8 --lora`);

@@ -3,19 +3,20 @@
 //! On a CUDA machine this is the parity check to run before trusting a GPU figure; on the CPU
 //! it checks the CPU counterparts the same way.
 
+use std::cell::RefCell;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::adapt::{global_norm, FastAdamW, Lora, LoraConfig};
-use crate::model::Decoder;
+use crate::model::{Cache, Decoder, ForwardOpts, StepGraph};
 
 /// One kernel's check.
 #[derive(Debug)]
 pub struct KernelCheck {
     pub kernel: String,
-    /// The implementation that ran (`cpu`, `cuda` or `candle`).
+    /// The implementation that ran (`cpu`, `cuda`, `candle`, or `graph`: a replayed CUDA graph).
     pub path: &'static str,
     pub max_diff: f64,
     pub tolerance: f64,
@@ -401,6 +402,69 @@ pub fn lora_add(
     compare(name, dev, tolerance(dtype), steps, &kernel, &composed)
 }
 
+/// A whole decode step of `rows` sequences (prompts of about `len` tokens) through a
+/// [`StepGraph`] (replayed from a captured graph on a GPU; on the CPU its ops one by one)
+/// against [`Decoder::decode_step`], each on its own copy of the same caches, fed the same
+/// tokens: the logits of the last step compared, and the time of a step of each.
+pub fn decode_step(
+    dec: &Decoder,
+    rows: usize,
+    len: usize,
+    steps: usize,
+) -> anyhow::Result<KernelCheck> {
+    let vocab = dec.config().vocab_size as u32;
+    let room = steps + 2;
+    let mut prefilled = Vec::with_capacity(rows);
+    for r in 0..rows {
+        let n = len + 7 * r;
+        let ids: Vec<u32> = (0..n as u32)
+            .map(|i| (i * 31 + r as u32 * 7) % vocab)
+            .collect();
+        let mut c = dec.new_cache(n + room);
+        let ids = Tensor::new(ids.as_slice(), dec.device())?.unsqueeze(0)?;
+        dec.forward(&ids, Some(&mut c), &ForwardOpts::default())?;
+        prefilled.push(c);
+    }
+    let copies =
+        || -> candle_core::Result<Vec<Cache>> { prefilled.iter().map(|c| c.fork(room)).collect() };
+    let (graphed, eager) = (RefCell::new(copies()?), RefCell::new(copies()?));
+    let graph = {
+        let mut g = graphed.borrow_mut();
+        let mut refs: Vec<&mut Cache> = g.iter_mut().collect();
+        RefCell::new(StepGraph::new(dec, &mut refs, room)?)
+    };
+    let tokens: Vec<u32> = (0..rows as u32).map(|r| (r * 101 + 5) % vocab).collect();
+    let opts = ForwardOpts::default();
+    let kernel = || -> candle_core::Result<Vec<Tensor>> {
+        let mut g = graphed.borrow_mut();
+        let mut refs: Vec<&mut Cache> = g.iter_mut().collect();
+        Ok(vec![graph
+            .borrow_mut()
+            .step(dec, &tokens, &mut refs, &opts)?])
+    };
+    let reference = || -> candle_core::Result<Vec<Tensor>> {
+        let mut e = eager.borrow_mut();
+        let mut refs: Vec<&mut Cache> = e.iter_mut().collect();
+        Ok(vec![dec.decode_step(&tokens, &mut refs, &opts)?])
+    };
+    let name = format!(
+        "decode step ({rows} rows, ~{len} positions, {:?}, relative)",
+        dec.dtype()
+    );
+    let mut check = compare(
+        name,
+        dec.device(),
+        tolerance(dec.dtype()),
+        steps,
+        &kernel,
+        &reference,
+    )?;
+    if graph.borrow().captured() {
+        check.path = "graph";
+    }
+    Ok(check)
+}
+
 /// Every check for `dec`'s shapes on its device: the optimiser over a LoRA r8 q,v adapter and
 /// over every weight, in f32 and (off the CPU) bf16.
 pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
@@ -431,6 +495,11 @@ pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
             if dev.is_cuda() {
                 out.push(lora_add(dec, rows, dtype, steps)?);
             }
+        }
+    }
+    if dec.device_steps_serve(1000 + 7 * 8 + steps + 2) {
+        for rows in [1, 8] {
+            out.push(decode_step(dec, rows, 1000, steps)?);
         }
     }
     Ok(out)
@@ -498,6 +567,19 @@ mod tests {
             let c = decode_attention(&dec, rows, 40, DType::F32, 2).unwrap();
             assert_eq!(c.path, "cpu");
             assert!(c.ok(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn a_step_graph_gives_the_decode_steps_logits_bit_for_bit_on_the_cpu() {
+        let parts =
+            crate::model::tiny::tiny_parts(crate::model::Arch::Llama, 3, &Device::Cpu, DType::F32)
+                .unwrap();
+        let dec = crate::model::Model::from_parts("t", parts).unwrap().decoder;
+        for rows in [1, 3] {
+            let c = decode_step(&dec, rows, 20, 3).unwrap();
+            assert_eq!(c.path, "cpu");
+            assert_eq!(c.max_diff, 0.0, "{c:?}");
         }
     }
 

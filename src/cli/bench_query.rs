@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use crate::adapt::{adapt_full, adapt_lora, encode_pairs, Pair, PairSource};
 use crate::config::Config;
 use crate::engine::{resolve_tta, TtaOverrides, TtaScope};
-use crate::model::{Adapter, Decoder, ForwardOpts, Logits, Model};
+use crate::model::{Adapter, Decoder, ForwardOpts, Logits, Model, StepGraph};
 
 /// Training pairs of about `tokens` tokens each, cut from the sample corpus's facts: each
 /// joins facts until it is long enough, then splits at its middle word.
@@ -42,40 +42,76 @@ fn pairs(cfg: &Config, model: &Model, n: usize, tokens: usize) -> anyhow::Result
     Ok(out)
 }
 
-/// Greedy answer of `new_tokens` tokens to `ids` through `dec` (with `adapter`).
+/// One greedy answer's figures.
+struct Answer {
+    prefill_ms: f64,
+    decode_ms: f64,
+    tokens: Vec<u32>,
+    /// Whether its steps replayed a captured graph.
+    replayed: bool,
+}
+
+/// Greedy answer of `new_tokens` tokens to `ids` through `dec` (with `adapter`): each step a
+/// forward pass of one position, or with `graph` a [`StepGraph`] step (replayed from a captured
+/// graph on a GPU).
 fn answer(
     dec: &Decoder,
     adapter: Option<&dyn Adapter>,
     ids: &[u32],
     new_tokens: usize,
-) -> anyhow::Result<(f64, f64)> {
+    graph: bool,
+) -> anyhow::Result<Answer> {
     let opts = ForwardOpts {
         logits: Logits::Last,
         adapter,
         ..Default::default()
     };
+    let argmax =
+        |l: &Tensor| -> candle_core::Result<u32> { l.flatten_all()?.argmax(0)?.to_scalar::<u32>() };
     let mut cache = dec.new_cache(ids.len() + new_tokens);
     let t = Instant::now();
     let input = Tensor::new(ids, dec.device())?.unsqueeze(0)?;
     let logits = dec.forward(&input, Some(&mut cache), &opts)?.logits;
-    let mut next = logits
-        .expect("logits")
-        .squeeze(0)?
-        .argmax(0)?
-        .to_scalar::<u32>()?;
+    let mut tokens = vec![argmax(&logits.expect("logits"))?];
     let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
+    let mut steps = match graph {
+        true => Some(StepGraph::new(dec, &mut [&mut cache], new_tokens)?),
+        false => None,
+    };
     for _ in 1..new_tokens {
-        let input = Tensor::new(&[next], dec.device())?.unsqueeze(0)?;
-        let logits = dec.forward(&input, Some(&mut cache), &opts)?.logits;
-        next = logits
-            .expect("logits")
-            .squeeze(0)?
-            .argmax(0)?
-            .to_scalar::<u32>()?;
+        let next = *tokens.last().expect("one token");
+        let logits = match &mut steps {
+            Some(g) => g.step(dec, &[next], &mut [&mut cache], &opts)?,
+            None => {
+                let input = Tensor::new(&[next], dec.device())?.unsqueeze(0)?;
+                dec.forward(&input, Some(&mut cache), &opts)?
+                    .logits
+                    .expect("logits")
+            }
+        };
+        tokens.push(argmax(&logits)?);
     }
     dec.device().synchronize()?;
-    Ok((prefill_ms, t.elapsed().as_secs_f64() * 1e3))
+    Ok(Answer {
+        prefill_ms,
+        decode_ms: t.elapsed().as_secs_f64() * 1e3,
+        tokens,
+        replayed: steps.is_some_and(|g| g.captured()),
+    })
+}
+
+/// Whether this build and config replay decode steps from captured graphs.
+fn graphs_on(cfg: &Config) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        cfg.model.cuda_graphs
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = cfg;
+        false
+    }
 }
 
 pub fn run(
@@ -114,33 +150,57 @@ pub fn run(
         std::fs::write(path, serde_json::to_string(&query)?)?;
     }
     let dec = &model.decoder;
+    // Decode through step graphs where the build, the config and the model allow them; the
+    // other way is timed beside it, and the two must give the same tokens.
+    let serve = |d: &Decoder| d.device_steps_serve(ids.len() + new_tokens);
+    let graphs = graphs_on(cfg) && serve(dec);
     let (mut total, mut adapt, mut prefill, mut per_token) = (vec![], vec![], vec![], vec![]);
+    let (mut other_per_token, mut same, mut replayed) = (vec![], true, false);
     // One untimed query first: kernel loading and the allocator's first large buffers.
     for run in 0..=runs {
         dec.device().synchronize()?;
         let t = Instant::now();
-        let (adapt_ms, (pre, dec_ms)) = match params.scope {
+        let (adapt_ms, main, other) = match params.scope {
             TtaScope::Lora => {
                 let (lora, _) =
                     adapt_lora(dec, None, &ex, PairSource::PassageFallback, &params.train)?;
                 dec.device().synchronize()?;
                 let a = t.elapsed().as_secs_f64() * 1e3;
                 let lora = lora.ok_or_else(|| anyhow::anyhow!("adaptation fell back"))?;
-                (a, answer(dec, Some(&lora), ids, new_tokens)?)
+                let main = answer(dec, Some(&lora), ids, new_tokens, graphs)?;
+                let other = match serve(dec) {
+                    true => Some(answer(dec, Some(&lora), ids, new_tokens, !graphs)?),
+                    false => None,
+                };
+                (a, main, other)
             }
             TtaScope::Full => {
                 let (copy, _) = adapt_full(dec, &ex, PairSource::PassageFallback, &params.train)?;
                 dec.device().synchronize()?;
                 let a = t.elapsed().as_secs_f64() * 1e3;
                 let copy = copy.ok_or_else(|| anyhow::anyhow!("adaptation fell back"))?;
-                (a, answer(&copy, None, ids, new_tokens)?)
+                let graphs = graphs && serve(&copy);
+                let main = answer(&copy, None, ids, new_tokens, graphs)?;
+                let other = match serve(&copy) {
+                    true => Some(answer(&copy, None, ids, new_tokens, !graphs)?),
+                    false => None,
+                };
+                (a, main, other)
             }
         };
         if run > 0 {
-            total.push(t.elapsed().as_secs_f64() * 1e3);
+            let steps = (new_tokens.max(2) - 1) as f64;
+            // The query's time is adaptation and the main answer, without the other one.
+            total.push(adapt_ms + main.prefill_ms + main.decode_ms);
             adapt.push(adapt_ms);
-            prefill.push(pre);
-            per_token.push(dec_ms / (new_tokens.max(2) - 1) as f64);
+            prefill.push(main.prefill_ms);
+            per_token.push(main.decode_ms / steps);
+            replayed |= main.replayed;
+            if let Some(other) = other {
+                other_per_token.push(other.decode_ms / steps);
+                same &= main.tokens == other.tokens;
+                replayed |= other.replayed;
+            }
         }
     }
     let med = |v: &[f64]| crate::numeric::median(v);
@@ -154,6 +214,29 @@ pub fn run(
     println!("total          {:.1} ms per query", med(&total));
     println!("  adaptation   {:.1} ms", med(&adapt));
     println!("  prefill      {:.1} ms", med(&prefill));
-    println!("  decode       {:.2} ms per token", med(&per_token));
+    let (main_way, other_way) = match (graphs, replayed) {
+        (true, true) => ("step graphs, replayed", "op by op"),
+        (true, false) => ("step graphs, not captured", "op by op"),
+        (false, true) => ("op by op", "step graphs, replayed"),
+        (false, false) => ("op by op", "step graphs, not captured"),
+    };
+    println!(
+        "  decode       {:.2} ms per token ({main_way})",
+        med(&per_token)
+    );
+    if !other_per_token.is_empty() {
+        println!(
+            "  decode       {:.2} ms per token ({other_way}; not in the total)",
+            med(&other_per_token)
+        );
+        println!(
+            "  same tokens  {}",
+            if same {
+                "yes"
+            } else {
+                "NO: the two ways answered differently"
+            }
+        );
+    }
     Ok(())
 }

@@ -221,7 +221,10 @@ pub fn load_model(cfg: &Config) -> anyhow::Result<Arc<Model>> {
         .decoder
         .set_f32_norms_attention(cfg.model.f32_norms_attention);
     #[cfg(feature = "cuda")]
-    crate::model::cuda::set_enabled(cfg.model.cuda_kernels);
+    {
+        crate::model::cuda::set_enabled(cfg.model.cuda_kernels);
+        crate::model::cuda::graph::set_enabled(cfg.model.cuda_graphs);
+    }
     tracing::info!(
         path = %cfg.model.path.display(),
         layers = model.decoder.config().num_hidden_layers,

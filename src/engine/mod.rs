@@ -396,6 +396,20 @@ impl Default for EngineConfig {
     }
 }
 
+/// Whether decode steps of `model` are captured as graphs and replayed (a CUDA device with
+/// `[model] cuda_graphs`).
+fn graphs_captured(model: &Model) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        model.decoder.device().is_cuda() && crate::model::cuda::graph::enabled()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = model;
+        false
+    }
+}
+
 struct Worker {
     model: Arc<Model>,
     collections: Arc<Collections>,
@@ -517,6 +531,9 @@ impl Engine {
             health: health.clone(),
             faults: cfg.faults.clone(),
             gathered: Default::default(),
+            step_graphs: cfg.batch.step_graphs || graphs_captured(&model),
+            graph: Default::default(),
+            admitted: Default::default(),
         };
         health.scheduler_alive.store(true, Ordering::SeqCst);
         let alive = health.clone();

@@ -15,6 +15,7 @@
 //! prefill chunk boundaries are fixed per prompt, never chosen by load: a sequence gets the
 //! same bits alone or batched.
 
+use std::cell::{Cell, RefCell};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use candle_core::Tensor;
 use super::sequence::Sequence;
 use super::{answer_panic, end_early, EngineError, Event, Faults, Health};
 use crate::generate::{score_after_prefill, ContinuationScore, Decoding, GenError, Next};
-use crate::model::{Adapter, Cache, ForwardOpts, Logits, Model, PerRow};
+use crate::model::{Adapter, Cache, ForwardOpts, Logits, Model, PerRow, StepGraph};
 
 /// How much the engine runs at once.
 #[derive(Debug, Clone)]
@@ -43,6 +44,10 @@ pub struct BatchLimits {
     /// Prompt tokens per prefill pass. Fixed per prompt (never chosen by load), because
     /// chunking changes a prompt's rounding.
     pub prefill_chunk: usize,
+    /// Decode steps through [`StepGraph`]s on any device. On a GPU with `[model] cuda_graphs`
+    /// they are used whatever this says (captured once per batch, replayed per token); on the
+    /// CPU they run the same ops one by one with the same bits, which is how tests reach them.
+    pub step_graphs: bool,
 }
 
 impl BatchLimits {
@@ -54,6 +59,7 @@ impl BatchLimits {
             kv_cache_bytes: server.kv_cache_mb.saturating_mul(1 << 20),
             adapt_memory_bytes: server.adapt_memory_mb.saturating_mul(1 << 20),
             prefill_chunk: server.prefill_chunk,
+            step_graphs: false,
         }
     }
 }
@@ -66,11 +72,14 @@ impl Default for BatchLimits {
             kv_cache_bytes: 1 << 30,
             adapt_memory_bytes: 4 << 30,
             prefill_chunk: crate::generate::PREFILL_CHUNK,
+            step_graphs: false,
         }
     }
 }
 
 struct Active {
+    /// Admission number, unique for the scheduler's life: names the row in a step graph's key.
+    id: u64,
     seq: Sequence,
     decoding: Decoding,
     cache: Cache,
@@ -108,6 +117,13 @@ pub(super) struct Scheduler {
     pub faults: Faults,
     /// The running rows' LoRA factors, stacked for gathered decode products.
     pub gathered: crate::model::Gathered,
+    /// Whether decode steps go through step graphs (see [`BatchLimits::step_graphs`]).
+    pub step_graphs: bool,
+    /// The last decode batch's step graph, by its rows' admission numbers: kept while the
+    /// same rows decode together, replaced when one joins or leaves.
+    pub graph: RefCell<Option<(Vec<u64>, StepGraph)>>,
+    /// The next admission number.
+    pub admitted: Cell<u64>,
 }
 
 impl Scheduler {
@@ -168,6 +184,7 @@ impl Scheduler {
             }
             self.iterate(&mut active);
             active.retain(|a| a.kv_bytes != 0);
+            self.release_graph(&active);
             kv_used = active.iter().map(|a| a.kv_bytes).sum();
             self.health.running.store(active.len(), Ordering::SeqCst);
             self.health.kv_bytes.store(kv_used, Ordering::SeqCst);
@@ -211,7 +228,10 @@ impl Scheduler {
         }
         let mut seq = seq;
         seq.completion.rag.timings_ms.queue += seq.handed_over.elapsed().as_secs_f64() * 1e3;
+        let id = self.admitted.get();
+        self.admitted.set(id + 1);
         Admit::Run(Box::new(Active {
+            id,
             cache: dec.new_cache(positions),
             seq,
             decoding,
@@ -410,6 +430,7 @@ impl Scheduler {
             .iter_mut()
             .map(|a| a.next.take().expect("row"))
             .collect();
+        let key: Vec<u64> = rows.iter().map(|a| a.id).collect();
         let mut caches: Vec<&mut Cache> = Vec::with_capacity(rows.len());
         let mut adapters: Vec<Option<&dyn Adapter>> = Vec::with_capacity(rows.len());
         for a in rows.iter_mut() {
@@ -427,15 +448,63 @@ impl Scheduler {
             adapter: if any { Some(&per_row) } else { None },
             ..Default::default()
         };
-        let logits = self
-            .model
-            .decoder
-            .decode_step(&tokens, &mut caches, &opts)?;
+        let logits = match self.step_graphs {
+            true => self.graph_step(key, &tokens, &mut caches, &opts)?,
+            false => self
+                .model
+                .decoder
+                .decode_step(&tokens, &mut caches, &opts)?,
+        };
         drop(caches);
         for (i, a) in rows.iter_mut().enumerate() {
             a.logits = Some(logits.get(i)?);
         }
         Ok(())
+    }
+}
+
+impl Scheduler {
+    /// Drops the held step graph once a row of it has left: it holds the rows' caches, whose
+    /// bytes the KV budget already counts as free.
+    fn release_graph(&self, active: &[Active]) {
+        let mut held = self.graph.borrow_mut();
+        let gone = |(key, _): &(Vec<u64>, StepGraph)| {
+            key.iter().any(|id| !active.iter().any(|a| a.id == *id))
+        };
+        if held.as_ref().is_some_and(gone) {
+            *held = None;
+        }
+    }
+
+    /// A decode step through the step graph of these rows (`key`), made first where the rows
+    /// changed; a plain decode step where the device does not serve step graphs.
+    fn graph_step(
+        &self,
+        key: Vec<u64>,
+        tokens: &[u32],
+        caches: &mut [&mut Cache],
+        opts: &ForwardOpts,
+    ) -> candle_core::Result<Tensor> {
+        let dec = &self.model.decoder;
+        let mut held = self.graph.borrow_mut();
+        if held.as_ref().map(|(k, _)| k) != Some(&key) {
+            // The old graph goes first: it reads buffers (stacked factors) the new batch's
+            // first step may replace.
+            *held = None;
+            let capacity = caches.iter().map(|c| c.capacity()).max().unwrap_or(0);
+            if !dec.device_steps_serve(capacity) {
+                return dec.decode_step(tokens, caches, opts);
+            }
+            // Admission sized each cache for its whole answer: no room to add.
+            *held = Some((key, StepGraph::new(dec, caches, 1)?));
+        }
+        let (_, graph) = held.as_mut().expect("made above");
+        let out = graph.step(dec, tokens, caches, opts);
+        if out.is_err() {
+            // The rows fail with the step; their graph goes with them.
+            *held = None;
+        }
+        out
     }
 }
 

@@ -232,6 +232,55 @@ fn answers_are_the_same_alone_and_batched() {
 }
 
 #[test]
+fn step_graphs_answer_as_lone_steps_while_rows_join_and_leave_the_batch() {
+    // Whole prompts in one pass: every admitted answer decodes from its first iteration, so
+    // answers running together are rows of the same steps.
+    let wide = |max_running, step_graphs| BatchLimits {
+        max_running,
+        prefill_chunk: 512,
+        max_batch_tokens: 4096,
+        step_graphs,
+        ..Default::default()
+    };
+    let alone = batch_engine(1, wide(1, false), Faults::default());
+    let want: Vec<Completion> = mixed_jobs()
+        .into_iter()
+        .map(|j| outcome(alone.submit(j).unwrap()).unwrap())
+        .collect();
+    let slow = Faults {
+        text_delay: Some(Duration::from_millis(3)),
+        ..Default::default()
+    };
+    let graphed = batch_engine(3, wide(16, true), slow);
+    let tickets: Vec<Ticket> = mixed_jobs()
+        .into_iter()
+        .map(|j| graphed.submit(j).unwrap())
+        .collect();
+    let health = graphed.health().clone();
+    let watch = std::thread::spawn(move || {
+        let mut peak = 0;
+        for _ in 0..2000 {
+            peak = peak.max(health.running());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        peak
+    });
+    let got: Vec<Completion> = tickets.into_iter().map(|t| outcome(t).unwrap()).collect();
+    assert!(
+        watch.join().unwrap() > 2,
+        "the answers never decoded together"
+    );
+    for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(a.text, b.text, "answer {i}");
+        assert_eq!(b.completion_tokens, 6 + 5 * i, "answer {i} ran its budget");
+    }
+    let h = graphed.health();
+    until("the batch to empty", || {
+        h.running() == 0 && h.kv_bytes() == 0
+    });
+}
+
+#[test]
 fn a_panic_in_the_batch_costs_only_its_own_request() {
     let faults = Faults {
         panic_in_decode: Some("boom".into()),
@@ -311,6 +360,13 @@ fn kv_memory_bounds_admission_and_a_request_that_could_never_fit_is_refused() {
 /// comes 20 ms a piece (long enough to watch one run), and `adapt_memory_bytes` of
 /// adaptation memory.
 fn adapting_engine(adapt_memory_bytes: usize) -> (Engine, tempfile::TempDir) {
+    adapting_engine_with(BatchLimits {
+        adapt_memory_bytes,
+        ..Default::default()
+    })
+}
+
+fn adapting_engine_with(batch: BatchLimits) -> (Engine, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let corpus = dir.path().join("facts.jsonl");
     std::fs::write(
@@ -328,10 +384,7 @@ fn adapting_engine(adapt_memory_bytes: usize) -> (Engine, tempfile::TempDir) {
     let cfg = EngineConfig {
         workers: 2,
         queue_capacity: 4,
-        batch: BatchLimits {
-            adapt_memory_bytes,
-            ..Default::default()
-        },
+        batch,
         faults: Faults {
             text_delay: Some(Duration::from_millis(20)),
             ..Default::default()
@@ -450,4 +503,33 @@ fn a_scored_job_ranks_its_choices_after_the_prompt_and_answers_as_a_plain_one() 
         assert_eq!(a.tokens, b.tokens);
         assert!((a.logprob - b.logprob).abs() < 1e-4, "{a:?} vs {b:?}");
     }
+}
+
+#[test]
+fn answers_with_their_own_adapters_are_the_same_through_step_graphs() {
+    let questions = [
+        "What do plants need?",
+        "What makes the tides rise?",
+        "Why do roots take up water?",
+    ];
+    let answers = |step_graphs| {
+        let (e, _dir) = adapting_engine_with(BatchLimits {
+            step_graphs,
+            ..Default::default()
+        });
+        let tickets: Vec<Ticket> = questions
+            .iter()
+            .map(|q| e.submit(tta_job(q, 12)).unwrap())
+            .collect();
+        tickets
+            .into_iter()
+            .map(|t| {
+                let c = outcome(t).unwrap();
+                let report = c.rag.tta.expect("adapted");
+                assert!(report.steps > 0 && report.fallback.is_none(), "{report:?}");
+                c.text
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(answers(false), answers(true));
 }

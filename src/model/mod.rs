@@ -23,7 +23,7 @@ pub use chat_template::{question, ChatMessage, ChatTemplate, LocatedRender};
 pub use config::{Arch, ModelConfig};
 pub use decoder::{
     Adapter, Cache, Decoder, ForwardOpts, ForwardOutput, Gathered, Logits, LowRank, PerRow,
-    RowFactors, Target,
+    RowFactors, StepGraph, Target,
 };
 /// The GPU's own kernels (`--features cuda`).
 #[cfg(feature = "cuda")]

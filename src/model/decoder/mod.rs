@@ -13,17 +13,20 @@ use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Result, Tensor, D};
-use candle_nn::{kv_cache::KvCache, Linear};
+use candle_nn::Linear;
 
+use super::kernels::cache_rows::{self, CacheRows};
 use super::kernels::{decode_attention, fused};
 use super::{ModelConfig, WeightGrads};
 
 mod adapter;
 mod cache;
+mod step_graph;
 mod training;
 
 pub use adapter::{Adapter, Gathered, LowRank, PerRow, RowFactors, Target};
 pub use cache::Cache;
+pub use step_graph::StepGraph;
 
 /// Which logits a forward pass computes.
 #[derive(Debug, Clone, Copy)]
@@ -86,11 +89,13 @@ pub struct ForwardOutput {
     pub hidden_states: Vec<Tensor>,
 }
 
-/// Where a pass's keys and values go: one cache (or none) for the whole batch, or one cache
-/// per row (a batched decode step over sequences of different lengths).
+/// Where a pass's keys and values go: one cache (or none) for the whole batch, one cache per
+/// row (a batched decode step over sequences of different lengths), or one per row at
+/// positions held on the device (a step that can be replayed from a captured graph).
 enum Kv<'a, 'c> {
-    One(Option<&'a mut KvCache>),
+    One(Option<&'a mut cache::LayerCache>),
     Rows(&'a mut [&'c mut Cache]),
+    At(&'a CacheRows),
 }
 
 /// Runs an inference pass on a thread of rayon's pool. Its products are parallel loops;
@@ -721,6 +726,93 @@ impl Decoder {
         self.last_logits(&x, false)
     }
 
+    /// [`decode_step`](Self::decode_step) with every input that changes from one token to the
+    /// next read on the device: row `r` continues with token `ids[r]` at position
+    /// `positions[r]` (both `(rows,)` u32), writing its keys and values into the buffers of
+    /// `rows` (from [`cache_rows`](Self::cache_rows)), which the caller then counts with
+    /// `Cache::advance`. Nothing is uploaded or read back, so on a GPU the step can be
+    /// captured once and replayed per token (`StepGraph`); on the CPU it gives the bits of
+    /// `decode_step`.
+    pub fn device_step(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        rows: &[CacheRows],
+        opts: &ForwardOpts,
+    ) -> Result<Tensor> {
+        on_pool(|| self.device_step_here(ids, positions, rows, opts))
+    }
+
+    fn device_step_here(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        rows: &[CacheRows],
+        opts: &ForwardOpts,
+    ) -> Result<Tensor> {
+        if opts.differentiable || opts.stop_after.is_some() || opts.hidden_states {
+            candle_core::bail!(
+                "device_step is inference only: no gradients, hidden states or stop_after"
+            );
+        }
+        if rows.len() != self.blocks.len() {
+            candle_core::bail!(
+                "device_step: {} layers of rows for {}",
+                rows.len(),
+                self.blocks.len()
+            );
+        }
+        let dt = self.work_dtype(false);
+        let cos = self
+            .cos
+            .index_select(positions, 0)?
+            .unsqueeze(1)?
+            .to_dtype(dt)?;
+        let sin = self
+            .sin
+            .index_select(positions, 0)?
+            .unsqueeze(1)?
+            .to_dtype(dt)?;
+        let mut x = self.embed_ids(&ids.unsqueeze(1)?)?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            x = self.block_forward(block, l, &x, &cos, &sin, None, Kv::At(&rows[l]), opts)?;
+        }
+        self.last_logits(&x, false)
+    }
+
+    /// Whether [`device_step`](Self::device_step) serves caches of `capacity` positions here:
+    /// f32 on the CPU; f32 or bf16 on a GPU, up to what its attention kernel holds.
+    pub fn device_steps_serve(&self, capacity: usize) -> bool {
+        let dt = self.work_dtype(false);
+        cache_rows::applies(&self.device, dt, self.cfg.head_dim(), capacity)
+    }
+
+    /// Each layer's [`CacheRows`] over `caches` (row `r` reads `positions[r]`), for
+    /// [`device_step`](Self::device_step). The caches must hold something (a prefill) and
+    /// keep their buffers while the rows live: reserve room first (`Cache::reserve`).
+    pub fn cache_rows(&self, caches: &[&Cache], positions: &Tensor) -> Result<Vec<CacheRows>> {
+        let capacity = caches.iter().map(|c| c.capacity()).max().unwrap_or(0);
+        if !self.device_steps_serve(capacity) {
+            candle_core::bail!(
+                "device_step does not serve {:?} caches of {capacity} positions on {:?}",
+                self.work_dtype(false),
+                self.device
+            );
+        }
+        (0..self.blocks.len())
+            .map(|l| {
+                let buffers = caches
+                    .iter()
+                    .map(|c| match c.layers[l].buffers() {
+                        Some(b) => Ok(b.clone()),
+                        None => candle_core::bail!("device_step: a cache holds nothing yet"),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                CacheRows::new(buffers, positions)
+            })
+            .collect()
+    }
+
     /// Runs `ids` (`(batch, seq)`, u32) through the model. With a cache, positions continue
     /// after what the cache holds and the new keys/values are appended to it.
     pub fn forward(
@@ -934,6 +1026,10 @@ impl Decoder {
                     };
                     attend(a, &q, &k, &v, mask, acc, softmax)?
                 }
+            }
+            Kv::At(rows) => {
+                rows.write(&k, &v)?;
+                rows.attend(&q, attn_scale(a))?
             }
             // Each row against its own cache: the one part of a batched step that is per
             // sequence (the projections around it run once for every row).

@@ -867,3 +867,99 @@ fn joined_projections_give_the_separate_products_and_leave_trained_weights_apart
         .iter()
         .all(|b| b.attn.qkv.is_none() && b.mlp.gate_up.is_none()));
 }
+
+/// Steps written at positions held on the device (what a captured graph replays) give the bits
+/// of ordinary decode steps, row for row, with per-row adapters, quantized decode weights and
+/// rows of different lengths; the caches end up holding the same keys.
+#[test]
+fn device_steps_give_the_bits_of_decode_steps() {
+    let one = LowRankTest::new(1, 4, 1.0);
+    let two = LowRankTest::new(2, 4, 2.0);
+    let mut quant = tiny(Arch::Llama);
+    quant.quantize_for_decode(GgmlDType::Q8_0).unwrap();
+    for m in [tiny(Arch::Llama), tiny(Arch::Qwen2), quant] {
+        let prompts: [&[u32]; 3] = [&IDS[..2], &IDS, &IDS[3..7]];
+        let adapters: [Option<&dyn Adapter>; 3] = [Some(&one), None, Some(&two)];
+        let gathered = Gathered::default();
+        let per_row = PerRow::with_cache(adapters.to_vec(), &gathered);
+        let opts = ForwardOpts {
+            adapter: Some(&per_row),
+            ..Default::default()
+        };
+        // Small capacities: the graph's reserve must grow them before its first step.
+        let mut eager: Vec<Cache> = prompts.iter().map(|_| m.new_cache(4)).collect();
+        let mut tokens = Vec::new();
+        for (c, (p, a)) in eager.iter_mut().zip(prompts.iter().zip(adapters)) {
+            let o = ForwardOpts {
+                adapter: a,
+                ..Default::default()
+            };
+            let ids = Tensor::new(*p, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let l = m.forward(&ids, Some(c), &o).unwrap().logits.unwrap();
+            tokens.push(
+                l.argmax(D::Minus1)
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap()
+                    .to_scalar::<u32>()
+                    .unwrap(),
+            );
+        }
+        let mut graphed: Vec<Cache> = eager.iter().map(|c| c.fork(0).unwrap()).collect();
+        let mut refs: Vec<&mut Cache> = graphed.iter_mut().collect();
+        let mut g = StepGraph::new(&m, &mut refs, 6).unwrap();
+        assert!(!g.captured(), "no graph on the CPU");
+        let mut next = tokens.clone();
+        for step in 0..6 {
+            let mut e: Vec<&mut Cache> = eager.iter_mut().collect();
+            let want = m.decode_step(&tokens, &mut e, &opts).unwrap();
+            let got = g.step(&m, &next, &mut refs, &opts).unwrap();
+            assert_eq!(max_diff(&want, &got), 0.0, "step {step}");
+            tokens = want.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
+            next = got.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
+        }
+        drop(refs);
+        for (a, b) in eager.iter().zip(&graphed) {
+            assert_eq!(a.len(), b.len());
+            let (ka, kb) = (
+                a.layers[1].k().unwrap().unwrap(),
+                b.layers[1].k().unwrap().unwrap(),
+            );
+            assert_eq!(max_diff(&ka, &kb), 0.0, "cached keys");
+        }
+    }
+}
+
+/// A step graph refuses what would write outside its rows' buffers or into another cache.
+#[test]
+fn a_step_graph_refuses_other_caches_and_steps_past_its_room() {
+    let m = tiny(Arch::Llama);
+    let prefill = |c: &mut Cache| {
+        logits(&m, &ids().narrow(1, 0, 3).unwrap(), c);
+    };
+    let (mut a, mut b) = (m.new_cache(8), m.new_cache(8));
+    prefill(&mut a);
+    prefill(&mut b);
+    let opts = ForwardOpts::default();
+    let mut g = StepGraph::new(&m, &mut [&mut a], 2).unwrap();
+    assert!(
+        g.step(&m, &[5], &mut [&mut b], &opts).is_err(),
+        "another cache"
+    );
+    assert_eq!(b.len(), 3, "the refused step counted nothing");
+    assert!(
+        g.step(&m, &[5, 6], &mut [&mut a], &opts).is_err(),
+        "two tokens, one row"
+    );
+    // Room for 2 more positions past the prefill: capacity 8 already holds them, and more.
+    for _ in 0..5 {
+        g.step(&m, &[5], &mut [&mut a], &opts).unwrap();
+    }
+    assert_eq!(a.len(), 8);
+    let err = g.step(&m, &[5], &mut [&mut a], &opts).unwrap_err();
+    assert!(err.to_string().contains("past the room"), "{err}");
+    assert_eq!(a.len(), 8);
+    // An empty cache has no buffers to write into.
+    let mut empty = m.new_cache(8);
+    assert!(StepGraph::new(&m, &mut [&mut empty], 2).is_err());
+}

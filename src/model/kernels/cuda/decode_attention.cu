@@ -6,11 +6,22 @@
 // `model/kernels/decode_attention.rs`.
 //
 // `table` holds eight int64 per row: key address, value address, key head stride, key
-// position stride, value head stride, value position stride, length, 0 (strides in elements).
+// position stride, value head stride, value position stride (strides in elements), length,
+// and the address of the row's position (a uint32) or 0. With a position address the buffers
+// are the cache's whole buffers, the length their capacity, and the row holds position + 1
+// entries, read when the kernel runs: a decode step captured as a graph replays with each
+// token's positions written in place. `kv_write` writes a step's new keys and values there.
 // Dynamic shared memory: the scaled query (`d` floats), then the row's scores (`len` floats).
 #include "common.cuh"
 
 #define THREADS 128
+
+// Positions row `t` holds: its length, or its position + 1 within its capacity.
+__device__ __forceinline__ int row_len(const int64_t *t) {
+    if (t[7] == 0) return (int)t[6];
+    const int64_t p = *(const unsigned int *)t[7];
+    return (int)(p < t[6] ? p + 1 : t[6]);
+}
 
 template <typename T>
 __device__ void decode_attention(const T *q, const int64_t *table, T *out, int heads,
@@ -21,7 +32,7 @@ __device__ void decode_attention(const T *q, const int64_t *table, T *out, int h
     const T *k = (const T *)t[0] + (h / group) * t[2];
     const T *v = (const T *)t[1] + (h / group) * t[4];
     const int64_t kps = t[3], vps = t[5];
-    const int len = (int)t[6];
+    const int len = row_len(t);
     float *qs = sh, *sc = sh + d;
     const int64_t row = (int64_t)r * heads + h;
     for (int i = threadIdx.x; i < d; i += THREADS) qs[i] = to_f(q[row * d + i]) * scale;
@@ -58,4 +69,32 @@ extern "C" __global__ void decode_attention_bf16(const __nv_bfloat16 *q, const i
                                                  __nv_bfloat16 *out, int heads, int group, int d,
                                                  float scale) {
     decode_attention<__nv_bfloat16>(q, table, out, heads, group, d, scale);
+}
+
+// Block (KV head, row): copies the row's new key and value for that head (`src_*` contiguous
+// `(rows, kv_heads, 1, d)`) into its cache buffers at its position; a position past the
+// capacity writes nothing (the host checks it before every step).
+template <typename T>
+__device__ void kv_write(const T *src_k, const T *src_v, const int64_t *table, int kv_heads,
+                         int d) {
+    const int h = blockIdx.x, r = blockIdx.y;
+    const int64_t *t = table + 8 * r;
+    const int64_t p = *(const unsigned int *)t[7];
+    if (p >= t[6]) return;
+    T *k = (T *)t[0] + h * t[2] + p * t[3];
+    T *v = (T *)t[1] + h * t[4] + p * t[5];
+    const int64_t s = ((int64_t)r * kv_heads + h) * d;
+    for (int i = threadIdx.x; i < d; i += THREADS) {
+        k[i] = src_k[s + i];
+        v[i] = src_v[s + i];
+    }
+}
+
+extern "C" __global__ void kv_write_f32(const float *src_k, const float *src_v,
+                                        const int64_t *table, int kv_heads, int d) {
+    kv_write<float>(src_k, src_v, table, kv_heads, d);
+}
+extern "C" __global__ void kv_write_bf16(const __nv_bfloat16 *src_k, const __nv_bfloat16 *src_v,
+                                         const int64_t *table, int kv_heads, int d) {
+    kv_write<__nv_bfloat16>(src_k, src_v, table, kv_heads, d);
 }

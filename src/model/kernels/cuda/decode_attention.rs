@@ -19,29 +19,46 @@ const SHARED_BYTES: usize = 48 * 1024;
 /// `max_len` positions (longer ones do not fit its shared memory: the composed path runs).
 pub fn applies(q: &Tensor, max_len: usize) -> bool {
     let d = q.dims().last().copied().unwrap_or(0);
+    q.device().is_cuda() && fits(q.dtype(), d, max_len)
+}
+
+/// Whether the kernel takes `dtype` rows of `d` over caches of `max_len` positions.
+pub fn fits(dtype: DType, d: usize, max_len: usize) -> bool {
     super::enabled()
-        && q.device().is_cuda()
-        && matches!(q.dtype(), DType::F32 | DType::BF16)
+        && matches!(dtype, DType::F32 | DType::BF16)
         && (d + max_len) * 4 <= SHARED_BYTES
 }
 
 /// `q` `(rows, heads, 1, d)`; `kv[r]` row `r`'s keys and values, each `(1, kv_heads, len_r, d)`
 /// with unit stride on `d` (views into its cache). Returns `(rows, heads, 1, d)`.
 pub fn attend_rows(q: &Tensor, kv: &[(Tensor, Tensor)], scale: f64) -> Result<Tensor> {
-    let (rows, heads, t, d) = q.dims4()?;
+    let (rows, _, t, _) = q.dims4()?;
     if t != 1 || rows != kv.len() || rows == 0 {
         candle_core::bail!(
             "decode attention: {rows} rows of {t} positions, {} caches",
             kv.len()
         );
     }
-    let kv_heads = kv[0].0.dim(1)?;
-    if kv_heads == 0 || heads % kv_heads != 0 {
-        candle_core::bail!("decode attention: {heads} query heads over {kv_heads} KV heads");
-    }
-    let mut strides = Vec::with_capacity(rows * 6);
-    let mut flat = Vec::with_capacity(rows * 2);
-    let mut max_len = 0;
+    let lens = kv
+        .iter()
+        .map(|(k, _)| k.dim(2))
+        .collect::<Result<Vec<_>>>()?;
+    let max_len = lens.into_iter().max().unwrap_or(0);
+    let table = table(kv, None)?;
+    attend_table(q, &table, kv[0].0.dim(1)?, max_len, scale)
+}
+
+/// The kernels' row table for `kv` (see `decode_attention.cu`), on their device. Without
+/// `positions` each row's length is its views' length; with them (`(rows,)` u32 on the
+/// device) the views are whole buffers, row `r` holds `positions[r] + 1` positions and writes
+/// at `positions[r]`, read by the kernels when they run.
+pub fn table(kv: &[(Tensor, Tensor)], positions: Option<&Tensor>) -> Result<Tensor> {
+    let Some((k0, _)) = kv.first() else {
+        candle_core::bail!("decode attention: no rows");
+    };
+    let (kv_heads, d) = (k0.dim(1)?, k0.dim(3)?);
+    let mut strides = Vec::with_capacity(kv.len());
+    let mut flat = Vec::with_capacity(kv.len() * 2 + 1);
     for (k, v) in kv {
         for x in [k, v] {
             let (dims, st) = (x.dims(), x.stride());
@@ -49,11 +66,11 @@ pub fn attend_rows(q: &Tensor, kv: &[(Tensor, Tensor)], scale: f64) -> Result<Te
             {
                 candle_core::bail!("decode attention: unexpected cache layout {dims:?} / {st:?}");
             }
-            if x.dtype() != q.dtype() {
+            if x.dtype() != k0.dtype() {
                 candle_core::bail!(
-                    "decode attention: cache {:?}, query {:?}",
+                    "decode attention: caches of {:?} and {:?}",
                     x.dtype(),
-                    q.dtype()
+                    k0.dtype()
                 );
             }
         }
@@ -61,7 +78,6 @@ pub fn attend_rows(q: &Tensor, kv: &[(Tensor, Tensor)], scale: f64) -> Result<Te
         if v.dim(2)? != len {
             candle_core::bail!("decode attention: {len} keys, {} values", v.dim(2)?);
         }
-        max_len = max_len.max(len);
         strides.push([
             k.stride()[1],
             k.stride()[2],
@@ -72,26 +88,92 @@ pub fn attend_rows(q: &Tensor, kv: &[(Tensor, Tensor)], scale: f64) -> Result<Te
         flat.push(k);
         flat.push(v);
     }
-    if !applies(q, max_len) {
-        candle_core::bail!("decode attention: {max_len} positions do not fit the kernel");
+    if let Some(p) = positions {
+        if p.dtype() != DType::U32 || p.dims() != [kv.len()] || !p.is_contiguous() {
+            candle_core::bail!("decode attention: positions {:?} {:?}", p.dims(), p.dtype());
+        }
+        flat.push(p);
     }
-    let dev = cuda_device(q, "decode attention")?.clone();
+    let dev = cuda_device(k0, "decode attention")?.clone();
     let stream = dev.cuda_stream();
-    let q = q.contiguous()?;
     with_addresses(&stream, &flat, |addresses| {
-        let mut table = Vec::with_capacity(rows * 8);
+        let mut table = Vec::with_capacity(kv.len() * 8);
         for (r, s) in strides.iter().enumerate() {
             table.extend([addresses[2 * r], addresses[2 * r + 1]]);
             table.extend(s.iter().map(|&x| x as i64));
-            table.push(0);
+            // Where row r's position lies (4-byte elements), or 0: the length above holds.
+            table.push(positions.map_or(0, |_| addresses[2 * kv.len()] + 4 * r as i64));
         }
-        let table = Tensor::from_vec(table, (rows, 8), q.device())?;
-        q.apply_op1_no_bwd(&DecodeAttention {
-            table,
-            group: (heads / kv_heads) as i32,
-            scale: scale as f32,
-            max_len,
-        })
+        Tensor::from_vec(table, (kv.len(), 8), k0.device())
+    })
+}
+
+/// Attention of `q` (`(rows, heads, 1, d)`) over the caches of `table` (from [`table`]) of
+/// `kv_heads` heads, whose rows hold at most `max_len` positions. Returns `(rows, heads, 1, d)`.
+pub fn attend_table(
+    q: &Tensor,
+    table: &Tensor,
+    kv_heads: usize,
+    max_len: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (rows, heads, t, _) = q.dims4()?;
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        candle_core::bail!("decode attention: {heads} query heads over {kv_heads} KV heads");
+    }
+    if t != 1 || table.dims() != [rows, 8] {
+        candle_core::bail!(
+            "decode attention: {rows} rows of {t} positions, table {:?}",
+            table.dims()
+        );
+    }
+    if !applies(q, max_len) {
+        candle_core::bail!("decode attention: {max_len} positions do not fit the kernel");
+    }
+    q.contiguous()?.apply_op1_no_bwd(&DecodeAttention {
+        table: table.clone(),
+        group: (heads / kv_heads) as i32,
+        scale: scale as f32,
+        max_len,
+    })
+}
+
+/// Writes `k`, `v` (`(rows, kv_heads, 1, d)`) into the caches of `table` (from [`table`] with
+/// positions), each row at its position, in one launch.
+pub fn write_rows(k: &Tensor, v: &Tensor, table: &Tensor) -> Result<()> {
+    let (rows, kv_heads, t, d) = k.dims4()?;
+    if t != 1 || v.dims() != k.dims() || table.dims() != [rows, 8] || v.dtype() != k.dtype() {
+        candle_core::bail!(
+            "cache write: keys {:?}, values {:?}, table {:?}",
+            k.dims(),
+            v.dims(),
+            table.dims()
+        );
+    }
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let dev = cuda_device(&k, "cache write")?.clone();
+    let stream = dev.cuda_stream();
+    let name = match k.dtype() {
+        DType::F32 => "kv_write_f32",
+        DType::BF16 => "kv_write_bf16",
+        d => candle_core::bail!("cache write: {d:?} keys"),
+    };
+    with_addresses(&stream, &[&k, &v, table], |a| {
+        let f = dev.get_or_load_custom_func(name, DECODE_ATTENTION.0, DECODE_ATTENTION.1)?;
+        let mut bl = f.builder();
+        let (src_k, src_v, tab) = (a[0], a[1], a[2]);
+        let (h32, d32) = (kv_heads as i32, d as i32);
+        bl.arg(&src_k).arg(&src_v).arg(&tab).arg(&h32).arg(&d32);
+        let cfg = LaunchConfig {
+            grid_dim: (kv_heads as u32, rows as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: block (head, row) copies that head's `d` elements of row `r` from the
+        // contiguous sources into the buffers the table addresses, at a position the kernel
+        // bounds by the capacity; the caller keeps the buffers alive (a `CacheRows`).
+        unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+        Ok(())
     })
 }
 

@@ -5,11 +5,13 @@
 //! | kernel | serves | used when | tested against |
 //! |---|---|---|---|
 //! | [`optimizer`] (`optimizer.cu`) | adaptation's optimiser step: global-norm clipping and AdamW over every trained tensor in three launches, moments in f32 | trained variables on a CUDA device, f32 or bf16 | candle_nn::AdamW with the gradients clipped on the host, step for step (`ttarag bench --kernels`) |
-//! | [`decode_attention`] (`decode_attention.cu`) | a decode step's attention: every row and query head in one launch, each row over its own cache in place | decode steps on a CUDA device, f32 or bf16, caches of at most ~12k positions | the composed candle ops (`ttarag bench --kernels`) |
+//! | [`decode_attention`] (`decode_attention.cu`) | a decode step's attention: every row and query head in one launch, each row over its own cache in place; and its new keys and values written at positions read on the device (`kv_write`) | decode steps on a CUDA device, f32 or bf16, caches of at most ~12k positions | the composed candle ops (`ttarag bench --kernels`) |
+//! | [`graph`] | a decode step captured once as a CUDA graph and replayed per token (`StepGraph`) | decode steps on a CUDA device, `[model] cuda_graphs` | the same step launched op by op (`ttarag bench --kernels`, `--query`) |
 //! | [`lora`] (`lora.cu`) | a LoRA delta added to a projection's output in one launch, each row with its own adapter (gathered) or all with one | inference passes of at most 64 rows on a CUDA device (decode steps), rank at most 64 | the composed delta, two products, a scale and an add (`ttarag bench --kernels`) |
 //! | [`training_ops`] (`training_ops.cu`) | the CUDA bodies of `fused::rms_norm` (f32), `fused::swiglu` (f32, bf16), `fused::rope` and `fused::softmax_last_dim` (f32): one launch forward, one backward | differentiable passes on a CUDA device (adaptation), unless `composed_ops` | candle's composed ops, values and gradients (`ttarag bench --kernels`) |
 
 pub mod decode_attention;
+pub mod graph;
 pub mod lora;
 pub mod optimizer;
 pub mod training_ops;
@@ -108,6 +110,10 @@ fn with_addresses<R>(
             CudaStorageSlice::I64(s) => {
                 let (p, g) = s.device_ptr(stream);
                 (p, g, 8)
+            }
+            CudaStorageSlice::U32(s) => {
+                let (p, g) = s.device_ptr(stream);
+                (p, g, 4)
             }
             _ => candle_core::bail!("a CUDA kernel got an unsupported dtype"),
         };
