@@ -225,6 +225,9 @@ pub fn load_model(cfg: &Config) -> anyhow::Result<Arc<Model>> {
         crate::model::cuda::set_enabled(cfg.model.cuda_kernels);
         crate::model::cuda::graph::set_enabled(cfg.model.cuda_graphs);
     }
+    // On a GPU the weights' copies and the stacks made at load are queued on this thread's
+    // stream; the threads that serve read them from theirs.
+    device.synchronize()?;
     tracing::info!(
         path = %cfg.model.path.display(),
         layers = model.decoder.config().num_hidden_layers,

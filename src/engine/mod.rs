@@ -1191,6 +1191,13 @@ impl Worker {
     /// Hands `seq` to the scheduler, waiting while it is full (and checking the request
     /// meanwhile: a client that leaves or a deadline that passes ends the wait).
     fn hand_over(&self, job: &Job, mut seq: Sequence) -> Result<(), Option<EngineError>> {
+        // On a GPU each thread queues on its own stream: what this worker wrote (the adapter)
+        // must be done before the scheduler's stream reads it. A no-op on the CPU.
+        self.model
+            .decoder
+            .device()
+            .synchronize()
+            .map_err(|e| Some(EngineError::Internal(e.to_string())))?;
         loop {
             checkpoint(job)?;
             match self.handover.send_timeout(seq, scheduler::HANDOVER_POLL) {

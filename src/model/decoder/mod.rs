@@ -103,7 +103,14 @@ enum Kv<'a, 'c> {
 /// and wakes it again (a futex round trip per product, about a fifth of a decode step on two
 /// cores), while a pool thread takes part in its own loops. Only inference passes come here:
 /// they hold no lock a pool thread could need while it waits in one of their loops.
-fn on_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+///
+/// On a GPU the pass stays on the calling thread: candle queues a thread's work on that
+/// thread's own stream, and streams of different threads are not ordered with each other, so
+/// a pass queued from a pool thread could still be running when the caller reads its result.
+fn on_pool<T: Send>(device: &Device, f: impl FnOnce() -> T + Send) -> T {
+    if !device.is_cpu() {
+        return f();
+    }
     let mut out = None;
     rayon::scope(|_| out = Some(f()));
     out.expect("the scope ran its body")
@@ -677,7 +684,7 @@ impl Decoder {
         caches: &mut [&mut Cache],
         opts: &ForwardOpts,
     ) -> Result<Tensor> {
-        on_pool(|| self.decode_step_here(tokens, caches, opts))
+        on_pool(&self.device, || self.decode_step_here(tokens, caches, opts))
     }
 
     fn decode_step_here(
@@ -740,7 +747,9 @@ impl Decoder {
         rows: &[CacheRows],
         opts: &ForwardOpts,
     ) -> Result<Tensor> {
-        on_pool(|| self.device_step_here(ids, positions, rows, opts))
+        on_pool(&self.device, || {
+            self.device_step_here(ids, positions, rows, opts)
+        })
     }
 
     fn device_step_here(
@@ -824,7 +833,7 @@ impl Decoder {
         if opts.differentiable {
             return self.forward_here(ids, cache, opts);
         }
-        on_pool(|| self.forward_here(ids, cache, opts))
+        on_pool(&self.device, || self.forward_here(ids, cache, opts))
     }
 
     fn forward_here(

@@ -104,8 +104,8 @@ impl StepGraph {
             }
             positions.push(p as u32);
         }
-        let logits = on_pool(|| -> Result<Tensor> {
-            // Written on this thread's stream, ahead of the step that reads them.
+        let logits = on_pool(dec.device(), || -> Result<Tensor> {
+            // Queued ahead of the step that reads them, on the same thread's stream.
             self.ids
                 .slice_set(&Tensor::new(tokens, dec.device())?, 0, 0)?;
             let p = Tensor::new(positions.as_slice(), dec.device())?;
