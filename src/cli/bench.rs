@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::usage::{peak_rss_mb, reset_peak_rss};
 use crate::config::Config;
-use crate::model::{ChatMessage, ForwardOpts, Logits};
+use crate::model::{ChatMessage, ForwardOpts, Logits, StepGraph};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -263,7 +263,17 @@ fn bench_batch(
         } else {
             vec![]
         };
-        for &variant in variants {
+        // Each variant launched op by op, then through a step graph where the device serves
+        // one (replayed from a captured CUDA graph on a GPU; the same ops on the CPU).
+        let graphs: &[bool] = if dec.device_steps_serve(ids.len() + a.new_tokens) {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for (&variant, &graph) in variants
+            .iter()
+            .flat_map(|v| graphs.iter().map(move |g| (v, g)))
+        {
             let rows: Vec<Option<&dyn crate::model::Adapter>> = loras
                 .iter()
                 .map(|l| Some(l as &dyn crate::model::Adapter))
@@ -278,6 +288,7 @@ fn bench_batch(
                 ..opts
             };
             let mut per_step = vec![];
+            let mut replayed = false;
             for run in 0..=a.runs {
                 let mut caches: Vec<_> = (0..b)
                     .map(|_| {
@@ -290,16 +301,32 @@ fn bench_batch(
                 let mut refs: Vec<_> = caches.iter_mut().collect();
                 let mut tokens = vec![ids[ids.len() - 1]; b];
                 let t = Instant::now();
+                let mut steps = match graph {
+                    true => Some(StepGraph::new(dec, &mut refs, a.new_tokens)?),
+                    false => None,
+                };
                 for _ in 0..a.new_tokens {
-                    let logits = dec.decode_step(&tokens, &mut refs, &step_opts)?;
+                    let logits = match &mut steps {
+                        Some(g) => g.step(dec, &tokens, &mut refs, &step_opts)?,
+                        None => dec.decode_step(&tokens, &mut refs, &step_opts)?,
+                    };
                     tokens = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
                 }
                 if run > 0 {
                     per_step.push(t.elapsed().as_secs_f64() * 1e3 / a.new_tokens as f64);
                 }
+                replayed |= steps.is_some_and(|g| g.captured());
             }
             let ms = median(&mut per_step);
-            println!("| {b} | {variant} | {ms:.1} | {:.1} |", b as f64 * 1e3 / ms);
+            let how = match (graph, replayed) {
+                (false, _) => "",
+                (true, true) => ", step graph (replayed)",
+                (true, false) => ", step graph (ops one by one)",
+            };
+            println!(
+                "| {b} | {variant}{how} | {ms:.1} | {:.1} |",
+                b as f64 * 1e3 / ms
+            );
         }
     }
     Ok(())

@@ -216,9 +216,9 @@ pub fn run(
     println!("  prefill      {:.1} ms", med(&prefill));
     let (main_way, other_way) = match (graphs, replayed) {
         (true, true) => ("step graphs, replayed", "op by op"),
-        (true, false) => ("step graphs, not captured", "op by op"),
+        (true, false) => ("step graphs, ops one by one", "op by op"),
         (false, true) => ("op by op", "step graphs, replayed"),
-        (false, false) => ("op by op", "step graphs, not captured"),
+        (false, false) => ("op by op", "step graphs, ops one by one"),
     };
     println!(
         "  decode       {:.2} ms per token ({main_way})",
