@@ -355,6 +355,24 @@ pub fn decode_attention(
     compare(name, dev, tolerance(dtype), steps, &kernel, &composed)
 }
 
+/// `n` LoRA r8 q,v adapters of `dec`'s shapes in `dtype`, each with a random B, as a trained
+/// adapter has (a fresh one's B is zero, and its delta nothing).
+fn trained_loras(dec: &Decoder, n: usize, dtype: DType) -> candle_core::Result<Vec<Lora>> {
+    let cfg = LoraConfig::default();
+    let dev = dec.device();
+    let loras = (0..n)
+        .map(|i| Lora::new(dec.config(), &cfg, i as u64 + 1, dev, dtype))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    for l in &loras {
+        for v in l.vars() {
+            if v.dims()[1] == cfg.rank {
+                v.set(&Tensor::randn(0f32, 0.05, v.dims(), dev)?.to_dtype(dtype)?)?;
+            }
+        }
+    }
+    Ok(loras)
+}
+
 /// The LoRA-add kernel against the composed delta: `rows` decode rows of the hidden width,
 /// one adapter shared (`rows` = 1) or one per row (gathered), rank 8, in `dtype`.
 #[cfg(feature = "cuda")]
@@ -367,18 +385,7 @@ pub fn lora_add(
     use crate::model::{Adapter, Gathered, PerRow, Target};
     let dev = dec.device();
     let h = dec.config().hidden_size;
-    let cfg = LoraConfig::default();
-    let loras = (0..rows)
-        .map(|i| Lora::new(dec.config(), &cfg, i as u64 + 1, dev, dtype))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    // A fresh LoRA's B is zero: give each a random one, as a trained adapter has.
-    for l in &loras {
-        for v in l.vars() {
-            if v.dims()[1] == cfg.rank {
-                v.set(&Tensor::randn(0f32, 0.05, v.dims(), dev)?.to_dtype(dtype)?)?;
-            }
-        }
-    }
+    let loras = trained_loras(dec, rows, dtype)?;
     let adapters: Vec<Option<&dyn Adapter>> =
         loras.iter().map(|l| Some(l as &dyn Adapter)).collect();
     let cache = Gathered::default();
@@ -410,8 +417,10 @@ pub fn decode_step(
     dec: &Decoder,
     rows: usize,
     len: usize,
+    lora: bool,
     steps: usize,
 ) -> anyhow::Result<KernelCheck> {
+    use crate::model::{Adapter, Gathered, PerRow};
     let vocab = dec.config().vocab_size as u32;
     let room = steps + 2;
     let mut prefilled = Vec::with_capacity(rows);
@@ -434,7 +443,20 @@ pub fn decode_step(
         RefCell::new(StepGraph::new(dec, &mut refs, room)?)
     };
     let tokens: Vec<u32> = (0..rows as u32).map(|r| (r * 101 + 5) % vocab).collect();
-    let opts = ForwardOpts::default();
+    // With `lora`, each row its own adapter, gathered as the scheduler gathers them.
+    let loras = match lora {
+        true => trained_loras(dec, rows, dec.dtype())?,
+        false => vec![],
+    };
+    let gathered = Gathered::default();
+    let per_row = PerRow::with_cache(
+        loras.iter().map(|l| Some(l as &dyn Adapter)).collect(),
+        &gathered,
+    );
+    let opts = ForwardOpts {
+        adapter: lora.then_some(&per_row as &dyn Adapter),
+        ..Default::default()
+    };
     let kernel = || -> candle_core::Result<Vec<Tensor>> {
         let mut g = graphed.borrow_mut();
         let mut refs: Vec<&mut Cache> = g.iter_mut().collect();
@@ -448,7 +470,8 @@ pub fn decode_step(
         Ok(vec![dec.decode_step(&tokens, &mut refs, &opts)?])
     };
     let name = format!(
-        "decode step ({rows} rows, ~{len} positions, {:?}, relative)",
+        "decode step ({rows} rows{}, ~{len} positions, {:?}, relative)",
+        if lora { ", own LoRAs" } else { "" },
         dec.dtype()
     );
     let mut check = compare(
@@ -498,8 +521,8 @@ pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
         }
     }
     if dec.device_steps_serve(1000 + 7 * 8 + steps + 2) {
-        for rows in [1, 8] {
-            out.push(decode_step(dec, rows, 1000, steps)?);
+        for (rows, lora) in [(1, false), (8, false), (1, true), (8, true)] {
+            out.push(decode_step(dec, rows, 1000, lora, steps)?);
         }
     }
     Ok(out)
@@ -576,8 +599,8 @@ mod tests {
             crate::model::tiny::tiny_parts(crate::model::Arch::Llama, 3, &Device::Cpu, DType::F32)
                 .unwrap();
         let dec = crate::model::Model::from_parts("t", parts).unwrap().decoder;
-        for rows in [1, 3] {
-            let c = decode_step(&dec, rows, 20, 3).unwrap();
+        for (rows, lora) in [(1, false), (3, false), (3, true)] {
+            let c = decode_step(&dec, rows, 20, lora, 3).unwrap();
             assert_eq!(c.path, "cpu");
             assert_eq!(c.max_diff, 0.0, "{c:?}");
         }
