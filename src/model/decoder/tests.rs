@@ -963,3 +963,24 @@ fn a_step_graph_refuses_other_caches_and_steps_past_its_room() {
     let mut empty = m.new_cache(8);
     assert!(StepGraph::new(&m, &mut [&mut empty], 2).is_err());
 }
+
+/// A cache grows by its capacity again until it holds what is asked, keeping what it holds,
+/// and counts positions written on the device only within its buffers.
+#[test]
+fn a_cache_grows_keeping_what_it_holds_and_counts_device_writes_within_its_room() {
+    let m = tiny(Arch::Llama);
+    let mut c = m.new_cache(4);
+    logits(&m, &ids().narrow(1, 0, 3).unwrap(), &mut c);
+    let held = c.layers[1].k().unwrap().unwrap();
+    assert_eq!((c.len(), c.capacity()), (3, 4));
+    c.reserve(9).unwrap();
+    assert_eq!((c.len(), c.capacity()), (3, 12), "4, then 8, then 12");
+    assert_eq!(max_diff(&held, &c.layers[1].k().unwrap().unwrap()), 0.0);
+    c.advance(9).unwrap();
+    assert_eq!(c.len(), 12);
+    assert!(c.advance(1).is_err(), "past the buffers");
+    assert_eq!(c.len(), 12, "a refused advance counts nothing");
+    let mut empty = m.new_cache(4);
+    assert!(empty.reserve(8).is_err(), "no shape to grow yet");
+    assert!(empty.advance(1).is_err(), "no buffers written");
+}
