@@ -178,6 +178,26 @@ fn mixed_jobs() -> Vec<ChatJob> {
         .collect()
 }
 
+/// [`mixed_jobs`] submitted at once to `e`: their answers, and the most sequences the
+/// scheduler ran at once meanwhile.
+fn all_at_once(e: &Engine) -> (Vec<Completion>, usize) {
+    let tickets: Vec<Ticket> = mixed_jobs()
+        .into_iter()
+        .map(|j| e.submit(j).unwrap())
+        .collect();
+    let health = e.health().clone();
+    let watch = std::thread::spawn(move || {
+        let mut peak = 0;
+        for _ in 0..2000 {
+            peak = peak.max(health.running());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        peak
+    });
+    let got = tickets.into_iter().map(|t| outcome(t).unwrap()).collect();
+    (got, watch.join().unwrap())
+}
+
 fn one_at_a_time() -> BatchLimits {
     BatchLimits {
         max_running: 1,
@@ -205,21 +225,8 @@ fn answers_are_the_same_alone_and_batched() {
         ..Default::default()
     };
     let batched = batch_engine(3, chunked(16), slow);
-    let tickets: Vec<Ticket> = mixed_jobs()
-        .into_iter()
-        .map(|j| batched.submit(j).unwrap())
-        .collect();
-    let health = batched.health().clone();
-    let watch = std::thread::spawn(move || {
-        let mut peak = 0;
-        for _ in 0..2000 {
-            peak = peak.max(health.running());
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        peak
-    });
-    let got: Vec<Completion> = tickets.into_iter().map(|t| outcome(t).unwrap()).collect();
-    assert!(watch.join().unwrap() > 1, "the answers never ran together");
+    let (got, peak) = all_at_once(&batched);
+    assert!(peak > 1, "the answers never ran together");
     for (i, (a, b)) in want.iter().zip(&got).enumerate() {
         assert_eq!(a.text, b.text, "answer {i}");
         assert_eq!(a.completion_tokens, b.completion_tokens, "answer {i}");
@@ -252,24 +259,8 @@ fn step_graphs_answer_as_lone_steps_while_rows_join_and_leave_the_batch() {
         ..Default::default()
     };
     let graphed = batch_engine(3, wide(16, true), slow);
-    let tickets: Vec<Ticket> = mixed_jobs()
-        .into_iter()
-        .map(|j| graphed.submit(j).unwrap())
-        .collect();
-    let health = graphed.health().clone();
-    let watch = std::thread::spawn(move || {
-        let mut peak = 0;
-        for _ in 0..2000 {
-            peak = peak.max(health.running());
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        peak
-    });
-    let got: Vec<Completion> = tickets.into_iter().map(|t| outcome(t).unwrap()).collect();
-    assert!(
-        watch.join().unwrap() > 2,
-        "the answers never decoded together"
-    );
+    let (got, peak) = all_at_once(&graphed);
+    assert!(peak > 2, "the answers never decoded together");
     for (i, (a, b)) in want.iter().zip(&got).enumerate() {
         assert_eq!(a.text, b.text, "answer {i}");
         assert_eq!(b.completion_tokens, 6 + 5 * i, "answer {i} ran its budget");

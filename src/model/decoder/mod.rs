@@ -739,20 +739,9 @@ impl Decoder {
     /// `rows` (from [`cache_rows`](Self::cache_rows)), which the caller then counts with
     /// `Cache::advance`. Nothing is uploaded or read back, so on a GPU the step can be
     /// captured once and replayed per token (`StepGraph`); on the CPU it gives the bits of
-    /// `decode_step`.
+    /// `decode_step`. Unlike `decode_step` it runs on the calling thread: `StepGraph` puts
+    /// its writes of the inputs and the step on one thread (one stream) together.
     pub fn device_step(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        rows: &[CacheRows],
-        opts: &ForwardOpts,
-    ) -> Result<Tensor> {
-        on_pool(&self.device, || {
-            self.device_step_here(ids, positions, rows, opts)
-        })
-    }
-
-    fn device_step_here(
         &self,
         ids: &Tensor,
         positions: &Tensor,

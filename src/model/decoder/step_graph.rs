@@ -120,14 +120,14 @@ impl StepGraph {
 
     #[cfg(not(feature = "cuda"))]
     fn run(&mut self, dec: &Decoder, opts: &ForwardOpts) -> Result<Tensor> {
-        dec.device_step_here(&self.ids, &self.positions, &self.rows, opts)
+        dec.device_step(&self.ids, &self.positions, &self.rows, opts)
     }
 
     #[cfg(feature = "cuda")]
     fn run(&mut self, dec: &Decoder, opts: &ForwardOpts) -> Result<Tensor> {
         use crate::model::kernels::cuda::graph::{with_upload_cache, Graph};
         let candle_core::Device::Cuda(dev) = dec.device().clone() else {
-            return dec.device_step_here(&self.ids, &self.positions, &self.rows, opts);
+            return dec.device_step(&self.ids, &self.positions, &self.rows, opts);
         };
         match &self.replay {
             Replay::Captured(g) => match g.replay() {
@@ -140,7 +140,7 @@ impl StepGraph {
             },
             Replay::Off => {}
             Replay::Pending => {
-                let step = || dec.device_step_here(&self.ids, &self.positions, &self.rows, opts);
+                let step = || dec.device_step(&self.ids, &self.positions, &self.rows, opts);
                 let logits = with_upload_cache(&dev, step)?;
                 let out = logits.zeros_like()?;
                 self.replay = match Graph::capture(&dev, out, step) {
@@ -153,7 +153,7 @@ impl StepGraph {
                 return Ok(logits);
             }
         }
-        dec.device_step_here(&self.ids, &self.positions, &self.rows, opts)
+        dec.device_step(&self.ids, &self.positions, &self.rows, opts)
     }
 }
 
