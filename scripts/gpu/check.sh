@@ -16,7 +16,8 @@
 #     op, both timed, with whether their tokens agree), each also with the project's CUDA
 #     kernels off (`[model] cuda_kernels = false`), and decode per token with norms and
 #     attention in bf16 against converting to f32 (`[model] f32_norms_attention`), and 8
-#     sequences with 8 adapters against one (`bench --batch 1,8 --lora`);
+#     sequences with 8 adapters against one (`bench --batch 1,8 --lora`), and whole requests
+#     from 1 and 8 concurrent clients, each adapting its own LoRA (`bench --load 1,8`);
 #  4. the PyTorch reference on the same queries (scripts/reference/query_reference.py);
 #  5. the same for the Llama-3.2-1B shape.
 set -euo pipefail
@@ -76,6 +77,12 @@ run "$bin" --config "$bf16_conv" --model "$small" --device cuda bench --runs 5 $
 run "$bin" --config "$lora_off" --model "$small" --device cuda bench --runs 5 $shape
 # 8 sequences, each its own LoRA, against one: decode throughput, each row alone and gathered.
 run "$bin" --config "$lora" --model "$small" --device cuda bench --batch 1,8 --lora --runs 3 $shape
+# Whole requests from 1 and 8 concurrent clients through the engine (8 stage workers, each
+# request adapting its own LoRA in mode tta; the scheduler batches the answers): req/s.
+idx=/tmp/ttarag-check-index
+run "$bin" --index-dir "$idx" index build --collection qasc --input index/samples/qasc/corpus.jsonl
+load=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\n[tta]\nscope = "lora"\n[server]\nworkers = 8')
+run "$bin" --config "$load" --model "$small" --device cuda --index-dir "$idx" bench --load 1,8 --modes static,tta
 
 # 4. The reference on the same queries.
 for scope in lora full; do
