@@ -41,7 +41,10 @@ impl CacheRows {
     /// on every [`write`](Self::write) and [`attend`](Self::attend), so writing it in place
     /// moves every row on.
     pub fn new(buffers: Vec<(Tensor, Tensor)>, positions: &Tensor) -> Result<Self> {
-        if positions.dims() != [buffers.len()] || positions.dtype() != DType::U32 {
+        if buffers.is_empty()
+            || positions.dims() != [buffers.len()]
+            || positions.dtype() != DType::U32
+        {
             candle_core::bail!(
                 "cache rows: positions {:?} {:?} for {} rows",
                 positions.dims(),
@@ -72,6 +75,15 @@ impl CacheRows {
 
     /// Writes `k`, `v` (`(rows, kv_heads, 1, head_dim)`) into each row's buffers at its position.
     pub fn write(&self, k: &Tensor, v: &Tensor) -> Result<()> {
+        let held = self.buffers[0].0.dtype();
+        if k.dtype() != held || v.dtype() != held || k.dim(0)? != self.buffers.len() {
+            candle_core::bail!(
+                "cache rows: {:?} {:?} keys for {} rows of {held:?}",
+                k.dims(),
+                k.dtype(),
+                self.buffers.len()
+            );
+        }
         #[cfg(feature = "cuda")]
         if let Some(table) = &self.table {
             return super::cuda::decode_attention::write_rows(k, v, table);
@@ -125,5 +137,88 @@ impl CacheRows {
                 Ok(p)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filled(shape: &[usize], start: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| ((i as f32 + start) * 0.37).sin()).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Each row writes at its own position and attends up to there, as the row's cache
+    /// appended and attended by hand would.
+    #[test]
+    fn rows_write_at_their_positions_and_attend_up_to_them() {
+        let (kv_heads, heads, d, cap) = (2, 4, 8, 6);
+        let buffers: Vec<(Tensor, Tensor)> = (0..2)
+            .map(|r| {
+                let k = filled(&[1, kv_heads, cap, d], 10.0 * r as f32);
+                (k.clone(), filled(&[1, kv_heads, cap, d], 5.0 + r as f32))
+            })
+            .collect();
+        let before: Vec<(Tensor, Tensor)> = buffers
+            .iter()
+            .map(|(k, v)| (k.copy().unwrap(), v.copy().unwrap()))
+            .collect();
+        let positions = Tensor::new(&[3u32, 0], &Device::Cpu).unwrap();
+        let rows = CacheRows::new(buffers.clone(), &positions).unwrap();
+        let (k, v) = (
+            filled(&[2, kv_heads, 1, d], 50.0),
+            filled(&[2, kv_heads, 1, d], 70.0),
+        );
+        let q = filled(&[2, heads, 1, d], 90.0);
+        rows.write(&k, &v).unwrap();
+        let got = rows.attend(&q, 0.5).unwrap();
+        for (r, p) in [(0usize, 3usize), (1, 0)] {
+            // By hand: the row's old cache up to its position, then the new entry.
+            let (k0, v0) = &before[r];
+            let kr = Tensor::cat(
+                &[&k0.narrow(2, 0, p).unwrap(), &k.narrow(0, r, 1).unwrap()],
+                2,
+            )
+            .unwrap();
+            let vr = Tensor::cat(
+                &[&v0.narrow(2, 0, p).unwrap(), &v.narrow(0, r, 1).unwrap()],
+                2,
+            )
+            .unwrap();
+            let want = decode_attention::attend_rows(&q.narrow(0, r, 1).unwrap(), &[(kr, vr)], 0.5)
+                .unwrap();
+            let a: Vec<f32> = got
+                .narrow(0, r, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let b: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(a, b, "row {r}");
+            // Positions past the row's own stay as they were.
+            let after = buffers[r].0.narrow(2, p + 1, cap - p - 1).unwrap();
+            let was = before[r].0.narrow(2, p + 1, cap - p - 1).unwrap();
+            let diff: f32 = (after - was)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(diff, 0.0, "row {r} wrote past its position");
+        }
+        // Wrong dtype, wrong row count, a position past the buffers: refused.
+        assert!(rows.write(&k.to_dtype(DType::F64).unwrap(), &v).is_err());
+        assert!(rows
+            .write(&k.narrow(0, 0, 1).unwrap(), &v.narrow(0, 0, 1).unwrap())
+            .is_err());
+        let far = Tensor::new(&[6u32, 0], &Device::Cpu).unwrap();
+        let rows = CacheRows::new(buffers, &far).unwrap();
+        assert!(rows.write(&k, &v).is_err());
+        assert!(rows.attend(&q, 0.5).is_err());
     }
 }
