@@ -101,19 +101,6 @@ fn answer(
     })
 }
 
-/// Whether this build and config replay decode steps from captured graphs.
-fn graphs_on(cfg: &Config) -> bool {
-    #[cfg(feature = "cuda")]
-    {
-        cfg.model.cuda_graphs
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = cfg;
-        false
-    }
-}
-
 pub fn run(
     cfg: &Config,
     model: &Model,
@@ -153,7 +140,7 @@ pub fn run(
     // Decode through step graphs where the build, the config and the model allow them; the
     // other way is timed beside it, and the two must give the same tokens.
     let serve = |d: &Decoder| d.device_steps_serve(ids.len() + new_tokens);
-    let graphs = graphs_on(cfg) && serve(dec);
+    let graphs = dec.replays_steps() && serve(dec);
     let (mut total, mut adapt, mut prefill, mut per_token) = (vec![], vec![], vec![], vec![]);
     let (mut other_per_token, mut same, mut replayed) = (vec![], true, false);
     // One untimed query first: kernel loading and the allocator's first large buffers.

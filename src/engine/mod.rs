@@ -396,20 +396,6 @@ impl Default for EngineConfig {
     }
 }
 
-/// Whether decode steps of `model` are captured as graphs and replayed (a CUDA device with
-/// `[model] cuda_graphs`).
-fn graphs_captured(model: &Model) -> bool {
-    #[cfg(feature = "cuda")]
-    {
-        model.decoder.device().is_cuda() && crate::model::cuda::graph::enabled()
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = model;
-        false
-    }
-}
-
 struct Worker {
     model: Arc<Model>,
     collections: Arc<Collections>,
@@ -531,7 +517,7 @@ impl Engine {
             health: health.clone(),
             faults: cfg.faults.clone(),
             gathered: Default::default(),
-            step_graphs: cfg.batch.step_graphs || graphs_captured(&model),
+            step_graphs: cfg.batch.step_graphs || model.decoder.replays_steps(),
             graph: Default::default(),
             admitted: Default::default(),
         };

@@ -778,6 +778,19 @@ impl Decoder {
         self.last_logits(&x, false)
     }
 
+    /// Whether decode steps here are captured as graphs and replayed (`[model] cuda_graphs` on
+    /// a CUDA device): where they are, [`StepGraph`]s pay; elsewhere ordinary steps serve.
+    pub fn replays_steps(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            self.device.is_cuda() && super::kernels::cuda::graph::enabled()
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            false
+        }
+    }
+
     /// Whether [`device_step`](Self::device_step) serves caches of `capacity` positions here:
     /// f32 on the CPU; f32 or bf16 on a GPU, up to what its attention kernel holds.
     pub fn device_steps_serve(&self, capacity: usize) -> bool {
