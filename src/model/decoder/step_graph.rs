@@ -134,7 +134,7 @@ impl StepGraph {
                 // A copy: the buffer is the next replay's.
                 Ok(out) => return out.copy(),
                 Err(e) => {
-                    tracing::warn!("decode graph replay failed ({e}); steps run op by op");
+                    give_up("replay", &e);
                     self.replay = Replay::Off;
                 }
             },
@@ -146,7 +146,7 @@ impl StepGraph {
                 self.replay = match Graph::capture(&dev, out, step) {
                     Ok(g) => Replay::Captured(g),
                     Err(e) => {
-                        tracing::warn!("decode graph capture failed ({e}); steps run op by op");
+                        give_up("capture", &e);
                         Replay::Off
                     }
                 };
@@ -154,6 +154,18 @@ impl StepGraph {
             }
         }
         dec.device_step(&self.ids, &self.positions, &self.rows, opts)
+    }
+}
+
+/// A capture or replay that fails once would fail for every batch (an op that uploads, a
+/// driver without graph support): graphs are turned off for the process, said once, and every
+/// step graph runs its ops one by one from then on.
+#[cfg(feature = "cuda")]
+fn give_up(what: &str, e: &candle_core::Error) {
+    use crate::model::kernels::cuda::graph;
+    if graph::enabled() {
+        graph::set_enabled(false);
+        tracing::warn!("decode graph {what} failed ({e}); decode steps run op by op from now on");
     }
 }
 

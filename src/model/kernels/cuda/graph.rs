@@ -20,7 +20,8 @@ use candle_core::cuda_backend::cudarc::driver::sys::{
 use candle_core::cuda_backend::cudarc::driver::CudaGraph;
 use candle_core::{CudaDevice, Result, Tensor};
 
-/// Whether decode steps replay captured graphs (`[model] cuda_graphs`).
+/// Whether decode steps replay captured graphs: `[model] cuda_graphs` at start, turned off for
+/// the process by the first capture or replay that fails.
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
 pub fn set_enabled(on: bool) {
