@@ -482,8 +482,9 @@ pub fn decode_step(
         &kernel,
         &reference,
     )?;
-    if graph.borrow().captured() {
+    if let Some(n) = graph.borrow().nodes() {
         check.path = "graph";
+        check.kernel = format!("{} [{n} graph nodes]", check.kernel);
     }
     Ok(check)
 }

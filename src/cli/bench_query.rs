@@ -49,6 +49,8 @@ struct Answer {
     tokens: Vec<u32>,
     /// Whether its steps replayed a captured graph.
     replayed: bool,
+    /// That graph's nodes: what one replay launches.
+    nodes: Option<usize>,
 }
 
 /// Greedy answer of `new_tokens` tokens to `ids` through `dec` (with `adapter`): each step a
@@ -97,7 +99,8 @@ fn answer(
         prefill_ms,
         decode_ms: t.elapsed().as_secs_f64() * 1e3,
         tokens,
-        replayed: steps.is_some_and(|g| g.captured()),
+        replayed: steps.as_ref().is_some_and(|g| g.captured()),
+        nodes: steps.as_ref().and_then(|g| g.nodes()),
     })
 }
 
@@ -143,6 +146,7 @@ pub fn run(
     let graphs = dec.replays_steps() && serve(dec);
     let (mut total, mut adapt, mut prefill, mut per_token) = (vec![], vec![], vec![], vec![]);
     let (mut other_per_token, mut same, mut replayed) = (vec![], true, false);
+    let mut nodes = None;
     // One untimed query first: kernel loading and the allocator's first large buffers.
     for run in 0..=runs {
         dec.device().synchronize()?;
@@ -183,10 +187,12 @@ pub fn run(
             prefill.push(main.prefill_ms);
             per_token.push(main.decode_ms / steps);
             replayed |= main.replayed;
+            nodes = nodes.or(main.nodes);
             if let Some(other) = other {
                 other_per_token.push(other.decode_ms / steps);
                 same &= main.tokens == other.tokens;
                 replayed |= other.replayed;
+                nodes = nodes.or(other.nodes);
             }
         }
     }
@@ -216,6 +222,9 @@ pub fn run(
             "  decode       {:.2} ms per token ({other_way}; not in the total)",
             med(&other_per_token)
         );
+        if let Some(n) = nodes {
+            println!("  step graph   {n} nodes (launched by one replay)");
+        }
         println!(
             "  same tokens  {}",
             if same {

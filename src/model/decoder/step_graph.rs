@@ -72,6 +72,15 @@ impl StepGraph {
         false
     }
 
+    /// The captured graph's node count (what one replay launches), once captured.
+    pub fn nodes(&self) -> Option<usize> {
+        #[cfg(feature = "cuda")]
+        if let Replay::Captured(g) = &self.replay {
+            return g.nodes().ok();
+        }
+        None
+    }
+
     /// One token of every row: `tokens[r]` continues the sequence cached in `caches[r]` (the
     /// caches this graph was made for, in the same order). Returns `(rows, vocab)` logits and
     /// counts the new position in each cache.

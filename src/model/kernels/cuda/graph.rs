@@ -15,7 +15,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::cuda_backend::cudarc::driver::sys::{
-    CUgraphInstantiate_flags, CUstreamCaptureMode,
+    self, CUgraphInstantiate_flags, CUstreamCaptureMode,
 };
 use candle_core::cuda_backend::cudarc::driver::CudaGraph;
 use candle_core::{CudaDevice, Result, Tensor};
@@ -91,6 +91,17 @@ impl Graph {
             }
             None => candle_core::bail!("graph capture: nothing was captured"),
         }
+    }
+
+    /// The graph's nodes (kernels, copies, allocations and frees): what one replay launches,
+    /// the count that fused kernels bring down.
+    pub fn nodes(&self) -> Result<usize> {
+        let mut n = 0usize;
+        // SAFETY: the graph lives as long as `self`; a null node array asks for the count.
+        unsafe { sys::cuGraphGetNodes(self.graph.cu_graph(), std::ptr::null_mut(), &mut n) }
+            .result()
+            .map_err(candle_core::Error::wrap)?;
+        Ok(n)
     }
 
     /// Runs the captured ops once more (on the calling thread's stream, after what it has
