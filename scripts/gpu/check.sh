@@ -5,7 +5,10 @@
 # transformers from the config.json and tokenizer that `ttarag model export-hf` wrote.
 #
 #   scripts/gpu/build.sh                      # on the build machine: .gpu/ttarag and .gpu/hf/
-#   scripts/gpu/check.sh [OUT_DIR]            # on the GPU machine, from the repository root
+#   scripts/gpu/check.sh [OUT_DIR] [PARTS]    # on the GPU machine, from the repository root
+#
+# PARTS is `all` (the default), `small` (steps 1-4, the default model's shape) or `big` (step 5):
+# two calls where one would run past a per-call time limit.
 #
 # In order of what matters most, each step reported and the check going on after a failure:
 #  1. the project's CUDA kernels against the candle ops they replace, and a whole decode step
@@ -22,6 +25,8 @@
 #  5. the same for the Llama-3.2-1B shape.
 set -euo pipefail
 out=${1:-${OUT:-/tmp/gpu-check}}
+parts=${2:-all}
+case "$parts" in all | small | big) ;; *) echo "PARTS must be all, small or big, not $parts" >&2; exit 2 ;; esac
 mkdir -p "$out"
 bin=.gpu/ttarag
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
@@ -54,50 +59,54 @@ full_off=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\ncuda_kernels = f
 q="What can damage buildings?"
 shape="--prompt-tokens 1000 --new-tokens 64"
 
-# 1. Kernels.
-run "$bin" --config "$bf16" --model "$small" --device cuda bench --kernels 5
+if [ "$parts" != big ]; then
+    # 1. Kernels.
+    run "$bin" --config "$bf16" --model "$small" --device cuda bench --kernels 5
 
-# 2. Same weights, greedy: the CPU and CUDA builds must choose the same tokens.
-cpu=$(run "$bin" --config "$f32" --model "$small" --device cpu ask --mode none --max-tokens 12 "$q")
-gpu=$(run "$bin" --config "$f32" --model "$small" --device cuda ask --mode none --max-tokens 12 "$q")
-if [ "$(sed -n 2p <<<"$cpu")" = "$(sed -n 2p <<<"$gpu")" ]; then log "parity: CPU and CUDA agree"; else log "parity: CPU and CUDA DIFFER"; fi
-run "$bin" --config "$lora" --model "$small" --device cuda ask --mode tta --max-tokens 12 "$q"
+    # 2. Same weights, greedy: the CPU and CUDA builds must choose the same tokens.
+    cpu=$(run "$bin" --config "$f32" --model "$small" --device cpu ask --mode none --max-tokens 12 "$q")
+    gpu=$(run "$bin" --config "$f32" --model "$small" --device cuda ask --mode none --max-tokens 12 "$q")
+    if [ "$(sed -n 2p <<<"$cpu")" = "$(sed -n 2p <<<"$gpu")" ]; then log "parity: CPU and CUDA agree"; else log "parity: CPU and CUDA DIFFER"; fi
+    run "$bin" --config "$lora" --model "$small" --device cuda ask --mode tta --max-tokens 12 "$q"
 
-# 3. Per query, and decode with and without the f32 conversions.
-for scope in lora full; do
-    c=$([ $scope = lora ] && echo "$lora" || echo "$full")
-    run "$bin" --config "$c" --model "$small" --device cuda bench --query 5 $shape \
-        --dump-query "$out/query-smollm2-$scope.json"
-done
-for c in "$lora_off" "$full_off"; do
-    run "$bin" --config "$c" --model "$small" --device cuda bench --query 5 $shape
-done
-run "$bin" --config "$bf16" --model "$small" --device cuda bench --runs 5 $shape
-run "$bin" --config "$bf16_conv" --model "$small" --device cuda bench --runs 5 $shape
-run "$bin" --config "$lora_off" --model "$small" --device cuda bench --runs 5 $shape
-# 8 sequences, each its own LoRA, against one: decode throughput, each row alone and gathered.
-run "$bin" --config "$lora" --model "$small" --device cuda bench --batch 1,8 --lora --runs 3 $shape
-# Whole requests from 1 and 8 concurrent clients through the engine (8 stage workers, each
-# request adapting its own LoRA in mode tta; the scheduler batches the answers): req/s.
-idx=/tmp/ttarag-check-index
-run "$bin" --index-dir "$idx" index build --collection qasc --input index/samples/qasc/corpus.jsonl
-load=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\n[tta]\nscope = "lora"\n[server]\nworkers = 8')
-run "$bin" --config "$load" --model "$small" --device cuda --index-dir "$idx" bench --load 1,8 --modes static,tta
+    # 3. Per query, and decode with and without the f32 conversions.
+    for scope in lora full; do
+        c=$([ $scope = lora ] && echo "$lora" || echo "$full")
+        run "$bin" --config "$c" --model "$small" --device cuda bench --query 5 $shape \
+            --dump-query "$out/query-smollm2-$scope.json"
+    done
+    for c in "$lora_off" "$full_off"; do
+        run "$bin" --config "$c" --model "$small" --device cuda bench --query 5 $shape
+    done
+    run "$bin" --config "$bf16" --model "$small" --device cuda bench --runs 5 $shape
+    run "$bin" --config "$bf16_conv" --model "$small" --device cuda bench --runs 5 $shape
+    run "$bin" --config "$lora_off" --model "$small" --device cuda bench --runs 5 $shape
+    # 8 sequences, each its own LoRA, against one: decode throughput, each row alone and gathered.
+    run "$bin" --config "$lora" --model "$small" --device cuda bench --batch 1,8 --lora --runs 3 $shape
+    # Whole requests from 1 and 8 concurrent clients through the engine (8 stage workers, each
+    # request adapting its own LoRA in mode tta; the scheduler batches the answers): req/s.
+    idx=/tmp/ttarag-check-index
+    run "$bin" --index-dir "$idx" index build --collection qasc --input index/samples/qasc/corpus.jsonl
+    load=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\n[tta]\nscope = "lora"\n[server]\nworkers = 8')
+    run "$bin" --config "$load" --model "$small" --device cuda --index-dir "$idx" bench --load 1,8 --modes static,tta
 
-# 4. The reference on the same queries.
-for scope in lora full; do
-    run env DEVICE=cuda DTYPE=bf16 python3 scripts/reference/query_reference.py "$small" \
-        "$out/query-smollm2-$scope.json" 5
-done
+    # 4. The reference on the same queries.
+    for scope in lora full; do
+        run env DEVICE=cuda DTYPE=bf16 python3 scripts/reference/query_reference.py "$small" \
+            "$out/query-smollm2-$scope.json" 5
+    done
+fi
 
-# 5. Llama-3.2-1B's shape.
-big=/tmp/ttarag-random-llama-1b
-run python3 scripts/gpu/random_weights.py "$big" llama-1b
-for scope in lora full; do
-    c=$([ $scope = lora ] && echo "$lora" || echo "$full")
-    run "$bin" --config "$c" --model "$big" --device cuda bench --query 5 $shape \
-        --dump-query "$out/query-llama1b-$scope.json"
-    run env DEVICE=cuda DTYPE=bf16 python3 scripts/reference/query_reference.py "$big" \
-        "$out/query-llama1b-$scope.json" 5
-done
+if [ "$parts" != small ]; then
+    # 5. Llama-3.2-1B's shape.
+    big=/tmp/ttarag-random-llama-1b
+    run python3 scripts/gpu/random_weights.py "$big" llama-1b
+    for scope in lora full; do
+        c=$([ $scope = lora ] && echo "$lora" || echo "$full")
+        run "$bin" --config "$c" --model "$big" --device cuda bench --query 5 $shape \
+            --dump-query "$out/query-llama1b-$scope.json"
+        run env DEVICE=cuda DTYPE=bf16 python3 scripts/reference/query_reference.py "$big" \
+            "$out/query-llama1b-$scope.json" 5
+    done
+fi
 log done
