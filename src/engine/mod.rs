@@ -409,6 +409,9 @@ struct Worker {
     adapt_gate: Option<Arc<LoadedGate>>,
     max_prompt_tokens: usize,
     prefill_chunk: usize,
+    /// Whether answers generated here (full scope, `select = confident`) decode through step
+    /// graphs, as the scheduler's do.
+    step_graphs: bool,
     faults: Faults,
     /// To the decode scheduler; a full scheduler holds the stage workers back.
     handover: crossbeam_channel::Sender<Sequence>,
@@ -554,6 +557,7 @@ impl Engine {
             adapt_gate: cfg.adapt_gate.clone(),
             max_prompt_tokens: cfg.max_prompt_tokens,
             prefill_chunk: cfg.batch.prefill_chunk.max(1),
+            step_graphs: cfg.batch.step_graphs || model.decoder.replays_steps(),
             faults: cfg.faults.clone(),
             handover,
             adapt_memory: adapt_memory.clone(),
@@ -1117,7 +1121,10 @@ impl Worker {
                 &req.gen,
                 adapter,
                 &conts,
-                self.prefill_chunk,
+                crate::generate::Passes {
+                    chunk: self.prefill_chunk,
+                    step_graphs: self.step_graphs,
+                },
                 &job.cancel,
                 on_text,
             );

@@ -13,7 +13,7 @@ pub use score::{score_after_prefill, score_continuations, ContinuationScore};
 pub use stop::{StopMatcher, StopStep};
 
 use crate::cancel::{Cancel, Stopped};
-use crate::model::{Adapter, Cache, Decoder, ForwardOpts, Logits, Model, ModelError};
+use crate::model::{Adapter, Cache, Decoder, ForwardOpts, Logits, Model, ModelError, StepGraph};
 
 /// Prompt tokens per prefill pass: a cancelled or timed-out request stops within one chunk.
 /// Prompts up to this length are one pass, as before chunking.
@@ -136,17 +136,30 @@ pub fn generate_with(
         params,
         adapter,
         &[],
-        PREFILL_CHUNK,
+        Passes {
+            chunk: PREFILL_CHUNK,
+            step_graphs: dec.replays_steps(),
+        },
         &never,
         on_text,
     )
     .map(|(out, _)| out)
 }
 
+/// How a generation runs its passes.
+#[derive(Debug, Clone, Copy)]
+pub struct Passes {
+    /// Prompt tokens per prefill pass.
+    pub chunk: usize,
+    /// Decode steps through a [`StepGraph`] (captured once and replayed on a GPU; on the CPU
+    /// the same ops, with the bits of plain steps) where the decoder serves one.
+    pub step_graphs: bool,
+}
+
 /// [`generate_with`] that also scores `continuations` (token ids) after the prompt, from the
 /// prompt's own prefill: no second pass over it. Scoring time counts in neither prefill nor
-/// decode. The prompt runs `chunk` tokens a pass; `cancel` is checked before each prefill
-/// chunk and each decode step.
+/// decode. The prompt runs `passes.chunk` tokens a pass; `cancel` is checked before each
+/// prefill chunk and each decode step.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_scoring(
     model: &Model,
@@ -155,13 +168,14 @@ pub fn generate_scoring(
     params: &GenParams,
     adapter: Option<&dyn Adapter>,
     continuations: &[Vec<u32>],
-    chunk: usize,
+    passes: Passes,
     cancel: &Cancel,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<(GenOutput, Vec<ContinuationScore>), GenError> {
     let mut decoding = Decoding::new(params, prompt.len(), dec.config().max_position_embeddings)?;
     let device: &Device = dec.device();
-    let mut cache = dec.new_cache(prompt.len() + decoding.budget());
+    let capacity = prompt.len() + decoding.budget();
+    let mut cache = dec.new_cache(capacity);
     let opts = ForwardOpts {
         logits: Logits::Last,
         adapter,
@@ -169,7 +183,7 @@ pub fn generate_scoring(
     };
 
     let t0 = Instant::now();
-    let mut logits = prefill(dec, prompt, &mut cache, &opts, chunk, cancel)?;
+    let mut logits = prefill(dec, prompt, &mut cache, &opts, passes.chunk, cancel)?;
     let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
     let scores = if continuations.is_empty() {
         vec![]
@@ -177,6 +191,10 @@ pub fn generate_scoring(
         score_after_prefill(dec, &cache, &logits, continuations, adapter)?
     };
     let t1 = Instant::now();
+    let mut steps = match passes.step_graphs && dec.device_steps_serve(capacity) {
+        true => Some(StepGraph::new(dec, &mut [&mut cache], 1)?),
+        false => None,
+    };
     loop {
         let (token, text) = match decoding.step(model, &logits)? {
             Next::Token { token, text } => (token, text),
@@ -191,12 +209,18 @@ pub fn generate_scoring(
             return Err(GenError::Cancelled);
         }
         cancel.check()?;
-        let ids = Tensor::new(&[token], device)?.unsqueeze(0)?;
-        logits = dec
-            .forward(&ids, Some(&mut cache), &opts)?
-            .logits
-            .ok_or(GenError::EmptyPrompt)?
-            .squeeze(0)?;
+        logits = match &mut steps {
+            Some(g) => g
+                .step(dec, &[token], &mut [&mut cache], &opts)?
+                .squeeze(0)?,
+            None => {
+                let ids = Tensor::new(&[token], device)?.unsqueeze(0)?;
+                dec.forward(&ids, Some(&mut cache), &opts)?
+                    .logits
+                    .ok_or(GenError::EmptyPrompt)?
+                    .squeeze(0)?
+            }
+        };
     }
     let out = GenOutput {
         text: decoding.text().to_string(),
@@ -259,7 +283,10 @@ mod tests {
             &p,
             None,
             &conts,
-            PREFILL_CHUNK,
+            Passes {
+                chunk: PREFILL_CHUNK,
+                step_graphs: false,
+            },
             &Cancel::default(),
             &mut |_| true,
         )
@@ -273,6 +300,60 @@ mod tests {
         // The forks used for scoring must not disturb the cache that decoding goes on with.
         assert_eq!(out.text, run(&m, &p).text);
         assert_eq!(out.completion_tokens, 12);
+    }
+
+    /// Decoding through a step graph gives the answer and log-probability of plain steps,
+    /// greedy and sampled, with an adapter and with scoring from the same prefill.
+    #[test]
+    fn step_graphs_decode_the_same_answer_as_plain_steps() {
+        let mut m = tiny_model(1).unwrap();
+        m.eos_ids.clear();
+        let prompt = m
+            .tokenizer
+            .encode("<|im_start|>user\nwhy is the sky blue<|im_end|>\n")
+            .unwrap();
+        let lora = crate::adapt::Lora::new(
+            m.decoder.config(),
+            &crate::adapt::LoraConfig::default(),
+            3,
+            m.decoder.device(),
+            m.decoder.dtype(),
+        )
+        .unwrap();
+        // A fresh LoRA's B is zero: give it a real delta.
+        for v in lora.vars() {
+            v.set(&v.randn_like(0.0, 0.2).unwrap()).unwrap();
+        }
+        let conts = vec![vec![4u32, 8, 15]];
+        for (p, adapter) in [
+            (params(0.0, 0, 16), None),
+            (params(0.9, 5, 16), None),
+            (params(0.0, 0, 16), Some(&lora as &dyn Adapter)),
+        ] {
+            let gen = |step_graphs| {
+                let passes = Passes {
+                    chunk: 5,
+                    step_graphs,
+                };
+                generate_scoring(
+                    &m,
+                    &m.decoder,
+                    &prompt,
+                    &p,
+                    adapter,
+                    &conts,
+                    passes,
+                    &Cancel::default(),
+                    &mut |_| true,
+                )
+                .unwrap()
+            };
+            let ((plain, s1), (graphed, s2)) = (gen(false), gen(true));
+            assert_eq!(plain.text, graphed.text);
+            assert_eq!(plain.completion_tokens, 16);
+            assert_eq!(plain.logprob_sum, graphed.logprob_sum);
+            assert_eq!(s1[0].logprob, s2[0].logprob);
+        }
     }
 
     #[test]
@@ -392,7 +473,10 @@ mod tests {
             &params(0.0, 0, 5),
             None,
             &[],
-            PREFILL_CHUNK,
+            Passes {
+                chunk: PREFILL_CHUNK,
+                step_graphs: false,
+            },
             &late,
             &mut |_| true,
         )
