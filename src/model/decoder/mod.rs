@@ -98,6 +98,13 @@ enum Kv<'a, 'c> {
     At(&'a CacheRows),
 }
 
+/// Where a one-position step's keys and values go, for every layer: each row's cache, or
+/// each layer's rows at positions held on the device.
+enum StepKv<'a, 'c> {
+    Rows(&'a mut [&'c mut Cache]),
+    At(&'a [CacheRows]),
+}
+
 /// Runs an inference pass on a thread of rayon's pool. Its products are parallel loops;
 /// started from a thread outside the pool, each loop parks the caller until the pool is done
 /// and wakes it again (a futex round trip per product, about a fifth of a decode step on two
@@ -700,11 +707,6 @@ impl Decoder {
                 caches.len()
             );
         }
-        if opts.differentiable || opts.stop_after.is_some() || opts.hidden_states {
-            candle_core::bail!(
-                "decode_step is inference only: no gradients, hidden states or stop_after"
-            );
-        }
         let positions = caches
             .iter()
             .map(|c| {
@@ -719,18 +721,9 @@ impl Decoder {
                 Ok(p as u32)
             })
             .collect::<Result<Vec<u32>>>()?;
-        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(1)?;
+        let ids = Tensor::new(tokens, &self.device)?;
         let pos = Tensor::new(positions.as_slice(), &self.device)?;
-        // Each row's rotary angles are those of its own position: `(rows, 1, head_dim / 2)`.
-        let dt = self.work_dtype(false);
-        let cos = self.cos.index_select(&pos, 0)?.unsqueeze(1)?.to_dtype(dt)?;
-        let sin = self.sin.index_select(&pos, 0)?.unsqueeze(1)?.to_dtype(dt)?;
-        let mut x = self.embed_ids(&ids)?;
-        for (l, block) in self.blocks.iter().enumerate() {
-            let kv = Kv::Rows(&mut *caches);
-            x = self.block_forward(block, l, &x, &cos, &sin, None, kv, opts)?;
-        }
-        self.last_logits(&x, false)
+        self.one_position(&ids, &pos, StepKv::Rows(caches), opts)
     }
 
     /// [`decode_step`](Self::decode_step) with every input that changes from one token to the
@@ -748,11 +741,6 @@ impl Decoder {
         rows: &[CacheRows],
         opts: &ForwardOpts,
     ) -> Result<Tensor> {
-        if opts.differentiable || opts.stop_after.is_some() || opts.hidden_states {
-            candle_core::bail!(
-                "device_step is inference only: no gradients, hidden states or stop_after"
-            );
-        }
         if rows.len() != self.blocks.len() {
             candle_core::bail!(
                 "device_step: {} layers of rows for {}",
@@ -760,20 +748,35 @@ impl Decoder {
                 self.blocks.len()
             );
         }
+        self.one_position(ids, positions, StepKv::At(rows), opts)
+    }
+
+    /// One position of each row (`ids`, `positions`: `(rows,)` u32) through every block, its
+    /// keys and values to `kv`; `(rows, vocab)` logits. What `decode_step` and `device_step`
+    /// share.
+    fn one_position(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mut kv: StepKv<'_, '_>,
+        opts: &ForwardOpts,
+    ) -> Result<Tensor> {
+        if opts.differentiable || opts.stop_after.is_some() || opts.hidden_states {
+            candle_core::bail!(
+                "decode steps are inference only: no gradients, hidden states or stop_after"
+            );
+        }
+        // Each row's rotary angles are those of its own position: `(rows, 1, head_dim / 2)`.
         let dt = self.work_dtype(false);
-        let cos = self
-            .cos
-            .index_select(positions, 0)?
-            .unsqueeze(1)?
-            .to_dtype(dt)?;
-        let sin = self
-            .sin
-            .index_select(positions, 0)?
-            .unsqueeze(1)?
-            .to_dtype(dt)?;
+        let angles = |t: &Tensor| t.index_select(positions, 0)?.unsqueeze(1)?.to_dtype(dt);
+        let (cos, sin) = (angles(&self.cos)?, angles(&self.sin)?);
         let mut x = self.embed_ids(&ids.unsqueeze(1)?)?;
         for (l, block) in self.blocks.iter().enumerate() {
-            x = self.block_forward(block, l, &x, &cos, &sin, None, Kv::At(&rows[l]), opts)?;
+            let layer = match &mut kv {
+                StepKv::Rows(caches) => Kv::Rows(caches),
+                StepKv::At(rows) => Kv::At(&rows[l]),
+            };
+            x = self.block_forward(block, l, &x, &cos, &sin, None, layer, opts)?;
         }
         self.last_logits(&x, false)
     }

@@ -20,6 +20,9 @@ pub struct CacheRows {
     /// uploaded once here so that a captured step uploads nothing.
     #[cfg(feature = "cuda")]
     table: Option<Tensor>,
+    /// KV heads, and the largest row's capacity (the GPU kernel's shared memory).
+    #[cfg(feature = "cuda")]
+    shape: (usize, usize),
 }
 
 /// Whether a step of `dtype` on `device` over caches of `capacity` positions runs on these
@@ -65,11 +68,22 @@ impl CacheRows {
             )?),
             _ => None,
         };
+        #[cfg(feature = "cuda")]
+        let shape = (
+            buffers[0].0.dim(1)?,
+            buffers
+                .iter()
+                .map(|(k, _)| k.dim(2).unwrap_or(0))
+                .max()
+                .unwrap_or(0),
+        );
         Ok(Self {
             buffers,
             positions: positions.clone(),
             #[cfg(feature = "cuda")]
             table,
+            #[cfg(feature = "cuda")]
+            shape,
         })
     }
 
@@ -100,18 +114,9 @@ impl CacheRows {
     pub fn attend(&self, q: &Tensor, scale: f64) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(table) = &self.table {
-            let kv_heads = self.buffers[0].0.dim(1)?;
-            let capacity = self
-                .buffers
-                .iter()
-                .map(|(k, _)| k.dim(2).unwrap_or(0))
-                .max();
+            let (kv_heads, capacity) = self.shape;
             return super::cuda::decode_attention::attend_table(
-                q,
-                table,
-                kv_heads,
-                capacity.unwrap_or(0),
-                scale,
+                q, table, kv_heads, capacity, scale,
             );
         }
         let views = self
