@@ -409,6 +409,128 @@ pub fn lora_add(
     compare(name, dev, tolerance(dtype), steps, &kernel, &composed)
 }
 
+/// A decode step's fused neighbours (`cuda::decode_step`) against the composed ops the
+/// decoder runs without them, `rows` rows of `dec`'s widths in `dtype`: the residual add with
+/// the next RMS norm, SwiGLU read from the joint gate/up product, and the rotary embedding
+/// with the cache write (q, k and v read as strided parts of one joint product, each row
+/// writing at its own position of its own cache).
+#[cfg(feature = "cuda")]
+pub fn decode_fusions(
+    dec: &Decoder,
+    rows: usize,
+    dtype: DType,
+    steps: usize,
+) -> anyhow::Result<Vec<KernelCheck>> {
+    use crate::model::cache_rows::CacheRows;
+    use crate::model::cuda::decode_step;
+    let (dev, cfg) = (dec.device(), dec.config());
+    let randn = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, dev)?.to_dtype(dtype);
+    let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
+    let (x, a, w) = (
+        randn(&[rows, 1, h], 1.0)?,
+        randn(&[rows, 1, h], 1.0)?,
+        (randn(&[h], 0.2)? + 1.0)?,
+    );
+    let mut out = vec![compare(
+        format!("add + rms norm ({rows} rows, {dtype:?}, relative)"),
+        dev,
+        tolerance(dtype),
+        steps,
+        &|| {
+            let (s, n) = decode_step::add_rms_norm(&x, &a, &w, eps)?;
+            Ok(vec![s, n])
+        },
+        &|| {
+            let s = (&x + &a)?;
+            let n = candle_nn::ops::rms_norm(&s, &w, eps as f32)?;
+            Ok(vec![s, n])
+        },
+    )?];
+    let gu = randn(&[rows, 1, 2 * i], 1.0)?;
+    out.push(compare(
+        format!("swiglu joint ({rows} rows, {dtype:?}, relative)"),
+        dev,
+        tolerance(dtype),
+        steps,
+        &|| Ok(vec![decode_step::swiglu_joint(&gu)?]),
+        &|| {
+            let (g, u) = (gu.narrow(2, 0, i)?, gu.narrow(2, i, i)?);
+            Ok(vec![(candle_nn::ops::silu(&g)? * u)?])
+        },
+    )?);
+    // Rotary and cache write: q, k, v as views into one joint product, as the step has them.
+    let (heads, kv_heads, d) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim(),
+    );
+    let qkv = randn(&[rows, 1, (heads + 2 * kv_heads) * d], 1.0)?;
+    let (q, k, v) = (
+        qkv.narrow(2, 0, heads * d)?,
+        qkv.narrow(2, heads * d, kv_heads * d)?,
+        qkv.narrow(2, (heads + kv_heads) * d, kv_heads * d)?,
+    );
+    let angles = Tensor::arange(0u32, rows as u32, dev)?
+        .to_dtype(DType::F32)?
+        .affine(3.0, 5.0)?
+        .reshape((rows, 1, 1))?
+        .broadcast_mul(&Tensor::arange(1u32, d as u32 / 2 + 1, dev)?.to_dtype(DType::F32)?)?
+        .affine(0.01, 0.0)?;
+    let (cos, sin) = (
+        angles.cos()?.to_dtype(dtype)?,
+        angles.sin()?.to_dtype(dtype)?,
+    );
+    let capacity = 64;
+    let positions: Vec<u32> = (0..rows as u32).map(|r| (r * 7 + 3) % capacity).collect();
+    let positions = Tensor::new(positions.as_slice(), dev)?;
+    let caches = || -> candle_core::Result<Vec<(Tensor, Tensor)>> {
+        (0..rows)
+            .map(|_| {
+                Ok((
+                    randn(&[1, kv_heads, capacity as usize, d], 1.0)?,
+                    randn(&[1, kv_heads, capacity as usize, d], 1.0)?,
+                ))
+            })
+            .collect()
+    };
+    let (fused_caches, composed_caches) = (caches()?, caches()?);
+    for ((a, b), (c, e)) in fused_caches.iter().zip(&composed_caches) {
+        c.slice_set(a, 2, 0)?;
+        e.slice_set(b, 2, 0)?;
+    }
+    let fused_rows = CacheRows::new(fused_caches.clone(), &positions)?;
+    let composed_rows = CacheRows::new(composed_caches.clone(), &positions)?;
+    let flat = |c: &[(Tensor, Tensor)]| -> Vec<Tensor> {
+        c.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect()
+    };
+    out.push(compare(
+        format!("rope + cache write ({rows} rows, {dtype:?}, relative)"),
+        dev,
+        tolerance(dtype),
+        steps,
+        &|| {
+            let missing = || candle_core::Error::Msg("the kernel did not take the step".into());
+            let q = fused_rows
+                .rope_write(&q, &k, &v, &cos, &sin, heads)?
+                .ok_or_else(missing)?;
+            let mut parts = vec![q];
+            parts.extend(flat(&fused_caches));
+            Ok(parts)
+        },
+        &|| {
+            let split =
+                |y: &Tensor, n: usize| y.reshape((rows, 1, n, d))?.transpose(1, 2)?.contiguous();
+            let q = candle_nn::rotary_emb::rope(&split(&q, heads)?, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope(&split(&k, kv_heads)?, &cos, &sin)?;
+            composed_rows.write(&k, &split(&v, kv_heads)?)?;
+            let mut parts = vec![q];
+            parts.extend(flat(&composed_caches));
+            Ok(parts)
+        },
+    )?);
+    Ok(out)
+}
+
 /// A whole decode step of `rows` sequences (prompts of about `len` tokens) through a
 /// [`StepGraph`] (replayed from a captured graph on a GPU; on the CPU its ops one by one)
 /// against [`Decoder::decode_step`], each on its own copy of the same caches, fed the same
@@ -518,6 +640,7 @@ pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
             #[cfg(feature = "cuda")]
             if dev.is_cuda() {
                 out.push(lora_add(dec, rows, dtype, steps)?);
+                out.extend(decode_fusions(dec, rows, dtype, steps)?);
             }
         }
     }

@@ -32,8 +32,8 @@ pub use kernels::frozen_matmul::{
     frozen_input_grad, frozen_matmul, frozen_matmul_bf16, Bf16Weight,
 };
 pub use kernels::quant;
-/// Fused ops and decode attention, for the lab's checks.
-pub use kernels::{decode_attention, fused};
+/// Fused ops, decode attention and cache rows, for the lab's checks.
+pub use kernels::{cache_rows, decode_attention, fused};
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
 pub use weight_grads::WeightGrads;
 

@@ -132,6 +132,13 @@ fn acc_dtype(dtype: DType) -> DType {
     }
 }
 
+/// Whether a decode step's fused CUDA kernels (`cuda::decode_step`) take `x` in a pass with
+/// `opts`: an inference pass on a GPU, f32 or bf16, unless `opts.composed_ops`.
+#[cfg(feature = "cuda")]
+fn step_fused(x: &Tensor, opts: &ForwardOpts) -> bool {
+    !opts.differentiable && !opts.composed_ops && super::kernels::cuda::decode_step::applies(x)
+}
+
 /// Whether the fused ops' CUDA bodies take `x` in a pass with `opts`: a differentiable pass on
 /// a GPU, f32 or bf16, unless `opts.composed_ops` asks for candle's ops.
 fn gpu_fused(x: &Tensor, opts: &ForwardOpts) -> bool {
@@ -206,33 +213,57 @@ impl Proj {
         layer: usize,
         opts: &ForwardOpts,
     ) -> Result<Tensor> {
-        let y = match self.linear.bias() {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+        Ok(self.decode_extras(&y, x, layer, opts)?.unwrap_or(y))
+    }
+
+    /// `y` with this projection's bias and adapter delta added, or `None` where it has
+    /// neither here (`y` is then the output as it stands).
+    fn decode_extras(
+        &self,
+        y: &Tensor,
+        x: &Tensor,
+        layer: usize,
+        opts: &ForwardOpts,
+    ) -> Result<Option<Tensor>> {
+        let biased = match self.linear.bias() {
+            Some(b) => Some(y.broadcast_add(b)?),
+            None => None,
         };
-        self.add_delta(y, x, layer, opts)
+        let base = biased.as_ref().unwrap_or(y);
+        Ok(self.with_delta(base, x, layer, opts)?.or(biased))
     }
 
     fn add_delta(&self, y: Tensor, x: &Tensor, layer: usize, opts: &ForwardOpts) -> Result<Tensor> {
+        Ok(self.with_delta(&y, x, layer, opts)?.unwrap_or(y))
+    }
+
+    /// `y` with the adapter's delta for this projection added, or `None` where it has none.
+    fn with_delta(
+        &self,
+        y: &Tensor,
+        x: &Tensor,
+        layer: usize,
+        opts: &ForwardOpts,
+    ) -> Result<Option<Tensor>> {
+        let Some(a) = opts.adapter else {
+            return Ok(None);
+        };
         #[cfg(feature = "cuda")]
-        if let Some(a) = opts.adapter {
+        {
             use super::kernels::cuda::lora;
             // A decode step's delta added in one launch (`cuda::lora`).
             if !opts.differentiable && !opts.composed_ops && lora::applies(x) {
                 if let Some(f) = a.row_factors(layer, self.target, x)? {
                     let (fa, fb, scales, scale) = f.parts();
-                    if let Some(y) = lora::add(&y, x, fa, fb, scales, scale)? {
-                        return Ok(y);
+                    if let Some(y) = lora::add(y, x, fa, fb, scales, scale)? {
+                        return Ok(Some(y));
                     }
                 }
             }
         }
-        match opts.adapter {
-            Some(a) => match a.delta(layer, self.target, x)? {
-                Some(d) => y + d,
-                None => Ok(y),
-            },
-            None => Ok(y),
+        match a.delta(layer, self.target, x)? {
+            Some(d) => Ok(Some((y + d)?)),
+            None => Ok(None),
         }
     }
 
@@ -354,22 +385,40 @@ impl Joint {
         x: &Tensor,
         layer: usize,
         opts: &ForwardOpts,
-    ) -> Result<Vec<Tensor>> {
+    ) -> Result<JointOut> {
         let y = match &self.body {
             JointBody::Quant(q) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
             JointBody::Full { w, .. } => super::frozen_matmul_bf16(x, w, None)?,
         };
-        let mut at = 0;
-        parts
+        let (mut at, mut plain) = (0, true);
+        let parts = parts
             .iter()
             .zip(&self.widths)
             .map(|(p, &w)| {
                 let part = y.narrow(D::Minus1, at, w)?;
                 at += w;
-                p.finish_decode(part, x, layer, opts)
+                Ok(match p.decode_extras(&part, x, layer, opts)? {
+                    Some(changed) => {
+                        plain = false;
+                        changed
+                    }
+                    None => part,
+                })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        Ok(JointOut {
+            whole: plain.then_some(y),
+            parts,
+        })
     }
+}
+
+/// A joint product's parts, and the product itself where no part added anything to its
+/// slice (a kernel may then read the parts from it in place).
+struct JointOut {
+    #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+    whole: Option<Tensor>,
+    parts: Vec<Tensor>,
 }
 
 impl Proj {
@@ -771,12 +820,21 @@ impl Decoder {
         let angles = |t: &Tensor| t.index_select(positions, 0)?.unsqueeze(1)?.to_dtype(dt);
         let (cos, sin) = (angles(&self.cos)?, angles(&self.sin)?);
         let mut x = self.embed_ids(&ids.unsqueeze(1)?)?;
+        let Some(first) = self.blocks.first() else {
+            candle_core::bail!("a model without blocks");
+        };
+        // Each block's MLP output is added together with the next block's input norm.
+        let mut h = self.norm_with(&x, &first.input_norm, opts)?;
         for (l, block) in self.blocks.iter().enumerate() {
             let layer = match &mut kv {
                 StepKv::Rows(caches) => Kv::Rows(caches),
                 StepKv::At(rows) => Kv::At(&rows[l]),
             };
-            x = self.block_forward(block, l, &x, &cos, &sin, None, layer, opts)?;
+            let (mid, y) = self.block_parts(block, l, &x, &h, &cos, &sin, None, layer, opts)?;
+            match self.blocks.get(l + 1) {
+                Some(next) => (x, h) = self.residual_norm(&mid, &y, &next.input_norm, opts)?,
+                None => x = (mid + y)?,
+            }
         }
         self.last_logits(&x, false)
     }
@@ -944,27 +1002,84 @@ impl Decoder {
         opts: &ForwardOpts,
     ) -> Result<Tensor> {
         let h = self.norm_with(x, &block.input_norm, opts)?;
-        let a = self.attention(&block.attn, layer, &h, cos, sin, mask, kv, opts)?;
-        let x = (x + a)?;
-        let h = self.norm_with(&x, &block.post_norm, opts)?;
-        let m = &block.mlp;
-        let (g, u) = match &m.gate_up {
-            Some(j) if j.takes(&h, opts) => {
-                let mut gu = j.forward(&[&m.gate, &m.up], &h, layer, opts)?.into_iter();
-                (gu.next().expect("gate"), gu.next().expect("up"))
-            }
-            _ => (
-                m.gate.forward(&h, layer, opts)?,
-                m.up.forward(&h, layer, opts)?,
-            ),
-        };
-        let act = if gpu_fused(&g, opts) {
-            fused::swiglu(&g, &u)?
-        } else {
-            (candle_nn::ops::silu(&g)? * u)?
-        };
-        let y = m.down.forward(&act, layer, opts)?;
+        let (x, y) = self.block_parts(block, layer, x, &h, cos, sin, mask, kv, opts)?;
         x + y
+    }
+
+    /// A block on `x` whose input norm `h` is taken: the residual stream after attention, and
+    /// the MLP's output still to be added to it (a decode step adds it together with the next
+    /// block's norm, [`residual_norm`](Self::residual_norm)).
+    #[allow(clippy::too_many_arguments)]
+    fn block_parts(
+        &self,
+        block: &Block,
+        layer: usize,
+        x: &Tensor,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: Kv<'_, '_>,
+        opts: &ForwardOpts,
+    ) -> Result<(Tensor, Tensor)> {
+        let a = self.attention(&block.attn, layer, h, cos, sin, mask, kv, opts)?;
+        let (x, h) = self.residual_norm(x, &a, &block.post_norm, opts)?;
+        let m = &block.mlp;
+        let act = match &m.gate_up {
+            Some(j) if j.takes(&h, opts) => {
+                let out = j.forward(&[&m.gate, &m.up], &h, layer, opts)?;
+                #[cfg(feature = "cuda")]
+                if let Some(gu) = out.whole.as_ref().filter(|gu| step_fused(gu, opts)) {
+                    // silu(gate) * up read from the joint product in place, one launch.
+                    let act = super::kernels::cuda::decode_step::swiglu_joint(gu)?;
+                    return Ok((x, m.down.forward(&act, layer, opts)?));
+                }
+                let [g, u]: [Tensor; 2] = out
+                    .parts
+                    .try_into()
+                    .map_err(|_| candle_core::Error::Msg("gate and up expected".into()))?;
+                self.swiglu(&g, &u, opts)?
+            }
+            _ => {
+                let g = m.gate.forward(&h, layer, opts)?;
+                let u = m.up.forward(&h, layer, opts)?;
+                self.swiglu(&g, &u, opts)?
+            }
+        };
+        Ok((x, m.down.forward(&act, layer, opts)?))
+    }
+
+    fn swiglu(&self, g: &Tensor, u: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
+        if gpu_fused(g, opts) {
+            fused::swiglu(g, u)
+        } else {
+            candle_nn::ops::silu(g)? * u
+        }
+    }
+
+    /// `x + a` and its RMS norm by `w`: one launch in an inference pass on a GPU
+    /// (`cuda::decode_step::add_rms_norm`), the add and [`norm_with`](Self::norm_with)
+    /// elsewhere.
+    fn residual_norm(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        w: &Tensor,
+        opts: &ForwardOpts,
+    ) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if step_fused(x, opts) && x.dtype() == self.work_dtype(false) && a.dtype() == x.dtype() {
+            let w = w.to_dtype(x.dtype())?;
+            return super::kernels::cuda::decode_step::add_rms_norm(
+                x,
+                a,
+                &w,
+                self.cfg.rms_norm_eps,
+            );
+        }
+        let x = (x + a)?;
+        let h = self.norm_with(&x, w, opts)?;
+        Ok((x, h))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -993,7 +1108,10 @@ impl Decoder {
         let sin = &sin.to_dtype(acc)?;
         let (q, k, v) = match &a.qkv {
             Some(j) if j.takes(x, opts) => {
-                let mut qkv = j.forward(&[&a.q, &a.k, &a.v], x, layer, opts)?.into_iter();
+                let mut qkv = j
+                    .forward(&[&a.q, &a.k, &a.v], x, layer, opts)?
+                    .parts
+                    .into_iter();
                 let mut next = || qkv.next().expect("q, k, v");
                 (next(), next(), next())
             }
@@ -1003,6 +1121,17 @@ impl Decoder {
                 a.v.forward(x, layer, opts)?,
             ),
         };
+        // A step on device positions on a GPU: q, k and v read where the projections left
+        // them, rotated, k and v written into the caches, in one launch.
+        #[cfg(feature = "cuda")]
+        if let Kv::At(rows) = &kv {
+            if t == 1 && step_fused(&q, opts) {
+                if let Some(q) = rows.rope_write(&q, &k, &v, cos, sin, a.n_heads)? {
+                    let y = rows.attend(&q, attn_scale(a))?;
+                    return self.attention_output(a, layer, y, opts);
+                }
+            }
+        }
         let q = split(q, a.n_heads)?;
         let k = split(k, a.n_kv)?;
         let v = split(v, a.n_kv)?;
@@ -1067,6 +1196,18 @@ impl Decoder {
                 }
             }
         };
+        self.attention_output(a, layer, y, opts)
+    }
+
+    /// The output projection of attention's `y` (`(b, heads, t, head_dim)`).
+    fn attention_output(
+        &self,
+        a: &Attention,
+        layer: usize,
+        y: Tensor,
+        opts: &ForwardOpts,
+    ) -> Result<Tensor> {
+        let (b, _, t, _) = y.dims4()?;
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, a.n_heads * a.head_dim))?

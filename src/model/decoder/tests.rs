@@ -175,28 +175,70 @@ fn a_batched_decode_step_equals_each_sequence_decoded_alone() {
     assert!(err.to_string().contains("2 tokens for 1 caches"), "{err}");
 }
 
+/// Each part of a joint product is its projection's own product with its own bias and
+/// delta; the whole product is offered only where no part added anything to its slice (a
+/// GPU kernel then reads the parts from it in place).
 #[test]
 fn joint_decode_products_equal_each_projections_own_product() {
+    struct OnUp;
+    impl Adapter for OnUp {
+        fn delta(&self, _: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>> {
+            if target != Target::Up {
+                return Ok(None);
+            }
+            let (b, t, _) = x.dims3()?;
+            Ok(Some(Tensor::ones((b, t, 64), x.dtype(), x.device())?))
+        }
+    }
     // Qwen2 has q, k and v biases: the joint product must add each part's own.
     let m = tiny(Arch::Qwen2);
     let (a, mlp) = (&m.blocks[1].attn, &m.blocks[1].mlp);
+    assert_eq!(
+        mlp.up.linear.weight().dim(0).unwrap(),
+        64,
+        "the delta's width"
+    );
     let x = Tensor::randn(0f32, 1.0, (3, 1, m.cfg.hidden_size), &Device::Cpu).unwrap();
-    let opts = ForwardOpts::default();
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
-        for parts in [vec![&a.q, &a.k, &a.v], vec![&mlp.gate, &mlp.up]] {
-            let joint = Joint::new(&parts, dtype).unwrap();
-            let ys = joint.forward(&parts, &x, 1, &opts).unwrap();
-            assert_eq!(ys.len(), parts.len());
-            for (p, y) in parts.iter().zip(ys) {
-                let own = crate::model::kernels::quant::DecodeMatmul::new(p.linear.weight(), dtype)
-                    .unwrap()
-                    .forward(&x)
-                    .unwrap();
-                let own = p.finish_decode(own, &x, 1, &opts).unwrap();
-                assert_eq!(y.dims(), own.dims());
-                assert_eq!(max_diff(&y, &own), 0.0, "{dtype:?}");
+    let on_up = OnUp;
+    for (opts, adapted) in [
+        (ForwardOpts::default(), false),
+        (
+            ForwardOpts {
+                adapter: Some(&on_up),
+                ..Default::default()
+            },
+            true,
+        ),
+    ] {
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+            for (parts, plain) in [
+                (vec![&a.q, &a.k, &a.v], false),
+                (vec![&mlp.gate, &mlp.up], !adapted),
+            ] {
+                let joint = Joint::new(&parts, dtype).unwrap();
+                let out = joint.forward(&parts, &x, 1, &opts).unwrap();
+                assert_eq!(out.whole.is_some(), plain, "{dtype:?}, adapted {adapted}");
+                if let Some(whole) = &out.whole {
+                    let cat = Tensor::cat(&out.parts, 2).unwrap();
+                    assert_eq!(max_diff(whole, &cat), 0.0);
+                }
+                check_parts(&parts, out.parts, &x, dtype, &opts);
             }
         }
+    }
+}
+
+/// Each of `ys` is its part's own quantized product of `x`, its bias and delta added.
+fn check_parts(parts: &[&Proj], ys: Vec<Tensor>, x: &Tensor, dtype: GgmlDType, opts: &ForwardOpts) {
+    assert_eq!(ys.len(), parts.len());
+    for (p, y) in parts.iter().zip(ys) {
+        let own = crate::model::kernels::quant::DecodeMatmul::new(p.linear.weight(), dtype)
+            .unwrap()
+            .forward(x)
+            .unwrap();
+        let own = p.finish_decode(own, x, 1, opts).unwrap();
+        assert_eq!(y.dims(), own.dims());
+        assert_eq!(max_diff(&y, &own), 0.0, "{dtype:?}");
     }
 }
 

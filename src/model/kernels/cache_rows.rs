@@ -128,6 +128,43 @@ impl CacheRows {
         decode_attention::attend_rows(q, &views, scale)
     }
 
+    /// On a GPU, one launch for what a step does before attending: `q`, `k`, `v`
+    /// (`(rows, 1, heads * head_dim)` and `(rows, 1, kv_heads * head_dim)`, where the
+    /// projections left them) rotated by each row's angles `cos`, `sin` (`(rows, 1,
+    /// head_dim / 2)`), `k` and `v` written at each row's position, and `q` returned as
+    /// `(rows, heads, 1, head_dim)`. `None` where that kernel does not serve (the CPU, other
+    /// dtypes): the caller splits, rotates and [`write`](Self::write)s.
+    pub fn rope_write(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        heads: usize,
+    ) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if let Some(table) = &self.table {
+            let held = self.buffers[0].0.dtype();
+            let same = [q, k, v, cos, sin].iter().all(|t| t.dtype() == held);
+            if same && super::cuda::decode_step::applies(q) {
+                let q = super::cuda::decode_step::rope_cache_write(
+                    q,
+                    k,
+                    v,
+                    cos,
+                    sin,
+                    table,
+                    heads,
+                    self.shape.0,
+                )?;
+                return Ok(Some(q));
+            }
+        }
+        let _ = (q, k, v, cos, sin, heads);
+        Ok(None)
+    }
+
     fn host_positions(&self) -> Result<Vec<usize>> {
         let capacity = self.buffers.iter().map(|(k, _)| k.dim(2));
         self.positions

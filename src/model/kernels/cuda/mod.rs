@@ -6,11 +6,13 @@
 //! |---|---|---|---|
 //! | [`optimizer`] (`optimizer.cu`) | adaptation's optimiser step: global-norm clipping and AdamW over every trained tensor in three launches, moments in f32 | trained variables on a CUDA device, f32 or bf16 | candle_nn::AdamW with the gradients clipped on the host, step for step (`ttarag bench --kernels`) |
 //! | [`decode_attention`] (`decode_attention.cu`) | a decode step's attention: every row and query head in one launch, each row over its own cache in place; and its new keys and values written at positions read on the device (`kv_write`) | decode steps on a CUDA device, f32 or bf16, caches of at most ~12k positions | the composed candle ops (`ttarag bench --kernels`) |
+//! | [`decode_step`] (`decode_step.cu`) | a decode step's small neighbouring ops fused: rotary embedding with the cache write (q, k, v read where the projection left them), the residual add with the next RMS norm, SwiGLU read from the joint gate/up product | inference passes on a CUDA device, f32 or bf16 (the cache write: steps on device positions, `Decoder::device_step`) | the composed candle ops (`ttarag bench --kernels`) |
 //! | [`graph`] | a decode step captured once as a CUDA graph and replayed per token (`StepGraph`) | decode steps on a CUDA device, `[model] cuda_graphs` | the same step launched op by op (`ttarag bench --kernels`, `--query`) |
 //! | [`lora`] (`lora.cu`) | a LoRA delta added to a projection's output in one launch, each row with its own adapter (gathered) or all with one | inference passes of at most 64 rows on a CUDA device (decode steps), rank at most 64 | the composed delta, two products, a scale and an add (`ttarag bench --kernels`) |
 //! | [`training_ops`] (`training_ops.cu`) | the CUDA bodies of `fused::rms_norm` (f32), `fused::swiglu` (f32, bf16), `fused::rope` and `fused::softmax_last_dim` (f32): one launch forward, one backward | differentiable passes on a CUDA device (adaptation), unless `composed_ops` | candle's composed ops, values and gradients (`ttarag bench --kernels`) |
 
 pub mod decode_attention;
+pub mod decode_step;
 pub mod graph;
 pub mod lora;
 pub mod optimizer;
@@ -31,6 +33,11 @@ const OPTIMIZER: (&str, &str) = (
 const DECODE_ATTENTION: (&str, &str) = (
     "ttarag_decode_attention",
     include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx")),
+);
+
+const DECODE_STEP: (&str, &str) = (
+    "ttarag_decode_step",
+    include_str!(concat!(env!("OUT_DIR"), "/decode_step.ptx")),
 );
 
 const LORA: (&str, &str) = (
@@ -63,6 +70,7 @@ pub fn preload(dev: &CudaDevice) -> Result<()> {
         ("adamw_f32", OPTIMIZER),
         ("rms_norm_fwd", TRAINING_OPS),
         ("decode_attention_f32", DECODE_ATTENTION),
+        ("add_rms_norm_f32", DECODE_STEP),
         ("lora_add_f32", LORA),
     ] {
         dev.get_or_load_custom_func(function, module, ptx)?;

@@ -1,0 +1,390 @@
+//! A decode step's small neighbouring ops fused on the GPU (`decode_step.cu`): rotary embedding
+//! with the cache write, the residual add with the next RMS norm, and SwiGLU read from the
+//! joint gate/up product. Each replaces two to six launches of candle's composed ops, which
+//! stay the reference (`ttarag bench --kernels` compares them on the GPU) and what the CPU
+//! runs.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{
+    CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
+
+use super::DECODE_STEP;
+
+const THREADS: u32 = 128;
+const NORM_THREADS: u32 = 256;
+
+/// Whether the kernels take `x` of a decode step: a CUDA tensor of f32 or bf16, kernels on.
+pub fn applies(x: &Tensor) -> bool {
+    super::enabled() && x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16)
+}
+
+/// A held tensor's elements from its offset on (its layout is checked by the caller).
+fn held<'a, T: CudaDType>(s: &'a Storage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    let Storage::Cuda(s) = s else {
+        candle_core::bail!("{what}: an operand is not on the GPU");
+    };
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+fn contiguous<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => candle_core::bail!("{what}: contiguous operands only"),
+    }
+}
+
+/// The row stride of a `(rows, 1, width)` part whose last dimension is contiguous (a view into
+/// a joint product, or a tensor of its own), or an error.
+fn row_stride(l: &Layout, rows: usize, width: usize, what: &str) -> Result<i64> {
+    let (dims, st) = (l.dims(), l.stride());
+    if dims != [rows, 1, width] || st[2] != 1 {
+        candle_core::bail!("{what}: part {dims:?} / {st:?}, expected ({rows}, 1, {width})");
+    }
+    Ok(st[0] as i64)
+}
+
+/// `q`, `k`, `v` (`(rows, 1, heads * d)` and `(rows, 1, kv_heads * d)`, the last dimension
+/// contiguous) of one position per row: returns `q` rotated, `(rows, heads, 1, d)`, and writes
+/// `k` rotated and `v` into the caches of `table` (see `decode_attention::table`, with
+/// positions) at each row's position. `cos`, `sin`: each row's angles, `(rows, 1, d / 2)`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_cache_write(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    table: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    let rows = q.dim(0)?;
+    let d = q.dim(2)? / heads.max(1);
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    if !d.is_multiple_of(2)
+        || cos.dims() != [rows, 1, d / 2]
+        || sin.dims() != cos.dims()
+        || table.dims() != [rows, 8]
+        || [k.dtype(), v.dtype(), cos.dtype(), sin.dtype()] != [q.dtype(); 4]
+    {
+        candle_core::bail!(
+            "rope cache write: q {:?}, angles {:?} {:?}, table {:?}",
+            q.dims(),
+            cos.dims(),
+            cos.dtype(),
+            table.dims()
+        );
+    }
+    q.apply_op3_no_bwd(
+        k,
+        v,
+        &RopeCacheWrite {
+            cos,
+            sin,
+            table: table.clone(),
+            heads,
+            kv_heads,
+            d,
+        },
+    )
+}
+
+struct RopeCacheWrite {
+    cos: Tensor,
+    sin: Tensor,
+    table: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+}
+
+impl RopeCacheWrite {
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        q: &CudaStorage,
+        lq: &Layout,
+        k: &CudaStorage,
+        lk: &Layout,
+        v: &CudaStorage,
+        lv: &Layout,
+        name: &str,
+    ) -> Result<CudaStorage> {
+        const WHAT: &str = "rope cache write";
+        let dev = &q.device;
+        let (rows, heads, kv, d) = (lq.dims()[0], self.heads, self.kv_heads, self.d);
+        let q_rs = row_stride(lq, rows, heads * d, WHAT)?;
+        let k_rs = row_stride(lk, rows, kv * d, WHAT)?;
+        let v_rs = row_stride(lv, rows, kv * d, WHAT)?;
+        let qv = q.as_cuda_slice::<T>()?.slice(lq.start_offset()..);
+        let kv_ = k.as_cuda_slice::<T>()?.slice(lk.start_offset()..);
+        let vv = v.as_cuda_slice::<T>()?.slice(lv.start_offset()..);
+        let (cs, cl) = self.cos.storage_and_layout();
+        let (ss, sl) = self.sin.storage_and_layout();
+        let (ts, tl) = self.table.storage_and_layout();
+        let (cv, sv) = (held::<T>(&cs, cl, WHAT)?, held::<T>(&ss, sl, WHAT)?);
+        let tv = held::<i64>(&ts, tl, WHAT)?;
+        // SAFETY: the kernel writes every element of the rotated query.
+        let mut out = unsafe { dev.alloc::<T>(rows * heads * d) }?;
+        let f = dev.get_or_load_custom_func(name, DECODE_STEP.0, DECODE_STEP.1)?;
+        let mut bl = f.builder();
+        let (h32, d32) = (heads as i32, d as i32);
+        bl.arg(&qv)
+            .arg(&kv_)
+            .arg(&vv)
+            .arg(&q_rs)
+            .arg(&k_rs)
+            .arg(&v_rs)
+            .arg(&cv)
+            .arg(&sv)
+            .arg(&tv)
+            .arg(&mut out)
+            .arg(&h32)
+            .arg(&d32);
+        let cfg = LaunchConfig {
+            grid_dim: ((heads + kv) as u32, rows as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if rows > 0 {
+            // SAFETY: block (head, row) reads that head's `d` elements of row `r` of q, k or v
+            // at the row strides checked above, the row's angles, and writes its rotated query
+            // or its key and value into the cache buffers the table addresses (held alive by
+            // the caller's `CacheRows`) at a position the kernel bounds by the capacity.
+            unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+}
+
+impl CustomOp3 for RopeCacheWrite {
+    fn name(&self) -> &'static str {
+        "cuda-rope-cache-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("cuda-rope-cache-write runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        lq: &Layout,
+        k: &CudaStorage,
+        lk: &Layout,
+        v: &CudaStorage,
+        lv: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = match q.dtype() {
+            DType::F32 => self.launch::<f32>(q, lq, k, lk, v, lv, "rope_cache_write_f32")?,
+            DType::BF16 => {
+                self.launch::<half::bf16>(q, lq, k, lk, v, lv, "rope_cache_write_bf16")?
+            }
+            d => candle_core::bail!("rope cache write: {d:?} operands"),
+        };
+        let rows = lq.dims()[0];
+        Ok((out, Shape::from((rows, self.heads, 1, self.d))))
+    }
+}
+
+/// `(x + a, rms_norm(x + a) * w)`: the residual stream after an add, and its norm, in one
+/// launch. `x`, `a` of one shape whose last dimension is `w`'s length; `w` of their dtype.
+pub fn add_rms_norm(x: &Tensor, a: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let n = w.elem_count();
+    if x.dims() != a.dims()
+        || x.dims().last() != Some(&n)
+        || a.dtype() != x.dtype()
+        || w.dtype() != x.dtype()
+    {
+        candle_core::bail!(
+            "add rms norm: {:?} + {:?} {:?}, weight {:?} {:?}",
+            x.dims(),
+            a.dims(),
+            a.dtype(),
+            w.dims(),
+            w.dtype()
+        );
+    }
+    let both = x.contiguous()?.apply_op3_no_bwd(
+        &a.contiguous()?,
+        &w.contiguous()?,
+        &AddRmsNorm { eps: eps as f32 },
+    )?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+struct AddRmsNorm {
+    eps: f32,
+}
+
+impl AddRmsNorm {
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        a: &CudaStorage,
+        la: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+        name: &str,
+    ) -> Result<CudaStorage> {
+        const WHAT: &str = "add rms norm";
+        let dev = &x.device;
+        let n = lw.shape().elem_count();
+        let len = lx.shape().elem_count();
+        let rows = (len / n.max(1)) as i64;
+        let (xv, av, wv) = (
+            contiguous::<T>(x, lx, WHAT)?,
+            contiguous::<T>(a, la, WHAT)?,
+            contiguous::<T>(w, lw, WHAT)?,
+        );
+        // SAFETY: the kernel writes both halves in full.
+        let mut out = unsafe { dev.alloc::<T>(2 * len) }?;
+        let f = dev.get_or_load_custom_func(name, DECODE_STEP.0, DECODE_STEP.1)?;
+        let mut bl = f.builder();
+        let n32 = n as i32;
+        bl.arg(&xv)
+            .arg(&av)
+            .arg(&wv)
+            .arg(&mut out)
+            .arg(&rows)
+            .arg(&n32)
+            .arg(&self.eps);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (NORM_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if rows > 0 && n > 0 {
+            // SAFETY: one block per row of `n` contiguous elements of x and a, as the kernel
+            // reads them; it writes row r of both halves of `out`.
+            unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "cuda-add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("cuda-add-rms-norm runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        a: &CudaStorage,
+        la: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = match x.dtype() {
+            DType::F32 => self.launch::<f32>(x, lx, a, la, w, lw, "add_rms_norm_f32")?,
+            DType::BF16 => self.launch::<half::bf16>(x, lx, a, la, w, lw, "add_rms_norm_bf16")?,
+            d => candle_core::bail!("add rms norm: {d:?} operands"),
+        };
+        let mut dims = vec![2];
+        dims.extend_from_slice(lx.dims());
+        Ok((out, Shape::from(dims)))
+    }
+}
+
+/// `silu(gate) * up` from the joint product `gu` (`(.., 2 * n)`: gate then up), `(.., n)`.
+pub fn swiglu_joint(gu: &Tensor) -> Result<Tensor> {
+    let two_n = gu.dims().last().copied().unwrap_or(0);
+    if !two_n.is_multiple_of(2) {
+        candle_core::bail!("swiglu joint: an odd width {two_n}");
+    }
+    gu.contiguous()?.apply_op1_no_bwd(&SwigluJoint)
+}
+
+struct SwigluJoint;
+
+impl SwigluJoint {
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        gu: &CudaStorage,
+        l: &Layout,
+        name: &str,
+    ) -> Result<CudaStorage> {
+        let dev = &gu.device;
+        let n = l.dims().last().copied().unwrap_or(0) / 2;
+        let rows = (l.shape().elem_count() / (2 * n).max(1)) as i64;
+        let gv = contiguous::<T>(gu, l, "swiglu joint")?;
+        let len = rows as usize * n;
+        // SAFETY: the kernel writes every element.
+        let mut out = unsafe { dev.alloc::<T>(len) }?;
+        let f = dev.get_or_load_custom_func(name, DECODE_STEP.0, DECODE_STEP.1)?;
+        let mut bl = f.builder();
+        let n32 = n as i32;
+        bl.arg(&gv).arg(&mut out).arg(&rows).arg(&n32);
+        let cfg = LaunchConfig {
+            grid_dim: (len.div_ceil(THREADS as usize).clamp(1, 65_535) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if len > 0 {
+            // SAFETY: a grid-stride pass over `rows * n` outputs, each reading its gate and
+            // up element of the contiguous joint product.
+            unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+}
+
+impl CustomOp1 for SwigluJoint {
+    fn name(&self) -> &'static str {
+        "cuda-swiglu-joint"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("cuda-swiglu-joint runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, gu: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let out = match gu.dtype() {
+            DType::F32 => self.launch::<f32>(gu, l, "swiglu_joint_f32")?,
+            DType::BF16 => self.launch::<half::bf16>(gu, l, "swiglu_joint_bf16")?,
+            d => candle_core::bail!("swiglu joint: {d:?} operands"),
+        };
+        let mut dims = l.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last /= 2;
+        }
+        Ok((out, Shape::from(dims)))
+    }
+}
