@@ -392,8 +392,10 @@ pub fn lora_add(
     let per_row = PerRow::with_cache(adapters, &cache);
     let adapter: &dyn Adapter = if rows == 1 { &loras[0] } else { &per_row };
     let x = Tensor::randn(0f32, 1.0, (rows, 1, h), dev)?.to_dtype(dtype)?;
-    // The projection's output: zeros, so the output is the delta itself, rounded once.
-    let y = Tensor::zeros((rows, 1, h), dtype, dev)?;
+    // The projection's output as a part of a joint product, read where it lies.
+    let y = Tensor::randn(0f32, 1.0, (rows, 1, 2 * h), dev)?
+        .to_dtype(dtype)?
+        .narrow(2, h, h)?;
     let kernel = || -> candle_core::Result<Vec<Tensor>> {
         let missing = || candle_core::Error::Msg("the kernel did not take the factors".into());
         let f = adapter.row_factors(0, Target::Q, &x)?.ok_or_else(missing)?;

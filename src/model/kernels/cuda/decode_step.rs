@@ -14,6 +14,7 @@ use candle_core::{
 };
 
 use super::DECODE_STEP;
+use crate::model::kernels::rows::even_rows;
 
 const THREADS: u32 = 128;
 const NORM_THREADS: u32 = 256;
@@ -46,10 +47,10 @@ fn contiguous<'a, T: CudaDType>(
 /// a joint product, or a tensor of its own), or an error.
 fn row_stride(l: &Layout, rows: usize, width: usize, what: &str) -> Result<i64> {
     let (dims, st) = (l.dims(), l.stride());
-    if dims != [rows, 1, width] || st[2] != 1 {
-        candle_core::bail!("{what}: part {dims:?} / {st:?}, expected ({rows}, 1, {width})");
+    match even_rows(dims, st) {
+        Some(rs) if dims == [rows, 1, width] => Ok(rs as i64),
+        _ => candle_core::bail!("{what}: part {dims:?} / {st:?}, expected ({rows}, 1, {width})"),
     }
-    Ok(st[0] as i64)
 }
 
 /// `q`, `k`, `v` (`(rows, 1, heads * d)` and `(rows, 1, kv_heads * d)`, the last dimension

@@ -6,7 +6,8 @@
 //
 // A is (rank, in) per adapter, B (out, rank); `a_stride`/`b_stride` step from one row's
 // adapter to the next (0: every row shares one); `scales` holds a scale per row, or is null
-// and `scale` serves every row.
+// and `scale` serves every row. `y_stride` steps from one row of `y` to the next, so `y` may
+// be a part of a joint product read where it lies; `out` is contiguous.
 #include "common.cuh"
 
 #define THREADS 256
@@ -15,7 +16,7 @@
 template <typename T>
 __device__ void lora_add(const T *y, const T *x, const T *a, const T *b, const float *scales,
                          float scale, T *out, int in, int outs, int rank, int64_t a_stride,
-                         int64_t b_stride) {
+                         int64_t b_stride, int64_t y_stride) {
     __shared__ float h[MAX_RANK];
     const int64_t r = blockIdx.x;
     const T *xr = x + r * in;
@@ -35,15 +36,17 @@ __device__ void lora_add(const T *y, const T *x, const T *a, const T *b, const f
     for (int j = threadIdx.x; j < outs; j += THREADS) {
         float acc = 0.f;
         for (int k = 0; k < rank; k++) acc += to_f(br[(int64_t)j * rank + k]) * h[k];
-        put(out, r * outs + j, to_f(y[r * outs + j]) + s * acc);
+        put(out, r * outs + j, to_f(y[r * y_stride + j]) + s * acc);
     }
 }
 
 #define LORA_ADD(NAME, T)                                                                      \
     extern "C" __global__ void NAME(const T *y, const T *x, const T *a, const T *b,            \
                                     const float *scales, float scale, T *out, int in, int outs, \
-                                    int rank, int64_t a_stride, int64_t b_stride) {            \
-        lora_add<T>(y, x, a, b, scales, scale, out, in, outs, rank, a_stride, b_stride);       \
+                                    int rank, int64_t a_stride, int64_t b_stride,              \
+                                    int64_t y_stride) {                                        \
+        lora_add<T>(y, x, a, b, scales, scale, out, in, outs, rank, a_stride, b_stride,        \
+                    y_stride);                                                                 \
     }
 LORA_ADD(lora_add_f32, float)
 LORA_ADD(lora_add_bf16, __nv_bfloat16)

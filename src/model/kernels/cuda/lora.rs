@@ -8,6 +8,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::LORA;
+use crate::model::kernels::rows::even_rows;
 
 /// Rows and rank the kernel takes (its shared memory holds one row's `A x`).
 pub const MAX_ROWS: usize = 64;
@@ -74,7 +75,11 @@ pub fn add(
         },
         rank,
     };
-    let y = y.contiguous()?;
+    // A part of a joint product is read where it lies; other layouts are copied first.
+    let y = match even_rows(y.dims(), y.stride()) {
+        Some(_) => y.clone(),
+        None => y.contiguous()?,
+    };
     Ok(Some(y.apply_op2_no_bwd(&x.contiguous()?, &op)?))
 }
 
@@ -109,14 +114,17 @@ impl LoraAdd {
         name: &str,
     ) -> Result<CudaStorage> {
         let dev = &y.device;
-        let (Some((y0, y1)), Some((x0, x1))) = (ly.contiguous_offsets(), lx.contiguous_offsets())
-        else {
-            candle_core::bail!("lora-add: contiguous operands only");
+        let Some((x0, x1)) = lx.contiguous_offsets() else {
+            candle_core::bail!("lora-add: a contiguous input only");
         };
         let outs = ly.shape().dims().last().copied().unwrap_or(1);
         let inp = lx.shape().dims().last().copied().unwrap_or(1);
-        let rows = (y1 - y0) / outs.max(1);
-        let yv = y.as_cuda_slice::<T>()?.slice(y0..y1);
+        let rows = ly.shape().elem_count() / outs.max(1);
+        let Some(y_stride) = even_rows(ly.dims(), ly.stride()) else {
+            candle_core::bail!("lora-add: rows of {:?} do not lie evenly", ly.dims());
+        };
+        let y_stride = y_stride as i64;
+        let yv = y.as_cuda_slice::<T>()?.slice(ly.start_offset()..);
         let xv = x.as_cuda_slice::<T>()?.slice(x0..x1);
         let (a_s, a_l) = self.a.storage_and_layout();
         let (b_s, b_l) = self.b.storage_and_layout();
@@ -128,7 +136,7 @@ impl LoraAdd {
             None => None,
         };
         // SAFETY: the kernel writes every element.
-        let mut out = unsafe { dev.alloc::<T>(y1 - y0) }?;
+        let mut out = unsafe { dev.alloc::<T>(rows * outs) }?;
         let f = dev.get_or_load_custom_func(name, LORA.0, LORA.1)?;
         let mut bl = f.builder();
         let null = 0u64;
@@ -145,7 +153,8 @@ impl LoraAdd {
             .arg(&out32)
             .arg(&r32)
             .arg(&sa)
-            .arg(&sb);
+            .arg(&sb)
+            .arg(&y_stride);
         let cfg = LaunchConfig {
             grid_dim: (rows.max(1) as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
