@@ -87,15 +87,17 @@ pub fn footprint(
     let kept = block_floats_per_token(cfg, longest, kept) * 4;
     let light = block_floats_per_token(cfg, longest, light) * 4;
     let layers = cfg.num_hidden_layers;
-    let train = match p.recompute {
+    let train = match p.rebuilds_on(dec.device()) {
         // Every block's input, plus one block rebuilt with its gradients.
         true => layers * step_tokens * cfg.hidden_size * 4 + 2 * step_tokens * kept,
         false => layers * step_tokens * kept,
     };
     // Loss passes without gradients: all pairs at once, one block alive at a time.
     let score = all_tokens * light;
-    // The fused head loss's rows (logits and their gradient) and the gathered embedding rows.
-    let head = 64 * cfg.vocab_size * 4 * 2 + step_tokens * cfg.hidden_size * 4 * 2;
+    // The head loss's rows of logits and their gradient (the CPU's fused loss takes up to 64
+    // rows; elsewhere a chunk is `logit_rows`), and the gathered embedding rows.
+    let rows = crate::adapt::train::logit_rows(dec.device().is_cpu(), cfg.vocab_size).max(64);
+    let head = rows * cfg.vocab_size * 4 * 2 + step_tokens * cfg.hidden_size * 4 * 2;
     Footprint {
         working: state + train.max(score) + head,
         resident,

@@ -29,7 +29,8 @@ pub struct TtaSection {
     pub lora_dropout: f64,
     pub lora_targets: Vec<String>,
     pub time_budget_ms: f64,
-    /// Rebuild each block's activations during the backward pass instead of keeping them all.
+    /// Rebuild each block's activations during the backward pass instead of keeping them all
+    /// (LoRA scope on the CPU: `TrainParams::rebuilds_on`).
     pub recompute_activations: bool,
     /// Multiply by the frozen weights in bf16 (f32 sums) on CPUs with AVX-512 BF16.
     pub bf16_products: bool,
@@ -340,5 +341,8 @@ mod tests {
         assert!(c.recompute_activations && !p.train.recompute);
         let lora = resolve_tta(&c, &TtaOverrides::default(), 1).unwrap();
         assert!(lora.train.recompute, "LoRA rebuilds activations by default");
+        // On the CPU, that is; full scope never does.
+        let cpu = candle_core::Device::Cpu;
+        assert!(lora.train.rebuilds_on(&cpu) && !p.train.rebuilds_on(&cpu));
     }
 }

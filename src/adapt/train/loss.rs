@@ -25,6 +25,9 @@ pub(super) struct Batch {
     pub(super) rows: Vec<u32>,
     pub(super) targets: Vec<u32>,
     pub(super) weights: Vec<f64>,
+    /// Target rows whose logits one chunk computes where the fused head loss does not apply
+    /// ([`logit_rows`]).
+    pub(super) logit_rows: usize,
 }
 
 /// Takes what one backward pass gave the trained variables.
@@ -96,9 +99,24 @@ pub(super) fn add_grad(acc: &mut Option<Tensor>, g: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Rows of logits computed at a time where the fused head loss does not apply (GPU, f64, a
-/// trained head): a row is a vocabulary wide (49,152 floats for SmolLM2, 192 KB).
+/// Rows of logits computed at a time on the CPU where the fused head loss does not apply
+/// (f64, a trained head): a row is a vocabulary wide (49,152 floats for SmolLM2, 192 KB).
 pub(super) const HEAD_ROWS: usize = 4;
+
+/// Logit elements a GPU computes at once where the fused head loss does not apply: 128 MB of
+/// f32 (682 rows of SmolLM2's vocabulary, 261 of Llama 3's). Every chunk costs a backward
+/// pass of its own and a read of its loss on the host, which on a GPU is launches and a
+/// synchronisation; a GPU has the memory for one chunk where the CPU takes ~40.
+const GPU_LOGITS: usize = 32 << 20;
+
+/// Rows of logits a chunk of the head loss takes on a device (CPU or not) for a vocabulary.
+pub(crate) fn logit_rows(cpu: bool, vocab: usize) -> usize {
+    if cpu {
+        HEAD_ROWS
+    } else {
+        (GPU_LOGITS / vocab.max(1)).max(HEAD_ROWS)
+    }
+}
 
 /// Target rows per call of the fused head loss, which holds no logits: its most rows.
 pub(super) const FUSED_ROWS: usize = 64;
@@ -128,6 +146,7 @@ impl Batch {
             rows,
             targets,
             weights,
+            logit_rows: logit_rows(dev.is_cpu(), dec.config().vocab_size),
         })
     }
 
@@ -153,8 +172,8 @@ impl Batch {
     }
 
     /// The loss of the target rows from `start`, and where the next chunk starts: up to
-    /// [`FUSED_ROWS`] at once through the fused head loss where it applies, else [`HEAD_ROWS`]
-    /// rows of logits.
+    /// [`FUSED_ROWS`] at once through the fused head loss where it applies, else
+    /// `logit_rows` rows of logits.
     pub(super) fn chunk_loss(
         &self,
         dec: &Decoder,
@@ -169,7 +188,7 @@ impl Batch {
         if let Some(loss) = dec.head_loss(x, &rows, targets, weights, opts)? {
             return Ok((loss, fused.end));
         }
-        let range = start..(start + HEAD_ROWS).min(n);
+        let range = start..start.saturating_add(self.logit_rows).min(n);
         let logits = dec.head_rows(x, &self.rows(range.clone())?, opts)?;
         Ok((self.loss(&logits, range.clone())?, range.end))
     }

@@ -20,6 +20,7 @@ pub(crate) use checkpoint::group_grads;
 use checkpoint::*;
 use copy::*;
 pub use examples::{encode_pair, encode_pairs, Example};
+pub(crate) use loss::logit_rows;
 use loss::*;
 pub use loss::{batch_loss, mean_loss, suffix_loss};
 
@@ -48,6 +49,16 @@ pub struct TrainParams {
     /// Checked before every optimiser step: a request whose client left, or whose deadline
     /// passed, stops adapting within one step (the error is a [`crate::cancel::Stopped`]).
     pub cancel: crate::cancel::Cancel,
+}
+
+impl TrainParams {
+    /// Whether a step on `device` rebuilds activations: `recompute` on the CPU only. A GPU
+    /// keeps them: its memory holds a request's activations many times over, and a rebuild is
+    /// one more forward pass of launches, which are what a GPU's training step spends its
+    /// time on.
+    pub fn rebuilds_on(&self, device: &candle_core::Device) -> bool {
+        self.recompute && device.is_cpu()
+    }
 }
 
 /// What the adaptation did (the response's `rag.tta`).
@@ -160,7 +171,7 @@ fn train(
             a.begin_step(Some(p.seed.wrapping_add(report.steps as u64)));
         }
         let tf = Instant::now();
-        let pass = if p.recompute {
+        let pass = if p.rebuilds_on(dec.device()) {
             checkpointed_grads
         } else {
             one_pass_grads

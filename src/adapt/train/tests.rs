@@ -327,6 +327,54 @@ fn recomputed_activations_give_the_same_lora_gradients() {
     }
 }
 
+/// A GPU computes the head's logits for every target row in one chunk where the CPU takes a
+/// few rows at a time: the loss and the gradient reaching the last block are the same.
+#[test]
+fn the_head_loss_in_one_chunk_equals_it_a_few_rows_at_a_time() {
+    assert_eq!(logit_rows(true, 49_152), HEAD_ROWS);
+    assert_eq!(logit_rows(false, 49_152), 682);
+    assert_eq!(logit_rows(false, 128_256), 261);
+    assert_eq!(logit_rows(false, 1 << 30), HEAD_ROWS);
+    // f64: the fused head loss does not apply, so the chunks are rows of logits.
+    let model = tiny64(Arch::Llama);
+    let dec = &model.decoder;
+    let ex = two_examples(&model);
+    let refs: Vec<&Example> = ex.iter().collect();
+    let opts = ForwardOpts {
+        logits: Logits::None,
+        differentiable: true,
+        ..Default::default()
+    };
+    let mut batch = loss::Batch::new(dec, &refs).unwrap();
+    assert!(
+        batch.rows.len() > 2 * HEAD_ROWS,
+        "several chunks on the CPU"
+    );
+    let mut x = dec.embed_ids(&batch.ids).unwrap();
+    for l in 0..dec.num_blocks() {
+        x = dec.block_step(l, &x, &opts).unwrap();
+    }
+    let x = Var::from_tensor(&x.detach()).unwrap();
+    let mut run = |rows: usize| {
+        batch.logit_rows = rows;
+        let mut calls = 0;
+        let mut count = |_: &candle_core::backprop::GradStore| -> candle_core::Result<()> {
+            calls += 1;
+            Ok(())
+        };
+        let (loss, g) = batch
+            .chunked_head(dec, x.as_tensor(), &opts, Some(&mut count))
+            .unwrap();
+        (loss, g.expect("a gradient of x"), calls)
+    };
+    let (few, g_few, chunks) = run(HEAD_ROWS);
+    let (one, g_one, once) = run(usize::MAX);
+    assert_eq!((chunks, once), (batch.rows.len().div_ceil(HEAD_ROWS), 1));
+    assert!((few - one).abs() < 1e-12 * few.abs(), "{few} vs {one}");
+    let gap = grad_gap(&[g_few], &[g_one]);
+    assert!(gap < 1e-12, "relative gap {gap}");
+}
+
 #[test]
 fn recomputed_activations_give_the_same_full_gradients() {
     let (model, vars) = trainable_model(Arch::Qwen2);
