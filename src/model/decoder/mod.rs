@@ -1269,6 +1269,48 @@ fn causal_mask(t: usize, offset: usize, group: usize, device: &Device) -> Result
     if t == 1 {
         return Ok(None);
     }
+    if device.is_cpu() {
+        return host_mask(t, offset, group, device).map(Some);
+    }
+    // Off the CPU the mask is built where it is used (a prompt chunk's is megabytes the host
+    // would fill and upload), and kept for the next pass of the same shape on this thread:
+    // a training pass asks for it once per block.
+    remembered((t, offset, group), device, || {
+        device_mask(t, offset, group, device)
+    })
+    .map(Some)
+}
+
+/// The mask of `key` on `device`: this thread's last one if it is that, else `build`'s, kept.
+fn remembered(
+    key: MaskShape,
+    device: &Device,
+    build: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
+    LAST_MASK.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((k, m)) = last.as_ref() {
+            if *k == key && m.device().same_device(device) {
+                return Ok(m.clone());
+            }
+        }
+        let m = build()?;
+        *last = Some((key, m.clone()));
+        Ok(m)
+    })
+}
+
+/// A causal mask's `(t, offset, group)`.
+type MaskShape = (usize, usize, usize);
+
+thread_local! {
+    /// The last causal mask built off the CPU on this thread.
+    static LAST_MASK: std::cell::RefCell<Option<(MaskShape, Tensor)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// [`causal_mask`] filled on the host.
+fn host_mask(t: usize, offset: usize, group: usize, device: &Device) -> Result<Tensor> {
     let total = offset + t;
     let data: Vec<f32> = (0..group * t)
         .map(|row| row % t)
@@ -1282,7 +1324,21 @@ fn causal_mask(t: usize, offset: usize, group: usize, device: &Device) -> Result
             })
         })
         .collect();
-    Ok(Some(Tensor::from_vec(data, (group * t, total), device)?))
+    Tensor::from_vec(data, (group * t, total), device)
+}
+
+/// [`causal_mask`] built by ops on `device`: the same values, a few launches and no upload
+/// but two scalars.
+fn device_mask(t: usize, offset: usize, group: usize, device: &Device) -> Result<Tensor> {
+    let total = offset + t;
+    let query = Tensor::arange(offset as u32, total as u32, device)?.reshape((t, 1))?;
+    let key = Tensor::arange(0u32, total as u32, device)?.reshape((1, total))?;
+    let future = key.broadcast_gt(&query)?;
+    let value = |v: f32| Tensor::new(v, device)?.broadcast_as((t, total));
+    let mask = future.where_cond(&value(f32::NEG_INFINITY)?, &value(0.0)?)?;
+    mask.unsqueeze(0)?
+        .broadcast_as((group, t, total))?
+        .reshape((group * t, total))
 }
 
 /// Cos/sin tables for the HF ("rotate half") RoPE layout, `(max_pos, head_dim / 2)`, f32.

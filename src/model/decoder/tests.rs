@@ -338,6 +338,35 @@ fn differentiable_path_equals_fast_path_and_hidden_states_are_exposed() {
     assert!(max_diff(&logits, fast.logits.as_ref().unwrap()) < 1e-5);
 }
 
+/// The mask built by ops (off the CPU) has the host's values, bit for bit.
+#[test]
+fn a_mask_built_by_ops_equals_the_host_filled_one() {
+    for (t, offset, group) in [(2, 0, 1), (5, 0, 3), (4, 7, 2), (1 + 8, 3, 3)] {
+        let dev = &Device::Cpu;
+        let host = host_mask(t, offset, group, dev).unwrap();
+        let ops = device_mask(t, offset, group, dev).unwrap();
+        assert_eq!(host.dims(), ops.dims());
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            host.flatten_all().unwrap().to_vec1().unwrap(),
+            ops.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b), "t {t}, offset {offset}, group {group}");
+        assert!(a.iter().any(|x| x.is_infinite()) && a.contains(&0.0));
+    }
+    // A thread keeps its last mask: the same shape again is not built again, another is.
+    let builds = std::cell::Cell::new(0);
+    let build = |t| {
+        builds.set(builds.get() + 1);
+        device_mask(t, 0, 1, &Device::Cpu)
+    };
+    let first = remembered((3, 0, 1), &Device::Cpu, || build(3)).unwrap();
+    let again = remembered((3, 0, 1), &Device::Cpu, || build(3)).unwrap();
+    assert_eq!((builds.get(), first.id()), (1, again.id()));
+    let other = remembered((4, 0, 1), &Device::Cpu, || build(4)).unwrap();
+    assert_eq!((builds.get(), other.dims()), (2, &[4usize, 4][..]));
+}
+
 #[test]
 fn causal_mask_blocks_the_future() {
     let m = tiny(Arch::Llama);
