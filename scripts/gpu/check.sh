@@ -17,7 +17,8 @@
 #  3. per query at the GPU targets' shape (1,000-token prompt, 3 pairs of ~96 tokens, 64 new
 #     tokens, bf16): LoRA and full scope (`bench --query`: decode through step graphs and op by
 #     op, both timed, with whether their tokens agree), each also with the project's CUDA
-#     kernels off (`[model] cuda_kernels = false`), and decode per token with norms and
+#     kernels off (`[model] cuda_kernels = false`), LoRA with activations rebuilt as on the
+#     CPU (`[tta] recompute_on_gpu`), and decode per token with norms and
 #     attention in bf16 against converting to f32 (`[model] f32_norms_attention`), and 8
 #     sequences with 8 adapters against one (`bench --batch 1,8 --lora`), and whole requests
 #     from 1 and 8 concurrent clients, each adapting its own LoRA (`bench --load 1,8`);
@@ -78,6 +79,9 @@ if [ "$parts" != big ]; then
     for c in "$lora_off" "$full_off"; do
         run "$bin" --config "$c" --model "$small" --device cuda bench --query 5 $shape
     done
+    # LoRA with its activations rebuilt as on the CPU, against kept (the GPU's default).
+    rebuilt=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\n[tta]\nscope = "lora"\nrecompute_on_gpu = true')
+    run "$bin" --config "$rebuilt" --model "$small" --device cuda bench --query 5 $shape
     run "$bin" --config "$bf16" --model "$small" --device cuda bench --runs 5 $shape
     run "$bin" --config "$bf16_conv" --model "$small" --device cuda bench --runs 5 $shape
     run "$bin" --config "$lora_off" --model "$small" --device cuda bench --runs 5 $shape

@@ -205,7 +205,11 @@ pub fn run(
         params.scope
     );
     println!("total          {:.1} ms per query", med(&total));
-    println!("  adaptation   {:.1} ms", med(&adapt));
+    let kept = match params.train.rebuilds_on(dec.device()) {
+        true => "rebuilt in the backward pass",
+        false => "kept",
+    };
+    println!("  adaptation   {:.1} ms (activations {kept})", med(&adapt));
     println!("  prefill      {:.1} ms", med(&prefill));
     let (main_way, other_way) = match (graphs, replayed) {
         (true, true) => ("step graphs, replayed", "op by op"),

@@ -32,6 +32,9 @@ pub struct TtaSection {
     /// Rebuild each block's activations during the backward pass instead of keeping them all
     /// (LoRA scope on the CPU: `TrainParams::rebuilds_on`).
     pub recompute_activations: bool,
+    /// Rebuild them on a GPU too, which keeps them otherwise: a switch for measuring the two.
+    #[serde(default)]
+    pub recompute_on_gpu: bool,
     /// Multiply by the frozen weights in bf16 (f32 sums) on CPUs with AVX-512 BF16.
     pub bf16_products: bool,
     pub max_pairs_cap: usize,
@@ -233,6 +236,7 @@ pub fn resolve_tta(c: &TtaSection, o: &TtaOverrides, seed: u64) -> Result<TtaPar
             // default model): its activations are a rounding error, and rebuilding them would
             // cost a forward pass for nothing.
             recompute: c.recompute_activations && scope == TtaScope::Lora,
+            recompute_on_gpu: c.recompute_on_gpu,
             bf16: c.bf16_products,
             cancel: Default::default(),
         },
@@ -344,5 +348,9 @@ mod tests {
         // On the CPU, that is; full scope never does.
         let cpu = candle_core::Device::Cpu;
         assert!(lora.train.rebuilds_on(&cpu) && !p.train.rebuilds_on(&cpu));
+        assert!(
+            !c.recompute_on_gpu && !lora.train.recompute_on_gpu,
+            "a GPU keeps them"
+        );
     }
 }

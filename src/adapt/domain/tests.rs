@@ -232,6 +232,7 @@ fn a_stack_adds_both_deltas_and_trains_only_the_top() {
         seed: 3,
         time_budget_ms: None,
         recompute: true,
+        recompute_on_gpu: false,
         bf16: false,
         cancel: Default::default(),
     };

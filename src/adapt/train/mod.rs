@@ -44,6 +44,8 @@ pub struct TrainParams {
     /// Rebuild each block's activations in the backward pass instead of keeping them all
     /// (one more forward; working memory of one block instead of every block).
     pub recompute: bool,
+    /// Rebuild them on a GPU too (see [`TrainParams::rebuilds_on`]).
+    pub recompute_on_gpu: bool,
     /// Frozen-weight products in bf16 where the CPU has native bf16 dot products.
     pub bf16: bool,
     /// Checked before every optimiser step: a request whose client left, or whose deadline
@@ -52,12 +54,12 @@ pub struct TrainParams {
 }
 
 impl TrainParams {
-    /// Whether a step on `device` rebuilds activations: `recompute` on the CPU only. A GPU
-    /// keeps them: its memory holds a request's activations many times over, and a rebuild is
-    /// one more forward pass of launches, which are what a GPU's training step spends its
-    /// time on.
+    /// Whether a step on `device` rebuilds activations: `recompute` on the CPU, and on a GPU
+    /// only with `recompute_on_gpu`. A GPU keeps them: its memory holds a request's
+    /// activations many times over, and a rebuild is one more forward pass of launches, which
+    /// are what a GPU's training step spends its time on.
     pub fn rebuilds_on(&self, device: &candle_core::Device) -> bool {
-        self.recompute && device.is_cpu()
+        self.recompute && (device.is_cpu() || self.recompute_on_gpu)
     }
 }
 

@@ -201,6 +201,7 @@ fn params(lr: f64, steps: usize) -> TrainParams {
         seed: 3,
         time_budget_ms: None,
         recompute: false,
+        recompute_on_gpu: false,
         bf16: false,
         cancel: Default::default(),
     }
