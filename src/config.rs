@@ -124,6 +124,10 @@ pub struct ModelSection {
     /// token; false launches every op of every step.
     #[serde(default = "yes")]
     pub cuda_graphs: bool,
+    /// CUDA builds, f32 models: adaptation's blocks take the fused path (attention, norms and
+    /// activation one op each, `cuda::training_attention`); off until measured on a GPU.
+    #[serde(default)]
+    pub cuda_fused_training: bool,
     pub threads: usize,
 }
 

@@ -271,6 +271,9 @@ pub fn block_ops(dec: &Decoder, rows: usize, steps: usize) -> anyhow::Result<Vec
         &|t| fused::rope(&t[0], &cos, &sin),
         &|t| candle_nn::rotary_emb::rope_slow(&t[0], &cos, &sin),
     )?);
+    // The whole attention with its rotary embedding, one op each way, against candle's
+    // composed path (heads split, rotated, kv heads repeated, masked softmax, two products).
+    let kv_heads = cfg.num_key_value_heads;
     let causal: Vec<f32> = (0..rows * rows)
         .map(|i| {
             if i % rows > i / rows {
@@ -281,6 +284,38 @@ pub fn block_ops(dec: &Decoder, rows: usize, steps: usize) -> anyhow::Result<Vec
         })
         .collect();
     let mask = Tensor::from_vec(causal, (rows, rows), dev)?;
+    let composed_attention = |t: &[Tensor]| -> candle_core::Result<Tensor> {
+        let (rep, scale) = (heads / kv_heads, 1.0 / (d as f64).sqrt());
+        let split =
+            |x: &Tensor, n: usize| x.reshape((1, rows, n, d))?.transpose(1, 2)?.contiguous();
+        let repeat = |x: Tensor| {
+            x.unsqueeze(2)?
+                .broadcast_as((1, kv_heads, rep, rows, d))?
+                .reshape((1, heads, rows, d))
+        };
+        let q = candle_nn::rotary_emb::rope_slow(&split(&t[0], heads)?, &cos, &sin)?;
+        let k = repeat(candle_nn::rotary_emb::rope_slow(
+            &split(&t[1], kv_heads)?,
+            &cos,
+            &sin,
+        )?)?;
+        let v = repeat(split(&t[2], kv_heads)?)?;
+        let scores = (q * scale)?.matmul(&k.t()?)?.broadcast_add(&mask)?;
+        let p = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?;
+        p.matmul(&v)?.transpose(1, 2)?.reshape((1, rows, heads * d))
+    };
+    // The op runs where its inputs lie: the GPU's body whatever cuda_fused_training says.
+    out.push(op_check(
+        "causal attention with rotary fwd+bwd",
+        &[
+            (randn(&[1, rows, heads * d], 1.0, DType::F32)?, true),
+            (randn(&[1, rows, kv_heads * d], 1.0, DType::F32)?, true),
+            (randn(&[1, rows, kv_heads * d], 1.0, DType::F32)?, true),
+        ],
+        steps,
+        &|t| fused::causal_attention(&t[0], &t[1], &t[2], heads, kv_heads, &cos, &sin),
+        &composed_attention,
+    )?);
     let scores = randn(&[1, heads, rows, rows], 3.0, DType::F32)?.broadcast_add(&mask)?;
     out.push(op_check(
         "causal softmax fwd+bwd",
@@ -699,7 +734,11 @@ mod tests {
                 .unwrap();
         let dec = crate::model::Model::from_parts("t", parts).unwrap().decoder;
         let checks = block_ops(&dec, 24, 2).unwrap();
-        assert_eq!(checks.len(), 4);
+        // Norm, activation, rotary, softmax, and the whole attention (the CPU's fused path).
+        assert_eq!(checks.len(), 5);
+        assert!(checks
+            .iter()
+            .any(|c| c.kernel.starts_with("causal attention")));
         for c in &checks {
             assert!(c.ok(), "{c:?}");
             assert_eq!(c.path, "cpu");

@@ -224,6 +224,7 @@ pub fn load_model(cfg: &Config) -> anyhow::Result<Arc<Model>> {
     {
         crate::model::cuda::set_enabled(cfg.model.cuda_kernels);
         crate::model::cuda::graph::set_enabled(cfg.model.cuda_graphs);
+        crate::model::cuda::set_fused_training(cfg.model.cuda_fused_training);
     }
     // On a GPU the weights' copies and the stacks made at load are queued on this thread's
     // stream; the threads that serve read them from theirs.

@@ -697,17 +697,18 @@ impl Decoder {
         Cache::new(&self.cfg, capacity)
     }
 
-    /// Bytes a cache holds per position: keys and values of every layer, in attention's dtype
-    /// (f32 unless the weights are f64). A cache of capacity `n` allocates `n` times this.
     /// Longest sequence whose training attention runs fused (no score matrices kept for the
-    /// backward pass); 0 where the fused kernels do not apply (GPU, f16/bf16).
+    /// backward pass); 0 where the fused kernels do not apply (f16/bf16, a GPU without
+    /// `[model] cuda_fused_training`).
     pub fn fused_attention_positions(&self) -> usize {
-        match self.dtype() == DType::F32 && self.device().is_cpu() {
+        match fused::takes(self.dtype(), self.device()) {
             true => fused::MAX_POSITIONS,
             false => 0,
         }
     }
 
+    /// Bytes a cache holds per position: keys and values of every layer, in attention's dtype
+    /// (f32 unless the weights are f64). A cache of capacity `n` allocates `n` times this.
     pub fn kv_bytes_per_token(&self) -> usize {
         let c = &self.cfg;
         let width = self.work_dtype(false).size_in_bytes();

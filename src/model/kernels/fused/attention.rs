@@ -65,6 +65,26 @@ impl Attention {
         Ok(Dims { b, t, qd, kd })
     }
 
+    /// [`Self::dims`] as the GPU kernels take them.
+    #[cfg(feature = "cuda")]
+    fn cuda_dims(
+        &self,
+        q: &Layout,
+        k: &Layout,
+        v: &Layout,
+    ) -> Result<crate::model::kernels::cuda::training_attention::AttentionDims> {
+        let dims = self.dims(q, k, v)?;
+        Ok(
+            crate::model::kernels::cuda::training_attention::AttentionDims {
+                b: dims.b,
+                t: dims.t,
+                heads: self.n_heads,
+                kv: self.n_kv,
+                d: self.head_dim,
+            },
+        )
+    }
+
     /// Runs `task(sequence, kv head)` for every pair on the thread pool, with the rotary
     /// tables.
     fn each(&self, dims: Dims, task: impl Fn(usize, usize, &Rope) + Sync) -> Result<()> {
@@ -180,6 +200,22 @@ impl CustomOp3 for Attention {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = self.cuda_dims(l1, l2, l3)?;
+        crate::model::kernels::cuda::training_attention::forward(
+            s1, l1, s2, l2, s3, l3, &self.cos, &self.sin, dims,
+        )
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -188,6 +224,15 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let dims = self.cuda_dims(q.layout(), k.layout(), v.layout())?;
+            let (dq, dk, dv) = crate::model::kernels::cuda::training_attention::grads(
+                q, k, v, dy, &self.cos, &self.sin, dims,
+            )?;
+            let keep = |g: Tensor, like: &Tensor| like.track_op().then_some(g);
+            return Ok((keep(dq, q), keep(dk, k), keep(dv, v)));
+        }
         let dims = self.dims(q.layout(), k.layout(), v.layout())?;
         let (t, d, rep) = (dims.t, self.head_dim, self.n_heads / self.n_kv);
         let scale = 1.0 / (d as f32).sqrt();
@@ -257,8 +302,9 @@ impl CustomOp3 for Attention {
 }
 
 /// Causal attention over `q` `(b, t, n_heads * head_dim)` and `k`, `v`
-/// `(b, t, n_kv * head_dim)` (f32, CPU), the projections' outputs before rotation; `cos` and
-/// `sin` are the `(positions, head_dim / 2)` rotary tables. Returns `(b, t, n_heads * head_dim)`.
+/// `(b, t, n_kv * head_dim)` (f32; on the CPU, or a GPU's `cuda::training_attention`), the
+/// projections' outputs before rotation; `cos` and `sin` are the `(positions, head_dim / 2)`
+/// rotary tables. Returns `(b, t, n_heads * head_dim)`.
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -276,8 +322,9 @@ pub fn causal_attention(
         n_heads,
         n_kv,
         head_dim,
-        cos: cos.clone(),
-        sin: sin.clone(),
+        // The GPU kernels read the tables as f32 rows from their first element.
+        cos: cos.to_dtype(candle_core::DType::F32)?.contiguous()?,
+        sin: sin.to_dtype(candle_core::DType::F32)?.contiguous()?,
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)

@@ -2,10 +2,12 @@
 //! the CPU in f32. Composed from candle's elementwise ops, a block's backward is hundreds of
 //! tiny ops, each allocating, zero-filling and adding its gradient: at ~24 rows that
 //! bookkeeping cost as much as the block's matrix products. Each op here does its forward in
-//! one pass and its backward in another. On a GPU the block keeps its composed shape (no fused
-//! attention) but its norms, rotary embedding, softmax and activation take these ops' CUDA
-//! bodies (`cuda::training_ops`), one launch each way instead of five to a dozen; elsewhere
-//! (bf16 or f64 on the CPU) the composed path runs, which these ops are tested against.
+//! one pass and its backward in another. On a GPU the block keeps its composed shape but its
+//! norms, rotary embedding, softmax and activation take these ops' CUDA bodies
+//! (`cuda::training_ops`), one launch each way instead of five to a dozen; with `[model]
+//! cuda_fused_training` an f32 block takes the whole fused path, attention included
+//! (`cuda::training_attention`). Elsewhere (bf16 or f64 on the CPU) the composed path runs,
+//! which these ops are tested against.
 
 mod attention;
 mod rms_norm;
@@ -21,9 +23,21 @@ pub use rope::rope;
 pub use softmax::softmax_last_dim;
 pub use swiglu::swiglu;
 
-/// Whether the fused ops take `x`: f32 on the CPU.
+/// Whether a whole block's fused path takes `x`: f32 on the CPU, or on a GPU with
+/// `[model] cuda_fused_training` (`cuda::fused_training`).
 pub fn applies(x: &Tensor) -> bool {
-    x.dtype() == DType::F32 && matches!(x.device(), Device::Cpu)
+    takes(x.dtype(), x.device())
+}
+
+/// [`applies`] for tensors of `dtype` on `device`.
+pub fn takes(dtype: DType, device: &Device) -> bool {
+    dtype == DType::F32
+        && match device {
+            Device::Cpu => true,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => crate::model::kernels::cuda::fused_training(),
+            _ => false,
+        }
 }
 
 /// The f32 elements of a contiguous CPU storage.

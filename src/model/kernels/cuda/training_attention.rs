@@ -1,0 +1,313 @@
+//! Adaptation's causal self-attention with rotary embedding on the GPU
+//! (`training_attention.cu`): the CUDA body of `fused::causal_attention`, forward in two
+//! launches and backward in three, f32. Its CPU body is the reference; `ttarag bench
+//! --kernels` compares this one with candle's composed attention on the GPU. It runs where
+//! `[model] cuda_fused_training` sends adaptation's blocks through the fused path.
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::{CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::TRAINING_ATTENTION;
+
+const WARPS: u32 = 4;
+
+/// The shapes of one call (see `fused::causal_attention`).
+#[derive(Clone, Copy)]
+pub struct AttentionDims {
+    pub b: usize,
+    pub t: usize,
+    pub heads: usize,
+    pub kv: usize,
+    pub d: usize,
+}
+
+impl AttentionDims {
+    fn i32s(&self) -> (i32, i32, i32, i32) {
+        (
+            self.t as i32,
+            self.heads as i32,
+            self.kv as i32,
+            self.d as i32,
+        )
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.d as f32).sqrt()
+    }
+
+    /// Blocks of `WARPS` warps, one warp per (head, sequence, row).
+    fn rows_cfg(&self, shared_floats: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (
+                self.heads as u32,
+                self.b as u32,
+                (self.t as u32).div_ceil(WARPS),
+            ),
+            block_dim: (32 * WARPS, 1, 1),
+            shared_mem_bytes: (WARPS as usize * shared_floats * 4) as u32,
+        }
+    }
+}
+
+fn f32_view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
+        None => candle_core::bail!("{what}: contiguous f32 operands only"),
+    }
+}
+
+/// `x` (b, t, heads * d) rotated by each position's angles into a new (b, heads, t, d).
+fn rotate(
+    dev: &CudaDevice,
+    x: &CudaView<'_, f32>,
+    tables: (&CudaView<'_, f32>, &CudaView<'_, f32>),
+    dims: AttentionDims,
+    heads: usize,
+) -> Result<CudaSlice<f32>> {
+    // SAFETY: the kernel writes every element.
+    let mut out = unsafe { dev.alloc::<f32>(dims.b * heads * dims.t * dims.d) }?;
+    let f =
+        dev.get_or_load_custom_func("attn_rotate", TRAINING_ATTENTION.0, TRAINING_ATTENTION.1)?;
+    let mut bl = f.builder();
+    let (t, _, _, d) = dims.i32s();
+    let h32 = heads as i32;
+    bl.arg(x)
+        .arg(tables.0)
+        .arg(tables.1)
+        .arg(&mut out)
+        .arg(&t)
+        .arg(&h32)
+        .arg(&d);
+    let cfg = LaunchConfig {
+        grid_dim: (heads as u32, dims.t as u32, dims.b as u32),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: block (head, position, sequence) reads its row of the contiguous input and its
+    // position's angles, and writes that row of the output.
+    unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+    Ok(out)
+}
+
+/// The held rotary tables' elements (contiguous f32 on the device).
+fn tables<'a>(
+    cos: &'a (
+        impl std::ops::Deref<Target = candle_core::Storage>,
+        &'a Layout,
+    ),
+    sin: &'a (
+        impl std::ops::Deref<Target = candle_core::Storage>,
+        &'a Layout,
+    ),
+) -> Result<(CudaView<'a, f32>, CudaView<'a, f32>)> {
+    let view = |s: &'a candle_core::Storage, l: &Layout| match s {
+        candle_core::Storage::Cuda(c) => f32_view(c, l, "training attention tables"),
+        _ => candle_core::bail!("training attention: the rotary tables are not on the GPU"),
+    };
+    Ok((view(&cos.0, cos.1)?, view(&sin.0, sin.1)?))
+}
+
+/// The forward pass: `q`, `k`, `v` contiguous f32 as `fused::causal_attention` takes them;
+/// `cos`, `sin` the `(>= t, d / 2)` tables (contiguous f32 on the device). Returns the heads'
+/// values, `(b, t, heads * d)`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    q: &CudaStorage,
+    lq: &Layout,
+    k: &CudaStorage,
+    lk: &Layout,
+    v: &CudaStorage,
+    lv: &Layout,
+    cos: &Tensor,
+    sin: &Tensor,
+    dims: AttentionDims,
+) -> Result<(CudaStorage, Shape)> {
+    const WHAT: &str = "training attention";
+    let dev = &q.device;
+    let (qv, kv, vv) = (
+        f32_view(q, lq, WHAT)?,
+        f32_view(k, lk, WHAT)?,
+        f32_view(v, lv, WHAT)?,
+    );
+    let (cs, ss) = (cos.storage_and_layout(), sin.storage_and_layout());
+    let (cv, sv) = tables(&cs, &ss)?;
+    let qr = rotate(dev, &qv, (&cv, &sv), dims, dims.heads)?;
+    let kr = rotate(dev, &kv, (&cv, &sv), dims, dims.kv)?;
+    // SAFETY: the kernel writes every element.
+    let mut y = unsafe { dev.alloc::<f32>(lq.shape().elem_count()) }?;
+    let f = dev.get_or_load_custom_func("attn_fwd", TRAINING_ATTENTION.0, TRAINING_ATTENTION.1)?;
+    let mut bl = f.builder();
+    let (t, h, kvh, d) = dims.i32s();
+    let scale = dims.scale();
+    bl.arg(&qr)
+        .arg(&kr)
+        .arg(&vv)
+        .arg(&mut y)
+        .arg(&t)
+        .arg(&h)
+        .arg(&kvh)
+        .arg(&d)
+        .arg(&scale);
+    // SAFETY: warp (head, sequence, row) reads its rotated query, the rotated keys and the
+    // values of its KV head up to its row, and writes its row of y; shared memory holds each
+    // warp's query and scores.
+    unsafe { bl.launch(dims.rows_cfg(dims.d + dims.t)) }.map_err(candle_core::Error::wrap)?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev.clone()),
+        lq.shape().clone(),
+    ))
+}
+
+/// The gradients of `q`, `k`, `v` for the output gradient `dy`.
+pub fn grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dy: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    dims: AttentionDims,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (nq, nk) = (q.elem_count(), k.elem_count());
+    let all = q.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        &Grads {
+            dy: dy.to_dtype(DType::F32)?.contiguous()?,
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+            dims,
+        },
+    )?;
+    Ok((
+        all.narrow(0, 0, nq)?.reshape(q.shape())?,
+        all.narrow(0, nq, nk)?.reshape(k.shape())?,
+        all.narrow(0, nq + nk, nk)?.reshape(v.shape())?,
+    ))
+}
+
+/// The backward pass as one op over (q, k, v): its output is dq, dk and dv end to end.
+struct Grads {
+    dy: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    dims: AttentionDims,
+}
+
+impl CustomOp3 for Grads {
+    fn name(&self) -> &'static str {
+        "cuda-training-attention-grads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("cuda-training-attention-grads runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        lq: &Layout,
+        k: &CudaStorage,
+        lk: &Layout,
+        v: &CudaStorage,
+        lv: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        const WHAT: &str = "training attention grads";
+        let dev = &q.device;
+        let dims = self.dims;
+        let (qv, kv, vv) = (
+            f32_view(q, lq, WHAT)?,
+            f32_view(k, lk, WHAT)?,
+            f32_view(v, lv, WHAT)?,
+        );
+        let (gs, gl) = self.dy.storage_and_layout();
+        let candle_core::Storage::Cuda(gs) = &*gs else {
+            candle_core::bail!("{WHAT}: the output gradient is not on the GPU");
+        };
+        let gv = f32_view(gs, gl, WHAT)?;
+        let (cs, ss) = (self.cos.storage_and_layout(), self.sin.storage_and_layout());
+        let (cv, sv) = tables(&cs, &ss)?;
+        let qr = rotate(dev, &qv, (&cv, &sv), dims, dims.heads)?;
+        let kr = rotate(dev, &kv, (&cv, &sv), dims, dims.kv)?;
+        let (nq, nk) = (lq.shape().elem_count(), lk.shape().elem_count());
+        let scores = dims.b * dims.heads * dims.t * dims.t;
+        // SAFETY: the rows pass writes every (row, key <= row) entry, the only ones the columns
+        // pass reads; the output's three parts are written in full by the two passes.
+        let (mut ds, mut pr, mut out) = unsafe {
+            (
+                dev.alloc::<f32>(scores)?,
+                dev.alloc::<f32>(scores)?,
+                dev.alloc::<f32>(nq + 2 * nk)?,
+            )
+        };
+        let (t, h, kvh, d) = dims.i32s();
+        let scale = dims.scale();
+        {
+            let (mut dq, mut rest) = out.split_at_mut(nq);
+            let f = dev.get_or_load_custom_func(
+                "attn_bwd_rows",
+                TRAINING_ATTENTION.0,
+                TRAINING_ATTENTION.1,
+            )?;
+            let mut bl = f.builder();
+            bl.arg(&qr)
+                .arg(&kr)
+                .arg(&vv)
+                .arg(&gv)
+                .arg(&cv)
+                .arg(&sv)
+                .arg(&mut ds)
+                .arg(&mut pr)
+                .arg(&mut dq)
+                .arg(&t)
+                .arg(&h)
+                .arg(&kvh)
+                .arg(&d)
+                .arg(&scale);
+            // SAFETY: warp (head, sequence, row) reads its query, dy row, the keys and values
+            // of its KV head up to its row; it writes its row of ds and p and of dq.
+            unsafe { bl.launch(dims.rows_cfg(2 * dims.d + 2 * dims.t)) }
+                .map_err(candle_core::Error::wrap)?;
+            let (mut dk, mut dv) = rest.split_at_mut(nk);
+            let f = dev.get_or_load_custom_func(
+                "attn_bwd_cols",
+                TRAINING_ATTENTION.0,
+                TRAINING_ATTENTION.1,
+            )?;
+            let mut bl = f.builder();
+            bl.arg(&qr)
+                .arg(&gv)
+                .arg(&cv)
+                .arg(&sv)
+                .arg(&ds)
+                .arg(&pr)
+                .arg(&mut dk)
+                .arg(&mut dv)
+                .arg(&t)
+                .arg(&h)
+                .arg(&kvh)
+                .arg(&d);
+            let cfg = LaunchConfig {
+                grid_dim: (dims.kv as u32, dims.t as u32, dims.b as u32),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: warp (KV head, key row, sequence) reads the ds and p entries of rows at
+            // or after its key, those rows' rotated queries and dy, and writes its dk and dv
+            // rows.
+            unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(nq + 2 * nk),
+        ))
+    }
+}
