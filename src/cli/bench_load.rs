@@ -1,7 +1,9 @@
 //! `ttarag bench --load 1,2,4,8,16`: the engine under concurrent clients. Each client submits
 //! QASC dev questions one after another through the same `Engine` the server runs (its
 //! `[server]` workers and queue), so the figures are the engine's, without HTTP. Prints a
-//! table; asserts nothing.
+//! table; asserts nothing. Request `i` is the same job at every level (its question and seed,
+//! greedy), so the table also says how many answers equal the fewest clients' own: under
+//! concurrency an answer must not change (a race between threads' GPU streams would show here).
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -21,6 +23,9 @@ use crate::model::{ChatMessage, Model};
 
 /// What one request did.
 struct Sample {
+    /// Which of the level's jobs it answered, and its text where it did.
+    job: usize,
+    answer: Option<String>,
     latency_ms: f64,
     tokens: usize,
     prompt_tokens: usize,
@@ -76,13 +81,13 @@ fn run_level(
     let jobs: Vec<ChatJob> = (0..requests)
         .map(|i| job(cfg, &questions[i % questions.len()], mode, i as u64))
         .collect::<anyhow::Result<_>>()?;
-    let jobs = Mutex::new(jobs.into_iter());
+    let jobs = Mutex::new(jobs.into_iter().enumerate());
     let samples = Mutex::new(Vec::with_capacity(requests));
     let t0 = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..clients {
             s.spawn(|| loop {
-                let Some(job) = jobs.lock().ok().and_then(|mut j| j.next()) else {
+                let Some((i, job)) = jobs.lock().ok().and_then(|mut j| j.next()) else {
                     return;
                 };
                 let t = Instant::now();
@@ -90,6 +95,8 @@ fn run_level(
                 let latency_ms = t.elapsed().as_secs_f64() * 1e3;
                 let sample = match done {
                     Ok(c) => Sample {
+                        job: i,
+                        answer: Some(c.text),
                         latency_ms,
                         tokens: c.completion_tokens,
                         prompt_tokens: c.prompt_tokens,
@@ -97,6 +104,8 @@ fn run_level(
                         ok: true,
                     },
                     Err(_) => Sample {
+                        job: i,
+                        answer: None,
                         latency_ms,
                         tokens: 0,
                         prompt_tokens: 0,
@@ -194,6 +203,26 @@ pub fn run(
     Ok(())
 }
 
+/// Of the jobs `l` and its mode's first level (the fewest clients) both answered, how many
+/// answers are the same text: `(same, compared)`.
+fn agreement(levels: &[Level], l: &Level) -> (usize, usize) {
+    let Some(first) = levels.iter().find(|r| r.mode == l.mode) else {
+        return (0, 0);
+    };
+    let reference: std::collections::HashMap<usize, &str> = first
+        .samples
+        .iter()
+        .filter_map(|s| Some((s.job, s.answer.as_deref()?)))
+        .collect();
+    let pairs = l
+        .samples
+        .iter()
+        .filter_map(|s| Some((reference.get(&s.job)?, s.answer.as_deref()?)));
+    pairs.fold((0, 0), |(same, n), (a, b)| {
+        (same + usize::from(*a == b), n + 1)
+    })
+}
+
 /// Answered requests' latencies of a level.
 fn latencies(l: &Level) -> Vec<f64> {
     l.samples
@@ -259,9 +288,10 @@ fn print_table(cfg: &Config, levels: &[Level]) {
         candle_core::utils::get_num_threads()
     );
     println!();
-    println!("| mode | clients | requests | failed | req/s | p50 ms | p99 ms | decode tok/s | cores busy | CPU ms/request | peak RSS MB |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| mode | clients | requests | failed | req/s | p50 ms | p99 ms | decode tok/s | cores busy | CPU ms/request | peak RSS MB | same answers |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for l in levels {
+        let (same, compared) = agreement(levels, l);
         let lat = latencies(l);
         let ok = lat.len();
         let tokens: usize = l.samples.iter().map(|s| s.tokens).sum();
@@ -274,7 +304,7 @@ fn print_table(cfg: &Config, levels: &[Level]) {
             None => ("–".into(), "–".into()),
         };
         println!(
-            "| {} | {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.1} | {busy} | {per_request} | {} |",
+            "| {} | {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.1} | {busy} | {per_request} | {} | {same}/{compared} |",
             l.mode,
             l.clients,
             l.samples.len(),
@@ -287,7 +317,7 @@ fn print_table(cfg: &Config, levels: &[Level]) {
         );
     }
     println!();
-    println!("p50/p99 interpolate between a level's requests (2 per client, at least 8).");
+    println!("p50/p99 interpolate between a level's requests (2 per client, at least 8). Same answers: of the jobs both answered, how many give the text the mode's fewest-clients level gave.");
     println!();
     println!("Where a request's time goes (mean ms over its level's answered requests; queue includes waiting for the batch):");
     println!();
@@ -309,5 +339,51 @@ fn print_table(cfg: &Config, levels: &[Level]) {
             mean(&|s| s.timings.prefill),
             mean(&|s| s.timings.decode),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn level(clients: usize, answers: &[(usize, Option<&str>)]) -> Level {
+        Level {
+            mode: "tta",
+            clients,
+            wall_s: 1.0,
+            samples: answers
+                .iter()
+                .map(|&(job, a)| Sample {
+                    job,
+                    answer: a.map(str::to_string),
+                    latency_ms: 1.0,
+                    tokens: 1,
+                    prompt_tokens: 1,
+                    timings: Timings::default(),
+                    ok: a.is_some(),
+                })
+                .collect(),
+            peak_rss_mb: None,
+            cpu_s: None,
+        }
+    }
+
+    /// A level's answers are compared job by job with its mode's first level, over the jobs
+    /// both answered.
+    #[test]
+    fn answers_are_compared_job_by_job_with_the_fewest_clients() {
+        let one = level(1, &[(0, Some("a")), (1, Some("b")), (2, None)]);
+        let many = level(
+            8,
+            &[
+                (1, Some("x")),
+                (0, Some("a")),
+                (2, Some("c")),
+                (9, Some("d")),
+            ],
+        );
+        let levels = [one, many];
+        assert_eq!(agreement(&levels, &levels[0]), (2, 2));
+        assert_eq!(agreement(&levels, &levels[1]), (1, 2));
     }
 }
