@@ -5,15 +5,11 @@
 //! runs.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaDType;
-use candle_core::{
-    CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::DECODE_STEP;
+use super::{contiguous_view, held_view, DECODE_STEP};
 use crate::model::kernels::rows::even_rows;
 
 const THREADS: u32 = 128;
@@ -22,25 +18,6 @@ const NORM_THREADS: u32 = 256;
 /// Whether the kernels take `x` of a decode step: a CUDA tensor of f32 or bf16, kernels on.
 pub fn applies(x: &Tensor) -> bool {
     super::enabled() && x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16)
-}
-
-/// A held tensor's elements from its offset on (its layout is checked by the caller).
-fn held<'a, T: CudaDType>(s: &'a Storage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-    let Storage::Cuda(s) = s else {
-        candle_core::bail!("{what}: an operand is not on the GPU");
-    };
-    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
-}
-
-fn contiguous<'a, T: CudaDType>(
-    s: &'a CudaStorage,
-    l: &Layout,
-    what: &str,
-) -> Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
-        None => candle_core::bail!("{what}: contiguous operands only"),
-    }
 }
 
 /// The row stride of a `(rows, 1, width)` part whose last dimension is contiguous (a view into
@@ -132,8 +109,11 @@ impl RopeCacheWrite {
         let (cs, cl) = self.cos.storage_and_layout();
         let (ss, sl) = self.sin.storage_and_layout();
         let (ts, tl) = self.table.storage_and_layout();
-        let (cv, sv) = (held::<T>(&cs, cl, WHAT)?, held::<T>(&ss, sl, WHAT)?);
-        let tv = held::<i64>(&ts, tl, WHAT)?;
+        let (cv, sv) = (
+            held_view::<T>(&cs, cl, WHAT)?,
+            held_view::<T>(&ss, sl, WHAT)?,
+        );
+        let tv = held_view::<i64>(&ts, tl, WHAT)?;
         // SAFETY: the kernel writes every element of the rotated query.
         let mut out = unsafe { dev.alloc::<T>(rows * heads * d) }?;
         let f = dev.get_or_load_custom_func(name, DECODE_STEP.0, DECODE_STEP.1)?;
@@ -253,9 +233,9 @@ impl AddRmsNorm {
         let len = lx.shape().elem_count();
         let rows = (len / n.max(1)) as i64;
         let (xv, av, wv) = (
-            contiguous::<T>(x, lx, WHAT)?,
-            contiguous::<T>(a, la, WHAT)?,
-            contiguous::<T>(w, lw, WHAT)?,
+            contiguous_view::<T>(x, lx, WHAT)?,
+            contiguous_view::<T>(a, la, WHAT)?,
+            contiguous_view::<T>(w, lw, WHAT)?,
         );
         // SAFETY: the kernel writes both halves in full.
         let mut out = unsafe { dev.alloc::<T>(2 * len) }?;
@@ -341,7 +321,7 @@ impl SwigluJoint {
         let dev = &gu.device;
         let n = l.dims().last().copied().unwrap_or(0) / 2;
         let rows = (l.shape().elem_count() / (2 * n).max(1)) as i64;
-        let gv = contiguous::<T>(gu, l, "swiglu joint")?;
+        let gv = contiguous_view::<T>(gu, l, "swiglu joint")?;
         let len = rows as usize * n;
         // SAFETY: the kernel writes every element.
         let mut out = unsafe { dev.alloc::<T>(len) }?;

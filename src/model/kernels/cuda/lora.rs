@@ -5,9 +5,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaDType;
-use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-use super::LORA;
+use super::{held_view, LORA};
 use crate::model::kernels::rows::even_rows;
 
 /// Rows and rank the kernel takes (its shared memory holds one row's `A x`).
@@ -93,17 +93,6 @@ struct LoraAdd {
     rank: usize,
 }
 
-/// A contiguous CUDA tensor's elements, from its offset on.
-fn elements<'a, T: CudaDType>(
-    s: &'a Storage,
-    l: &Layout,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-    let Storage::Cuda(s) = s else {
-        candle_core::bail!("lora-add: a factor is not on the GPU");
-    };
-    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
-}
-
 impl LoraAdd {
     fn launch<T: CudaDType + DeviceRepr>(
         &self,
@@ -128,11 +117,11 @@ impl LoraAdd {
         let xv = x.as_cuda_slice::<T>()?.slice(x0..x1);
         let (a_s, a_l) = self.a.storage_and_layout();
         let (b_s, b_l) = self.b.storage_and_layout();
-        let av = elements::<T>(&a_s, a_l)?;
-        let bv = elements::<T>(&b_s, b_l)?;
+        let av = held_view::<T>(&a_s, a_l, "lora-add")?;
+        let bv = held_view::<T>(&b_s, b_l, "lora-add")?;
         let scales = self.scales.as_ref().map(|s| s.storage_and_layout());
         let sv = match &scales {
-            Some((s, l)) => Some(elements::<f32>(s, l)?),
+            Some((s, l)) => Some(held_view::<f32>(s, l, "lora-add")?),
             None => None,
         };
         // SAFETY: the kernel writes every element.

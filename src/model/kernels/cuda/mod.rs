@@ -22,9 +22,9 @@ pub mod training_ops;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, SyncOnDrop};
-use candle_core::cuda_backend::CudaStorageSlice;
-use candle_core::{CudaDevice, Device, Result, Storage, Tensor};
+use candle_core::cuda_backend::cudarc::driver::{CudaStream, CudaView, DevicePtr, SyncOnDrop};
+use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
+use candle_core::{CudaDevice, CudaStorage, Device, Layout, Result, Storage, Tensor};
 
 /// The module name candle caches the PTX under, and the PTX.
 const OPTIMIZER: (&str, &str) = (
@@ -99,6 +99,27 @@ pub fn preload(dev: &CudaDevice) -> Result<()> {
         dev.get_or_load_custom_func(function, module, ptx)?;
     }
     Ok(())
+}
+
+/// The elements of a contiguous operand (its layout's offsets), or an error naming `what`.
+fn contiguous_view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => candle_core::bail!("{what}: contiguous operands only"),
+    }
+}
+
+/// A tensor's elements from its layout's offset on, where a kernel reads a tensor its op holds
+/// (the caller checks the layout), or an error naming `what` off the GPU.
+fn held_view<'a, T: CudaDType>(s: &'a Storage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    let Storage::Cuda(s) = s else {
+        candle_core::bail!("{what}: an operand is not on the GPU");
+    };
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
 }
 
 /// The CUDA device of `t`, or an error naming `what`.

@@ -7,7 +7,7 @@
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::{CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::TRAINING_ATTENTION;
+use super::{contiguous_view, TRAINING_ATTENTION};
 
 const WARPS: u32 = 4;
 
@@ -46,13 +46,6 @@ impl AttentionDims {
             block_dim: (32 * WARPS, 1, 1),
             shared_mem_bytes: (WARPS as usize * shared_floats * 4) as u32,
         }
-    }
-}
-
-fn f32_view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
-        None => candle_core::bail!("{what}: contiguous f32 operands only"),
     }
 }
 
@@ -101,7 +94,7 @@ fn tables<'a>(
     ),
 ) -> Result<(CudaView<'a, f32>, CudaView<'a, f32>)> {
     let view = |s: &'a candle_core::Storage, l: &Layout| match s {
-        candle_core::Storage::Cuda(c) => f32_view(c, l, "training attention tables"),
+        candle_core::Storage::Cuda(c) => contiguous_view::<f32>(c, l, "training attention tables"),
         _ => candle_core::bail!("training attention: the rotary tables are not on the GPU"),
     };
     Ok((view(&cos.0, cos.1)?, view(&sin.0, sin.1)?))
@@ -125,9 +118,9 @@ pub fn forward(
     const WHAT: &str = "training attention";
     let dev = &q.device;
     let (qv, kv, vv) = (
-        f32_view(q, lq, WHAT)?,
-        f32_view(k, lk, WHAT)?,
-        f32_view(v, lv, WHAT)?,
+        contiguous_view::<f32>(q, lq, WHAT)?,
+        contiguous_view::<f32>(k, lk, WHAT)?,
+        contiguous_view::<f32>(v, lv, WHAT)?,
     );
     let (cs, ss) = (cos.storage_and_layout(), sin.storage_and_layout());
     let (cv, sv) = tables(&cs, &ss)?;
@@ -224,15 +217,15 @@ impl CustomOp3 for Grads {
         let dev = &q.device;
         let dims = self.dims;
         let (qv, kv, vv) = (
-            f32_view(q, lq, WHAT)?,
-            f32_view(k, lk, WHAT)?,
-            f32_view(v, lv, WHAT)?,
+            contiguous_view::<f32>(q, lq, WHAT)?,
+            contiguous_view::<f32>(k, lk, WHAT)?,
+            contiguous_view::<f32>(v, lv, WHAT)?,
         );
         let (gs, gl) = self.dy.storage_and_layout();
         let candle_core::Storage::Cuda(gs) = &*gs else {
             candle_core::bail!("{WHAT}: the output gradient is not on the GPU");
         };
-        let gv = f32_view(gs, gl, WHAT)?;
+        let gv = contiguous_view::<f32>(gs, gl, WHAT)?;
         let (cs, ss) = (self.cos.storage_and_layout(), self.sin.storage_and_layout());
         let (cv, sv) = tables(&cs, &ss)?;
         let qr = rotate(dev, &qv, (&cv, &sv), dims, dims.heads)?;

@@ -8,20 +8,12 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::TRAINING_OPS;
+use super::{contiguous_view, TRAINING_OPS};
+
+/// What the errors of these ops name.
+const WHAT: &str = "CUDA training op";
 
 const THREADS: u32 = 256;
-
-/// The elements of a contiguous storage from its layout's offset on.
-fn view<'a, T: CudaDType>(
-    s: &'a CudaStorage,
-    l: &Layout,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
-        None => candle_core::bail!("CUDA training op: contiguous inputs only"),
-    }
-}
 
 fn launch_cfg(blocks: usize) -> LaunchConfig {
     LaunchConfig {
@@ -47,7 +39,10 @@ pub fn rms_norm_fwd(
     let dev = &x.device;
     let n = lw.shape().elem_count();
     let len = lx.shape().elem_count();
-    let (xv, wv) = (view::<f32>(x, lx)?, view::<f32>(w, lw)?);
+    let (xv, wv) = (
+        contiguous_view::<f32>(x, lx, WHAT)?,
+        contiguous_view::<f32>(w, lw, WHAT)?,
+    );
     // SAFETY: every element is written by the kernel before the buffer is read.
     let mut y = unsafe { dev.alloc::<f32>(len) }?;
     let f = dev.get_or_load_custom_func("rms_norm_fwd", TRAINING_OPS.0, TRAINING_OPS.1)?;
@@ -110,9 +105,9 @@ impl CustomOp3 for RmsNormGrads {
         let len = lx.shape().elem_count();
         let rows = (len / n.max(1)) as i64;
         let (xv, wv, gv) = (
-            view::<f32>(x, lx)?,
-            view::<f32>(w, lw)?,
-            view::<f32>(g, lg)?,
+            contiguous_view::<f32>(x, lx, WHAT)?,
+            contiguous_view::<f32>(w, lw, WHAT)?,
+            contiguous_view::<f32>(g, lg, WHAT)?,
         );
         // SAFETY: the kernel writes both halves in full.
         let mut out = unsafe { dev.alloc::<f32>(2 * len) }?;
@@ -152,7 +147,7 @@ fn elementwise(
         let dev = &inputs[0].0.device;
         let views = inputs
             .iter()
-            .map(|(s, l)| view::<T>(s, l))
+            .map(|(s, l)| contiguous_view::<T>(s, l, WHAT))
             .collect::<Result<Vec<_>>>()?;
         // SAFETY: the kernel writes every element.
         let mut out = unsafe { dev.alloc::<T>(outputs * len) }?;
@@ -251,9 +246,9 @@ pub fn rope(
     let rows = (b * h * t) as i64;
     let len = lx.shape().elem_count();
     let (xv, cv, sv) = (
-        view::<f32>(x, lx)?,
-        view::<f32>(cos, lc)?,
-        view::<f32>(sin, ls)?,
+        contiguous_view::<f32>(x, lx, WHAT)?,
+        contiguous_view::<f32>(cos, lc, WHAT)?,
+        contiguous_view::<f32>(sin, ls, WHAT)?,
     );
     // SAFETY: the kernel writes every element.
     let mut y = unsafe { dev.alloc::<f32>(len) }?;
@@ -284,7 +279,7 @@ pub fn softmax_fwd(x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> 
     let dev = &x.device;
     let n = l.shape().dims().last().copied().unwrap_or(1);
     let len = l.shape().elem_count();
-    let xv = view::<f32>(x, l)?;
+    let xv = contiguous_view::<f32>(x, l, WHAT)?;
     // SAFETY: the kernel writes every element.
     let mut y = unsafe { dev.alloc::<f32>(len) }?;
     let f = dev.get_or_load_custom_func("softmax_fwd_f32", TRAINING_OPS.0, TRAINING_OPS.1)?;
@@ -311,7 +306,10 @@ pub fn softmax_bwd(
     let dev = &y.device;
     let n = ly.shape().dims().last().copied().unwrap_or(1);
     let len = ly.shape().elem_count();
-    let (yv, gv) = (view::<f32>(y, ly)?, view::<f32>(g, lg)?);
+    let (yv, gv) = (
+        contiguous_view::<f32>(y, ly, WHAT)?,
+        contiguous_view::<f32>(g, lg, WHAT)?,
+    );
     // SAFETY: the kernel writes every element.
     let mut dx = unsafe { dev.alloc::<f32>(len) }?;
     let f = dev.get_or_load_custom_func("softmax_bwd_f32", TRAINING_OPS.0, TRAINING_OPS.1)?;
