@@ -124,8 +124,8 @@ pub struct ModelSection {
     /// token; false launches every op of every step.
     #[serde(default = "yes")]
     pub cuda_graphs: bool,
-    /// CUDA builds, f32 models: adaptation's blocks take the fused path (attention, norms and
-    /// activation one op each, `cuda::training_attention`); off until measured on a GPU.
+    /// CUDA builds, f32 and bf16 models: adaptation's blocks take the fused path (attention,
+    /// norms and activation one op each, `cuda::training_attention`); off until measured.
     #[serde(default)]
     pub cuda_fused_training: bool,
     pub threads: usize,

@@ -18,8 +18,8 @@
 #     tokens, bf16): LoRA and full scope (`bench --query`: decode through step graphs and op by
 #     op, both timed, with whether their tokens agree), each also with the project's CUDA
 #     kernels off (`[model] cuda_kernels = false`), LoRA with activations rebuilt as on the
-#     CPU (`[tta] recompute_on_gpu`), f32 LoRA through the fused training path and the composed
-#     one (`[model] cuda_fused_training`), and decode per token with norms and
+#     CPU (`[tta] recompute_on_gpu`), LoRA through the fused training path and the composed
+#     one (`[model] cuda_fused_training`, f32 and bf16), and decode per token with norms and
 #     attention in bf16 against converting to f32 (`[model] f32_norms_attention`), and 8
 #     sequences with 8 adapters against one (`bench --batch 1,8 --lora`), and whole requests
 #     from 1 and 8 concurrent clients, each adapting its own LoRA (`bench --load 1,8`);
@@ -83,10 +83,11 @@ if [ "$parts" != big ]; then
     # LoRA with its activations rebuilt as on the CPU, against kept (the GPU's default).
     rebuilt=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\n[tta]\nscope = "lora"\nrecompute_on_gpu = true')
     run "$bin" --config "$rebuilt" --model "$small" --device cuda bench --query 5 $shape
-    # f32 LoRA adaptation through the fused training path (attention one op each way) against
-    # the composed one, in the same run.
-    for fused in false true; do
-        c=$(cfg "[model]\ndtype = \"f32\"\ndecode_quant = \"none\"\ncuda_fused_training = $fused\n[tta]\nscope = \"lora\"")
+    # LoRA adaptation through the fused training path (attention one op each way) against the
+    # composed one, in the same run: f32 both ways, bf16 on (bf16 off is the LoRA run above).
+    for model in "f32 false" "f32 true" "bf16 true"; do
+        read -r dt fused <<<"$model"
+        c=$(cfg "[model]\ndtype = \"$dt\"\ndecode_quant = \"none\"\ncuda_fused_training = $fused\n[tta]\nscope = \"lora\"")
         run "$bin" --config "$c" --model "$small" --device cuda bench --query 5 $shape
     done
     run "$bin" --config "$bf16" --model "$small" --device cuda bench --runs 5 $shape

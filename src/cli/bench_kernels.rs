@@ -227,21 +227,24 @@ pub fn block_ops(dec: &Decoder, rows: usize, steps: usize) -> anyhow::Result<Vec
     let randn =
         |shape: &[usize], std: f32, dtype| Tensor::randn(0f32, std, shape, dev)?.to_dtype(dtype);
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let mut out = vec![op_check(
-        "rms norm fwd+bwd",
-        &[
-            (randn(&[1, rows, h], 1.0, DType::F32)?, true),
-            ((randn(&[h], 0.5, DType::F32)? + 1.0)?, true),
-        ],
-        steps,
-        &|t| fused::rms_norm(&t[0], &t[1], eps),
-        &|t| candle_nn::ops::rms_norm_slow(&t[0], &t[1], eps as f32),
-    )?];
     let dtypes: &[DType] = if dev.is_cpu() {
         &[DType::F32]
     } else {
         &[DType::F32, DType::BF16]
     };
+    let mut out = vec![];
+    for &dtype in dtypes {
+        out.push(op_check(
+            "rms norm fwd+bwd",
+            &[
+                (randn(&[1, rows, h], 1.0, dtype)?, true),
+                ((randn(&[h], 0.5, dtype)? + 1.0)?, true),
+            ],
+            steps,
+            &|t| fused::rms_norm(&t[0], &t[1], eps),
+            &|t| candle_nn::ops::rms_norm_slow(&t[0], &t[1], eps as f32),
+        )?);
+    }
     for &dtype in dtypes {
         out.push(op_check(
             "swiglu fwd+bwd",
@@ -293,29 +296,36 @@ pub fn block_ops(dec: &Decoder, rows: usize, steps: usize) -> anyhow::Result<Vec
                 .broadcast_as((1, kv_heads, rep, rows, d))?
                 .reshape((1, heads, rows, d))
         };
-        let q = candle_nn::rotary_emb::rope_slow(&split(&t[0], heads)?, &cos, &sin)?;
+        // In f32 whatever the operands hold, as the kernels compute.
+        let f32 = |x: &Tensor| x.to_dtype(DType::F32);
+        let q = candle_nn::rotary_emb::rope_slow(&split(&f32(&t[0])?, heads)?, &cos, &sin)?;
         let k = repeat(candle_nn::rotary_emb::rope_slow(
-            &split(&t[1], kv_heads)?,
+            &split(&f32(&t[1])?, kv_heads)?,
             &cos,
             &sin,
         )?)?;
-        let v = repeat(split(&t[2], kv_heads)?)?;
+        let v = repeat(split(&f32(&t[2])?, kv_heads)?)?;
         let scores = (q * scale)?.matmul(&k.t()?)?.broadcast_add(&mask)?;
         let p = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?;
-        p.matmul(&v)?.transpose(1, 2)?.reshape((1, rows, heads * d))
+        p.matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((1, rows, heads * d))?
+            .to_dtype(t[0].dtype())
     };
     // The op runs where its inputs lie: the GPU's body whatever cuda_fused_training says.
-    out.push(op_check(
-        "causal attention with rotary fwd+bwd",
-        &[
-            (randn(&[1, rows, heads * d], 1.0, DType::F32)?, true),
-            (randn(&[1, rows, kv_heads * d], 1.0, DType::F32)?, true),
-            (randn(&[1, rows, kv_heads * d], 1.0, DType::F32)?, true),
-        ],
-        steps,
-        &|t| fused::causal_attention(&t[0], &t[1], &t[2], heads, kv_heads, &cos, &sin),
-        &composed_attention,
-    )?);
+    for &dtype in dtypes {
+        out.push(op_check(
+            "causal attention with rotary fwd+bwd",
+            &[
+                (randn(&[1, rows, heads * d], 1.0, dtype)?, true),
+                (randn(&[1, rows, kv_heads * d], 1.0, dtype)?, true),
+                (randn(&[1, rows, kv_heads * d], 1.0, dtype)?, true),
+            ],
+            steps,
+            &|t| fused::causal_attention(&t[0], &t[1], &t[2], heads, kv_heads, &cos, &sin),
+            &composed_attention,
+        )?);
+    }
     let scores = randn(&[1, heads, rows, rows], 3.0, DType::F32)?.broadcast_add(&mask)?;
     out.push(op_check(
         "causal softmax fwd+bwd",

@@ -9,8 +9,8 @@
 //! | [`decode_step`] (`decode_step.cu`) | a decode step's small neighbouring ops fused: rotary embedding with the cache write (q, k, v read where the projection left them), the residual add with the next RMS norm, SwiGLU read from the joint gate/up product | inference passes on a CUDA device, f32 or bf16 (the cache write: steps on device positions, `Decoder::device_step`) | the composed candle ops (`ttarag bench --kernels`) |
 //! | [`graph`] | a decode step captured once as a CUDA graph and replayed per token (`StepGraph`) | decode steps on a CUDA device, `[model] cuda_graphs` | the same step launched op by op (`ttarag bench --kernels`, `--query`) |
 //! | [`lora`] (`lora.cu`) | a LoRA delta added to a projection's output in one launch, each row with its own adapter (gathered) or all with one | inference passes of at most 64 rows on a CUDA device (decode steps), rank at most 64 | the composed delta, two products, a scale and an add (`ttarag bench --kernels`) |
-//! | [`training_attention`] (`training_attention.cu`) | adaptation's causal attention with rotary embedding, the CUDA body of `fused::causal_attention`: two launches forward, three backward, in a fixed order (no atomics) | adaptation's f32 blocks on a CUDA device with `[model] cuda_fused_training` | candle's composed rotary and attention, values and gradients (`ttarag bench --kernels`) |
-//! | [`training_ops`] (`training_ops.cu`) | the CUDA bodies of `fused::rms_norm` (f32), `fused::swiglu` (f32, bf16), `fused::rope` and `fused::softmax_last_dim` (f32): one launch forward, one backward | differentiable passes on a CUDA device (adaptation), unless `composed_ops` | candle's composed ops, values and gradients (`ttarag bench --kernels`) |
+//! | [`training_attention`] (`training_attention.cu`) | adaptation's causal attention with rotary embedding, the CUDA body of `fused::causal_attention`: two launches forward, three backward, in a fixed order (no atomics) | adaptation's f32 and bf16 blocks on a CUDA device with `[model] cuda_fused_training` | candle's composed rotary and attention, values and gradients (`ttarag bench --kernels`) |
+//! | [`training_ops`] (`training_ops.cu`) | the CUDA bodies of `fused::rms_norm` and `fused::swiglu` (f32, bf16), `fused::rope` and `fused::softmax_last_dim` (f32): one launch forward, one backward | differentiable passes on a CUDA device (adaptation), unless `composed_ops` | candle's composed ops, values and gradients (`ttarag bench --kernels`) |
 
 pub mod decode_attention;
 pub mod decode_step;
@@ -71,16 +71,16 @@ pub fn enabled() -> bool {
 }
 
 /// Whether adaptation's blocks take the fused path on a GPU (`[model] cuda_fused_training`):
-/// one op each for attention, norms and activation, f32 models only. Off, they keep the
+/// one op each for attention, norms and activation, f32 and bf16 models. Off, they keep the
 /// composed shape with the fused norms, rotary, softmax and activation.
 static FUSED_TRAINING: AtomicBool = AtomicBool::new(false);
 
-/// Sends adaptation's f32 blocks on a GPU through the fused path, or not; set once at start.
+/// Sends adaptation's blocks on a GPU through the fused path, or not; set once at start.
 pub fn set_fused_training(on: bool) {
     FUSED_TRAINING.store(on, Ordering::Relaxed);
 }
 
-/// Whether adaptation's f32 blocks on a GPU take the fused path (and the kernels are on).
+/// Whether adaptation's blocks on a GPU take the fused path (and the kernels are on).
 pub fn fused_training() -> bool {
     enabled() && FUSED_TRAINING.load(Ordering::Relaxed)
 }
@@ -91,7 +91,7 @@ pub fn preload(dev: &CudaDevice) -> Result<()> {
     for (function, (module, ptx)) in [
         ("adamw_f32", OPTIMIZER),
         ("rms_norm_fwd", TRAINING_OPS),
-        ("attn_fwd", TRAINING_ATTENTION),
+        ("attn_fwd_f32", TRAINING_ATTENTION),
         ("decode_attention_f32", DECODE_ATTENTION),
         ("add_rms_norm_f32", DECODE_STEP),
         ("lora_add_f32", LORA),

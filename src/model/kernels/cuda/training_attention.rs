@@ -1,10 +1,14 @@
 //! Adaptation's causal self-attention with rotary embedding on the GPU
 //! (`training_attention.cu`): the CUDA body of `fused::causal_attention`, forward in two
-//! launches and backward in three, f32. Its CPU body is the reference; `ttarag bench
+//! launches and backward in three, for f32 or bf16 operands (f32 arithmetic). Its CPU body is the reference; `ttarag bench
 //! --kernels` compares this one with candle's composed attention on the GPU. It runs where
 //! `[model] cuda_fused_training` sends adaptation's blocks through the fused path.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::{contiguous_view, TRAINING_ATTENTION};
@@ -49,18 +53,30 @@ impl AttentionDims {
     }
 }
 
-/// `x` (b, t, heads * d) rotated by each position's angles into a new (b, heads, t, d).
-fn rotate(
+/// The kernel `name` for operands of `T` (`attn_fwd` -> `attn_fwd_bf16`).
+fn kernel<T: CudaDType + candle_core::WithDType>(name: &str) -> Result<String> {
+    match T::DTYPE {
+        DType::F32 => Ok(format!("{name}_f32")),
+        DType::BF16 => Ok(format!("{name}_bf16")),
+        d => candle_core::bail!("training attention: {d:?} operands"),
+    }
+}
+
+/// `x` (b, t, heads * d) rotated by each position's angles into a new f32 (b, heads, t, d).
+fn rotate<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     dev: &CudaDevice,
-    x: &CudaView<'_, f32>,
+    x: &CudaView<'_, T>,
     tables: (&CudaView<'_, f32>, &CudaView<'_, f32>),
     dims: AttentionDims,
     heads: usize,
 ) -> Result<CudaSlice<f32>> {
     // SAFETY: the kernel writes every element.
     let mut out = unsafe { dev.alloc::<f32>(dims.b * heads * dims.t * dims.d) }?;
-    let f =
-        dev.get_or_load_custom_func("attn_rotate", TRAINING_ATTENTION.0, TRAINING_ATTENTION.1)?;
+    let f = dev.get_or_load_custom_func(
+        &kernel::<T>("attn_rotate")?,
+        TRAINING_ATTENTION.0,
+        TRAINING_ATTENTION.1,
+    )?;
     let mut bl = f.builder();
     let (t, _, _, d) = dims.i32s();
     let h32 = heads as i32;
@@ -100,9 +116,9 @@ fn tables<'a>(
     Ok((view(&cos.0, cos.1)?, view(&sin.0, sin.1)?))
 }
 
-/// The forward pass: `q`, `k`, `v` contiguous f32 as `fused::causal_attention` takes them;
-/// `cos`, `sin` the `(>= t, d / 2)` tables (contiguous f32 on the device). Returns the heads'
-/// values, `(b, t, heads * d)`.
+/// The forward pass: `q`, `k`, `v` contiguous f32 or bf16 as `fused::causal_attention` takes
+/// them; `cos`, `sin` the `(>= t, d / 2)` tables (contiguous f32 on the device). Returns the
+/// heads' values, `(b, t, heads * d)`, in the operands' dtype.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     q: &CudaStorage,
@@ -115,20 +131,44 @@ pub fn forward(
     sin: &Tensor,
     dims: AttentionDims,
 ) -> Result<(CudaStorage, Shape)> {
+    let y = match q.dtype() {
+        DType::F32 => forward_in::<f32>(q, lq, k, lk, v, lv, cos, sin, dims)?,
+        DType::BF16 => forward_in::<half::bf16>(q, lq, k, lk, v, lv, cos, sin, dims)?,
+        d => candle_core::bail!("training attention: {d:?} operands"),
+    };
+    Ok((y, lq.shape().clone()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_in<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+    q: &CudaStorage,
+    lq: &Layout,
+    k: &CudaStorage,
+    lk: &Layout,
+    v: &CudaStorage,
+    lv: &Layout,
+    cos: &Tensor,
+    sin: &Tensor,
+    dims: AttentionDims,
+) -> Result<CudaStorage> {
     const WHAT: &str = "training attention";
     let dev = &q.device;
     let (qv, kv, vv) = (
-        contiguous_view::<f32>(q, lq, WHAT)?,
-        contiguous_view::<f32>(k, lk, WHAT)?,
-        contiguous_view::<f32>(v, lv, WHAT)?,
+        contiguous_view::<T>(q, lq, WHAT)?,
+        contiguous_view::<T>(k, lk, WHAT)?,
+        contiguous_view::<T>(v, lv, WHAT)?,
     );
     let (cs, ss) = (cos.storage_and_layout(), sin.storage_and_layout());
     let (cv, sv) = tables(&cs, &ss)?;
     let qr = rotate(dev, &qv, (&cv, &sv), dims, dims.heads)?;
     let kr = rotate(dev, &kv, (&cv, &sv), dims, dims.kv)?;
     // SAFETY: the kernel writes every element.
-    let mut y = unsafe { dev.alloc::<f32>(lq.shape().elem_count()) }?;
-    let f = dev.get_or_load_custom_func("attn_fwd", TRAINING_ATTENTION.0, TRAINING_ATTENTION.1)?;
+    let mut y = unsafe { dev.alloc::<T>(lq.shape().elem_count()) }?;
+    let f = dev.get_or_load_custom_func(
+        &kernel::<T>("attn_fwd")?,
+        TRAINING_ATTENTION.0,
+        TRAINING_ATTENTION.1,
+    )?;
     let mut bl = f.builder();
     let (t, h, kvh, d) = dims.i32s();
     let scale = dims.scale();
@@ -145,10 +185,7 @@ pub fn forward(
     // values of its KV head up to its row, and writes its row of y; shared memory holds each
     // warp's query and scores.
     unsafe { bl.launch(dims.rows_cfg(dims.d + dims.t)) }.map_err(candle_core::Error::wrap)?;
-    Ok((
-        CudaStorage::wrap_cuda_slice(y, dev.clone()),
-        lq.shape().clone(),
-    ))
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
 
 /// The gradients of `q`, `k`, `v` for the output gradient `dy`.
@@ -166,7 +203,7 @@ pub fn grads(
         &k.contiguous()?,
         &v.contiguous()?,
         &Grads {
-            dy: dy.to_dtype(DType::F32)?.contiguous()?,
+            dy: dy.to_dtype(q.dtype())?.contiguous()?,
             cos: cos.contiguous()?,
             sin: sin.contiguous()?,
             dims,
@@ -213,19 +250,40 @@ impl CustomOp3 for Grads {
         v: &CudaStorage,
         lv: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
+        let out = match q.dtype() {
+            DType::F32 => self.launch::<f32>(q, lq, k, lk, v, lv)?,
+            DType::BF16 => self.launch::<half::bf16>(q, lq, k, lk, v, lv)?,
+            d => candle_core::bail!("training attention grads: {d:?} operands"),
+        };
+        let len = lq.shape().elem_count() + 2 * lk.shape().elem_count();
+        Ok((out, Shape::from(len)))
+    }
+}
+
+impl Grads {
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+        &self,
+        q: &CudaStorage,
+        lq: &Layout,
+        k: &CudaStorage,
+        lk: &Layout,
+        v: &CudaStorage,
+        lv: &Layout,
+    ) -> Result<CudaStorage> {
         const WHAT: &str = "training attention grads";
         let dev = &q.device;
         let dims = self.dims;
         let (qv, kv, vv) = (
-            contiguous_view::<f32>(q, lq, WHAT)?,
-            contiguous_view::<f32>(k, lk, WHAT)?,
-            contiguous_view::<f32>(v, lv, WHAT)?,
+            contiguous_view::<T>(q, lq, WHAT)?,
+            contiguous_view::<T>(k, lk, WHAT)?,
+            contiguous_view::<T>(v, lv, WHAT)?,
         );
         let (gs, gl) = self.dy.storage_and_layout();
         let candle_core::Storage::Cuda(gs) = &*gs else {
             candle_core::bail!("{WHAT}: the output gradient is not on the GPU");
         };
-        let gv = contiguous_view::<f32>(gs, gl, WHAT)?;
+        let gv = contiguous_view::<T>(gs, gl, WHAT)?;
         let (cs, ss) = (self.cos.storage_and_layout(), self.sin.storage_and_layout());
         let (cv, sv) = tables(&cs, &ss)?;
         let qr = rotate(dev, &qv, (&cv, &sv), dims, dims.heads)?;
@@ -238,7 +296,7 @@ impl CustomOp3 for Grads {
             (
                 dev.alloc::<f32>(scores)?,
                 dev.alloc::<f32>(scores)?,
-                dev.alloc::<f32>(nq + 2 * nk)?,
+                dev.alloc::<T>(nq + 2 * nk)?,
             )
         };
         let (t, h, kvh, d) = dims.i32s();
@@ -246,7 +304,7 @@ impl CustomOp3 for Grads {
         {
             let (mut dq, mut rest) = out.split_at_mut(nq);
             let f = dev.get_or_load_custom_func(
-                "attn_bwd_rows",
+                &kernel::<T>("attn_bwd_rows")?,
                 TRAINING_ATTENTION.0,
                 TRAINING_ATTENTION.1,
             )?;
@@ -271,7 +329,7 @@ impl CustomOp3 for Grads {
                 .map_err(candle_core::Error::wrap)?;
             let (mut dk, mut dv) = rest.split_at_mut(nk);
             let f = dev.get_or_load_custom_func(
-                "attn_bwd_cols",
+                &kernel::<T>("attn_bwd_cols")?,
                 TRAINING_ATTENTION.0,
                 TRAINING_ATTENTION.1,
             )?;
@@ -298,9 +356,6 @@ impl CustomOp3 for Grads {
             // rows.
             unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
         }
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from(nq + 2 * nk),
-        ))
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 }

@@ -1,4 +1,4 @@
-// Adaptation's RMS norm and gated activation on the GPU, each one launch forward and one
+// Adaptation's RMS norm (f32 or bf16 operands) and gated activation on the GPU, each one launch forward and one
 // backward, where candle's composed ops take about six launches forward and a dozen backward
 // per norm (`model/kernels/fused/` holds the same ops for the CPU, and the reference math).
 // Sums are in f32 in a fixed order (one block per row, a fixed tree), so a pass gives the
@@ -7,27 +7,29 @@
 
 #define THREADS 256
 
-// y = x / rms(x) * w, one block per row of `n` (f32: training takes norms in f32).
-extern "C" __global__ void rms_norm_fwd(const float *x, const float *w, float *y, int n,
-                                        float eps) {
-    const float *xr = x + (int64_t)blockIdx.x * n;
-    float *yr = y + (int64_t)blockIdx.x * n;
+// y = x / rms(x) * w, one block per row of `n`, in f32 whatever the operands hold.
+template <typename T>
+__device__ void rms_norm_fwd_t(const T *x, const T *w, T *y, int n, float eps) {
+    const T *xr = x + (int64_t)blockIdx.x * n;
+    T *yr = y + (int64_t)blockIdx.x * n;
     float ss = 0.f;
-    for (int i = threadIdx.x; i < n; i += THREADS) ss += xr[i] * xr[i];
+    for (int i = threadIdx.x; i < n; i += THREADS) ss += to_f(xr[i]) * to_f(xr[i]);
     const float r = 1.0f / sqrtf(block_sum<THREADS>(ss) / n + eps);
-    for (int i = threadIdx.x; i < n; i += THREADS) yr[i] = xr[i] * r * w[i];
+    for (int i = threadIdx.x; i < n; i += THREADS) put(yr, i, to_f(xr[i]) * r * to_f(w[i]));
 }
 
 // out[0] = dx = r (g w) - x r^3 / n * sum(g w x); out[1] = each row's g x r (dw is their sum
-// over rows, taken after, in a fixed order). `rows` rows of `n`.
-extern "C" __global__ void rms_norm_bwd(const float *x, const float *w, const float *g,
-                                        float *out, int64_t rows, int n, float eps) {
+// over rows, taken after, in a fixed order). `rows` rows of `n`; `out` is f32 for any operands.
+template <typename T>
+__device__ void rms_norm_bwd_t(const T *x, const T *w, const T *g, float *out, int64_t rows,
+                               int n, float eps) {
     const int64_t o = (int64_t)blockIdx.x * n;
-    const float *xr = x + o, *gr = g + o;
+    const T *xr = x + o, *gr = g + o;
     float ss = 0.f, s = 0.f;
     for (int i = threadIdx.x; i < n; i += THREADS) {
-        ss += xr[i] * xr[i];
-        s += gr[i] * w[i] * xr[i];
+        const float xi = to_f(xr[i]);
+        ss += xi * xi;
+        s += to_f(gr[i]) * to_f(w[i]) * xi;
     }
     ss = block_sum<THREADS>(ss);
     s = block_sum<THREADS>(s);
@@ -35,9 +37,28 @@ extern "C" __global__ void rms_norm_bwd(const float *x, const float *w, const fl
     const float c = s * r * r * r / n;
     float *dx = out + o, *dw = out + rows * n + o;
     for (int i = threadIdx.x; i < n; i += THREADS) {
-        dx[i] = r * gr[i] * w[i] - c * xr[i];
-        dw[i] = gr[i] * xr[i] * r;
+        const float xi = to_f(xr[i]), gi = to_f(gr[i]);
+        dx[i] = r * gi * to_f(w[i]) - c * xi;
+        dw[i] = gi * xi * r;
     }
+}
+
+extern "C" __global__ void rms_norm_fwd(const float *x, const float *w, float *y, int n,
+                                        float eps) {
+    rms_norm_fwd_t<float>(x, w, y, n, eps);
+}
+extern "C" __global__ void rms_norm_fwd_bf16(const __nv_bfloat16 *x, const __nv_bfloat16 *w,
+                                             __nv_bfloat16 *y, int n, float eps) {
+    rms_norm_fwd_t<__nv_bfloat16>(x, w, y, n, eps);
+}
+extern "C" __global__ void rms_norm_bwd(const float *x, const float *w, const float *g,
+                                        float *out, int64_t rows, int n, float eps) {
+    rms_norm_bwd_t<float>(x, w, g, out, rows, n, eps);
+}
+extern "C" __global__ void rms_norm_bwd_bf16(const __nv_bfloat16 *x, const __nv_bfloat16 *w,
+                                             const __nv_bfloat16 *g, float *out, int64_t rows,
+                                             int n, float eps) {
+    rms_norm_bwd_t<__nv_bfloat16>(x, w, g, out, rows, n, eps);
 }
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }

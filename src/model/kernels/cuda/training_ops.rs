@@ -28,7 +28,7 @@ fn elementwise_blocks(len: usize) -> usize {
     len.div_ceil(THREADS as usize).min(65_535)
 }
 
-/// `x / rms(x) * w` over rows of `w.len()`, f32.
+/// `x / rms(x) * w` over rows of `w.len()`, f32 or bf16 (`w` of `x`'s dtype; f32 arithmetic).
 pub fn rms_norm_fwd(
     x: &CudaStorage,
     lx: &Layout,
@@ -36,38 +36,52 @@ pub fn rms_norm_fwd(
     lw: &Layout,
     eps: f32,
 ) -> Result<(CudaStorage, Shape)> {
+    let y = match x.dtype() {
+        DType::F32 => rms_norm_fwd_in::<f32>(x, lx, w, lw, eps, "rms_norm_fwd")?,
+        DType::BF16 => rms_norm_fwd_in::<half::bf16>(x, lx, w, lw, eps, "rms_norm_fwd_bf16")?,
+        d => candle_core::bail!("{WHAT}: {d:?} rms norm"),
+    };
+    Ok((y, lx.shape().clone()))
+}
+
+fn rms_norm_fwd_in<T: CudaDType + DeviceRepr>(
+    x: &CudaStorage,
+    lx: &Layout,
+    w: &CudaStorage,
+    lw: &Layout,
+    eps: f32,
+    name: &str,
+) -> Result<CudaStorage> {
     let dev = &x.device;
     let n = lw.shape().elem_count();
     let len = lx.shape().elem_count();
     let (xv, wv) = (
-        contiguous_view::<f32>(x, lx, WHAT)?,
-        contiguous_view::<f32>(w, lw, WHAT)?,
+        contiguous_view::<T>(x, lx, WHAT)?,
+        contiguous_view::<T>(w, lw, WHAT)?,
     );
     // SAFETY: every element is written by the kernel before the buffer is read.
-    let mut y = unsafe { dev.alloc::<f32>(len) }?;
-    let f = dev.get_or_load_custom_func("rms_norm_fwd", TRAINING_OPS.0, TRAINING_OPS.1)?;
+    let mut y = unsafe { dev.alloc::<T>(len) }?;
+    let f = dev.get_or_load_custom_func(name, TRAINING_OPS.0, TRAINING_OPS.1)?;
     let mut b = f.builder();
     let (n32, eps) = (n as i32, eps);
     b.arg(&xv).arg(&wv).arg(&mut y).arg(&n32).arg(&eps);
     if len > 0 && n > 0 {
-        // SAFETY: one block per row of `n` contiguous f32, as the kernel reads them.
+        // SAFETY: one block per row of `n` contiguous elements, as the kernel reads them.
         unsafe { b.launch(launch_cfg(len / n)) }.map_err(candle_core::Error::wrap)?;
     }
-    Ok((
-        CudaStorage::wrap_cuda_slice(y, dev.clone()),
-        lx.shape().clone(),
-    ))
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
 
-/// The gradients of `rms_norm(x, w)` for the output gradient `g`: `(dx, dw)`.
+/// The gradients of `rms_norm(x, w)` for the output gradient `g`: `(dx, dw)`, in `x`'s and
+/// `w`'s dtypes (computed and summed in f32).
 pub fn rms_norm_grads(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
     let both = x.contiguous()?.apply_op3_no_bwd(
         &w.contiguous()?,
-        &g.contiguous()?,
+        &g.to_dtype(x.dtype())?.contiguous()?,
         &RmsNormGrads { eps },
     )?;
-    let dw = both.get(1)?.sum(0)?;
-    Ok((both.get(0)?.reshape(x.shape())?, dw))
+    let dw = both.get(1)?.sum(0)?.to_dtype(w.dtype())?;
+    Ok((both.get(0)?.reshape(x.shape())?.to_dtype(x.dtype())?, dw))
 }
 
 struct RmsNormGrads {
@@ -100,18 +114,41 @@ impl CustomOp3 for RmsNormGrads {
         g: &CudaStorage,
         lg: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
+        let out = match x.dtype() {
+            DType::F32 => self.launch::<f32>(x, lx, w, lw, g, lg, "rms_norm_bwd")?,
+            DType::BF16 => self.launch::<half::bf16>(x, lx, w, lw, g, lg, "rms_norm_bwd_bf16")?,
+            d => candle_core::bail!("{WHAT}: {d:?} rms norm gradients"),
+        };
+        let n = lw.shape().elem_count();
+        let rows = lx.shape().elem_count() / n.max(1);
+        Ok((out, Shape::from((2, rows, n))))
+    }
+}
+
+impl RmsNormGrads {
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+        name: &str,
+    ) -> Result<CudaStorage> {
         let dev = &x.device;
         let n = lw.shape().elem_count();
         let len = lx.shape().elem_count();
         let rows = (len / n.max(1)) as i64;
         let (xv, wv, gv) = (
-            contiguous_view::<f32>(x, lx, WHAT)?,
-            contiguous_view::<f32>(w, lw, WHAT)?,
-            contiguous_view::<f32>(g, lg, WHAT)?,
+            contiguous_view::<T>(x, lx, WHAT)?,
+            contiguous_view::<T>(w, lw, WHAT)?,
+            contiguous_view::<T>(g, lg, WHAT)?,
         );
         // SAFETY: the kernel writes both halves in full.
         let mut out = unsafe { dev.alloc::<f32>(2 * len) }?;
-        let f = dev.get_or_load_custom_func("rms_norm_bwd", TRAINING_OPS.0, TRAINING_OPS.1)?;
+        let f = dev.get_or_load_custom_func(name, TRAINING_OPS.0, TRAINING_OPS.1)?;
         let mut b = f.builder();
         let (n32, eps) = (n as i32, self.eps);
         b.arg(&xv)
@@ -125,8 +162,7 @@ impl CustomOp3 for RmsNormGrads {
             // SAFETY: one block per row; `out` holds `2 * len` f32.
             unsafe { b.launch(launch_cfg(rows as usize)) }.map_err(candle_core::Error::wrap)?;
         }
-        let shape = Shape::from((2, rows as usize, n));
-        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 }
 

@@ -302,7 +302,7 @@ impl CustomOp3 for Attention {
 }
 
 /// Causal attention over `q` `(b, t, n_heads * head_dim)` and `k`, `v`
-/// `(b, t, n_kv * head_dim)` (f32; on the CPU, or a GPU's `cuda::training_attention`), the
+/// `(b, t, n_kv * head_dim)` (f32 on the CPU; f32 or bf16 on a GPU, `cuda::training_attention`), the
 /// projections' outputs before rotation; `cos` and `sin` are the `(positions, head_dim / 2)`
 /// rotary tables. Returns `(b, t, n_heads * head_dim)`.
 pub fn causal_attention(

@@ -23,7 +23,7 @@ pub use rope::rope;
 pub use softmax::softmax_last_dim;
 pub use swiglu::swiglu;
 
-/// Whether a whole block's fused path takes `x`: f32 on the CPU, or on a GPU with
+/// Whether a whole block's fused path takes `x`: f32 on the CPU, or f32 and bf16 on a GPU with
 /// `[model] cuda_fused_training` (`cuda::fused_training`).
 pub fn applies(x: &Tensor) -> bool {
     takes(x.dtype(), x.device())
@@ -31,13 +31,15 @@ pub fn applies(x: &Tensor) -> bool {
 
 /// [`applies`] for tensors of `dtype` on `device`.
 pub fn takes(dtype: DType, device: &Device) -> bool {
-    dtype == DType::F32
-        && match device {
-            Device::Cpu => true,
-            #[cfg(feature = "cuda")]
-            Device::Cuda(_) => crate::model::kernels::cuda::fused_training(),
-            _ => false,
+    match device {
+        Device::Cpu => dtype == DType::F32,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            matches!(dtype, DType::F32 | DType::BF16)
+                && crate::model::kernels::cuda::fused_training()
         }
+        _ => false,
+    }
 }
 
 /// The f32 elements of a contiguous CPU storage.

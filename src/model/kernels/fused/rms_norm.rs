@@ -101,13 +101,15 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
-/// RMS norm of `x` (f32, on the CPU or, with `--features cuda`, a GPU) over its last
-/// dimension, scaled by `w`.
+/// RMS norm of `x` (f32 on the CPU; f32 or bf16 on a GPU, with `--features cuda`) over its
+/// last dimension, scaled by `w` (taken in `x`'s dtype).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let n = x.dim(candle_core::D::Minus1)?;
     if w.dims() != [n] {
         candle_core::bail!("rms norm: weight {:?} for rows of {n}", w.shape());
     }
-    x.contiguous()?
-        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+    x.contiguous()?.apply_op2(
+        &w.to_dtype(x.dtype())?.contiguous()?,
+        RmsNorm { eps: eps as f32 },
+    )
 }
