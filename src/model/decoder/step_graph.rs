@@ -135,8 +135,10 @@ impl StepGraph {
     #[cfg(feature = "cuda")]
     fn run(&mut self, dec: &Decoder, opts: &ForwardOpts) -> Result<Tensor> {
         use crate::model::kernels::cuda::graph::{with_upload_cache, Graph};
+        let (ids, positions, rows) = (&self.ids, &self.positions, &self.rows);
+        let step = || dec.device_step(ids, positions, rows, opts);
         let candle_core::Device::Cuda(dev) = dec.device().clone() else {
-            return dec.device_step(&self.ids, &self.positions, &self.rows, opts);
+            return step();
         };
         match &self.replay {
             Replay::Captured(g) => match g.replay() {
@@ -149,7 +151,6 @@ impl StepGraph {
             },
             Replay::Off => {}
             Replay::Pending => {
-                let step = || dec.device_step(&self.ids, &self.positions, &self.rows, opts);
                 let logits = with_upload_cache(&dev, step)?;
                 let out = logits.zeros_like()?;
                 self.replay = match Graph::capture(&dev, out, step) {
@@ -162,7 +163,7 @@ impl StepGraph {
                 return Ok(logits);
             }
         }
-        dec.device_step(&self.ids, &self.positions, &self.rows, opts)
+        step()
     }
 }
 

@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::cuda_backend::cudarc::driver::{CudaStream, CudaView, DevicePtr, SyncOnDrop};
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
-use candle_core::{CudaDevice, CudaStorage, Device, Layout, Result, Storage, Tensor};
+use candle_core::{
+    CudaDevice, CudaStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType,
+};
 
 /// The module name candle caches the PTX under, and the PTX.
 const OPTIMIZER: (&str, &str) = (
@@ -120,6 +122,15 @@ fn held_view<'a, T: CudaDType>(s: &'a Storage, l: &Layout, what: &str) -> Result
         candle_core::bail!("{what}: an operand is not on the GPU");
     };
     Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+/// The kernel of a pair built for f32 and bf16 operands that serves `T`.
+fn by_dtype<T: WithDType>(f32: &'static str, bf16: &'static str) -> Result<&'static str> {
+    match T::DTYPE {
+        DType::F32 => Ok(f32),
+        DType::BF16 => Ok(bf16),
+        d => candle_core::bail!("{f32}: no kernel for {d:?} operands"),
+    }
 }
 
 /// The CUDA device of `t`, or an error naming `what`.

@@ -9,9 +9,11 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::CudaDType;
-use candle_core::{CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
 
-use super::{contiguous_view, TRAINING_ATTENTION};
+use super::{by_dtype, contiguous_view, held_view, TRAINING_ATTENTION};
 
 const WARPS: u32 = 4;
 
@@ -53,17 +55,8 @@ impl AttentionDims {
     }
 }
 
-/// The kernel `name` for operands of `T` (`attn_fwd` -> `attn_fwd_bf16`).
-fn kernel<T: CudaDType + candle_core::WithDType>(name: &str) -> Result<String> {
-    match T::DTYPE {
-        DType::F32 => Ok(format!("{name}_f32")),
-        DType::BF16 => Ok(format!("{name}_bf16")),
-        d => candle_core::bail!("training attention: {d:?} operands"),
-    }
-}
-
 /// `x` (b, t, heads * d) rotated by each position's angles into a new f32 (b, heads, t, d).
-fn rotate<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+fn rotate<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
     x: &CudaView<'_, T>,
     tables: (&CudaView<'_, f32>, &CudaView<'_, f32>),
@@ -73,7 +66,7 @@ fn rotate<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     // SAFETY: the kernel writes every element.
     let mut out = unsafe { dev.alloc::<f32>(dims.b * heads * dims.t * dims.d) }?;
     let f = dev.get_or_load_custom_func(
-        &kernel::<T>("attn_rotate")?,
+        by_dtype::<T>("attn_rotate_f32", "attn_rotate_bf16")?,
         TRAINING_ATTENTION.0,
         TRAINING_ATTENTION.1,
     )?;
@@ -96,24 +89,6 @@ fn rotate<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     // position's angles, and writes that row of the output.
     unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
     Ok(out)
-}
-
-/// The held rotary tables' elements (contiguous f32 on the device).
-fn tables<'a>(
-    cos: &'a (
-        impl std::ops::Deref<Target = candle_core::Storage>,
-        &'a Layout,
-    ),
-    sin: &'a (
-        impl std::ops::Deref<Target = candle_core::Storage>,
-        &'a Layout,
-    ),
-) -> Result<(CudaView<'a, f32>, CudaView<'a, f32>)> {
-    let view = |s: &'a candle_core::Storage, l: &Layout| match s {
-        candle_core::Storage::Cuda(c) => contiguous_view::<f32>(c, l, "training attention tables"),
-        _ => candle_core::bail!("training attention: the rotary tables are not on the GPU"),
-    };
-    Ok((view(&cos.0, cos.1)?, view(&sin.0, sin.1)?))
 }
 
 /// The forward pass: `q`, `k`, `v` contiguous f32 or bf16 as `fused::causal_attention` takes
@@ -140,7 +115,7 @@ pub fn forward(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn forward_in<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+fn forward_in<T: CudaDType + DeviceRepr + WithDType>(
     q: &CudaStorage,
     lq: &Layout,
     k: &CudaStorage,
@@ -158,14 +133,15 @@ fn forward_in<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         contiguous_view::<T>(k, lk, WHAT)?,
         contiguous_view::<T>(v, lv, WHAT)?,
     );
-    let (cs, ss) = (cos.storage_and_layout(), sin.storage_and_layout());
-    let (cv, sv) = tables(&cs, &ss)?;
+    let ((cs, cl), (ss, sl)) = (cos.storage_and_layout(), sin.storage_and_layout());
+    let cv = held_view::<f32>(&cs, cl, WHAT)?;
+    let sv = held_view::<f32>(&ss, sl, WHAT)?;
     let qr = rotate(dev, &qv, (&cv, &sv), dims, dims.heads)?;
     let kr = rotate(dev, &kv, (&cv, &sv), dims, dims.kv)?;
     // SAFETY: the kernel writes every element.
     let mut y = unsafe { dev.alloc::<T>(lq.shape().elem_count()) }?;
     let f = dev.get_or_load_custom_func(
-        &kernel::<T>("attn_fwd")?,
+        by_dtype::<T>("attn_fwd_f32", "attn_fwd_bf16")?,
         TRAINING_ATTENTION.0,
         TRAINING_ATTENTION.1,
     )?;
@@ -262,7 +238,7 @@ impl CustomOp3 for Grads {
 
 impl Grads {
     #[allow(clippy::too_many_arguments)]
-    fn launch<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         q: &CudaStorage,
         lq: &Layout,
@@ -280,12 +256,10 @@ impl Grads {
             contiguous_view::<T>(v, lv, WHAT)?,
         );
         let (gs, gl) = self.dy.storage_and_layout();
-        let candle_core::Storage::Cuda(gs) = &*gs else {
-            candle_core::bail!("{WHAT}: the output gradient is not on the GPU");
-        };
-        let gv = contiguous_view::<T>(gs, gl, WHAT)?;
-        let (cs, ss) = (self.cos.storage_and_layout(), self.sin.storage_and_layout());
-        let (cv, sv) = tables(&cs, &ss)?;
+        let gv = held_view::<T>(&gs, gl, WHAT)?;
+        let ((cs, cl), (ss, sl)) = (self.cos.storage_and_layout(), self.sin.storage_and_layout());
+        let cv = held_view::<f32>(&cs, cl, WHAT)?;
+        let sv = held_view::<f32>(&ss, sl, WHAT)?;
         let qr = rotate(dev, &qv, (&cv, &sv), dims, dims.heads)?;
         let kr = rotate(dev, &kv, (&cv, &sv), dims, dims.kv)?;
         let (nq, nk) = (lq.shape().elem_count(), lk.shape().elem_count());
@@ -304,7 +278,7 @@ impl Grads {
         {
             let (mut dq, mut rest) = out.split_at_mut(nq);
             let f = dev.get_or_load_custom_func(
-                &kernel::<T>("attn_bwd_rows")?,
+                by_dtype::<T>("attn_bwd_rows_f32", "attn_bwd_rows_bf16")?,
                 TRAINING_ATTENTION.0,
                 TRAINING_ATTENTION.1,
             )?;
@@ -329,7 +303,7 @@ impl Grads {
                 .map_err(candle_core::Error::wrap)?;
             let (mut dk, mut dv) = rest.split_at_mut(nk);
             let f = dev.get_or_load_custom_func(
-                &kernel::<T>("attn_bwd_cols")?,
+                by_dtype::<T>("attn_bwd_cols_f32", "attn_bwd_cols_bf16")?,
                 TRAINING_ATTENTION.0,
                 TRAINING_ATTENTION.1,
             )?;
