@@ -35,9 +35,12 @@ export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/
 export RUST_LOG=warn PYTHONUNBUFFERED=1
 
 log() { echo "== $*" | tee -a "$out/log"; }
+# A step that hangs (a kernel that never ends) must not cost the steps after it: each has
+# STEP_TIMEOUT seconds (exit 124 when it ran out).
+step_timeout=${STEP_TIMEOUT:-150}
 run() { # one step; a failure is reported and the check goes on
     log "$*"
-    "$@" 2>&1 | tee -a "$out/log" || log "FAILED (exit $?): $*"
+    timeout --kill-after=5 "$step_timeout" "$@" 2>&1 | tee -a "$out/log" || log "FAILED (exit ${PIPESTATUS[0]}): $*"
 }
 cfg() { # a config file with the given lines, defaults for the rest
     local f

@@ -43,8 +43,10 @@ pub fn lora_elements(cfg: &ModelConfig, lora: &LoraConfig) -> usize {
 /// Floats one block keeps per token for its backward pass: the inputs and outputs of its
 /// norms, projections, rotary, SwiGLU and residuals (`6h + 2kv + 4i`, rounded up by a fifth),
 /// and per query head and key position `attn` floats of attention. Measured (the test
-/// above): the fused attention keeps no score matrices; the composed one (over
-/// [`Decoder::fused_attention_positions`], or off the CPU) keeps ~15 per head and key.
+/// above): the fused attention keeps no score matrices; its CUDA backward holds two for the
+/// block being differentiated (its `ds` and `p`, f32), which the fused path's 2 covers. The
+/// composed one (over [`Decoder::fused_attention_positions`], or off the fused path) keeps ~15
+/// per head and key.
 fn block_floats_per_token(cfg: &ModelConfig, seq: usize, attn: usize) -> usize {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let kv = cfg.num_key_value_heads * cfg.head_dim();

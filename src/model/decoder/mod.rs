@@ -718,13 +718,18 @@ impl Decoder {
     /// `(batch, vocab)` logits of `last` (`(batch, 1, hidden)`), the blocks' output.
     fn last_logits(&self, last: &Tensor, differentiable: bool) -> Result<Tensor> {
         let h = self.norm(last, &self.norm, differentiable)?;
+        self.normed_logits(&h, differentiable)
+    }
+
+    /// [`last_logits`](Self::last_logits) of `h`, the blocks' output already normed.
+    fn normed_logits(&self, h: &Tensor, differentiable: bool) -> Result<Tensor> {
         let logits = match &self.lm_head_quant {
             Some(q) if !differentiable => {
                 q.forward(&h.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?
             }
             // The few-row kernels compute each row on its own; gemm's blocking depends on
             // the row count, which would make a row's logits depend on its batch.
-            _ if !differentiable => self.head(&h, false)?,
+            _ if !differentiable => self.head(h, false)?,
             _ => h.broadcast_matmul(&self.lm_head.t()?)?,
         };
         logits.squeeze(1)
@@ -824,7 +829,8 @@ impl Decoder {
         let Some(first) = self.blocks.first() else {
             candle_core::bail!("a model without blocks");
         };
-        // Each block's MLP output is added together with the next block's input norm.
+        // Each block's MLP output is added together with the next block's input norm, the
+        // last block's with the final norm.
         let mut h = self.norm_with(&x, &first.input_norm, opts)?;
         for (l, block) in self.blocks.iter().enumerate() {
             let layer = match &mut kv {
@@ -832,12 +838,10 @@ impl Decoder {
                 StepKv::At(rows) => Kv::At(&rows[l]),
             };
             let (mid, y) = self.block_parts(block, l, &x, &h, &cos, &sin, None, layer, opts)?;
-            match self.blocks.get(l + 1) {
-                Some(next) => (x, h) = self.residual_norm(&mid, &y, &next.input_norm, opts)?,
-                None => x = (mid + y)?,
-            }
+            let next = self.blocks.get(l + 1).map_or(&self.norm, |b| &b.input_norm);
+            (x, h) = self.residual_norm(&mid, &y, next, opts)?;
         }
-        self.last_logits(&x, false)
+        self.normed_logits(&h, false)
     }
 
     /// Whether decode steps here are captured as graphs and replayed (`[model] cuda_graphs` on

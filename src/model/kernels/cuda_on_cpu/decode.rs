@@ -1,0 +1,1035 @@
+//! A decode step's GPU kernels run on the CPU: `decode_attention.cu` (attention over each
+//! row's cache, by length or by a position read on the device, and the cache write),
+//! `decode_step.cu` (rotary embedding with the cache write, the residual add with the next RMS
+//! norm, SwiGLU from the joint gate/up product) and `lora.cu` (the LoRA delta, per-row or
+//! shared adapters). Each launch mirrors its launch code in `model/kernels/cuda/*.rs` (named
+//! at each runner) and is compared with the CPU's reference: the CPU kernel or candle op a
+//! CPU step runs, and a plain f64 formula.
+//!
+//! Tolerances: f32 results within 1e-5 relative plus 1e-6 absolute; bf16 results, against the
+//! f64 formula on the bf16 inputs, within 1e-2 relative (one to two bf16 ulps, 2^-8..2^-7
+//! relative each) plus 1e-4 absolute; the LoRA add, whose results may cancel far below their
+//! terms, also 1e-6 times the sum of its terms' absolute values. Every output buffer starts as
+//! NaN (0xffff in bf16), so an element the kernel fails to write, or writes where it must not,
+//! shows. Launches here run one at a time (see [`launch`]).
+
+use super::*;
+use candle_core::{Device, Tensor, D};
+
+// The launch code's block sizes (`cuda/decode_attention.rs`, `cuda/decode_step.rs`,
+// `cuda/lora.rs`); `launch_constants_match_the_kernels` checks them against both files.
+const ATTENTION_THREADS: u32 = 128;
+const STEP_THREADS: u32 = 128;
+const NORM_THREADS: u32 = 256;
+const LORA_THREADS: u32 = 256;
+
+type DecodeAttentionFn<T> = unsafe extern "C" fn(*const T, *const i64, *mut T, i32, i32, i32, f32);
+type KvWriteFn<T> = unsafe extern "C" fn(*const T, *const T, *const i64, i32, i32);
+type RopeCacheWriteFn<T> = unsafe extern "C" fn(
+    *const T,
+    *const T,
+    *const T,
+    i64,
+    i64,
+    i64,
+    *const T,
+    *const T,
+    *const i64,
+    *mut T,
+    i32,
+    i32,
+);
+type AddRmsNormFn<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut T, i64, i32, f32);
+type SwigluJointFn<T> = unsafe extern "C" fn(*const T, *mut T, i64, i32);
+type LoraAddFn<T> = unsafe extern "C" fn(
+    *const T,
+    *const T,
+    *const T,
+    *const T,
+    *const f32,
+    f32,
+    *mut T,
+    i32,
+    i32,
+    i32,
+    i64,
+    i64,
+    i64,
+);
+
+/// An element type of the kernels: f32, or bf16 held as its bits.
+trait Elem: Copy + std::fmt::Debug {
+    /// The entry points' suffix.
+    const NAME: &'static str;
+    /// What an output buffer starts as.
+    const NAN: Self;
+    fn of(x: f32) -> Self;
+    fn get(self) -> f64;
+    fn bits(self) -> u32;
+    /// How far a result may lie from the f64 value `want`.
+    fn tolerance(want: f64) -> f64;
+}
+
+impl Elem for f32 {
+    const NAME: &'static str = "f32";
+    const NAN: Self = f32::NAN;
+    fn of(x: f32) -> Self {
+        x
+    }
+    fn get(self) -> f64 {
+        self as f64
+    }
+    fn bits(self) -> u32 {
+        self.to_bits()
+    }
+    fn tolerance(want: f64) -> f64 {
+        1e-5 * want.abs() + 1e-6
+    }
+}
+
+impl Elem for u16 {
+    const NAME: &'static str = "bf16";
+    const NAN: Self = 0xffff;
+    fn of(x: f32) -> Self {
+        bf16_bits(x)
+    }
+    fn get(self) -> f64 {
+        from_bf16(self) as f64
+    }
+    fn bits(self) -> u32 {
+        self as u32
+    }
+    fn tolerance(want: f64) -> f64 {
+        1e-2 * want.abs() + 1e-4
+    }
+}
+
+/// `n` values in [-1, 1) from `seed`.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn elems<T: Elem>(n: usize, seed: u64) -> Vec<T> {
+    values(n, seed).into_iter().map(T::of).collect()
+}
+
+fn as_f32<T: Elem>(x: &[T]) -> Vec<f32> {
+    x.iter().map(|v| v.get() as f32).collect()
+}
+
+#[track_caller]
+fn assert_close<T: Elem>(got: &[T], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let g = g.get();
+        assert!(
+            (g - w).abs() <= T::tolerance(*w),
+            "{what}[{i}]: kernel {g}, reference {w}"
+        );
+    }
+}
+
+/// As [`assert_close`], with room for f32 sums' rounding: `1e-6 * magnitude` more, where
+/// `magnitude[i]` sums the absolute values of result `i`'s terms (a result may cancel to far
+/// below them; 1e-6 is about 17 f32 half-ulps, far under the worst case of a few hundred
+/// additions and some 400 times what the kernel's sums were seen to need).
+#[track_caller]
+fn assert_close_scaled<T: Elem>(got: &[T], want: &[f64], magnitude: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, ((g, w), m)) in got.iter().zip(want).zip(magnitude).enumerate() {
+        let g = g.get();
+        assert!(
+            (g - w).abs() <= T::tolerance(*w) + 1e-6 * m,
+            "{what}[{i}]: kernel {g}, reference {w}, terms' magnitude {m}"
+        );
+    }
+}
+
+/// f32 results against a reference in f32 (a CPU kernel or candle op), same tolerance.
+#[track_caller]
+fn assert_close_f32(got: &[f32], want: &[f32], what: &str) {
+    let want: Vec<f64> = want.iter().map(|&w| w as f64).collect();
+    assert_close(got, &want, what);
+}
+
+/// Runs one launch of `lib` at a time in this process: the runtime keeps the grid, the block
+/// size and the kernels' `__shared__` arrays (`block_sum`'s, LoRA's `h`) in globals of the
+/// library, so two tests launching one library's kernels at once (cargo runs tests on several
+/// threads) overwrite each other's.
+///
+/// # Safety
+/// As [`Library::launch`].
+unsafe fn launch<F: Fn()>(
+    lib: &Library,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    shared: u32,
+    body: F,
+) {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    unsafe { lib.launch(grid, block, shared, body) }
+}
+
+fn kernel<F: Copy>(lib: &Library, base: &str, elem: &str) -> F {
+    // SAFETY: every caller names `F` as the entry point's `extern "C"` signature in the `.cu`.
+    unsafe { lib.symbol(&format!("{base}_{elem}")) }
+}
+
+/// A row's key and value buffers, `kv_heads * cap * d` elements each, head-major
+/// (`(1, kv_heads, cap, d)`) or position-major (`(1, cap, kv_heads, d)` seen as
+/// `(1, kv_heads, cap, d)`); element `(h, p, i)` lies at `h * stride.0 + p * stride.1 + i`.
+struct Cache<T> {
+    k: Vec<T>,
+    v: Vec<T>,
+    k_stride: (usize, usize),
+    v_stride: (usize, usize),
+    cap: usize,
+}
+
+fn strides(position_major: bool, kv_heads: usize, cap: usize, d: usize) -> (usize, usize) {
+    if position_major {
+        (d, kv_heads * d)
+    } else {
+        (cap * d, d)
+    }
+}
+
+impl<T: Elem> Cache<T> {
+    /// Positions below `filled` hold values from `seed`; every other element is NaN.
+    fn new(
+        (kv_heads, cap, d): (usize, usize, usize),
+        (k_pm, v_pm): (bool, bool),
+        filled: usize,
+        seed: u64,
+    ) -> Self {
+        let n = kv_heads * cap * d;
+        let mut c = Cache {
+            k: vec![T::NAN; n],
+            v: vec![T::NAN; n],
+            k_stride: strides(k_pm, kv_heads, cap, d),
+            v_stride: strides(v_pm, kv_heads, cap, d),
+            cap,
+        };
+        let (kx, vx) = (values(n, seed), values(n, seed + 1000));
+        for h in 0..kv_heads {
+            for p in 0..filled.min(cap) {
+                for i in 0..d {
+                    let j = (h * cap + p) * d + i;
+                    let (ki, vi) = (c.k_index(h, p, i), c.v_index(h, p, i));
+                    c.k[ki] = T::of(kx[j]);
+                    c.v[vi] = T::of(vx[j]);
+                }
+            }
+        }
+        c
+    }
+
+    fn k_index(&self, h: usize, p: usize, i: usize) -> usize {
+        h * self.k_stride.0 + p * self.k_stride.1 + i
+    }
+
+    fn v_index(&self, h: usize, p: usize, i: usize) -> usize {
+        h * self.v_stride.0 + p * self.v_stride.1 + i
+    }
+
+    /// The row's table entry (see `decode_attention.cu`): addresses, strides, `len` (a length,
+    /// or the capacity with a position address) and the position's address or 0.
+    fn entry(&self, len: usize, position: Option<&u32>) -> [i64; 8] {
+        [
+            self.k.as_ptr() as i64,
+            self.v.as_ptr() as i64,
+            self.k_stride.0 as i64,
+            self.k_stride.1 as i64,
+            self.v_stride.0 as i64,
+            self.v_stride.1 as i64,
+            len as i64,
+            position.map_or(0, |p| p as *const u32 as i64),
+        ]
+    }
+
+    /// The keys or values as a candle view `(1, kv_heads, len, d)` into the whole buffer.
+    fn view(&self, values: bool, kv_heads: usize, d: usize, len: usize) -> Tensor {
+        let (data, stride) = if values {
+            (&self.v, self.v_stride)
+        } else {
+            (&self.k, self.k_stride)
+        };
+        let data = as_f32(data);
+        let t = if stride.1 == d {
+            Tensor::from_vec(data, (1, kv_heads, self.cap, d), &Device::Cpu).unwrap()
+        } else {
+            Tensor::from_vec(data, (1, self.cap, kv_heads, d), &Device::Cpu)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+        };
+        t.narrow(2, 0, len).unwrap()
+    }
+}
+
+/// Attention by the formula in f64: query head `h` of row `r` over the first `lens[r]`
+/// positions of KV head `h / (heads / kv_heads)`, the query scaled first (as the kernel does).
+fn attention_reference<T: Elem>(
+    q: &[T],
+    caches: &[Cache<T>],
+    lens: &[usize],
+    (heads, kv_heads, d): (usize, usize, usize),
+    scale: f32,
+) -> Vec<f64> {
+    let group = heads / kv_heads;
+    let mut out = Vec::with_capacity(q.len());
+    for (r, (c, &len)) in caches.iter().zip(lens).enumerate() {
+        for h in 0..heads {
+            let kh = h / group;
+            let qs: Vec<f64> = (0..d)
+                .map(|i| (q[(r * heads + h) * d + i].get() as f32 * scale) as f64)
+                .collect();
+            let scores: Vec<f64> = (0..len)
+                .map(|p| (0..d).map(|i| qs[i] * c.k[c.k_index(kh, p, i)].get()).sum())
+                .collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for i in 0..d {
+                let acc: f64 = (0..len)
+                    .map(|p| e[p] * c.v[c.v_index(kh, p, i)].get())
+                    .sum();
+                out.push(acc / sum);
+            }
+        }
+    }
+    out
+}
+
+/// Mirrors `DecodeAttention::launch` (cuda/decode_attention.rs): grid (heads, rows), block
+/// THREADS, `(d + max_len) * 4` bytes of dynamic shared memory, arguments (q, table, out,
+/// heads, group, d, scale).
+fn launch_attention<T: Elem>(
+    q: &[T],
+    table: &[i64],
+    (heads, group, d): (usize, usize, usize),
+    max_len: usize,
+    scale: f32,
+) -> Vec<T> {
+    let lib = library("decode_attention");
+    let f: DecodeAttentionFn<T> = kernel(lib, "decode_attention", T::NAME);
+    let rows = table.len() / 8;
+    assert_eq!(q.len(), rows * heads * d);
+    let mut out = vec![T::NAN; rows * heads * d];
+    let (qp, tp, op) = (q.as_ptr(), table.as_ptr(), out.as_mut_ptr());
+    let (h32, g32, d32) = (heads as i32, group as i32, d as i32);
+    // SAFETY: the table addresses live caches holding every position a row reads (its
+    // length, or its position + 1 within its capacity); q and out hold rows * heads * d.
+    unsafe {
+        launch(
+            lib,
+            (heads as u32, rows as u32, 1),
+            (ATTENTION_THREADS, 1, 1),
+            ((d + max_len) * 4) as u32,
+            || f(qp, tp, op, h32, g32, d32, scale),
+        )
+    };
+    out
+}
+
+/// What one attention case ran: the kernel's output, the f64 reference, and its inputs.
+struct AttentionCase<T> {
+    got: Vec<T>,
+    want: Vec<f64>,
+    q: Vec<T>,
+    caches: Vec<Cache<T>>,
+    lens: Vec<usize>,
+    shape: (usize, usize, usize),
+    scale: f32,
+}
+
+/// The "length" form: rows of lengths 37, 150 (over the 128 threads) and 1 as views into
+/// roomier buffers whose positions past the length are NaN; heads 6 over 2 KV heads, d 64,
+/// the rows' keys and values in different layouts.
+fn attention_by_lengths<T: Elem>() -> AttentionCase<T> {
+    let (heads, kv_heads, d) = (6, 2, 64);
+    let lens = vec![37usize, 150, 1];
+    let caps = [48usize, 160, 8];
+    let layouts = [(false, false), (true, false), (true, true)];
+    let caches: Vec<Cache<T>> = (0..3)
+        .map(|r| {
+            Cache::new(
+                (kv_heads, caps[r], d),
+                layouts[r],
+                lens[r],
+                10 * r as u64 + 1,
+            )
+        })
+        .collect();
+    let q = elems::<T>(lens.len() * heads * d, 7);
+    let scale = 1.0 / (d as f32).sqrt();
+    let table: Vec<i64> = caches
+        .iter()
+        .zip(&lens)
+        .flat_map(|(c, &l)| c.entry(l, None))
+        .collect();
+    // `attend_rows`: the longest view's length sizes the shared memory.
+    let max_len = *lens.iter().max().unwrap();
+    let got = launch_attention(&q, &table, (heads, heads / kv_heads, d), max_len, scale);
+    let want = attention_reference(&q, &caches, &lens, (heads, kv_heads, d), scale);
+    AttentionCase {
+        got,
+        want,
+        q,
+        caches,
+        lens,
+        shape: (heads, kv_heads, d),
+        scale,
+    }
+}
+
+/// The "position address" form: whole buffers of capacities 64, 200, 16 and 8, positions 40,
+/// 130, 0 and 11 read from host memory through the table (the last past its capacity: the row
+/// holds its whole capacity); entries past position + 1 are NaN. Heads 6 over 3 KV heads, d 64.
+fn attention_by_positions<T: Elem>() -> AttentionCase<T> {
+    let (heads, kv_heads, d) = (6, 3, 64);
+    let caps = [64usize, 200, 16, 8];
+    let positions = [40u32, 130, 0, 11];
+    let lens: Vec<usize> = positions
+        .iter()
+        .zip(caps)
+        .map(|(&p, c)| (p as usize + 1).min(c))
+        .collect();
+    let layouts = [(true, true), (false, false), (false, true), (true, false)];
+    let caches: Vec<Cache<T>> = (0..4)
+        .map(|r| {
+            Cache::new(
+                (kv_heads, caps[r], d),
+                layouts[r],
+                lens[r],
+                10 * r as u64 + 3,
+            )
+        })
+        .collect();
+    let q = elems::<T>(caps.len() * heads * d, 9);
+    let scale = 1.0 / (d as f32).sqrt();
+    let table: Vec<i64> = caches
+        .iter()
+        .zip(&positions)
+        .flat_map(|(c, p)| c.entry(c.cap, Some(p)))
+        .collect();
+    // `CacheRows::attend`: the largest capacity sizes the shared memory.
+    let max_len = *caps.iter().max().unwrap();
+    let got = launch_attention(&q, &table, (heads, heads / kv_heads, d), max_len, scale);
+    let want = attention_reference(&q, &caches, &lens, (heads, kv_heads, d), scale);
+    AttentionCase {
+        got,
+        want,
+        q,
+        caches,
+        lens,
+        shape: (heads, kv_heads, d),
+        scale,
+    }
+}
+
+/// The CPU's decode attention (`decode_attention::attend_rows`) over the case's views.
+fn attend_rows_on_cpu(case: &AttentionCase<f32>) -> Vec<f32> {
+    let (heads, kv_heads, d) = case.shape;
+    let rows = case.lens.len();
+    let q = Tensor::from_vec(case.q.clone(), (rows, heads, 1, d), &Device::Cpu).unwrap();
+    let kv: Vec<(Tensor, Tensor)> = case
+        .caches
+        .iter()
+        .zip(&case.lens)
+        .map(|(c, &l)| (c.view(false, kv_heads, d, l), c.view(true, kv_heads, d, l)))
+        .collect();
+    crate::model::kernels::decode_attention::attend_rows(&q, &kv, case.scale as f64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn decode_attention_f32_by_lengths_matches_the_cpu_kernel() {
+    let case = attention_by_lengths::<f32>();
+    assert_close(&case.got, &case.want, "f32 by lengths vs f64");
+    assert_close_f32(
+        &case.got,
+        &attend_rows_on_cpu(&case),
+        "f32 by lengths vs attend_rows",
+    );
+}
+
+#[test]
+fn decode_attention_f32_by_positions_reads_only_up_to_each_position() {
+    let case = attention_by_positions::<f32>();
+    assert_close(&case.got, &case.want, "f32 by positions vs f64");
+    assert_close_f32(
+        &case.got,
+        &attend_rows_on_cpu(&case),
+        "f32 by positions vs attend_rows",
+    );
+}
+
+#[test]
+fn decode_attention_bf16_by_lengths_matches_the_formula() {
+    let case = attention_by_lengths::<u16>();
+    assert_close(&case.got, &case.want, "bf16 by lengths");
+}
+
+#[test]
+fn decode_attention_bf16_by_positions_reads_only_up_to_each_position() {
+    let case = attention_by_positions::<u16>();
+    assert_close(&case.got, &case.want, "bf16 by positions");
+}
+
+/// Rows' positions and capacities for the cache writes: within, at the last slot, at the
+/// capacity and past it (the last two write nothing).
+const WRITE_CAPS: [usize; 4] = [12, 9, 6, 4];
+const WRITE_POSITIONS: [u32; 4] = [5, 8, 6, 11];
+
+/// Checks that row `r`'s cache holds `want(h, i)` (key, value bits) at its position, if
+/// within its capacity, and NaN everywhere else.
+#[track_caller]
+fn assert_written_at_position_only<T: Elem>(
+    c: &Cache<T>,
+    (kv_heads, d): (usize, usize),
+    position: u32,
+    r: usize,
+    mut check: impl FnMut(usize, usize, T, T),
+) {
+    let mut written = 0;
+    for h in 0..kv_heads {
+        for p in 0..c.cap {
+            for i in 0..d {
+                let (k, v) = (c.k[c.k_index(h, p, i)], c.v[c.v_index(h, p, i)]);
+                if p == position as usize {
+                    check(h, i, k, v);
+                    written += 1;
+                } else {
+                    assert_eq!(
+                        (k.bits(), v.bits()),
+                        (T::NAN.bits(), T::NAN.bits()),
+                        "row {r} wrote head {h} position {p} element {i}, not its position"
+                    );
+                }
+            }
+        }
+    }
+    let within = (position as usize) < c.cap;
+    assert_eq!(written, if within { kv_heads * d } else { 0 }, "row {r}");
+}
+
+/// Mirrors `write_rows` (cuda/decode_attention.rs): grid (kv_heads, rows), block THREADS, no
+/// shared memory, arguments (src_k, src_v, table, kv_heads, d). d 136 (over the block).
+fn kv_write_case<T: Elem>() {
+    let (kv_heads, d) = (2, 136);
+    let rows = WRITE_CAPS.len();
+    let layouts = [(false, false), (true, true), (false, true), (true, false)];
+    let caches: Vec<Cache<T>> = (0..rows)
+        .map(|r| Cache::new((kv_heads, WRITE_CAPS[r], d), layouts[r], 0, 0))
+        .collect();
+    let positions = WRITE_POSITIONS;
+    let table: Vec<i64> = caches
+        .iter()
+        .zip(&positions)
+        .flat_map(|(c, p)| c.entry(c.cap, Some(p)))
+        .collect();
+    let src_k = elems::<T>(rows * kv_heads * d, 21);
+    let src_v = elems::<T>(rows * kv_heads * d, 22);
+    let lib = library("decode_attention");
+    let f: KvWriteFn<T> = kernel(lib, "kv_write", T::NAME);
+    let (kp, vp, tp) = (src_k.as_ptr(), src_v.as_ptr(), table.as_ptr());
+    let (h32, d32) = (kv_heads as i32, d as i32);
+    // SAFETY: the table addresses the caches above (alive to the end), each of its capacity;
+    // the sources hold rows * kv_heads * d elements.
+    unsafe {
+        launch(
+            lib,
+            (kv_heads as u32, rows as u32, 1),
+            (ATTENTION_THREADS, 1, 1),
+            0,
+            || f(kp, vp, tp, h32, d32),
+        )
+    };
+    for (r, c) in caches.iter().enumerate() {
+        assert_written_at_position_only(c, (kv_heads, d), positions[r], r, |h, i, k, v| {
+            let s = (r * kv_heads + h) * d + i;
+            assert_eq!(
+                (k.bits(), v.bits()),
+                (src_k[s].bits(), src_v[s].bits()),
+                "row {r} head {h} element {i}"
+            );
+        });
+    }
+}
+
+#[test]
+fn kv_write_f32_writes_each_row_at_its_position_within_capacity() {
+    kv_write_case::<f32>();
+}
+
+#[test]
+fn kv_write_bf16_writes_each_row_at_its_position_within_capacity() {
+    kv_write_case::<u16>();
+}
+
+/// What a rotary case returns for an extra f32 comparison: q_out, the joint qkv product, the
+/// angles, the caches and the shape (heads, kv_heads, d, row width).
+struct RopeCase<T> {
+    q_out: Vec<T>,
+    qkv: Vec<T>,
+    cos: Vec<T>,
+    sin: Vec<T>,
+    caches: Vec<Cache<T>>,
+    shape: (usize, usize, usize, usize),
+}
+
+/// `(x[i] c - x[i + half] s, x[i + half] c + x[i] s)`, in f64, of `d` elements at `x`.
+fn rotate(x: &[f64], c: &[f64], s: &[f64]) -> Vec<f64> {
+    let half = c.len();
+    let mut y = vec![0.0; 2 * half];
+    for i in 0..half {
+        y[i] = x[i] * c[i] - x[i + half] * s[i];
+        y[i + half] = x[i + half] * c[i] + x[i] * s[i];
+    }
+    y
+}
+
+/// Mirrors `RopeCacheWrite::launch` (cuda/decode_step.rs): grid (heads + kv_heads, rows),
+/// block THREADS, no shared memory, arguments (q, k, v, q_rs, k_rs, v_rs, cos, sin, table,
+/// q_out, heads, d). q, k and v are the parts of one joint `(rows, 1, (heads + 2 kv) d)`
+/// product (row strides its width); heads 4 over 2 KV heads; rows at the positions of the cache
+/// writes above (two of them at or past their capacity: no write, but q is rotated).
+fn rope_cache_write_case<T: Elem>(d: usize) -> RopeCase<T> {
+    let (heads, kv_heads) = (4, 2);
+    let rows = WRITE_CAPS.len();
+    let width = (heads + 2 * kv_heads) * d;
+    let half = d / 2;
+    let qkv = elems::<T>(rows * width, 31);
+    let positions = WRITE_POSITIONS;
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for &p in &positions {
+        for i in 0..half {
+            let a = p as f32 * 10000f32.powf(-2.0 * i as f32 / d as f32);
+            cos.push(T::of(a.cos()));
+            sin.push(T::of(a.sin()));
+        }
+    }
+    let layouts = [(true, false), (false, false), (true, true), (false, true)];
+    let caches: Vec<Cache<T>> = (0..rows)
+        .map(|r| Cache::new((kv_heads, WRITE_CAPS[r], d), layouts[r], 0, 0))
+        .collect();
+    let table: Vec<i64> = caches
+        .iter()
+        .zip(&positions)
+        .flat_map(|(c, p)| c.entry(c.cap, Some(p)))
+        .collect();
+    let mut q_out = vec![T::NAN; rows * heads * d];
+    let lib = library("decode_step");
+    let f: RopeCacheWriteFn<T> = kernel(lib, "rope_cache_write", T::NAME);
+    let base = qkv.as_ptr();
+    // SAFETY: the parts' offsets lie within the joint product's first row.
+    let (qp, kp, vp) = unsafe { (base, base.add(heads * d), base.add((heads + kv_heads) * d)) };
+    let rs = width as i64;
+    let (cp, sp, tp, op) = (
+        cos.as_ptr(),
+        sin.as_ptr(),
+        table.as_ptr(),
+        q_out.as_mut_ptr(),
+    );
+    let (h32, d32) = (heads as i32, d as i32);
+    // SAFETY: rows of `width` elements hold every part read at the row stride; the angles
+    // hold rows * d / 2, q_out rows * heads * d; the table addresses the caches above.
+    unsafe {
+        launch(
+            lib,
+            ((heads + kv_heads) as u32, rows as u32, 1),
+            (STEP_THREADS, 1, 1),
+            0,
+            || f(qp, kp, vp, rs, rs, rs, cp, sp, tp, op, h32, d32),
+        )
+    };
+    // The f64 formula on the kernel's inputs.
+    let at = |r: usize, off: usize| -> Vec<f64> {
+        (0..d).map(|i| qkv[r * width + off + i].get()).collect()
+    };
+    let mut want_q = Vec::new();
+    for r in 0..rows {
+        let c: Vec<f64> = cos[r * half..(r + 1) * half]
+            .iter()
+            .map(|x| x.get())
+            .collect();
+        let s: Vec<f64> = sin[r * half..(r + 1) * half]
+            .iter()
+            .map(|x| x.get())
+            .collect();
+        for h in 0..heads {
+            want_q.extend(rotate(&at(r, h * d), &c, &s));
+        }
+        let want_k: Vec<Vec<f64>> = (0..kv_heads)
+            .map(|h| rotate(&at(r, (heads + h) * d), &c, &s))
+            .collect();
+        assert_written_at_position_only(
+            &caches[r],
+            (kv_heads, d),
+            positions[r],
+            r,
+            |h, i, k, v| {
+                let w = want_k[h][i];
+                assert!(
+                    (k.get() - w).abs() <= T::tolerance(w),
+                    "row {r} key head {h} element {i}: kernel {}, reference {w}",
+                    k.get()
+                );
+                let src = qkv[r * width + (heads + kv_heads + h) * d + i];
+                assert_eq!(v.bits(), src.bits(), "row {r} value head {h} element {i}");
+            },
+        );
+    }
+    assert_close(&q_out, &want_q, "rotated q");
+    RopeCase {
+        q_out,
+        qkv,
+        cos,
+        sin,
+        caches,
+        shape: (heads, kv_heads, d, width),
+    }
+}
+
+#[test]
+fn rope_cache_write_f32_matches_candle_rope_and_writes_at_positions() {
+    let case = rope_cache_write_case::<f32>(64);
+    let (heads, kv_heads, d, width) = case.shape;
+    let rows = WRITE_CAPS.len();
+    // What the CPU step runs: the parts split to (rows, heads, 1, d), candle's rope.
+    let joint = Tensor::from_vec(case.qkv.clone(), (rows, 1, width), &Device::Cpu).unwrap();
+    let cos = Tensor::from_vec(case.cos.clone(), (rows, 1, d / 2), &Device::Cpu).unwrap();
+    let sin = Tensor::from_vec(case.sin.clone(), (rows, 1, d / 2), &Device::Cpu).unwrap();
+    let rope = |start: usize, n: usize| -> Vec<f32> {
+        let x = joint
+            .narrow(2, start * d, n * d)
+            .unwrap()
+            .reshape((rows, 1, n, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        candle_nn::rotary_emb::rope(&x, &cos, &sin)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    assert_close_f32(&case.q_out, &rope(0, heads), "q vs candle rope");
+    let k = rope(heads, kv_heads);
+    for (r, c) in case.caches.iter().enumerate() {
+        let p = WRITE_POSITIONS[r] as usize;
+        if p >= c.cap {
+            continue;
+        }
+        let got: Vec<f32> = (0..kv_heads)
+            .flat_map(|h| (0..d).map(move |i| (h, i)))
+            .map(|(h, i)| c.k[c.k_index(h, p, i)])
+            .collect();
+        let want = &k[r * kv_heads * d..(r + 1) * kv_heads * d];
+        assert_close_f32(&got, want, &format!("row {r} cached key vs candle rope"));
+    }
+}
+
+#[test]
+fn rope_cache_write_bf16_with_half_over_the_block_matches_the_formula() {
+    // d 288: 144 rotated pairs, more than the block's 128 threads.
+    let case = rope_cache_write_case::<u16>(288);
+    assert_eq!(case.q_out.len(), WRITE_CAPS.len() * case.shape.0 * 288);
+}
+
+/// Mirrors `AddRmsNorm::launch` (cuda/decode_step.rs): grid (rows), block NORM_THREADS, no
+/// shared memory, arguments (x, a, w, out, rows as i64, n, eps). Returns x, a, w and out
+/// (`2 * rows * n`: the sums, then the norms), having checked out against the f64 formula.
+fn add_rms_norm_case<T: Elem>(rows: usize, n: usize, eps: f32) -> [Vec<T>; 4] {
+    let x = elems::<T>(rows * n, 41);
+    let a = elems::<T>(rows * n, 42);
+    let w: Vec<T> = values(n, 43)
+        .into_iter()
+        .map(|v| T::of(1.0 + 0.5 * v))
+        .collect();
+    let mut out = vec![T::NAN; 2 * rows * n];
+    let lib = library("decode_step");
+    let f: AddRmsNormFn<T> = kernel(lib, "add_rms_norm", T::NAME);
+    let (xp, ap, wp, op) = (x.as_ptr(), a.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+    let (rows64, n32) = (rows as i64, n as i32);
+    // SAFETY: x and a hold rows * n, w n, out 2 * rows * n elements.
+    unsafe {
+        launch(lib, (rows as u32, 1, 1), (NORM_THREADS, 1, 1), 0, || {
+            f(xp, ap, wp, op, rows64, n32, eps)
+        })
+    };
+    // The sum: the f32 add rounded to T once, bit for bit.
+    for (i, ((o, x), a)) in out.iter().zip(&x).zip(&a).enumerate() {
+        let want = T::of(x.get() as f32 + a.get() as f32);
+        assert_eq!(o.bits(), want.bits(), "x + a [{i}]");
+    }
+    // The norm, from the stored sum (as the kernel documents), in f64.
+    let mut want = Vec::with_capacity(rows * n);
+    for s in out[..rows * n].chunks(n) {
+        let ms = s.iter().map(|v| v.get() * v.get()).sum::<f64>() / n as f64;
+        let inv = 1.0 / (ms + eps as f64).sqrt();
+        want.extend(s.iter().zip(&w).map(|(v, w)| v.get() * inv * w.get()));
+    }
+    assert_close(&out[rows * n..], &want, "rms norm");
+    [x, a, w, out]
+}
+
+#[test]
+fn add_rms_norm_f32_matches_candle_add_and_rms_norm() {
+    let (rows, n, eps) = (3, 300, 1e-6f32);
+    let [x, a, w, out] = add_rms_norm_case::<f32>(rows, n, eps);
+    // What the CPU step runs: the add, then candle's rms_norm.
+    let x = Tensor::from_vec(x, (rows, 1, n), &Device::Cpu).unwrap();
+    let a = Tensor::from_vec(a, (rows, 1, n), &Device::Cpu).unwrap();
+    let w = Tensor::from_vec(w, n, &Device::Cpu).unwrap();
+    let sum = (x + a).unwrap();
+    let norm = candle_nn::ops::rms_norm(&sum, &w, eps).unwrap();
+    let sum: Vec<f32> = sum.flatten_all().unwrap().to_vec1().unwrap();
+    let norm: Vec<f32> = norm.flatten_all().unwrap().to_vec1().unwrap();
+    assert_close_f32(&out[..rows * n], &sum, "x + a vs candle");
+    assert_close_f32(&out[rows * n..], &norm, "norm vs candle rms_norm");
+}
+
+#[test]
+fn add_rms_norm_bf16_matches_the_formula_on_the_stored_sum() {
+    let out = &add_rms_norm_case::<u16>(3, 520, 1e-5)[3];
+    assert_eq!(out.len(), 2 * 3 * 520);
+}
+
+/// Mirrors `SwigluJoint::launch` (cuda/decode_step.rs): grid
+/// (len.div_ceil(THREADS).clamp(1, 65535)), block THREADS, no shared memory, arguments (gu,
+/// out, rows as i64, n). Returns gu and out, having checked out against the f64 formula.
+fn swiglu_case<T: Elem>(rows: usize, n: usize) -> (Vec<T>, Vec<T>) {
+    let gu: Vec<T> = values(rows * 2 * n, 51)
+        .into_iter()
+        .map(|v| T::of(4.0 * v))
+        .collect();
+    let len = rows * n;
+    let mut out = vec![T::NAN; len];
+    let lib = library("decode_step");
+    let f: SwigluJointFn<T> = kernel(lib, "swiglu_joint", T::NAME);
+    let (gp, op) = (gu.as_ptr(), out.as_mut_ptr());
+    let (rows64, n32) = (rows as i64, n as i32);
+    let grid = len.div_ceil(STEP_THREADS as usize).clamp(1, 65_535) as u32;
+    // SAFETY: gu holds rows * 2n elements, out rows * n.
+    unsafe {
+        launch(lib, (grid, 1, 1), (STEP_THREADS, 1, 1), 0, || {
+            f(gp, op, rows64, n32)
+        })
+    };
+    let want: Vec<f64> = gu
+        .chunks(2 * n)
+        .flat_map(|row| {
+            (0..n).map(move |j| {
+                let (g, u) = (row[j].get(), row[n + j].get());
+                g / (1.0 + (-g).exp()) * u
+            })
+        })
+        .collect();
+    assert_close(&out, &want, "swiglu");
+    (gu, out)
+}
+
+#[test]
+fn swiglu_joint_f32_matches_candle_silu_times_up() {
+    let (rows, n) = (3, 700); // 2100 outputs: 17 blocks, the last one partly idle
+    let (gu, out) = swiglu_case::<f32>(rows, n);
+    let gu = Tensor::from_vec(gu, (rows, 1, 2 * n), &Device::Cpu).unwrap();
+    let g = gu.narrow(D::Minus1, 0, n).unwrap();
+    let u = gu.narrow(D::Minus1, n, n).unwrap();
+    let want: Vec<f32> = (candle_nn::ops::silu(&g).unwrap() * u)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_close_f32(&out, &want, "swiglu vs candle");
+}
+
+#[test]
+fn swiglu_joint_bf16_matches_the_formula() {
+    let (_, out) = swiglu_case::<u16>(2, 450);
+    assert_eq!(out.len(), 900);
+}
+
+/// A LoRA case: rows, in, outs, rank; per-row adapters and scales (or one shared adapter and
+/// `scale`); y a part of a joint product `(rows, y_width)` at column `y_offset`.
+struct Lora {
+    rows: usize,
+    inp: usize,
+    outs: usize,
+    rank: usize,
+    per_row: bool,
+    y_width: usize,
+    y_offset: usize,
+}
+
+/// Mirrors `LoraAdd::launch` (cuda/lora.rs): grid (rows.max(1)), block THREADS, no shared
+/// memory, arguments (y, x, a, b, scales or null, scale, out, in, outs, rank, a_stride,
+/// b_stride, y_stride), strides (rank * in, outs * rank) per row or (0, 0) shared (`add`).
+/// Checks out against `y + s B (A x)` in f64.
+fn lora_case<T: Elem>(c: &Lora) {
+    let Lora {
+        rows,
+        inp,
+        outs,
+        rank,
+        per_row,
+        y_width,
+        y_offset,
+    } = *c;
+    assert!(y_offset + outs <= y_width);
+    let adapters = if per_row { rows } else { 1 };
+    let x = elems::<T>(rows * inp, 61);
+    let a = elems::<T>(adapters * rank * inp, 62);
+    let b = elems::<T>(adapters * outs * rank, 63);
+    let joint = elems::<T>(rows * y_width, 64);
+    let scales = [0.5f32, -1.25, 2.0, 0.125, 3.0, -0.75];
+    let scales = &scales[..rows];
+    // With per-row scales the shared scale must go unread: a value no row uses.
+    let scale = if per_row { 99.0f32 } else { 0.75 };
+    let (a_stride, b_stride) = if per_row {
+        ((rank * inp) as i64, (outs * rank) as i64)
+    } else {
+        (0, 0)
+    };
+    let mut out = vec![T::NAN; rows * outs];
+    let lib = library("lora");
+    let f: LoraAddFn<T> = kernel(lib, "lora_add", T::NAME);
+    // SAFETY: the offset lies within the joint product's first row.
+    let yp = unsafe { joint.as_ptr().add(y_offset) };
+    let (xp, ap, bp, op) = (x.as_ptr(), a.as_ptr(), b.as_ptr(), out.as_mut_ptr());
+    let sp = if per_row {
+        scales.as_ptr()
+    } else {
+        std::ptr::null()
+    };
+    let (in32, out32, r32, ys) = (inp as i32, outs as i32, rank as i32, y_width as i64);
+    // SAFETY: x holds rows * in, a and b one factor pair per adapter at the strides, the
+    // joint product rows of y_width, scales one per row; out holds rows * outs.
+    unsafe {
+        launch(
+            lib,
+            (rows.max(1) as u32, 1, 1),
+            (LORA_THREADS, 1, 1),
+            0,
+            || {
+                f(
+                    yp, xp, ap, bp, sp, scale, op, in32, out32, r32, a_stride, b_stride, ys,
+                )
+            },
+        )
+    };
+    // The formula, and each result's magnitude: the sum of its terms' absolute values, which
+    // bounds the f32 sums' rounding (a result may cancel to far below its terms).
+    let (mut want, mut magnitude) = (Vec::new(), Vec::new());
+    for r in 0..rows {
+        let ad = if per_row { r } else { 0 };
+        let s = if per_row { scales[r] } else { scale } as f64;
+        let (a, x) = (&a, &x);
+        let terms = |k: usize| {
+            (0..inp).map(move |i| a[(ad * rank + k) * inp + i].get() * x[r * inp + i].get())
+        };
+        let h: Vec<f64> = (0..rank).map(|k| terms(k).sum()).collect();
+        let h_abs: Vec<f64> = (0..rank).map(|k| terms(k).map(f64::abs).sum()).collect();
+        for j in 0..outs {
+            let bj = &b[(ad * outs + j) * rank..(ad * outs + j + 1) * rank];
+            let delta: f64 = bj.iter().zip(&h).map(|(b, h)| b.get() * h).sum();
+            let delta_abs: f64 = bj
+                .iter()
+                .zip(&h_abs)
+                .map(|(b, h)| (b.get() * h).abs())
+                .sum();
+            let y = joint[r * y_width + y_offset + j].get();
+            want.push(y + s * delta);
+            magnitude.push(y.abs() + s.abs() * delta_abs);
+        }
+    }
+    assert_close_scaled(&out, &want, &magnitude, "lora add");
+}
+
+#[test]
+fn lora_add_f32_per_row_adapters_on_a_part_of_a_joint_product() {
+    // Rank 11 over the block's 8 warps, outs 300 over its 256 threads; y the middle part.
+    lora_case::<f32>(&Lora {
+        rows: 3,
+        inp: 200,
+        outs: 300,
+        rank: 11,
+        per_row: true,
+        y_width: 428,
+        y_offset: 64,
+    });
+}
+
+#[test]
+fn lora_add_f32_shared_adapter() {
+    lora_case::<f32>(&Lora {
+        rows: 4,
+        inp: 130,
+        outs: 70,
+        rank: 4,
+        per_row: false,
+        y_width: 70,
+        y_offset: 0,
+    });
+}
+
+#[test]
+fn lora_add_bf16_per_row_and_shared_adapters_on_joint_parts() {
+    lora_case::<u16>(&Lora {
+        rows: 3,
+        inp: 96,
+        outs: 280,
+        rank: 9,
+        per_row: true,
+        y_width: 360,
+        y_offset: 80,
+    });
+    lora_case::<u16>(&Lora {
+        rows: 2,
+        inp: 150,
+        outs: 40,
+        rank: 16,
+        per_row: false,
+        y_width: 120,
+        y_offset: 40,
+    });
+}
+
+/// The block sizes mirrored here are the launch code's and the kernels' own.
+#[test]
+fn launch_constants_match_the_kernels() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/model/kernels/cuda");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("read a kernel file");
+    for (file, name, here) in [
+        ("decode_attention", "THREADS", ATTENTION_THREADS),
+        ("decode_step", "THREADS", STEP_THREADS),
+        ("decode_step", "NORM_THREADS", NORM_THREADS),
+        ("lora", "THREADS", LORA_THREADS),
+    ] {
+        let cu = read(&format!("{file}.cu"));
+        let define = format!("#define {name} {here}\n");
+        assert!(cu.contains(&define), "{file}.cu lacks `{}`", define.trim());
+        let rs = read(&format!("{file}.rs"));
+        let constant = format!("const {name}: u32 = {here};");
+        assert!(rs.contains(&constant), "{file}.rs lacks `{constant}`");
+    }
+}

@@ -1,0 +1,280 @@
+//! The GPU's own kernels (`model/kernels/cuda/*.cu`) run on the CPU, for tests: each `.cu`
+//! file is compiled as C++ against `runtime.hpp` (threads, barriers, warp shuffles, shared
+//! memory and bf16 on the CPU) into a shared library, and a test calls its entry points with
+//! host buffers, through the same grids and blocks the launch code uses. The kernels' bodies
+//! are thus checked against the CPU references on every machine, CI included, not only on a
+//! GPU (`ttarag bench --kernels` still checks them there, with the launch code and nvcc).
+//!
+//! Why by hand: no crate runs CUDA C++ without a GPU; the runtime needs only the handful of
+//! features the kernels use, and a C++ compiler is already needed to build the tokenizer.
+
+use std::ffi::{c_void, CString};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+mod decode;
+mod optimizer;
+mod training;
+
+/// A `.cu` file compiled for the CPU and loaded.
+pub struct Library {
+    handle: *mut c_void,
+    launch: LaunchFn,
+    /// A launch's grid, block and `__shared__` variables are the library's globals: one
+    /// launch at a time (tests run on several threads).
+    running: Mutex<()>,
+}
+
+// The handle is only read (dlsym) after loading, and the library is never unloaded.
+unsafe impl Send for Library {}
+unsafe impl Sync for Library {}
+
+type LaunchFn = unsafe extern "C" fn(
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    usize,
+    unsafe extern "C" fn(*mut c_void),
+    *mut c_void,
+);
+
+fn source_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src/model/kernels/cuda")
+}
+
+/// Compiles `name`.cu (e.g. "lora") once per test process and loads it.
+pub fn library(name: &'static str) -> &'static Library {
+    static LIBS: Mutex<Vec<(&'static str, &'static Library)>> = Mutex::new(Vec::new());
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let mut libs = LIBS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, l)) = libs.iter().find(|(n, _)| *n == name) {
+        return l;
+    }
+    let dir = DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("ttarag-cuda-on-cpu-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("a build folder for the kernels");
+        // The kernels include <cuda_bf16.h>; the runtime defines what they take from it.
+        std::fs::write(d.join("cuda_bf16.h"), "#pragma once\n").expect("write cuda_bf16.h");
+        d
+    });
+    let lib: &'static Library = Box::leak(Box::new(build(name, dir)));
+    libs.push((name, lib));
+    lib
+}
+
+fn build(name: &str, dir: &Path) -> Library {
+    let src = source_dir();
+    let text = std::fs::read_to_string(src.join(format!("{name}.cu"))).expect("read the kernel");
+    // The one construct the runtime cannot define: dynamic shared memory, declared `extern`.
+    let text = text.replace(
+        "extern __shared__ float sh[];",
+        "float *sh = emu_dynamic_shared();",
+    );
+    assert!(
+        !text.contains("extern __shared__"),
+        "{name}.cu declares dynamic shared memory in a way the CPU runtime does not rewrite"
+    );
+    let cpp = dir.join(format!("{name}.cpp"));
+    std::fs::write(&cpp, text).expect("write the kernel's C++");
+    let so = dir.join(format!("lib{name}.so"));
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let out = Command::new(&cxx)
+        .args([
+            "-std=c++20",
+            "-O1",
+            "-pthread",
+            "-shared",
+            "-fPIC",
+            "-fvisibility=hidden",
+            "-w",
+        ])
+        .arg("-include")
+        .arg(src.parent().unwrap().join("cuda_on_cpu/runtime.hpp"))
+        .arg("-I")
+        .arg(dir)
+        .arg("-I")
+        .arg(&src)
+        .arg(&cpp)
+        .arg("-o")
+        .arg(&so)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{cxx}` (set CXX): {e}"));
+    assert!(
+        out.status.success(),
+        "{name}.cu did not compile for the CPU:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = CString::new(so.to_str().expect("a UTF-8 temp path")).unwrap();
+    // SAFETY: a library this function just built; RTLD_LOCAL keeps each runtime's state its own.
+    let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!handle.is_null(), "cannot load {}", so.display());
+    let mut lib = Library {
+        handle,
+        launch: noop_launch,
+        running: Mutex::new(()),
+    };
+    // SAFETY: `emu_launch` is defined by runtime.hpp with exactly this signature.
+    lib.launch = unsafe { lib.symbol::<LaunchFn>("emu_launch") };
+    lib
+}
+
+unsafe extern "C" fn noop_launch(
+    _: u32,
+    _: u32,
+    _: u32,
+    _: u32,
+    _: u32,
+    _: u32,
+    _: usize,
+    _: unsafe extern "C" fn(*mut c_void),
+    _: *mut c_void,
+) {
+}
+
+impl Library {
+    /// The entry point `name` as a function of type `F`.
+    ///
+    /// # Safety
+    /// `F` must be the `extern "C"` signature the kernel is declared with.
+    pub unsafe fn symbol<F: Copy>(&self, name: &str) -> F {
+        assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
+        let c = CString::new(name).unwrap();
+        let p = unsafe { libc::dlsym(self.handle, c.as_ptr()) };
+        assert!(!p.is_null(), "no entry point `{name}`");
+        unsafe { std::mem::transmute_copy(&p) }
+    }
+
+    /// Runs `body` (a call of one of this library's entry points) as every thread of a
+    /// `grid` of `block`s with `shared` bytes of dynamic shared memory.
+    ///
+    /// # Safety
+    /// The buffers `body` passes must hold what the kernel reads and writes at this launch.
+    pub unsafe fn launch<F: Fn()>(
+        &self,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared: u32,
+        body: F,
+    ) {
+        unsafe extern "C" fn call<F: Fn()>(ctx: *mut c_void) {
+            // A panic must not unwind into C++: abort instead (a test failure either way).
+            let f = unsafe { &*(ctx as *const F) };
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+                std::process::abort();
+            }
+        }
+        let ctx = &body as *const F as *mut c_void;
+        let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        unsafe {
+            (self.launch)(
+                grid.0,
+                grid.1,
+                grid.2,
+                block.0,
+                block.1,
+                block.2,
+                shared as usize,
+                call::<F>,
+                ctx,
+            )
+        };
+    }
+}
+
+/// bf16 bits of `x`, rounded to nearest even (as the kernels' stores and `half` round).
+pub fn bf16_bits(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+
+/// `x` as f32 from its bf16 bits.
+pub fn from_bf16(b: u16) -> f32 {
+    half::bf16::from_bits(b).to_f32()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The runtime itself: block sums through shared memory and barriers, warp shuffles and
+    /// bf16 rounding behave as on a GPU, checked on the project's own LoRA kernel.
+    #[test]
+    fn the_runtime_runs_a_kernel_with_barriers_shuffles_and_shared_memory() {
+        let lib = library("lora");
+        type Lora = unsafe extern "C" fn(
+            *const f32,
+            *const f32,
+            *const f32,
+            *const f32,
+            *const f32,
+            f32,
+            *mut f32,
+            i32,
+            i32,
+            i32,
+            i64,
+            i64,
+            i64,
+        );
+        let f: Lora = unsafe { lib.symbol("lora_add_f32") };
+        let (rows, inn, outs, rank) = (3usize, 70usize, 40usize, 4usize);
+        let x: Vec<f32> = (0..rows * inn)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
+            .collect();
+        let a: Vec<f32> = (0..rank * inn)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 16.0)
+            .collect();
+        let b: Vec<f32> = (0..outs * rank)
+            .map(|i| ((i * 3 % 7) as f32 - 3.0) / 4.0)
+            .collect();
+        let y: Vec<f32> = (0..rows * outs).map(|i| i as f32 / 10.0).collect();
+        let mut out = vec![f32::NAN; rows * outs];
+        let (xp, ap, bp, yp, op) = (
+            x.as_ptr(),
+            a.as_ptr(),
+            b.as_ptr(),
+            y.as_ptr(),
+            out.as_mut_ptr(),
+        );
+        unsafe {
+            lib.launch((rows as u32, 1, 1), (256, 1, 1), 0, || {
+                f(
+                    yp,
+                    xp,
+                    ap,
+                    bp,
+                    std::ptr::null(),
+                    0.5,
+                    op,
+                    inn as i32,
+                    outs as i32,
+                    rank as i32,
+                    0,
+                    0,
+                    outs as i64,
+                )
+            })
+        };
+        for r in 0..rows {
+            let h: Vec<f64> = (0..rank)
+                .map(|k| {
+                    (0..inn)
+                        .map(|i| a[k * inn + i] as f64 * x[r * inn + i] as f64)
+                        .sum()
+                })
+                .collect();
+            for j in 0..outs {
+                let d: f64 = (0..rank).map(|k| b[j * rank + k] as f64 * h[k]).sum();
+                let want = y[r * outs + j] as f64 + 0.5 * d;
+                assert!(
+                    (out[r * outs + j] as f64 - want).abs() < 1e-4,
+                    "row {r} col {j}"
+                );
+            }
+        }
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80, "ties round to even");
+    }
+}

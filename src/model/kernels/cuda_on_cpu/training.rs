@@ -1,0 +1,759 @@
+//! Adaptation's GPU kernels (`training_ops.cu`, `training_attention.cu`) run on the CPU through
+//! the grids, blocks, shared memory and arguments of their launch code
+//! (`cuda/training_ops.rs`, `cuda/training_attention.rs`), against the CPU bodies of the same
+//! ops in `fused/` (values, and gradients through candle's autograd). Every output buffer
+//! starts as NaN (f32) or 0xffff (a bf16 NaN), so an element a kernel leaves unwritten fails.
+//! bf16 kernels are compared with the f32 reference on the bf16-rounded operands.
+
+use std::sync::Mutex;
+
+use candle_core::{Device, Result, Tensor, Var};
+
+use super::*;
+use crate::model::kernels::fused;
+
+/// Launches in this file, one at a time: a library's launch state (grid and block sizes) and
+/// its `__shared__` statics are per library, not per launch, so two tests launching kernels
+/// of one library at once would share them.
+static LAUNCHES: Mutex<()> = Mutex::new(());
+
+/// [`Library::launch`] under [`LAUNCHES`].
+///
+/// # Safety
+/// As [`Library::launch`].
+unsafe fn launch<F: Fn()>(
+    lib: &Library,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    shared: u32,
+    f: F,
+) {
+    let _one = LAUNCHES.lock().unwrap_or_else(|e| e.into_inner());
+    unsafe { lib.launch(grid, block, shared, f) };
+}
+
+/// An operand's element as the kernels store it: f32, or bf16 as its 16 bits.
+trait Elem: Copy {
+    /// What an output holds before a launch: NaN.
+    const UNWRITTEN: Self;
+    fn of(x: f32) -> Self;
+    fn f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    const UNWRITTEN: Self = f32::NAN;
+    fn of(x: f32) -> Self {
+        x
+    }
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for u16 {
+    const UNWRITTEN: Self = 0xffff;
+    fn of(x: f32) -> Self {
+        bf16_bits(x)
+    }
+    fn f32(self) -> f32 {
+        from_bf16(self)
+    }
+}
+
+fn to_elems<T: Elem>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::of(x)).collect()
+}
+
+fn to_f32s<T: Elem>(v: &[T]) -> Vec<f32> {
+    v.iter().map(|x| x.f32()).collect()
+}
+
+/// `v` as the kernels of `T` see it: bf16-rounded for bf16, unchanged for f32.
+fn rounded<T: Elem>(v: &[f32]) -> Vec<f32> {
+    to_f32s(&to_elems::<T>(v))
+}
+
+/// Deterministic values in [-scale, scale].
+fn data(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            scale * ((s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0)
+        })
+        .collect()
+}
+
+/// Asserts `|got - want| <= rel |want| + abs` element by element (a NaN fails).
+fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32, abs: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let tol = rel * w.abs() + abs;
+        // Written so that a NaN fails.
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}[{i}]: kernel {g}, reference {w} (tolerance {tol})"
+        );
+    }
+}
+
+/// f32 outputs (the f32 kernels, and the bf16 norm's f32 gradients): the reference's f32
+/// arithmetic summed in another order, within 1e-5 relative plus 1e-6 (the kernels' worst is
+/// about a quarter of that, attention's gradients included).
+const F32_REL: f32 = 1e-5;
+const F32_ABS: f32 = 1e-6;
+/// bf16 outputs: the store's rounding (half a bf16 ulp, at most 2^-8 relative) with room, as
+/// about 1.3 ulps of the f32 reference.
+const BF16_REL: f32 = 1e-2;
+const BF16_ABS: f32 = 1e-5;
+
+fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// The value of `f` at `inputs` (f32 on the CPU) and the gradients of `sum(f * g)`, i.e. the
+/// backward of `f` for the output gradient `g`, for every input.
+fn value_and_grads(
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[(&[f32], &[usize])],
+    g: &[f32],
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|(v, shape)| Var::from_tensor(&tensor(v, shape)).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts).unwrap();
+    let gt = tensor(g, y.dims());
+    let store = (&y * &gt).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = ts
+        .iter()
+        .map(|t| flat(store.get(t).expect("a gradient")))
+        .collect();
+    (flat(&y), grads)
+}
+
+// ---------------------------------------------------------------------------------------
+// training_ops.cu, launched as cuda/training_ops.rs launches it.
+
+/// `THREADS` of `training_ops.rs` and `#define THREADS` of `training_ops.cu`.
+const OPS_THREADS: u32 = 256;
+
+/// Mirrors `training_ops.rs::launch_cfg`: grid and block (no dynamic shared memory).
+fn ops_cfg(blocks: usize) -> ((u32, u32, u32), (u32, u32, u32)) {
+    ((blocks.max(1) as u32, 1, 1), (OPS_THREADS, 1, 1))
+}
+
+/// Mirrors `training_ops.rs::elementwise_blocks`.
+fn elementwise_blocks(len: usize) -> usize {
+    len.div_ceil(OPS_THREADS as usize).min(65_535)
+}
+
+type RmsFwd<T> = unsafe extern "C" fn(*const T, *const T, *mut T, i32, f32);
+type RmsBwd<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut f32, i64, i32, f32);
+type SwigluFwd<T> = unsafe extern "C" fn(*const T, *const T, *mut T, i64);
+type SwigluBwd<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut T, i64);
+type RopeFn =
+    unsafe extern "C" fn(*const f32, *const f32, *const f32, *mut f32, i64, i32, i32, f32);
+type SoftmaxFwd = unsafe extern "C" fn(*const f32, *mut f32, i32);
+type SoftmaxBwd = unsafe extern "C" fn(*const f32, *const f32, *mut f32, i32);
+
+/// Mirrors `training_ops.rs::rms_norm_fwd_in`: one block per row of `n = w.len()`.
+fn rms_norm_fwd_on_cpu<T: Elem>(name: &str, x: &[T], w: &[T], eps: f32) -> Vec<T> {
+    let lib = library("training_ops");
+    let f: RmsFwd<T> = unsafe { lib.symbol(name) };
+    let (n, len) = (w.len(), x.len());
+    let mut y = vec![T::UNWRITTEN; len];
+    let (xp, wp, yp, n32) = (x.as_ptr(), w.as_ptr(), y.as_mut_ptr(), n as i32);
+    if len > 0 && n > 0 {
+        let (grid, block) = ops_cfg(len / n);
+        unsafe { launch(lib, grid, block, 0, || f(xp, wp, yp, n32, eps)) };
+    }
+    y
+}
+
+/// Mirrors `training_ops.rs::RmsNormGrads::launch`: `(2, rows, n)` f32, dx then each row's
+/// dw (which `rms_norm_grads` sums over rows).
+fn rms_norm_bwd_on_cpu<T: Elem>(name: &str, x: &[T], w: &[T], g: &[T], eps: f32) -> Vec<f32> {
+    let lib = library("training_ops");
+    let f: RmsBwd<T> = unsafe { lib.symbol(name) };
+    let (n, len) = (w.len(), x.len());
+    let rows = (len / n.max(1)) as i64;
+    let mut out = vec![f32::NAN; 2 * len];
+    let (xp, wp, gp, op, n32) = (
+        x.as_ptr(),
+        w.as_ptr(),
+        g.as_ptr(),
+        out.as_mut_ptr(),
+        n as i32,
+    );
+    if rows > 0 {
+        let (grid, block) = ops_cfg(rows as usize);
+        unsafe { launch(lib, grid, block, 0, || f(xp, wp, gp, op, rows, n32, eps)) };
+    }
+    out
+}
+
+/// `rms_norm_{fwd,bwd}` (f32) and `_bf16` against `fused::rms_norm` and its gradients, rows
+/// wider than the block (300 > 256 threads) and narrower (20).
+fn check_rms_norm<T: Elem>(fwd: &str, bwd: &str, rel: f32, abs: f32) {
+    let eps = 1e-5f32;
+    for (rows, n, seed) in [(10usize, 300usize, 1u32), (3, 20, 5)] {
+        let x = rounded::<T>(&data(rows * n, seed, 2.0));
+        let w: Vec<f32> = rounded::<T>(
+            &data(n, seed + 1, 0.5)
+                .iter()
+                .map(|v| v + 1.0)
+                .collect::<Vec<_>>(),
+        );
+        let g = rounded::<T>(&data(rows * n, seed + 2, 1.0));
+        let (want_y, want) = value_and_grads(
+            &|t| fused::rms_norm(&t[0], &t[1], eps as f64),
+            &[(&x, &[rows, n]), (&w, &[n])],
+            &g,
+        );
+        let (xe, we, ge) = (to_elems::<T>(&x), to_elems::<T>(&w), to_elems::<T>(&g));
+        let y = to_f32s(&rms_norm_fwd_on_cpu(fwd, &xe, &we, eps));
+        assert_close(&format!("{fwd} y ({rows}x{n})"), &y, &want_y, rel, abs);
+        // The backward writes f32 whatever the operands: the f32 tolerance for both dtypes.
+        let out = rms_norm_bwd_on_cpu(bwd, &xe, &we, &ge, eps);
+        assert_close(
+            &format!("{bwd} dx ({rows}x{n})"),
+            &out[..rows * n],
+            &want[0],
+            F32_REL,
+            F32_ABS,
+        );
+        // dw: the rows' parts summed over rows in f32, as `rms_norm_grads` does after.
+        let dw: Vec<f32> = (0..n)
+            .map(|c| (0..rows).map(|r| out[rows * n + r * n + c]).sum())
+            .collect();
+        assert_close(
+            &format!("{bwd} dw ({rows}x{n})"),
+            &dw,
+            &want[1],
+            F32_REL,
+            F32_ABS,
+        );
+    }
+}
+
+#[test]
+fn rms_norm_kernels_match_the_fused_norm_and_its_gradients() {
+    check_rms_norm::<f32>("rms_norm_fwd", "rms_norm_bwd", F32_REL, F32_ABS);
+}
+
+#[test]
+fn bf16_rms_norm_kernels_match_the_fused_norm_on_rounded_operands() {
+    check_rms_norm::<u16>("rms_norm_fwd_bf16", "rms_norm_bwd_bf16", BF16_REL, BF16_ABS);
+}
+
+/// Mirrors `training_ops.rs::elementwise` for `swiglu_fwd` (inputs a, b; one output) and
+/// `swiglu_bwd` (inputs a, b, g; two outputs, da then db).
+fn swiglu_on_cpu<T: Elem>(suffix: &str, a: &[T], b: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
+    let lib = library("training_ops");
+    let len = a.len();
+    let (grid, block) = ops_cfg(elementwise_blocks(len));
+    let n = len as i64;
+    let fwd: SwigluFwd<T> = unsafe { lib.symbol(&format!("swiglu_fwd_{suffix}")) };
+    let mut y = vec![T::UNWRITTEN; len];
+    let (ap, bp, gp, yp) = (a.as_ptr(), b.as_ptr(), g.as_ptr(), y.as_mut_ptr());
+    unsafe { launch(lib, grid, block, 0, || fwd(ap, bp, yp, n)) };
+    let bwd: SwigluBwd<T> = unsafe { lib.symbol(&format!("swiglu_bwd_{suffix}")) };
+    let mut out = vec![T::UNWRITTEN; 2 * len];
+    let op = out.as_mut_ptr();
+    unsafe { launch(lib, grid, block, 0, || bwd(ap, bp, gp, op, n)) };
+    (y, out)
+}
+
+/// `swiglu_{fwd,bwd}_*` against `fused::swiglu` and its gradients, over 11 blocks with a
+/// partial last one and gates up to +-6 (sigmoid near saturation).
+fn check_swiglu<T: Elem>(suffix: &str, rel: f32, abs: f32) {
+    let len = 2 * 3 * 457;
+    let a = rounded::<T>(&data(len, 3, 6.0));
+    let b = rounded::<T>(&data(len, 4, 2.0));
+    let g = rounded::<T>(&data(len, 5, 1.0));
+    let (want_y, want) = value_and_grads(
+        &|t| fused::swiglu(&t[0], &t[1]),
+        &[(&a, &[len]), (&b, &[len])],
+        &g,
+    );
+    let (y, out) = swiglu_on_cpu(
+        suffix,
+        &to_elems::<T>(&a),
+        &to_elems::<T>(&b),
+        &to_elems::<T>(&g),
+    );
+    let out = to_f32s(&out);
+    assert_close(
+        &format!("swiglu_fwd_{suffix}"),
+        &to_f32s(&y),
+        &want_y,
+        rel,
+        abs,
+    );
+    assert_close(
+        &format!("swiglu_bwd_{suffix} da"),
+        &out[..len],
+        &want[0],
+        rel,
+        abs,
+    );
+    assert_close(
+        &format!("swiglu_bwd_{suffix} db"),
+        &out[len..],
+        &want[1],
+        rel,
+        abs,
+    );
+}
+
+#[test]
+fn swiglu_kernels_match_the_fused_activation_and_its_gradients() {
+    check_swiglu::<f32>("f32", F32_REL, F32_ABS);
+}
+
+#[test]
+fn bf16_swiglu_kernels_match_the_fused_activation_on_rounded_operands() {
+    check_swiglu::<u16>("bf16", BF16_REL, BF16_ABS);
+}
+
+/// Rotary tables as the decoder builds them: `(positions, d / 2)`.
+fn rope_tables(positions: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+    let inv: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / d as f32))
+        .collect();
+    let angles: Vec<f32> = (0..positions)
+        .flat_map(|p| inv.iter().map(move |f| p as f32 * f))
+        .collect();
+    (
+        angles.iter().map(|a| a.cos()).collect(),
+        angles.iter().map(|a| a.sin()).collect(),
+    )
+}
+
+/// Mirrors `training_ops.rs::rope`: `x` (b, h, t, d) f32, tables (t, d / 2) (`fused::rope`
+/// hands the kernel its tables narrowed to `t` rows).
+fn rope_on_cpu(
+    x: &[f32],
+    dims: (usize, usize, usize, usize),
+    cos: &[f32],
+    sin: &[f32],
+    sign: f32,
+) -> Vec<f32> {
+    let lib = library("training_ops");
+    let f: RopeFn = unsafe { lib.symbol("rope_f32") };
+    let (b, h, t, d) = dims;
+    let rows = (b * h * t) as i64;
+    let len = x.len();
+    let mut y = vec![f32::NAN; len];
+    let (xp, cp, sp, yp) = (x.as_ptr(), cos.as_ptr(), sin.as_ptr(), y.as_mut_ptr());
+    let (t32, d32) = (t as i32, d as i32);
+    if len > 0 {
+        let (grid, block) = ops_cfg(elementwise_blocks(len / 2));
+        unsafe {
+            launch(lib, grid, block, 0, || {
+                f(xp, cp, sp, yp, rows, t32, d32, sign)
+            })
+        };
+    }
+    y
+}
+
+/// `rope_f32` with sign +1 against `fused::rope`, and with sign -1 (its backward) against
+/// the rotation's gradient.
+#[test]
+fn rope_kernel_matches_the_fused_rotation_and_its_gradient() {
+    let dims @ (b, h, t, d) = (2, 3, 13, 64);
+    let (cos, sin) = rope_tables(t, d);
+    let x = data(b * h * t * d, 7, 1.5);
+    let g = data(b * h * t * d, 8, 1.0);
+    let (ct, st) = (tensor(&cos, &[t, d / 2]), tensor(&sin, &[t, d / 2]));
+    let (want_y, want) = value_and_grads(
+        &|v| fused::rope(&v[0], &ct, &st),
+        &[(&x, &[b, h, t, d])],
+        &g,
+    );
+    let y = rope_on_cpu(&x, dims, &cos, &sin, 1.0);
+    assert_close("rope_f32 y", &y, &want_y, F32_REL, F32_ABS);
+    let dx = rope_on_cpu(&g, dims, &cos, &sin, -1.0);
+    assert_close("rope_f32 dx (sign -1)", &dx, &want[0], F32_REL, F32_ABS);
+}
+
+/// Mirrors `training_ops.rs::softmax_fwd` and `softmax_bwd`: one block per row of `n`.
+fn softmax_on_cpu(x: &[f32], g: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
+    let lib = library("training_ops");
+    let fwd: SoftmaxFwd = unsafe { lib.symbol("softmax_fwd_f32") };
+    let bwd: SoftmaxBwd = unsafe { lib.symbol("softmax_bwd_f32") };
+    let len = x.len();
+    let n32 = n as i32;
+    let (grid, block) = ops_cfg(len / n);
+    let mut y = vec![f32::NAN; len];
+    let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+    unsafe { launch(lib, grid, block, 0, || fwd(xp, yp, n32)) };
+    let mut dx = vec![f32::NAN; len];
+    let (yp, gp, dp) = (y.as_ptr(), g.as_ptr(), dx.as_mut_ptr());
+    unsafe { launch(lib, grid, block, 0, || bwd(yp, gp, dp, n32)) };
+    (y, dx)
+}
+
+/// `softmax_{fwd,bwd}_f32` against `fused::softmax_last_dim` and its gradient: causal-mask
+/// rows with -inf entries (as attention's scores), and rows of 300 > 256 threads.
+#[test]
+fn softmax_kernels_match_the_fused_softmax_and_its_gradient() {
+    let (rows, n) = (12, 11);
+    let masked: Vec<f32> = data(rows * n, 9, 4.0)
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if i % n > 6 + i / n % 6 {
+                f32::NEG_INFINITY
+            } else {
+                v
+            }
+        })
+        .collect();
+    for (x, rows, n) in [(masked, rows, n), (data(3 * 300, 10, 6.0), 3, 300)] {
+        let g = data(rows * n, 11, 1.0);
+        let (want_y, want) =
+            value_and_grads(&|t| fused::softmax_last_dim(&t[0]), &[(&x, &[rows, n])], &g);
+        // The backward takes the kernel's own forward output, as on the GPU.
+        let (y, dx) = softmax_on_cpu(&x, &g, n);
+        assert_close(
+            &format!("softmax_fwd_f32 ({rows}x{n})"),
+            &y,
+            &want_y,
+            F32_REL,
+            F32_ABS,
+        );
+        assert_close(
+            &format!("softmax_bwd_f32 ({rows}x{n})"),
+            &dx,
+            &want[0],
+            F32_REL,
+            F32_ABS,
+        );
+        assert!(y
+            .iter()
+            .zip(&x)
+            .all(|(y, x)| *x != f32::NEG_INFINITY || *y == 0.0));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// training_attention.cu, launched as cuda/training_attention.rs launches it.
+
+/// `WARPS` of `training_attention.rs` and `#define WARPS` of `training_attention.cu`.
+const ATTN_WARPS: u32 = 4;
+
+type AttnRotate<T> =
+    unsafe extern "C" fn(*const T, *const f32, *const f32, *mut f32, i32, i32, i32);
+type AttnFwd<T> =
+    unsafe extern "C" fn(*const f32, *const f32, *const T, *mut T, i32, i32, i32, i32, f32);
+type AttnRows<T> = unsafe extern "C" fn(
+    *const f32,
+    *const f32,
+    *const T,
+    *const T,
+    *const f32,
+    *const f32,
+    *mut f32,
+    *mut f32,
+    *mut T,
+    i32,
+    i32,
+    i32,
+    i32,
+    f32,
+);
+type AttnCols<T> = unsafe extern "C" fn(
+    *const f32,
+    *const T,
+    *const f32,
+    *const f32,
+    *const f32,
+    *const f32,
+    *mut T,
+    *mut T,
+    i32,
+    i32,
+    i32,
+    i32,
+);
+
+/// `training_attention.rs::AttentionDims`.
+#[derive(Clone, Copy)]
+struct AttnDims {
+    b: usize,
+    t: usize,
+    heads: usize,
+    kv: usize,
+    d: usize,
+}
+
+impl AttnDims {
+    fn i32s(&self) -> (i32, i32, i32, i32) {
+        (
+            self.t as i32,
+            self.heads as i32,
+            self.kv as i32,
+            self.d as i32,
+        )
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.d as f32).sqrt()
+    }
+
+    /// Mirrors `AttentionDims::rows_cfg`: (grid, block, dynamic shared bytes).
+    fn rows_cfg(&self, shared_floats: usize) -> ((u32, u32, u32), (u32, u32, u32), u32) {
+        (
+            (
+                self.heads as u32,
+                self.b as u32,
+                (self.t as u32).div_ceil(ATTN_WARPS),
+            ),
+            (32 * ATTN_WARPS, 1, 1),
+            (ATTN_WARPS as usize * shared_floats * 4) as u32,
+        )
+    }
+}
+
+/// The kernel of the pair for `T`, as `by_dtype` picks it.
+fn attn_name<T: Elem>(f32_name: &'static str, bf16_name: &'static str) -> &'static str {
+    if std::mem::size_of::<T>() == 4 {
+        f32_name
+    } else {
+        bf16_name
+    }
+}
+
+/// Mirrors `training_attention.rs::rotate`: `x` (b, t, heads * d) into f32 (b, heads, t, d).
+fn attn_rotate_on_cpu<T: Elem>(
+    x: &[T],
+    cos: &[f32],
+    sin: &[f32],
+    dims: AttnDims,
+    heads: usize,
+) -> Vec<f32> {
+    let lib = library("training_attention");
+    let f: AttnRotate<T> =
+        unsafe { lib.symbol(attn_name::<T>("attn_rotate_f32", "attn_rotate_bf16")) };
+    let mut out = vec![f32::NAN; dims.b * heads * dims.t * dims.d];
+    let (t, _, _, d) = dims.i32s();
+    let h32 = heads as i32;
+    let (xp, cp, sp, op) = (x.as_ptr(), cos.as_ptr(), sin.as_ptr(), out.as_mut_ptr());
+    let grid = (heads as u32, dims.t as u32, dims.b as u32);
+    unsafe { launch(lib, grid, (32, 1, 1), 0, || f(xp, cp, sp, op, t, h32, d)) };
+    out
+}
+
+/// Mirrors `training_attention.rs::forward_in`: rotate q and k, then `attn_fwd_*`.
+fn attn_forward_on_cpu<T: Elem>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    cos: &[f32],
+    sin: &[f32],
+    dims: AttnDims,
+) -> Vec<T> {
+    let lib = library("training_attention");
+    let qr = attn_rotate_on_cpu(q, cos, sin, dims, dims.heads);
+    let kr = attn_rotate_on_cpu(k, cos, sin, dims, dims.kv);
+    let mut y = vec![T::UNWRITTEN; q.len()];
+    let f: AttnFwd<T> = unsafe { lib.symbol(attn_name::<T>("attn_fwd_f32", "attn_fwd_bf16")) };
+    let (t, h, kvh, d) = dims.i32s();
+    let scale = dims.scale();
+    let (qp, kp, vp, yp) = (qr.as_ptr(), kr.as_ptr(), v.as_ptr(), y.as_mut_ptr());
+    let (grid, block, shared) = dims.rows_cfg(dims.d + dims.t);
+    unsafe {
+        launch(lib, grid, block, shared, || {
+            f(qp, kp, vp, yp, t, h, kvh, d, scale)
+        })
+    };
+    y
+}
+
+/// Mirrors `training_attention.rs::Grads::launch`: rotate q and k, the rows pass (dq, and
+/// ds and p for the columns), then the columns pass (dk, dv). Returns `out` = dq, dk, dv end
+/// to end, and the ds and p buffers.
+fn attn_grads_on_cpu<T: Elem>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dy: &[T],
+    cos: &[f32],
+    sin: &[f32],
+    dims: AttnDims,
+) -> (Vec<T>, Vec<f32>, Vec<f32>) {
+    let lib = library("training_attention");
+    let qr = attn_rotate_on_cpu(q, cos, sin, dims, dims.heads);
+    let kr = attn_rotate_on_cpu(k, cos, sin, dims, dims.kv);
+    let (nq, nk) = (q.len(), k.len());
+    let scores = dims.b * dims.heads * dims.t * dims.t;
+    let mut ds = vec![f32::NAN; scores];
+    let mut pr = vec![f32::NAN; scores];
+    let mut out = vec![T::UNWRITTEN; nq + 2 * nk];
+    let (t, h, kvh, d) = dims.i32s();
+    let scale = dims.scale();
+    let (qp, kp, vp, gp, cp, sp) = (
+        qr.as_ptr(),
+        kr.as_ptr(),
+        v.as_ptr(),
+        dy.as_ptr(),
+        cos.as_ptr(),
+        sin.as_ptr(),
+    );
+    let (dsp, prp) = (ds.as_mut_ptr(), pr.as_mut_ptr());
+    let dq = out.as_mut_ptr();
+    // SAFETY: `out` holds nq + 2 nk elements, split in three as the launch code splits it.
+    let (dk, dv) = unsafe { (dq.add(nq), dq.add(nq + nk)) };
+    let rows: AttnRows<T> =
+        unsafe { lib.symbol(attn_name::<T>("attn_bwd_rows_f32", "attn_bwd_rows_bf16")) };
+    let (grid, block, shared) = dims.rows_cfg(2 * dims.d + 2 * dims.t);
+    unsafe {
+        launch(lib, grid, block, shared, || {
+            rows(qp, kp, vp, gp, cp, sp, dsp, prp, dq, t, h, kvh, d, scale)
+        })
+    };
+    let cols: AttnCols<T> =
+        unsafe { lib.symbol(attn_name::<T>("attn_bwd_cols_f32", "attn_bwd_cols_bf16")) };
+    let grid = (dims.kv as u32, dims.t as u32, dims.b as u32);
+    let (dsp, prp) = (ds.as_ptr(), pr.as_ptr());
+    unsafe {
+        launch(lib, grid, (32, 1, 1), 0, || {
+            cols(qp, gp, cp, sp, dsp, prp, dk, dv, t, h, kvh, d)
+        })
+    };
+    (out, ds, pr)
+}
+
+/// The attention kernels of `T` (forward, and backward for the output gradient `dy`) against
+/// `fused::causal_attention`'s CPU forward and gradients on the same (rounded) operands.
+fn check_attention<T: Elem>(dims: AttnDims, seed: u32, rel: f32, abs: f32) {
+    let AttnDims { b, t, heads, kv, d } = dims;
+    // Tables longer than the sequences, as the decoder's: only the first t rows are read.
+    let (cos, sin) = rope_tables(t + 3, d);
+    let q = rounded::<T>(&data(b * t * heads * d, seed, 1.5));
+    let k = rounded::<T>(&data(b * t * kv * d, seed + 1, 1.5));
+    let v = rounded::<T>(&data(b * t * kv * d, seed + 2, 1.0));
+    let dy = rounded::<T>(&data(b * t * heads * d, seed + 3, 1.0));
+    let (ct, st) = (tensor(&cos, &[t + 3, d / 2]), tensor(&sin, &[t + 3, d / 2]));
+    let (want_y, want) = value_and_grads(
+        &|x| fused::causal_attention(&x[0], &x[1], &x[2], heads, kv, &ct, &st),
+        &[
+            (&q, &[b, t, heads * d]),
+            (&k, &[b, t, kv * d]),
+            (&v, &[b, t, kv * d]),
+        ],
+        &dy,
+    );
+    let (qe, ke, ve, dye) = (
+        to_elems::<T>(&q),
+        to_elems::<T>(&k),
+        to_elems::<T>(&v),
+        to_elems::<T>(&dy),
+    );
+    let what = format!(
+        "{} (b {b}, t {t}, heads {heads}, kv {kv}, d {d})",
+        attn_name::<T>("f32", "bf16")
+    );
+    let y = to_f32s(&attn_forward_on_cpu(&qe, &ke, &ve, &cos, &sin, dims));
+    assert_close(&format!("attention y, {what}"), &y, &want_y, rel, abs);
+    let (out, ds, pr) = attn_grads_on_cpu(&qe, &ke, &ve, &dye, &cos, &sin, dims);
+    let out = to_f32s(&out);
+    let (nq, nk) = (q.len(), k.len());
+    assert_close(
+        &format!("attention dq, {what}"),
+        &out[..nq],
+        &want[0],
+        rel,
+        abs,
+    );
+    assert_close(
+        &format!("attention dk, {what}"),
+        &out[nq..nq + nk],
+        &want[1],
+        rel,
+        abs,
+    );
+    assert_close(
+        &format!("attention dv, {what}"),
+        &out[nq + nk..],
+        &want[2],
+        rel,
+        abs,
+    );
+    // The rows pass writes each row's keys up to its own and no further (the columns pass
+    // reads only those): rows of probabilities that sum to 1, NaN past the diagonal.
+    for (r, (p, s)) in pr.chunks_exact(t).zip(ds.chunks_exact(t)).enumerate() {
+        let i = r % t;
+        let sum: f32 = p[..=i].iter().sum();
+        assert!(
+            (sum - 1.0).abs() < 1e-5,
+            "{what}: row {r} of p sums to {sum}"
+        );
+        assert!(
+            s[..=i].iter().all(|x| x.is_finite()),
+            "{what}: row {r} of ds"
+        );
+        assert!(
+            p[i + 1..].iter().chain(&s[i + 1..]).all(|x| x.is_nan()),
+            "{what}: row {r} past the diagonal"
+        );
+    }
+}
+
+#[test]
+fn attention_kernels_match_the_fused_attention_and_its_gradients() {
+    // 6 heads over 2 kv heads, 13 positions: the last block's warps partly past t.
+    let dims = AttnDims {
+        b: 2,
+        t: 13,
+        heads: 6,
+        kv: 2,
+        d: 64,
+    };
+    check_attention::<f32>(dims, 20, F32_REL, F32_ABS);
+}
+
+#[test]
+fn attention_kernels_loop_over_more_keys_than_lanes() {
+    // 37 positions: each lane takes two keys of the later rows; 4 heads over 2 kv heads.
+    let dims = AttnDims {
+        b: 2,
+        t: 37,
+        heads: 4,
+        kv: 2,
+        d: 64,
+    };
+    check_attention::<f32>(dims, 30, F32_REL, F32_ABS);
+}
+
+#[test]
+fn bf16_attention_kernels_match_the_fused_attention_on_rounded_operands() {
+    let dims = AttnDims {
+        b: 2,
+        t: 13,
+        heads: 6,
+        kv: 2,
+        d: 64,
+    };
+    check_attention::<u16>(dims, 40, BF16_REL, BF16_ABS);
+}
+
+#[test]
+fn bf16_attention_kernels_loop_over_more_keys_than_lanes() {
+    let dims = AttnDims {
+        b: 2,
+        t: 37,
+        heads: 4,
+        kv: 2,
+        d: 64,
+    };
+    check_attention::<u16>(dims, 50, BF16_REL, BF16_ABS);
+}
