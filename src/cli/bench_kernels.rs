@@ -217,7 +217,7 @@ fn op_check(
 }
 
 /// The fused RMS norm (f32, as training takes norms), SwiGLU (f32, and bf16 off the CPU),
-/// rotary embedding and causal softmax over `rows` positions of `dec`'s widths, each a batch
+/// rotary embedding, attention, the LoRA delta and causal softmax over `rows` positions of `dec`'s widths, each a batch
 /// of one sequence as the decoder's passes have it.
 pub fn block_ops(dec: &Decoder, rows: usize, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
     use crate::model::fused;
@@ -324,6 +324,26 @@ pub fn block_ops(dec: &Decoder, rows: usize, steps: usize) -> anyhow::Result<Vec
             steps,
             &|t| fused::causal_attention(&t[0], &t[1], &t[2], heads, kv_heads, &cos, &sin),
             &composed_attention,
+        )?);
+    }
+    // A LoRA delta of the default rank on the query projection: one op each way against two
+    // broadcast products and a scale (the composed delta, `Lora::delta` off the fused path).
+    let rank = crate::adapt::LoraConfig::default().rank;
+    for &dtype in dtypes {
+        out.push(op_check(
+            "lora delta fwd+bwd",
+            &[
+                (randn(&[1, rows, h], 1.0, dtype)?, true),
+                (randn(&[rank, h], 0.1, dtype)?, true),
+                (randn(&[heads * d, rank], 0.1, dtype)?, true),
+            ],
+            steps,
+            &|t| fused::lora_delta(&t[0], &t[1], &t[2], 2.0),
+            &|t| {
+                t[0].broadcast_matmul(&t[1].t()?)?
+                    .broadcast_matmul(&t[2].t()?)?
+                    * 2.0
+            },
         )?);
     }
     let scores = randn(&[1, heads, rows, rows], 3.0, DType::F32)?.broadcast_add(&mask)?;
@@ -744,8 +764,9 @@ mod tests {
                 .unwrap();
         let dec = crate::model::Model::from_parts("t", parts).unwrap().decoder;
         let checks = block_ops(&dec, 24, 2).unwrap();
-        // Norm, activation, rotary, softmax, and the whole attention (the CPU's fused path).
-        assert_eq!(checks.len(), 5);
+        // Norm, activation, rotary, softmax, the whole attention (the CPU's fused path) and
+        // the LoRA delta (the GPU's; on the CPU its reference body).
+        assert_eq!(checks.len(), 6);
         assert!(checks
             .iter()
             .any(|c| c.kernel.starts_with("causal attention")));

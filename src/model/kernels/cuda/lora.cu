@@ -7,7 +7,8 @@
 // A is (rank, in) per adapter, B (out, rank); `a_stride`/`b_stride` step from one row's
 // adapter to the next (0: every row shares one); `scales` holds a scale per row, or is null
 // and `scale` serves every row. `y_stride` steps from one row of `y` to the next, so `y` may
-// be a part of a joint product read where it lies; `out` is contiguous.
+// be a part of a joint product read where it lies; `out` is contiguous. A null `y` adds to
+// zero: the delta alone (adaptation's forward, `lora_training.cu`).
 #include "common.cuh"
 
 #define THREADS 256
@@ -36,7 +37,8 @@ __device__ void lora_add(const T *y, const T *x, const T *a, const T *b, const f
     for (int j = threadIdx.x; j < outs; j += THREADS) {
         float acc = 0.f;
         for (int k = 0; k < rank; k++) acc += to_f(br[(int64_t)j * rank + k]) * h[k];
-        put(out, r * outs + j, to_f(y[r * y_stride + j]) + s * acc);
+        const float base = y != nullptr ? to_f(y[r * y_stride + j]) : 0.f;
+        put(out, r * outs + j, base + s * acc);
     }
 }
 

@@ -9,6 +9,7 @@
 //! | [`decode_step`] (`decode_step.cu`) | a decode step's small neighbouring ops fused: rotary embedding with the cache write (q, k, v read where the projection left them), the residual add with the next RMS norm, SwiGLU read from the joint gate/up product | inference passes on a CUDA device, f32 or bf16 (the cache write: steps on device positions, `Decoder::device_step`) | the composed candle ops (`ttarag bench --kernels`) |
 //! | [`graph`] | a decode step captured once as a CUDA graph and replayed per token (`StepGraph`) | decode steps on a CUDA device, `[model] cuda_graphs` | the same step launched op by op (`ttarag bench --kernels`, `--query`) |
 //! | [`lora`] (`lora.cu`) | a LoRA delta added to a projection's output in one launch, each row with its own adapter (gathered) or all with one | inference passes of at most 64 rows on a CUDA device (decode steps), rank at most 64 | the composed delta, two products, a scale and an add (`ttarag bench --kernels`) |
+//! | [`lora_training`] (`lora_training.cu`, and `lora.cu` forward) | adaptation's LoRA delta, the CUDA body of `fused::lora_delta`: one launch forward, two backward (dx by rows; dA, dB by columns), in a fixed order | adaptation on a CUDA device, f32 or bf16, rank at most 64, with `[model] cuda_fused_training` | candle's composed delta, values and gradients (`ttarag bench --kernels`) |
 //! | [`training_attention`] (`training_attention.cu`) | adaptation's causal attention with rotary embedding, the CUDA body of `fused::causal_attention`: two launches forward, three backward, in a fixed order (no atomics) | adaptation's f32 and bf16 blocks on a CUDA device with `[model] cuda_fused_training` | candle's composed rotary and attention, values and gradients (`ttarag bench --kernels`) |
 //! | [`training_ops`] (`training_ops.cu`) | the CUDA bodies of `fused::rms_norm` and `fused::swiglu` (f32, bf16), `fused::rope` and `fused::softmax_last_dim` (f32): one launch forward, one backward | differentiable passes on a CUDA device (adaptation), unless `composed_ops` | candle's composed ops, values and gradients (`ttarag bench --kernels`) |
 
@@ -16,6 +17,7 @@ pub mod decode_attention;
 pub mod decode_step;
 pub mod graph;
 pub mod lora;
+pub mod lora_training;
 pub mod optimizer;
 pub mod training_attention;
 pub mod training_ops;
@@ -47,6 +49,11 @@ const DECODE_STEP: (&str, &str) = (
 const LORA: (&str, &str) = (
     "ttarag_lora",
     include_str!(concat!(env!("OUT_DIR"), "/lora.ptx")),
+);
+
+const LORA_TRAINING: (&str, &str) = (
+    "ttarag_lora_training",
+    include_str!(concat!(env!("OUT_DIR"), "/lora_training.ptx")),
 );
 
 const TRAINING_ATTENTION: (&str, &str) = (
@@ -97,6 +104,7 @@ pub fn preload(dev: &CudaDevice) -> Result<()> {
         ("decode_attention_f32", DECODE_ATTENTION),
         ("add_rms_norm_f32", DECODE_STEP),
         ("lora_add_f32", LORA),
+        ("lora_bwd_rows_f32", LORA_TRAINING),
     ] {
         dev.get_or_load_custom_func(function, module, ptx)?;
     }

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
+use candle_core::{Device, Tensor};
+
 mod decode;
 mod optimizer;
 mod training;
@@ -148,6 +150,14 @@ impl Library {
         unsafe { std::mem::transmute_copy(&p) }
     }
 
+    /// The entry point `{base}_{T::SUFFIX}` (e.g. `adamw_bf16`) as a function of type `F`.
+    ///
+    /// # Safety
+    /// As [`Library::symbol`].
+    pub unsafe fn kernel<T: Elem, F: Copy>(&self, base: &str) -> F {
+        unsafe { self.symbol(&format!("{base}_{}", T::SUFFIX)) }
+    }
+
     /// Runs `body` (a call of one of this library's entry points) as every thread of a
     /// `grid` of `block`s with `shared` bytes of dynamic shared memory.
     ///
@@ -193,6 +203,142 @@ pub fn bf16_bits(x: f32) -> u16 {
 /// `x` as f32 from its bf16 bits.
 pub fn from_bf16(b: u16) -> f32 {
     half::bf16::from_bits(b).to_f32()
+}
+
+/// An element type of the kernels: f32, or bf16 held as its bits.
+pub trait Elem: Copy + std::fmt::Debug {
+    /// The entry points' suffix.
+    const SUFFIX: &'static str;
+    /// What an output buffer holds before a launch: NaN (0xffff in bf16), so an element a
+    /// kernel leaves unwritten, or writes where it must not, shows.
+    const UNWRITTEN: Self;
+    /// `x` as the kernels store it (bf16 rounded to nearest even).
+    fn of(x: f32) -> Self;
+    fn f32(self) -> f32;
+    /// The stored bits, for comparisons that must hold bit for bit (NaN included).
+    fn bits(self) -> u32;
+    fn f64(self) -> f64 {
+        self.f32() as f64
+    }
+}
+
+impl Elem for f32 {
+    const SUFFIX: &'static str = "f32";
+    const UNWRITTEN: Self = f32::NAN;
+    fn of(x: f32) -> Self {
+        x
+    }
+    fn f32(self) -> f32 {
+        self
+    }
+    fn bits(self) -> u32 {
+        self.to_bits()
+    }
+}
+
+impl Elem for u16 {
+    const SUFFIX: &'static str = "bf16";
+    const UNWRITTEN: Self = 0xffff;
+    fn of(x: f32) -> Self {
+        bf16_bits(x)
+    }
+    fn f32(self) -> f32 {
+        from_bf16(self)
+    }
+    fn bits(self) -> u32 {
+        self as u32
+    }
+}
+
+pub fn elems<T: Elem>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::of(x)).collect()
+}
+
+pub fn to_f32s<T: Elem>(v: &[T]) -> Vec<f32> {
+    v.iter().map(|x| x.f32()).collect()
+}
+
+/// `v` as the kernels of `T` see it: bf16-rounded for bf16, unchanged for f32.
+pub fn rounded<T: Elem>(v: &[f32]) -> Vec<f32> {
+    to_f32s(&elems::<T>(v))
+}
+
+/// `n` deterministic values in [-scale, scale) from `seed` (a 64-bit LCG's top 24 bits).
+pub fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            scale * ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0)
+        })
+        .collect()
+}
+
+/// Asserts `|got[i] - want[i]| <= tolerance(i, want[i])` element by element, in f64 (a NaN
+/// fails); `want` is the reference, f32 or f64.
+#[track_caller]
+pub fn assert_close_with<T: Elem, W: Copy + Into<f64>>(
+    what: &str,
+    got: &[T],
+    want: &[W],
+    tolerance: impl Fn(usize, f64) -> f64,
+) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, &w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (g.f64(), w.into());
+        let tol = tolerance(i, w);
+        // Written so that a NaN fails.
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}[{i}]: kernel {g}, reference {w} (tolerance {tol})"
+        );
+    }
+}
+
+/// Asserts `|got - want| <= rel |want| + abs` element by element (see [`assert_close_with`]).
+#[track_caller]
+pub fn assert_close<T: Elem, W: Copy + Into<f64>>(
+    what: &str,
+    got: &[T],
+    want: &[W],
+    rel: f64,
+    abs: f64,
+) {
+    assert_close_with(what, got, want, |_, w| rel * w.abs() + abs);
+}
+
+/// `v` as an f32 CPU tensor of `shape`.
+pub fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
+}
+
+/// `t`'s elements in order, as f32.
+pub fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Asserts that `file`.cu defines `name` as `value` (`#define NAME value`) and that its
+/// launch code `file`.rs declares the same (`const NAME: u32 = value;`, the type `value`'s),
+/// so that a launch mirrored in a test uses the kernel's and the launch code's own constant.
+#[track_caller]
+pub fn assert_constant<T: std::fmt::Display>(file: &str, name: &str, value: T) {
+    let read = |ext: &str| {
+        let path = source_dir().join(format!("{file}.{ext}"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+    };
+    let define = format!("#define {name} {value}\n");
+    assert!(
+        read("cu").contains(&define),
+        "{file}.cu lacks `{}`",
+        define.trim()
+    );
+    let constant = format!("const {name}: {} = {value};", std::any::type_name::<T>());
+    assert!(
+        read("rs").contains(&constant),
+        "{file}.rs lacks `{constant}`"
+    );
 }
 
 #[cfg(test)]

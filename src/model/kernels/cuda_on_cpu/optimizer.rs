@@ -3,9 +3,8 @@
 //! (`adapt/adamw.rs`), the CPU path the kernels replace.
 
 use std::ptr::null;
-use std::sync::{Mutex, MutexGuard};
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use candle_nn::ParamsAdamW;
 
 use super::*;
@@ -42,47 +41,10 @@ type AdamWFn = unsafe extern "C" fn(
     f32,
 );
 
-/// `optimizer.cu` compiled for the CPU, with a lock that the caller holds while it launches:
-/// the runtime keeps the grid, the block size and the kernels' `__shared__` arrays in
-/// globals of the library, so two tests launching its kernels at once (cargo runs tests on
-/// several threads) would overwrite each other's.
-fn optimizer() -> (MutexGuard<'static, ()>, &'static Library) {
-    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    (guard, library("optimizer"))
-}
-
-/// A weight's element type as the kernels store it: f32, or bf16 as its bits.
-trait Elem: Copy {
-    const SUFFIX: &'static str;
-    fn from_f32(x: f32) -> Self;
-    fn to_f32(self) -> f32;
-}
-
-impl Elem for f32 {
-    const SUFFIX: &'static str = "f32";
-    fn from_f32(x: f32) -> Self {
-        x
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-
-impl Elem for u16 {
-    const SUFFIX: &'static str = "bf16";
-    fn from_f32(x: f32) -> Self {
-        bf16_bits(x)
-    }
-    fn to_f32(self) -> f32 {
-        from_bf16(self)
-    }
-}
-
 /// `values` then `GUARD` copies of `guard`.
 fn guarded<T: Elem>(values: &[f32], guard: f32) -> Vec<T> {
-    let mut out: Vec<T> = values.iter().map(|&x| T::from_f32(x)).collect();
-    out.extend(std::iter::repeat_n(T::from_f32(guard), GUARD));
+    let mut out: Vec<T> = elems(values);
+    out.extend(std::iter::repeat_n(T::of(guard), GUARD));
     out
 }
 
@@ -90,7 +52,7 @@ fn guarded<T: Elem>(values: &[f32], guard: f32) -> Vec<T> {
 fn assert_guard<T: Elem>(buf: &[T], n: usize, what: &str) {
     for (k, x) in buf[n..].iter().enumerate() {
         assert_eq!(
-            x.to_f32(),
+            x.f32(),
             SENTINEL,
             "{what}: element {} past the end was written",
             k
@@ -196,7 +158,7 @@ impl MultiTensor {
         if self.blocks == 0 {
             return;
         }
-        let (_one_at_a_time, lib) = optimizer();
+        let lib = library("optimizer");
         self.partial[..self.blocks].fill(f64::NAN);
         self.norm[..2].fill(f64::NAN);
         let table: Vec<i64> = weights
@@ -216,7 +178,7 @@ impl MultiTensor {
         let (scale_at, host_scale): (*const f64, f32) = match scale {
             GradScale::By(k) => (null(), k as f32),
             GradScale::ClipNorm(clip) => {
-                let f: SumSquaresFn = unsafe { lib.symbol(&format!("sum_squares_{}", T::SUFFIX)) };
+                let f: SumSquaresFn = unsafe { lib.kernel::<T, _>("sum_squares") };
                 unsafe { lib.launch(grid(self.blocks), block, 0, || f(table, meta, n, partial)) };
                 let f: NormScaleFn = unsafe { lib.symbol("norm_scale") };
                 let blocks = self.blocks as i64;
@@ -224,7 +186,7 @@ impl MultiTensor {
                 (norm as *const f64, 1.0f32)
             }
         };
-        let f: AdamWFn = unsafe { lib.symbol(&format!("adamw_{}", T::SUFFIX)) };
+        let f: AdamWFn = unsafe { lib.kernel::<T, _>("adamw") };
         let lr = p.lr as f32;
         let (b1, b2, eps) = (p.beta1 as f32, p.beta2 as f32, p.eps as f32);
         let decay = 1.0 - lr * p.weight_decay as f32;
@@ -272,7 +234,7 @@ impl Reference {
     fn new(weights: &[Vec<f32>], p: &ParamsAdamW) -> Self {
         let vars: Vec<Var> = weights
             .iter()
-            .map(|w| Var::from_tensor(&Tensor::new(w.as_slice(), &Device::Cpu).unwrap()).unwrap())
+            .map(|w| Var::from_tensor(&tensor(w, &[w.len()])).unwrap())
             .collect();
         let opt = FastAdamW::new(vars.clone(), p.clone()).unwrap();
         assert_eq!(opt.path(), "cpu", "the reference is the in-place loop");
@@ -293,36 +255,21 @@ impl Reference {
     /// Overwrites the weights (the moments stay).
     fn set_weights(&self, weights: &[Vec<f32>]) {
         for (var, w) in self.vars.iter().zip(weights) {
-            var.set(&Tensor::new(w.as_slice(), &Device::Cpu).unwrap())
-                .unwrap();
+            var.set(&tensor(w, &[w.len()])).unwrap();
         }
     }
 }
 
 fn tensors(values: &[Vec<f32>]) -> Vec<Tensor> {
-    values
-        .iter()
-        .map(|g| Tensor::new(g.as_slice(), &Device::Cpu).unwrap())
-        .collect()
+    values.iter().map(|g| tensor(g, &[g.len()])).collect()
 }
 
-/// `n` deterministic values of magnitude in [0.05, 1) times `amp`, of either sign (never 0,
+/// `n` deterministic values of magnitude in [0.05, 1] times `amp`, of either sign (never 0,
 /// so every moment and weight moves and an element a launch skips shows).
-fn values(seed: u64, n: usize, amp: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
-            let x = amp * (0.05 + 0.95 * u);
-            if s & 1 == 0 {
-                x
-            } else {
-                -x
-            }
-        })
+fn nonzero(seed: u64, n: usize, amp: f32) -> Vec<f32> {
+    values(n, seed, 1.0)
+        .into_iter()
+        .map(|u| (amp * (0.05 + 0.95 * u.abs())).copysign(u))
         .collect()
 }
 
@@ -333,21 +280,19 @@ fn unguarded<T: Elem>(bufs: &[Vec<T>], lens: &[usize], what: &str) -> Vec<Vec<f3
         .enumerate()
         .map(|(t, (b, &n))| {
             assert_guard(b, n, &format!("{what} of tensor {t}"));
-            b[..n].iter().map(|x| x.to_f32()).collect()
+            to_f32s(&b[..n])
         })
         .collect()
 }
 
-/// `got` within `rel * max(|want|, floor)` of `want`, element by element.
-fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>], rel: f32, floor: f32, what: &str) {
+/// Each tensor of `got` within `rel * max(|want|, floor)` of `want`, element by element.
+#[track_caller]
+fn assert_tensors_close(got: &[Vec<f32>], want: &[Vec<f32>], rel: f64, floor: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: tensors");
     for (t, (g, w)) in got.iter().zip(want).enumerate() {
-        assert_eq!(g.len(), w.len());
-        for (i, (&a, &b)) in g.iter().zip(w).enumerate() {
-            assert!(
-                (a - b).abs() <= rel * b.abs().max(floor),
-                "{what}: tensor {t} element {i}: kernel {a}, reference {b}"
-            );
-        }
+        assert_close_with(&format!("{what}: tensor {t}"), g, w, |_, w| {
+            rel * w.abs().max(floor)
+        });
     }
 }
 
@@ -417,24 +362,8 @@ fn params() -> ParamsAdamW {
 /// `optimizer.cu` defines and `cuda/optimizer.rs` launches with.
 #[test]
 fn launch_constants_match_the_kernel_and_its_launch_code() {
-    let cu = include_str!("../cuda/optimizer.cu");
-    assert!(
-        cu.contains(&format!("#define CHUNK {CHUNK}\n")),
-        "optimizer.cu's CHUNK"
-    );
-    assert!(
-        cu.contains(&format!("#define THREADS {THREADS}\n")),
-        "optimizer.cu's THREADS"
-    );
-    let rs = include_str!("../cuda/optimizer.rs");
-    assert!(
-        rs.contains(&format!("const CHUNK: usize = {CHUNK};")),
-        "optimizer.rs's CHUNK"
-    );
-    assert!(
-        rs.contains(&format!("const THREADS: u32 = {THREADS};")),
-        "optimizer.rs's THREADS"
-    );
+    assert_constant("optimizer", "CHUNK", CHUNK);
+    assert_constant("optimizer", "THREADS", THREADS);
 }
 
 /// f32 weights: tensors of 3, 4096 (one full block), 0 (no block: its first block is the
@@ -451,7 +380,7 @@ fn adamw_f32_matches_fast_adamw_clipped_unclipped_and_scaled() {
     let init: Vec<Vec<f32>> = lens
         .iter()
         .enumerate()
-        .map(|(t, &n)| values(t as u64 + 1, n, 1.0))
+        .map(|(t, &n)| nonzero(t as u64 + 1, n, 1.0))
         .collect();
     let mut weights: Vec<Vec<f32>> = init.iter().map(|w| guarded(w, SENTINEL)).collect();
     let mut reference = Reference::new(&init, &p);
@@ -467,7 +396,7 @@ fn adamw_f32_matches_fast_adamw_clipped_unclipped_and_scaled() {
         let grads: Vec<Vec<f32>> = lens
             .iter()
             .enumerate()
-            .map(|(i, &n)| values(100 * t as u64 + i as u64, n, 1.0 + i as f32 * 0.5))
+            .map(|(i, &n)| nonzero(100 * t as u64 + i as u64, n, 1.0 + i as f32 * 0.5))
             .collect();
         let kernel_grads: Vec<Vec<f32>> = grads.iter().map(|g| guarded(g, f32::NAN)).collect();
         kernels.step(&mut weights, &kernel_grads, &step_at(&p, t), scale);
@@ -480,7 +409,7 @@ fn adamw_f32_matches_fast_adamw_clipped_unclipped_and_scaled() {
         }
         let what = format!("step {t}");
         let got = unguarded(&weights, &lens, &format!("{what} weights"));
-        assert_close(
+        assert_tensors_close(
             &got,
             &reference.weights(),
             1e-6,
@@ -489,8 +418,8 @@ fn adamw_f32_matches_fast_adamw_clipped_unclipped_and_scaled() {
         );
         let (km, kv): (Vec<_>, Vec<_>) = kernels.moments().into_iter().unzip();
         let (rm, rv): (Vec<_>, Vec<_>) = reference.moments().into_iter().unzip();
-        assert_close(&km, &rm, 1e-6, 1e-30, &format!("{what} m"));
-        assert_close(&kv, &rv, 1e-6, 1e-30, &format!("{what} v"));
+        assert_tensors_close(&km, &rm, 1e-6, 1e-30, &format!("{what} m"));
+        assert_tensors_close(&kv, &rv, 1e-6, 1e-30, &format!("{what} v"));
     }
 }
 
@@ -505,15 +434,10 @@ fn adamw_f32_matches_fast_adamw_clipped_unclipped_and_scaled() {
 fn adamw_bf16_matches_fast_adamw_on_rounded_values() {
     let lens = [5000usize, 3, 9000, 4096];
     let p = params();
-    let round = |x: &Vec<f32>| {
-        x.iter()
-            .map(|&x| from_bf16(bf16_bits(x)))
-            .collect::<Vec<f32>>()
-    };
     let init: Vec<Vec<f32>> = lens
         .iter()
         .enumerate()
-        .map(|(t, &n)| round(&values(t as u64 + 7, n, 1.0)))
+        .map(|(t, &n)| rounded::<u16>(&nonzero(t as u64 + 7, n, 1.0)))
         .collect();
     let mut weights: Vec<Vec<u16>> = init.iter().map(|w| guarded(w, SENTINEL)).collect();
     let mut reference = Reference::new(&init, &p);
@@ -525,7 +449,9 @@ fn adamw_bf16_matches_fast_adamw_on_rounded_values() {
         let grads: Vec<Vec<f32>> = lens
             .iter()
             .enumerate()
-            .map(|(i, &n)| round(&values(200 * t as u64 + i as u64, n, 1.0 + i as f32 * 0.5)))
+            .map(|(i, &n)| {
+                rounded::<u16>(&nonzero(200 * t as u64 + i as u64, n, 1.0 + i as f32 * 0.5))
+            })
             .collect();
         let kernel_grads: Vec<Vec<u16>> = grads.iter().map(|g| guarded(g, f32::NAN)).collect();
         let before = unguarded(&weights, &lens, "weights");
@@ -558,8 +484,8 @@ fn adamw_bf16_matches_fast_adamw_on_rounded_values() {
             .all(|(a, b)| a != b));
         let (km, kv): (Vec<_>, Vec<_>) = kernels.moments().into_iter().unzip();
         let (rm, rv): (Vec<_>, Vec<_>) = reference.moments().into_iter().unzip();
-        assert_close(&km, &rm, 1e-6, 1e-30, &format!("step {t} m"));
-        assert_close(&kv, &rv, 1e-6, 1e-30, &format!("step {t} v"));
+        assert_tensors_close(&km, &rm, 1e-6, 1e-30, &format!("step {t} m"));
+        assert_tensors_close(&kv, &rv, 1e-6, 1e-30, &format!("step {t} v"));
     }
     // Rounding the reference's f32 result gives the kernel's bf16 almost everywhere.
     let total: usize = lens.iter().sum::<usize>() * 2;
@@ -574,7 +500,7 @@ fn adamw_bf16_matches_fast_adamw_on_rounded_values() {
 /// clip / (norm + 1e-6) only when 0 < clip < norm, and the same partials give the same bits.
 #[test]
 fn norm_scale_adds_more_partials_than_threads_and_clips_only_above_the_norm() {
-    let (_one_at_a_time, lib) = optimizer();
+    let lib = library("optimizer");
     let f: NormScaleFn = unsafe { lib.symbol("norm_scale") };
     let partial: Vec<f64> = (0..1000).map(|i| 0.25 + (i % 17) as f64 * 0.5).collect();
     let want_norm = partial.iter().sum::<f64>().sqrt();

@@ -5,115 +5,20 @@
 //! starts as NaN (f32) or 0xffff (a bf16 NaN), so an element a kernel leaves unwritten fails.
 //! bf16 kernels are compared with the f32 reference on the bf16-rounded operands.
 
-use std::sync::Mutex;
-
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 
 use super::*;
 use crate::model::kernels::fused;
 
-/// Launches in this file, one at a time: a library's launch state (grid and block sizes) and
-/// its `__shared__` statics are per library, not per launch, so two tests launching kernels
-/// of one library at once would share them.
-static LAUNCHES: Mutex<()> = Mutex::new(());
-
-/// [`Library::launch`] under [`LAUNCHES`].
-///
-/// # Safety
-/// As [`Library::launch`].
-unsafe fn launch<F: Fn()>(
-    lib: &Library,
-    grid: (u32, u32, u32),
-    block: (u32, u32, u32),
-    shared: u32,
-    f: F,
-) {
-    let _one = LAUNCHES.lock().unwrap_or_else(|e| e.into_inner());
-    unsafe { lib.launch(grid, block, shared, f) };
-}
-
-/// An operand's element as the kernels store it: f32, or bf16 as its 16 bits.
-trait Elem: Copy {
-    /// What an output holds before a launch: NaN.
-    const UNWRITTEN: Self;
-    fn of(x: f32) -> Self;
-    fn f32(self) -> f32;
-}
-
-impl Elem for f32 {
-    const UNWRITTEN: Self = f32::NAN;
-    fn of(x: f32) -> Self {
-        x
-    }
-    fn f32(self) -> f32 {
-        self
-    }
-}
-
-impl Elem for u16 {
-    const UNWRITTEN: Self = 0xffff;
-    fn of(x: f32) -> Self {
-        bf16_bits(x)
-    }
-    fn f32(self) -> f32 {
-        from_bf16(self)
-    }
-}
-
-fn to_elems<T: Elem>(v: &[f32]) -> Vec<T> {
-    v.iter().map(|&x| T::of(x)).collect()
-}
-
-fn to_f32s<T: Elem>(v: &[T]) -> Vec<f32> {
-    v.iter().map(|x| x.f32()).collect()
-}
-
-/// `v` as the kernels of `T` see it: bf16-rounded for bf16, unchanged for f32.
-fn rounded<T: Elem>(v: &[f32]) -> Vec<f32> {
-    to_f32s(&to_elems::<T>(v))
-}
-
-/// Deterministic values in [-scale, scale].
-fn data(n: usize, seed: u32, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            scale * ((s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0)
-        })
-        .collect()
-}
-
-/// Asserts `|got - want| <= rel |want| + abs` element by element (a NaN fails).
-fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32, abs: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let tol = rel * w.abs() + abs;
-        // Written so that a NaN fails.
-        assert!(
-            (g - w).abs() <= tol,
-            "{what}[{i}]: kernel {g}, reference {w} (tolerance {tol})"
-        );
-    }
-}
-
 /// f32 outputs (the f32 kernels, and the bf16 norm's f32 gradients): the reference's f32
 /// arithmetic summed in another order, within 1e-5 relative plus 1e-6 (the kernels' worst is
 /// about a quarter of that, attention's gradients included).
-const F32_REL: f32 = 1e-5;
-const F32_ABS: f32 = 1e-6;
+const F32_REL: f64 = 1e-5;
+const F32_ABS: f64 = 1e-6;
 /// bf16 outputs: the store's rounding (half a bf16 ulp, at most 2^-8 relative) with room, as
 /// about 1.3 ulps of the f32 reference.
-const BF16_REL: f32 = 1e-2;
-const BF16_ABS: f32 = 1e-5;
-
-fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
-    Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
+const BF16_REL: f64 = 1e-2;
+const BF16_ABS: f64 = 1e-5;
 
 /// The value of `f` at `inputs` (f32 on the CPU) and the gradients of `sum(f * g)`, i.e. the
 /// backward of `f` for the output gradient `g`, for every input.
@@ -171,7 +76,7 @@ fn rms_norm_fwd_on_cpu<T: Elem>(name: &str, x: &[T], w: &[T], eps: f32) -> Vec<T
     let (xp, wp, yp, n32) = (x.as_ptr(), w.as_ptr(), y.as_mut_ptr(), n as i32);
     if len > 0 && n > 0 {
         let (grid, block) = ops_cfg(len / n);
-        unsafe { launch(lib, grid, block, 0, || f(xp, wp, yp, n32, eps)) };
+        unsafe { lib.launch(grid, block, 0, || f(xp, wp, yp, n32, eps)) };
     }
     y
 }
@@ -193,30 +98,30 @@ fn rms_norm_bwd_on_cpu<T: Elem>(name: &str, x: &[T], w: &[T], g: &[T], eps: f32)
     );
     if rows > 0 {
         let (grid, block) = ops_cfg(rows as usize);
-        unsafe { launch(lib, grid, block, 0, || f(xp, wp, gp, op, rows, n32, eps)) };
+        unsafe { lib.launch(grid, block, 0, || f(xp, wp, gp, op, rows, n32, eps)) };
     }
     out
 }
 
 /// `rms_norm_{fwd,bwd}` (f32) and `_bf16` against `fused::rms_norm` and its gradients, rows
 /// wider than the block (300 > 256 threads) and narrower (20).
-fn check_rms_norm<T: Elem>(fwd: &str, bwd: &str, rel: f32, abs: f32) {
+fn check_rms_norm<T: Elem>(fwd: &str, bwd: &str, rel: f64, abs: f64) {
     let eps = 1e-5f32;
-    for (rows, n, seed) in [(10usize, 300usize, 1u32), (3, 20, 5)] {
-        let x = rounded::<T>(&data(rows * n, seed, 2.0));
+    for (rows, n, seed) in [(10usize, 300usize, 1u64), (3, 20, 5)] {
+        let x = rounded::<T>(&values(rows * n, seed, 2.0));
         let w: Vec<f32> = rounded::<T>(
-            &data(n, seed + 1, 0.5)
+            &values(n, seed + 1, 0.5)
                 .iter()
                 .map(|v| v + 1.0)
                 .collect::<Vec<_>>(),
         );
-        let g = rounded::<T>(&data(rows * n, seed + 2, 1.0));
+        let g = rounded::<T>(&values(rows * n, seed + 2, 1.0));
         let (want_y, want) = value_and_grads(
             &|t| fused::rms_norm(&t[0], &t[1], eps as f64),
             &[(&x, &[rows, n]), (&w, &[n])],
             &g,
         );
-        let (xe, we, ge) = (to_elems::<T>(&x), to_elems::<T>(&w), to_elems::<T>(&g));
+        let (xe, we, ge) = (elems::<T>(&x), elems::<T>(&w), elems::<T>(&g));
         let y = to_f32s(&rms_norm_fwd_on_cpu(fwd, &xe, &we, eps));
         assert_close(&format!("{fwd} y ({rows}x{n})"), &y, &want_y, rel, abs);
         // The backward writes f32 whatever the operands: the f32 tolerance for both dtypes.
@@ -254,40 +159,36 @@ fn bf16_rms_norm_kernels_match_the_fused_norm_on_rounded_operands() {
 
 /// Mirrors `training_ops.rs::elementwise` for `swiglu_fwd` (inputs a, b; one output) and
 /// `swiglu_bwd` (inputs a, b, g; two outputs, da then db).
-fn swiglu_on_cpu<T: Elem>(suffix: &str, a: &[T], b: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
+fn swiglu_on_cpu<T: Elem>(a: &[T], b: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
     let lib = library("training_ops");
     let len = a.len();
     let (grid, block) = ops_cfg(elementwise_blocks(len));
     let n = len as i64;
-    let fwd: SwigluFwd<T> = unsafe { lib.symbol(&format!("swiglu_fwd_{suffix}")) };
+    let fwd: SwigluFwd<T> = unsafe { lib.kernel::<T, _>("swiglu_fwd") };
     let mut y = vec![T::UNWRITTEN; len];
     let (ap, bp, gp, yp) = (a.as_ptr(), b.as_ptr(), g.as_ptr(), y.as_mut_ptr());
-    unsafe { launch(lib, grid, block, 0, || fwd(ap, bp, yp, n)) };
-    let bwd: SwigluBwd<T> = unsafe { lib.symbol(&format!("swiglu_bwd_{suffix}")) };
+    unsafe { lib.launch(grid, block, 0, || fwd(ap, bp, yp, n)) };
+    let bwd: SwigluBwd<T> = unsafe { lib.kernel::<T, _>("swiglu_bwd") };
     let mut out = vec![T::UNWRITTEN; 2 * len];
     let op = out.as_mut_ptr();
-    unsafe { launch(lib, grid, block, 0, || bwd(ap, bp, gp, op, n)) };
+    unsafe { lib.launch(grid, block, 0, || bwd(ap, bp, gp, op, n)) };
     (y, out)
 }
 
 /// `swiglu_{fwd,bwd}_*` against `fused::swiglu` and its gradients, over 11 blocks with a
 /// partial last one and gates up to +-6 (sigmoid near saturation).
-fn check_swiglu<T: Elem>(suffix: &str, rel: f32, abs: f32) {
+fn check_swiglu<T: Elem>(rel: f64, abs: f64) {
     let len = 2 * 3 * 457;
-    let a = rounded::<T>(&data(len, 3, 6.0));
-    let b = rounded::<T>(&data(len, 4, 2.0));
-    let g = rounded::<T>(&data(len, 5, 1.0));
+    let a = rounded::<T>(&values(len, 3, 6.0));
+    let b = rounded::<T>(&values(len, 4, 2.0));
+    let g = rounded::<T>(&values(len, 5, 1.0));
     let (want_y, want) = value_and_grads(
         &|t| fused::swiglu(&t[0], &t[1]),
         &[(&a, &[len]), (&b, &[len])],
         &g,
     );
-    let (y, out) = swiglu_on_cpu(
-        suffix,
-        &to_elems::<T>(&a),
-        &to_elems::<T>(&b),
-        &to_elems::<T>(&g),
-    );
+    let suffix = T::SUFFIX;
+    let (y, out) = swiglu_on_cpu(&elems::<T>(&a), &elems::<T>(&b), &elems::<T>(&g));
     let out = to_f32s(&out);
     assert_close(
         &format!("swiglu_fwd_{suffix}"),
@@ -314,12 +215,12 @@ fn check_swiglu<T: Elem>(suffix: &str, rel: f32, abs: f32) {
 
 #[test]
 fn swiglu_kernels_match_the_fused_activation_and_its_gradients() {
-    check_swiglu::<f32>("f32", F32_REL, F32_ABS);
+    check_swiglu::<f32>(F32_REL, F32_ABS);
 }
 
 #[test]
 fn bf16_swiglu_kernels_match_the_fused_activation_on_rounded_operands() {
-    check_swiglu::<u16>("bf16", BF16_REL, BF16_ABS);
+    check_swiglu::<u16>(BF16_REL, BF16_ABS);
 }
 
 /// Rotary tables as the decoder builds them: `(positions, d / 2)`.
@@ -355,11 +256,7 @@ fn rope_on_cpu(
     let (t32, d32) = (t as i32, d as i32);
     if len > 0 {
         let (grid, block) = ops_cfg(elementwise_blocks(len / 2));
-        unsafe {
-            launch(lib, grid, block, 0, || {
-                f(xp, cp, sp, yp, rows, t32, d32, sign)
-            })
-        };
+        unsafe { lib.launch(grid, block, 0, || f(xp, cp, sp, yp, rows, t32, d32, sign)) };
     }
     y
 }
@@ -370,8 +267,8 @@ fn rope_on_cpu(
 fn rope_kernel_matches_the_fused_rotation_and_its_gradient() {
     let dims @ (b, h, t, d) = (2, 3, 13, 64);
     let (cos, sin) = rope_tables(t, d);
-    let x = data(b * h * t * d, 7, 1.5);
-    let g = data(b * h * t * d, 8, 1.0);
+    let x = values(b * h * t * d, 7, 1.5);
+    let g = values(b * h * t * d, 8, 1.0);
     let (ct, st) = (tensor(&cos, &[t, d / 2]), tensor(&sin, &[t, d / 2]));
     let (want_y, want) = value_and_grads(
         &|v| fused::rope(&v[0], &ct, &st),
@@ -394,10 +291,10 @@ fn softmax_on_cpu(x: &[f32], g: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
     let (grid, block) = ops_cfg(len / n);
     let mut y = vec![f32::NAN; len];
     let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
-    unsafe { launch(lib, grid, block, 0, || fwd(xp, yp, n32)) };
+    unsafe { lib.launch(grid, block, 0, || fwd(xp, yp, n32)) };
     let mut dx = vec![f32::NAN; len];
     let (yp, gp, dp) = (y.as_ptr(), g.as_ptr(), dx.as_mut_ptr());
-    unsafe { launch(lib, grid, block, 0, || bwd(yp, gp, dp, n32)) };
+    unsafe { lib.launch(grid, block, 0, || bwd(yp, gp, dp, n32)) };
     (y, dx)
 }
 
@@ -406,7 +303,7 @@ fn softmax_on_cpu(x: &[f32], g: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
 #[test]
 fn softmax_kernels_match_the_fused_softmax_and_its_gradient() {
     let (rows, n) = (12, 11);
-    let masked: Vec<f32> = data(rows * n, 9, 4.0)
+    let masked: Vec<f32> = values(rows * n, 9, 4.0)
         .iter()
         .enumerate()
         .map(|(i, &v)| {
@@ -417,8 +314,8 @@ fn softmax_kernels_match_the_fused_softmax_and_its_gradient() {
             }
         })
         .collect();
-    for (x, rows, n) in [(masked, rows, n), (data(3 * 300, 10, 6.0), 3, 300)] {
-        let g = data(rows * n, 11, 1.0);
+    for (x, rows, n) in [(masked, rows, n), (values(3 * 300, 10, 6.0), 3, 300)] {
+        let g = values(rows * n, 11, 1.0);
         let (want_y, want) =
             value_and_grads(&|t| fused::softmax_last_dim(&t[0]), &[(&x, &[rows, n])], &g);
         // The backward takes the kernel's own forward output, as on the GPU.
@@ -523,15 +420,6 @@ impl AttnDims {
     }
 }
 
-/// The kernel of the pair for `T`, as `by_dtype` picks it.
-fn attn_name<T: Elem>(f32_name: &'static str, bf16_name: &'static str) -> &'static str {
-    if std::mem::size_of::<T>() == 4 {
-        f32_name
-    } else {
-        bf16_name
-    }
-}
-
 /// Mirrors `training_attention.rs::rotate`: `x` (b, t, heads * d) into f32 (b, heads, t, d).
 fn attn_rotate_on_cpu<T: Elem>(
     x: &[T],
@@ -541,14 +429,13 @@ fn attn_rotate_on_cpu<T: Elem>(
     heads: usize,
 ) -> Vec<f32> {
     let lib = library("training_attention");
-    let f: AttnRotate<T> =
-        unsafe { lib.symbol(attn_name::<T>("attn_rotate_f32", "attn_rotate_bf16")) };
+    let f: AttnRotate<T> = unsafe { lib.kernel::<T, _>("attn_rotate") };
     let mut out = vec![f32::NAN; dims.b * heads * dims.t * dims.d];
     let (t, _, _, d) = dims.i32s();
     let h32 = heads as i32;
     let (xp, cp, sp, op) = (x.as_ptr(), cos.as_ptr(), sin.as_ptr(), out.as_mut_ptr());
     let grid = (heads as u32, dims.t as u32, dims.b as u32);
-    unsafe { launch(lib, grid, (32, 1, 1), 0, || f(xp, cp, sp, op, t, h32, d)) };
+    unsafe { lib.launch(grid, (32, 1, 1), 0, || f(xp, cp, sp, op, t, h32, d)) };
     out
 }
 
@@ -565,13 +452,13 @@ fn attn_forward_on_cpu<T: Elem>(
     let qr = attn_rotate_on_cpu(q, cos, sin, dims, dims.heads);
     let kr = attn_rotate_on_cpu(k, cos, sin, dims, dims.kv);
     let mut y = vec![T::UNWRITTEN; q.len()];
-    let f: AttnFwd<T> = unsafe { lib.symbol(attn_name::<T>("attn_fwd_f32", "attn_fwd_bf16")) };
+    let f: AttnFwd<T> = unsafe { lib.kernel::<T, _>("attn_fwd") };
     let (t, h, kvh, d) = dims.i32s();
     let scale = dims.scale();
     let (qp, kp, vp, yp) = (qr.as_ptr(), kr.as_ptr(), v.as_ptr(), y.as_mut_ptr());
     let (grid, block, shared) = dims.rows_cfg(dims.d + dims.t);
     unsafe {
-        launch(lib, grid, block, shared, || {
+        lib.launch(grid, block, shared, || {
             f(qp, kp, vp, yp, t, h, kvh, d, scale)
         })
     };
@@ -612,20 +499,18 @@ fn attn_grads_on_cpu<T: Elem>(
     let dq = out.as_mut_ptr();
     // SAFETY: `out` holds nq + 2 nk elements, split in three as the launch code splits it.
     let (dk, dv) = unsafe { (dq.add(nq), dq.add(nq + nk)) };
-    let rows: AttnRows<T> =
-        unsafe { lib.symbol(attn_name::<T>("attn_bwd_rows_f32", "attn_bwd_rows_bf16")) };
+    let rows: AttnRows<T> = unsafe { lib.kernel::<T, _>("attn_bwd_rows") };
     let (grid, block, shared) = dims.rows_cfg(2 * dims.d + 2 * dims.t);
     unsafe {
-        launch(lib, grid, block, shared, || {
+        lib.launch(grid, block, shared, || {
             rows(qp, kp, vp, gp, cp, sp, dsp, prp, dq, t, h, kvh, d, scale)
         })
     };
-    let cols: AttnCols<T> =
-        unsafe { lib.symbol(attn_name::<T>("attn_bwd_cols_f32", "attn_bwd_cols_bf16")) };
+    let cols: AttnCols<T> = unsafe { lib.kernel::<T, _>("attn_bwd_cols") };
     let grid = (dims.kv as u32, dims.t as u32, dims.b as u32);
     let (dsp, prp) = (ds.as_ptr(), pr.as_ptr());
     unsafe {
-        launch(lib, grid, (32, 1, 1), 0, || {
+        lib.launch(grid, (32, 1, 1), 0, || {
             cols(qp, gp, cp, sp, dsp, prp, dk, dv, t, h, kvh, d)
         })
     };
@@ -634,14 +519,14 @@ fn attn_grads_on_cpu<T: Elem>(
 
 /// The attention kernels of `T` (forward, and backward for the output gradient `dy`) against
 /// `fused::causal_attention`'s CPU forward and gradients on the same (rounded) operands.
-fn check_attention<T: Elem>(dims: AttnDims, seed: u32, rel: f32, abs: f32) {
+fn check_attention<T: Elem>(dims: AttnDims, seed: u64, rel: f64, abs: f64) {
     let AttnDims { b, t, heads, kv, d } = dims;
     // Tables longer than the sequences, as the decoder's: only the first t rows are read.
     let (cos, sin) = rope_tables(t + 3, d);
-    let q = rounded::<T>(&data(b * t * heads * d, seed, 1.5));
-    let k = rounded::<T>(&data(b * t * kv * d, seed + 1, 1.5));
-    let v = rounded::<T>(&data(b * t * kv * d, seed + 2, 1.0));
-    let dy = rounded::<T>(&data(b * t * heads * d, seed + 3, 1.0));
+    let q = rounded::<T>(&values(b * t * heads * d, seed, 1.5));
+    let k = rounded::<T>(&values(b * t * kv * d, seed + 1, 1.5));
+    let v = rounded::<T>(&values(b * t * kv * d, seed + 2, 1.0));
+    let dy = rounded::<T>(&values(b * t * heads * d, seed + 3, 1.0));
     let (ct, st) = (tensor(&cos, &[t + 3, d / 2]), tensor(&sin, &[t + 3, d / 2]));
     let (want_y, want) = value_and_grads(
         &|x| fused::causal_attention(&x[0], &x[1], &x[2], heads, kv, &ct, &st),
@@ -653,14 +538,14 @@ fn check_attention<T: Elem>(dims: AttnDims, seed: u32, rel: f32, abs: f32) {
         &dy,
     );
     let (qe, ke, ve, dye) = (
-        to_elems::<T>(&q),
-        to_elems::<T>(&k),
-        to_elems::<T>(&v),
-        to_elems::<T>(&dy),
+        elems::<T>(&q),
+        elems::<T>(&k),
+        elems::<T>(&v),
+        elems::<T>(&dy),
     );
     let what = format!(
         "{} (b {b}, t {t}, heads {heads}, kv {kv}, d {d})",
-        attn_name::<T>("f32", "bf16")
+        T::SUFFIX
     );
     let y = to_f32s(&attn_forward_on_cpu(&qe, &ke, &ve, &cos, &sin, dims));
     assert_close(&format!("attention y, {what}"), &y, &want_y, rel, abs);
@@ -756,4 +641,194 @@ fn bf16_attention_kernels_loop_over_more_keys_than_lanes() {
         d: 64,
     };
     check_attention::<u16>(dims, 50, BF16_REL, BF16_ABS);
+}
+
+// ---------------------------------------------------------------------------------------
+// The LoRA delta: forward by lora.cu with no `y`, backward by lora_training.cu, launched as
+// cuda/lora_training.rs launches them.
+
+/// `THREADS` of `lora_training.rs` and of both `.cu` files.
+const LORA_THREADS: u32 = 256;
+
+type LoraAdd<T> = unsafe extern "C" fn(
+    *const T,
+    *const T,
+    *const T,
+    *const T,
+    *const f32,
+    f32,
+    *mut T,
+    i32,
+    i32,
+    i32,
+    i64,
+    i64,
+    i64,
+);
+type LoraRows<T> = unsafe extern "C" fn(
+    *const T,
+    *const T,
+    *const T,
+    *const T,
+    f32,
+    *mut f32,
+    *mut f32,
+    *mut T,
+    i32,
+    i32,
+    i32,
+);
+type LoraCols<T> = unsafe extern "C" fn(
+    *const T,
+    *const T,
+    *const f32,
+    *const f32,
+    f32,
+    *mut T,
+    *mut T,
+    i64,
+    i32,
+    i32,
+    i32,
+);
+
+/// Mirrors `lora_training.rs`: `delta_of` (the delta, `(rows, outs)`) and `Grads::launch`
+/// (`[dx | dA | dB]`).
+#[allow(clippy::too_many_arguments)]
+fn lora_on_cpu<T: Elem>(
+    x: &[T],
+    a: &[T],
+    b: &[T],
+    g: &[T],
+    scale: f32,
+    (rows, inp, outs, rank): (usize, usize, usize, usize),
+) -> (Vec<T>, Vec<T>) {
+    let (i32s, none) = ((inp as i32, outs as i32, rank as i32), 0i64);
+    let (xp, ap, bp, gp) = (x.as_ptr(), a.as_ptr(), b.as_ptr(), g.as_ptr());
+    let fwd: LoraAdd<T> = unsafe { library("lora").kernel::<T, _>("lora_add") };
+    let mut y = vec![T::UNWRITTEN; rows * outs];
+    let yp = y.as_mut_ptr();
+    let null = std::ptr::null();
+    let block = (LORA_THREADS, 1, 1);
+    unsafe {
+        library("lora").launch((rows as u32, 1, 1), block, 0, || {
+            fwd(
+                null,
+                xp,
+                ap,
+                bp,
+                std::ptr::null(),
+                scale,
+                yp,
+                i32s.0,
+                i32s.1,
+                i32s.2,
+                none,
+                none,
+                none,
+            )
+        })
+    };
+    let lib = library("lora_training");
+    let rows_k: LoraRows<T> = unsafe { lib.kernel::<T, _>("lora_bwd_rows") };
+    let cols_k: LoraCols<T> = unsafe { lib.kernel::<T, _>("lora_bwd_cols") };
+    let (nx, na, nb) = (rows * inp, rank * inp, outs * rank);
+    let (mut h, mut dh) = (vec![f32::NAN; rows * rank], vec![f32::NAN; rows * rank]);
+    let mut out = vec![T::UNWRITTEN; nx + na + nb];
+    let (hp, dhp, op) = (h.as_mut_ptr(), dh.as_mut_ptr(), out.as_mut_ptr());
+    unsafe {
+        lib.launch((rows as u32, 1, 1), block, 0, || {
+            rows_k(xp, ap, bp, gp, scale, hp, dhp, op, i32s.0, i32s.1, i32s.2)
+        });
+        let grid = (
+            (na + nb).div_ceil(LORA_THREADS as usize).max(1) as u32,
+            1,
+            1,
+        );
+        lib.launch(grid, block, 0, || {
+            cols_k(
+                xp,
+                gp,
+                hp,
+                dhp,
+                scale,
+                op.add(nx),
+                op.add(nx + na),
+                rows as i64,
+                i32s.0,
+                i32s.1,
+                i32s.2,
+            )
+        });
+    }
+    (y, out)
+}
+
+/// The delta and its gradients against `fused::lora_delta`'s CPU body (itself held to the
+/// composed delta by the fused tests): rows over several blocks, an input wider than a
+/// block, a rank above the block's 8 warps, more outputs than threads.
+fn check_lora<T: Elem>(rel: f64, abs: f64) {
+    let (rows, inp, outs, rank, scale) = (2 * 7, 300, 260, 11, 1.75f32);
+    let x = rounded::<T>(&values(rows * inp, 60, 1.0));
+    let a = rounded::<T>(&values(rank * inp, 61, 0.2));
+    let b = rounded::<T>(&values(outs * rank, 62, 0.2));
+    let g = rounded::<T>(&values(rows * outs, 63, 1.0));
+    let (want_y, want) = value_and_grads(
+        &|t| fused::lora_delta(&t[0], &t[1], &t[2], scale as f64),
+        &[(&x, &[2, 7, inp]), (&a, &[rank, inp]), (&b, &[outs, rank])],
+        &g,
+    );
+    let (y, out) = lora_on_cpu(
+        &elems::<T>(&x),
+        &elems::<T>(&a),
+        &elems::<T>(&b),
+        &elems::<T>(&g),
+        scale,
+        (rows, inp, outs, rank),
+    );
+    let out = to_f32s(&out);
+    let (nx, na) = (rows * inp, rank * inp);
+    let suffix = T::SUFFIX;
+    assert_close(
+        &format!("lora delta {suffix}"),
+        &to_f32s(&y),
+        &want_y,
+        rel,
+        abs,
+    );
+    assert_close(&format!("lora dx {suffix}"), &out[..nx], &want[0], rel, abs);
+    assert_close(
+        &format!("lora dA {suffix}"),
+        &out[nx..nx + na],
+        &want[1],
+        rel,
+        abs,
+    );
+    assert_close(
+        &format!("lora dB {suffix}"),
+        &out[nx + na..],
+        &want[2],
+        rel,
+        abs,
+    );
+}
+
+#[test]
+fn lora_delta_kernels_match_the_fused_delta_and_its_gradients() {
+    // Sums of up to 300 products of either sign: 1e-5 relative plus 1e-5 absolute.
+    check_lora::<f32>(F32_REL, 1e-5);
+}
+
+#[test]
+fn bf16_lora_delta_kernels_match_the_fused_delta_on_rounded_operands() {
+    check_lora::<u16>(BF16_REL, 1e-3);
+}
+
+/// The block sizes mirrored here (`OPS_THREADS`, `ATTN_WARPS`, `LORA_THREADS`) are the launch
+/// code's and the kernels' own.
+#[test]
+fn launch_constants_match_the_kernels() {
+    assert_constant("training_ops", "THREADS", OPS_THREADS);
+    assert_constant("training_attention", "WARPS", ATTN_WARPS);
+    assert_constant("lora_training", "THREADS", LORA_THREADS);
 }

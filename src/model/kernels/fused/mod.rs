@@ -10,6 +10,7 @@
 //! which these ops are tested against.
 
 mod attention;
+mod lora;
 mod rms_norm;
 mod rope;
 mod softmax;
@@ -18,6 +19,7 @@ mod swiglu;
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor};
 
 pub use attention::{causal_attention, MAX_POSITIONS};
+pub use lora::{lora_delta, lora_takes};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use softmax::softmax_last_dim;

@@ -227,3 +227,32 @@ fn softmax_matches_the_composed_softmax_and_its_gradient_with_masked_entries() {
     let x = data(&[2, 6, 11], 9, 4.0).broadcast_add(&mask).unwrap();
     assert_same(&fused, &composed, &[(x, true)]);
 }
+
+#[test]
+fn lora_delta_matches_the_composed_delta_and_its_gradients() {
+    // Rows from 2 sequences of 5; rank 3; more outputs than inputs; a scale of 1.5.
+    let (inp, rank, outs, s) = (12, 3, 17, 1.5);
+    let fused = |t: &[Tensor]| lora_delta(&t[0], &t[1], &t[2], s);
+    let composed = |t: &[Tensor]| {
+        let h = t[0].broadcast_matmul(&t[1].t()?)?;
+        h.broadcast_matmul(&t[2].t()?)? * s
+    };
+    let x = data(&[2, 5, inp], 21, 1.0);
+    let a = data(&[rank, inp], 22, 0.5);
+    let b = data(&[outs, rank], 23, 0.5);
+    assert_same(
+        &fused,
+        &composed,
+        &[(x.clone(), true), (a.clone(), true), (b.clone(), true)],
+    );
+    // A frozen adapter (a domain adapter's): the input's gradient only.
+    assert_same(
+        &fused,
+        &composed,
+        &[(x.clone(), true), (a.clone(), false), (b.clone(), false)],
+    );
+    // Bad shapes are refused, and the CPU keeps the composed delta.
+    assert!(lora_delta(&x, &b, &a, s).is_err());
+    assert!(lora_delta(&x.to_dtype(DType::F64).unwrap(), &a, &b, s).is_err());
+    assert!(!lora_takes(&x, &a, &b));
+}

@@ -1,0 +1,245 @@
+//! A LoRA delta `scale B (A x)` in adaptation on the GPU, the CUDA body of
+//! `fused::lora_delta`: forward in one launch (`lora.cu`'s kernel, adding to nothing),
+//! backward in two (`lora_training.cu`: a rows pass for dx, a columns pass for dA and dB). Its
+//! CPU body is the reference; `ttarag bench --kernels` compares this one with candle's
+//! composed delta on the GPU. It runs where `[model] cuda_fused_training` is on.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+
+use super::{by_dtype, contiguous_view, held_view, LORA, LORA_TRAINING};
+
+const THREADS: u32 = 256;
+const WHAT: &str = "lora delta";
+
+/// `(rows, in, outs, rank)` of `x` `(.., in)`, `a` `(rank, in)`, `b` `(outs, rank)`.
+fn dims(x: &[usize], a: &[usize], b: &[usize]) -> (usize, usize, usize, usize) {
+    let inp = x.last().copied().unwrap_or(1);
+    let rows = x.iter().product::<usize>() / inp.max(1);
+    (rows, inp, b[0], a[0])
+}
+
+/// The delta of each row of `x`: the forward of `fused::lora_delta`, `(rows, outs)` flat.
+pub fn delta(
+    x: &CudaStorage,
+    lx: &Layout,
+    a: &CudaStorage,
+    la: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+    scale: f32,
+) -> Result<(CudaStorage, usize)> {
+    let out = match x.dtype() {
+        DType::F32 => delta_of::<f32>(x, lx, a, la, b, lb, scale)?,
+        DType::BF16 => delta_of::<half::bf16>(x, lx, a, la, b, lb, scale)?,
+        d => candle_core::bail!("{WHAT}: {d:?} operands"),
+    };
+    let (rows, _, outs, _) = dims(lx.dims(), la.dims(), lb.dims());
+    Ok((out, rows * outs))
+}
+
+fn delta_of<T: CudaDType + DeviceRepr + WithDType>(
+    x: &CudaStorage,
+    lx: &Layout,
+    a: &CudaStorage,
+    la: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+    scale: f32,
+) -> Result<CudaStorage> {
+    let dev = &x.device;
+    let (rows, inp, outs, rank) = dims(lx.dims(), la.dims(), lb.dims());
+    let (xv, av, bv) = (
+        contiguous_view::<T>(x, lx, WHAT)?,
+        contiguous_view::<T>(a, la, WHAT)?,
+        contiguous_view::<T>(b, lb, WHAT)?,
+    );
+    // SAFETY: the kernel writes every element.
+    let mut out = unsafe { dev.alloc::<T>(rows * outs) }?;
+    if rows > 0 {
+        let f = dev.get_or_load_custom_func(
+            by_dtype::<T>("lora_add_f32", "lora_add_bf16")?,
+            LORA.0,
+            LORA.1,
+        )?;
+        let mut bl = f.builder();
+        // No `y` (the delta alone), no per-row scales, one adapter for every row.
+        let (null, none) = (0u64, 0i64);
+        let (in32, out32, r32) = (inp as i32, outs as i32, rank as i32);
+        bl.arg(&null)
+            .arg(&xv)
+            .arg(&av)
+            .arg(&bv)
+            .arg(&null)
+            .arg(&scale)
+            .arg(&mut out)
+            .arg(&in32)
+            .arg(&out32)
+            .arg(&r32)
+            .arg(&none)
+            .arg(&none)
+            .arg(&none);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: one block per row reads its row of x, all of A and B, and writes its row.
+        unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// The gradients of `fused::lora_delta(x, a, b, scale)` for the output gradient `g`:
+/// `(dx, da, db)`, shaped as `x`, `a` and `b`.
+pub fn grads(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    g: &Tensor,
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (nx, na, nb) = (x.elem_count(), a.elem_count(), b.elem_count());
+    let op = Grads {
+        a: a.contiguous()?,
+        b: b.contiguous()?,
+        scale,
+    };
+    let all = x
+        .contiguous()?
+        .apply_op2_no_bwd(&g.to_dtype(x.dtype())?.contiguous()?, &op)?;
+    Ok((
+        all.narrow(0, 0, nx)?.reshape(x.shape())?,
+        all.narrow(0, nx, na)?.reshape(a.shape())?,
+        all.narrow(0, nx + na, nb)?.reshape(b.shape())?,
+    ))
+}
+
+/// `[dx | dA | dB]` flat, from `x` and `g` (the op's operands) and the factors it holds.
+struct Grads {
+    a: Tensor,
+    b: Tensor,
+    scale: f32,
+}
+
+impl CustomOp2 for Grads {
+    fn name(&self) -> &'static str {
+        "cuda-lora-delta-grads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("cuda-lora-delta-grads runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = match x.dtype() {
+            DType::F32 => self.launch::<f32>(x, lx, g, lg)?,
+            DType::BF16 => self.launch::<half::bf16>(x, lx, g, lg)?,
+            d => candle_core::bail!("{WHAT} grads: {d:?} operands"),
+        };
+        let len = lx.shape().elem_count() + self.a.elem_count() + self.b.elem_count();
+        Ok((out, Shape::from(len)))
+    }
+}
+
+impl Grads {
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+    ) -> Result<CudaStorage> {
+        let dev = &x.device;
+        let (rows, inp, outs, rank) = dims(lx.dims(), self.a.dims(), self.b.dims());
+        let (xv, gv) = (
+            contiguous_view::<T>(x, lx, WHAT)?,
+            contiguous_view::<T>(g, lg, WHAT)?,
+        );
+        let ((a_s, a_l), (b_s, b_l)) = (self.a.storage_and_layout(), self.b.storage_and_layout());
+        let av = held_view::<T>(&a_s, a_l, WHAT)?;
+        let bv = held_view::<T>(&b_s, b_l, WHAT)?;
+        let (nx, na, nb) = (rows * inp, rank * inp, outs * rank);
+        // SAFETY: the rows pass writes every element of h, dh and dx, the columns pass every
+        // element of dA and dB.
+        let (mut h, mut dh, mut out) = unsafe {
+            (
+                dev.alloc::<f32>((rows * rank).max(1))?,
+                dev.alloc::<f32>((rows * rank).max(1))?,
+                dev.alloc::<T>(nx + na + nb)?,
+            )
+        };
+        let (in32, out32, r32, rows64) = (inp as i32, outs as i32, rank as i32, rows as i64);
+        {
+            let (mut dx, mut rest) = out.split_at_mut(nx);
+            if rows > 0 {
+                let f = dev.get_or_load_custom_func(
+                    by_dtype::<T>("lora_bwd_rows_f32", "lora_bwd_rows_bf16")?,
+                    LORA_TRAINING.0,
+                    LORA_TRAINING.1,
+                )?;
+                let mut bl = f.builder();
+                bl.arg(&xv)
+                    .arg(&av)
+                    .arg(&bv)
+                    .arg(&gv)
+                    .arg(&self.scale)
+                    .arg(&mut h)
+                    .arg(&mut dh)
+                    .arg(&mut dx)
+                    .arg(&in32)
+                    .arg(&out32)
+                    .arg(&r32);
+                let cfg = LaunchConfig {
+                    grid_dim: (rows as u32, 1, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: one block per row reads its rows of x and g, all of A and B, and
+                // writes its rows of h, dh and dx.
+                unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+            }
+            let (mut da, mut db) = rest.split_at_mut(na);
+            let f = dev.get_or_load_custom_func(
+                by_dtype::<T>("lora_bwd_cols_f32", "lora_bwd_cols_bf16")?,
+                LORA_TRAINING.0,
+                LORA_TRAINING.1,
+            )?;
+            let mut bl = f.builder();
+            bl.arg(&xv)
+                .arg(&gv)
+                .arg(&h)
+                .arg(&dh)
+                .arg(&self.scale)
+                .arg(&mut da)
+                .arg(&mut db)
+                .arg(&rows64)
+                .arg(&in32)
+                .arg(&out32)
+                .arg(&r32);
+            let cfg = LaunchConfig {
+                grid_dim: ((na + nb).div_ceil(THREADS as usize).max(1) as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: a thread per element of dA and dB reads a column of x or g and of dh
+            // or h over every row, and writes its element.
+            unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+}
