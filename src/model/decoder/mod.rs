@@ -386,17 +386,12 @@ impl Joint {
         layer: usize,
         opts: &ForwardOpts,
     ) -> Result<JointOut> {
-        let y = match &self.body {
-            JointBody::Quant(q) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
-            JointBody::Full { w, .. } => super::frozen_matmul_bf16(x, w, None)?,
-        };
-        let (mut at, mut plain) = (0, true);
+        let y = self.product(x)?;
+        let mut plain = true;
         let parts = parts
             .iter()
-            .zip(&self.widths)
-            .map(|(p, &w)| {
-                let part = y.narrow(D::Minus1, at, w)?;
-                at += w;
+            .zip(self.views(&y)?)
+            .map(|(p, part)| {
                 Ok(match p.decode_extras(&part, x, layer, opts)? {
                     Some(changed) => {
                         plain = false;
@@ -410,6 +405,26 @@ impl Joint {
             whole: plain.then_some(y),
             parts,
         })
+    }
+
+    /// The joint product of `x`, nothing added.
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.body {
+            JointBody::Quant(q) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype()),
+            JointBody::Full { w, .. } => super::frozen_matmul_bf16(x, w, None),
+        }
+    }
+
+    /// Each part's slice of the joint product `y` (views).
+    fn views(&self, y: &Tensor) -> Result<Vec<Tensor>> {
+        let mut at = 0;
+        self.widths
+            .iter()
+            .map(|&w| {
+                at += w;
+                y.narrow(D::Minus1, at - w, w)
+            })
+            .collect()
     }
 }
 
@@ -1087,6 +1102,85 @@ impl Decoder {
         Ok((x, h))
     }
 
+    /// A device step's q, k and v from the joint product `j` of `x`, each part's low-rank
+    /// delta added, rotated, and k and v written at each row's position, in one launch
+    /// (`cuda::decode_step::rope_cache_write`), where the LoRA adds would be a launch each.
+    /// `None` where that does not serve (no adapter, biases, a delta's factors the kernel
+    /// does not take, more rows than the LoRA kernel's): the ordinary step runs.
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    fn rope_write_deltas(
+        &self,
+        a: &Attention,
+        j: &Joint,
+        rows: &CacheRows,
+        layer: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        opts: &ForwardOpts,
+    ) -> Result<Option<Tensor>> {
+        use super::kernels::cuda::{decode_step::PartDelta, lora};
+        let Some(adapter) = opts.adapter else {
+            return Ok(None);
+        };
+        let projs = [&a.q, &a.k, &a.v];
+        if opts.composed_ops || !lora::applies(x) || projs.iter().any(|p| p.linear.bias().is_some())
+        {
+            return Ok(None);
+        }
+        let n = x.elem_count() / x.dim(D::Minus1)?.max(1);
+        let (inp, d) = (x.dim(D::Minus1)?, a.head_dim);
+        let outs = [a.n_heads * d, a.n_kv * d, a.n_kv * d];
+        let factors = projs
+            .iter()
+            .map(|p| adapter.row_factors(layer, p.target, x))
+            .collect::<Result<Vec<_>>>()?;
+        let deltas: Vec<Option<PartDelta>> = factors
+            .iter()
+            .map(|f| {
+                f.as_ref().map(|f| {
+                    let (a, b, scales, scale) = f.parts();
+                    PartDelta {
+                        a,
+                        b,
+                        scales,
+                        scale,
+                    }
+                })
+            })
+            .collect();
+        let fits = deltas
+            .iter()
+            .zip(outs)
+            .all(|(p, o)| p.as_ref().is_none_or(|p| p.fits(n, inp, o, x.dtype())));
+        if !fits || deltas.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        // A part without factors takes its delta (if any) as the ordinary step adds it.
+        let parts = projs
+            .iter()
+            .zip(j.views(&j.product(x)?)?)
+            .zip(&deltas)
+            .map(|((p, part), delta)| match delta {
+                Some(_) => Ok(part),
+                None => match adapter.delta(layer, p.target, x)? {
+                    Some(d) => part + d,
+                    None => Ok(part),
+                },
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let [q, k, v] = [&parts[0], &parts[1], &parts[2]];
+        if !rows.rope_writes(&[q, k, v, cos, sin]) {
+            return Ok(None);
+        }
+        let mut deltas = deltas.into_iter();
+        let mut next = || deltas.next().flatten();
+        let lora = Some((x, [next(), next(), next()]));
+        rows.rope_write_lora(q, k, v, cos, sin, a.n_heads, lora)
+            .map(Some)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -1111,6 +1205,16 @@ impl Decoder {
         };
         let cos = &cos.to_dtype(acc)?;
         let sin = &sin.to_dtype(acc)?;
+        // The same with the adapter's low-rank deltas on q, k and v added in that launch too.
+        #[cfg(feature = "cuda")]
+        if let (Kv::At(rows), Some(j)) = (&kv, &a.qkv) {
+            if t == 1 && j.takes(x, opts) && step_fused(x, opts) {
+                if let Some(q) = self.rope_write_deltas(a, j, rows, layer, x, cos, sin, opts)? {
+                    let y = rows.attend(&q, attn_scale(a))?;
+                    return self.attention_output(a, layer, y, opts);
+                }
+            }
+        }
         let (q, k, v) = match &a.qkv {
             Some(j) if j.takes(x, opts) => {
                 let mut qkv = j

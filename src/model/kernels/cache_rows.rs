@@ -144,25 +144,56 @@ impl CacheRows {
         heads: usize,
     ) -> Result<Option<Tensor>> {
         #[cfg(feature = "cuda")]
-        if let Some(table) = &self.table {
-            let held = self.buffers[0].0.dtype();
-            let same = [q, k, v, cos, sin].iter().all(|t| t.dtype() == held);
-            if same && super::cuda::decode_step::applies(q) {
-                let q = super::cuda::decode_step::rope_cache_write(
-                    q,
-                    k,
-                    v,
-                    cos,
-                    sin,
-                    table,
-                    heads,
-                    self.shape.0,
-                )?;
-                return Ok(Some(q));
-            }
+        if self.rope_writes(&[q, k, v, cos, sin]) {
+            return self
+                .rope_write_lora(q, k, v, cos, sin, heads, None)
+                .map(Some);
         }
         let _ = (q, k, v, cos, sin, heads);
         Ok(None)
+    }
+
+    /// Whether [`rope_write`](Self::rope_write)'s one launch serves these operands here: a
+    /// GPU, the kernels on, every operand in the cache's dtype.
+    #[cfg(feature = "cuda")]
+    pub fn rope_writes(&self, operands: &[&Tensor]) -> bool {
+        let held = self.buffers[0].0.dtype();
+        self.table.is_some()
+            && operands.iter().all(|t| t.dtype() == held)
+            && operands
+                .first()
+                .is_some_and(|q| super::cuda::decode_step::applies(q))
+    }
+
+    /// [`rope_write`](Self::rope_write) where it serves ([`rope_writes`](Self::rope_writes)),
+    /// with `lora`'s deltas on q, k and v added in the same launch (see
+    /// `cuda::decode_step::rope_cache_write`).
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_write_lora(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        heads: usize,
+        lora: Option<(&Tensor, [Option<super::cuda::decode_step::PartDelta>; 3])>,
+    ) -> Result<Tensor> {
+        let Some(table) = &self.table else {
+            candle_core::bail!("rope write: cache rows without a device table");
+        };
+        super::cuda::decode_step::rope_cache_write(
+            q,
+            k,
+            v,
+            cos,
+            sin,
+            table,
+            heads,
+            self.shape.0,
+            lora,
+        )
     }
 
     fn host_positions(&self) -> Result<Vec<usize>> {

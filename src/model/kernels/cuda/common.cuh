@@ -12,6 +12,15 @@ __device__ __forceinline__ void put(float *p, int64_t i, float x) { p[i] = x; }
 __device__ __forceinline__ void put(__nv_bfloat16 *p, int64_t i, float x) {
     p[i] = __float2bfloat16(x);
 }
+// `x` as a store to T and a load back would leave it.
+template <typename T>
+__device__ __forceinline__ float rounded(float x);
+template <>
+__device__ __forceinline__ float rounded<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float rounded<__nv_bfloat16>(float x) {
+    return __bfloat162float(__float2bfloat16(x));
+}
 
 template <int N>
 __device__ float block_sum(float v) {

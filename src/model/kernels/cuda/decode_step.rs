@@ -9,7 +9,7 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::{contiguous_view, held_view, DECODE_STEP};
+use super::{contiguous_view, held_view, with_addresses, DECODE_STEP};
 use crate::model::kernels::rows::even_rows;
 
 const THREADS: u32 = 128;
@@ -30,10 +30,95 @@ fn row_stride(l: &Layout, rows: usize, width: usize, what: &str) -> Result<i64> 
     }
 }
 
+/// A LoRA delta on one of q, k, v for [`rope_cache_write`] to add: the factors
+/// `Adapter::row_factors` gives, one pair for every row (`scales` `None`, `a` `(rank, in)`,
+/// `b` `(outs, rank)`) or a pair per row (`a` `(rows, rank, in)`, `b` `(rows, outs, rank)`,
+/// `scales` `(rows,)` f32).
+pub struct PartDelta<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scales: Option<&'a Tensor>,
+    pub scale: f64,
+}
+
+/// The rank the kernel holds in shared memory.
+const MAX_RANK: usize = 64;
+
+impl PartDelta<'_> {
+    /// Whether the kernel takes this delta on a part of `outs` outputs for `rows` rows of
+    /// `inp` inputs in `dtype`.
+    pub fn fits(&self, rows: usize, inp: usize, outs: usize, dtype: DType) -> bool {
+        let rank = self.a.dims().iter().rev().nth(1).copied().unwrap_or(0);
+        let shapes = match self.scales {
+            Some(s) => {
+                self.a.dims() == [rows, rank, inp]
+                    && self.b.dims() == [rows, outs, rank]
+                    && s.dims() == [rows]
+            }
+            None => self.a.dims() == [rank, inp] && self.b.dims() == [outs, rank],
+        };
+        shapes
+            && (1..=MAX_RANK).contains(&rank)
+            && self.a.dtype() == dtype
+            && self.b.dtype() == dtype
+    }
+
+    fn held(&self, rows: usize) -> Result<HeldDelta> {
+        let rank = self.a.dims().iter().rev().nth(1).copied().unwrap_or(0);
+        let per_row = self.scales.is_some();
+        Ok(HeldDelta {
+            a: self.a.contiguous()?,
+            b: self.b.contiguous()?,
+            scales: self
+                .scales
+                .map(|s| s.to_dtype(DType::F32)?.contiguous())
+                .transpose()?,
+            scale: self.scale as f32,
+            rank,
+            strides: match per_row {
+                true => (
+                    self.a.elem_count() / rows.max(1),
+                    self.b.elem_count() / rows.max(1),
+                ),
+                false => (0, 0),
+            },
+        })
+    }
+}
+
+/// A [`PartDelta`] held by the op, contiguous.
+struct HeldDelta {
+    a: Tensor,
+    b: Tensor,
+    scales: Option<Tensor>,
+    scale: f32,
+    rank: usize,
+    strides: (usize, usize),
+}
+
+/// `decode_step.cu`'s `LoraPart`: device addresses (0: none), strides in elements.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct LoraPart {
+    a: u64,
+    b: u64,
+    scales: u64,
+    a_stride: i64,
+    b_stride: i64,
+    scale: f32,
+    rank: i32,
+}
+
+// SAFETY: a plain `repr(C)` struct of integers and a float, laid out as the kernel's.
+unsafe impl DeviceRepr for LoraPart {}
+
 /// `q`, `k`, `v` (`(rows, 1, heads * d)` and `(rows, 1, kv_heads * d)`, the last dimension
 /// contiguous) of one position per row: returns `q` rotated, `(rows, heads, 1, d)`, and writes
 /// `k` rotated and `v` into the caches of `table` (see `decode_attention::table`, with
 /// positions) at each row's position. `cos`, `sin`: each row's angles, `(rows, 1, d / 2)`.
+/// With `lora`, the projections' input `x` `(rows, 1, in)` and a delta for each of q, k, v
+/// that has one (each [`PartDelta::fits`]): the deltas are added before the rotation, as the
+/// LoRA add would have (`lora.cu`), in the same launch.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_cache_write(
     q: &Tensor,
@@ -44,6 +129,7 @@ pub fn rope_cache_write(
     table: &Tensor,
     heads: usize,
     kv_heads: usize,
+    lora: Option<(&Tensor, [Option<PartDelta>; 3])>,
 ) -> Result<Tensor> {
     let rows = q.dim(0)?;
     let d = q.dim(2)? / heads.max(1);
@@ -62,6 +148,29 @@ pub fn rope_cache_write(
             table.dims()
         );
     }
+    let lora = match lora {
+        Some((x, parts)) => {
+            let inp = x.dims().last().copied().unwrap_or(0);
+            let outs = [heads * d, kv_heads * d, kv_heads * d];
+            let fit = parts
+                .iter()
+                .zip(outs)
+                .all(|(p, o)| p.as_ref().is_none_or(|p| p.fits(rows, inp, o, q.dtype())));
+            if x.dims() != [rows, 1, inp] || x.dtype() != q.dtype() || !fit {
+                candle_core::bail!(
+                    "rope cache write: LoRA deltas that do not fit x {:?}",
+                    x.dims()
+                );
+            }
+            let [pq, pk, pv] = parts;
+            let held = |p: Option<PartDelta>| p.map(|p| p.held(rows)).transpose();
+            Some(StepLora {
+                x: x.contiguous()?,
+                parts: [held(pq)?, held(pk)?, held(pv)?],
+            })
+        }
+        None => None,
+    };
     q.apply_op3_no_bwd(
         k,
         v,
@@ -72,8 +181,15 @@ pub fn rope_cache_write(
             heads,
             kv_heads,
             d,
+            lora,
         },
     )
+}
+
+/// The projections' input and the deltas `rope_cache_write` adds.
+struct StepLora {
+    x: Tensor,
+    parts: [Option<HeldDelta>; 3],
 }
 
 struct RopeCacheWrite {
@@ -83,6 +199,7 @@ struct RopeCacheWrite {
     heads: usize,
     kv_heads: usize,
     d: usize,
+    lora: Option<StepLora>,
 }
 
 impl RopeCacheWrite {
@@ -116,33 +233,76 @@ impl RopeCacheWrite {
         let tv = held_view::<i64>(&ts, tl, WHAT)?;
         // SAFETY: the kernel writes every element of the rotated query.
         let mut out = unsafe { dev.alloc::<T>(rows * heads * d) }?;
-        let f = dev.get_or_load_custom_func(name, DECODE_STEP.0, DECODE_STEP.1)?;
-        let mut bl = f.builder();
-        let (h32, d32) = (heads as i32, d as i32);
-        bl.arg(&qv)
-            .arg(&kv_)
-            .arg(&vv)
-            .arg(&q_rs)
-            .arg(&k_rs)
-            .arg(&v_rs)
-            .arg(&cv)
-            .arg(&sv)
-            .arg(&tv)
-            .arg(&mut out)
-            .arg(&h32)
-            .arg(&d32);
-        let cfg = LaunchConfig {
-            grid_dim: ((heads + kv) as u32, rows as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        if rows > 0 {
-            // SAFETY: block (head, row) reads that head's `d` elements of row `r` of q, k or v
-            // at the row strides checked above, the row's angles, and writes its rotated query
-            // or its key and value into the cache buffers the table addresses (held alive by
-            // the caller's `CacheRows`) at a position the kernel bounds by the capacity.
-            unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+        // The deltas' operands by address (the struct the kernel takes holds them).
+        let mut held: Vec<&Tensor> = vec![];
+        if let Some(l) = &self.lora {
+            held.push(&l.x);
+            for p in l.parts.iter().flatten() {
+                held.push(&p.a);
+                held.push(&p.b);
+                held.extend(p.scales.as_ref());
+            }
         }
+        let stream = dev.cuda_stream();
+        with_addresses(&stream, &held, |addresses| {
+            let mut at = addresses.iter().copied();
+            let mut next = || at.next().unwrap_or(0) as u64;
+            let (x, inp) = match &self.lora {
+                Some(l) => (next(), l.x.dims().last().copied().unwrap_or(0) as i32),
+                None => (0, 0),
+            };
+            let mut parts = [LoraPart::default(); 3];
+            if let Some(l) = &self.lora {
+                for (slot, p) in parts.iter_mut().zip(&l.parts) {
+                    if let Some(p) = p {
+                        *slot = LoraPart {
+                            a: next(),
+                            b: next(),
+                            scales: if p.scales.is_some() { next() } else { 0 },
+                            a_stride: p.strides.0 as i64,
+                            b_stride: p.strides.1 as i64,
+                            scale: p.scale,
+                            rank: p.rank as i32,
+                        };
+                    }
+                }
+            }
+            let f = dev.get_or_load_custom_func(name, DECODE_STEP.0, DECODE_STEP.1)?;
+            let mut bl = f.builder();
+            let (h32, d32) = (heads as i32, d as i32);
+            bl.arg(&qv)
+                .arg(&kv_)
+                .arg(&vv)
+                .arg(&q_rs)
+                .arg(&k_rs)
+                .arg(&v_rs)
+                .arg(&cv)
+                .arg(&sv)
+                .arg(&tv)
+                .arg(&mut out)
+                .arg(&h32)
+                .arg(&d32)
+                .arg(&x)
+                .arg(&inp)
+                .arg(&parts[0])
+                .arg(&parts[1])
+                .arg(&parts[2]);
+            let cfg = LaunchConfig {
+                grid_dim: ((heads + kv) as u32, rows as u32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            if rows > 0 {
+                // SAFETY: block (head, row) reads that head's `d` elements of row `r` of q, k
+                // or v at the row strides checked above, the row's angles, with deltas the
+                // row's input and factors (shapes checked by `PartDelta::fits`, addresses live
+                // under `with_addresses`), and writes its rotated query or its key and value
+                // into the cache buffers the table addresses (held alive by the caller's
+                // `CacheRows`) at a position the kernel bounds by the capacity.
+                unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+            }
+            Ok(())
+        })?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 }

@@ -13,6 +13,8 @@
 //! NaN (0xffff in bf16), so an element the kernel fails to write, or writes where it must not,
 //! shows.
 
+use std::ffi::c_void;
+
 use super::*;
 use candle_core::{Tensor, D};
 
@@ -38,7 +40,36 @@ type RopeCacheWriteFn<T> = unsafe extern "C" fn(
     *mut T,
     i32,
     i32,
+    *const T,
+    i32,
+    LoraPart,
+    LoraPart,
+    LoraPart,
 );
+
+/// `decode_step.cu`'s `LoraPart` (as `cuda/decode_step.rs` declares it): a delta's factors by
+/// address (null `a`: none), per-row strides, per-row scales or one scale, rank.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LoraPart {
+    a: *const c_void,
+    b: *const c_void,
+    scales: *const f32,
+    a_stride: i64,
+    b_stride: i64,
+    scale: f32,
+    rank: i32,
+}
+
+const NO_DELTA: LoraPart = LoraPart {
+    a: std::ptr::null(),
+    b: std::ptr::null(),
+    scales: std::ptr::null(),
+    a_stride: 0,
+    b_stride: 0,
+    scale: 0.0,
+    rank: 0,
+};
 type AddRmsNormFn<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut T, i64, i32, f32);
 type SwigluJointFn<T> = unsafe extern "C" fn(*const T, *mut T, i64, i32);
 type LoraAddFn<T> = unsafe extern "C" fn(
@@ -488,7 +519,7 @@ fn rotate(x: &[f64], c: &[f64], s: &[f64]) -> Vec<f64> {
 
 /// Mirrors `RopeCacheWrite::launch` (cuda/decode_step.rs): grid (heads + kv_heads, rows),
 /// block THREADS, no shared memory, arguments (q, k, v, q_rs, k_rs, v_rs, cos, sin, table,
-/// q_out, heads, d). q, k and v are the parts of one joint `(rows, 1, (heads + 2 kv) d)`
+/// q_out, heads, d, x, in, and no LoRA deltas). q, k and v are the parts of one joint `(rows, 1, (heads + 2 kv) d)`
 /// product (row strides its width); heads 4 over 2 KV heads; rows at the positions of the cache
 /// writes above (two of them at or past their capacity: no write, but q is rotated).
 fn rope_cache_write_case<T: Elem>(d: usize) -> RopeCase<T> {
@@ -537,7 +568,27 @@ fn rope_cache_write_case<T: Elem>(d: usize) -> RopeCase<T> {
             ((heads + kv_heads) as u32, rows as u32, 1),
             (STEP_THREADS, 1, 1),
             0,
-            || f(qp, kp, vp, rs, rs, rs, cp, sp, tp, op, h32, d32),
+            || {
+                f(
+                    qp,
+                    kp,
+                    vp,
+                    rs,
+                    rs,
+                    rs,
+                    cp,
+                    sp,
+                    tp,
+                    op,
+                    h32,
+                    d32,
+                    std::ptr::null(),
+                    0,
+                    NO_DELTA,
+                    NO_DELTA,
+                    NO_DELTA,
+                )
+            },
         )
     };
     // The f64 formula on the kernel's inputs.
@@ -630,6 +681,186 @@ fn rope_cache_write_bf16_with_half_over_the_block_matches_the_formula() {
     // d 288: 144 rotated pairs, more than the block's 128 threads.
     let case = rope_cache_write_case::<u16>(288);
     assert_eq!(case.q_out.len(), WRITE_CAPS.len() * case.shape.0 * 288);
+}
+
+/// One rotary cache write of `rows` rows (heads 4 over 2 KV heads, d 64, input 96) at
+/// `WRITE_POSITIONS`, from the joint product `qkv` (`(rows, width)`), with `deltas` for q, k
+/// and v added in the launch, or none: the rotated q and the caches.
+fn rope_write_run<T: Elem>(
+    qkv: &[T],
+    row_stride: [i64; 3],
+    parts: [*const T; 3],
+    x: &[T],
+    deltas: [LoraPart; 3],
+    angles: (&[T], &[T]),
+) -> (Vec<T>, Vec<Cache<T>>) {
+    let (heads, kv_heads, d) = (4usize, 2usize, 64usize);
+    let rows = WRITE_CAPS.len();
+    let layouts = [(true, false), (false, false), (true, true), (false, true)];
+    let caches: Vec<Cache<T>> = (0..rows)
+        .map(|r| Cache::new((kv_heads, WRITE_CAPS[r], d), layouts[r], 0, 0))
+        .collect();
+    let positions = WRITE_POSITIONS;
+    let table: Vec<i64> = caches
+        .iter()
+        .zip(&positions)
+        .flat_map(|(c, p)| c.entry(c.cap, Some(p)))
+        .collect();
+    let mut q_out = vec![T::UNWRITTEN; rows * heads * d];
+    let lib = library("decode_step");
+    // SAFETY: `RopeCacheWriteFn` is the entry point's signature in the `.cu`.
+    let f: RopeCacheWriteFn<T> = unsafe { lib.kernel::<T, _>("rope_cache_write") };
+    let (cp, sp, tp, op, xp) = (
+        angles.0.as_ptr(),
+        angles.1.as_ptr(),
+        table.as_ptr(),
+        q_out.as_mut_ptr(),
+        x.as_ptr(),
+    );
+    let inp = (x.len() / rows) as i32;
+    let _ = qkv;
+    // SAFETY: each part's rows hold its heads at its row stride; x holds rows * in; the
+    // deltas' factors are what `deltas` addresses; the table addresses the caches above.
+    unsafe {
+        lib.launch(
+            ((heads + kv_heads) as u32, rows as u32, 1),
+            (STEP_THREADS, 1, 1),
+            0,
+            || {
+                f(
+                    parts[0],
+                    parts[1],
+                    parts[2],
+                    row_stride[0],
+                    row_stride[1],
+                    row_stride[2],
+                    cp,
+                    sp,
+                    tp,
+                    op,
+                    heads as i32,
+                    d as i32,
+                    xp,
+                    inp,
+                    deltas[0],
+                    deltas[1],
+                    deltas[2],
+                )
+            },
+        )
+    };
+    (q_out, caches)
+}
+
+/// The deltas added inside the rotary cache write give the bits of the two launches they
+/// replace: `lora.cu`'s add on the q and v parts (per-row adapters, one row scaled 0) and on
+/// k (one adapter for every row), then the write on what the adds stored.
+fn rope_write_with_deltas_case<T: Elem>() {
+    let (heads, kv_heads, d, inp, rank) = (4usize, 2usize, 64usize, 96usize, 5usize);
+    let rows = WRITE_CAPS.len();
+    let (qw, kw) = (heads * d, kv_heads * d);
+    let width = qw + 2 * kw;
+    let qkv = elems::<T>(&values(rows * width, 71, 1.0));
+    let x = elems::<T>(&values(rows * inp, 72, 1.0));
+    // q, v: a pair per row; k: one pair for every row.
+    let qa = elems::<T>(&values(rows * rank * inp, 73, 0.3));
+    let qb = elems::<T>(&values(rows * qw * rank, 74, 0.3));
+    let va = elems::<T>(&values(rows * rank * inp, 75, 0.3));
+    let vb = elems::<T>(&values(rows * kw * rank, 76, 0.3));
+    let ka = elems::<T>(&values(rank * inp, 77, 0.3));
+    let kb = elems::<T>(&values(kw * rank, 78, 0.3));
+    let scales = [0.5f32, 0.0, 2.0, 1.25];
+    let half = d / 2;
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for &p in &WRITE_POSITIONS {
+        for i in 0..half {
+            let a = p as f32 * 10000f32.powf(-2.0 * i as f32 / d as f32);
+            cos.push(T::of(a.cos()));
+            sin.push(T::of(a.sin()));
+        }
+    }
+    let part = |a: &[T], b: &[T], per_row: bool, scale: f32| LoraPart {
+        a: a.as_ptr() as *const c_void,
+        b: b.as_ptr() as *const c_void,
+        scales: if per_row {
+            scales.as_ptr()
+        } else {
+            std::ptr::null()
+        },
+        a_stride: if per_row { (rank * inp) as i64 } else { 0 },
+        b_stride: if per_row { (b.len() / rows) as i64 } else { 0 },
+        scale,
+        rank: rank as i32,
+    };
+    // Fused: the raw joint product, the deltas added in the write.
+    let base = qkv.as_ptr();
+    // SAFETY: the parts' offsets lie within the joint product's first row.
+    let raw = unsafe { [base, base.add(qw), base.add(qw + kw)] };
+    let deltas = [
+        part(&qa, &qb, true, 0.0),
+        part(&ka, &kb, false, 0.75),
+        part(&va, &vb, true, 0.0),
+    ];
+    let w = width as i64;
+    let (fq, fc) = rope_write_run(&qkv, [w; 3], raw, &x, deltas, (&cos, &sin));
+    // Unfused: each part's LoRA add (`LoraAdd::launch`), then the write without deltas.
+    let lora = library("lora");
+    // SAFETY: `LoraAddFn` is the entry point's signature in the `.cu`.
+    let add: LoraAddFn<T> = unsafe { lora.kernel::<T, _>("lora_add") };
+    let added = |offset: usize, outs: usize, p: &LoraPart| -> Vec<T> {
+        let mut out = vec![T::UNWRITTEN; rows * outs];
+        let (op, xp) = (out.as_mut_ptr(), x.as_ptr());
+        // SAFETY: y is the part at `offset` of each joint row (row stride `width`), x rows *
+        // in, the factors and scales as `p` addresses, out rows * outs.
+        unsafe {
+            let y = base.add(offset);
+            lora.launch((rows as u32, 1, 1), (LORA_THREADS, 1, 1), 0, || {
+                add(
+                    y,
+                    xp,
+                    p.a as *const T,
+                    p.b as *const T,
+                    p.scales,
+                    p.scale,
+                    op,
+                    inp as i32,
+                    outs as i32,
+                    rank as i32,
+                    p.a_stride,
+                    p.b_stride,
+                    width as i64,
+                )
+            })
+        };
+        out
+    };
+    let (q2, k2, v2) = (
+        added(0, qw, &deltas[0]),
+        added(qw, kw, &deltas[1]),
+        added(qw + kw, kw, &deltas[2]),
+    );
+    let parts = [q2.as_ptr(), k2.as_ptr(), v2.as_ptr()];
+    let strides = [qw as i64, kw as i64, kw as i64];
+    let none = [NO_DELTA; 3];
+    let (uq, uc) = rope_write_run(&qkv, strides, parts, &x, none, (&cos, &sin));
+    let bits = |v: &[T]| v.iter().map(|x| x.bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&fq), bits(&uq), "rotated q, {}", T::SUFFIX);
+    for (r, (f, u)) in fc.iter().zip(&uc).enumerate() {
+        assert_eq!(bits(&f.k), bits(&u.k), "row {r} keys, {}", T::SUFFIX);
+        assert_eq!(bits(&f.v), bits(&u.v), "row {r} values, {}", T::SUFFIX);
+    }
+    // The deltas did change what was written (row 1's q and v are scaled 0, k is not).
+    assert_ne!(
+        bits(&fq),
+        bits(&rope_write_run(&qkv, [w; 3], raw, &x, none, (&cos, &sin)).0)
+    );
+    let _ = kv_heads;
+}
+
+#[test]
+fn rope_cache_write_adds_lora_deltas_with_the_bits_of_the_lora_add() {
+    rope_write_with_deltas_case::<f32>();
+    rope_write_with_deltas_case::<u16>();
 }
 
 /// Mirrors `AddRmsNorm::launch` (cuda/decode_step.rs): grid (rows), block NORM_THREADS, no
