@@ -72,21 +72,6 @@ const NO_DELTA: LoraPart = LoraPart {
 };
 type AddRmsNormFn<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut T, i64, i32, f32);
 type SwigluJointFn<T> = unsafe extern "C" fn(*const T, *mut T, i64, i32);
-type LoraAddFn<T> = unsafe extern "C" fn(
-    *const T,
-    *const T,
-    *const T,
-    *const T,
-    *const f32,
-    f32,
-    *mut T,
-    i32,
-    i32,
-    i32,
-    i64,
-    i64,
-    i64,
-);
 
 /// How far a result of `T` may lie from the reference `want` (see the module's doc).
 fn tolerance<T: Elem>(want: f64) -> f64 {

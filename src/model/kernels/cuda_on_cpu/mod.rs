@@ -195,6 +195,24 @@ impl Library {
     }
 }
 
+/// `lora.cu`'s `lora_add_*`: (y, x, a, b, scales, scale, out, in, outs, rank, a_stride,
+/// b_stride, y_stride).
+pub type LoraAddFn<T> = unsafe extern "C" fn(
+    *const T,
+    *const T,
+    *const T,
+    *const T,
+    *const f32,
+    f32,
+    *mut T,
+    i32,
+    i32,
+    i32,
+    i64,
+    i64,
+    i64,
+);
+
 /// bf16 bits of `x`, rounded to nearest even (as the kernels' stores and `half` round).
 pub fn bf16_bits(x: f32) -> u16 {
     half::bf16::from_f32(x).to_bits()
@@ -350,22 +368,7 @@ mod tests {
     #[test]
     fn the_runtime_runs_a_kernel_with_barriers_shuffles_and_shared_memory() {
         let lib = library("lora");
-        type Lora = unsafe extern "C" fn(
-            *const f32,
-            *const f32,
-            *const f32,
-            *const f32,
-            *const f32,
-            f32,
-            *mut f32,
-            i32,
-            i32,
-            i32,
-            i64,
-            i64,
-            i64,
-        );
-        let f: Lora = unsafe { lib.symbol("lora_add_f32") };
+        let f: LoraAddFn<f32> = unsafe { lib.symbol("lora_add_f32") };
         let (rows, inn, outs, rank) = (3usize, 70usize, 40usize, 4usize);
         let x: Vec<f32> = (0..rows * inn)
             .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)

@@ -650,21 +650,6 @@ fn bf16_attention_kernels_loop_over_more_keys_than_lanes() {
 /// `THREADS` of `lora_training.rs` and of both `.cu` files.
 const LORA_THREADS: u32 = 256;
 
-type LoraAdd<T> = unsafe extern "C" fn(
-    *const T,
-    *const T,
-    *const T,
-    *const T,
-    *const f32,
-    f32,
-    *mut T,
-    i32,
-    i32,
-    i32,
-    i64,
-    i64,
-    i64,
-);
 type LoraRows<T> = unsafe extern "C" fn(
     *const T,
     *const T,
@@ -705,7 +690,7 @@ fn lora_on_cpu<T: Elem>(
 ) -> (Vec<T>, Vec<T>) {
     let (i32s, none) = ((inp as i32, outs as i32, rank as i32), 0i64);
     let (xp, ap, bp, gp) = (x.as_ptr(), a.as_ptr(), b.as_ptr(), g.as_ptr());
-    let fwd: LoraAdd<T> = unsafe { library("lora").kernel::<T, _>("lora_add") };
+    let fwd: LoraAddFn<T> = unsafe { library("lora").kernel::<T, _>("lora_add") };
     let mut y = vec![T::UNWRITTEN; rows * outs];
     let yp = y.as_mut_ptr();
     let null = std::ptr::null();
