@@ -1,6 +1,9 @@
 //! The adaptation stage: test-time training on the retrieved passages.
 
 mod adamw;
+/// The GPU optimiser kernels' source run on the CPU against `FastAdamW`.
+#[cfg(test)]
+mod adamw_kernel_tests;
 pub mod domain;
 mod fallback;
 mod lora;

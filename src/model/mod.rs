@@ -28,6 +28,9 @@ pub use decoder::{
 /// The GPU's own kernels (`--features cuda`).
 #[cfg(feature = "cuda")]
 pub use kernels::cuda;
+/// The GPU kernels' source run on the CPU, for tests (the optimiser's are checked in `adapt`).
+#[cfg(test)]
+pub use kernels::cuda_on_cpu;
 pub use kernels::frozen_matmul::{
     frozen_input_grad, frozen_matmul, frozen_matmul_bf16, Bf16Weight,
 };

@@ -23,7 +23,7 @@ pub mod cache_rows;
 pub mod cuda;
 /// The GPU kernels' source run on the CPU, for tests.
 #[cfg(test)]
-mod cuda_on_cpu;
+pub mod cuda_on_cpu;
 pub mod decode_attention;
 pub mod few_rows;
 pub mod frozen_matmul;

@@ -16,7 +16,6 @@ use std::sync::{Mutex, OnceLock};
 use candle_core::{Device, Tensor};
 
 mod decode;
-mod optimizer;
 mod training;
 
 /// A `.cu` file compiled for the CPU and loaded.

@@ -7,8 +7,8 @@ use std::ptr::null;
 use candle_core::{Tensor, Var};
 use candle_nn::ParamsAdamW;
 
-use super::*;
 use crate::adapt::{global_norm, FastAdamW};
+use crate::model::cuda_on_cpu::*;
 
 /// Elements and threads per block, as in `cuda/optimizer.rs` (`CHUNK`, `THREADS`) and
 /// `optimizer.cu` (`#define`s); `launch_constants_match_the_kernel_and_its_launch_code`
