@@ -13,8 +13,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai" 2>/dev/nul
   .venv/bin/python -m pip install --quiet -r tests/python/requirements.txt
 fi
 # Debian's packages the tests drive: chromium (tests/ab_page.rs), PostgreSQL's server and nginx
-# (tests/replicas.rs). Installing a service package must not start it: the tests run their own.
+# (tests/replicas.rs), a C++ compiler (the GPU kernels' source compiled for the CPU by the
+# tests, model/kernels/cuda_on_cpu). Installing a service package must not start it: the
+# tests run their own.
 need=()
+command -v "${CXX:-c++}" >/dev/null || need+=(g++)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 [ -x /usr/sbin/nginx ] || need+=(nginx)
