@@ -66,10 +66,25 @@ pub fn warm_up(
             }
         }
     }
-    let answer = run(engine, job(RagMode::None, collection, None))?;
-    let adapt = match tta {
-        Some(p) => Some(run(engine, job(RagMode::Tta, collection, Some(p)))?),
-        None => None,
+    let both = || -> Result<WarmUp, EngineError> {
+        let answer = run(engine, job(RagMode::None, collection, None))?;
+        let adapt = match &tta {
+            Some(p) => Some(run(engine, job(RagMode::Tta, collection, Some(p.clone())))?),
+            None => None,
+        };
+        Ok(WarmUp { answer, adapt })
     };
-    Ok(WarmUp { answer, adapt })
+    let done = both();
+    // The warm-up's two requests run every kernel a request would (prefill, adaptation, a
+    // captured decode step with an adapter): one that fails here would fail every request,
+    // so the project's kernels are turned off and candle's ops are tried instead.
+    #[cfg(feature = "cuda")]
+    if let Err(e) = &done {
+        if engine.model.decoder.device().is_cuda() && crate::model::cuda::enabled() {
+            tracing::warn!(error = %e, "the warm-up failed on the project's CUDA kernels; candle's ops serve");
+            crate::model::cuda::set_enabled(false);
+            return both();
+        }
+    }
+    done
 }
