@@ -42,6 +42,15 @@ run() { # one step; a failure is reported and the check goes on
     log "$*"
     timeout --kill-after=5 "$step_timeout" "$@" 2>&1 | tee -a "$out/log" || log "FAILED (exit ${PIPESTATUS[0]}): $*"
 }
+# A step whose figures also go to $out/summary under LABEL (the lines the issue's table reads:
+# per query, adaptation, prefill, decode, nodes, agreement, throughput, the reference's, and
+# failures), so the table can be read off one short file after the run.
+measure() {
+    local label=$1
+    shift
+    echo "## $label" >>"$out/summary"
+    run "$@" | grep -E 'ms per query|adaptation|steps +forward|prefill|per token|nodes|same tokens|\| (static|tta) \||sequences|^\| [0-9]+ \||reference|FAILED|parity|tok/s| ok$' >>"$out/summary" || true
+}
 cfg() { # a config file with the given lines, defaults for the rest
     local f
     f=$(mktemp --suffix .toml)
@@ -66,7 +75,7 @@ shape="--prompt-tokens 1000 --new-tokens 64"
 
 if [ "$parts" != big ]; then
     # 1. Kernels.
-    run "$bin" --config "$bf16" --model "$small" --device cuda bench --kernels 5
+    measure "kernels (SmolLM2 shape, bf16)" "$bin" --config "$bf16" --model "$small" --device cuda bench --kernels 5
 
     # 2. Same weights, greedy: the CPU and CUDA builds must choose the same tokens.
     cpu=$(run "$bin" --config "$f32" --model "$small" --device cpu ask --mode none --max-tokens 12 "$q")
@@ -77,27 +86,26 @@ if [ "$parts" != big ]; then
     # 3. Per query, and decode with and without the f32 conversions.
     for scope in lora full; do
         c=$([ $scope = lora ] && echo "$lora" || echo "$full")
-        run "$bin" --config "$c" --model "$small" --device cuda bench --query 5 $shape \
+        measure "query SmolLM2 $scope bf16" "$bin" --config "$c" --model "$small" --device cuda bench --query 5 $shape \
             --dump-query "$out/query-smollm2-$scope.json"
     done
-    for c in "$lora_off" "$full_off"; do
-        run "$bin" --config "$c" --model "$small" --device cuda bench --query 5 $shape
-    done
+    measure "query SmolLM2 lora bf16, project kernels off" "$bin" --config "$lora_off" --model "$small" --device cuda bench --query 5 $shape
+    measure "query SmolLM2 full bf16, project kernels off" "$bin" --config "$full_off" --model "$small" --device cuda bench --query 5 $shape
     # LoRA with its activations rebuilt as on the CPU, against kept (the GPU's default).
     rebuilt=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\n[tta]\nscope = "lora"\nrecompute_on_gpu = true')
-    run "$bin" --config "$rebuilt" --model "$small" --device cuda bench --query 5 $shape
+    measure "query SmolLM2 lora bf16, activations rebuilt" "$bin" --config "$rebuilt" --model "$small" --device cuda bench --query 5 $shape
     # LoRA adaptation through the fused training path (attention one op each way) against the
     # composed one, in the same run: f32 both ways, bf16 on (bf16 off is the LoRA run above).
     for model in "f32 false" "f32 true" "bf16 true"; do
         read -r dt fused <<<"$model"
         c=$(cfg "[model]\ndtype = \"$dt\"\ndecode_quant = \"none\"\ncuda_fused_training = $fused\n[tta]\nscope = \"lora\"")
-        run "$bin" --config "$c" --model "$small" --device cuda bench --query 5 $shape
+        measure "query SmolLM2 lora $dt, cuda_fused_training $fused" "$bin" --config "$c" --model "$small" --device cuda bench --query 5 $shape
     done
-    run "$bin" --config "$bf16" --model "$small" --device cuda bench --runs 5 $shape
-    run "$bin" --config "$bf16_conv" --model "$small" --device cuda bench --runs 5 $shape
-    run "$bin" --config "$lora_off" --model "$small" --device cuda bench --runs 5 $shape
+    measure "decode bf16" "$bin" --config "$bf16" --model "$small" --device cuda bench --runs 5 $shape
+    measure "decode bf16, f32 norms and attention" "$bin" --config "$bf16_conv" --model "$small" --device cuda bench --runs 5 $shape
+    measure "decode bf16, project kernels off" "$bin" --config "$lora_off" --model "$small" --device cuda bench --runs 5 $shape
     # 8 sequences, each its own LoRA, against one: decode throughput, each row alone and gathered.
-    run "$bin" --config "$lora" --model "$small" --device cuda bench --batch 1,8 --lora --runs 3 $shape
+    measure "batch 1 and 8 sequences, own LoRAs" "$bin" --config "$lora" --model "$small" --device cuda bench --batch 1,8 --lora --runs 3 $shape
     # Whole requests from 1 and 8 concurrent clients through the engine (8 stage workers, each
     # request adapting its own LoRA in mode tta; the scheduler batches the answers): req/s, and
     # whether each answer under 8 clients is the one it gave alone ("same answers": candle's
@@ -105,11 +113,11 @@ if [ "$parts" != big ]; then
     idx=/tmp/ttarag-check-index
     run "$bin" --index-dir "$idx" index build --collection qasc --input index/samples/qasc/corpus.jsonl
     load=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\n[tta]\nscope = "lora"\n[server]\nworkers = 8')
-    run "$bin" --config "$load" --model "$small" --device cuda --index-dir "$idx" bench --load 1,8 --modes static,tta
+    measure "load 1 and 8 clients" "$bin" --config "$load" --model "$small" --device cuda --index-dir "$idx" bench --load 1,8 --modes static,tta
 
     # 4. The reference on the same queries.
     for scope in lora full; do
-        run env DEVICE=cuda DTYPE=bf16 python3 scripts/reference/query_reference.py "$small" \
+        measure "PyTorch reference SmolLM2 $scope bf16" env DEVICE=cuda DTYPE=bf16 python3 scripts/reference/query_reference.py "$small" \
             "$out/query-smollm2-$scope.json" 5
     done
 fi
@@ -120,10 +128,11 @@ if [ "$parts" != small ]; then
     run python3 scripts/gpu/random_weights.py "$big" llama-1b
     for scope in lora full; do
         c=$([ $scope = lora ] && echo "$lora" || echo "$full")
-        run "$bin" --config "$c" --model "$big" --device cuda bench --query 5 $shape \
+        measure "query Llama-3.2-1B $scope bf16" "$bin" --config "$c" --model "$big" --device cuda bench --query 5 $shape \
             --dump-query "$out/query-llama1b-$scope.json"
-        run env DEVICE=cuda DTYPE=bf16 python3 scripts/reference/query_reference.py "$big" \
+        measure "PyTorch reference Llama-3.2-1B $scope bf16" env DEVICE=cuda DTYPE=bf16 python3 scripts/reference/query_reference.py "$big" \
             "$out/query-llama1b-$scope.json" 5
     done
 fi
 log done
+cat "$out/summary"
