@@ -1132,29 +1132,25 @@ impl Decoder {
         let n = x.elem_count() / x.dim(D::Minus1)?.max(1);
         let (inp, d) = (x.dim(D::Minus1)?, a.head_dim);
         let outs = [a.n_heads * d, a.n_kv * d, a.n_kv * d];
-        let factors = projs
-            .iter()
-            .map(|p| adapter.row_factors(layer, p.target, x))
-            .collect::<Result<Vec<_>>>()?;
-        let deltas: Vec<Option<PartDelta>> = factors
-            .iter()
-            .map(|f| {
-                f.as_ref().map(|f| {
-                    let (a, b, scales, scale) = f.parts();
-                    PartDelta {
-                        a,
-                        b,
-                        scales,
-                        scale,
-                    }
-                })
+        let [fq, fk, fv] = projs.map(|p| adapter.row_factors(layer, p.target, x));
+        let factors = [fq?, fk?, fv?];
+        let deltas = factors.each_ref().map(|f| {
+            f.as_ref().map(|f| {
+                let (a, b, scales, scale) = f.parts();
+                PartDelta {
+                    a,
+                    b,
+                    scales,
+                    scale,
+                }
             })
-            .collect();
+        });
         let fits = deltas
             .iter()
             .zip(outs)
             .all(|(p, o)| p.as_ref().is_none_or(|p| p.fits(n, inp, o, x.dtype())));
-        if !fits || deltas.iter().all(Option::is_none) {
+        // The parts come out in x's dtype: whether the write serves is known before the product.
+        if !fits || deltas.iter().all(Option::is_none) || !rows.rope_writes(&[x, cos, sin]) {
             return Ok(None);
         }
         // A part without factors takes its delta (if any) as the ordinary step adds it.
@@ -1171,13 +1167,7 @@ impl Decoder {
             })
             .collect::<Result<Vec<_>>>()?;
         let [q, k, v] = [&parts[0], &parts[1], &parts[2]];
-        if !rows.rope_writes(&[q, k, v, cos, sin]) {
-            return Ok(None);
-        }
-        let mut deltas = deltas.into_iter();
-        let mut next = || deltas.next().flatten();
-        let lora = Some((x, [next(), next(), next()]));
-        rows.rope_write_lora(q, k, v, cos, sin, a.n_heads, lora)
+        rows.rope_write_lora(q, k, v, cos, sin, a.n_heads, Some((x, deltas)))
             .map(Some)
     }
 

@@ -232,13 +232,7 @@ impl CustomOp1 for DecodeAttention {
         "cuda-decode-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("cuda-decode-attention runs on CUDA only")
-    }
+    super::cuda_only!(1);
 
     fn cuda_fwd(&self, q: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let out = match q.dtype() {

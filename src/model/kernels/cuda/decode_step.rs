@@ -9,6 +9,7 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use super::lora::MAX_RANK;
 use super::{contiguous_view, held_view, with_addresses, DECODE_STEP};
 use crate::model::kernels::rows::even_rows;
 
@@ -41,14 +42,16 @@ pub struct PartDelta<'a> {
     pub scale: f64,
 }
 
-/// The rank the kernel holds in shared memory.
-const MAX_RANK: usize = 64;
-
 impl PartDelta<'_> {
+    /// The factors' rank: `a`'s next-to-last dimension (per row or shared).
+    fn rank(&self) -> usize {
+        self.a.dims().iter().rev().nth(1).copied().unwrap_or(0)
+    }
+
     /// Whether the kernel takes this delta on a part of `outs` outputs for `rows` rows of
     /// `inp` inputs in `dtype`.
     pub fn fits(&self, rows: usize, inp: usize, outs: usize, dtype: DType) -> bool {
-        let rank = self.a.dims().iter().rev().nth(1).copied().unwrap_or(0);
+        let rank = self.rank();
         let shapes = match self.scales {
             Some(s) => {
                 self.a.dims() == [rows, rank, inp]
@@ -64,7 +67,7 @@ impl PartDelta<'_> {
     }
 
     fn held(&self, rows: usize) -> Result<HeldDelta> {
-        let rank = self.a.dims().iter().rev().nth(1).copied().unwrap_or(0);
+        let rank = self.rank();
         let per_row = self.scales.is_some();
         Ok(HeldDelta {
             a: self.a.contiguous()?,
@@ -312,17 +315,7 @@ impl CustomOp3 for RopeCacheWrite {
         "cuda-rope-cache-write"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("cuda-rope-cache-write runs on CUDA only")
-    }
+    super::cuda_only!(3);
 
     fn cuda_fwd(
         &self,
@@ -428,17 +421,7 @@ impl CustomOp3 for AddRmsNorm {
         "cuda-add-rms-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("cuda-add-rms-norm runs on CUDA only")
-    }
+    super::cuda_only!(3);
 
     fn cuda_fwd(
         &self,
@@ -508,13 +491,7 @@ impl CustomOp1 for SwigluJoint {
         "cuda-swiglu-joint"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("cuda-swiglu-joint runs on CUDA only")
-    }
+    super::cuda_only!(1);
 
     fn cuda_fwd(&self, gu: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let out = match gu.dtype() {

@@ -10,9 +10,11 @@ use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use super::{held_view, LORA};
 use crate::model::kernels::rows::even_rows;
 
-/// Rows and rank the kernel takes (its shared memory holds one row's `A x`).
+/// Rows the kernel takes (a decode step's).
 pub const MAX_ROWS: usize = 64;
-const MAX_RANK: usize = 64;
+/// The rank the kernels hold in shared memory, one row's `A x` (`MAX_RANK` of `lora.cu` and
+/// `decode_step.cu`).
+pub(super) const MAX_RANK: usize = 64;
 const THREADS: u32 = 256;
 
 /// Whether a decode step's `x` (`(batch, t, in)`) may take the kernel.
@@ -164,15 +166,7 @@ impl CustomOp2 for LoraAdd {
         "cuda-lora-add"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("cuda-lora-add runs on CUDA only")
-    }
+    super::cuda_only!(2);
 
     fn cuda_fwd(
         &self,

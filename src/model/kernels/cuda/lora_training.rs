@@ -14,14 +14,12 @@ use super::{by_dtype, contiguous_view, held_view, LORA, LORA_TRAINING};
 const THREADS: u32 = 256;
 const WHAT: &str = "lora delta";
 
-/// `(rows, in, outs, rank)` of `x` `(.., in)`, `a` `(rank, in)`, `b` `(outs, rank)`.
-fn dims(x: &[usize], a: &[usize], b: &[usize]) -> (usize, usize, usize, usize) {
-    let inp = x.last().copied().unwrap_or(1);
-    let rows = x.iter().product::<usize>() / inp.max(1);
-    (rows, inp, b[0], a[0])
-}
+/// `(rows, in, outs, rank)`: rows of `x` `(.., in)`, `a` `(rank, in)`, `b` `(outs, rank)`, as
+/// `fused::lora_delta` checked them.
+pub type Dims = (usize, usize, usize, usize);
 
 /// The delta of each row of `x`: the forward of `fused::lora_delta`, `(rows, outs)` flat.
+#[allow(clippy::too_many_arguments)]
 pub fn delta(
     x: &CudaStorage,
     lx: &Layout,
@@ -30,16 +28,16 @@ pub fn delta(
     b: &CudaStorage,
     lb: &Layout,
     scale: f32,
-) -> Result<(CudaStorage, usize)> {
-    let out = match x.dtype() {
-        DType::F32 => delta_of::<f32>(x, lx, a, la, b, lb, scale)?,
-        DType::BF16 => delta_of::<half::bf16>(x, lx, a, la, b, lb, scale)?,
+    dims: Dims,
+) -> Result<CudaStorage> {
+    match x.dtype() {
+        DType::F32 => delta_of::<f32>(x, lx, a, la, b, lb, scale, dims),
+        DType::BF16 => delta_of::<half::bf16>(x, lx, a, la, b, lb, scale, dims),
         d => candle_core::bail!("{WHAT}: {d:?} operands"),
-    };
-    let (rows, _, outs, _) = dims(lx.dims(), la.dims(), lb.dims());
-    Ok((out, rows * outs))
+    }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn delta_of<T: CudaDType + DeviceRepr + WithDType>(
     x: &CudaStorage,
     lx: &Layout,
@@ -48,9 +46,9 @@ fn delta_of<T: CudaDType + DeviceRepr + WithDType>(
     b: &CudaStorage,
     lb: &Layout,
     scale: f32,
+    (rows, inp, outs, rank): Dims,
 ) -> Result<CudaStorage> {
     let dev = &x.device;
-    let (rows, inp, outs, rank) = dims(lx.dims(), la.dims(), lb.dims());
     let (xv, av, bv) = (
         contiguous_view::<T>(x, lx, WHAT)?,
         contiguous_view::<T>(a, la, WHAT)?,
@@ -100,12 +98,14 @@ pub fn grads(
     b: &Tensor,
     g: &Tensor,
     scale: f32,
+    dims: Dims,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (nx, na, nb) = (x.elem_count(), a.elem_count(), b.elem_count());
     let op = Grads {
         a: a.contiguous()?,
         b: b.contiguous()?,
         scale,
+        dims,
     };
     let all = x
         .contiguous()?
@@ -122,6 +122,7 @@ struct Grads {
     a: Tensor,
     b: Tensor,
     scale: f32,
+    dims: Dims,
 }
 
 impl CustomOp2 for Grads {
@@ -129,15 +130,7 @@ impl CustomOp2 for Grads {
         "cuda-lora-delta-grads"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("cuda-lora-delta-grads runs on CUDA only")
-    }
+    super::cuda_only!(2);
 
     fn cuda_fwd(
         &self,
@@ -165,7 +158,7 @@ impl Grads {
         lg: &Layout,
     ) -> Result<CudaStorage> {
         let dev = &x.device;
-        let (rows, inp, outs, rank) = dims(lx.dims(), self.a.dims(), self.b.dims());
+        let (rows, inp, outs, rank) = self.dims;
         let (xv, gv) = (
             contiguous_view::<T>(x, lx, WHAT)?,
             contiguous_view::<T>(g, lg, WHAT)?,

@@ -30,6 +30,45 @@ use candle_core::{
     CudaDevice, CudaStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType,
 };
 
+/// The `cpu_fwd` of a candle op that has only a CUDA body (its callers hand it CUDA tensors):
+/// an error naming the op. `N` is the arity of candle's custom-op trait (1, 2 or 3 operands).
+macro_rules! cuda_only {
+    (1) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!("{} runs on CUDA only", self.name())
+        }
+    };
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!("{} runs on CUDA only", self.name())
+        }
+    };
+    (3) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!("{} runs on CUDA only", self.name())
+        }
+    };
+}
+use cuda_only;
+
 /// The module name candle caches the PTX under, and the PTX.
 const OPTIMIZER: (&str, &str) = (
     "ttarag_optimizer",

@@ -205,17 +205,7 @@ impl CustomOp3 for Grads {
         "cuda-training-attention-grads"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("cuda-training-attention-grads runs on CUDA only")
-    }
+    super::cuda_only!(3);
 
     fn cuda_fwd(
         &self,

@@ -93,17 +93,7 @@ impl CustomOp3 for RmsNormGrads {
         "cuda-rms-norm-grads"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("cuda-rms-norm-grads runs on CUDA only")
-    }
+    super::cuda_only!(3);
 
     fn cuda_fwd(
         &self,
@@ -238,17 +228,7 @@ impl CustomOp3 for SwigluGrads {
         "cuda-swiglu-grads"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("cuda-swiglu-grads runs on CUDA only")
-    }
+    super::cuda_only!(3);
 
     fn cuda_fwd(
         &self,

@@ -113,27 +113,24 @@ fn build(name: &str, dir: &Path) -> Library {
     // SAFETY: a library this function just built; RTLD_LOCAL keeps each runtime's state its own.
     let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
     assert!(!handle.is_null(), "cannot load {}", so.display());
-    let mut lib = Library {
+    Library {
         handle,
-        launch: noop_launch,
+        // SAFETY: `emu_launch` is defined by runtime.hpp with exactly this signature.
+        launch: unsafe { lookup::<LaunchFn>(handle, "emu_launch") },
         running: Mutex::new(()),
-    };
-    // SAFETY: `emu_launch` is defined by runtime.hpp with exactly this signature.
-    lib.launch = unsafe { lib.symbol::<LaunchFn>("emu_launch") };
-    lib
+    }
 }
 
-unsafe extern "C" fn noop_launch(
-    _: u32,
-    _: u32,
-    _: u32,
-    _: u32,
-    _: u32,
-    _: u32,
-    _: usize,
-    _: unsafe extern "C" fn(*mut c_void),
-    _: *mut c_void,
-) {
+/// The symbol `name` of the loaded library `handle` as a function of type `F`.
+///
+/// # Safety
+/// `F` must be the `extern "C"` signature the symbol is declared with.
+unsafe fn lookup<F: Copy>(handle: *mut c_void, name: &str) -> F {
+    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
+    let c = CString::new(name).unwrap();
+    let p = unsafe { libc::dlsym(handle, c.as_ptr()) };
+    assert!(!p.is_null(), "no entry point `{name}`");
+    unsafe { std::mem::transmute_copy(&p) }
 }
 
 impl Library {
@@ -142,11 +139,7 @@ impl Library {
     /// # Safety
     /// `F` must be the `extern "C"` signature the kernel is declared with.
     pub unsafe fn symbol<F: Copy>(&self, name: &str) -> F {
-        assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
-        let c = CString::new(name).unwrap();
-        let p = unsafe { libc::dlsym(self.handle, c.as_ptr()) };
-        assert!(!p.is_null(), "no entry point `{name}`");
-        unsafe { std::mem::transmute_copy(&p) }
+        unsafe { lookup(self.handle, name) }
     }
 
     /// The entry point `{base}_{T::SUFFIX}` (e.g. `adamw_bf16`) as a function of type `F`.

@@ -14,12 +14,8 @@ pub const MAX_RANK: usize = 64;
 
 struct LoraDelta {
     scale: f32,
-}
-
-/// `(rows, in, outs, rank)` of `x` `(.., in)`, `a` `(rank, in)`, `b` `(outs, rank)`.
-fn dims(x: &[usize], a: &[usize], b: &[usize]) -> (usize, usize, usize, usize) {
-    let inp = x.last().copied().unwrap_or(1);
-    (x.iter().product::<usize>() / inp.max(1), inp, b[0], a[0])
+    /// `(rows, in, outs, rank)`, checked by [`lora_delta`].
+    dims: (usize, usize, usize, usize),
 }
 
 /// `x`'s shape with its last dimension `outs`.
@@ -55,7 +51,7 @@ impl CustomOp3 for LoraDelta {
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, a, b) = (slice(sx, lx)?, slice(sa, la)?, slice(sb, lb)?);
-        let (_, inp, outs, rank) = dims(lx.dims(), la.dims(), lb.dims());
+        let (_, inp, outs, rank) = self.dims;
         let h = shrink(x, a, inp, rank);
         let mut y = Vec::with_capacity(h.len() / rank.max(1) * outs);
         for hr in h.chunks_exact(rank.max(1)) {
@@ -77,9 +73,10 @@ impl CustomOp3 for LoraDelta {
         sb: &candle_core::CudaStorage,
         lb: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (y, _) =
-            crate::model::kernels::cuda::lora_training::delta(sx, lx, sa, la, sb, lb, self.scale)?;
-        Ok((y, out_shape(lx.dims(), lb.dims()[0])))
+        let y = crate::model::kernels::cuda::lora_training::delta(
+            sx, lx, sa, la, sb, lb, self.scale, self.dims,
+        )?;
+        Ok((y, out_shape(lx.dims(), self.dims.2)))
     }
 
     fn bwd(
@@ -92,11 +89,12 @@ impl CustomOp3 for LoraDelta {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            let (dx, da, db) =
-                crate::model::kernels::cuda::lora_training::grads(x, a, b, g, self.scale)?;
+            let (dx, da, db) = crate::model::kernels::cuda::lora_training::grads(
+                x, a, b, g, self.scale, self.dims,
+            )?;
             return Ok((keep(dx, x), keep(da, a), keep(db, b)));
         }
-        let (rows, inp, outs, rank) = dims(x.dims(), a.dims(), b.dims());
+        let (rows, inp, outs, rank) = self.dims;
         let s = self.scale;
         let (dx, da, db) = with_f32(x, |x| {
             with_f32(a, |a| {
@@ -175,8 +173,10 @@ pub fn lora_delta(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tens
     if x.device().is_cpu() && x.dtype() != DType::F32 {
         candle_core::bail!("lora delta: f32 only on the CPU");
     }
+    let rows = x.elem_count() / inp.max(1);
     let op = LoraDelta {
         scale: scale as f32,
+        dims: (rows, inp, bd[0], ad[0]),
     };
     x.contiguous()?
         .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
