@@ -22,25 +22,6 @@ const THREADS: u32 = 256;
 const GUARD: usize = 16;
 const SENTINEL: f32 = -4096.0; // exact in bf16 too
 
-type SumSquaresFn = unsafe extern "C" fn(*const i64, *const i64, i32, *mut f64);
-type NormScaleFn = unsafe extern "C" fn(*const f64, i64, f64, *mut f64);
-type AdamWFn = unsafe extern "C" fn(
-    *const i64,
-    *const i64,
-    i32,
-    *mut f32,
-    *mut f32,
-    *const f64,
-    f32,
-    f32,
-    f32,
-    f32,
-    f32,
-    f32,
-    f32,
-    f32,
-);
-
 /// `values` then `GUARD` copies of `guard`.
 fn guarded<T: Elem>(values: &[f32], guard: f32) -> Vec<T> {
     let mut out: Vec<T> = elems(values);
@@ -178,15 +159,15 @@ impl MultiTensor {
         let (scale_at, host_scale): (*const f64, f32) = match scale {
             GradScale::By(k) => (null(), k as f32),
             GradScale::ClipNorm(clip) => {
-                let f: SumSquaresFn = unsafe { lib.kernel::<T, _>("sum_squares") };
+                let f = lib.entry::<abi::sum_squares::Kernel, T>();
                 unsafe { lib.launch(grid(self.blocks), block, 0, || f(table, meta, n, partial)) };
-                let f: NormScaleFn = unsafe { lib.symbol("norm_scale") };
+                let f = lib.entry::<abi::norm_scale::Kernel, f32>();
                 let blocks = self.blocks as i64;
                 unsafe { lib.launch(grid(1), block, 0, || f(partial, blocks, clip, norm)) };
                 (norm as *const f64, 1.0f32)
             }
         };
-        let f: AdamWFn = unsafe { lib.kernel::<T, _>("adamw") };
+        let f = lib.entry::<abi::adamw::Kernel, T>();
         let lr = p.lr as f32;
         let (b1, b2, eps) = (p.beta1 as f32, p.beta2 as f32, p.eps as f32);
         let decay = 1.0 - lr * p.weight_decay as f32;
@@ -501,7 +482,7 @@ fn adamw_bf16_matches_fast_adamw_on_rounded_values() {
 #[test]
 fn norm_scale_adds_more_partials_than_threads_and_clips_only_above_the_norm() {
     let lib = library("optimizer");
-    let f: NormScaleFn = unsafe { lib.symbol("norm_scale") };
+    let f = lib.entry::<abi::norm_scale::Kernel, f32>();
     let partial: Vec<f64> = (0..1000).map(|i| 0.25 + (i % 17) as f64 * 0.5).collect();
     let want_norm = partial.iter().sum::<f64>().sqrt();
     let run = |clip: f64| {

@@ -4,11 +4,12 @@
 //! composed candle ops on the GPU.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-use super::{cuda_device, with_addresses, DECODE_ATTENTION};
+use super::abi::{self, Addr};
+use super::{cuda_device, function, with_addresses};
 
 const THREADS: u32 = 128;
 /// Dynamic shared memory a block may use without opting in: the query and one score per
@@ -153,17 +154,13 @@ pub fn write_rows(k: &Tensor, v: &Tensor, table: &Tensor) -> Result<()> {
     let (k, v) = (k.contiguous()?, v.contiguous()?);
     let dev = cuda_device(&k, "cache write")?.clone();
     let stream = dev.cuda_stream();
-    let name = match k.dtype() {
-        DType::F32 => "kv_write_f32",
-        DType::BF16 => "kv_write_bf16",
-        d => candle_core::bail!("cache write: {d:?} keys"),
-    };
+    let f = function(&dev, &abi::kv_write::DECL, k.dtype())?;
     with_addresses(&stream, &[&k, &v, table], |a| {
-        let f = dev.get_or_load_custom_func(name, DECODE_ATTENTION.0, DECODE_ATTENTION.1)?;
         let mut bl = f.builder();
-        let (src_k, src_v, tab) = (a[0], a[1], a[2]);
+        let [src_k, src_v, tab] = [a[0], a[1], a[2]].map(|p| Addr(p as u64));
         let (h32, d32) = (kv_heads as i32, d as i32);
-        bl.arg(&src_k).arg(&src_v).arg(&tab).arg(&h32).arg(&d32);
+        // Raw addresses name no element type (`()`); `function` picked the dtype's entry.
+        abi::kv_write::push::<()>(&mut bl, &src_k, &src_v, &tab, &h32, &d32);
         let cfg = LaunchConfig {
             grid_dim: (kv_heads as u32, rows as u32, 1),
             block_dim: (THREADS, 1, 1),
@@ -189,7 +186,6 @@ impl DecodeAttention {
         &self,
         q: &CudaStorage,
         l: &Layout,
-        name: &str,
     ) -> Result<CudaStorage> {
         let (rows, heads, _, d) = l.shape().dims4()?;
         let dev = &q.device;
@@ -204,16 +200,19 @@ impl DecodeAttention {
         let tv = ts.as_cuda_slice::<i64>()?.slice(tl.start_offset()..);
         // SAFETY: the kernel writes every element.
         let mut out = unsafe { dev.alloc::<T>(b - a) }?;
-        let f = dev.get_or_load_custom_func(name, DECODE_ATTENTION.0, DECODE_ATTENTION.1)?;
+        let f = function(dev, &abi::decode_attention::DECL, q.dtype())?;
         let mut bl = f.builder();
         let (h32, d32) = (heads as i32, d as i32);
-        bl.arg(&qv)
-            .arg(&tv)
-            .arg(&mut out)
-            .arg(&h32)
-            .arg(&self.group)
-            .arg(&d32)
-            .arg(&self.scale);
+        abi::decode_attention::push(
+            &mut bl,
+            &qv,
+            &tv,
+            &mut out,
+            &h32,
+            &self.group,
+            &d32,
+            &self.scale,
+        );
         let cfg = LaunchConfig {
             grid_dim: (heads as u32, rows as u32, 1),
             block_dim: (THREADS, 1, 1),
@@ -236,8 +235,8 @@ impl CustomOp1 for DecodeAttention {
 
     fn cuda_fwd(&self, q: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let out = match q.dtype() {
-            DType::F32 => self.launch::<f32>(q, l, "decode_attention_f32")?,
-            DType::BF16 => self.launch::<half::bf16>(q, l, "decode_attention_bf16")?,
+            DType::F32 => self.launch::<f32>(q, l)?,
+            DType::BF16 => self.launch::<half::bf16>(q, l)?,
             d => candle_core::bail!("decode attention: {d:?} query"),
         };
         Ok((out, l.shape().clone()))

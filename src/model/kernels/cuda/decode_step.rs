@@ -5,12 +5,13 @@
 //! runs.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use super::abi::{self, Addr, LoraPart};
 use super::lora::MAX_RANK;
-use super::{contiguous_view, held_view, with_addresses, DECODE_STEP};
+use super::{contiguous_view, function, held_view, with_addresses};
 use crate::model::kernels::rows::even_rows;
 
 const THREADS: u32 = 128;
@@ -98,22 +99,6 @@ struct HeldDelta {
     rank: usize,
     strides: (usize, usize),
 }
-
-/// `decode_step.cu`'s `LoraPart`: device addresses (0: none), strides in elements.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct LoraPart {
-    a: u64,
-    b: u64,
-    scales: u64,
-    a_stride: i64,
-    b_stride: i64,
-    scale: f32,
-    rank: i32,
-}
-
-// SAFETY: a plain `repr(C)` struct of integers and a float, laid out as the kernel's.
-unsafe impl DeviceRepr for LoraPart {}
 
 /// `q`, `k`, `v` (`(rows, 1, heads * d)` and `(rows, 1, kv_heads * d)`, the last dimension
 /// contiguous) of one position per row: returns `q` rotated, `(rows, heads, 1, d)`, and writes
@@ -215,7 +200,6 @@ impl RopeCacheWrite {
         lk: &Layout,
         v: &CudaStorage,
         lv: &Layout,
-        name: &str,
     ) -> Result<CudaStorage> {
         const WHAT: &str = "rope cache write";
         let dev = &q.device;
@@ -251,8 +235,8 @@ impl RopeCacheWrite {
             let mut at = addresses.iter().copied();
             let mut next = || at.next().unwrap_or(0) as u64;
             let (x, inp) = match &self.lora {
-                Some(l) => (next(), l.x.dims().last().copied().unwrap_or(0) as i32),
-                None => (0, 0),
+                Some(l) => (Addr(next()), l.x.dims().last().copied().unwrap_or(0) as i32),
+                None => (Addr::NULL, 0),
             };
             let mut parts = [LoraPart::default(); 3];
             if let Some(l) = &self.lora {
@@ -270,26 +254,13 @@ impl RopeCacheWrite {
                     }
                 }
             }
-            let f = dev.get_or_load_custom_func(name, DECODE_STEP.0, DECODE_STEP.1)?;
+            let f = function(dev, &abi::rope_cache_write::DECL, q.dtype())?;
             let mut bl = f.builder();
             let (h32, d32) = (heads as i32, d as i32);
-            bl.arg(&qv)
-                .arg(&kv_)
-                .arg(&vv)
-                .arg(&q_rs)
-                .arg(&k_rs)
-                .arg(&v_rs)
-                .arg(&cv)
-                .arg(&sv)
-                .arg(&tv)
-                .arg(&mut out)
-                .arg(&h32)
-                .arg(&d32)
-                .arg(&x)
-                .arg(&inp)
-                .arg(&parts[0])
-                .arg(&parts[1])
-                .arg(&parts[2]);
+            abi::rope_cache_write::push(
+                &mut bl, &qv, &kv_, &vv, &q_rs, &k_rs, &v_rs, &cv, &sv, &tv, &mut out, &h32, &d32,
+                &x, &inp, &parts[0], &parts[1], &parts[2],
+            );
             let cfg = LaunchConfig {
                 grid_dim: ((heads + kv) as u32, rows as u32, 1),
                 block_dim: (THREADS, 1, 1),
@@ -327,10 +298,8 @@ impl CustomOp3 for RopeCacheWrite {
         lv: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let out = match q.dtype() {
-            DType::F32 => self.launch::<f32>(q, lq, k, lk, v, lv, "rope_cache_write_f32")?,
-            DType::BF16 => {
-                self.launch::<half::bf16>(q, lq, k, lk, v, lv, "rope_cache_write_bf16")?
-            }
+            DType::F32 => self.launch::<f32>(q, lq, k, lk, v, lv)?,
+            DType::BF16 => self.launch::<half::bf16>(q, lq, k, lk, v, lv)?,
             d => candle_core::bail!("rope cache write: {d:?} operands"),
         };
         let rows = lq.dims()[0];
@@ -378,7 +347,6 @@ impl AddRmsNorm {
         la: &Layout,
         w: &CudaStorage,
         lw: &Layout,
-        name: &str,
     ) -> Result<CudaStorage> {
         const WHAT: &str = "add rms norm";
         let dev = &x.device;
@@ -392,16 +360,10 @@ impl AddRmsNorm {
         );
         // SAFETY: the kernel writes both halves in full.
         let mut out = unsafe { dev.alloc::<T>(2 * len) }?;
-        let f = dev.get_or_load_custom_func(name, DECODE_STEP.0, DECODE_STEP.1)?;
+        let f = function(dev, &abi::add_rms_norm::DECL, x.dtype())?;
         let mut bl = f.builder();
         let n32 = n as i32;
-        bl.arg(&xv)
-            .arg(&av)
-            .arg(&wv)
-            .arg(&mut out)
-            .arg(&rows)
-            .arg(&n32)
-            .arg(&self.eps);
+        abi::add_rms_norm::push(&mut bl, &xv, &av, &wv, &mut out, &rows, &n32, &self.eps);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (NORM_THREADS, 1, 1),
@@ -433,8 +395,8 @@ impl CustomOp3 for AddRmsNorm {
         lw: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let out = match x.dtype() {
-            DType::F32 => self.launch::<f32>(x, lx, a, la, w, lw, "add_rms_norm_f32")?,
-            DType::BF16 => self.launch::<half::bf16>(x, lx, a, la, w, lw, "add_rms_norm_bf16")?,
+            DType::F32 => self.launch::<f32>(x, lx, a, la, w, lw)?,
+            DType::BF16 => self.launch::<half::bf16>(x, lx, a, la, w, lw)?,
             d => candle_core::bail!("add rms norm: {d:?} operands"),
         };
         let mut dims = vec![2];
@@ -459,7 +421,6 @@ impl SwigluJoint {
         &self,
         gu: &CudaStorage,
         l: &Layout,
-        name: &str,
     ) -> Result<CudaStorage> {
         let dev = &gu.device;
         let n = l.dims().last().copied().unwrap_or(0) / 2;
@@ -468,10 +429,10 @@ impl SwigluJoint {
         let len = rows as usize * n;
         // SAFETY: the kernel writes every element.
         let mut out = unsafe { dev.alloc::<T>(len) }?;
-        let f = dev.get_or_load_custom_func(name, DECODE_STEP.0, DECODE_STEP.1)?;
+        let f = function(dev, &abi::swiglu_joint::DECL, gu.dtype())?;
         let mut bl = f.builder();
         let n32 = n as i32;
-        bl.arg(&gv).arg(&mut out).arg(&rows).arg(&n32);
+        abi::swiglu_joint::push(&mut bl, &gv, &mut out, &rows, &n32);
         let cfg = LaunchConfig {
             grid_dim: (len.div_ceil(THREADS as usize).clamp(1, 65_535) as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -495,8 +456,8 @@ impl CustomOp1 for SwigluJoint {
 
     fn cuda_fwd(&self, gu: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let out = match gu.dtype() {
-            DType::F32 => self.launch::<f32>(gu, l, "swiglu_joint_f32")?,
-            DType::BF16 => self.launch::<half::bf16>(gu, l, "swiglu_joint_bf16")?,
+            DType::F32 => self.launch::<f32>(gu, l)?,
+            DType::BF16 => self.launch::<half::bf16>(gu, l)?,
             d => candle_core::bail!("swiglu joint: {d:?} operands"),
         };
         let mut dims = l.dims().to_vec();

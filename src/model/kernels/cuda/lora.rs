@@ -3,11 +3,11 @@
 //! composed reference is two products, a scale and an add (`Adapter::delta`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::CudaDType;
-use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
-use super::{held_view, LORA};
+use super::{abi, function, held_view};
 use crate::model::kernels::rows::even_rows;
 
 /// Rows the kernel takes (a decode step's).
@@ -96,13 +96,12 @@ struct LoraAdd {
 }
 
 impl LoraAdd {
-    fn launch<T: CudaDType + DeviceRepr>(
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         y: &CudaStorage,
         ly: &Layout,
         x: &CudaStorage,
         lx: &Layout,
-        name: &str,
     ) -> Result<CudaStorage> {
         let dev = &y.device;
         let Some((x0, x1)) = lx.contiguous_offsets() else {
@@ -128,24 +127,26 @@ impl LoraAdd {
         };
         // SAFETY: the kernel writes every element.
         let mut out = unsafe { dev.alloc::<T>(rows * outs) }?;
-        let f = dev.get_or_load_custom_func(name, LORA.0, LORA.1)?;
+        let f = function(dev, &abi::lora_add::DECL, T::DTYPE)?;
         let mut bl = f.builder();
-        let null = 0u64;
-        bl.arg(&yv).arg(&xv).arg(&av).arg(&bv);
-        match &sv {
-            Some(v) => bl.arg(v),
-            None => bl.arg(&null),
-        };
         let (in32, out32, r32) = (inp as i32, outs as i32, self.rank as i32);
         let (sa, sb) = (self.stride.0 as i64, self.stride.1 as i64);
-        bl.arg(&self.scale)
-            .arg(&mut out)
-            .arg(&in32)
-            .arg(&out32)
-            .arg(&r32)
-            .arg(&sa)
-            .arg(&sb)
-            .arg(&y_stride);
+        abi::lora_add::push(
+            &mut bl,
+            &yv,
+            &xv,
+            &av,
+            &bv,
+            &sv,
+            &self.scale,
+            &mut out,
+            &in32,
+            &out32,
+            &r32,
+            &sa,
+            &sb,
+            &y_stride,
+        );
         let cfg = LaunchConfig {
             grid_dim: (rows.max(1) as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -176,8 +177,8 @@ impl CustomOp2 for LoraAdd {
         lx: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let out = match y.dtype() {
-            DType::F32 => self.launch::<f32>(y, ly, x, lx, "lora_add_f32")?,
-            DType::BF16 => self.launch::<half::bf16>(y, ly, x, lx, "lora_add_bf16")?,
+            DType::F32 => self.launch::<f32>(y, ly, x, lx)?,
+            DType::BF16 => self.launch::<half::bf16>(y, ly, x, lx)?,
             d => candle_core::bail!("lora-add: {d:?} operands"),
         };
         Ok((out, ly.shape().clone()))

@@ -5,11 +5,12 @@
 //! composed delta on the GPU. It runs where `[model] cuda_fused_training` is on.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
-use super::{by_dtype, contiguous_view, held_view, LORA, LORA_TRAINING};
+use super::abi::{self, Addr};
+use super::{contiguous_view, function, held_view};
 
 const THREADS: u32 = 256;
 const WHAT: &str = "lora delta";
@@ -57,28 +58,27 @@ fn delta_of<T: CudaDType + DeviceRepr + WithDType>(
     // SAFETY: the kernel writes every element.
     let mut out = unsafe { dev.alloc::<T>(rows * outs) }?;
     if rows > 0 {
-        let f = dev.get_or_load_custom_func(
-            by_dtype::<T>("lora_add_f32", "lora_add_bf16")?,
-            LORA.0,
-            LORA.1,
-        )?;
+        let f = function(dev, &abi::lora_add::DECL, T::DTYPE)?;
         let mut bl = f.builder();
         // No `y` (the delta alone), no per-row scales, one adapter for every row.
-        let (null, none) = (0u64, 0i64);
+        let none = 0i64;
         let (in32, out32, r32) = (inp as i32, outs as i32, rank as i32);
-        bl.arg(&null)
-            .arg(&xv)
-            .arg(&av)
-            .arg(&bv)
-            .arg(&null)
-            .arg(&scale)
-            .arg(&mut out)
-            .arg(&in32)
-            .arg(&out32)
-            .arg(&r32)
-            .arg(&none)
-            .arg(&none)
-            .arg(&none);
+        abi::lora_add::push(
+            &mut bl,
+            &Addr::NULL,
+            &xv,
+            &av,
+            &bv,
+            &Addr::NULL,
+            &scale,
+            &mut out,
+            &in32,
+            &out32,
+            &r32,
+            &none,
+            &none,
+            &none,
+        );
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -180,23 +180,22 @@ impl Grads {
         {
             let (mut dx, mut rest) = out.split_at_mut(nx);
             if rows > 0 {
-                let f = dev.get_or_load_custom_func(
-                    by_dtype::<T>("lora_bwd_rows_f32", "lora_bwd_rows_bf16")?,
-                    LORA_TRAINING.0,
-                    LORA_TRAINING.1,
-                )?;
+                let f = function(dev, &abi::lora_bwd_rows::DECL, T::DTYPE)?;
                 let mut bl = f.builder();
-                bl.arg(&xv)
-                    .arg(&av)
-                    .arg(&bv)
-                    .arg(&gv)
-                    .arg(&self.scale)
-                    .arg(&mut h)
-                    .arg(&mut dh)
-                    .arg(&mut dx)
-                    .arg(&in32)
-                    .arg(&out32)
-                    .arg(&r32);
+                abi::lora_bwd_rows::push(
+                    &mut bl,
+                    &xv,
+                    &av,
+                    &bv,
+                    &gv,
+                    &self.scale,
+                    &mut h,
+                    &mut dh,
+                    &mut dx,
+                    &in32,
+                    &out32,
+                    &r32,
+                );
                 let cfg = LaunchConfig {
                     grid_dim: (rows as u32, 1, 1),
                     block_dim: (THREADS, 1, 1),
@@ -207,23 +206,22 @@ impl Grads {
                 unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
             }
             let (mut da, mut db) = rest.split_at_mut(na);
-            let f = dev.get_or_load_custom_func(
-                by_dtype::<T>("lora_bwd_cols_f32", "lora_bwd_cols_bf16")?,
-                LORA_TRAINING.0,
-                LORA_TRAINING.1,
-            )?;
+            let f = function(dev, &abi::lora_bwd_cols::DECL, T::DTYPE)?;
             let mut bl = f.builder();
-            bl.arg(&xv)
-                .arg(&gv)
-                .arg(&h)
-                .arg(&dh)
-                .arg(&self.scale)
-                .arg(&mut da)
-                .arg(&mut db)
-                .arg(&rows64)
-                .arg(&in32)
-                .arg(&out32)
-                .arg(&r32);
+            abi::lora_bwd_cols::push(
+                &mut bl,
+                &xv,
+                &gv,
+                &h,
+                &dh,
+                &self.scale,
+                &mut da,
+                &mut db,
+                &rows64,
+                &in32,
+                &out32,
+                &r32,
+            );
             let cfg = LaunchConfig {
                 grid_dim: ((na + nb).div_ceil(THREADS as usize).max(1) as u32, 1, 1),
                 block_dim: (THREADS, 1, 1),

@@ -1,6 +1,8 @@
 //! The project's own CUDA kernels (`--features cuda`), compiled to PTX by `build.rs` and
 //! loaded into candle's device on first use. They run on candle's one stream per device, so
-//! they are ordered with every candle op without events of their own.
+//! they are ordered with every candle op without events of their own. A launch loads its entry
+//! point by declaration (`function`) and pushes its arguments through the declaration's
+//! `push` (`model/kernels/cuda_abi.rs`), which the CPU-run tests check against the source.
 //!
 //! | kernel | serves | used when | tested against |
 //! |---|---|---|---|
@@ -23,12 +25,15 @@ pub mod training_attention;
 pub mod training_ops;
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaStream, CudaView, DevicePtr, SyncOnDrop};
-use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
-use candle_core::{
-    CudaDevice, CudaStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType,
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaStream, CudaView, DevicePtr, LaunchArgs, SyncOnDrop,
 };
+use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
+use candle_core::{CudaDevice, CudaStorage, DType, Device, Layout, Result, Storage, Tensor};
+
+use super::cuda_abi as abi;
 
 /// The `cpu_fwd` of a candle op that has only a CUDA body (its callers hand it CUDA tensors):
 /// an error naming the op. `N` is the arity of candle's custom-op trait (1, 2 or 3 operands).
@@ -134,20 +139,59 @@ pub fn fused_training() -> bool {
 }
 
 /// Loads every module of these kernels into `dev` (the driver compiles their PTX for the GPU
-/// then), so that no request pays for it: the server's warm-up calls it before it says ready.
+/// then), and every declared entry point from it, so that no request pays for it and a symbol
+/// the PTX lacks fails here: the server's warm-up calls it before it says ready.
 pub fn preload(dev: &CudaDevice) -> Result<()> {
-    for (function, (module, ptx)) in [
-        ("adamw_f32", OPTIMIZER),
-        ("rms_norm_fwd", TRAINING_OPS),
-        ("attn_fwd_f32", TRAINING_ATTENTION),
-        ("decode_attention_f32", DECODE_ATTENTION),
-        ("add_rms_norm_f32", DECODE_STEP),
-        ("lora_add_f32", LORA),
-        ("lora_bwd_rows_f32", LORA_TRAINING),
-    ] {
-        dev.get_or_load_custom_func(function, module, ptx)?;
+    for decl in abi::ALL {
+        let (module, ptx) = module(decl)?;
+        for (_, symbol) in decl.entries {
+            dev.get_or_load_custom_func(symbol, module, ptx)?;
+        }
     }
     Ok(())
+}
+
+/// The module name and PTX of the file that defines `decl`.
+fn module(decl: &abi::Decl) -> Result<(&'static str, &'static str)> {
+    Ok(match decl.file {
+        "optimizer" => OPTIMIZER,
+        "decode_attention" => DECODE_ATTENTION,
+        "decode_step" => DECODE_STEP,
+        "lora" => LORA,
+        "lora_training" => LORA_TRAINING,
+        "training_attention" => TRAINING_ATTENTION,
+        "training_ops" => TRAINING_OPS,
+        f => candle_core::bail!("{}: no module {f}", decl.name),
+    })
+}
+
+/// Kernel `decl`'s entry point for elements of `dtype`, loaded on `dev`; its arguments go
+/// through the declaration's `push`.
+fn function(dev: &CudaDevice, decl: &abi::Decl, dtype: DType) -> Result<Function> {
+    let Some(symbol) = decl.symbol(dtype.as_str()) else {
+        candle_core::bail!("no {} kernel for {dtype:?} operands", decl.name);
+    };
+    let (module, ptx) = module(decl)?;
+    Ok(Function {
+        func: dev
+            .get_or_load_custom_func(symbol, module, ptx)?
+            .into_cuda_function(),
+        stream: dev.cuda_stream(),
+    })
+}
+
+/// A loaded entry point and the device's stream (candle's own `CudaFunc`, which it does not
+/// export by name).
+struct Function {
+    func: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Function {
+    /// A launch on the device's stream.
+    fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
 }
 
 /// The elements of a contiguous operand (its layout's offsets), or an error naming `what`.
@@ -169,15 +213,6 @@ fn held_view<'a, T: CudaDType>(s: &'a Storage, l: &Layout, what: &str) -> Result
         candle_core::bail!("{what}: an operand is not on the GPU");
     };
     Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
-}
-
-/// The kernel of a pair built for f32 and bf16 operands that serves `T`.
-fn by_dtype<T: WithDType>(f32: &'static str, bf16: &'static str) -> Result<&'static str> {
-    match T::DTYPE {
-        DType::F32 => Ok(f32),
-        DType::BF16 => Ok(bf16),
-        d => candle_core::bail!("{f32}: no kernel for {d:?} operands"),
-    }
 }
 
 /// The CUDA device of `t`, or an error naming `what`.

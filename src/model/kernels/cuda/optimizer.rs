@@ -3,10 +3,11 @@
 //! every weight. The clipping factor never leaves the device, so a step has no host round
 //! trip; the moments live in two flat f32 buffers whatever the weights' dtype.
 
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{CudaDevice, DType, Device, Result, Tensor};
 
-use super::{cuda_device, with_addresses, OPTIMIZER};
+use super::abi::{self, Addr};
+use super::{cuda_device, function, with_addresses};
 
 /// Elements per block and threads per block, as in `optimizer.cu`.
 const CHUNK: usize = 4096;
@@ -151,61 +152,61 @@ impl MultiTensorAdamW {
     /// The three launches; `a` holds the addresses of the pointer table, meta, m, v, partial
     /// and norm.
     fn launch(&self, a: &[i64], p: &AdamWStep, scale: GradScale) -> Result<()> {
-        let (table, meta, m, v, partial, norm) = (a[0], a[1], a[2], a[3], a[4], a[5]);
-        let suffix = if self.dtype == DType::BF16 {
-            "bf16"
-        } else {
-            "f32"
-        };
+        let [table, meta, mut m, mut v, mut partial, mut norm] =
+            [a[0], a[1], a[2], a[3], a[4], a[5]].map(|p| Addr(p as u64));
         let n = self.spans.len() as i32;
         let grid = |blocks: usize| LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let func = |name: &str| {
-            self.dev
-                .get_or_load_custom_func(name, OPTIMIZER.0, OPTIMIZER.1)
-        };
+        let func = |decl: &abi::Decl| function(&self.dev, decl, self.dtype);
         let (scale_at, host_scale) = match scale {
-            GradScale::By(k) => (0i64, k as f32),
+            GradScale::By(k) => (Addr::NULL, k as f32),
             GradScale::ClipNorm(clip) => {
-                let f = func(&format!("sum_squares_{suffix}"))?;
-                let mut b = f.builder();
-                b.arg(&table).arg(&meta).arg(&n).arg(&partial);
-                // SAFETY: the arguments match the kernel's signature, every address is that
-                // of a live, contiguous buffer of the dtype the kernel reads (`with_addresses`),
-                // and the grid covers exactly the blocks `meta` describes.
-                unsafe { b.launch(grid(self.blocks)) }.map_err(candle_core::Error::wrap)?;
-                let f = func("norm_scale")?;
+                {
+                    let f = func(&abi::sum_squares::DECL)?;
+                    let mut b = f.builder();
+                    abi::sum_squares::push(&mut b, &table, &meta, &n, &mut partial);
+                    // SAFETY: the arguments are the declared ones, every address is that of a
+                    // live, contiguous buffer of the dtype the kernel reads
+                    // (`with_addresses`), and the grid covers exactly the blocks `meta`
+                    // describes.
+                    unsafe { b.launch(grid(self.blocks)) }.map_err(candle_core::Error::wrap)?;
+                }
+                let f = func(&abi::norm_scale::DECL)?;
                 let mut b = f.builder();
                 let blocks = self.blocks as i64;
-                b.arg(&partial).arg(&blocks).arg(&clip).arg(&norm);
+                abi::norm_scale::push(&mut b, &partial, &blocks, &clip, &mut norm);
                 // SAFETY: as above; one block reads `blocks` partial sums and writes two f64.
                 unsafe { b.launch(grid(1)) }.map_err(candle_core::Error::wrap)?;
+                drop(b);
                 (norm, 1.0f32)
             }
         };
-        let f = func(&format!("adamw_{suffix}"))?;
+        let f = func(&abi::adamw::DECL)?;
         let mut b = f.builder();
         let lr = p.lr as f32;
         let (b1, b2, eps) = (p.beta1 as f32, p.beta2 as f32, p.eps as f32);
         let decay = 1.0 - lr * p.weight_decay as f32;
         let (inv_c1, inv_c2) = (1.0 / p.c1 as f32, 1.0 / p.c2 as f32);
-        b.arg(&table)
-            .arg(&meta)
-            .arg(&n)
-            .arg(&m)
-            .arg(&v)
-            .arg(&scale_at)
-            .arg(&host_scale)
-            .arg(&lr)
-            .arg(&b1)
-            .arg(&b2)
-            .arg(&eps)
-            .arg(&decay)
-            .arg(&inv_c1)
-            .arg(&inv_c2);
+        abi::adamw::push(
+            &mut b,
+            &table,
+            &meta,
+            &n,
+            &mut m,
+            &mut v,
+            &scale_at,
+            &host_scale,
+            &lr,
+            &b1,
+            &b2,
+            &eps,
+            &decay,
+            &inv_c1,
+            &inv_c2,
+        );
         // SAFETY: as above; each block updates its own CHUNK of one tensor and of its moments.
         unsafe { b.launch(grid(self.blocks)) }.map_err(candle_core::Error::wrap)?;
         Ok(())

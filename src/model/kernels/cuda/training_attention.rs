@@ -5,15 +5,13 @@
 //! `[model] cuda_fused_training` sends adaptation's blocks through the fused path.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{
     CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 
-use super::{by_dtype, contiguous_view, held_view, TRAINING_ATTENTION};
+use super::{abi, contiguous_view, function, held_view};
 
 const WARPS: u32 = 4;
 
@@ -65,21 +63,11 @@ fn rotate<T: CudaDType + DeviceRepr + WithDType>(
 ) -> Result<CudaSlice<f32>> {
     // SAFETY: the kernel writes every element.
     let mut out = unsafe { dev.alloc::<f32>(dims.b * heads * dims.t * dims.d) }?;
-    let f = dev.get_or_load_custom_func(
-        by_dtype::<T>("attn_rotate_f32", "attn_rotate_bf16")?,
-        TRAINING_ATTENTION.0,
-        TRAINING_ATTENTION.1,
-    )?;
+    let f = function(dev, &abi::attn_rotate::DECL, T::DTYPE)?;
     let mut bl = f.builder();
     let (t, _, _, d) = dims.i32s();
     let h32 = heads as i32;
-    bl.arg(x)
-        .arg(tables.0)
-        .arg(tables.1)
-        .arg(&mut out)
-        .arg(&t)
-        .arg(&h32)
-        .arg(&d);
+    abi::attn_rotate::push(&mut bl, x, tables.0, tables.1, &mut out, &t, &h32, &d);
     let cfg = LaunchConfig {
         grid_dim: (heads as u32, dims.t as u32, dims.b as u32),
         block_dim: (32, 1, 1),
@@ -140,23 +128,11 @@ fn forward_in<T: CudaDType + DeviceRepr + WithDType>(
     let kr = rotate(dev, &kv, (&cv, &sv), dims, dims.kv)?;
     // SAFETY: the kernel writes every element.
     let mut y = unsafe { dev.alloc::<T>(lq.shape().elem_count()) }?;
-    let f = dev.get_or_load_custom_func(
-        by_dtype::<T>("attn_fwd_f32", "attn_fwd_bf16")?,
-        TRAINING_ATTENTION.0,
-        TRAINING_ATTENTION.1,
-    )?;
+    let f = function(dev, &abi::attn_fwd::DECL, T::DTYPE)?;
     let mut bl = f.builder();
     let (t, h, kvh, d) = dims.i32s();
     let scale = dims.scale();
-    bl.arg(&qr)
-        .arg(&kr)
-        .arg(&vv)
-        .arg(&mut y)
-        .arg(&t)
-        .arg(&h)
-        .arg(&kvh)
-        .arg(&d)
-        .arg(&scale);
+    abi::attn_fwd::push(&mut bl, &qr, &kr, &vv, &mut y, &t, &h, &kvh, &d, &scale);
     // SAFETY: warp (head, sequence, row) reads its rotated query, the rotated keys and the
     // values of its KV head up to its row, and writes its row of y; shared memory holds each
     // warp's query and scores.
@@ -267,49 +243,22 @@ impl Grads {
         let scale = dims.scale();
         {
             let (mut dq, mut rest) = out.split_at_mut(nq);
-            let f = dev.get_or_load_custom_func(
-                by_dtype::<T>("attn_bwd_rows_f32", "attn_bwd_rows_bf16")?,
-                TRAINING_ATTENTION.0,
-                TRAINING_ATTENTION.1,
-            )?;
+            let f = function(dev, &abi::attn_bwd_rows::DECL, T::DTYPE)?;
             let mut bl = f.builder();
-            bl.arg(&qr)
-                .arg(&kr)
-                .arg(&vv)
-                .arg(&gv)
-                .arg(&cv)
-                .arg(&sv)
-                .arg(&mut ds)
-                .arg(&mut pr)
-                .arg(&mut dq)
-                .arg(&t)
-                .arg(&h)
-                .arg(&kvh)
-                .arg(&d)
-                .arg(&scale);
+            abi::attn_bwd_rows::push(
+                &mut bl, &qr, &kr, &vv, &gv, &cv, &sv, &mut ds, &mut pr, &mut dq, &t, &h, &kvh, &d,
+                &scale,
+            );
             // SAFETY: warp (head, sequence, row) reads its query, dy row, the keys and values
             // of its KV head up to its row; it writes its row of ds and p and of dq.
             unsafe { bl.launch(dims.rows_cfg(2 * dims.d + 2 * dims.t)) }
                 .map_err(candle_core::Error::wrap)?;
             let (mut dk, mut dv) = rest.split_at_mut(nk);
-            let f = dev.get_or_load_custom_func(
-                by_dtype::<T>("attn_bwd_cols_f32", "attn_bwd_cols_bf16")?,
-                TRAINING_ATTENTION.0,
-                TRAINING_ATTENTION.1,
-            )?;
+            let f = function(dev, &abi::attn_bwd_cols::DECL, T::DTYPE)?;
             let mut bl = f.builder();
-            bl.arg(&qr)
-                .arg(&gv)
-                .arg(&cv)
-                .arg(&sv)
-                .arg(&ds)
-                .arg(&pr)
-                .arg(&mut dk)
-                .arg(&mut dv)
-                .arg(&t)
-                .arg(&h)
-                .arg(&kvh)
-                .arg(&d);
+            abi::attn_bwd_cols::push(
+                &mut bl, &qr, &gv, &cv, &sv, &ds, &pr, &mut dk, &mut dv, &t, &h, &kvh, &d,
+            );
             let cfg = LaunchConfig {
                 grid_dim: (dims.kv as u32, dims.t as u32, dims.b as u32),
                 block_dim: (32, 1, 1),

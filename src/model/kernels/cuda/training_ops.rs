@@ -4,11 +4,11 @@
 //! buffer.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::CudaDType;
-use candle_core::{CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
-use super::{contiguous_view, TRAINING_OPS};
+use super::{abi, contiguous_view, function};
 
 /// What the errors of these ops name.
 const WHAT: &str = "CUDA training op";
@@ -37,8 +37,8 @@ pub fn rms_norm_fwd(
     eps: f32,
 ) -> Result<(CudaStorage, Shape)> {
     let y = match x.dtype() {
-        DType::F32 => rms_norm_fwd_in::<f32>(x, lx, w, lw, eps, "rms_norm_fwd")?,
-        DType::BF16 => rms_norm_fwd_in::<half::bf16>(x, lx, w, lw, eps, "rms_norm_fwd_bf16")?,
+        DType::F32 => rms_norm_fwd_in::<f32>(x, lx, w, lw, eps)?,
+        DType::BF16 => rms_norm_fwd_in::<half::bf16>(x, lx, w, lw, eps)?,
         d => candle_core::bail!("{WHAT}: {d:?} rms norm"),
     };
     Ok((y, lx.shape().clone()))
@@ -50,7 +50,6 @@ fn rms_norm_fwd_in<T: CudaDType + DeviceRepr>(
     w: &CudaStorage,
     lw: &Layout,
     eps: f32,
-    name: &str,
 ) -> Result<CudaStorage> {
     let dev = &x.device;
     let n = lw.shape().elem_count();
@@ -61,10 +60,10 @@ fn rms_norm_fwd_in<T: CudaDType + DeviceRepr>(
     );
     // SAFETY: every element is written by the kernel before the buffer is read.
     let mut y = unsafe { dev.alloc::<T>(len) }?;
-    let f = dev.get_or_load_custom_func(name, TRAINING_OPS.0, TRAINING_OPS.1)?;
+    let f = function(dev, &abi::rms_norm_fwd::DECL, x.dtype())?;
     let mut b = f.builder();
-    let (n32, eps) = (n as i32, eps);
-    b.arg(&xv).arg(&wv).arg(&mut y).arg(&n32).arg(&eps);
+    let n32 = n as i32;
+    abi::rms_norm_fwd::push(&mut b, &xv, &wv, &mut y, &n32, &eps);
     if len > 0 && n > 0 {
         // SAFETY: one block per row of `n` contiguous elements, as the kernel reads them.
         unsafe { b.launch(launch_cfg(len / n)) }.map_err(candle_core::Error::wrap)?;
@@ -105,8 +104,8 @@ impl CustomOp3 for RmsNormGrads {
         lg: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let out = match x.dtype() {
-            DType::F32 => self.launch::<f32>(x, lx, w, lw, g, lg, "rms_norm_bwd")?,
-            DType::BF16 => self.launch::<half::bf16>(x, lx, w, lw, g, lg, "rms_norm_bwd_bf16")?,
+            DType::F32 => self.launch::<f32>(x, lx, w, lw, g, lg)?,
+            DType::BF16 => self.launch::<half::bf16>(x, lx, w, lw, g, lg)?,
             d => candle_core::bail!("{WHAT}: {d:?} rms norm gradients"),
         };
         let n = lw.shape().elem_count();
@@ -125,7 +124,6 @@ impl RmsNormGrads {
         lw: &Layout,
         g: &CudaStorage,
         lg: &Layout,
-        name: &str,
     ) -> Result<CudaStorage> {
         let dev = &x.device;
         let n = lw.shape().elem_count();
@@ -138,16 +136,10 @@ impl RmsNormGrads {
         );
         // SAFETY: the kernel writes both halves in full.
         let mut out = unsafe { dev.alloc::<f32>(2 * len) }?;
-        let f = dev.get_or_load_custom_func(name, TRAINING_OPS.0, TRAINING_OPS.1)?;
+        let f = function(dev, &abi::rms_norm_bwd::DECL, x.dtype())?;
         let mut b = f.builder();
-        let (n32, eps) = (n as i32, self.eps);
-        b.arg(&xv)
-            .arg(&wv)
-            .arg(&gv)
-            .arg(&mut out)
-            .arg(&rows)
-            .arg(&n32)
-            .arg(&eps);
+        let n32 = n as i32;
+        abi::rms_norm_bwd::push(&mut b, &xv, &wv, &gv, &mut out, &rows, &n32, &self.eps);
         if rows > 0 {
             // SAFETY: one block per row; `out` holds `2 * len` f32.
             unsafe { b.launch(launch_cfg(rows as usize)) }.map_err(candle_core::Error::wrap)?;
@@ -156,34 +148,48 @@ impl RmsNormGrads {
     }
 }
 
-/// One elementwise launch of `name_{f32,bf16}` over `len` elements of `inputs` (contiguous,
-/// one dtype), writing `outputs * len` elements.
+/// SwiGLU's two elementwise kernels.
+#[derive(Clone, Copy)]
+enum Elementwise {
+    /// `(a, b)` in, `y` out.
+    Fwd,
+    /// `(a, b, g)` in, `(da, db)` out.
+    Bwd,
+}
+
+/// One elementwise launch of `kernel` over `len` elements of `inputs` (contiguous, one dtype),
+/// writing `len` elements per output.
 fn elementwise(
-    name: &str,
+    kernel: Elementwise,
     inputs: &[(&CudaStorage, &Layout)],
-    outputs: usize,
     len: usize,
 ) -> Result<CudaStorage> {
-    fn run<T: CudaDType + DeviceRepr>(
-        name: &str,
+    fn run<T: CudaDType + DeviceRepr + WithDType>(
+        kernel: Elementwise,
         inputs: &[(&CudaStorage, &Layout)],
-        outputs: usize,
         len: usize,
     ) -> Result<CudaStorage> {
         let dev = &inputs[0].0.device;
-        let views = inputs
+        let v = inputs
             .iter()
             .map(|(s, l)| contiguous_view::<T>(s, l, WHAT))
             .collect::<Result<Vec<_>>>()?;
+        let n = len as i64;
+        let (decl, outputs) = match kernel {
+            Elementwise::Fwd => (abi::swiglu_fwd::DECL, 1),
+            Elementwise::Bwd => (abi::swiglu_bwd::DECL, 2),
+        };
+        if v.len() != decl.params.len() - 2 {
+            candle_core::bail!("CUDA {}: {} operands", decl.name, v.len());
+        }
         // SAFETY: the kernel writes every element.
         let mut out = unsafe { dev.alloc::<T>(outputs * len) }?;
-        let f = dev.get_or_load_custom_func(name, TRAINING_OPS.0, TRAINING_OPS.1)?;
+        let f = function(dev, &decl, T::DTYPE)?;
         let mut bl = f.builder();
-        for v in &views {
-            bl.arg(v);
+        match kernel {
+            Elementwise::Fwd => abi::swiglu_fwd::push(&mut bl, &v[0], &v[1], &mut out, &n),
+            Elementwise::Bwd => abi::swiglu_bwd::push(&mut bl, &v[0], &v[1], &v[2], &mut out, &n),
         }
-        let n = len as i64;
-        bl.arg(&mut out).arg(&n);
         // SAFETY: a grid-stride loop over `len` elements of each input and output.
         unsafe { bl.launch(launch_cfg(elementwise_blocks(len))) }
             .map_err(candle_core::Error::wrap)?;
@@ -191,12 +197,12 @@ fn elementwise(
     }
     let dtype = inputs[0].0.dtype();
     if inputs.iter().any(|(s, _)| s.dtype() != dtype) {
-        candle_core::bail!("CUDA {name}: operands of one dtype");
+        candle_core::bail!("{WHAT}: SwiGLU operands of one dtype");
     }
     match dtype {
-        DType::F32 => run::<f32>(&format!("{name}_f32"), inputs, outputs, len),
-        DType::BF16 => run::<half::bf16>(&format!("{name}_bf16"), inputs, outputs, len),
-        d => candle_core::bail!("CUDA {name}: {d:?} operands"),
+        DType::F32 => run::<f32>(kernel, inputs, len),
+        DType::BF16 => run::<half::bf16>(kernel, inputs, len),
+        d => candle_core::bail!("{WHAT}: {d:?} SwiGLU operands"),
     }
 }
 
@@ -208,7 +214,7 @@ pub fn swiglu_fwd(
     lb: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     let len = la.shape().elem_count();
-    let y = elementwise("swiglu_fwd", &[(a, la), (b, lb)], 1, len)?;
+    let y = elementwise(Elementwise::Fwd, &[(a, la), (b, lb)], len)?;
     Ok((y, la.shape().clone()))
 }
 
@@ -242,7 +248,7 @@ impl CustomOp3 for SwigluGrads {
         let len = la.shape().elem_count();
         let mut dims = vec![2];
         dims.extend_from_slice(la.dims());
-        let storage = elementwise("swiglu_bwd", &[(a, la), (b, lb), (g, lg)], 2, len)?;
+        let storage = elementwise(Elementwise::Bwd, &[(a, la), (b, lb), (g, lg)], len)?;
         Ok((storage, Shape::from(dims)))
     }
 }
@@ -268,17 +274,10 @@ pub fn rope(
     );
     // SAFETY: the kernel writes every element.
     let mut y = unsafe { dev.alloc::<f32>(len) }?;
-    let f = dev.get_or_load_custom_func("rope_f32", TRAINING_OPS.0, TRAINING_OPS.1)?;
+    let f = function(dev, &abi::rope::DECL, DType::F32)?;
     let mut bl = f.builder();
     let (t32, d32) = (t as i32, d as i32);
-    bl.arg(&xv)
-        .arg(&cv)
-        .arg(&sv)
-        .arg(&mut y)
-        .arg(&rows)
-        .arg(&t32)
-        .arg(&d32)
-        .arg(&sign);
+    abi::rope::push(&mut bl, &xv, &cv, &sv, &mut y, &rows, &t32, &d32, &sign);
     if len > 0 {
         // SAFETY: a grid-stride loop over the `rows * d / 2` pairs of contiguous buffers.
         unsafe { bl.launch(launch_cfg(elementwise_blocks(len / 2))) }
@@ -298,10 +297,10 @@ pub fn softmax_fwd(x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> 
     let xv = contiguous_view::<f32>(x, l, WHAT)?;
     // SAFETY: the kernel writes every element.
     let mut y = unsafe { dev.alloc::<f32>(len) }?;
-    let f = dev.get_or_load_custom_func("softmax_fwd_f32", TRAINING_OPS.0, TRAINING_OPS.1)?;
+    let f = function(dev, &abi::softmax_fwd::DECL, DType::F32)?;
     let mut bl = f.builder();
     let n32 = n as i32;
-    bl.arg(&xv).arg(&mut y).arg(&n32);
+    abi::softmax_fwd::push(&mut bl, &xv, &mut y, &n32);
     if len > 0 && n > 0 {
         // SAFETY: one block per row of `n` contiguous f32.
         unsafe { bl.launch(launch_cfg(len / n)) }.map_err(candle_core::Error::wrap)?;
@@ -328,10 +327,10 @@ pub fn softmax_bwd(
     );
     // SAFETY: the kernel writes every element.
     let mut dx = unsafe { dev.alloc::<f32>(len) }?;
-    let f = dev.get_or_load_custom_func("softmax_bwd_f32", TRAINING_OPS.0, TRAINING_OPS.1)?;
+    let f = function(dev, &abi::softmax_bwd::DECL, DType::F32)?;
     let mut bl = f.builder();
     let n32 = n as i32;
-    bl.arg(&yv).arg(&gv).arg(&mut dx).arg(&n32);
+    abi::softmax_bwd::push(&mut bl, &yv, &gv, &mut dx, &n32);
     if len > 0 && n > 0 {
         // SAFETY: one block per row of `n` contiguous f32.
         unsafe { bl.launch(launch_cfg(len / n)) }.map_err(candle_core::Error::wrap)?;

@@ -13,8 +13,6 @@
 //! NaN (0xffff in bf16), so an element the kernel fails to write, or writes where it must not,
 //! shows.
 
-use std::ffi::c_void;
-
 use super::*;
 use candle_core::{Tensor, D};
 
@@ -25,53 +23,17 @@ const STEP_THREADS: u32 = 128;
 const NORM_THREADS: u32 = 256;
 const LORA_THREADS: u32 = 256;
 
-type DecodeAttentionFn<T> = unsafe extern "C" fn(*const T, *const i64, *mut T, i32, i32, i32, f32);
-type KvWriteFn<T> = unsafe extern "C" fn(*const T, *const T, *const i64, i32, i32);
-type RopeCacheWriteFn<T> = unsafe extern "C" fn(
-    *const T,
-    *const T,
-    *const T,
-    i64,
-    i64,
-    i64,
-    *const T,
-    *const T,
-    *const i64,
-    *mut T,
-    i32,
-    i32,
-    *const T,
-    i32,
-    LoraPart,
-    LoraPart,
-    LoraPart,
-);
-
-/// `decode_step.cu`'s `LoraPart` (as `cuda/decode_step.rs` declares it): a delta's factors by
-/// address (null `a`: none), per-row strides, per-row scales or one scale, rank.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct LoraPart {
-    a: *const c_void,
-    b: *const c_void,
-    scales: *const f32,
-    a_stride: i64,
-    b_stride: i64,
-    scale: f32,
-    rank: i32,
-}
+use abi::LoraPart;
 
 const NO_DELTA: LoraPart = LoraPart {
-    a: std::ptr::null(),
-    b: std::ptr::null(),
-    scales: std::ptr::null(),
+    a: 0,
+    b: 0,
+    scales: 0,
     a_stride: 0,
     b_stride: 0,
     scale: 0.0,
     rank: 0,
 };
-type AddRmsNormFn<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut T, i64, i32, f32);
-type SwigluJointFn<T> = unsafe extern "C" fn(*const T, *mut T, i64, i32);
 
 /// How far a result of `T` may lie from the reference `want` (see the module's doc).
 fn tolerance<T: Elem>(want: f64) -> f64 {
@@ -225,8 +187,7 @@ fn launch_attention<T: Elem>(
     scale: f32,
 ) -> Vec<T> {
     let lib = library("decode_attention");
-    // SAFETY: `DecodeAttentionFn` is the entry point's signature in the `.cu`.
-    let f: DecodeAttentionFn<T> = unsafe { lib.kernel::<T, _>("decode_attention") };
+    let f = lib.entry::<abi::decode_attention::Kernel, T>();
     let rows = table.len() / 8;
     assert_eq!(q.len(), rows * heads * d);
     let mut out = vec![T::UNWRITTEN; rows * heads * d];
@@ -444,8 +405,7 @@ fn kv_write_case<T: Elem>() {
     let src_k = elems::<T>(&values(rows * kv_heads * d, 21, 1.0));
     let src_v = elems::<T>(&values(rows * kv_heads * d, 22, 1.0));
     let lib = library("decode_attention");
-    // SAFETY: `KvWriteFn` is the entry point's signature in the `.cu`.
-    let f: KvWriteFn<T> = unsafe { lib.kernel::<T, _>("kv_write") };
+    let f = lib.entry::<abi::kv_write::Kernel, T>();
     let (kp, vp, tp) = (src_k.as_ptr(), src_v.as_ptr(), table.as_ptr());
     let (h32, d32) = (kv_heads as i32, d as i32);
     // SAFETY: the table addresses the caches above (alive to the end), each of its capacity;
@@ -533,8 +493,7 @@ fn rope_cache_write_case<T: Elem>(d: usize) -> RopeCase<T> {
         .collect();
     let mut q_out = vec![T::UNWRITTEN; rows * heads * d];
     let lib = library("decode_step");
-    // SAFETY: `RopeCacheWriteFn` is the entry point's signature in the `.cu`.
-    let f: RopeCacheWriteFn<T> = unsafe { lib.kernel::<T, _>("rope_cache_write") };
+    let f = lib.entry::<abi::rope_cache_write::Kernel, T>();
     let base = qkv.as_ptr();
     // SAFETY: the parts' offsets lie within the joint product's first row.
     let (qp, kp, vp) = unsafe { (base, base.add(heads * d), base.add((heads + kv_heads) * d)) };
@@ -693,8 +652,7 @@ fn rope_write_run<T: Elem>(
         .collect();
     let mut q_out = vec![T::UNWRITTEN; rows * heads * d];
     let lib = library("decode_step");
-    // SAFETY: `RopeCacheWriteFn` is the entry point's signature in the `.cu`.
-    let f: RopeCacheWriteFn<T> = unsafe { lib.kernel::<T, _>("rope_cache_write") };
+    let f = lib.entry::<abi::rope_cache_write::Kernel, T>();
     let (cp, sp, tp, op, xp) = (
         angles.0.as_ptr(),
         angles.1.as_ptr(),
@@ -765,13 +723,9 @@ fn rope_write_with_deltas_case<T: Elem>() {
         }
     }
     let part = |a: &[T], b: &[T], per_row: bool, scale: f32| LoraPart {
-        a: a.as_ptr() as *const c_void,
-        b: b.as_ptr() as *const c_void,
-        scales: if per_row {
-            scales.as_ptr()
-        } else {
-            std::ptr::null()
-        },
+        a: a.as_ptr() as u64,
+        b: b.as_ptr() as u64,
+        scales: if per_row { scales.as_ptr() as u64 } else { 0 },
         a_stride: if per_row { (rank * inp) as i64 } else { 0 },
         b_stride: if per_row { (b.len() / rows) as i64 } else { 0 },
         scale,
@@ -790,8 +744,7 @@ fn rope_write_with_deltas_case<T: Elem>() {
     let (fq, fc) = rope_write_run(&qkv, [w; 3], raw, &x, deltas, (&cos, &sin));
     // Unfused: each part's LoRA add (`LoraAdd::launch`), then the write without deltas.
     let lora = library("lora");
-    // SAFETY: `LoraAddFn` is the entry point's signature in the `.cu`.
-    let add: LoraAddFn<T> = unsafe { lora.kernel::<T, _>("lora_add") };
+    let add = lora.entry::<abi::lora_add::Kernel, T>();
     let added = |offset: usize, outs: usize, p: &LoraPart| -> Vec<T> {
         let mut out = vec![T::UNWRITTEN; rows * outs];
         let (op, xp) = (out.as_mut_ptr(), x.as_ptr());
@@ -805,7 +758,7 @@ fn rope_write_with_deltas_case<T: Elem>() {
                     xp,
                     p.a as *const T,
                     p.b as *const T,
-                    p.scales,
+                    p.scales as *const f32,
                     p.scale,
                     op,
                     inp as i32,
@@ -860,8 +813,7 @@ fn add_rms_norm_case<T: Elem>(rows: usize, n: usize, eps: f32) -> [Vec<T>; 4] {
         .collect();
     let mut out = vec![T::UNWRITTEN; 2 * rows * n];
     let lib = library("decode_step");
-    // SAFETY: `AddRmsNormFn` is the entry point's signature in the `.cu`.
-    let f: AddRmsNormFn<T> = unsafe { lib.kernel::<T, _>("add_rms_norm") };
+    let f = lib.entry::<abi::add_rms_norm::Kernel, T>();
     let (xp, ap, wp, op) = (x.as_ptr(), a.as_ptr(), w.as_ptr(), out.as_mut_ptr());
     let (rows64, n32) = (rows as i64, n as i32);
     // SAFETY: x and a hold rows * n, w n, out 2 * rows * n elements.
@@ -914,8 +866,7 @@ fn swiglu_case<T: Elem>(rows: usize, n: usize) -> (Vec<T>, Vec<T>) {
     let len = rows * n;
     let mut out = vec![T::UNWRITTEN; len];
     let lib = library("decode_step");
-    // SAFETY: `SwigluJointFn` is the entry point's signature in the `.cu`.
-    let f: SwigluJointFn<T> = unsafe { lib.kernel::<T, _>("swiglu_joint") };
+    let f = lib.entry::<abi::swiglu_joint::Kernel, T>();
     let (gp, op) = (gu.as_ptr(), out.as_mut_ptr());
     let (rows64, n32) = (rows as i64, n as i32);
     let grid = len.div_ceil(STEP_THREADS as usize).clamp(1, 65_535) as u32;
@@ -998,8 +949,7 @@ fn lora_case<T: Elem>(c: &Lora) {
     };
     let mut out = vec![T::UNWRITTEN; rows * outs];
     let lib = library("lora");
-    // SAFETY: `LoraAddFn` is the entry point's signature in the `.cu`.
-    let f: LoraAddFn<T> = unsafe { lib.kernel::<T, _>("lora_add") };
+    let f = lib.entry::<abi::lora_add::Kernel, T>();
     // SAFETY: the offset lies within the joint product's first row.
     let yp = unsafe { joint.as_ptr().add(y_offset) };
     let (xp, ap, bp, op) = (x.as_ptr(), a.as_ptr(), b.as_ptr(), out.as_mut_ptr());

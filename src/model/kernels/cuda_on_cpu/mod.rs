@@ -1,7 +1,8 @@
 //! The GPU's own kernels (`model/kernels/cuda/*.cu`) run on the CPU, for tests: each `.cu`
 //! file is compiled as C++ against `runtime.hpp` (threads, barriers, warp shuffles, shared
-//! memory and bf16 on the CPU) into a shared library, and a test calls its entry points with
-//! host buffers, through the same grids and blocks the launch code uses. The kernels' bodies
+//! memory and bf16 on the CPU) into a shared library, with static assertions that each entry
+//! point takes the parameters `cuda_abi` declares, and a test calls its entry points through
+//! those declarations with host buffers, on the same grids and blocks the launch code uses. The kernels' bodies
 //! are thus checked against the CPU references on every machine, CI included, not only on a
 //! GPU (`ttarag bench --kernels` still checks them there, with the launch code and nvcc).
 //!
@@ -15,12 +16,17 @@ use std::sync::{Mutex, OnceLock};
 
 use candle_core::{Device, Tensor};
 
+pub use super::cuda_abi as abi;
+use abi::Signature;
+
 mod decode;
 mod training;
 
 /// A `.cu` file compiled for the CPU and loaded.
 pub struct Library {
     handle: *mut c_void,
+    /// The shared library's file.
+    path: PathBuf,
     launch: LaunchFn,
     /// A launch's grid, block and `__shared__` variables are the library's globals: one
     /// launch at a time (tests run on several threads).
@@ -50,26 +56,32 @@ fn source_dir() -> PathBuf {
 /// Compiles `name`.cu (e.g. "lora") once per test process and loads it.
 pub fn library(name: &'static str) -> &'static Library {
     static LIBS: Mutex<Vec<(&'static str, &'static Library)>> = Mutex::new(Vec::new());
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
     let mut libs = LIBS.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, l)) = libs.iter().find(|(n, _)| *n == name) {
         return l;
     }
-    let dir = DIR.get_or_init(|| {
+    let lib: &'static Library = Box::leak(Box::new(build(name)));
+    libs.push((name, lib));
+    lib
+}
+
+/// This process's folder for the kernels' C++ and libraries.
+fn build_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
         let d = std::env::temp_dir().join(format!("ttarag-cuda-on-cpu-{}", std::process::id()));
         std::fs::create_dir_all(&d).expect("a build folder for the kernels");
         // The kernels include <cuda_bf16.h>; the runtime defines what they take from it.
         std::fs::write(d.join("cuda_bf16.h"), "#pragma once\n").expect("write cuda_bf16.h");
         d
-    });
-    let lib: &'static Library = Box::leak(Box::new(build(name, dir)));
-    libs.push((name, lib));
-    lib
+    })
 }
 
-fn build(name: &str, dir: &Path) -> Library {
-    let src = source_dir();
-    let text = std::fs::read_to_string(src.join(format!("{name}.cu"))).expect("read the kernel");
+/// `name`.cu as C++ for the runtime, followed by the static assertions of `decls` (see
+/// [`signature_asserts`]), written to `cpp` in the build folder.
+fn write_cpp(name: &str, cpp: &str, decls: &[abi::Decl]) -> PathBuf {
+    let text =
+        std::fs::read_to_string(source_dir().join(format!("{name}.cu"))).expect("read the kernel");
     // The one construct the runtime cannot define: dynamic shared memory, declared `extern`.
     let text = text.replace(
         "extern __shared__ float sh[];",
@@ -79,31 +91,50 @@ fn build(name: &str, dir: &Path) -> Library {
         !text.contains("extern __shared__"),
         "{name}.cu declares dynamic shared memory in a way the CPU runtime does not rewrite"
     );
-    let cpp = dir.join(format!("{name}.cpp"));
-    std::fs::write(&cpp, text).expect("write the kernel's C++");
-    let so = dir.join(format!("lib{name}.so"));
+    let text = format!("{text}\n{}", signature_asserts(decls));
+    let path = build_dir().join(cpp);
+    std::fs::write(&path, text).expect("write the kernel's C++");
+    path
+}
+
+/// Runs the C++ compiler on `cpp` with the runtime included first, then `args`.
+fn compile(cpp: &Path, args: &[&str]) -> std::process::Output {
+    let src = source_dir();
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let out = Command::new(&cxx)
-        .args([
-            "-std=c++20",
-            "-O1",
-            "-pthread",
-            "-shared",
-            "-fPIC",
-            "-fvisibility=hidden",
-            "-w",
-        ])
+    Command::new(&cxx)
+        .args(["-std=c++20", "-pthread", "-w"])
+        .args(args)
         .arg("-include")
         .arg(src.parent().unwrap().join("cuda_on_cpu/runtime.hpp"))
         .arg("-I")
-        .arg(dir)
+        .arg(build_dir())
         .arg("-I")
         .arg(&src)
-        .arg(&cpp)
-        .arg("-o")
-        .arg(&so)
+        .arg(cpp)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{cxx}` (set CXX): {e}"));
+        .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{cxx}` (set CXX): {e}"))
+}
+
+fn build(name: &str) -> Library {
+    let decls: Vec<abi::Decl> = abi::ALL
+        .iter()
+        .filter(|d| d.file == name)
+        .copied()
+        .collect();
+    let cpp = write_cpp(name, &format!("{name}.cpp"), &decls);
+    let so = build_dir().join(format!("lib{name}.so"));
+    let so_arg = so.to_str().expect("a UTF-8 temp path");
+    let out = compile(
+        &cpp,
+        &[
+            "-O1",
+            "-shared",
+            "-fPIC",
+            "-fvisibility=hidden",
+            "-o",
+            so_arg,
+        ],
+    );
     assert!(
         out.status.success(),
         "{name}.cu did not compile for the CPU:\n{}",
@@ -115,10 +146,42 @@ fn build(name: &str, dir: &Path) -> Library {
     assert!(!handle.is_null(), "cannot load {}", so.display());
     Library {
         handle,
+        path: so,
         // SAFETY: `emu_launch` is defined by runtime.hpp with exactly this signature.
         launch: unsafe { lookup::<LaunchFn>(handle, "emu_launch") },
         running: Mutex::new(()),
     }
+}
+
+/// C++ static assertions that every entry point `cuda_abi` declares in `file`.cu has the
+/// declared parameters, in order, and that the structs passed by value have the Rust size: a
+/// library whose launch code and kernels disagree does not build.
+fn signature_asserts(decls: &[abi::Decl]) -> String {
+    let mut out = format!(
+        "#include <type_traits>\nstatic_assert(sizeof(void *) == 8);\n{}",
+        if decls
+            .iter()
+            .any(|d| d.params.iter().any(|p| p.c == "LoraPart"))
+        {
+            format!(
+                "static_assert(sizeof(LoraPart) == {});\n",
+                std::mem::size_of::<abi::LoraPart>()
+            )
+        } else {
+            String::new()
+        }
+    );
+    for decl in decls {
+        for &(key, symbol) in decl.entries {
+            let params = decl.c_params(key).join(", ");
+            out += &format!(
+                "static_assert(std::is_same_v<decltype(&{symbol}), void (*)({params})>, \
+                 \"{symbol} does not take ({params}) as cuda_abi::{} declares\");\n",
+                decl.name
+            );
+        }
+    }
+    out
 }
 
 /// The symbol `name` of the loaded library `handle` as a function of type `F`.
@@ -138,16 +201,20 @@ impl Library {
     ///
     /// # Safety
     /// `F` must be the `extern "C"` signature the kernel is declared with.
-    pub unsafe fn symbol<F: Copy>(&self, name: &str) -> F {
+    unsafe fn symbol<F: Copy>(&self, name: &str) -> F {
         unsafe { lookup(self.handle, name) }
     }
 
-    /// The entry point `{base}_{T::SUFFIX}` (e.g. `adamw_bf16`) as a function of type `F`.
-    ///
-    /// # Safety
-    /// As [`Library::symbol`].
-    pub unsafe fn kernel<T: Elem, F: Copy>(&self, base: &str) -> F {
-        unsafe { self.symbol(&format!("{base}_{}", T::SUFFIX)) }
+    /// Kernel `K`'s entry point for elements `T`, as `cuda_abi` declares it (the library's
+    /// build asserted that the source agrees).
+    pub fn entry<K: Signature, T: Elem>(&self) -> K::Fn<T> {
+        let decl = K::DECL;
+        let symbol = decl
+            .symbol(T::SUFFIX)
+            .unwrap_or_else(|| panic!("{} has no {} entry", decl.name, T::SUFFIX));
+        // SAFETY: `K::Fn<T>` is the declared signature, which `signature_asserts` compiled
+        // against the kernel's definition.
+        unsafe { self.symbol(symbol) }
     }
 
     /// Runs `body` (a call of one of this library's entry points) as every thread of a
@@ -186,24 +253,6 @@ impl Library {
         };
     }
 }
-
-/// `lora.cu`'s `lora_add_*`: (y, x, a, b, scales, scale, out, in, outs, rank, a_stride,
-/// b_stride, y_stride).
-pub type LoraAddFn<T> = unsafe extern "C" fn(
-    *const T,
-    *const T,
-    *const T,
-    *const T,
-    *const f32,
-    f32,
-    *mut T,
-    i32,
-    i32,
-    i32,
-    i64,
-    i64,
-    i64,
-);
 
 /// bf16 bits of `x`, rounded to nearest even (as the kernels' stores and `half` round).
 pub fn bf16_bits(x: f32) -> u16 {
@@ -354,13 +403,117 @@ pub fn assert_constant<T: std::fmt::Display>(file: &str, name: &str, value: T) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
+
+    /// The kernel entry points `lib` exports (`nm`): every `extern "C"` symbol but the
+    /// runtime's own.
+    fn exported(lib: &Library) -> BTreeSet<String> {
+        let out = Command::new("nm")
+            .args(["-D", "--defined-only"])
+            .arg(&lib.path)
+            .output()
+            .expect("run nm");
+        assert!(out.status.success(), "nm {}", lib.path.display());
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+                [_, "T", name] if !name.starts_with("emu_") && !name.starts_with('_') => {
+                    Some(name.to_string())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `cuda_abi` declares every `.cu` file's every entry point and no other: with the static
+    /// assertions each library is built with, every kernel the launch code can reach has the
+    /// declared parameters, and no kernel is launched through an undeclared list.
+    #[test]
+    fn every_kernel_entry_point_is_declared_with_its_parameters() {
+        let files: BTreeSet<String> = std::fs::read_dir(source_dir())
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                name.strip_suffix(".cu").map(str::to_string)
+            })
+            .collect();
+        let declared: BTreeSet<String> = abi::ALL.iter().map(|d| d.file.to_string()).collect();
+        assert_eq!(
+            files, declared,
+            "the .cu files and the files cuda_abi declares"
+        );
+        for decl in abi::ALL {
+            let lib = library(decl.file);
+            let symbols: BTreeSet<String> = abi::ALL
+                .iter()
+                .filter(|d| d.file == decl.file)
+                .flat_map(|d| d.entries.iter().map(|(_, s)| s.to_string()))
+                .collect();
+            assert_eq!(exported(lib), symbols, "{}.cu's entry points", decl.file);
+        }
+    }
+
+    /// The static assertions refuse a declaration that disagrees with its kernel: a parameter
+    /// of another type, one parameter missing, or two swapped.
+    #[test]
+    fn a_declaration_that_disagrees_with_its_kernel_does_not_build() {
+        let decl = abi::lora_add::DECL;
+        let mut wider = decl.params.to_vec();
+        wider[7].c = "int64_t"; // `in` is an int
+        let mut swapped = decl.params.to_vec();
+        swapped.swap(1, 5); // x and scale
+        let short = &decl.params[..decl.params.len() - 1];
+        for (i, (what, params)) in [
+            ("a wider integer", wider.as_slice()),
+            ("two parameters swapped", swapped.as_slice()),
+            ("one parameter missing", short),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let params: &'static [abi::Param] = Box::leak(params.to_vec().into_boxed_slice());
+            let wrong = abi::Decl { params, ..decl };
+            let cpp = write_cpp("lora", &format!("wrong-{i}.cpp"), &[wrong]);
+            let out = compile(&cpp, &["-fsyntax-only"]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && err.contains("lora_add_f32 does not take"),
+                "{what}: the C++ compiler accepted it:\n{err}"
+            );
+        }
+        // The true declaration builds.
+        let cpp = write_cpp("lora", "right.cpp", &[decl]);
+        let out = compile(&cpp, &["-fsyntax-only"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The launch code pushes every kernel argument through `cuda_abi` and loads every kernel
+    /// by its declaration, so the checks above cover every launch.
+    #[test]
+    fn the_launch_code_launches_only_through_the_declarations() {
+        for entry in std::fs::read_dir(source_dir()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let file = path.file_name().unwrap().to_string_lossy();
+                assert!(!text.contains(".arg("), "{file} pushes an argument by hand");
+                let loads = text.matches("get_or_load_custom_func").count();
+                let allowed = if file == "mod.rs" { 2 } else { 0 };
+                assert_eq!(loads, allowed, "{file} loads a kernel by name");
+            }
+        }
+    }
 
     /// The runtime itself: block sums through shared memory and barriers, warp shuffles and
     /// bf16 rounding behave as on a GPU, checked on the project's own LoRA kernel.
     #[test]
     fn the_runtime_runs_a_kernel_with_barriers_shuffles_and_shared_memory() {
         let lib = library("lora");
-        let f: LoraAddFn<f32> = unsafe { lib.symbol("lora_add_f32") };
+        let f = lib.entry::<abi::lora_add::Kernel, f32>();
         let (rows, inn, outs, rank) = (3usize, 70usize, 40usize, 4usize);
         let x: Vec<f32> = (0..rows * inn)
             .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)

@@ -58,19 +58,10 @@ fn elementwise_blocks(len: usize) -> usize {
     len.div_ceil(OPS_THREADS as usize).min(65_535)
 }
 
-type RmsFwd<T> = unsafe extern "C" fn(*const T, *const T, *mut T, i32, f32);
-type RmsBwd<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut f32, i64, i32, f32);
-type SwigluFwd<T> = unsafe extern "C" fn(*const T, *const T, *mut T, i64);
-type SwigluBwd<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut T, i64);
-type RopeFn =
-    unsafe extern "C" fn(*const f32, *const f32, *const f32, *mut f32, i64, i32, i32, f32);
-type SoftmaxFwd = unsafe extern "C" fn(*const f32, *mut f32, i32);
-type SoftmaxBwd = unsafe extern "C" fn(*const f32, *const f32, *mut f32, i32);
-
 /// Mirrors `training_ops.rs::rms_norm_fwd_in`: one block per row of `n = w.len()`.
-fn rms_norm_fwd_on_cpu<T: Elem>(name: &str, x: &[T], w: &[T], eps: f32) -> Vec<T> {
+fn rms_norm_fwd_on_cpu<T: Elem>(x: &[T], w: &[T], eps: f32) -> Vec<T> {
     let lib = library("training_ops");
-    let f: RmsFwd<T> = unsafe { lib.symbol(name) };
+    let f = lib.entry::<abi::rms_norm_fwd::Kernel, T>();
     let (n, len) = (w.len(), x.len());
     let mut y = vec![T::UNWRITTEN; len];
     let (xp, wp, yp, n32) = (x.as_ptr(), w.as_ptr(), y.as_mut_ptr(), n as i32);
@@ -83,9 +74,9 @@ fn rms_norm_fwd_on_cpu<T: Elem>(name: &str, x: &[T], w: &[T], eps: f32) -> Vec<T
 
 /// Mirrors `training_ops.rs::RmsNormGrads::launch`: `(2, rows, n)` f32, dx then each row's
 /// dw (which `rms_norm_grads` sums over rows).
-fn rms_norm_bwd_on_cpu<T: Elem>(name: &str, x: &[T], w: &[T], g: &[T], eps: f32) -> Vec<f32> {
+fn rms_norm_bwd_on_cpu<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f32) -> Vec<f32> {
     let lib = library("training_ops");
-    let f: RmsBwd<T> = unsafe { lib.symbol(name) };
+    let f = lib.entry::<abi::rms_norm_bwd::Kernel, T>();
     let (n, len) = (w.len(), x.len());
     let rows = (len / n.max(1)) as i64;
     let mut out = vec![f32::NAN; 2 * len];
@@ -105,7 +96,9 @@ fn rms_norm_bwd_on_cpu<T: Elem>(name: &str, x: &[T], w: &[T], g: &[T], eps: f32)
 
 /// `rms_norm_{fwd,bwd}` (f32) and `_bf16` against `fused::rms_norm` and its gradients, rows
 /// wider than the block (300 > 256 threads) and narrower (20).
-fn check_rms_norm<T: Elem>(fwd: &str, bwd: &str, rel: f64, abs: f64) {
+fn check_rms_norm<T: Elem>(rel: f64, abs: f64) {
+    let [fwd, bwd] =
+        [abi::rms_norm_fwd::DECL, abi::rms_norm_bwd::DECL].map(|d| d.symbol(T::SUFFIX).unwrap());
     let eps = 1e-5f32;
     for (rows, n, seed) in [(10usize, 300usize, 1u64), (3, 20, 5)] {
         let x = rounded::<T>(&values(rows * n, seed, 2.0));
@@ -122,10 +115,10 @@ fn check_rms_norm<T: Elem>(fwd: &str, bwd: &str, rel: f64, abs: f64) {
             &g,
         );
         let (xe, we, ge) = (elems::<T>(&x), elems::<T>(&w), elems::<T>(&g));
-        let y = to_f32s(&rms_norm_fwd_on_cpu(fwd, &xe, &we, eps));
+        let y = to_f32s(&rms_norm_fwd_on_cpu(&xe, &we, eps));
         assert_close(&format!("{fwd} y ({rows}x{n})"), &y, &want_y, rel, abs);
         // The backward writes f32 whatever the operands: the f32 tolerance for both dtypes.
-        let out = rms_norm_bwd_on_cpu(bwd, &xe, &we, &ge, eps);
+        let out = rms_norm_bwd_on_cpu(&xe, &we, &ge, eps);
         assert_close(
             &format!("{bwd} dx ({rows}x{n})"),
             &out[..rows * n],
@@ -149,12 +142,12 @@ fn check_rms_norm<T: Elem>(fwd: &str, bwd: &str, rel: f64, abs: f64) {
 
 #[test]
 fn rms_norm_kernels_match_the_fused_norm_and_its_gradients() {
-    check_rms_norm::<f32>("rms_norm_fwd", "rms_norm_bwd", F32_REL, F32_ABS);
+    check_rms_norm::<f32>(F32_REL, F32_ABS);
 }
 
 #[test]
 fn bf16_rms_norm_kernels_match_the_fused_norm_on_rounded_operands() {
-    check_rms_norm::<u16>("rms_norm_fwd_bf16", "rms_norm_bwd_bf16", BF16_REL, BF16_ABS);
+    check_rms_norm::<u16>(BF16_REL, BF16_ABS);
 }
 
 /// Mirrors `training_ops.rs::elementwise` for `swiglu_fwd` (inputs a, b; one output) and
@@ -164,11 +157,11 @@ fn swiglu_on_cpu<T: Elem>(a: &[T], b: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
     let len = a.len();
     let (grid, block) = ops_cfg(elementwise_blocks(len));
     let n = len as i64;
-    let fwd: SwigluFwd<T> = unsafe { lib.kernel::<T, _>("swiglu_fwd") };
+    let fwd = lib.entry::<abi::swiglu_fwd::Kernel, T>();
     let mut y = vec![T::UNWRITTEN; len];
     let (ap, bp, gp, yp) = (a.as_ptr(), b.as_ptr(), g.as_ptr(), y.as_mut_ptr());
     unsafe { lib.launch(grid, block, 0, || fwd(ap, bp, yp, n)) };
-    let bwd: SwigluBwd<T> = unsafe { lib.kernel::<T, _>("swiglu_bwd") };
+    let bwd = lib.entry::<abi::swiglu_bwd::Kernel, T>();
     let mut out = vec![T::UNWRITTEN; 2 * len];
     let op = out.as_mut_ptr();
     unsafe { lib.launch(grid, block, 0, || bwd(ap, bp, gp, op, n)) };
@@ -247,7 +240,7 @@ fn rope_on_cpu(
     sign: f32,
 ) -> Vec<f32> {
     let lib = library("training_ops");
-    let f: RopeFn = unsafe { lib.symbol("rope_f32") };
+    let f = lib.entry::<abi::rope::Kernel, f32>();
     let (b, h, t, d) = dims;
     let rows = (b * h * t) as i64;
     let len = x.len();
@@ -284,8 +277,8 @@ fn rope_kernel_matches_the_fused_rotation_and_its_gradient() {
 /// Mirrors `training_ops.rs::softmax_fwd` and `softmax_bwd`: one block per row of `n`.
 fn softmax_on_cpu(x: &[f32], g: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
     let lib = library("training_ops");
-    let fwd: SoftmaxFwd = unsafe { lib.symbol("softmax_fwd_f32") };
-    let bwd: SoftmaxBwd = unsafe { lib.symbol("softmax_bwd_f32") };
+    let fwd = lib.entry::<abi::softmax_fwd::Kernel, f32>();
+    let bwd = lib.entry::<abi::softmax_bwd::Kernel, f32>();
     let len = x.len();
     let n32 = n as i32;
     let (grid, block) = ops_cfg(len / n);
@@ -347,41 +340,6 @@ fn softmax_kernels_match_the_fused_softmax_and_its_gradient() {
 /// `WARPS` of `training_attention.rs` and `#define WARPS` of `training_attention.cu`.
 const ATTN_WARPS: u32 = 4;
 
-type AttnRotate<T> =
-    unsafe extern "C" fn(*const T, *const f32, *const f32, *mut f32, i32, i32, i32);
-type AttnFwd<T> =
-    unsafe extern "C" fn(*const f32, *const f32, *const T, *mut T, i32, i32, i32, i32, f32);
-type AttnRows<T> = unsafe extern "C" fn(
-    *const f32,
-    *const f32,
-    *const T,
-    *const T,
-    *const f32,
-    *const f32,
-    *mut f32,
-    *mut f32,
-    *mut T,
-    i32,
-    i32,
-    i32,
-    i32,
-    f32,
-);
-type AttnCols<T> = unsafe extern "C" fn(
-    *const f32,
-    *const T,
-    *const f32,
-    *const f32,
-    *const f32,
-    *const f32,
-    *mut T,
-    *mut T,
-    i32,
-    i32,
-    i32,
-    i32,
-);
-
 /// `training_attention.rs::AttentionDims`.
 #[derive(Clone, Copy)]
 struct AttnDims {
@@ -429,7 +387,7 @@ fn attn_rotate_on_cpu<T: Elem>(
     heads: usize,
 ) -> Vec<f32> {
     let lib = library("training_attention");
-    let f: AttnRotate<T> = unsafe { lib.kernel::<T, _>("attn_rotate") };
+    let f = lib.entry::<abi::attn_rotate::Kernel, T>();
     let mut out = vec![f32::NAN; dims.b * heads * dims.t * dims.d];
     let (t, _, _, d) = dims.i32s();
     let h32 = heads as i32;
@@ -452,7 +410,7 @@ fn attn_forward_on_cpu<T: Elem>(
     let qr = attn_rotate_on_cpu(q, cos, sin, dims, dims.heads);
     let kr = attn_rotate_on_cpu(k, cos, sin, dims, dims.kv);
     let mut y = vec![T::UNWRITTEN; q.len()];
-    let f: AttnFwd<T> = unsafe { lib.kernel::<T, _>("attn_fwd") };
+    let f = lib.entry::<abi::attn_fwd::Kernel, T>();
     let (t, h, kvh, d) = dims.i32s();
     let scale = dims.scale();
     let (qp, kp, vp, yp) = (qr.as_ptr(), kr.as_ptr(), v.as_ptr(), y.as_mut_ptr());
@@ -499,14 +457,14 @@ fn attn_grads_on_cpu<T: Elem>(
     let dq = out.as_mut_ptr();
     // SAFETY: `out` holds nq + 2 nk elements, split in three as the launch code splits it.
     let (dk, dv) = unsafe { (dq.add(nq), dq.add(nq + nk)) };
-    let rows: AttnRows<T> = unsafe { lib.kernel::<T, _>("attn_bwd_rows") };
+    let rows = lib.entry::<abi::attn_bwd_rows::Kernel, T>();
     let (grid, block, shared) = dims.rows_cfg(2 * dims.d + 2 * dims.t);
     unsafe {
         lib.launch(grid, block, shared, || {
             rows(qp, kp, vp, gp, cp, sp, dsp, prp, dq, t, h, kvh, d, scale)
         })
     };
-    let cols: AttnCols<T> = unsafe { lib.kernel::<T, _>("attn_bwd_cols") };
+    let cols = lib.entry::<abi::attn_bwd_cols::Kernel, T>();
     let grid = (dims.kv as u32, dims.t as u32, dims.b as u32);
     let (dsp, prp) = (ds.as_ptr(), pr.as_ptr());
     unsafe {
@@ -650,33 +608,6 @@ fn bf16_attention_kernels_loop_over_more_keys_than_lanes() {
 /// `THREADS` of `lora_training.rs` and of both `.cu` files.
 const LORA_THREADS: u32 = 256;
 
-type LoraRows<T> = unsafe extern "C" fn(
-    *const T,
-    *const T,
-    *const T,
-    *const T,
-    f32,
-    *mut f32,
-    *mut f32,
-    *mut T,
-    i32,
-    i32,
-    i32,
-);
-type LoraCols<T> = unsafe extern "C" fn(
-    *const T,
-    *const T,
-    *const f32,
-    *const f32,
-    f32,
-    *mut T,
-    *mut T,
-    i64,
-    i32,
-    i32,
-    i32,
-);
-
 /// Mirrors `lora_training.rs`: `delta_of` (the delta, `(rows, outs)`) and `Grads::launch`
 /// (`[dx | dA | dB]`).
 #[allow(clippy::too_many_arguments)]
@@ -690,7 +621,7 @@ fn lora_on_cpu<T: Elem>(
 ) -> (Vec<T>, Vec<T>) {
     let (i32s, none) = ((inp as i32, outs as i32, rank as i32), 0i64);
     let (xp, ap, bp, gp) = (x.as_ptr(), a.as_ptr(), b.as_ptr(), g.as_ptr());
-    let fwd: LoraAddFn<T> = unsafe { library("lora").kernel::<T, _>("lora_add") };
+    let fwd = library("lora").entry::<abi::lora_add::Kernel, T>();
     let mut y = vec![T::UNWRITTEN; rows * outs];
     let yp = y.as_mut_ptr();
     let null = std::ptr::null();
@@ -715,8 +646,8 @@ fn lora_on_cpu<T: Elem>(
         })
     };
     let lib = library("lora_training");
-    let rows_k: LoraRows<T> = unsafe { lib.kernel::<T, _>("lora_bwd_rows") };
-    let cols_k: LoraCols<T> = unsafe { lib.kernel::<T, _>("lora_bwd_cols") };
+    let rows_k = lib.entry::<abi::lora_bwd_rows::Kernel, T>();
+    let cols_k = lib.entry::<abi::lora_bwd_cols::Kernel, T>();
     let (nx, na, nb) = (rows * inp, rank * inp, outs * rank);
     let (mut h, mut dh) = (vec![f32::NAN; rows * rank], vec![f32::NAN; rows * rank]);
     let mut out = vec![T::UNWRITTEN; nx + na + nb];
