@@ -1,6 +1,7 @@
 //! Answers through the decode scheduler's batch equal the same requests answered one at a
 //! time: static, no-retrieval and per-request LoRA requests mixed in one batch, each with its
-//! own adapter, none leaking into another's rows.
+//! own adapter, none leaking into another's rows; greedy rows (picked for the whole step at
+//! once) beside sampled ones (each sampled from its own row).
 
 mod common;
 
@@ -30,6 +31,11 @@ fn mixed() -> Vec<serde_json::Value> {
         out.push(request(q, tta.clone()));
     }
     out.push(request(questions[0], json!({"mode": "none"})));
+    // Sampled, seeded: the same tokens alone or beside greedy rows.
+    let mut sampled = request(questions[1], json!({"mode": "static"}));
+    sampled["temperature"] = json!(0.9);
+    sampled["seed"] = json!(7);
+    out.push(sampled);
     out
 }
 

@@ -438,6 +438,43 @@ fn trained_loras(dec: &Decoder, n: usize, dtype: DType) -> candle_core::Result<V
     Ok(loras)
 }
 
+/// The greedy pick of `rows` rows of logits of `dec`'s vocabulary in `dtype`, against what a
+/// step did per row before it: the sampler's argmax and the host log-probability over a copy
+/// of the row. Parts: the tokens and the log-probabilities, on the host.
+pub fn greedy_pick(
+    dec: &Decoder,
+    rows: usize,
+    dtype: DType,
+    steps: usize,
+) -> anyhow::Result<KernelCheck> {
+    use candle_transformers::generation::{LogitsProcessor, Sampling};
+    let dev = dec.device();
+    let vocab = dec.config().vocab_size;
+    let logits = (Tensor::randn(0f32, 1.0, (rows, vocab), dev)? * 5.0)?.to_dtype(dtype)?;
+    let parts = |picks: Vec<crate::model::Pick>| -> candle_core::Result<Vec<Tensor>> {
+        let tokens: Vec<f64> = picks.iter().map(|p| p.token as f64).collect();
+        let logprobs: Vec<f64> = picks.iter().map(|p| p.logprob).collect();
+        Ok(vec![
+            Tensor::new(tokens, &Device::Cpu)?,
+            Tensor::new(logprobs, &Device::Cpu)?,
+        ])
+    };
+    let kernel = || parts(crate::model::greedy_picks(&logits)?);
+    let per_row = || -> candle_core::Result<Vec<Tensor>> {
+        let mut picks = vec![];
+        for r in 0..rows {
+            let row = logits.get(r)?;
+            let token = LogitsProcessor::from_sampling(0, Sampling::ArgMax).sample(&row)?;
+            let host = row.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let logprob = crate::model::logprob_at(&host, token as usize);
+            picks.push(crate::model::Pick { token, logprob });
+        }
+        parts(picks)
+    };
+    let name = format!("greedy pick ({rows} rows x {vocab}, {dtype:?}, relative)");
+    compare(name, dev, 1e-6, steps, &kernel, &per_row)
+}
+
 /// The LoRA-add kernel against the composed delta: `rows` decode rows of the hidden width,
 /// one adapter shared (`rows` = 1) or one per row (gathered), rank 8, in `dtype`.
 #[cfg(feature = "cuda")]
@@ -703,6 +740,7 @@ pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
     out.extend(block_ops(dec, 192, steps)?);
     for &dtype in dtypes {
         for rows in [1, 8] {
+            out.push(greedy_pick(dec, rows, dtype, steps)?);
             out.push(decode_attention(dec, rows, 1000, dtype, steps)?);
             #[cfg(feature = "cuda")]
             if dev.is_cuda() {

@@ -26,7 +26,9 @@ use candle_core::Tensor;
 use super::sequence::Sequence;
 use super::{answer_panic, end_early, EngineError, Event, Faults, Health};
 use crate::generate::{score_after_prefill, ContinuationScore, Decoding, GenError, Next};
-use crate::model::{Adapter, Cache, ForwardOpts, Logits, Model, PerRow, StepGraph};
+use crate::model::{
+    greedy_picks, Adapter, Cache, ForwardOpts, Logits, Model, PerRow, Pick, StepGraph,
+};
 
 /// How much the engine runs at once.
 #[derive(Debug, Clone)]
@@ -87,6 +89,8 @@ struct Active {
     prefilled: usize,
     /// The next token's logits, once the prompt is in.
     logits: Option<Tensor>,
+    /// A greedy row's next token and its log-probability, picked with the step's other rows.
+    pick: Option<Pick>,
     /// The token sampled this iteration, to run in the decode step.
     next: Option<u32>,
     scores: Vec<ContinuationScore>,
@@ -237,6 +241,7 @@ impl Scheduler {
             decoding,
             prefilled: 0,
             logits: None,
+            pick: None,
             next: None,
             scores: vec![],
             kv_bytes: need,
@@ -387,10 +392,11 @@ impl Scheduler {
         }
         a.decode_from.get_or_insert_with(Instant::now);
         let logits = a.logits.take().expect("sampled only with logits");
-        let step = a
-            .decoding
-            .step(&self.model, &logits)
-            .map_err(|e| Some(gen_error(e)))?;
+        let step = match a.pick.take() {
+            Some(pick) => a.decoding.step_picked(&self.model, pick),
+            None => a.decoding.step(&self.model, &logits),
+        }
+        .map_err(|e| Some(gen_error(e)))?;
         let (text, next) = match step {
             Next::Token { token, text } => (text, Some(token)),
             Next::Finished { text } => (text, None),
@@ -456,8 +462,14 @@ impl Scheduler {
                 .decode_step(&tokens, &mut caches, &opts)?,
         };
         drop(caches);
+        // The greedy rows' tokens in one op and one small copy (not a row of logits each).
+        let picks = match rows.iter().any(|a| a.decoding.greedy()) {
+            true => Some(greedy_picks(&logits)?),
+            false => None,
+        };
         for (i, a) in rows.iter_mut().enumerate() {
             a.logits = Some(logits.get(i)?);
+            a.pick = picks.as_ref().filter(|_| a.decoding.greedy()).map(|p| p[i]);
         }
         Ok(())
     }

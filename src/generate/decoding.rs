@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use super::{FinishReason, GenError, GenParams, StopMatcher, StopStep};
-use crate::model::{IncrementalDecoder, Model};
+use crate::model::{greedy_picks, logprob_at, IncrementalDecoder, Model, Pick};
 
 /// What one step gave.
 #[derive(Debug)]
@@ -22,6 +22,8 @@ pub enum Next {
 /// Decoding state of one sequence.
 pub struct Decoding {
     sampler: LogitsProcessor,
+    /// Temperature 0: the sampler is an argmax, which [`greedy_picks`] computes as it would.
+    greedy: bool,
     stops: StopMatcher,
     detok: IncrementalDecoder,
     budget: usize,
@@ -50,11 +52,7 @@ fn sampler(p: &GenParams) -> LogitsProcessor {
 /// `log softmax(logits)[id]`, in f64 over an f32 copy of the row.
 fn token_logprob(logits: &Tensor, id: u32) -> Result<f64, GenError> {
     let row = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-    Ok(row
-        .get(id as usize)
-        .map_or(f64::NEG_INFINITY, |&x| x as f64 - max - sum.ln()))
+    Ok(logprob_at(&row, id as usize))
 }
 
 impl Decoding {
@@ -72,6 +70,7 @@ impl Decoding {
         }
         Ok(Self {
             sampler: sampler(params),
+            greedy: params.temperature <= 0.0,
             stops: StopMatcher::new(&params.stop),
             detok: IncrementalDecoder::new(),
             budget: params.max_tokens.min(context - prompt_len),
@@ -105,15 +104,41 @@ impl Decoding {
         self.logprob_sum
     }
 
+    /// Whether the next token is the most likely one (temperature 0): a batch may then pick
+    /// it for every such row at once ([`greedy_picks`]) and hand it to [`Self::step_picked`].
+    pub fn greedy(&self) -> bool {
+        self.greedy
+    }
+
     /// Samples the next token from `logits` (vocabulary-sized) and says what to show.
     pub fn step(&mut self, model: &Model, logits: &Tensor) -> Result<Next, GenError> {
         if self.budget == 0 {
             let text = self.close(model)?;
             return Ok(Next::Finished { text });
         }
-        let next = self.sampler.sample(logits)?;
+        let pick = if self.greedy {
+            // One small copy from the device instead of the row, twice.
+            greedy_picks(logits)?[0]
+        } else {
+            let token = self.sampler.sample(logits)?;
+            Pick {
+                token,
+                logprob: token_logprob(logits, token)?,
+            }
+        };
+        self.step_picked(model, pick)
+    }
+
+    /// Takes `pick` (this row's [`greedy_picks`], or a sampled token and its log-probability)
+    /// as the next token and says what to show.
+    pub fn step_picked(&mut self, model: &Model, pick: Pick) -> Result<Next, GenError> {
+        if self.budget == 0 {
+            let text = self.close(model)?;
+            return Ok(Next::Finished { text });
+        }
+        let next = pick.token;
         self.produced += 1;
-        self.logprob_sum += token_logprob(logits, next)?;
+        self.logprob_sum += pick.logprob;
         if model.eos_ids.contains(&next) {
             self.finish = FinishReason::Stop;
             let text = self.close(model)?;

@@ -34,8 +34,9 @@ pub use kernels::cuda_on_cpu;
 pub use kernels::frozen_matmul::{
     frozen_input_grad, frozen_matmul, frozen_matmul_bf16, Bf16Weight,
 };
-pub use kernels::quant;
 /// Fused ops, decode attention and cache rows, for the lab's checks.
+pub use kernels::greedy::{greedy_picks, logprob_at, Pick};
+pub use kernels::quant;
 pub use kernels::{cache_rows, decode_attention, fused};
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
 pub use weight_grads::WeightGrads;

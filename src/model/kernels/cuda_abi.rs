@@ -292,6 +292,10 @@ kernels! {
     "decode_step" swiglu_joint<T> [f32 "swiglu_joint_f32", bf16 "swiglu_joint_bf16"]
     (gu: In<T>, out: Out<T>, rows: i64, n: i32);
 
+    /// Each row's greedy token and its log-probability, two f64 per row.
+    "greedy" greedy_pick<T> [f32 "greedy_pick_f32", bf16 "greedy_pick_bf16"]
+    (logits: In<T>, vocab: i64, out: Out<f64>);
+
     /// `y + scale B (A x)` per row, shared or gathered factors.
     "lora" lora_add<T> [f32 "lora_add_f32", bf16 "lora_add_bf16"]
     (y: In<T>, x: In<T>, a: In<T>, b: In<T>, scales: In<f32>, scale: f32, out: Out<T>,

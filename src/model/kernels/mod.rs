@@ -11,6 +11,7 @@
 //! | [`fused`] | RMS norm, SwiGLU and rotary causal attention as one op each, with a backward; rotary embedding, softmax and the LoRA delta too | adaptation's block passes on the CPU in f32; on a GPU the norm, SwiGLU, rotary and softmax through their CUDA bodies, and with `[model] cuda_fused_training` attention and the LoRA delta | the composed candle ops and their gradients |
 //! | [`quant`] (`cpu_avx2`, `portable`) | decode products on q8_0 / q4_1 weights, a tile of rows per weight block | decode steps on the CPU | dequantized f32 matmul; the portable kernels reproduce the AVX2 ones bit for bit on every CPU |
 //! | [`decode_attention`] | one new position per sequence over its own KV cache | decode steps on the CPU in f32 | the attention formula, row by row |
+//! | [`greedy`] | each row's greedy token and its log-probability from a step's logits, two numbers per row to the host | sampling at temperature 0, every device (CPU: the host formula, bit for bit; CUDA: `greedy.cu`) | candle's argmax and the host log-probability, bit for bit; log-softmax in f64 |
 //! | [`rows`] | where a view's rows lie, so a GPU kernel reads a part of a joint product in place | the LoRA add and the rotary cache write on a GPU | contiguous tensors and slices, and layouts it must refuse |
 //! | [`cache_rows`] | a decode step whose positions lie on the device: each row's keys and values written at its position, attention up to there | steps replayed from a captured graph (`Decoder::device_step`), CPU f32 or a GPU | the ordinary decode step, bit for bit on the CPU |
 //!
@@ -30,6 +31,7 @@ pub mod decode_attention;
 pub mod few_rows;
 pub mod frozen_matmul;
 pub mod fused;
+pub mod greedy;
 pub mod head_loss;
 pub mod quant;
 /// Only GPU kernels read views in place; the CPU tests check it all the same.

@@ -10,6 +10,7 @@
 //! | [`decode_attention`] (`decode_attention.cu`) | a decode step's attention: every row and query head in one launch, each row over its own cache in place; and its new keys and values written at positions read on the device (`kv_write`) | decode steps on a CUDA device, f32 or bf16, caches of at most ~12k positions | the composed candle ops (`ttarag bench --kernels`) |
 //! | [`decode_step`] (`decode_step.cu`) | a decode step's small neighbouring ops fused: rotary embedding with the cache write (q, k, v read where the projection left them, each part's LoRA delta added there), the residual add with the next RMS norm, SwiGLU read from the joint gate/up product | inference passes on a CUDA device, f32 or bf16 (the cache write: steps on device positions, `Decoder::device_step`) | the composed candle ops (`ttarag bench --kernels`) |
 //! | [`graph`] | a decode step captured once as a CUDA graph and replayed per token (`StepGraph`) | decode steps on a CUDA device, `[model] cuda_graphs` | the same step launched op by op (`ttarag bench --kernels`, `--query`) |
+//! | [`greedy`] (`greedy.cu`) | a step's greedy token and its log-probability per row, two f64 to the host instead of each row's logits | greedy rows (temperature 0) of a step on a CUDA device, f32 or bf16 logits | the CPU body, the host formula (`ttarag bench --kernels`) |
 //! | [`lora`] (`lora.cu`) | a LoRA delta added to a projection's output in one launch, each row with its own adapter (gathered) or all with one | inference passes of at most 64 rows on a CUDA device (decode steps), rank at most 64 | the composed delta, two products, a scale and an add (`ttarag bench --kernels`) |
 //! | [`lora_training`] (`lora_training.cu`, and `lora.cu` forward) | adaptation's LoRA delta, the CUDA body of `fused::lora_delta`: one launch forward, two backward (dx by rows; dA, dB by columns), in a fixed order | adaptation on a CUDA device, f32 or bf16, rank at most 64, with `[model] cuda_fused_training` | candle's composed delta, values and gradients (`ttarag bench --kernels`) |
 //! | [`training_attention`] (`training_attention.cu`) | adaptation's causal attention with rotary embedding, the CUDA body of `fused::causal_attention`: two launches forward, three backward, in a fixed order (no atomics) | adaptation's f32 and bf16 blocks on a CUDA device with `[model] cuda_fused_training` | candle's composed rotary and attention, values and gradients (`ttarag bench --kernels`) |
@@ -18,6 +19,7 @@
 pub mod decode_attention;
 pub mod decode_step;
 pub mod graph;
+pub mod greedy;
 pub mod lora;
 pub mod lora_training;
 pub mod optimizer;
@@ -90,6 +92,11 @@ const DECODE_STEP: (&str, &str) = (
     include_str!(concat!(env!("OUT_DIR"), "/decode_step.ptx")),
 );
 
+const GREEDY: (&str, &str) = (
+    "ttarag_greedy",
+    include_str!(concat!(env!("OUT_DIR"), "/greedy.ptx")),
+);
+
 const LORA: (&str, &str) = (
     "ttarag_lora",
     include_str!(concat!(env!("OUT_DIR"), "/lora.ptx")),
@@ -157,6 +164,7 @@ fn module(decl: &abi::Decl) -> Result<(&'static str, &'static str)> {
         "optimizer" => OPTIMIZER,
         "decode_attention" => DECODE_ATTENTION,
         "decode_step" => DECODE_STEP,
+        "greedy" => GREEDY,
         "lora" => LORA,
         "lora_training" => LORA_TRAINING,
         "training_attention" => TRAINING_ATTENTION,

@@ -1057,4 +1057,96 @@ fn launch_constants_match_the_kernels() {
     assert_constant("decode_step", "THREADS", STEP_THREADS);
     assert_constant("decode_step", "NORM_THREADS", NORM_THREADS);
     assert_constant("lora", "THREADS", LORA_THREADS);
+    assert_constant("greedy", "THREADS", GREEDY_THREADS);
+}
+
+// ---------------------------------------------------------------------------------------
+// greedy.cu, launched as cuda/greedy.rs launches it: one block per row.
+
+const GREEDY_THREADS: u32 = 256;
+
+/// Runs `greedy_pick` over `rows` rows of `vocab` logits: (token, log-probability) per row.
+fn greedy_on_cpu<T: Elem>(logits: &[T], vocab: usize) -> Vec<(f64, f64)> {
+    let rows = logits.len() / vocab;
+    let lib = library("greedy");
+    let f = lib.entry::<abi::greedy_pick::Kernel, T>();
+    let mut out = vec![f64::NAN; 2 * rows];
+    let (lp, op) = (logits.as_ptr(), out.as_mut_ptr());
+    // SAFETY: block r reads row r of `rows * vocab` logits and writes out[2r..2r + 2].
+    unsafe {
+        lib.launch((rows as u32, 1, 1), (GREEDY_THREADS, 1, 1), 0, || {
+            f(lp, vocab as i64, op)
+        })
+    };
+    out.chunks_exact(2).map(|p| (p[0], p[1])).collect()
+}
+
+/// The kernel picks what the CPU body picks (the first of equal maxima, never a NaN) and its
+/// log-probability to within f64 rounding of another summation order, for a vocabulary of the
+/// default model's size, one not a multiple of the block, and bf16 logits.
+fn greedy_case<T: Elem>(vocab: usize) {
+    let rows = 4;
+    let mut v = values(rows * vocab, vocab as u64, 12.0);
+    // Row 1: equal maxima far apart (the first wins); row 2: a NaN and the maximum after it;
+    // row 3: every logit equal.
+    v[vocab + 7] = 40.0;
+    v[2 * vocab - 3] = 40.0;
+    v[2 * vocab + 5] = f32::NAN;
+    v[2 * vocab + 6] = 39.0;
+    v[3 * vocab..].fill(0.5);
+    let logits = elems::<T>(&v);
+    let got = greedy_on_cpu(&logits, vocab);
+    let host = to_f32s(&logits);
+    for (r, &(token, logprob)) in got.iter().enumerate() {
+        let row = &host[r * vocab..(r + 1) * vocab];
+        let want = (0..vocab)
+            .filter(|&i| !row[i].is_nan())
+            .fold(None::<usize>, |b, i| match b {
+                Some(j) if row[j] >= row[i] => Some(j),
+                _ => Some(i),
+            })
+            .unwrap();
+        assert_eq!(token, want as f64, "row {r}: token");
+        // The log-probability over the row's finite logits (row 2's NaN aside).
+        let top = row[want] as f64;
+        let sum: f64 = row
+            .iter()
+            .filter(|x| !x.is_nan())
+            .map(|&x| (x as f64 - top).exp())
+            .sum();
+        let lp = -sum.ln();
+        if r == 2 {
+            assert!(logprob.is_nan(), "row 2 holds a NaN: its sum is NaN");
+        } else {
+            assert!(
+                (logprob - lp).abs() <= 1e-12 * lp.abs().max(1.0),
+                "row {r}: {logprob} vs {lp}"
+            );
+        }
+    }
+    assert_eq!(got[1].0, 7.0);
+    assert_eq!(got[3].0, 0.0);
+    assert!((got[3].1 + (vocab as f64).ln()).abs() < 1e-9);
+    // The rows without a NaN as the CPU body picks them (`greedy_picks` on the CPU).
+    let t = tensor(&host, &[rows, vocab]);
+    let cpu = crate::model::greedy_picks(&t).unwrap();
+    for r in [0, 1, 3] {
+        assert_eq!(
+            cpu[r].token as f64, got[r].0,
+            "row {r}: the CPU body's token"
+        );
+        let tol = 1e-12 * cpu[r].logprob.abs().max(1.0);
+        assert!((cpu[r].logprob - got[r].1).abs() <= tol, "row {r}");
+    }
+}
+
+#[test]
+fn greedy_pick_f32_matches_the_cpu_body_for_the_default_vocabulary() {
+    greedy_case::<f32>(49_152);
+}
+
+#[test]
+fn greedy_pick_f32_and_bf16_match_for_a_vocabulary_off_the_block() {
+    greedy_case::<f32>(1_000 + 7);
+    greedy_case::<u16>(1_000 + 7);
 }
