@@ -11,7 +11,7 @@ use candle_core::{CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shap
 
 use super::abi::{self, Addr, LoraPart};
 use super::lora::MAX_RANK;
-use super::{contiguous_view, function, held_view, with_addresses};
+use super::{blocks_of, contiguous_view, function, held_view, with_addresses};
 use crate::model::kernels::rows::even_rows;
 
 const THREADS: u32 = 128;
@@ -364,11 +364,7 @@ impl AddRmsNorm {
         let mut bl = f.builder();
         let n32 = n as i32;
         abi::add_rms_norm::push(&mut bl, &xv, &av, &wv, &mut out, &rows, &n32, &self.eps);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (NORM_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = blocks_of(rows as usize, NORM_THREADS);
         if rows > 0 && n > 0 {
             // SAFETY: one block per row of `n` contiguous elements of x and a, as the kernel
             // reads them; it writes row r of both halves of `out`.
@@ -433,11 +429,7 @@ impl SwigluJoint {
         let mut bl = f.builder();
         let n32 = n as i32;
         abi::swiglu_joint::push(&mut bl, &gv, &mut out, &rows, &n32);
-        let cfg = LaunchConfig {
-            grid_dim: (len.div_ceil(THREADS as usize).clamp(1, 65_535) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = blocks_of(len.div_ceil(THREADS as usize).clamp(1, 65_535), THREADS);
         if len > 0 {
             // SAFETY: a grid-stride pass over `rows * n` outputs, each reading its gate and
             // up element of the contiguous joint product.

@@ -3,11 +3,11 @@
 //! compares them on the GPU.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
-use super::{abi, contiguous_view, function};
+use super::{abi, blocks_of, contiguous_view, function};
 
 const THREADS: u32 = 256;
 
@@ -36,11 +36,7 @@ fn launch<T: CudaDType + DeviceRepr + WithDType>(
         let mut bl = f.builder();
         let v64 = vocab as i64;
         abi::greedy_pick::push(&mut bl, &xv, &v64, &mut out);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = blocks_of(rows, THREADS);
         // SAFETY: block r reads row r's `vocab` contiguous logits and writes out[2r..2r+2].
         unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
     }

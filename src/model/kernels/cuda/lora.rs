@@ -3,11 +3,11 @@
 //! composed reference is two products, a scale and an add (`Adapter::delta`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
-use super::{abi, function, held_view};
+use super::{abi, blocks_of, function, held_view};
 use crate::model::kernels::rows::even_rows;
 
 /// Rows the kernel takes (a decode step's).
@@ -147,11 +147,7 @@ impl LoraAdd {
             &sb,
             &y_stride,
         );
-        let cfg = LaunchConfig {
-            grid_dim: (rows.max(1) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = blocks_of(rows.max(1), THREADS);
         if rows > 0 {
             // SAFETY: one block per row; each reads its row of x and y, its adapter's A
             // (rank x in) and B (out x rank) at the given strides (checked against the

@@ -5,12 +5,12 @@
 //! composed delta on the GPU. It runs where `[model] cuda_fused_training` is on.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
 use super::abi::{self, Addr};
-use super::{contiguous_view, function, held_view};
+use super::{blocks_of, contiguous_view, function, held_view};
 
 const THREADS: u32 = 256;
 const WHAT: &str = "lora delta";
@@ -79,11 +79,7 @@ fn delta_of<T: CudaDType + DeviceRepr + WithDType>(
             &none,
             &none,
         );
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = blocks_of(rows, THREADS);
         // SAFETY: one block per row reads its row of x, all of A and B, and writes its row.
         unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
     }
@@ -196,11 +192,7 @@ impl Grads {
                     &out32,
                     &r32,
                 );
-                let cfg = LaunchConfig {
-                    grid_dim: (rows as u32, 1, 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                };
+                let cfg = blocks_of(rows, THREADS);
                 // SAFETY: one block per row reads its rows of x and g, all of A and B, and
                 // writes its rows of h, dh and dx.
                 unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
@@ -222,11 +214,7 @@ impl Grads {
                 &out32,
                 &r32,
             );
-            let cfg = LaunchConfig {
-                grid_dim: ((na + nb).div_ceil(THREADS as usize).max(1) as u32, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = blocks_of((na + nb).div_ceil(THREADS as usize).max(1), THREADS);
             // SAFETY: a thread per element of dA and dB reads a column of x or g and of dh
             // or h over every row, and writes its element.
             unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;

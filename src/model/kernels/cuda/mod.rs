@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaStream, CudaView, DevicePtr, LaunchArgs, SyncOnDrop,
+    CudaFunction, CudaStream, CudaView, DevicePtr, LaunchArgs, LaunchConfig, SyncOnDrop,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Layout, Result, Storage, Tensor};
@@ -186,6 +186,15 @@ fn function(dev: &CudaDevice, decl: &abi::Decl, dtype: DType) -> Result<Function
             .into_cuda_function(),
         stream: dev.cuda_stream(),
     })
+}
+
+/// `blocks` blocks of `threads` threads in one dimension, without dynamic shared memory.
+fn blocks_of(blocks: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// A loaded entry point and the device's stream (candle's own `CudaFunc`, which it does not

@@ -3,11 +3,10 @@
 //! every weight. The clipping factor never leaves the device, so a step has no host round
 //! trip; the moments live in two flat f32 buffers whatever the weights' dtype.
 
-use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{CudaDevice, DType, Device, Result, Tensor};
 
 use super::abi::{self, Addr};
-use super::{cuda_device, function, with_addresses};
+use super::{blocks_of, cuda_device, function, with_addresses};
 
 /// Elements per block and threads per block, as in `optimizer.cu`.
 const CHUNK: usize = 4096;
@@ -155,11 +154,7 @@ impl MultiTensorAdamW {
         let [table, meta, mut m, mut v, mut partial, mut norm] =
             [a[0], a[1], a[2], a[3], a[4], a[5]].map(|p| Addr(p as u64));
         let n = self.spans.len() as i32;
-        let grid = |blocks: usize| LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let grid = |blocks: usize| blocks_of(blocks, THREADS);
         let func = |decl: &abi::Decl| function(&self.dev, decl, self.dtype);
         let (scale_at, host_scale) = match scale {
             GradScale::By(k) => (Addr::NULL, k as f32),

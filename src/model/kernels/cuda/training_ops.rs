@@ -8,7 +8,7 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
-use super::{abi, contiguous_view, function};
+use super::{abi, blocks_of, contiguous_view, function};
 
 /// What the errors of these ops name.
 const WHAT: &str = "CUDA training op";
@@ -16,11 +16,7 @@ const WHAT: &str = "CUDA training op";
 const THREADS: u32 = 256;
 
 fn launch_cfg(blocks: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (blocks.max(1) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    blocks_of(blocks.max(1), THREADS)
 }
 
 /// Blocks for an elementwise pass over `len` elements (grid-stride beyond).
