@@ -6,7 +6,7 @@
 //! answer's log-probability always used, so a CPU answer keeps its bits; the CUDA body
 //! (`cuda::greedy`) reduces each row in one block, in a fixed order.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 
 /// A row's greedy token and its log-probability.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -37,6 +37,16 @@ fn argmax(row: &[f32]) -> usize {
     at
 }
 
+/// Whether the op runs where `dev` holds the logits: on the CPU, and on a GPU with the
+/// project's kernels on. Elsewhere the logits come to the host first (one copy for all rows).
+fn runs_on(dev: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        return super::cuda::enabled();
+    }
+    dev.is_cpu()
+}
+
 /// Each row's greedy pick from `logits` (`(rows, vocab)` or `(vocab,)`, f32 or bf16, on any
 /// device).
 pub fn greedy_picks(logits: &Tensor) -> Result<Vec<Pick>> {
@@ -51,6 +61,10 @@ pub fn greedy_picks(logits: &Tensor) -> Result<Vec<Pick>> {
     let logits = match logits.dtype() {
         DType::F32 | DType::BF16 => logits,
         _ => logits.to_dtype(DType::F32)?,
+    };
+    let logits = match runs_on(logits.device()) {
+        true => logits,
+        false => logits.to_device(&Device::Cpu)?,
     };
     let out = logits.contiguous()?.apply_op1_no_bwd(&Greedy)?;
     Ok(out
@@ -103,7 +117,7 @@ impl CustomOp1 for Greedy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, D};
+    use candle_core::D;
     use candle_transformers::generation::{LogitsProcessor, Sampling};
 
     fn rows(rows: usize, vocab: usize, seed: u64) -> Vec<f32> {
