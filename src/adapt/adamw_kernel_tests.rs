@@ -10,11 +10,8 @@ use candle_nn::ParamsAdamW;
 use crate::adapt::{global_norm, FastAdamW};
 use crate::model::cuda_on_cpu::*;
 
-/// Elements and threads per block, as in `cuda/optimizer.rs` (`CHUNK`, `THREADS`) and
-/// `optimizer.cu` (`#define`s); `launch_constants_match_the_kernel_and_its_launch_code`
-/// checks both sources.
-const CHUNK: usize = 4096;
-const THREADS: u32 = 256;
+/// Elements of one tensor a block takes (`cuda_abi::grid`, checked against `optimizer.cu`).
+const CHUNK: usize = grid::OPTIMIZER_CHUNK;
 
 /// Elements past the end of every buffer a launch is given: none may be written (they hold
 /// `SENTINEL`) and, in gradients, none may be read (they hold NaN, which would reach the
@@ -151,8 +148,6 @@ impl MultiTensor {
         let (m, v) = (self.m.as_mut_ptr(), self.v.as_mut_ptr());
         let (partial, norm) = (self.partial.as_mut_ptr(), self.norm.as_mut_ptr());
         let n = self.spans.len() as i32;
-        let grid = |blocks: usize| (blocks as u32, 1, 1);
-        let block = (THREADS, 1, 1);
         // SAFETY (all launches): the signatures are the kernels' own; every address in
         // `table` and every buffer covers what `meta` describes (plus the guard), and the
         // grids cover exactly `self.blocks` blocks as the launch code's do.
@@ -160,10 +155,10 @@ impl MultiTensor {
             GradScale::By(k) => (null(), k as f32),
             GradScale::ClipNorm(clip) => {
                 let f = lib.entry::<abi::sum_squares::Kernel, T>();
-                unsafe { lib.launch(grid(self.blocks), block, 0, || f(table, meta, n, partial)) };
+                unsafe { lib.launch(grid::optimizer(self.blocks), || f(table, meta, n, partial)) };
                 let f = lib.entry::<abi::norm_scale::Kernel, f32>();
                 let blocks = self.blocks as i64;
-                unsafe { lib.launch(grid(1), block, 0, || f(partial, blocks, clip, norm)) };
+                unsafe { lib.launch(grid::optimizer(1), || f(partial, blocks, clip, norm)) };
                 (norm as *const f64, 1.0f32)
             }
         };
@@ -173,7 +168,7 @@ impl MultiTensor {
         let decay = 1.0 - lr * p.weight_decay as f32;
         let (inv_c1, inv_c2) = (1.0 / p.c1 as f32, 1.0 / p.c2 as f32);
         unsafe {
-            lib.launch(grid(self.blocks), block, 0, || {
+            lib.launch(grid::optimizer(self.blocks), || {
                 f(
                     table, meta, n, m, v, scale_at, host_scale, lr, b1, b2, eps, decay, inv_c1,
                     inv_c2,
@@ -339,14 +334,6 @@ fn params() -> ParamsAdamW {
     }
 }
 
-/// The block size and chunk this file (and the launch code it mirrors) assumes are the ones
-/// `optimizer.cu` defines and `cuda/optimizer.rs` launches with.
-#[test]
-fn launch_constants_match_the_kernel_and_its_launch_code() {
-    assert_constant("optimizer", "CHUNK", CHUNK);
-    assert_constant("optimizer", "THREADS", THREADS);
-}
-
 /// f32 weights: tensors of 3, 4096 (one full block), 0 (no block: its first block is the
 /// next tensor's), 5000 and 9000 elements (2 and 3 blocks, the last partial), 7 blocks in
 /// all. Step 1 clips (norm > clip), step 2 does not (clip > norm), step 3 scales by a host
@@ -489,7 +476,7 @@ fn norm_scale_adds_more_partials_than_threads_and_clips_only_above_the_norm() {
         let mut out = [f64::NAN; 2];
         let (p, o, blocks) = (partial.as_ptr(), out.as_mut_ptr(), partial.len() as i64);
         // SAFETY: `partial` holds `blocks` f64 and `out` two, as the kernel reads and writes.
-        unsafe { lib.launch((1, 1, 1), (THREADS, 1, 1), 0, || f(p, blocks, clip, o)) };
+        unsafe { lib.launch(grid::optimizer(1), || f(p, blocks, clip, o)) };
         out
     };
     let clipped = run(2.0);

@@ -15,7 +15,7 @@
 //! | [`rows`] | where a view's rows lie, so a GPU kernel reads a part of a joint product in place | the LoRA add and the rotary cache write on a GPU | contiguous tensors and slices, and layouts it must refuse |
 //! | [`cache_rows`] | a decode step whose positions lie on the device: each row's keys and values written at its position, attention up to there | steps replayed from a captured graph (`Decoder::device_step`), CPU f32 or a GPU | the ordinary decode step, bit for bit on the CPU |
 //!
-//! | [`cuda`] (`--features cuda`) | the GPU's own kernels; its header tabulates them; their entry points' parameters are declared once in `cuda_abi`, which every launch and every CPU-run test goes through | a CUDA device | the CPU path each replaces (`ttarag bench kernels`), and on every machine their own source run on the CPU (`cuda_on_cpu`, tests only) against `cuda_abi`'s declarations |
+//! | [`cuda`] (`--features cuda`) | the GPU's own kernels; its header tabulates them; their entry points' parameters and launch shapes are declared once in `cuda_abi`, which every launch and every CPU-run test goes through | a CUDA device | the CPU path each replaces (`ttarag bench kernels`), and on every machine their own source run on the CPU (`cuda_on_cpu`, tests only) against `cuda_abi`'s declarations |
 //!
 //! Off the CPU (CUDA) the CPU kernels above fall back to candle's ops.
 

@@ -4,14 +4,13 @@
 //! composed candle ops on the GPU.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use super::abi::{self, Addr};
 use super::{cuda_device, function, with_addresses};
 
-const THREADS: u32 = 128;
 /// Dynamic shared memory a block may use without opting in: the query and one score per
 /// cached position must fit.
 const SHARED_BYTES: usize = 48 * 1024;
@@ -161,11 +160,7 @@ pub fn write_rows(k: &Tensor, v: &Tensor, table: &Tensor) -> Result<()> {
         let (h32, d32) = (kv_heads as i32, d as i32);
         // Raw addresses name no element type (`()`); `function` picked the dtype's entry.
         abi::kv_write::push::<()>(&mut bl, &src_k, &src_v, &tab, &h32, &d32);
-        let cfg = LaunchConfig {
-            grid_dim: (kv_heads as u32, rows as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = abi::grid::kv_write(kv_heads, rows).into();
         // SAFETY: block (head, row) copies that head's `d` elements of row `r` from the
         // contiguous sources into the buffers the table addresses, at a position the kernel
         // bounds by the capacity; the caller keeps the buffers alive (a `CacheRows`).
@@ -213,11 +208,7 @@ impl DecodeAttention {
             &d32,
             &self.scale,
         );
-        let cfg = LaunchConfig {
-            grid_dim: (heads as u32, rows as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: ((d + self.max_len) * 4) as u32,
-        };
+        let cfg = abi::grid::decode_attention(heads, rows, d, self.max_len).into();
         // SAFETY: one block per (head, row) reading its row's table entry, whose addresses
         // and strides describe live cache views held by the caller; shared memory holds the
         // query and the longest row's scores.

@@ -5,17 +5,14 @@
 //! runs.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::abi::{self, Addr, LoraPart};
 use super::lora::MAX_RANK;
-use super::{blocks_of, contiguous_view, function, held_view, with_addresses};
+use super::{contiguous_view, function, held_view, with_addresses};
 use crate::model::kernels::rows::even_rows;
-
-const THREADS: u32 = 128;
-const NORM_THREADS: u32 = 256;
 
 /// Whether the kernels take `x` of a decode step: a CUDA tensor of f32 or bf16, kernels on.
 pub fn applies(x: &Tensor) -> bool {
@@ -261,11 +258,7 @@ impl RopeCacheWrite {
                 &mut bl, &qv, &kv_, &vv, &q_rs, &k_rs, &v_rs, &cv, &sv, &tv, &mut out, &h32, &d32,
                 &x, &inp, &parts[0], &parts[1], &parts[2],
             );
-            let cfg = LaunchConfig {
-                grid_dim: ((heads + kv) as u32, rows as u32, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = abi::grid::rope_cache_write(heads, kv, rows).into();
             if rows > 0 {
                 // SAFETY: block (head, row) reads that head's `d` elements of row `r` of q, k
                 // or v at the row strides checked above, the row's angles, with deltas the
@@ -364,7 +357,7 @@ impl AddRmsNorm {
         let mut bl = f.builder();
         let n32 = n as i32;
         abi::add_rms_norm::push(&mut bl, &xv, &av, &wv, &mut out, &rows, &n32, &self.eps);
-        let cfg = blocks_of(rows as usize, NORM_THREADS);
+        let cfg = abi::grid::add_rms_norm(rows as usize).into();
         if rows > 0 && n > 0 {
             // SAFETY: one block per row of `n` contiguous elements of x and a, as the kernel
             // reads them; it writes row r of both halves of `out`.
@@ -429,7 +422,7 @@ impl SwigluJoint {
         let mut bl = f.builder();
         let n32 = n as i32;
         abi::swiglu_joint::push(&mut bl, &gv, &mut out, &rows, &n32);
-        let cfg = blocks_of(len.div_ceil(THREADS as usize).clamp(1, 65_535), THREADS);
+        let cfg = abi::grid::swiglu_joint(len).into();
         if len > 0 {
             // SAFETY: a grid-stride pass over `rows * n` outputs, each reading its gate and
             // up element of the contiguous joint product.

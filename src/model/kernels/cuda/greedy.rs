@@ -7,9 +7,7 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
-use super::{abi, blocks_of, contiguous_view, function};
-
-const THREADS: u32 = 256;
+use super::{abi, contiguous_view, function};
 
 /// `(rows, 2)` f64: each row's token and log-probability, from contiguous `(rows, vocab)`
 /// logits.
@@ -36,7 +34,7 @@ fn launch<T: CudaDType + DeviceRepr + WithDType>(
         let mut bl = f.builder();
         let v64 = vocab as i64;
         abi::greedy_pick::push(&mut bl, &xv, &v64, &mut out);
-        let cfg = blocks_of(rows, THREADS);
+        let cfg = abi::grid::greedy_pick(rows).into();
         // SAFETY: block r reads row r's `vocab` contiguous logits and writes out[2r..2r+2].
         unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
     }

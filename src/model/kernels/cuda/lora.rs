@@ -7,7 +7,7 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
-use super::{abi, blocks_of, function, held_view};
+use super::{abi, function, held_view};
 use crate::model::kernels::rows::even_rows;
 
 /// Rows the kernel takes (a decode step's).
@@ -15,7 +15,6 @@ pub const MAX_ROWS: usize = 64;
 /// The rank the kernels hold in shared memory, one row's `A x` (`MAX_RANK` of `lora.cu` and
 /// `decode_step.cu`).
 pub(super) const MAX_RANK: usize = 64;
-const THREADS: u32 = 256;
 
 /// Whether a decode step's `x` (`(batch, t, in)`) may take the kernel.
 pub fn applies(x: &Tensor) -> bool {
@@ -147,7 +146,7 @@ impl LoraAdd {
             &sb,
             &y_stride,
         );
-        let cfg = blocks_of(rows.max(1), THREADS);
+        let cfg = abi::grid::lora_add(rows).into();
         if rows > 0 {
             // SAFETY: one block per row; each reads its row of x and y, its adapter's A
             // (rank x in) and B (out x rank) at the given strides (checked against the

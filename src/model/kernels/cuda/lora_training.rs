@@ -10,9 +10,8 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
 use super::abi::{self, Addr};
-use super::{blocks_of, contiguous_view, function, held_view};
+use super::{contiguous_view, function, held_view};
 
-const THREADS: u32 = 256;
 const WHAT: &str = "lora delta";
 
 /// `(rows, in, outs, rank)`: rows of `x` `(.., in)`, `a` `(rank, in)`, `b` `(outs, rank)`, as
@@ -79,7 +78,7 @@ fn delta_of<T: CudaDType + DeviceRepr + WithDType>(
             &none,
             &none,
         );
-        let cfg = blocks_of(rows, THREADS);
+        let cfg = abi::grid::lora_add(rows).into();
         // SAFETY: one block per row reads its row of x, all of A and B, and writes its row.
         unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
     }
@@ -192,7 +191,7 @@ impl Grads {
                     &out32,
                     &r32,
                 );
-                let cfg = blocks_of(rows, THREADS);
+                let cfg = abi::grid::lora_bwd_rows(rows).into();
                 // SAFETY: one block per row reads its rows of x and g, all of A and B, and
                 // writes its rows of h, dh and dx.
                 unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
@@ -214,7 +213,7 @@ impl Grads {
                 &out32,
                 &r32,
             );
-            let cfg = blocks_of((na + nb).div_ceil(THREADS as usize).max(1), THREADS);
+            let cfg = abi::grid::lora_bwd_cols(na + nb).into();
             // SAFETY: a thread per element of dA and dB reads a column of x or g and of dh
             // or h over every row, and writes its element.
             unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;

@@ -1,8 +1,9 @@
 //! The project's own CUDA kernels (`--features cuda`), compiled to PTX by `build.rs` and
 //! loaded into candle's device on first use. They run on candle's one stream per device, so
 //! they are ordered with every candle op without events of their own. A launch loads its entry
-//! point by declaration (`function`) and pushes its arguments through the declaration's
-//! `push` (`model/kernels/cuda_abi.rs`), which the CPU-run tests check against the source.
+//! point by declaration (`function`), pushes its arguments through the declaration's `push`
+//! and launches with its shape from `cuda_abi::grid` (`model/kernels/cuda_abi/`), as the
+//! CPU-run tests do, which check the declarations against the source.
 //!
 //! | kernel | serves | used when | tested against |
 //! |---|---|---|---|
@@ -30,7 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaStream, CudaView, DevicePtr, LaunchArgs, LaunchConfig, SyncOnDrop,
+    CudaFunction, CudaStream, CudaView, DevicePtr, LaunchArgs, SyncOnDrop,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Layout, Result, Storage, Tensor};
@@ -186,15 +187,6 @@ fn function(dev: &CudaDevice, decl: &abi::Decl, dtype: DType) -> Result<Function
             .into_cuda_function(),
         stream: dev.cuda_stream(),
     })
-}
-
-/// `blocks` blocks of `threads` threads in one dimension, without dynamic shared memory.
-fn blocks_of(blocks: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
 }
 
 /// A loaded entry point and the device's stream (candle's own `CudaFunc`, which it does not

@@ -6,11 +6,10 @@
 use candle_core::{CudaDevice, DType, Device, Result, Tensor};
 
 use super::abi::{self, Addr};
-use super::{blocks_of, cuda_device, function, with_addresses};
+use super::{cuda_device, function, with_addresses};
 
 /// Elements per block and threads per block, as in `optimizer.cu`.
-const CHUNK: usize = 4096;
-const THREADS: u32 = 256;
+use abi::grid::OPTIMIZER_CHUNK as CHUNK;
 
 /// One step's hyper-parameters; `c1`, `c2` are the bias corrections `1 - beta^t`.
 #[derive(Clone, Copy, Debug)]
@@ -154,7 +153,7 @@ impl MultiTensorAdamW {
         let [table, meta, mut m, mut v, mut partial, mut norm] =
             [a[0], a[1], a[2], a[3], a[4], a[5]].map(|p| Addr(p as u64));
         let n = self.spans.len() as i32;
-        let grid = |blocks: usize| blocks_of(blocks, THREADS);
+        let grid = |blocks: usize| abi::grid::optimizer(blocks).into();
         let func = |decl: &abi::Decl| function(&self.dev, decl, self.dtype);
         let (scale_at, host_scale) = match scale {
             GradScale::By(k) => (Addr::NULL, k as f32),

@@ -5,15 +5,13 @@
 //! `[model] cuda_fused_training` sends adaptation's blocks through the fused path.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{
     CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 
 use super::{abi, contiguous_view, function, held_view};
-
-const WARPS: u32 = 4;
 
 /// The shapes of one call (see `fused::causal_attention`).
 #[derive(Clone, Copy)]
@@ -38,19 +36,6 @@ impl AttentionDims {
     fn scale(&self) -> f32 {
         1.0 / (self.d as f32).sqrt()
     }
-
-    /// Blocks of `WARPS` warps, one warp per (head, sequence, row).
-    fn rows_cfg(&self, shared_floats: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (
-                self.heads as u32,
-                self.b as u32,
-                (self.t as u32).div_ceil(WARPS),
-            ),
-            block_dim: (32 * WARPS, 1, 1),
-            shared_mem_bytes: (WARPS as usize * shared_floats * 4) as u32,
-        }
-    }
 }
 
 /// `x` (b, t, heads * d) rotated by each position's angles into a new f32 (b, heads, t, d).
@@ -68,11 +53,7 @@ fn rotate<T: CudaDType + DeviceRepr + WithDType>(
     let (t, _, _, d) = dims.i32s();
     let h32 = heads as i32;
     abi::attn_rotate::push(&mut bl, x, tables.0, tables.1, &mut out, &t, &h32, &d);
-    let cfg = LaunchConfig {
-        grid_dim: (heads as u32, dims.t as u32, dims.b as u32),
-        block_dim: (32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = abi::grid::attn_rotate(heads, dims.t, dims.b).into();
     // SAFETY: block (head, position, sequence) reads its row of the contiguous input and its
     // position's angles, and writes that row of the output.
     unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
@@ -136,7 +117,8 @@ fn forward_in<T: CudaDType + DeviceRepr + WithDType>(
     // SAFETY: warp (head, sequence, row) reads its rotated query, the rotated keys and the
     // values of its KV head up to its row, and writes its row of y; shared memory holds each
     // warp's query and scores.
-    unsafe { bl.launch(dims.rows_cfg(dims.d + dims.t)) }.map_err(candle_core::Error::wrap)?;
+    unsafe { bl.launch(abi::grid::attn_fwd(dims.heads, dims.b, dims.t, dims.d).into()) }
+        .map_err(candle_core::Error::wrap)?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
 
@@ -251,19 +233,17 @@ impl Grads {
             );
             // SAFETY: warp (head, sequence, row) reads its query, dy row, the keys and values
             // of its KV head up to its row; it writes its row of ds and p and of dq.
-            unsafe { bl.launch(dims.rows_cfg(2 * dims.d + 2 * dims.t)) }
-                .map_err(candle_core::Error::wrap)?;
+            unsafe {
+                bl.launch(abi::grid::attn_bwd_rows(dims.heads, dims.b, dims.t, dims.d).into())
+            }
+            .map_err(candle_core::Error::wrap)?;
             let (mut dk, mut dv) = rest.split_at_mut(nk);
             let f = function(dev, &abi::attn_bwd_cols::DECL, T::DTYPE)?;
             let mut bl = f.builder();
             abi::attn_bwd_cols::push(
                 &mut bl, &qr, &gv, &cv, &sv, &ds, &pr, &mut dk, &mut dv, &t, &h, &kvh, &d,
             );
-            let cfg = LaunchConfig {
-                grid_dim: (dims.kv as u32, dims.t as u32, dims.b as u32),
-                block_dim: (32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = abi::grid::attn_bwd_cols(dims.kv, dims.t, dims.b).into();
             // SAFETY: warp (KV head, key row, sequence) reads the ds and p entries of rows at
             // or after its key, those rows' rotated queries and dy, and writes its dk and dv
             // rows.

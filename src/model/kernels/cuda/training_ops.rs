@@ -4,25 +4,14 @@
 //! buffer.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
-use super::{abi, blocks_of, contiguous_view, function};
+use super::{abi, contiguous_view, function};
 
 /// What the errors of these ops name.
 const WHAT: &str = "CUDA training op";
-
-const THREADS: u32 = 256;
-
-fn launch_cfg(blocks: usize) -> LaunchConfig {
-    blocks_of(blocks.max(1), THREADS)
-}
-
-/// Blocks for an elementwise pass over `len` elements (grid-stride beyond).
-fn elementwise_blocks(len: usize) -> usize {
-    len.div_ceil(THREADS as usize).min(65_535)
-}
 
 /// `x / rms(x) * w` over rows of `w.len()`, f32 or bf16 (`w` of `x`'s dtype; f32 arithmetic).
 pub fn rms_norm_fwd(
@@ -62,7 +51,8 @@ fn rms_norm_fwd_in<T: CudaDType + DeviceRepr>(
     abi::rms_norm_fwd::push(&mut b, &xv, &wv, &mut y, &n32, &eps);
     if len > 0 && n > 0 {
         // SAFETY: one block per row of `n` contiguous elements, as the kernel reads them.
-        unsafe { b.launch(launch_cfg(len / n)) }.map_err(candle_core::Error::wrap)?;
+        unsafe { b.launch(abi::grid::ops_rows(len / n).into()) }
+            .map_err(candle_core::Error::wrap)?;
     }
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
@@ -138,7 +128,8 @@ impl RmsNormGrads {
         abi::rms_norm_bwd::push(&mut b, &xv, &wv, &gv, &mut out, &rows, &n32, &self.eps);
         if rows > 0 {
             // SAFETY: one block per row; `out` holds `2 * len` f32.
-            unsafe { b.launch(launch_cfg(rows as usize)) }.map_err(candle_core::Error::wrap)?;
+            unsafe { b.launch(abi::grid::ops_rows(rows as usize).into()) }
+                .map_err(candle_core::Error::wrap)?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
@@ -187,7 +178,7 @@ fn elementwise(
             Elementwise::Bwd => abi::swiglu_bwd::push(&mut bl, &v[0], &v[1], &v[2], &mut out, &n),
         }
         // SAFETY: a grid-stride loop over `len` elements of each input and output.
-        unsafe { bl.launch(launch_cfg(elementwise_blocks(len))) }
+        unsafe { bl.launch(abi::grid::ops_elementwise(len).into()) }
             .map_err(candle_core::Error::wrap)?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
@@ -276,7 +267,7 @@ pub fn rope(
     abi::rope::push(&mut bl, &xv, &cv, &sv, &mut y, &rows, &t32, &d32, &sign);
     if len > 0 {
         // SAFETY: a grid-stride loop over the `rows * d / 2` pairs of contiguous buffers.
-        unsafe { bl.launch(launch_cfg(elementwise_blocks(len / 2))) }
+        unsafe { bl.launch(abi::grid::ops_elementwise(len / 2).into()) }
             .map_err(candle_core::Error::wrap)?;
     }
     Ok((
@@ -299,7 +290,8 @@ pub fn softmax_fwd(x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> 
     abi::softmax_fwd::push(&mut bl, &xv, &mut y, &n32);
     if len > 0 && n > 0 {
         // SAFETY: one block per row of `n` contiguous f32.
-        unsafe { bl.launch(launch_cfg(len / n)) }.map_err(candle_core::Error::wrap)?;
+        unsafe { bl.launch(abi::grid::ops_rows(len / n).into()) }
+            .map_err(candle_core::Error::wrap)?;
     }
     Ok((
         CudaStorage::wrap_cuda_slice(y, dev.clone()),
@@ -329,7 +321,8 @@ pub fn softmax_bwd(
     abi::softmax_bwd::push(&mut bl, &yv, &gv, &mut dx, &n32);
     if len > 0 && n > 0 {
         // SAFETY: one block per row of `n` contiguous f32.
-        unsafe { bl.launch(launch_cfg(len / n)) }.map_err(candle_core::Error::wrap)?;
+        unsafe { bl.launch(abi::grid::ops_rows(len / n).into()) }
+            .map_err(candle_core::Error::wrap)?;
     }
     Ok((
         CudaStorage::wrap_cuda_slice(dx, dev.clone()),

@@ -2,8 +2,9 @@
 //! row's cache, by length or by a position read on the device, and the cache write),
 //! `decode_step.cu` (rotary embedding with the cache write, the residual add with the next RMS
 //! norm, SwiGLU from the joint gate/up product) and `lora.cu` (the LoRA delta, per-row or
-//! shared adapters). Each launch mirrors its launch code in `model/kernels/cuda/*.rs` (named
-//! at each runner) and is compared with the CPU's reference: the CPU kernel or candle op a
+//! shared adapters). Each runs with its launch code's shape (`cuda_abi::grid`) and
+//! arguments (the code it stands for named at each runner) and is compared with the CPU's
+//! reference: the CPU kernel or candle op a
 //! CPU step runs, and a plain f64 formula.
 //!
 //! Tolerances: f32 results within 1e-5 relative plus 1e-6 absolute; bf16 results, against the
@@ -15,13 +16,6 @@
 
 use super::*;
 use candle_core::{Tensor, D};
-
-// The launch code's block sizes (`cuda/decode_attention.rs`, `cuda/decode_step.rs`,
-// `cuda/lora.rs`); `launch_constants_match_the_kernels` checks them against both files.
-const ATTENTION_THREADS: u32 = 128;
-const STEP_THREADS: u32 = 128;
-const NORM_THREADS: u32 = 256;
-const LORA_THREADS: u32 = 256;
 
 use abi::LoraPart;
 
@@ -176,9 +170,8 @@ fn attention_reference<T: Elem>(
     out
 }
 
-/// Mirrors `DecodeAttention::launch` (cuda/decode_attention.rs): grid (heads, rows), block
-/// THREADS, `(d + max_len) * 4` bytes of dynamic shared memory, arguments (q, table, out,
-/// heads, group, d, scale).
+/// As `DecodeAttention::launch` (cuda/decode_attention.rs) launches it: arguments (q, table,
+/// out, heads, group, d, scale).
 fn launch_attention<T: Elem>(
     q: &[T],
     table: &[i64],
@@ -196,12 +189,9 @@ fn launch_attention<T: Elem>(
     // SAFETY: the table addresses live caches holding every position a row reads (its
     // length, or its position + 1 within its capacity); q and out hold rows * heads * d.
     unsafe {
-        lib.launch(
-            (heads as u32, rows as u32, 1),
-            (ATTENTION_THREADS, 1, 1),
-            ((d + max_len) * 4) as u32,
-            || f(qp, tp, op, h32, g32, d32, scale),
-        )
+        lib.launch(grid::decode_attention(heads, rows, d, max_len), || {
+            f(qp, tp, op, h32, g32, d32, scale)
+        })
     };
     out
 }
@@ -387,8 +377,8 @@ fn assert_written_at_position_only<T: Elem>(
     assert_eq!(written, if within { kv_heads * d } else { 0 }, "row {r}");
 }
 
-/// Mirrors `write_rows` (cuda/decode_attention.rs): grid (kv_heads, rows), block THREADS, no
-/// shared memory, arguments (src_k, src_v, table, kv_heads, d). d 136 (over the block).
+/// As `write_rows` (cuda/decode_attention.rs) launches it: arguments (src_k, src_v, table,
+/// kv_heads, d). d 136 (over the block).
 fn kv_write_case<T: Elem>() {
     let (kv_heads, d) = (2, 136);
     let rows = WRITE_CAPS.len();
@@ -410,14 +400,7 @@ fn kv_write_case<T: Elem>() {
     let (h32, d32) = (kv_heads as i32, d as i32);
     // SAFETY: the table addresses the caches above (alive to the end), each of its capacity;
     // the sources hold rows * kv_heads * d elements.
-    unsafe {
-        lib.launch(
-            (kv_heads as u32, rows as u32, 1),
-            (ATTENTION_THREADS, 1, 1),
-            0,
-            || f(kp, vp, tp, h32, d32),
-        )
-    };
+    unsafe { lib.launch(grid::kv_write(kv_heads, rows), || f(kp, vp, tp, h32, d32)) };
     for (r, c) in caches.iter().enumerate() {
         assert_written_at_position_only(c, (kv_heads, d), positions[r], r, |h, i, k, v| {
             let s = (r * kv_heads + h) * d + i;
@@ -462,9 +445,8 @@ fn rotate(x: &[f64], c: &[f64], s: &[f64]) -> Vec<f64> {
     y
 }
 
-/// Mirrors `RopeCacheWrite::launch` (cuda/decode_step.rs): grid (heads + kv_heads, rows),
-/// block THREADS, no shared memory, arguments (q, k, v, q_rs, k_rs, v_rs, cos, sin, table,
-/// q_out, heads, d, x, in, and no LoRA deltas). q, k and v are the parts of one joint `(rows, 1, (heads + 2 kv) d)`
+/// As `RopeCacheWrite::launch` (cuda/decode_step.rs) launches it: arguments (q, k, v, q_rs,
+/// k_rs, v_rs, cos, sin, table, q_out, heads, d, x, in, and no LoRA deltas). q, k and v are the parts of one joint `(rows, 1, (heads + 2 kv) d)`
 /// product (row strides its width); heads 4 over 2 KV heads; rows at the positions of the cache
 /// writes above (two of them at or past their capacity: no write, but q is rotated).
 fn rope_cache_write_case<T: Elem>(d: usize) -> RopeCase<T> {
@@ -508,32 +490,27 @@ fn rope_cache_write_case<T: Elem>(d: usize) -> RopeCase<T> {
     // SAFETY: rows of `width` elements hold every part read at the row stride; the angles
     // hold rows * d / 2, q_out rows * heads * d; the table addresses the caches above.
     unsafe {
-        lib.launch(
-            ((heads + kv_heads) as u32, rows as u32, 1),
-            (STEP_THREADS, 1, 1),
-            0,
-            || {
-                f(
-                    qp,
-                    kp,
-                    vp,
-                    rs,
-                    rs,
-                    rs,
-                    cp,
-                    sp,
-                    tp,
-                    op,
-                    h32,
-                    d32,
-                    std::ptr::null(),
-                    0,
-                    NO_DELTA,
-                    NO_DELTA,
-                    NO_DELTA,
-                )
-            },
-        )
+        lib.launch(grid::rope_cache_write(heads, kv_heads, rows), || {
+            f(
+                qp,
+                kp,
+                vp,
+                rs,
+                rs,
+                rs,
+                cp,
+                sp,
+                tp,
+                op,
+                h32,
+                d32,
+                std::ptr::null(),
+                0,
+                NO_DELTA,
+                NO_DELTA,
+                NO_DELTA,
+            )
+        })
     };
     // The f64 formula on the kernel's inputs.
     let at = |r: usize, off: usize| -> Vec<f64> {
@@ -665,32 +642,27 @@ fn rope_write_run<T: Elem>(
     // SAFETY: each part's rows hold its heads at its row stride; x holds rows * in; the
     // deltas' factors are what `deltas` addresses; the table addresses the caches above.
     unsafe {
-        lib.launch(
-            ((heads + kv_heads) as u32, rows as u32, 1),
-            (STEP_THREADS, 1, 1),
-            0,
-            || {
-                f(
-                    parts[0],
-                    parts[1],
-                    parts[2],
-                    row_stride[0],
-                    row_stride[1],
-                    row_stride[2],
-                    cp,
-                    sp,
-                    tp,
-                    op,
-                    heads as i32,
-                    d as i32,
-                    xp,
-                    inp,
-                    deltas[0],
-                    deltas[1],
-                    deltas[2],
-                )
-            },
-        )
+        lib.launch(grid::rope_cache_write(heads, kv_heads, rows), || {
+            f(
+                parts[0],
+                parts[1],
+                parts[2],
+                row_stride[0],
+                row_stride[1],
+                row_stride[2],
+                cp,
+                sp,
+                tp,
+                op,
+                heads as i32,
+                d as i32,
+                xp,
+                inp,
+                deltas[0],
+                deltas[1],
+                deltas[2],
+            )
+        })
     };
     (q_out, caches)
 }
@@ -752,7 +724,7 @@ fn rope_write_with_deltas_case<T: Elem>() {
         // in, the factors and scales as `p` addresses, out rows * outs.
         unsafe {
             let y = base.add(offset);
-            lora.launch((rows as u32, 1, 1), (LORA_THREADS, 1, 1), 0, || {
+            lora.launch(grid::lora_add(rows), || {
                 add(
                     y,
                     xp,
@@ -801,8 +773,8 @@ fn rope_cache_write_adds_lora_deltas_with_the_bits_of_the_lora_add() {
     rope_write_with_deltas_case::<u16>();
 }
 
-/// Mirrors `AddRmsNorm::launch` (cuda/decode_step.rs): grid (rows), block NORM_THREADS, no
-/// shared memory, arguments (x, a, w, out, rows as i64, n, eps). Returns x, a, w and out
+/// As `AddRmsNorm::launch` (cuda/decode_step.rs) launches it: arguments (x, a, w, out, rows
+/// as i64, n, eps). Returns x, a, w and out
 /// (`2 * rows * n`: the sums, then the norms), having checked out against the f64 formula.
 fn add_rms_norm_case<T: Elem>(rows: usize, n: usize, eps: f32) -> [Vec<T>; 4] {
     let x = elems::<T>(&values(rows * n, 41, 1.0));
@@ -818,7 +790,7 @@ fn add_rms_norm_case<T: Elem>(rows: usize, n: usize, eps: f32) -> [Vec<T>; 4] {
     let (rows64, n32) = (rows as i64, n as i32);
     // SAFETY: x and a hold rows * n, w n, out 2 * rows * n elements.
     unsafe {
-        lib.launch((rows as u32, 1, 1), (NORM_THREADS, 1, 1), 0, || {
+        lib.launch(grid::add_rms_norm(rows), || {
             f(xp, ap, wp, op, rows64, n32, eps)
         })
     };
@@ -858,9 +830,8 @@ fn add_rms_norm_bf16_matches_the_formula_on_the_stored_sum() {
     assert_eq!(out.len(), 2 * 3 * 520);
 }
 
-/// Mirrors `SwigluJoint::launch` (cuda/decode_step.rs): grid
-/// (len.div_ceil(THREADS).clamp(1, 65535)), block THREADS, no shared memory, arguments (gu,
-/// out, rows as i64, n). Returns gu and out, having checked out against the f64 formula.
+/// As `SwigluJoint::launch` (cuda/decode_step.rs) launches it: arguments (gu, out, rows as
+/// i64, n). Returns gu and out, having checked out against the f64 formula.
 fn swiglu_case<T: Elem>(rows: usize, n: usize) -> (Vec<T>, Vec<T>) {
     let gu: Vec<T> = elems(&values(rows * 2 * n, 51, 4.0));
     let len = rows * n;
@@ -869,13 +840,8 @@ fn swiglu_case<T: Elem>(rows: usize, n: usize) -> (Vec<T>, Vec<T>) {
     let f = lib.entry::<abi::swiglu_joint::Kernel, T>();
     let (gp, op) = (gu.as_ptr(), out.as_mut_ptr());
     let (rows64, n32) = (rows as i64, n as i32);
-    let grid = len.div_ceil(STEP_THREADS as usize).clamp(1, 65_535) as u32;
     // SAFETY: gu holds rows * 2n elements, out rows * n.
-    unsafe {
-        lib.launch((grid, 1, 1), (STEP_THREADS, 1, 1), 0, || {
-            f(gp, op, rows64, n32)
-        })
-    };
+    unsafe { lib.launch(grid::swiglu_joint(len), || f(gp, op, rows64, n32)) };
     let want: Vec<f64> = gu
         .chunks(2 * n)
         .flat_map(|row| {
@@ -918,9 +884,8 @@ struct Lora {
     y_offset: usize,
 }
 
-/// Mirrors `LoraAdd::launch` (cuda/lora.rs): grid (rows.max(1)), block THREADS, no shared
-/// memory, arguments (y, x, a, b, scales or null, scale, out, in, outs, rank, a_stride,
-/// b_stride, y_stride), strides (rank * in, outs * rank) per row or (0, 0) shared (`add`).
+/// As `LoraAdd::launch` (cuda/lora.rs) launches it: arguments (y, x, a, b, scales or null,
+/// scale, out, in, outs, rank, a_stride, b_stride, y_stride), strides (rank * in, outs * rank) per row or (0, 0) shared (`add`).
 /// Checks out against `y + s B (A x)` in f64.
 fn lora_case<T: Elem>(c: &Lora) {
     let Lora {
@@ -962,7 +927,7 @@ fn lora_case<T: Elem>(c: &Lora) {
     // SAFETY: x holds rows * in, a and b one factor pair per adapter at the strides, the
     // joint product rows of y_width, scales one per row; out holds rows * outs.
     unsafe {
-        lib.launch((rows.max(1) as u32, 1, 1), (LORA_THREADS, 1, 1), 0, || {
+        lib.launch(grid::lora_add(rows), || {
             f(
                 yp, xp, ap, bp, sp, scale, op, in32, out32, r32, a_stride, b_stride, ys,
             )
@@ -1050,20 +1015,27 @@ fn lora_add_bf16_per_row_and_shared_adapters_on_joint_parts() {
     });
 }
 
-/// The block sizes mirrored here are the launch code's and the kernels' own.
+/// The block sizes the launch code launches with are the kernels' own.
 #[test]
-fn launch_constants_match_the_kernels() {
-    assert_constant("decode_attention", "THREADS", ATTENTION_THREADS);
-    assert_constant("decode_step", "THREADS", STEP_THREADS);
-    assert_constant("decode_step", "NORM_THREADS", NORM_THREADS);
-    assert_constant("lora", "THREADS", LORA_THREADS);
-    assert_constant("greedy", "THREADS", GREEDY_THREADS);
+fn launch_block_sizes_are_the_kernels() {
+    assert_define(
+        "decode_attention",
+        "THREADS",
+        grid::DECODE_ATTENTION_THREADS,
+    );
+    assert_define("decode_step", "THREADS", grid::DECODE_STEP_THREADS);
+    assert_define("decode_step", "NORM_THREADS", grid::NORM_THREADS);
+    assert_define("lora", "THREADS", grid::LORA_THREADS);
+    assert_define("lora_training", "THREADS", grid::LORA_THREADS);
+    assert_define("greedy", "THREADS", grid::GREEDY_THREADS);
+    assert_define("training_ops", "THREADS", grid::OPS_THREADS);
+    assert_define("training_attention", "WARPS", grid::ATTN_WARPS);
+    assert_define("optimizer", "THREADS", grid::OPTIMIZER_THREADS);
+    assert_define("optimizer", "CHUNK", grid::OPTIMIZER_CHUNK);
 }
 
 // ---------------------------------------------------------------------------------------
 // greedy.cu, launched as cuda/greedy.rs launches it: one block per row.
-
-const GREEDY_THREADS: u32 = 256;
 
 /// Runs `greedy_pick` over `rows` rows of `vocab` logits: (token, log-probability) per row.
 fn greedy_on_cpu<T: Elem>(logits: &[T], vocab: usize) -> Vec<(f64, f64)> {
@@ -1073,11 +1045,7 @@ fn greedy_on_cpu<T: Elem>(logits: &[T], vocab: usize) -> Vec<(f64, f64)> {
     let mut out = vec![f64::NAN; 2 * rows];
     let (lp, op) = (logits.as_ptr(), out.as_mut_ptr());
     // SAFETY: block r reads row r of `rows * vocab` logits and writes out[2r..2r + 2].
-    unsafe {
-        lib.launch((rows as u32, 1, 1), (GREEDY_THREADS, 1, 1), 0, || {
-            f(lp, vocab as i64, op)
-        })
-    };
+    unsafe { lib.launch(grid::greedy_pick(rows), || f(lp, vocab as i64, op)) };
     out.chunks_exact(2).map(|p| (p[0], p[1])).collect()
 }
 

@@ -17,6 +17,7 @@ use std::sync::{Mutex, OnceLock};
 use candle_core::{Device, Tensor};
 
 pub use super::cuda_abi as abi;
+pub use abi::grid::{self, Launch};
 use abi::Signature;
 
 mod decode;
@@ -217,18 +218,13 @@ impl Library {
         unsafe { self.symbol(symbol) }
     }
 
-    /// Runs `body` (a call of one of this library's entry points) as every thread of a
-    /// `grid` of `block`s with `shared` bytes of dynamic shared memory.
+    /// Runs `body` (a call of one of this library's entry points) as every thread of the
+    /// launch `l` (the launch code's, from `cuda_abi::grid`).
     ///
     /// # Safety
     /// The buffers `body` passes must hold what the kernel reads and writes at this launch.
-    pub unsafe fn launch<F: Fn()>(
-        &self,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        shared: u32,
-        body: F,
-    ) {
+    pub unsafe fn launch<F: Fn()>(&self, l: Launch, body: F) {
+        let (grid, block, shared) = (l.grid, l.block, l.shared);
         unsafe extern "C" fn call<F: Fn()>(ctx: *mut c_void) {
             // A panic must not unwind into C++: abort instead (a test failure either way).
             let f = unsafe { &*(ctx as *const F) };
@@ -378,25 +374,18 @@ pub fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
-/// Asserts that `file`.cu defines `name` as `value` (`#define NAME value`) and that its
-/// launch code `file`.rs declares the same (`const NAME: u32 = value;`, the type `value`'s),
-/// so that a launch mirrored in a test uses the kernel's and the launch code's own constant.
+/// Asserts that `file`.cu defines `name` as `value` (`#define NAME value`): the kernel's
+/// own size of what `cuda_abi::grid` launches it with.
 #[track_caller]
-pub fn assert_constant<T: std::fmt::Display>(file: &str, name: &str, value: T) {
-    let read = |ext: &str| {
-        let path = source_dir().join(format!("{file}.{ext}"));
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-    };
+pub fn assert_define<T: std::fmt::Display>(file: &str, name: &str, value: T) {
+    let path = source_dir().join(format!("{file}.cu"));
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let define = format!("#define {name} {value}\n");
     assert!(
-        read("cu").contains(&define),
+        text.contains(&define),
         "{file}.cu lacks `{}`",
         define.trim()
-    );
-    let constant = format!("const {name}: {} = {value};", std::any::type_name::<T>());
-    assert!(
-        read("rs").contains(&constant),
-        "{file}.rs lacks `{constant}`"
     );
 }
 
@@ -534,7 +523,7 @@ mod tests {
             out.as_mut_ptr(),
         );
         unsafe {
-            lib.launch((rows as u32, 1, 1), (256, 1, 1), 0, || {
+            lib.launch(grid::lora_add(rows), || {
                 f(
                     yp,
                     xp,

@@ -45,20 +45,7 @@ fn value_and_grads(
 // ---------------------------------------------------------------------------------------
 // training_ops.cu, launched as cuda/training_ops.rs launches it.
 
-/// `THREADS` of `training_ops.rs` and `#define THREADS` of `training_ops.cu`.
-const OPS_THREADS: u32 = 256;
-
-/// Mirrors `training_ops.rs::launch_cfg`: grid and block (no dynamic shared memory).
-fn ops_cfg(blocks: usize) -> ((u32, u32, u32), (u32, u32, u32)) {
-    ((blocks.max(1) as u32, 1, 1), (OPS_THREADS, 1, 1))
-}
-
-/// Mirrors `training_ops.rs::elementwise_blocks`.
-fn elementwise_blocks(len: usize) -> usize {
-    len.div_ceil(OPS_THREADS as usize).min(65_535)
-}
-
-/// Mirrors `training_ops.rs::rms_norm_fwd_in`: one block per row of `n = w.len()`.
+/// As launched by `training_ops.rs::rms_norm_fwd_in`: one block per row of `n = w.len()`.
 fn rms_norm_fwd_on_cpu<T: Elem>(x: &[T], w: &[T], eps: f32) -> Vec<T> {
     let lib = library("training_ops");
     let f = lib.entry::<abi::rms_norm_fwd::Kernel, T>();
@@ -66,13 +53,13 @@ fn rms_norm_fwd_on_cpu<T: Elem>(x: &[T], w: &[T], eps: f32) -> Vec<T> {
     let mut y = vec![T::UNWRITTEN; len];
     let (xp, wp, yp, n32) = (x.as_ptr(), w.as_ptr(), y.as_mut_ptr(), n as i32);
     if len > 0 && n > 0 {
-        let (grid, block) = ops_cfg(len / n);
-        unsafe { lib.launch(grid, block, 0, || f(xp, wp, yp, n32, eps)) };
+        let l = grid::ops_rows(len / n);
+        unsafe { lib.launch(l, || f(xp, wp, yp, n32, eps)) };
     }
     y
 }
 
-/// Mirrors `training_ops.rs::RmsNormGrads::launch`: `(2, rows, n)` f32, dx then each row's
+/// As launched by `training_ops.rs::RmsNormGrads::launch`: `(2, rows, n)` f32, dx then each row's
 /// dw (which `rms_norm_grads` sums over rows).
 fn rms_norm_bwd_on_cpu<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f32) -> Vec<f32> {
     let lib = library("training_ops");
@@ -88,8 +75,8 @@ fn rms_norm_bwd_on_cpu<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f32) -> Vec<f32>
         n as i32,
     );
     if rows > 0 {
-        let (grid, block) = ops_cfg(rows as usize);
-        unsafe { lib.launch(grid, block, 0, || f(xp, wp, gp, op, rows, n32, eps)) };
+        let l = grid::ops_rows(rows as usize);
+        unsafe { lib.launch(l, || f(xp, wp, gp, op, rows, n32, eps)) };
     }
     out
 }
@@ -150,21 +137,21 @@ fn bf16_rms_norm_kernels_match_the_fused_norm_on_rounded_operands() {
     check_rms_norm::<u16>(BF16_REL, BF16_ABS);
 }
 
-/// Mirrors `training_ops.rs::elementwise` for `swiglu_fwd` (inputs a, b; one output) and
+/// As launched by `training_ops.rs::elementwise` for `swiglu_fwd` (inputs a, b; one output) and
 /// `swiglu_bwd` (inputs a, b, g; two outputs, da then db).
 fn swiglu_on_cpu<T: Elem>(a: &[T], b: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
     let lib = library("training_ops");
     let len = a.len();
-    let (grid, block) = ops_cfg(elementwise_blocks(len));
+    let l = grid::ops_elementwise(len);
     let n = len as i64;
     let fwd = lib.entry::<abi::swiglu_fwd::Kernel, T>();
     let mut y = vec![T::UNWRITTEN; len];
     let (ap, bp, gp, yp) = (a.as_ptr(), b.as_ptr(), g.as_ptr(), y.as_mut_ptr());
-    unsafe { lib.launch(grid, block, 0, || fwd(ap, bp, yp, n)) };
+    unsafe { lib.launch(l, || fwd(ap, bp, yp, n)) };
     let bwd = lib.entry::<abi::swiglu_bwd::Kernel, T>();
     let mut out = vec![T::UNWRITTEN; 2 * len];
     let op = out.as_mut_ptr();
-    unsafe { lib.launch(grid, block, 0, || bwd(ap, bp, gp, op, n)) };
+    unsafe { lib.launch(l, || bwd(ap, bp, gp, op, n)) };
     (y, out)
 }
 
@@ -230,7 +217,7 @@ fn rope_tables(positions: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
     )
 }
 
-/// Mirrors `training_ops.rs::rope`: `x` (b, h, t, d) f32, tables (t, d / 2) (`fused::rope`
+/// As launched by `training_ops.rs::rope`: `x` (b, h, t, d) f32, tables (t, d / 2) (`fused::rope`
 /// hands the kernel its tables narrowed to `t` rows).
 fn rope_on_cpu(
     x: &[f32],
@@ -248,8 +235,8 @@ fn rope_on_cpu(
     let (xp, cp, sp, yp) = (x.as_ptr(), cos.as_ptr(), sin.as_ptr(), y.as_mut_ptr());
     let (t32, d32) = (t as i32, d as i32);
     if len > 0 {
-        let (grid, block) = ops_cfg(elementwise_blocks(len / 2));
-        unsafe { lib.launch(grid, block, 0, || f(xp, cp, sp, yp, rows, t32, d32, sign)) };
+        let l = grid::ops_elementwise(len / 2);
+        unsafe { lib.launch(l, || f(xp, cp, sp, yp, rows, t32, d32, sign)) };
     }
     y
 }
@@ -274,20 +261,20 @@ fn rope_kernel_matches_the_fused_rotation_and_its_gradient() {
     assert_close("rope_f32 dx (sign -1)", &dx, &want[0], F32_REL, F32_ABS);
 }
 
-/// Mirrors `training_ops.rs::softmax_fwd` and `softmax_bwd`: one block per row of `n`.
+/// As launched by `training_ops.rs::softmax_fwd` and `softmax_bwd`: one block per row of `n`.
 fn softmax_on_cpu(x: &[f32], g: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
     let lib = library("training_ops");
     let fwd = lib.entry::<abi::softmax_fwd::Kernel, f32>();
     let bwd = lib.entry::<abi::softmax_bwd::Kernel, f32>();
     let len = x.len();
     let n32 = n as i32;
-    let (grid, block) = ops_cfg(len / n);
+    let l = grid::ops_rows(len / n);
     let mut y = vec![f32::NAN; len];
     let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
-    unsafe { lib.launch(grid, block, 0, || fwd(xp, yp, n32)) };
+    unsafe { lib.launch(l, || fwd(xp, yp, n32)) };
     let mut dx = vec![f32::NAN; len];
     let (yp, gp, dp) = (y.as_ptr(), g.as_ptr(), dx.as_mut_ptr());
-    unsafe { lib.launch(grid, block, 0, || bwd(yp, gp, dp, n32)) };
+    unsafe { lib.launch(l, || bwd(yp, gp, dp, n32)) };
     (y, dx)
 }
 
@@ -337,9 +324,6 @@ fn softmax_kernels_match_the_fused_softmax_and_its_gradient() {
 // ---------------------------------------------------------------------------------------
 // training_attention.cu, launched as cuda/training_attention.rs launches it.
 
-/// `WARPS` of `training_attention.rs` and `#define WARPS` of `training_attention.cu`.
-const ATTN_WARPS: u32 = 4;
-
 /// `training_attention.rs::AttentionDims`.
 #[derive(Clone, Copy)]
 struct AttnDims {
@@ -363,22 +347,9 @@ impl AttnDims {
     fn scale(&self) -> f32 {
         1.0 / (self.d as f32).sqrt()
     }
-
-    /// Mirrors `AttentionDims::rows_cfg`: (grid, block, dynamic shared bytes).
-    fn rows_cfg(&self, shared_floats: usize) -> ((u32, u32, u32), (u32, u32, u32), u32) {
-        (
-            (
-                self.heads as u32,
-                self.b as u32,
-                (self.t as u32).div_ceil(ATTN_WARPS),
-            ),
-            (32 * ATTN_WARPS, 1, 1),
-            (ATTN_WARPS as usize * shared_floats * 4) as u32,
-        )
-    }
 }
 
-/// Mirrors `training_attention.rs::rotate`: `x` (b, t, heads * d) into f32 (b, heads, t, d).
+/// As launched by `training_attention.rs::rotate`: `x` (b, t, heads * d) into f32 (b, heads, t, d).
 fn attn_rotate_on_cpu<T: Elem>(
     x: &[T],
     cos: &[f32],
@@ -392,12 +363,12 @@ fn attn_rotate_on_cpu<T: Elem>(
     let (t, _, _, d) = dims.i32s();
     let h32 = heads as i32;
     let (xp, cp, sp, op) = (x.as_ptr(), cos.as_ptr(), sin.as_ptr(), out.as_mut_ptr());
-    let grid = (heads as u32, dims.t as u32, dims.b as u32);
-    unsafe { lib.launch(grid, (32, 1, 1), 0, || f(xp, cp, sp, op, t, h32, d)) };
+    let l = grid::attn_rotate(heads, dims.t, dims.b);
+    unsafe { lib.launch(l, || f(xp, cp, sp, op, t, h32, d)) };
     out
 }
 
-/// Mirrors `training_attention.rs::forward_in`: rotate q and k, then `attn_fwd_*`.
+/// As launched by `training_attention.rs::forward_in`: rotate q and k, then `attn_fwd_*`.
 fn attn_forward_on_cpu<T: Elem>(
     q: &[T],
     k: &[T],
@@ -414,16 +385,12 @@ fn attn_forward_on_cpu<T: Elem>(
     let (t, h, kvh, d) = dims.i32s();
     let scale = dims.scale();
     let (qp, kp, vp, yp) = (qr.as_ptr(), kr.as_ptr(), v.as_ptr(), y.as_mut_ptr());
-    let (grid, block, shared) = dims.rows_cfg(dims.d + dims.t);
-    unsafe {
-        lib.launch(grid, block, shared, || {
-            f(qp, kp, vp, yp, t, h, kvh, d, scale)
-        })
-    };
+    let l = grid::attn_fwd(dims.heads, dims.b, dims.t, dims.d);
+    unsafe { lib.launch(l, || f(qp, kp, vp, yp, t, h, kvh, d, scale)) };
     y
 }
 
-/// Mirrors `training_attention.rs::Grads::launch`: rotate q and k, the rows pass (dq, and
+/// As launched by `training_attention.rs::Grads::launch`: rotate q and k, the rows pass (dq, and
 /// ds and p for the columns), then the columns pass (dk, dv). Returns `out` = dq, dk, dv end
 /// to end, and the ds and p buffers.
 fn attn_grads_on_cpu<T: Elem>(
@@ -458,17 +425,17 @@ fn attn_grads_on_cpu<T: Elem>(
     // SAFETY: `out` holds nq + 2 nk elements, split in three as the launch code splits it.
     let (dk, dv) = unsafe { (dq.add(nq), dq.add(nq + nk)) };
     let rows = lib.entry::<abi::attn_bwd_rows::Kernel, T>();
-    let (grid, block, shared) = dims.rows_cfg(2 * dims.d + 2 * dims.t);
+    let l = grid::attn_bwd_rows(dims.heads, dims.b, dims.t, dims.d);
     unsafe {
-        lib.launch(grid, block, shared, || {
+        lib.launch(l, || {
             rows(qp, kp, vp, gp, cp, sp, dsp, prp, dq, t, h, kvh, d, scale)
         })
     };
     let cols = lib.entry::<abi::attn_bwd_cols::Kernel, T>();
-    let grid = (dims.kv as u32, dims.t as u32, dims.b as u32);
+    let cols_launch = grid::attn_bwd_cols(dims.kv, dims.t, dims.b);
     let (dsp, prp) = (ds.as_ptr(), pr.as_ptr());
     unsafe {
-        lib.launch(grid, (32, 1, 1), 0, || {
+        lib.launch(cols_launch, || {
             cols(qp, gp, cp, sp, dsp, prp, dk, dv, t, h, kvh, d)
         })
     };
@@ -605,10 +572,7 @@ fn bf16_attention_kernels_loop_over_more_keys_than_lanes() {
 // The LoRA delta: forward by lora.cu with no `y`, backward by lora_training.cu, launched as
 // cuda/lora_training.rs launches them.
 
-/// `THREADS` of `lora_training.rs` and of both `.cu` files.
-const LORA_THREADS: u32 = 256;
-
-/// Mirrors `lora_training.rs`: `delta_of` (the delta, `(rows, outs)`) and `Grads::launch`
+/// As launched by `lora_training.rs`: `delta_of` (the delta, `(rows, outs)`) and `Grads::launch`
 /// (`[dx | dA | dB]`).
 #[allow(clippy::too_many_arguments)]
 fn lora_on_cpu<T: Elem>(
@@ -625,9 +589,8 @@ fn lora_on_cpu<T: Elem>(
     let mut y = vec![T::UNWRITTEN; rows * outs];
     let yp = y.as_mut_ptr();
     let null = std::ptr::null();
-    let block = (LORA_THREADS, 1, 1);
     unsafe {
-        library("lora").launch((rows as u32, 1, 1), block, 0, || {
+        library("lora").launch(grid::lora_add(rows), || {
             fwd(
                 null,
                 xp,
@@ -653,15 +616,10 @@ fn lora_on_cpu<T: Elem>(
     let mut out = vec![T::UNWRITTEN; nx + na + nb];
     let (hp, dhp, op) = (h.as_mut_ptr(), dh.as_mut_ptr(), out.as_mut_ptr());
     unsafe {
-        lib.launch((rows as u32, 1, 1), block, 0, || {
+        lib.launch(grid::lora_bwd_rows(rows), || {
             rows_k(xp, ap, bp, gp, scale, hp, dhp, op, i32s.0, i32s.1, i32s.2)
         });
-        let grid = (
-            (na + nb).div_ceil(LORA_THREADS as usize).max(1) as u32,
-            1,
-            1,
-        );
-        lib.launch(grid, block, 0, || {
+        lib.launch(grid::lora_bwd_cols(na + nb), || {
             cols_k(
                 xp,
                 gp,
@@ -738,13 +696,4 @@ fn lora_delta_kernels_match_the_fused_delta_and_its_gradients() {
 #[test]
 fn bf16_lora_delta_kernels_match_the_fused_delta_on_rounded_operands() {
     check_lora::<u16>(BF16_REL, 1e-3);
-}
-
-/// The block sizes mirrored here (`OPS_THREADS`, `ATTN_WARPS`, `LORA_THREADS`) are the launch
-/// code's and the kernels' own.
-#[test]
-fn launch_constants_match_the_kernels() {
-    assert_constant("training_ops", "THREADS", OPS_THREADS);
-    assert_constant("training_attention", "WARPS", ATTN_WARPS);
-    assert_constant("lora_training", "THREADS", LORA_THREADS);
 }

@@ -8,6 +8,8 @@
 //!
 //! Why by hand: cudarc's launch builder takes any argument list; nothing ties it to the kernel.
 
+pub mod grid;
+
 /// How a kernel takes a parameter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
