@@ -13,30 +13,7 @@ use candle_core::{
 
 use super::{abi, contiguous_view, function, held_view};
 
-/// The shapes of one call (see `fused::causal_attention`).
-#[derive(Clone, Copy)]
-pub struct AttentionDims {
-    pub b: usize,
-    pub t: usize,
-    pub heads: usize,
-    pub kv: usize,
-    pub d: usize,
-}
-
-impl AttentionDims {
-    fn i32s(&self) -> (i32, i32, i32, i32) {
-        (
-            self.t as i32,
-            self.heads as i32,
-            self.kv as i32,
-            self.d as i32,
-        )
-    }
-
-    fn scale(&self) -> f32 {
-        1.0 / (self.d as f32).sqrt()
-    }
-}
+pub use super::abi::grid::AttentionDims;
 
 /// `x` (b, t, heads * d) rotated by each position's angles into a new f32 (b, heads, t, d).
 fn rotate<T: CudaDType + DeviceRepr + WithDType>(
@@ -53,7 +30,7 @@ fn rotate<T: CudaDType + DeviceRepr + WithDType>(
     let (t, _, _, d) = dims.i32s();
     let h32 = heads as i32;
     abi::attn_rotate::push(&mut bl, x, tables.0, tables.1, &mut out, &t, &h32, &d);
-    let cfg = abi::grid::attn_rotate(heads, dims.t, dims.b).into();
+    let cfg = abi::grid::attn_rotate(&dims, heads).into();
     // SAFETY: block (head, position, sequence) reads its row of the contiguous input and its
     // position's angles, and writes that row of the output.
     unsafe { bl.launch(cfg) }.map_err(candle_core::Error::wrap)?;
@@ -117,8 +94,7 @@ fn forward_in<T: CudaDType + DeviceRepr + WithDType>(
     // SAFETY: warp (head, sequence, row) reads its rotated query, the rotated keys and the
     // values of its KV head up to its row, and writes its row of y; shared memory holds each
     // warp's query and scores.
-    unsafe { bl.launch(abi::grid::attn_fwd(dims.heads, dims.b, dims.t, dims.d).into()) }
-        .map_err(candle_core::Error::wrap)?;
+    unsafe { bl.launch(abi::grid::attn_fwd(&dims).into()) }.map_err(candle_core::Error::wrap)?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
 
@@ -233,17 +209,15 @@ impl Grads {
             );
             // SAFETY: warp (head, sequence, row) reads its query, dy row, the keys and values
             // of its KV head up to its row; it writes its row of ds and p and of dq.
-            unsafe {
-                bl.launch(abi::grid::attn_bwd_rows(dims.heads, dims.b, dims.t, dims.d).into())
-            }
-            .map_err(candle_core::Error::wrap)?;
+            unsafe { bl.launch(abi::grid::attn_bwd_rows(&dims).into()) }
+                .map_err(candle_core::Error::wrap)?;
             let (mut dk, mut dv) = rest.split_at_mut(nk);
             let f = function(dev, &abi::attn_bwd_cols::DECL, T::DTYPE)?;
             let mut bl = f.builder();
             abi::attn_bwd_cols::push(
                 &mut bl, &qr, &gv, &cv, &sv, &ds, &pr, &mut dk, &mut dv, &t, &h, &kvh, &d,
             );
-            let cfg = abi::grid::attn_bwd_cols(dims.kv, dims.t, dims.b).into();
+            let cfg = abi::grid::attn_bwd_cols(&dims).into();
             // SAFETY: warp (KV head, key row, sequence) reads the ds and p entries of rows at
             // or after its key, those rows' rotated queries and dy, and writes its dk and dv
             // rows.

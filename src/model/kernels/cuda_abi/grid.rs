@@ -105,34 +105,62 @@ pub fn optimizer(blocks: usize) -> Launch {
     Launch::blocks(blocks, OPTIMIZER_THREADS)
 }
 
-/// One warp per (head, position, sequence).
-pub fn attn_rotate(heads: usize, t: usize, b: usize) -> Launch {
-    Launch::of((heads, t, b), 32, 0)
+/// The shapes of one training-attention call (see `fused::causal_attention`): sequences,
+/// positions, query heads, KV heads, head width.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionDims {
+    pub b: usize,
+    pub t: usize,
+    pub heads: usize,
+    pub kv: usize,
+    pub d: usize,
+}
+
+impl AttentionDims {
+    /// `(t, heads, kv, d)` as the kernels take them.
+    pub fn i32s(&self) -> (i32, i32, i32, i32) {
+        (
+            self.t as i32,
+            self.heads as i32,
+            self.kv as i32,
+            self.d as i32,
+        )
+    }
+
+    /// The scores' scale, `1 / sqrt(d)`.
+    pub fn scale(&self) -> f32 {
+        1.0 / (self.d as f32).sqrt()
+    }
+}
+
+/// One warp per (head, position, sequence), `heads` of q's or of k's.
+pub fn attn_rotate(dims: &AttentionDims, heads: usize) -> Launch {
+    Launch::of((heads, dims.t, dims.b), 32, 0)
 }
 
 /// The rows passes (forward, and backward by rows): blocks of `ATTN_WARPS` warps, one warp
 /// per (head, sequence, row), each warp with `floats` of shared memory.
-fn attn_rows(heads: usize, b: usize, t: usize, floats: usize) -> Launch {
+fn attn_rows(dims: &AttentionDims, floats: usize) -> Launch {
     Launch::of(
-        (heads, b, t.div_ceil(ATTN_WARPS as usize)),
+        (dims.heads, dims.b, dims.t.div_ceil(ATTN_WARPS as usize)),
         32 * ATTN_WARPS,
         ATTN_WARPS as usize * floats * 4,
     )
 }
 
 /// The forward: a warp's shared memory holds its query row (`d`) and its scores (`t`).
-pub fn attn_fwd(heads: usize, b: usize, t: usize, d: usize) -> Launch {
-    attn_rows(heads, b, t, d + t)
+pub fn attn_fwd(dims: &AttentionDims) -> Launch {
+    attn_rows(dims, dims.d + dims.t)
 }
 
 /// The backward by rows: two rows of `d` and two of `t` per warp.
-pub fn attn_bwd_rows(heads: usize, b: usize, t: usize, d: usize) -> Launch {
-    attn_rows(heads, b, t, 2 * d + 2 * t)
+pub fn attn_bwd_rows(dims: &AttentionDims) -> Launch {
+    attn_rows(dims, 2 * dims.d + 2 * dims.t)
 }
 
 /// The backward by key columns: one warp per (KV head, key row, sequence).
-pub fn attn_bwd_cols(kv_heads: usize, t: usize, b: usize) -> Launch {
-    Launch::of((kv_heads, t, b), 32, 0)
+pub fn attn_bwd_cols(dims: &AttentionDims) -> Launch {
+    Launch::of((dims.kv, dims.t, dims.b), 32, 0)
 }
 
 /// One block per row (at least one): the RMS norm's and softmax's passes.

@@ -324,30 +324,7 @@ fn softmax_kernels_match_the_fused_softmax_and_its_gradient() {
 // ---------------------------------------------------------------------------------------
 // training_attention.cu, launched as cuda/training_attention.rs launches it.
 
-/// `training_attention.rs::AttentionDims`.
-#[derive(Clone, Copy)]
-struct AttnDims {
-    b: usize,
-    t: usize,
-    heads: usize,
-    kv: usize,
-    d: usize,
-}
-
-impl AttnDims {
-    fn i32s(&self) -> (i32, i32, i32, i32) {
-        (
-            self.t as i32,
-            self.heads as i32,
-            self.kv as i32,
-            self.d as i32,
-        )
-    }
-
-    fn scale(&self) -> f32 {
-        1.0 / (self.d as f32).sqrt()
-    }
-}
+use grid::AttentionDims as AttnDims;
 
 /// As launched by `training_attention.rs::rotate`: `x` (b, t, heads * d) into f32 (b, heads, t, d).
 fn attn_rotate_on_cpu<T: Elem>(
@@ -363,7 +340,7 @@ fn attn_rotate_on_cpu<T: Elem>(
     let (t, _, _, d) = dims.i32s();
     let h32 = heads as i32;
     let (xp, cp, sp, op) = (x.as_ptr(), cos.as_ptr(), sin.as_ptr(), out.as_mut_ptr());
-    let l = grid::attn_rotate(heads, dims.t, dims.b);
+    let l = grid::attn_rotate(&dims, heads);
     unsafe { lib.launch(l, || f(xp, cp, sp, op, t, h32, d)) };
     out
 }
@@ -385,7 +362,7 @@ fn attn_forward_on_cpu<T: Elem>(
     let (t, h, kvh, d) = dims.i32s();
     let scale = dims.scale();
     let (qp, kp, vp, yp) = (qr.as_ptr(), kr.as_ptr(), v.as_ptr(), y.as_mut_ptr());
-    let l = grid::attn_fwd(dims.heads, dims.b, dims.t, dims.d);
+    let l = grid::attn_fwd(&dims);
     unsafe { lib.launch(l, || f(qp, kp, vp, yp, t, h, kvh, d, scale)) };
     y
 }
@@ -425,14 +402,14 @@ fn attn_grads_on_cpu<T: Elem>(
     // SAFETY: `out` holds nq + 2 nk elements, split in three as the launch code splits it.
     let (dk, dv) = unsafe { (dq.add(nq), dq.add(nq + nk)) };
     let rows = lib.entry::<abi::attn_bwd_rows::Kernel, T>();
-    let l = grid::attn_bwd_rows(dims.heads, dims.b, dims.t, dims.d);
+    let l = grid::attn_bwd_rows(&dims);
     unsafe {
         lib.launch(l, || {
             rows(qp, kp, vp, gp, cp, sp, dsp, prp, dq, t, h, kvh, d, scale)
         })
     };
     let cols = lib.entry::<abi::attn_bwd_cols::Kernel, T>();
-    let cols_launch = grid::attn_bwd_cols(dims.kv, dims.t, dims.b);
+    let cols_launch = grid::attn_bwd_cols(&dims);
     let (dsp, prp) = (ds.as_ptr(), pr.as_ptr());
     unsafe {
         lib.launch(cols_launch, || {
