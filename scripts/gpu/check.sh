@@ -22,7 +22,8 @@
 #     one (`[model] cuda_fused_training`, f32 and bf16), and decode per token with norms and
 #     attention in bf16 against converting to f32 (`[model] f32_norms_attention`), and 8
 #     sequences with 8 adapters against one (`bench --batch 1,8 --lora`), and whole requests
-#     from 1 and 8 concurrent clients, each adapting its own LoRA (`bench --load 1,8`);
+#     from 1 and 8 concurrent clients, each adapting its own LoRA (`bench --load 1,8`), also
+#     with cuBLAS's workspace off (a race on a shared workspace would show as the difference);
 #  4. the PyTorch reference on the same queries (scripts/reference/query_reference.py);
 #  5. the same for the Llama-3.2-1B shape.
 set -euo pipefail
@@ -114,6 +115,10 @@ if [ "$parts" != big ]; then
     run "$bin" --index-dir "$idx" index build --collection qasc --input index/samples/qasc/corpus.jsonl
     load=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\n[tta]\nscope = "lora"\n[server]\nworkers = 8')
     measure "load 1 and 8 clients" "$bin" --config "$load" --model "$small" --device cuda --index-dir "$idx" bench --load 1,8 --modes static,tta
+    # The same with cuBLAS's workspace off: where the answers above differ and these agree, the
+    # race is the shared workspace (and this setting its cure, at this throughput).
+    measure "load 1 and 8 clients, cuBLAS without workspace" env CUBLAS_WORKSPACE_CONFIG=:0:0 "$bin" --config "$load" --model "$small" \
+        --device cuda --index-dir "$idx" bench --load 1,8 --modes static,tta
 
     # 4. The reference on the same queries.
     for scope in lora full; do
