@@ -10,8 +10,8 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::abi::{self, Addr, LoraPart};
-use super::lora::MAX_RANK;
 use super::{contiguous_view, function, held_view, with_addresses};
+use crate::model::kernels::fused::LORA_MAX_RANK as MAX_RANK;
 use crate::model::kernels::rows::even_rows;
 
 /// Whether the kernels take `x` of a decode step: a CUDA tensor of f32 or bf16, kernels on.

@@ -8,13 +8,11 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
 use super::{abi, function, held_view};
+use crate::model::kernels::fused::LORA_MAX_RANK as MAX_RANK;
 use crate::model::kernels::rows::even_rows;
 
 /// Rows the kernel takes (a decode step's).
 pub const MAX_ROWS: usize = 64;
-/// The rank the kernels hold in shared memory, one row's `A x` (`MAX_RANK` of `lora.cu` and
-/// `decode_step.cu`).
-pub(super) const MAX_RANK: usize = 64;
 
 /// Whether a decode step's `x` (`(batch, t, in)`) may take the kernel.
 pub fn applies(x: &Tensor) -> bool {

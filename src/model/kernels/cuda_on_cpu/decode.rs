@@ -19,16 +19,6 @@ use candle_core::{Tensor, D};
 
 use abi::LoraPart;
 
-const NO_DELTA: LoraPart = LoraPart {
-    a: 0,
-    b: 0,
-    scales: 0,
-    a_stride: 0,
-    b_stride: 0,
-    scale: 0.0,
-    rank: 0,
-};
-
 /// How far a result of `T` may lie from the reference `want` (see the module's doc).
 fn tolerance<T: Elem>(want: f64) -> f64 {
     if T::SUFFIX == "bf16" {
@@ -207,6 +197,33 @@ struct AttentionCase<T> {
     scale: f32,
 }
 
+impl<T: Elem> AttentionCase<T> {
+    /// Runs the kernel for queries `q` over the caches `table` addresses (shared memory sized
+    /// for `max_len` scores) and the reference over the caches' first `lens` positions;
+    /// `shape` is (heads, KV heads, d).
+    fn run(
+        q: Vec<T>,
+        table: &[i64],
+        caches: Vec<Cache<T>>,
+        lens: Vec<usize>,
+        (heads, kv_heads, d): (usize, usize, usize),
+        max_len: usize,
+    ) -> Self {
+        let scale = 1.0 / (d as f32).sqrt();
+        let got = launch_attention(&q, table, (heads, heads / kv_heads, d), max_len, scale);
+        let want = attention_reference(&q, &caches, &lens, (heads, kv_heads, d), scale);
+        Self {
+            got,
+            want,
+            q,
+            caches,
+            lens,
+            shape: (heads, kv_heads, d),
+            scale,
+        }
+    }
+}
+
 /// The "length" form: rows of lengths 37, 150 (over the 128 threads) and 1 as views into
 /// roomier buffers whose positions past the length are NaN; heads 6 over 2 KV heads, d 64,
 /// the rows' keys and values in different layouts.
@@ -226,7 +243,6 @@ fn attention_by_lengths<T: Elem>() -> AttentionCase<T> {
         })
         .collect();
     let q = elems::<T>(&values(lens.len() * heads * d, 7, 1.0));
-    let scale = 1.0 / (d as f32).sqrt();
     let table: Vec<i64> = caches
         .iter()
         .zip(&lens)
@@ -234,17 +250,7 @@ fn attention_by_lengths<T: Elem>() -> AttentionCase<T> {
         .collect();
     // `attend_rows`: the longest view's length sizes the shared memory.
     let max_len = *lens.iter().max().unwrap();
-    let got = launch_attention(&q, &table, (heads, heads / kv_heads, d), max_len, scale);
-    let want = attention_reference(&q, &caches, &lens, (heads, kv_heads, d), scale);
-    AttentionCase {
-        got,
-        want,
-        q,
-        caches,
-        lens,
-        shape: (heads, kv_heads, d),
-        scale,
-    }
+    AttentionCase::run(q, &table, caches, lens, (heads, kv_heads, d), max_len)
 }
 
 /// The "position address" form: whole buffers of capacities 64, 200, 16 and 8, positions 40,
@@ -271,7 +277,6 @@ fn attention_by_positions<T: Elem>() -> AttentionCase<T> {
         })
         .collect();
     let q = elems::<T>(&values(caps.len() * heads * d, 9, 1.0));
-    let scale = 1.0 / (d as f32).sqrt();
     let table: Vec<i64> = caches
         .iter()
         .zip(&positions)
@@ -279,17 +284,7 @@ fn attention_by_positions<T: Elem>() -> AttentionCase<T> {
         .collect();
     // `CacheRows::attend`: the largest capacity sizes the shared memory.
     let max_len = *caps.iter().max().unwrap();
-    let got = launch_attention(&q, &table, (heads, heads / kv_heads, d), max_len, scale);
-    let want = attention_reference(&q, &caches, &lens, (heads, kv_heads, d), scale);
-    AttentionCase {
-        got,
-        want,
-        q,
-        caches,
-        lens,
-        shape: (heads, kv_heads, d),
-        scale,
-    }
+    AttentionCase::run(q, &table, caches, lens, (heads, kv_heads, d), max_len)
 }
 
 /// The CPU's decode attention (`decode_attention::attend_rows`) over the case's views.
@@ -506,9 +501,9 @@ fn rope_cache_write_case<T: Elem>(d: usize) -> RopeCase<T> {
                 d32,
                 std::ptr::null(),
                 0,
-                NO_DELTA,
-                NO_DELTA,
-                NO_DELTA,
+                LoraPart::default(),
+                LoraPart::default(),
+                LoraPart::default(),
             )
         })
     };
@@ -751,7 +746,7 @@ fn rope_write_with_deltas_case<T: Elem>() {
     );
     let parts = [q2.as_ptr(), k2.as_ptr(), v2.as_ptr()];
     let strides = [qw as i64, kw as i64, kw as i64];
-    let none = [NO_DELTA; 3];
+    let none = [LoraPart::default(); 3];
     let (uq, uc) = rope_write_run(&qkv, strides, parts, &x, none, (&cos, &sin));
     let bits = |v: &[T]| v.iter().map(|x| x.bits()).collect::<Vec<_>>();
     assert_eq!(bits(&fq), bits(&uq), "rotated q, {}", T::SUFFIX);
@@ -1032,6 +1027,9 @@ fn launch_block_sizes_are_the_kernels() {
     assert_define("training_attention", "WARPS", grid::ATTN_WARPS);
     assert_define("optimizer", "THREADS", grid::OPTIMIZER_THREADS);
     assert_define("optimizer", "CHUNK", grid::OPTIMIZER_CHUNK);
+    for file in ["lora", "lora_training", "decode_step"] {
+        assert_define(file, "MAX_RANK", crate::model::fused::LORA_MAX_RANK);
+    }
 }
 
 // ---------------------------------------------------------------------------------------

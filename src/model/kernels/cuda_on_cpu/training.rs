@@ -495,53 +495,45 @@ fn check_attention<T: Elem>(dims: AttnDims, seed: u64, rel: f64, abs: f64) {
     }
 }
 
+/// 6 heads over 2 kv heads, 13 positions: the last block's warps partly past t.
+const SHORT: AttnDims = AttnDims {
+    b: 2,
+    t: 13,
+    heads: 6,
+    kv: 2,
+    d: 64,
+};
+
+/// 37 positions: each lane takes two keys of the later rows; 4 heads over 2 kv heads.
+const LONG: AttnDims = AttnDims {
+    b: 2,
+    t: 37,
+    heads: 4,
+    kv: 2,
+    d: 64,
+};
+
 #[test]
 fn attention_kernels_match_the_fused_attention_and_its_gradients() {
-    // 6 heads over 2 kv heads, 13 positions: the last block's warps partly past t.
-    let dims = AttnDims {
-        b: 2,
-        t: 13,
-        heads: 6,
-        kv: 2,
-        d: 64,
-    };
+    let dims = SHORT;
     check_attention::<f32>(dims, 20, F32_REL, F32_ABS);
 }
 
 #[test]
 fn attention_kernels_loop_over_more_keys_than_lanes() {
-    // 37 positions: each lane takes two keys of the later rows; 4 heads over 2 kv heads.
-    let dims = AttnDims {
-        b: 2,
-        t: 37,
-        heads: 4,
-        kv: 2,
-        d: 64,
-    };
+    let dims = LONG;
     check_attention::<f32>(dims, 30, F32_REL, F32_ABS);
 }
 
 #[test]
 fn bf16_attention_kernels_match_the_fused_attention_on_rounded_operands() {
-    let dims = AttnDims {
-        b: 2,
-        t: 13,
-        heads: 6,
-        kv: 2,
-        d: 64,
-    };
+    let dims = SHORT;
     check_attention::<u16>(dims, 40, BF16_REL, BF16_ABS);
 }
 
 #[test]
 fn bf16_attention_kernels_loop_over_more_keys_than_lanes() {
-    let dims = AttnDims {
-        b: 2,
-        t: 37,
-        heads: 4,
-        kv: 2,
-        d: 64,
-    };
+    let dims = LONG;
     check_attention::<u16>(dims, 50, BF16_REL, BF16_ABS);
 }
 

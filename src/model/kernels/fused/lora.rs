@@ -9,7 +9,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::{dot, slice, with_f32};
 
-/// The largest rank the GPU kernels take (their shared memory holds one row's `A x`).
+/// The largest rank the GPU kernels take (their shared memory holds one row's `A x`: the
+/// `MAX_RANK` of `lora.cu`, `lora_training.cu` and `decode_step.cu`).
 pub const MAX_RANK: usize = 64;
 
 struct LoraDelta {

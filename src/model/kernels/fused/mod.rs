@@ -19,7 +19,7 @@ mod swiglu;
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor};
 
 pub use attention::{causal_attention, MAX_POSITIONS};
-pub use lora::{lora_delta, lora_takes};
+pub use lora::{lora_delta, lora_takes, MAX_RANK as LORA_MAX_RANK};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use softmax::softmax_last_dim;
