@@ -128,6 +128,12 @@ pub struct ModelSection {
     /// norms and activation one op each, `cuda::training_attention`); off until measured.
     #[serde(default)]
     pub cuda_fused_training: bool,
+    /// CUDA builds: cudarc's per-buffer events, which order a buffer's uses across streams.
+    /// Every buffer then makes two events and destroys them when freed; candle's device runs
+    /// each thread on its own default stream, where cudarc never records or waits on them, so
+    /// false (the default) saves those four driver calls per op and orders nothing less.
+    #[serde(default)]
+    pub cuda_event_tracking: bool,
     pub threads: usize,
 }
 
@@ -806,6 +812,20 @@ mod tests {
         assert_eq!(c.server.port, 9999);
         assert_eq!(c.server.host, d.server.host);
         assert_eq!(c.retrieval.top_k, d.retrieval.top_k);
+    }
+
+    #[test]
+    fn gpu_switches_default_to_the_measured_choice_and_parse() {
+        let m = Config::default().model;
+        assert!(m.cuda_kernels && m.cuda_graphs);
+        assert!(!m.cuda_fused_training && !m.cuda_event_tracking);
+        let c = Config::from_toml("[model]\ncuda_event_tracking = true\n").unwrap();
+        assert!(c.model.cuda_event_tracking);
+        assert!(c.model.cuda_graphs, "other switches keep their defaults");
+        let err = Config::from_toml("[model]\ncuda_event_tracking = \"yes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("boolean"), "{err}");
     }
 
     #[test]

@@ -18,7 +18,8 @@
 #     tokens, bf16): LoRA and full scope (`bench --query`: decode through step graphs and op by
 #     op, both timed, with whether their tokens agree), each also with the project's CUDA
 #     kernels off (`[model] cuda_kernels = false`), LoRA with activations rebuilt as on the
-#     CPU (`[tta] recompute_on_gpu`), LoRA through the fused training path and the composed
+#     CPU (`[tta] recompute_on_gpu`), LoRA and full with cudarc's buffer events on
+#     (`[model] cuda_event_tracking`), LoRA through the fused training path and the composed
 #     one (`[model] cuda_fused_training`, f32 and bf16), and decode per token with norms and
 #     attention in bf16 against converting to f32 (`[model] f32_norms_attention`), and 8
 #     sequences with 8 adapters against one (`bench --batch 1,8 --lora`), and whole requests
@@ -95,6 +96,12 @@ if [ "$parts" != big ]; then
     # LoRA with its activations rebuilt as on the CPU, against kept (the GPU's default).
     rebuilt=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\n[tta]\nscope = "lora"\nrecompute_on_gpu = true')
     measure "query SmolLM2 lora bf16, activations rebuilt" "$bin" --config "$rebuilt" --model "$small" --device cuda bench --query 5 $shape
+    # LoRA and full with cudarc's per-buffer events on (two made and destroyed per tensor, so per
+    # op), against off (the default, the LoRA and full runs above): what the host saves per query.
+    for scope in lora full; do
+        c=$(cfg "[model]\ndtype = \"bf16\"\ndecode_quant = \"none\"\ncuda_event_tracking = true\n[tta]\nscope = \"$scope\"")
+        measure "query SmolLM2 $scope bf16, buffer events on" "$bin" --config "$c" --model "$small" --device cuda bench --query 5 $shape
+    done
     # LoRA adaptation through the fused training path (attention one op each way) against the
     # composed one, in the same run: f32 both ways, bf16 on (bf16 off is the LoRA run above).
     for model in "f32 false" "f32 true" "bf16 true"; do

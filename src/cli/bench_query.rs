@@ -204,6 +204,11 @@ pub fn run(
     let med = |v: &[f64]| crate::numeric::median(v);
     println!("model          {}", cfg.model.path.display());
     println!("device         {} {}", cfg.model.device, cfg.model.dtype);
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = dec.device() {
+        let on = crate::model::cuda::events::tracking(d);
+        println!("buffer events  {}", if on { "on" } else { "off" });
+    }
     println!(
         "query          {} prompt tokens, pairs of {pair_tokens:?} tokens, {new_tokens} new tokens, scope {:?}, median of {runs}",
         ids.len(),

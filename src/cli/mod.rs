@@ -189,6 +189,14 @@ pub fn device_and_dtype(cfg: &Config) -> anyhow::Result<(Device, DType)> {
         }
         d => anyhow::bail!("model.device `{d}` is not one of cpu, cuda, cuda:N"),
     };
+    // Before any buffer is made: a buffer keeps the tracking it was made with.
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = &device {
+        let on = crate::model::cuda::events::set_tracking(dev, cfg.model.cuda_event_tracking);
+        if on != cfg.model.cuda_event_tracking {
+            tracing::warn!("CUDA event tracking stays on: the context has streams of its own");
+        }
+    }
     let dtype = match cfg.model.dtype.as_str() {
         "f32" => DType::F32,
         "bf16" => DType::BF16,

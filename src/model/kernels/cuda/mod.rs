@@ -19,6 +19,7 @@
 
 pub mod decode_attention;
 pub mod decode_step;
+pub mod events;
 pub mod graph;
 pub mod greedy;
 pub mod lora;
