@@ -87,16 +87,24 @@ struct Active {
     cache: Cache,
     /// Prompt tokens already in the cache.
     prefilled: usize,
-    /// The next token's logits, once the prompt is in.
-    logits: Option<Tensor>,
-    /// A greedy row's next token and its log-probability, picked with the step's other rows.
-    pick: Option<Pick>,
+    /// What the next token comes from, once the prompt is in.
+    ready: Option<Ready>,
     /// The token sampled this iteration, to run in the decode step.
     next: Option<u32>,
     scores: Vec<ContinuationScore>,
     kv_bytes: usize,
     prefill_ms: f64,
     decode_from: Option<Instant>,
+}
+
+/// What a row samples its next token from.
+enum Ready {
+    /// Its own logits (the prompt's last position).
+    Logits(Tensor),
+    /// A greedy row's token and log-probability, picked with the step's other greedy rows.
+    Picked(Pick),
+    /// A sampled row's logits, copied to the host with the step's other sampled rows.
+    Host(Vec<f32>),
 }
 
 /// Why a sequence leaves before finishing: `None` when its client went away.
@@ -240,8 +248,7 @@ impl Scheduler {
             seq,
             decoding,
             prefilled: 0,
-            logits: None,
-            pick: None,
+            ready: None,
             next: None,
             scores: vec![],
             kv_bytes: need,
@@ -299,7 +306,7 @@ impl Scheduler {
         // Sample every sequence with logits; those that go on take part in the decode step.
         for a in active
             .iter_mut()
-            .filter(|a| a.kv_bytes != 0 && a.logits.is_some())
+            .filter(|a| a.kv_bytes != 0 && a.ready.is_some())
         {
             match catch_unwind(AssertUnwindSafe(|| self.sample(a))) {
                 Ok(Ok(())) => {}
@@ -378,7 +385,7 @@ impl Scheduler {
                 )
                 .map_err(internal)?;
             }
-            a.logits = Some(logits);
+            a.ready = Some(Ready::Logits(logits));
         }
         a.prefill_ms += t.elapsed().as_secs_f64() * 1e3;
         Ok(())
@@ -391,10 +398,10 @@ impl Scheduler {
             panic!("injected fault in the scheduler");
         }
         a.decode_from.get_or_insert_with(Instant::now);
-        let logits = a.logits.take().expect("sampled only with logits");
-        let step = match a.pick.take() {
-            Some(pick) => a.decoding.step_picked(&self.model, pick),
-            None => a.decoding.step(&self.model, &logits),
+        let step = match a.ready.take().expect("sampled only when ready") {
+            Ready::Logits(logits) => a.decoding.step(&self.model, &logits),
+            Ready::Picked(pick) => a.decoding.step_picked(&self.model, pick),
+            Ready::Host(row) => a.decoding.step_sampled(&self.model, &row),
         }
         .map_err(|e| Some(gen_error(e)))?;
         let (text, next) = match step {
@@ -462,17 +469,36 @@ impl Scheduler {
                 .decode_step(&tokens, &mut caches, &opts)?,
         };
         drop(caches);
-        // The greedy rows' tokens in one op and one small copy (not a row of logits each).
-        let picks = match rows.iter().any(|a| a.decoding.greedy()) {
-            true => Some(greedy_picks(&logits)?),
-            false => None,
+        // The greedy rows' tokens in one op and one small copy (not a row of logits each),
+        // and the sampled rows' logits in one copy to the host, where they are sampled.
+        let sampled: Vec<u32> = (0..rows.len() as u32)
+            .filter(|&i| !rows[i as usize].decoding.greedy())
+            .collect();
+        let picks = match sampled.len() < rows.len() {
+            true => greedy_picks(&logits)?,
+            false => vec![],
         };
+        let mut host = host_rows(&logits, &sampled)?.into_iter();
         for (i, a) in rows.iter_mut().enumerate() {
-            a.logits = Some(logits.get(i)?);
-            a.pick = picks.as_ref().filter(|_| a.decoding.greedy()).map(|p| p[i]);
+            a.ready = Some(match a.decoding.greedy() {
+                true => Ready::Picked(picks[i]),
+                false => Ready::Host(host.next().expect("a row per sampled row")),
+            });
         }
         Ok(())
     }
+}
+
+/// Rows `which` of `logits` `(rows, vocab)`, as f32 on the host, in one copy.
+fn host_rows(logits: &Tensor, which: &[u32]) -> candle_core::Result<Vec<Vec<f32>>> {
+    if which.is_empty() {
+        return Ok(vec![]);
+    }
+    let picked = match which.len() == logits.dim(0)? {
+        true => logits.clone(),
+        false => logits.index_select(&Tensor::new(which, logits.device())?, 0)?,
+    };
+    picked.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()
 }
 
 impl Scheduler {

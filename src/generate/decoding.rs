@@ -49,12 +49,6 @@ fn sampler(p: &GenParams) -> LogitsProcessor {
     LogitsProcessor::from_sampling(p.seed, sampling)
 }
 
-/// `log softmax(logits)[id]`, in f64 over an f32 copy of the row.
-fn token_logprob(logits: &Tensor, id: u32) -> Result<f64, GenError> {
-    let row = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    Ok(logprob_at(&row, id as usize))
-}
-
 impl Decoding {
     /// Checks the prompt against the model's `context` and sets the token budget: what
     /// `params.max_tokens` asks, never past the context.
@@ -120,13 +114,32 @@ impl Decoding {
             // One small copy from the device instead of the row, twice.
             greedy_picks(logits)?[0]
         } else {
-            let token = self.sampler.sample(logits)?;
-            Pick {
-                token,
-                logprob: token_logprob(logits, token)?,
-            }
+            self.sample(&logits.to_dtype(DType::F32)?.to_vec1::<f32>()?)?
         };
         self.step_picked(model, pick)
+    }
+
+    /// [`Self::step`] for a sampled row whose logits are on the host already (one copy for
+    /// a batch's sampled rows).
+    pub fn step_sampled(&mut self, model: &Model, logits: &[f32]) -> Result<Next, GenError> {
+        if self.budget == 0 {
+            let text = self.close(model)?;
+            return Ok(Next::Finished { text });
+        }
+        let pick = self.sample(logits)?;
+        self.step_picked(model, pick)
+    }
+
+    /// A token sampled from `logits` on the host and its log-probability: the row is copied
+    /// from the device once, for both (the sampler would copy it, and the log-probability
+    /// again). On the CPU the sampler's ops are the same as on the logits themselves.
+    fn sample(&mut self, logits: &[f32]) -> Result<Pick, GenError> {
+        let row = Tensor::from_slice(logits, logits.len(), &candle_core::Device::Cpu)?;
+        let token = self.sampler.sample(&row)?;
+        Ok(Pick {
+            token,
+            logprob: logprob_at(logits, token as usize),
+        })
     }
 
     /// Takes `pick` (this row's [`greedy_picks`], or a sampled token and its log-probability)
@@ -177,5 +190,43 @@ impl Decoding {
         };
         self.text.push_str(&tail);
         Ok(tail)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sampled row picks the token the sampler picks from the logits tensor itself, with
+    /// the log-probability of that token in the row: one host copy changes no bits.
+    #[test]
+    fn sampling_from_the_host_row_is_sampling_from_the_logits() {
+        let vocab = 1_007;
+        let logits: Vec<f32> = (0..vocab)
+            .map(|i| ((i * 7919 % 1_009) as f32 / 97.0).sin() * 4.0)
+            .collect();
+        for (temperature, top_p) in [(0.9, 1.0), (0.7, 0.9), (1.3, 0.5)] {
+            let params = GenParams {
+                temperature,
+                top_p,
+                seed: 11,
+                max_tokens: 8,
+                stop: vec![],
+            };
+            let mut ours = Decoding::new(&params, 4, 64).unwrap();
+            let mut theirs = sampler(&params);
+            let t = Tensor::new(logits.as_slice(), &candle_core::Device::Cpu).unwrap();
+            let mut tokens = std::collections::BTreeSet::new();
+            for _ in 0..40 {
+                let pick = ours.sample(&logits).unwrap();
+                assert_eq!(pick.token, theirs.sample(&t).unwrap());
+                assert_eq!(pick.logprob, logprob_at(&logits, pick.token as usize));
+                tokens.insert(pick.token);
+            }
+            assert!(
+                tokens.len() > 1,
+                "the draws should differ ({temperature}, {top_p})"
+            );
+        }
     }
 }
