@@ -16,16 +16,18 @@
 #  2. greedy parity, CPU against CUDA (f32), and the whole request path on CUDA;
 #  3. per query at the GPU targets' shape (1,000-token prompt, 3 pairs of ~96 tokens, 64 new
 #     tokens, bf16): LoRA and full scope (`bench --query`: decode through step graphs and op by
-#     op, both timed, with whether their tokens agree), each also with the project's CUDA
-#     kernels off (`[model] cuda_kernels = false`), LoRA with activations rebuilt as on the
-#     CPU (`[tta] recompute_on_gpu`), LoRA and full with cudarc's buffer events on
-#     (`[model] cuda_event_tracking`), LoRA through the fused training path and the composed
-#     one (`[model] cuda_fused_training`, f32 and bf16), and decode per token with norms and
-#     attention in bf16 against converting to f32 (`[model] f32_norms_attention`), and 8
-#     sequences with 8 adapters against one (`bench --batch 1,8 --lora`), and whole requests
-#     from 1 and 8 concurrent clients, each adapting its own LoRA (`bench --load 1,8`), also
-#     with cuBLAS's workspace off (a race on a shared workspace would show as the difference);
+#     op, both timed, with whether their tokens agree);
 #  4. the PyTorch reference on the same queries (scripts/reference/query_reference.py);
+#     then 8 sequences with 8 adapters against one (`bench --batch 1,8 --lora`), and whole
+#     requests from 1 and 8 concurrent clients, each adapting its own LoRA (`bench --load
+#     1,8`), also with cuBLAS's workspace off (a race on a shared workspace would show as the
+#     difference); then each switch against the defaults of step 3: the project's CUDA kernels
+#     off (`[model] cuda_kernels = false`), LoRA with activations rebuilt as on the CPU (`[tta]
+#     recompute_on_gpu`), LoRA with the loss before adaptation in a pass of its own (`[tta]
+#     score_in_first_step = false`), LoRA and full with cudarc's buffer events on (`[model]
+#     cuda_event_tracking`), LoRA through the fused training path and the composed one
+#     (`[model] cuda_fused_training`, f32 and bf16), and decode per token with norms and
+#     attention in bf16 against converting to f32 (`[model] f32_norms_attention`);
 #  5. the same for the Llama-3.2-1B shape.
 set -euo pipefail
 out=${1:-${OUT:-/tmp/gpu-check}}
@@ -85,17 +87,41 @@ if [ "$parts" != big ]; then
     if [ "$(sed -n 2p <<<"$cpu")" = "$(sed -n 2p <<<"$gpu")" ]; then log "parity: CPU and CUDA agree"; else log "parity: CPU and CUDA DIFFER"; fi
     run "$bin" --config "$lora" --model "$small" --device cuda ask --mode tta --max-tokens 12 "$q"
 
-    # 3. Per query, and decode with and without the f32 conversions.
+    # 3. Per query.
     for scope in lora full; do
         c=$([ $scope = lora ] && echo "$lora" || echo "$full")
         measure "query SmolLM2 $scope bf16" "$bin" --config "$c" --model "$small" --device cuda bench --query 5 $shape \
             --dump-query "$out/query-smollm2-$scope.json"
     done
+    # 4. The reference on the same queries, before the switches below: the targets' ratio.
+    for scope in lora full; do
+        measure "PyTorch reference SmolLM2 $scope bf16" env DEVICE=cuda DTYPE=bf16 python3 scripts/reference/query_reference.py "$small" \
+            "$out/query-smollm2-$scope.json" 5
+    done
+    # 8 sequences, each its own LoRA, against one: decode throughput, each row alone and gathered.
+    measure "batch 1 and 8 sequences, own LoRAs" "$bin" --config "$lora" --model "$small" --device cuda bench --batch 1,8 --lora --runs 3 $shape
+    # Whole requests from 1 and 8 concurrent clients through the engine (8 stage workers, each
+    # request adapting its own LoRA in mode tta; the scheduler batches the answers): req/s, and
+    # whether each answer under 8 clients is the one it gave alone ("same answers": candle's
+    # threads share one cuBLAS handle across their streams, so a race would show there).
+    idx=/tmp/ttarag-check-index
+    run "$bin" --index-dir "$idx" index build --collection qasc --input index/samples/qasc/corpus.jsonl
+    load=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\n[tta]\nscope = "lora"\n[server]\nworkers = 8')
+    measure "load 1 and 8 clients" "$bin" --config "$load" --model "$small" --device cuda --index-dir "$idx" bench --load 1,8 --modes static,tta
+    # The same with cuBLAS's workspace off: where the answers above differ and these agree, the
+    # race is the shared workspace (and this setting its cure, at this throughput).
+    measure "load 1 and 8 clients, cuBLAS without workspace" env CUBLAS_WORKSPACE_CONFIG=:0:0 "$bin" --config "$load" --model "$small" \
+        --device cuda --index-dir "$idx" bench --load 1,8 --modes static,tta
+    # 3 again: each switch against the defaults above.
     measure "query SmolLM2 lora bf16, project kernels off" "$bin" --config "$lora_off" --model "$small" --device cuda bench --query 5 $shape
     measure "query SmolLM2 full bf16, project kernels off" "$bin" --config "$full_off" --model "$small" --device cuda bench --query 5 $shape
     # LoRA with its activations rebuilt as on the CPU, against kept (the GPU's default).
     rebuilt=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\n[tta]\nscope = "lora"\nrecompute_on_gpu = true')
     measure "query SmolLM2 lora bf16, activations rebuilt" "$bin" --config "$rebuilt" --model "$small" --device cuda bench --query 5 $shape
+    # LoRA with the loss before adaptation of the pairs outside the first step's group in a
+    # pass of their own, against scored in that step's forward (the default off the CPU).
+    separate=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\n[tta]\nscope = "lora"\nscore_in_first_step = false')
+    measure "query SmolLM2 lora bf16, loss before in a pass of its own" "$bin" --config "$separate" --model "$small" --device cuda bench --query 5 $shape
     # LoRA and full with cudarc's per-buffer events on (two made and destroyed per tensor, so per
     # op), against off (the default, the LoRA and full runs above): what the host saves per query.
     for scope in lora full; do
@@ -112,26 +138,6 @@ if [ "$parts" != big ]; then
     measure "decode bf16" "$bin" --config "$bf16" --model "$small" --device cuda bench --runs 5 $shape
     measure "decode bf16, f32 norms and attention" "$bin" --config "$bf16_conv" --model "$small" --device cuda bench --runs 5 $shape
     measure "decode bf16, project kernels off" "$bin" --config "$lora_off" --model "$small" --device cuda bench --runs 5 $shape
-    # 8 sequences, each its own LoRA, against one: decode throughput, each row alone and gathered.
-    measure "batch 1 and 8 sequences, own LoRAs" "$bin" --config "$lora" --model "$small" --device cuda bench --batch 1,8 --lora --runs 3 $shape
-    # Whole requests from 1 and 8 concurrent clients through the engine (8 stage workers, each
-    # request adapting its own LoRA in mode tta; the scheduler batches the answers): req/s, and
-    # whether each answer under 8 clients is the one it gave alone ("same answers": candle's
-    # threads share one cuBLAS handle across their streams, so a race would show there).
-    idx=/tmp/ttarag-check-index
-    run "$bin" --index-dir "$idx" index build --collection qasc --input index/samples/qasc/corpus.jsonl
-    load=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\n[tta]\nscope = "lora"\n[server]\nworkers = 8')
-    measure "load 1 and 8 clients" "$bin" --config "$load" --model "$small" --device cuda --index-dir "$idx" bench --load 1,8 --modes static,tta
-    # The same with cuBLAS's workspace off: where the answers above differ and these agree, the
-    # race is the shared workspace (and this setting its cure, at this throughput).
-    measure "load 1 and 8 clients, cuBLAS without workspace" env CUBLAS_WORKSPACE_CONFIG=:0:0 "$bin" --config "$load" --model "$small" \
-        --device cuda --index-dir "$idx" bench --load 1,8 --modes static,tta
-
-    # 4. The reference on the same queries.
-    for scope in lora full; do
-        measure "PyTorch reference SmolLM2 $scope bf16" env DEVICE=cuda DTYPE=bf16 python3 scripts/reference/query_reference.py "$small" \
-            "$out/query-smollm2-$scope.json" 5
-    done
 fi
 
 if [ "$parts" != small ]; then

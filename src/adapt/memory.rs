@@ -76,7 +76,11 @@ pub fn footprint(
     // merged one), f32 where the CPU sink gathers them.
     let state = elements * (dsz + 2 * 4 + 2 * dsz.max(4));
     let longest = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
-    let group = p.grad_accum.max(1).min(examples.len().max(1));
+    // A first step that scores the other pairs (off the CPU) carries every pair.
+    let group = match p.scores_in_first_step(dec.device()) {
+        true => examples.len().max(1),
+        false => p.grad_accum.max(1).min(examples.len().max(1)),
+    };
     // Sequences are right-padded to the longest: every row costs `longest` positions.
     let step_tokens = group * longest;
     let all_tokens = examples.len() * longest;

@@ -6,6 +6,10 @@ use crate::adapt::{parse_target, LoraConfig, PairOptions, TrainParams};
 
 use super::{Select, TtaParams, TtaScope};
 
+fn yes() -> bool {
+    true
+}
+
 /// `[tta]`: the adaptation recipe's defaults and the caps on what a request may change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +39,10 @@ pub struct TtaSection {
     /// Rebuild them on a GPU too, which keeps them otherwise: a switch for measuring the two.
     #[serde(default)]
     pub recompute_on_gpu: bool,
+    /// Off the CPU, the first step's forward pass also scores the other pairs for the loss
+    /// before adaptation (`TrainParams::scores_in_first_step`): one pass fewer.
+    #[serde(default = "yes")]
+    pub score_in_first_step: bool,
     /// Multiply by the frozen weights in bf16 (f32 sums) on CPUs with AVX-512 BF16.
     pub bf16_products: bool,
     pub max_pairs_cap: usize,
@@ -237,6 +245,7 @@ pub fn resolve_tta(c: &TtaSection, o: &TtaOverrides, seed: u64) -> Result<TtaPar
             // cost a forward pass for nothing.
             recompute: c.recompute_activations && scope == TtaScope::Lora,
             recompute_on_gpu: c.recompute_on_gpu,
+            score_in_first_step: c.score_in_first_step,
             bf16: c.bf16_products,
             cancel: Default::default(),
         },

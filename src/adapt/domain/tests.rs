@@ -233,6 +233,7 @@ fn a_stack_adds_both_deltas_and_trains_only_the_top() {
         time_budget_ms: None,
         recompute: true,
         recompute_on_gpu: false,
+        score_in_first_step: true,
         bf16: false,
         cancel: Default::default(),
     };

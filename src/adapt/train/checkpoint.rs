@@ -8,22 +8,46 @@ use candle_core::{Result, Tensor, Var};
 
 use super::*;
 
-/// Loss of one group and the gradients of `vars` (`None` where a var got none) from one
-/// backward pass over all of it. Returns the loss and the time spent in the forward pass.
+/// What one training step's pass gave.
+pub(super) struct Step {
+    /// The group's loss.
+    pub(super) loss: f64,
+    /// Each of `vars`' gradient (`None` where a var got none).
+    pub(super) grads: Vec<Option<Tensor>>,
+    /// Time spent in the forward pass.
+    pub(super) forward_ms: f64,
+    /// The mean loss of the examples the pass scored beside the group, if it scored any.
+    pub(super) scored: Option<f64>,
+}
+
+/// A training step's pass: the group `examples` trained on, `scored` ones only scored.
+pub(super) type Pass =
+    fn(&Decoder, Option<&dyn Adapter>, &[Var], &[&Example], &[&Example], bool) -> Result<Step>;
+
+/// Loss of one group and the gradients of `vars` from one backward pass over all of it;
+/// `scored` examples ride in the forward pass (their rows get no gradient).
 pub(super) fn one_pass_grads(
     dec: &Decoder,
     adapter: Option<&dyn Adapter>,
     vars: &[Var],
     examples: &[&Example],
+    scored: &[&Example],
     bf16: bool,
-) -> Result<(f64, Vec<Option<Tensor>>, f64)> {
+) -> Result<Step> {
     let tf = Instant::now();
     let sink = weight_sink(dec, adapter);
-    let (loss, lookup) = batch_loss_in(dec, adapter, examples, true, bf16, sink.as_ref())?;
+    let (loss, lookup, scored) =
+        batch_loss_in(dec, adapter, examples, scored, true, bf16, sink.as_ref())?;
     let value = scalar(&loss)?;
     let forward_ms = tf.elapsed().as_secs_f64() * 1e3;
+    let mut step = Step {
+        loss: value,
+        grads: vec![None; vars.len()],
+        forward_ms,
+        scored,
+    };
     if !value.is_finite() {
-        return Ok((value, vec![None; vars.len()], forward_ms));
+        return Ok(step);
     }
     let store = loss.backward()?;
     if let (Some(lookup), Some(sink)) = (&lookup, &sink) {
@@ -31,12 +55,12 @@ pub(super) fn one_pass_grads(
             lookup.finish(dec, g, sink)?;
         }
     }
-    let mut grads: Vec<Option<Tensor>> = vars
+    step.grads = vars
         .iter()
         .map(|v| store.get(v.as_tensor()).cloned())
         .collect();
-    merge_sink(vars, &mut grads, sink.as_ref())?;
-    Ok((value, grads, forward_ms))
+    merge_sink(vars, &mut step.grads, sink.as_ref())?;
+    Ok(step)
 }
 
 /// Loss of one group and the gradients of `vars` (`None` where a var got none), with one
@@ -44,16 +68,17 @@ pub(super) fn one_pass_grads(
 /// block's input; the backward then rebuilds block `l` from its input and backpropagates the
 /// output's gradient `g` through it, as the gradient of the scalar `sum(block(x) * g)`. Costs
 /// one more forward pass; saves the activations of all blocks but one (gradient
-/// checkpointing, per block). Returns the loss and the time spent in the first forward.
+/// checkpointing, per block). `scored` examples ride in the first forward pass.
 pub(super) fn checkpointed_grads(
     dec: &Decoder,
     adapter: Option<&dyn Adapter>,
     vars: &[Var],
     examples: &[&Example],
+    scored: &[&Example],
     bf16: bool,
-) -> Result<(f64, Vec<Option<Tensor>>, f64)> {
+) -> Result<Step> {
     let tf = Instant::now();
-    let batch = Batch::new(dec, examples)?;
+    let batch = Batch::scoring(dec, examples, scored)?;
     let sink = weight_sink(dec, adapter);
     let opts = ForwardOpts {
         logits: Logits::None,
@@ -71,6 +96,7 @@ pub(super) fn checkpointed_grads(
         inputs.push(x);
         x = y;
     }
+    let scored = batch.scored_loss(dec, &x, &opts)?;
     let last = Var::from_tensor(&x)?;
     drop(x);
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
@@ -87,7 +113,12 @@ pub(super) fn checkpointed_grads(
     let forward_ms = tf.elapsed().as_secs_f64() * 1e3;
     // A non-finite loss aborts the adaptation: no use rebuilding the blocks for it.
     let Some(mut g) = g.filter(|_| loss.is_finite()) else {
-        return Ok((loss, grads, forward_ms));
+        return Ok(Step {
+            loss,
+            grads,
+            forward_ms,
+            scored,
+        });
     };
     while let Some(input) = inputs.pop() {
         let l = inputs.len();
@@ -108,7 +139,12 @@ pub(super) fn checkpointed_grads(
         _ => {}
     }
     merge_sink(vars, &mut grads, sink.as_ref())?;
-    Ok((loss, grads, forward_ms))
+    Ok(Step {
+        loss,
+        grads,
+        forward_ms,
+        scored,
+    })
 }
 
 /// Loss of one group of examples and the gradients of `vars` (zeros where a var got none):
@@ -121,12 +157,12 @@ pub(crate) fn group_grads(
     recompute: bool,
     bf16: bool,
 ) -> Result<(f64, Vec<Tensor>)> {
-    let pass = if recompute {
+    let pass: Pass = if recompute {
         checkpointed_grads
     } else {
         one_pass_grads
     };
-    let (loss, grads, _) = pass(dec, adapter, vars, group, bf16)?;
+    let Step { loss, grads, .. } = pass(dec, adapter, vars, group, &[], bf16)?;
     let grads = vars
         .iter()
         .zip(grads)

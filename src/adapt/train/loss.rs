@@ -28,6 +28,9 @@ pub(super) struct Batch {
     /// Target rows whose logits one chunk computes where the fused head loss does not apply
     /// ([`logit_rows`]).
     pub(super) logit_rows: usize,
+    /// `rows[..trained]` belong to the loss that is trained; the rest to examples that are
+    /// only scored in the same pass ([`Batch::scoring`]), their weights a mean of their own.
+    pub(super) trained: usize,
 }
 
 /// Takes what one backward pass gave the trained variables.
@@ -124,13 +127,29 @@ pub(super) const FUSED_ROWS: usize = 64;
 impl Batch {
     /// Sequences are right-padded: causal attention keeps padding from reaching real positions.
     pub(super) fn new(dec: &Decoder, examples: &[&Example]) -> Result<Self> {
+        Self::scoring(dec, examples, &[])
+    }
+
+    /// `trained` examples, whose loss is trained, and after them in the same batch `scored`
+    /// ones, whose loss ([`Batch::scored_loss`]) is only read: one pass for both.
+    pub(super) fn scoring(
+        dec: &Decoder,
+        trained: &[&Example],
+        scored: &[&Example],
+    ) -> Result<Self> {
         let dev = dec.device();
-        let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
-        if examples.is_empty() || t == 0 {
+        let examples = || trained.iter().chain(scored);
+        let t = examples().map(|e| e.ids.len()).max().unwrap_or(0);
+        if trained.is_empty() || t == 0 {
             candle_core::bail!("no examples to score");
         }
         let (mut ids, mut rows, mut targets, mut weights) = (vec![], vec![], vec![], vec![]);
-        for (b, ex) in examples.iter().enumerate() {
+        let mut trained_rows = 0;
+        for (b, ex) in examples().enumerate() {
+            let part = match b < trained.len() {
+                true => trained.len(),
+                false => scored.len(),
+            };
             ids.extend_from_slice(&ex.ids);
             ids.extend(std::iter::repeat_n(0u32, t - ex.ids.len()));
             let n = ex.ids.len() - ex.suffix_start;
@@ -138,15 +157,19 @@ impl Batch {
                 // Position pos - 1 predicts token pos.
                 rows.push((b * t + pos - 1) as u32);
                 targets.push(ex.ids[pos]);
-                weights.push(1.0 / (n * examples.len()) as f64);
+                weights.push(1.0 / (n * part) as f64);
+            }
+            if b + 1 == trained.len() {
+                trained_rows = rows.len();
             }
         }
         Ok(Self {
-            ids: Tensor::from_vec(ids, (examples.len(), t), dev)?,
+            ids: Tensor::from_vec(ids, (trained.len() + scored.len(), t), dev)?,
             rows,
             targets,
             weights,
             logit_rows: logit_rows(dev.is_cpu(), dec.config().vocab_size),
+            trained: trained_rows,
         })
     }
 
@@ -171,17 +194,17 @@ impl Batch {
         (picked * weights)?.sum_all()?.neg()
     }
 
-    /// The loss of the target rows from `start`, and where the next chunk starts: up to
-    /// [`FUSED_ROWS`] at once through the fused head loss where it applies, else
-    /// `logit_rows` rows of logits.
+    /// The loss of the target rows from `start` (before `n`), and where the next chunk
+    /// starts: up to [`FUSED_ROWS`] at once through the fused head loss where it applies,
+    /// else `logit_rows` rows of logits.
     pub(super) fn chunk_loss(
         &self,
         dec: &Decoder,
         x: &Tensor,
         start: usize,
+        n: usize,
         opts: &ForwardOpts,
     ) -> Result<(Tensor, usize)> {
-        let n = self.rows.len();
         let fused = start..(start + FUSED_ROWS).min(n);
         let rows = self.rows(fused.clone())?;
         let (targets, weights) = (&self.targets[fused.clone()], &self.weights[fused.clone()]);
@@ -204,8 +227,8 @@ impl Batch {
         mut collect: Option<&mut CollectGrads>,
     ) -> Result<(f64, Option<Tensor>)> {
         let (mut total, mut gx, mut start) = (0.0, None::<Tensor>, 0);
-        while start < self.rows.len() {
-            let (loss, next) = self.chunk_loss(dec, x, start, opts)?;
+        while start < self.trained {
+            let (loss, next) = self.chunk_loss(dec, x, start, self.trained, opts)?;
             start = next;
             total += scalar(&loss)?;
             if let Some(collect) = collect.as_mut() {
@@ -227,8 +250,8 @@ impl Batch {
         opts: &ForwardOpts,
     ) -> Result<Tensor> {
         let (mut total, mut start) = (None::<Tensor>, 0);
-        while start < self.rows.len() {
-            let (loss, next) = self.chunk_loss(dec, x, start, opts)?;
+        while start < self.trained {
+            let (loss, next) = self.chunk_loss(dec, x, start, self.trained, opts)?;
             start = next;
             total = Some(match total {
                 Some(t) => (t + loss)?,
@@ -236,6 +259,32 @@ impl Batch {
             });
         }
         total.ok_or_else(|| candle_core::Error::Msg("no target rows".into()))
+    }
+
+    /// The scored examples' mean loss from the last block's output `x`, outside the graph
+    /// (nothing of it is trained); `None` when the batch scores none.
+    pub(super) fn scored_loss(
+        &self,
+        dec: &Decoder,
+        x: &Tensor,
+        opts: &ForwardOpts,
+    ) -> Result<Option<f64>> {
+        let n = self.rows.len();
+        if self.trained == n {
+            return Ok(None);
+        }
+        // A trained head's gradient sink is the trained loss's.
+        let opts = ForwardOpts {
+            weight_grads: None,
+            ..*opts
+        };
+        let (x, mut total, mut start) = (x.detach(), 0.0, self.trained);
+        while start < n {
+            let (loss, next) = self.chunk_loss(dec, &x, start, n, &opts)?;
+            total += scalar(&loss)?;
+            start = next;
+        }
+        Ok(Some(total))
     }
 }
 
@@ -247,20 +296,22 @@ pub fn batch_loss(
     examples: &[&Example],
     differentiable: bool,
 ) -> Result<Tensor> {
-    Ok(batch_loss_in(dec, adapter, examples, differentiable, false, None)?.0)
+    Ok(batch_loss_in(dec, adapter, examples, &[], differentiable, false, None)?.0)
 }
 
 /// [`batch_loss`], with frozen-weight products in bf16 when `bf16`, and trained weights'
-/// gradients into `sink` (with the lookup whose gradient goes there too).
+/// gradients into `sink` (with the lookup whose gradient goes there too); `scored` examples
+/// ride in the same pass, and their mean loss comes back beside (see [`Batch::scoring`]).
 pub(super) fn batch_loss_in(
     dec: &Decoder,
     adapter: Option<&dyn Adapter>,
     examples: &[&Example],
+    scored: &[&Example],
     differentiable: bool,
     bf16: bool,
     sink: Option<&Arc<WeightGrads>>,
-) -> Result<(Tensor, Option<Lookup>)> {
-    let batch = Batch::new(dec, examples)?;
+) -> Result<(Tensor, Option<Lookup>, Option<f64>)> {
+    let batch = Batch::scoring(dec, examples, scored)?;
     let opts = ForwardOpts {
         logits: Logits::None,
         differentiable,
@@ -273,7 +324,8 @@ pub(super) fn batch_loss_in(
     for l in 0..dec.num_blocks() {
         x = dec.block_step(l, &x, &opts)?;
     }
-    Ok((batch.head_loss(dec, &x, &opts)?, lookup))
+    let loss = batch.head_loss(dec, &x, &opts)?;
+    Ok((loss, lookup, batch.scored_loss(dec, &x, &opts)?))
 }
 
 pub(super) fn scalar(t: &Tensor) -> Result<f64> {

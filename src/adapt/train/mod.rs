@@ -46,6 +46,9 @@ pub struct TrainParams {
     pub recompute: bool,
     /// Rebuild them on a GPU too (see [`TrainParams::rebuilds_on`]).
     pub recompute_on_gpu: bool,
+    /// Off the CPU, score the pairs outside the first step's group in that step's forward
+    /// pass (see [`TrainParams::scores_in_first_step`]).
+    pub score_in_first_step: bool,
     /// Frozen-weight products in bf16 where the CPU has native bf16 dot products.
     pub bf16: bool,
     /// Checked before every optimiser step: a request whose client left, or whose deadline
@@ -60,6 +63,16 @@ impl TrainParams {
     /// are what a GPU's training step spends its time on.
     pub fn rebuilds_on(&self, device: &candle_core::Device) -> bool {
         self.recompute && (device.is_cpu() || self.recompute_on_gpu)
+    }
+
+    /// Whether the loss before adaptation of the pairs outside the first step's group is
+    /// taken in that step's forward pass (they ride in its batch, and their rows get no
+    /// gradient) rather than in a pass of their own: off the CPU, with `score_in_first_step`.
+    /// A GPU's pass costs launches, the same for a few more rows, so that is one pass fewer
+    /// of the four a default adaptation runs; on the CPU a pass costs arithmetic, and those
+    /// rows' share of the backward pass would be more than their forward pass alone.
+    pub fn scores_in_first_step(&self, device: &candle_core::Device) -> bool {
+        self.score_in_first_step && !device.is_cpu()
     }
 }
 
@@ -118,6 +131,23 @@ fn train(
     report: &mut TtaReport,
     t0: Instant,
 ) -> Result<bool> {
+    let merged = p.scores_in_first_step(dec.device());
+    train_scoring(dec, adapter, vars, examples, p, report, t0, merged)
+}
+
+/// [`train`], the first step's forward pass scoring the pairs outside its group when
+/// `merged` ([`TrainParams::scores_in_first_step`]).
+#[allow(clippy::too_many_arguments)]
+fn train_scoring(
+    dec: &Decoder,
+    adapter: Option<&dyn Adapter>,
+    vars: &[Var],
+    examples: &[Example],
+    p: &TrainParams,
+    report: &mut TtaReport,
+    t0: Instant,
+    merged: bool,
+) -> Result<bool> {
     let accum = p.grad_accum.max(1);
     let steps = p.steps.unwrap_or(examples.len().div_ceil(accum));
     // The first step's forward scores pairs 0..accum on the unadapted model, which is what
@@ -132,9 +162,15 @@ fn train(
     if first == 0 {
         report.loss_before = Some(mean_loss_in(dec, adapter, examples, p.bf16)?);
     }
-    let rest_before = match &examples[first..] {
-        rest if first == 0 || rest.is_empty() => 0.0,
-        rest => mean_loss_in(dec, adapter, rest, p.bf16)?,
+    // The others' loss: in the first step's pass where `merged`, else in a pass of their own.
+    let rest: Vec<&Example> = match first {
+        0 => vec![],
+        _ => examples[first..].iter().collect(),
+    };
+    let merged = merged && !rest.is_empty();
+    let rest_before = match rest.is_empty() || merged {
+        true => 0.0,
+        false => mean_loss_in(dec, adapter, &examples[first..], p.bf16)?,
     };
     let mut opt = FastAdamW::new(
         vars.to_vec(),
@@ -173,16 +209,22 @@ fn train(
             a.begin_step(Some(p.seed.wrapping_add(report.steps as u64)));
         }
         let tf = Instant::now();
-        let pass = if p.rebuilds_on(dec.device()) {
+        let pass: Pass = if p.rebuilds_on(dec.device()) {
             checkpointed_grads
         } else {
             one_pass_grads
         };
-        let (value, grads, fwd) = pass(dec, adapter, vars, &group, p.bf16)?;
+        let scored = match merged && report.steps == 0 {
+            true => rest.as_slice(),
+            false => &[],
+        };
+        let step = pass(dec, adapter, vars, &group, scored, p.bf16)?;
+        let (value, grads, fwd) = (step.loss, step.grads, step.forward_ms);
         report.forward_ms += fwd;
         report.backward_ms += tf.elapsed().as_secs_f64() * 1e3 - fwd;
         if report.steps == 0 && first > 0 {
             let n = examples.len() as f64;
+            let rest_before = step.scored.unwrap_or(rest_before);
             report.loss_before =
                 Some((value * first as f64 + rest_before * (n - first as f64)) / n);
         }

@@ -202,6 +202,7 @@ fn params(lr: f64, steps: usize) -> TrainParams {
         time_budget_ms: None,
         recompute: false,
         recompute_on_gpu: false,
+        score_in_first_step: true,
         bf16: false,
         cancel: Default::default(),
     }
@@ -260,7 +261,8 @@ fn recomputed(
     ex: &[Example],
 ) -> (f64, Vec<Tensor>) {
     let refs: Vec<&Example> = ex.iter().collect();
-    let (loss, grads, _) = checkpointed_grads(dec, adapter, vars, &refs, false).unwrap();
+    let step = checkpointed_grads(dec, adapter, vars, &refs, &[], false).unwrap();
+    let (loss, grads) = (step.loss, step.grads);
     let grads = grads
         .into_iter()
         .map(|g| g.expect("recompute left a variable without a gradient"))
@@ -403,8 +405,10 @@ fn weight_gradients_gathered_outside_candle_equal_candles() {
         let refs: Vec<&Example> = ex.iter().collect();
         let vars: Vec<Var> = vars.into_values().collect();
         let (l0, g0) = plain_grads(dec, None, &vars, &ex);
-        for pass in [one_pass_grads, checkpointed_grads] {
-            let (l, g, _) = pass(dec, None, &vars, &refs, false).unwrap();
+        for pass in [one_pass_grads as Pass, checkpointed_grads] {
+            let Step {
+                loss: l, grads: g, ..
+            } = pass(dec, None, &vars, &refs, &[], false).unwrap();
             assert!((l - l0).abs() < 1e-5 * l0.abs(), "{arch:?}: {l} vs {l0}");
             let g: Vec<Tensor> = g
                 .into_iter()
@@ -678,4 +682,135 @@ fn global_norm_of_large_gradients_matches_an_f64_sum() {
         .sqrt();
     let norm = global_norm(&g).unwrap();
     assert!((norm - exact).abs() < 1e-9 * exact, "{norm} vs {exact}");
+}
+
+/// [`two_examples`] and a third, longer than both, so scoring it pads the group's batch.
+fn three_examples(model: &Model) -> Vec<Example> {
+    let long = Pair {
+        prefix: "plants need water, light and carbon dioxide".into(),
+        suffix: "to make their food by photosynthesis in their leaves.".into(),
+    };
+    let mut ex = two_examples(model);
+    ex.push(encode_pair(model, &long, None, 128).unwrap().unwrap());
+    assert!(ex[2].ids.len() > ex[0].ids.len().max(ex[1].ids.len()));
+    ex
+}
+
+/// A LoRA whose factors are all non-zero, so every one has a gradient.
+fn filled_lora(model: &Model) -> Lora {
+    let cfg = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        targets: vec![Target::Q, Target::V],
+        dropout: 0.0,
+    };
+    let lora = Lora::new(model.decoder.config(), &cfg, 1, &Device::Cpu, DType::F32).unwrap();
+    for v in lora.vars() {
+        let vals: Vec<f32> = (0..v.elem_count())
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.01)
+            .collect();
+        v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    lora
+}
+
+/// Pairs scored in a training pass beside its group leave the group's loss and gradients as
+/// they are, and get the loss a pass of their own gives them: LoRA and full scope (whose
+/// trained head's gradient sink the scored rows must not reach), kept and rebuilt activations.
+#[test]
+fn pairs_scored_in_a_training_pass_leave_its_loss_and_gradients_alone() {
+    let lora_model = tiny32(Arch::Llama);
+    let lora = filled_lora(&lora_model);
+    let (full_model, full_vars) = trainable_model_in(Arch::Llama, DType::F32);
+    let full_vars: Vec<Var> = full_vars.into_values().collect();
+    let cases: [(&Model, Option<&dyn Adapter>, Vec<Var>); 2] = [
+        (&lora_model, Some(&lora), lora.vars()),
+        (&full_model, None, full_vars),
+    ];
+    for (model, adapter, vars) in cases {
+        let dec = &model.decoder;
+        let ex = three_examples(model);
+        let group: Vec<&Example> = ex[..2].iter().collect();
+        let rest: Vec<&Example> = ex[2..].iter().collect();
+        let alone = mean_loss(dec, adapter, &ex[2..]).unwrap();
+        for pass in [one_pass_grads as Pass, checkpointed_grads] {
+            let plain = pass(dec, adapter, &vars, &group, &[], false).unwrap();
+            let merged = pass(dec, adapter, &vars, &group, &rest, false).unwrap();
+            let case = format!("adapter {}", adapter.is_some());
+            assert_eq!(plain.scored, None, "{case}");
+            let scored = merged.scored.expect("the pass scored the third pair");
+            assert!(
+                (scored - alone).abs() < 1e-5 * alone,
+                "{case}: {scored} vs {alone}"
+            );
+            let (a, b) = (plain.loss, merged.loss);
+            assert!((a - b).abs() < 1e-5 * a, "{case}: {a} vs {b}");
+            assert!(
+                (a - scored).abs() > 1e-3,
+                "{case}: the third pair's loss is its own"
+            );
+            let grads = |s: Step| -> Vec<Tensor> {
+                s.grads
+                    .into_iter()
+                    .map(|g| g.expect("a gradient"))
+                    .collect()
+            };
+            let gap = grad_gap(&grads(plain), &grads(merged));
+            assert!(gap < 1e-5, "{case}: relative gap {gap}");
+        }
+    }
+}
+
+/// An adaptation whose first step also scores the other pairs reports the loss before and
+/// after that separate passes give, and trains the same adapter.
+#[test]
+fn scoring_in_the_first_step_adapts_as_a_pass_of_its_own_does() {
+    let model = tiny32(Arch::Llama);
+    let dec = &model.decoder;
+    let ex = three_examples(&model);
+    let p = params(1e-2, 2);
+    assert!(
+        !p.scores_in_first_step(&Device::Cpu),
+        "the CPU takes the separate pass"
+    );
+    let run = |merged: bool| {
+        let lora = Lora::new(dec.config(), &p.lora, p.seed, &Device::Cpu, DType::F32).unwrap();
+        let mut report = new_report("lora", &ex, PairSource::Sentences);
+        let t0 = Instant::now();
+        let ok = train_scoring(
+            dec,
+            Some(&lora),
+            &lora.vars(),
+            &ex,
+            &p,
+            &mut report,
+            t0,
+            merged,
+        )
+        .unwrap();
+        assert!(ok, "{report:?}");
+        (lora, report)
+    };
+    let (a, separate) = run(false);
+    let (b, merged) = run(true);
+    assert_eq!((separate.steps, merged.steps), (2, 2));
+    let close = |x: Option<f64>, y: Option<f64>| {
+        let (x, y) = (x.unwrap(), y.unwrap());
+        assert!((x - y).abs() < 1e-5 * x.abs(), "{x} vs {y}");
+    };
+    close(separate.loss_before, merged.loss_before);
+    close(separate.loss_after, merged.loss_after);
+    assert!(merged.loss_after.unwrap() < merged.loss_before.unwrap() - 1e-3);
+    let gap = grad_gap(
+        &a.vars()
+            .iter()
+            .map(|v| v.as_tensor().clone())
+            .collect::<Vec<_>>(),
+        &b.vars()
+            .iter()
+            .map(|v| v.as_tensor().clone())
+            .collect::<Vec<_>>(),
+    );
+    assert!(gap < 1e-4, "the adapters differ: relative gap {gap}");
 }
