@@ -1,0 +1,151 @@
+//! The GPU check (`scripts/gpu/check.sh`) run here with stand-ins for the binary, Python and
+//! `nvidia-smi`: every command line it would run on a GPU machine parses, and every config
+//! file it writes loads, so a GPU machine's few minutes are not lost to a renamed flag or a
+//! misspelt key. What the commands measure needs the GPU itself.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+use clap::Parser;
+use ttarag::cli::Cli;
+use ttarag::config::Config;
+
+/// A stand-in that records its arguments, NUL-separated, one file per call, in `$CALLS`.
+const RECORDER: &str = r#"#!/usr/bin/env bash
+n=$(find "$CALLS" -type f | wc -l)
+printf '%s\0' "$(basename "$0")" "$@" > "$CALLS/$(printf %05d "$n")"
+echo "stand-in output"
+echo "stand-in answer"
+"#;
+
+fn write_exec(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn every_command_of_the_gpu_check_parses_and_every_config_it_writes_loads() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let (root, calls, bin, out) = (
+        dir.path(),
+        dir.path().join("calls"),
+        dir.path().join("bin"),
+        dir.path().join("out"),
+    );
+    std::fs::create_dir_all(&calls).unwrap();
+    // The script runs `.gpu/ttarag` from the working directory, and Python and nvidia-smi
+    // from the PATH.
+    write_exec(&root.join(".gpu/ttarag"), RECORDER);
+    for tool in ["python3", "nvidia-smi"] {
+        write_exec(&bin.join(tool), RECORDER);
+    }
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let run = Command::new("bash")
+        .arg(repo.join("scripts/gpu/check.sh"))
+        .arg(&out)
+        .arg("all")
+        .current_dir(root)
+        .env("PATH", path)
+        .env("CALLS", &calls)
+        // The config files it writes (mktemp) land here, and go with the test's folder.
+        .env("TMPDIR", root)
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(out.join("log")).unwrap_or_default();
+    assert!(
+        run.status.success(),
+        "check.sh failed: {}\n{log}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(log.ends_with("== done\n"), "{log}");
+    assert!(!log.contains("FAILED"), "{log}");
+
+    let mut files: Vec<_> = std::fs::read_dir(&calls)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let (mut kinds, mut configs, mut scripts) = (BTreeSet::new(), 0, BTreeSet::new());
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        let args: Vec<String> = bytes
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8(a.to_vec()).unwrap())
+            .collect();
+        match args[0].as_str() {
+            "ttarag" => {
+                let cli = Cli::try_parse_from(&args)
+                    .unwrap_or_else(|e| panic!("`{}` does not parse: {e}", args.join(" ")));
+                if let Some(c) = &cli.config {
+                    Config::from_file(c).unwrap_or_else(|e| {
+                        panic!("`{}`: its config does not load: {e:#}", args.join(" "))
+                    });
+                    configs += 1;
+                }
+                // The subcommand, with a bench's first flag or an index command's own
+                // subcommand: what kind of run this is.
+                let sub = cli_kind(&cli);
+                let next = args.iter().skip_while(|a| **a != sub).nth(1);
+                kinds.insert(match (sub.as_str(), next) {
+                    ("bench" | "index", Some(next)) => format!("{sub} {next}"),
+                    _ => sub,
+                });
+            }
+            "python3" => {
+                // The scripts it hands to Python exist.
+                let script = args
+                    .iter()
+                    .find(|a| a.ends_with(".py"))
+                    .unwrap_or_else(|| panic!("python3 without a script: {args:?}"));
+                assert!(
+                    repo.join(script).is_file(),
+                    "{script} is not in the repository"
+                );
+                scripts.insert(script.clone());
+            }
+            "nvidia-smi" => {}
+            other => panic!("unexpected tool {other}"),
+        }
+    }
+    for want in [
+        "bench --kernels",
+        "bench --query",
+        "bench --batch",
+        "bench --load",
+        "bench --runs",
+        "ask",
+        "index build",
+    ] {
+        assert!(kinds.contains(want), "no `{want}` among {kinds:?}");
+    }
+    assert!(
+        configs >= 20,
+        "only {configs} runs with a config of their own"
+    );
+    for want in [
+        "scripts/gpu/random_weights.py",
+        "scripts/reference/query_reference.py",
+    ] {
+        assert!(scripts.contains(want), "{want} never ran: {scripts:?}");
+    }
+}
+
+/// The subcommand's name (with an index command's own subcommand).
+fn cli_kind(cli: &Cli) -> String {
+    use ttarag::cli::Command as C;
+    match &cli.command {
+        C::Serve(_) => "serve",
+        C::Index(_) => "index",
+        C::Ask(_) => "ask",
+        C::Bench(_) => "bench",
+        C::Eval(_) => "eval",
+        C::Gate(_) => "gate",
+        C::Model(_) => "model",
+    }
+    .to_string()
+}
