@@ -475,12 +475,14 @@ pub fn greedy_pick(
     compare(name, dev, 1e-6, steps, &kernel, &per_row)
 }
 
-/// The LoRA-add kernel against the composed delta: `rows` decode rows of the hidden width,
-/// one adapter shared (`rows` = 1) or one per row (gathered), rank 8, in `dtype`.
+/// The LoRA-add kernel against the composed delta: `rows` sequences of `positions` (a decode
+/// step's rows, or a prefill chunk's positions) of the hidden width, one adapter shared
+/// (`rows` = 1) or one per row (gathered), rank 8, in `dtype`.
 #[cfg(feature = "cuda")]
 pub fn lora_add(
     dec: &Decoder,
     rows: usize,
+    positions: usize,
     dtype: DType,
     steps: usize,
 ) -> anyhow::Result<KernelCheck> {
@@ -493,9 +495,9 @@ pub fn lora_add(
     let cache = Gathered::default();
     let per_row = PerRow::with_cache(adapters, &cache);
     let adapter: &dyn Adapter = if rows == 1 { &loras[0] } else { &per_row };
-    let x = Tensor::randn(0f32, 1.0, (rows, 1, h), dev)?.to_dtype(dtype)?;
+    let x = Tensor::randn(0f32, 1.0, (rows, positions, h), dev)?.to_dtype(dtype)?;
     // The projection's output as a part of a joint product, read where it lies.
-    let y = Tensor::randn(0f32, 1.0, (rows, 1, 2 * h), dev)?
+    let y = Tensor::randn(0f32, 1.0, (rows, positions, 2 * h), dev)?
         .to_dtype(dtype)?
         .narrow(2, h, h)?;
     let kernel = || -> candle_core::Result<Vec<Tensor>> {
@@ -509,7 +511,8 @@ pub fn lora_add(
         let d = adapter.delta(0, Target::Q, &x)?.expect("a delta on q");
         Ok(vec![(&y + d)?])
     };
-    let name = format!("lora add ({rows} rows, rank 8, {dtype:?}, relative)");
+    let name =
+        format!("lora add ({rows} rows x {positions} positions, rank 8, {dtype:?}, relative)");
     compare(name, dev, tolerance(dtype), steps, &kernel, &composed)
 }
 
@@ -744,9 +747,20 @@ pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
             out.push(decode_attention(dec, rows, 1000, dtype, steps)?);
             #[cfg(feature = "cuda")]
             if dev.is_cuda() {
-                out.push(lora_add(dec, rows, dtype, steps)?);
+                out.push(lora_add(dec, rows, 1, dtype, steps)?);
                 out.extend(decode_fusions(dec, rows, dtype, steps)?);
             }
+        }
+        // A prefill chunk's delta (and a loss pass's), one adapter for every position.
+        #[cfg(feature = "cuda")]
+        if dev.is_cuda() {
+            out.push(lora_add(
+                dec,
+                1,
+                crate::generate::PREFILL_CHUNK,
+                dtype,
+                steps,
+            )?);
         }
     }
     if dec.device_steps_serve(1000 + 7 * 8 + steps + 2) {

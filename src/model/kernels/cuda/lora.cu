@@ -1,6 +1,6 @@
-// A LoRA delta added to a projection's output in one launch, for the few rows of a decode
-// step: y' = y + s_i B_i (A_i x) for row i, each row with its own adapter (as Punica's BGMV
-// and S-LoRA's gathered kernels do) or all rows with one. Composed from candle's ops that is
+// A LoRA delta added to a projection's output in one launch, for the rows of a decode step
+// or every position of a prefill chunk: y' = y + s_i B_i (A_i x) for row i, each row with its
+// own adapter (as Punica's BGMV and S-LoRA's gathered kernels do) or all rows with one. Composed from candle's ops that is
 // two products, a scale and an add per projection. One block per row: the rank-r "shrink"
 // A x into shared memory, then the "expand" B h added to y. Sums in f32, in a fixed order.
 //

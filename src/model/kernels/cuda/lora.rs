@@ -1,6 +1,7 @@
-//! A LoRA delta added to a projection's output in one launch (`lora.cu`), for the few rows of
-//! a decode step, each row with its own adapter (gathered, BGMV-style) or all with one. The
-//! composed reference is two products, a scale and an add (`Adapter::delta`).
+//! A LoRA delta added to a projection's output in one launch (`lora.cu`): the rows of a decode
+//! step, each row with its own adapter (gathered, BGMV-style) or all with one, and every
+//! position of a prefill chunk or a loss pass with one. The composed reference is two
+//! products, a scale and an add (`Adapter::delta`), four launches or more per projection.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
@@ -11,16 +12,12 @@ use super::{abi, function, held_view};
 use crate::model::kernels::fused::LORA_MAX_RANK as MAX_RANK;
 use crate::model::kernels::rows::even_rows;
 
-/// Rows the kernel takes (a decode step's).
-pub const MAX_ROWS: usize = 64;
-
-/// Whether a decode step's `x` (`(batch, t, in)`) may take the kernel.
+/// Whether an inference pass's `x` (`(batch, t, in)`) may take the kernel. Any number of
+/// rows: each is a block of its own, whose work (`rank x (in + outs)` products, the factors
+/// read from cache) is small next to a launch, so a prefill chunk of 512 positions is one
+/// launch where the composed delta is four or more.
 pub fn applies(x: &Tensor) -> bool {
-    let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-    super::enabled()
-        && x.device().is_cuda()
-        && matches!(x.dtype(), DType::F32 | DType::BF16)
-        && rows <= MAX_ROWS
+    super::enabled() && x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16)
 }
 
 /// `y + scale B (A x)` for each row of `x` (`(batch, t, in)`), or `None` where the kernel does

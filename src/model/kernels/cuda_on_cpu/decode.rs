@@ -899,7 +899,8 @@ fn lora_case<T: Elem>(c: &Lora) {
     let b = elems::<T>(&values(adapters * outs * rank, 63, 1.0));
     let joint = elems::<T>(&values(rows * y_width, 64, 1.0));
     let scales = [0.5f32, -1.25, 2.0, 0.125, 3.0, -0.75];
-    let scales = &scales[..rows];
+    // Per-row scales for at most six rows; a shared adapter reads none.
+    let scales = &scales[..if per_row { rows } else { 0 }];
     // With per-row scales the shared scale must go unread: a value no row uses.
     let scale = if per_row { 99.0f32 } else { 0.75 };
     let (a_stride, b_stride) = if per_row {
@@ -985,6 +986,21 @@ fn lora_add_f32_shared_adapter() {
         per_row: false,
         y_width: 70,
         y_offset: 0,
+    });
+}
+
+/// A prefill chunk's positions (or a loss pass's rows) with one adapter: a block per row,
+/// as many as the rows.
+#[test]
+fn lora_add_f32_many_positions_one_adapter() {
+    lora_case::<f32>(&Lora {
+        rows: 150,
+        inp: 96,
+        outs: 48,
+        rank: 8,
+        per_row: false,
+        y_width: 96,
+        y_offset: 48,
     });
 }
 
