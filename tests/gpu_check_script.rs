@@ -1,6 +1,7 @@
-//! The GPU check (`scripts/gpu/check.sh`) run here with stand-ins for the binary, Python and
-//! `nvidia-smi`: every command line it would run on a GPU machine parses, and every config
-//! file it writes loads, so a GPU machine's few minutes are not lost to a renamed flag or a
+//! The GPU check (`scripts/gpu/check.sh`) and the reference run (`scripts/gpu/reference.sh`)
+//! run here with stand-ins for the binary, Python and `nvidia-smi`: every command line they
+//! would run on a GPU machine parses, every config file they write loads, and every Python
+//! script they name exists, so a GPU machine's few minutes are not lost to a renamed flag or a
 //! misspelt key. What the commands measure needs the GPU itself.
 
 use std::collections::BTreeSet;
@@ -26,18 +27,14 @@ fn write_exec(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-#[test]
-fn every_command_of_the_gpu_check_parses_and_every_config_it_writes_loads() {
+/// What running `script` (under `scripts/gpu/`) with `args` called: each call's tool and
+/// arguments, in order, and the script's standard output and error.
+fn calls_of(script: &str, args: &[&Path]) -> (Vec<Vec<String>>, String) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
-    let (root, calls, bin, out) = (
-        dir.path(),
-        dir.path().join("calls"),
-        dir.path().join("bin"),
-        dir.path().join("out"),
-    );
+    let (root, calls, bin) = (dir.path(), dir.path().join("calls"), dir.path().join("bin"));
     std::fs::create_dir_all(&calls).unwrap();
-    // The script runs `.gpu/ttarag` from the working directory, and Python and nvidia-smi
+    // The scripts run `.gpu/ttarag` from the working directory, and Python and nvidia-smi
     // from the PATH.
     write_exec(&root.join(".gpu/ttarag"), RECORDER);
     for tool in ["python3", "nvidia-smi"] {
@@ -45,31 +42,27 @@ fn every_command_of_the_gpu_check_parses_and_every_config_it_writes_loads() {
     }
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
     let run = Command::new("bash")
-        .arg(repo.join("scripts/gpu/check.sh"))
-        .arg(&out)
-        .arg("all")
+        .arg(repo.join("scripts/gpu").join(script))
+        .args(args)
         .current_dir(root)
         .env("PATH", path)
         .env("CALLS", &calls)
-        // The config files it writes (mktemp) land here, and go with the test's folder.
+        // The config files they write (mktemp) land here, and go with the test's folder.
         .env("TMPDIR", root)
         .output()
         .unwrap();
-    let log = std::fs::read_to_string(out.join("log")).unwrap_or_default();
-    assert!(
-        run.status.success(),
-        "check.sh failed: {}\n{log}",
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
         String::from_utf8_lossy(&run.stderr)
     );
-    assert!(log.ends_with("== done\n"), "{log}");
-    assert!(!log.contains("FAILED"), "{log}");
-
+    assert!(run.status.success(), "{script} failed:\n{output}");
     let mut files: Vec<_> = std::fs::read_dir(&calls)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     files.sort();
-    let (mut kinds, mut configs, mut scripts) = (BTreeSet::new(), 0, BTreeSet::new());
+    let mut out = vec![];
     for f in &files {
         let bytes = std::fs::read(f).unwrap();
         let args: Vec<String> = bytes
@@ -77,41 +70,63 @@ fn every_command_of_the_gpu_check_parses_and_every_config_it_writes_loads() {
             .filter(|a| !a.is_empty())
             .map(|a| String::from_utf8(a.to_vec()).unwrap())
             .collect();
-        match args[0].as_str() {
-            "ttarag" => {
-                let cli = Cli::try_parse_from(&args)
-                    .unwrap_or_else(|e| panic!("`{}` does not parse: {e}", args.join(" ")));
-                if let Some(c) = &cli.config {
-                    Config::from_file(c).unwrap_or_else(|e| {
-                        panic!("`{}`: its config does not load: {e:#}", args.join(" "))
-                    });
-                    configs += 1;
-                }
-                // The subcommand, with a bench's first flag or an index command's own
-                // subcommand: what kind of run this is.
-                let sub = cli_kind(&cli);
-                let next = args.iter().skip_while(|a| **a != sub).nth(1);
-                kinds.insert(match (sub.as_str(), next) {
-                    ("bench" | "index", Some(next)) => format!("{sub} {next}"),
-                    _ => sub,
+        // A config file is checked while the folder holding it lives.
+        check_call(repo, &args);
+        out.push(args);
+    }
+    (out, output)
+}
+
+/// One call a script made: a binary command line parses and its config loads; a Python
+/// script exists in the repository.
+fn check_call(repo: &Path, args: &[String]) {
+    match args[0].as_str() {
+        "ttarag" => {
+            let cli = Cli::try_parse_from(args)
+                .unwrap_or_else(|e| panic!("`{}` does not parse: {e}", args.join(" ")));
+            if let Some(c) = &cli.config {
+                Config::from_file(c).unwrap_or_else(|e| {
+                    panic!("`{}`: its config does not load: {e:#}", args.join(" "))
                 });
             }
-            "python3" => {
-                // The scripts it hands to Python exist.
-                let script = args
-                    .iter()
-                    .find(|a| a.ends_with(".py"))
-                    .unwrap_or_else(|| panic!("python3 without a script: {args:?}"));
-                assert!(
-                    repo.join(script).is_file(),
-                    "{script} is not in the repository"
-                );
-                scripts.insert(script.clone());
-            }
-            "nvidia-smi" => {}
-            other => panic!("unexpected tool {other}"),
         }
+        "python3" => {
+            let script = args
+                .iter()
+                .find(|a| a.ends_with(".py"))
+                .unwrap_or_else(|| panic!("python3 without a script: {args:?}"));
+            assert!(
+                repo.join(script).is_file(),
+                "{script} is not in the repository"
+            );
+        }
+        "nvidia-smi" => {}
+        other => panic!("unexpected tool {other}"),
     }
+}
+
+/// What kind of run a binary call is: its subcommand, with a bench's first flag or an index
+/// command's own subcommand.
+fn kind(args: &[String]) -> String {
+    let cli = Cli::try_parse_from(args).unwrap();
+    let sub = cli_kind(&cli);
+    let next = args.iter().skip_while(|a| **a != sub).nth(1);
+    match (sub.as_str(), next) {
+        ("bench" | "index", Some(next)) => format!("{sub} {next}"),
+        _ => sub,
+    }
+}
+
+#[test]
+fn every_command_of_the_gpu_check_parses_and_every_config_it_writes_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (calls, _) = calls_of("check.sh", &[&out, Path::new("all")]);
+    let log = std::fs::read_to_string(out.join("log")).unwrap();
+    assert!(log.ends_with("== done\n"), "{log}");
+    assert!(!log.contains("FAILED"), "{log}");
+    let binary: Vec<&Vec<String>> = calls.iter().filter(|c| c[0] == "ttarag").collect();
+    let kinds: BTreeSet<String> = binary.iter().map(|c| kind(c)).collect();
     for want in [
         "bench --kernels",
         "bench --query",
@@ -123,16 +138,44 @@ fn every_command_of_the_gpu_check_parses_and_every_config_it_writes_loads() {
     ] {
         assert!(kinds.contains(want), "no `{want}` among {kinds:?}");
     }
+    let configs = binary
+        .iter()
+        .filter(|c| c.contains(&"--config".into()))
+        .count();
     assert!(
         configs >= 20,
         "only {configs} runs with a config of their own"
     );
+    let scripts: BTreeSet<&String> = calls
+        .iter()
+        .filter(|c| c[0] == "python3")
+        .filter_map(|c| c.iter().find(|a| a.ends_with(".py")))
+        .collect();
     for want in [
         "scripts/gpu/random_weights.py",
         "scripts/reference/query_reference.py",
     ] {
-        assert!(scripts.contains(want), "{want} never ran: {scripts:?}");
+        assert!(
+            scripts.iter().any(|s| *s == want),
+            "{want} never ran: {scripts:?}"
+        );
     }
+}
+
+#[test]
+fn every_command_of_the_reference_run_parses_and_every_config_it_writes_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (calls, _) = calls_of("reference.sh", &[dir.path()]);
+    let tta = calls
+        .iter()
+        .filter(|c| c[0] == "ttarag" && kind(c) == "bench --tta")
+        .count();
+    assert_eq!(tta, 2, "a LoRA and a full run: {calls:?}");
+    let reference = calls
+        .iter()
+        .filter(|c| c.iter().any(|a| a == "scripts/reference/tta_reference.py"))
+        .count();
+    assert_eq!(reference, 2, "{calls:?}");
 }
 
 /// The subcommand's name (with an index command's own subcommand).
