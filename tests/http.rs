@@ -359,7 +359,7 @@ async fn models_health_and_metrics() {
         .unwrap();
     assert_eq!(v["status"], "ok");
 
-    post(&s.base, &ask("plants")).await;
+    let (_, answered) = post(&s.base, &ask("plants")).await;
     post(&s.base, &json!({"messages": []})).await;
     let text = c
         .get(format!("{}/metrics", s.base))
@@ -385,6 +385,18 @@ async fn models_health_and_metrics() {
         text.contains("ttarag_tokens_total{kind=\"prompt\"}"),
         "{text}"
     );
+    // One answer alone: a decode step per token after its first, no step graph on the CPU.
+    let tokens = answered["usage"]["completion_tokens"].as_u64().unwrap();
+    for (series, want) in [
+        ("ttarag_decode_steps_total", tokens - 1),
+        ("ttarag_decode_step_graphs_total", 0),
+        ("ttarag_decode_steps_replayed_total", 0),
+    ] {
+        assert!(
+            text.contains(&format!("\n{series} {want}\n")),
+            "{series}: {text}"
+        );
+    }
 }
 
 #[tokio::test]

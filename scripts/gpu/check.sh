@@ -101,9 +101,11 @@ if [ "$parts" != big ]; then
     # 8 sequences, each its own LoRA, against one: decode throughput, each row alone and gathered.
     measure "batch 1 and 8 sequences, own LoRAs" "$bin" --config "$lora" --model "$small" --device cuda bench --batch 1,8 --lora --runs 3 $shape
     # Whole requests from 1 and 8 concurrent clients through the engine (8 stage workers, each
-    # request adapting its own LoRA in mode tta; the scheduler batches the answers): req/s, and
+    # request adapting its own LoRA in mode tta; the scheduler batches the answers): req/s,
     # whether each answer under 8 clients is the one it gave alone ("same answers": candle's
-    # threads share one cuBLAS handle across their streams, so a race would show there).
+    # threads share one cuBLAS handle across their streams, so a race would show there), and
+    # the step graphs captured per decode step (a capture per batch composition: what rows
+    # joining and leaving cost).
     idx=/tmp/ttarag-check-index
     run "$bin" --index-dir "$idx" index build --collection qasc --input index/samples/qasc/corpus.jsonl
     load=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\n[tta]\nscope = "lora"\n[server]\nworkers = 8')

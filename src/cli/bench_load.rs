@@ -13,7 +13,8 @@ use anyhow::Context;
 use super::usage::{cpu_seconds, peak_rss_mb, reset_peak_rss};
 use crate::config::Config;
 use crate::engine::{
-    resolve_tta, ChatJob, Engine, EngineConfig, RagMode, RagParams, Timings, TtaOverrides,
+    resolve_tta, ChatJob, DecodeCounts, Engine, EngineConfig, RagMode, RagParams, Timings,
+    TtaOverrides,
 };
 use crate::eval::dataset::{load_questions, select, Part, Subset};
 use crate::eval::runner::complete;
@@ -42,6 +43,8 @@ struct Level {
     peak_rss_mb: Option<f64>,
     /// CPU seconds the process used during the level (every thread).
     cpu_s: Option<f64>,
+    /// The scheduler's decode steps during the level.
+    decode: DecodeCounts,
 }
 
 fn job(cfg: &Config, question: &str, mode: RagMode, seed: u64) -> anyhow::Result<ChatJob> {
@@ -184,6 +187,7 @@ pub fn run(
             let requests = (2 * c).max(8);
             reset_peak_rss();
             let cpu0 = cpu_seconds();
+            let decode0 = engine.health().decode_counts();
             let (wall_s, samples) = run_level(cfg, &engine, &questions, mode, c, requests)?;
             levels.push(Level {
                 mode: name,
@@ -192,6 +196,7 @@ pub fn run(
                 samples,
                 peak_rss_mb: peak_rss_mb(),
                 cpu_s: cpu0.zip(cpu_seconds()).map(|(a, b)| b - a),
+                decode: engine.health().decode_counts().since(decode0),
             });
             eprintln!("{name} x{c}: {requests} requests in {wall_s:.1} s");
         }
@@ -340,6 +345,24 @@ fn print_table(cfg: &Config, levels: &[Level]) {
             mean(&|s| s.timings.decode),
         );
     }
+    println!();
+    println!("The scheduler's decode steps (a step graph is made per batch composition; on a GPU each is a capture, and later steps of the same rows replay it):");
+    println!();
+    println!(
+        "| mode | clients | decode steps | step graphs made | steps replayed | steps per graph |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for l in levels {
+        let d = l.decode;
+        let per_graph = match d.graphs {
+            0 => "–".to_string(),
+            g => format!("{:.1}", d.steps as f64 / g as f64),
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {per_graph} |",
+            l.mode, l.clients, d.steps, d.graphs, d.replayed,
+        );
+    }
 }
 
 #[cfg(test)]
@@ -365,6 +388,7 @@ mod tests {
                 .collect(),
             peak_rss_mb: None,
             cpu_s: None,
+            decode: DecodeCounts::default(),
         }
     }
 

@@ -283,6 +283,34 @@ pub struct Health {
     running: AtomicUsize,
     /// Bytes their KV caches reserve.
     kv_bytes: AtomicUsize,
+    /// Decode steps the scheduler ran, step graphs it made (one per batch composition) and
+    /// steps that replayed a captured graph: how often the rows change under load, and what
+    /// that costs in captures.
+    decode_steps: AtomicU64,
+    step_graphs: AtomicU64,
+    replayed_steps: AtomicU64,
+}
+
+/// The scheduler's decode steps so far (see [`Health::decode_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecodeCounts {
+    /// Decode steps run (each one token of every row of a batch).
+    pub steps: u64,
+    /// Step graphs made, one per batch composition decoded through them.
+    pub graphs: u64,
+    /// Steps that replayed a captured graph (one launch), not their ops one by one.
+    pub replayed: u64,
+}
+
+impl DecodeCounts {
+    /// What happened between `earlier` and `self`.
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            steps: self.steps - earlier.steps,
+            graphs: self.graphs - earlier.graphs,
+            replayed: self.replayed - earlier.replayed,
+        }
+    }
 }
 
 impl Health {
@@ -308,6 +336,23 @@ impl Health {
 
     pub fn kv_bytes(&self) -> usize {
         self.kv_bytes.load(Ordering::SeqCst)
+    }
+
+    pub fn decode_counts(&self) -> DecodeCounts {
+        DecodeCounts {
+            steps: self.decode_steps.load(Ordering::SeqCst),
+            graphs: self.step_graphs.load(Ordering::SeqCst),
+            replayed: self.replayed_steps.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Counts a decode step; `made` when it made a step graph, `replayed` when it replayed one.
+    fn count_step(&self, made: bool, replayed: bool) {
+        self.decode_steps.fetch_add(1, Ordering::SeqCst);
+        self.step_graphs
+            .fetch_add(u64::from(made), Ordering::SeqCst);
+        self.replayed_steps
+            .fetch_add(u64::from(replayed), Ordering::SeqCst);
     }
 }
 

@@ -463,10 +463,14 @@ impl Scheduler {
         };
         let logits = match self.step_graphs {
             true => self.graph_step(key, &tokens, &mut caches, &opts)?,
-            false => self
-                .model
-                .decoder
-                .decode_step(&tokens, &mut caches, &opts)?,
+            false => {
+                let logits = self
+                    .model
+                    .decoder
+                    .decode_step(&tokens, &mut caches, &opts)?;
+                self.health.count_step(false, false);
+                logits
+            }
         };
         drop(caches);
         // The greedy rows' tokens in one op and one small copy (not a row of logits each),
@@ -525,22 +529,27 @@ impl Scheduler {
     ) -> candle_core::Result<Tensor> {
         let dec = &self.model.decoder;
         let mut held = self.graph.borrow_mut();
-        if held.as_ref().map(|(k, _)| k) != Some(&key) {
+        let made = held.as_ref().map(|(k, _)| k) != Some(&key);
+        if made {
             // The old graph goes first: it reads buffers (stacked factors) the new batch's
             // first step may replace.
             *held = None;
             let capacity = caches.iter().map(|c| c.capacity()).max().unwrap_or(0);
             if !dec.device_steps_serve(capacity) {
-                return dec.decode_step(tokens, caches, opts);
+                let out = dec.decode_step(tokens, caches, opts)?;
+                self.health.count_step(false, false);
+                return Ok(out);
             }
             // Admission sized each cache for its whole answer: no room to add.
             *held = Some((key, StepGraph::new(dec, caches, 1)?));
         }
         let (_, graph) = held.as_mut().expect("made above");
+        let replays = graph.captured();
         let out = graph.step(dec, tokens, caches, opts);
-        if out.is_err() {
+        match out.is_ok() {
+            true => self.health.count_step(made, replays),
             // The rows fail with the step; their graph goes with them.
-            *held = None;
+            false => *held = None,
         }
         out
     }

@@ -198,6 +198,10 @@ fn all_at_once(e: &Engine) -> (Vec<Completion>, usize) {
     (got, watch.join().unwrap())
 }
 
+/// Decode steps [`mixed_jobs`] take one at a time: each answer's tokens after its first
+/// (its budget: 6, 11, .., 31).
+const LONE_STEPS: u64 = 5 + 10 + 15 + 20 + 25 + 30;
+
 fn one_at_a_time() -> BatchLimits {
     BatchLimits {
         max_running: 1,
@@ -211,7 +215,7 @@ fn answers_are_the_same_alone_and_batched() {
     let chunked = |max_running| BatchLimits {
         max_running,
         prefill_chunk: 4,
-        max_batch_tokens: 6,
+        max_batch_tokens: 16,
         ..Default::default()
     };
     let alone = batch_engine(1, chunked(1), Faults::default());
@@ -232,6 +236,13 @@ fn answers_are_the_same_alone_and_batched() {
         assert_eq!(a.completion_tokens, b.completion_tokens, "answer {i}");
         assert_eq!(b.completion_tokens, 6 + 5 * i, "answer {i} ran its budget");
     }
+    // Alone, every token after an answer's first is a step of its own; batched, rows share
+    // steps. Without step graphs none is made.
+    let lone = alone.health().decode_counts();
+    assert_eq!(lone.steps, LONE_STEPS);
+    let shared = batched.health().decode_counts();
+    assert!(shared.steps < lone.steps, "{shared:?}");
+    assert_eq!((lone.graphs, shared.graphs, shared.replayed), (0, 0, 0));
     let h = batched.health();
     until("the batch to empty", || {
         h.running() == 0 && h.kv_bytes() == 0
@@ -265,6 +276,15 @@ fn step_graphs_answer_as_lone_steps_while_rows_join_and_leave_the_batch() {
         assert_eq!(a.text, b.text, "answer {i}");
         assert_eq!(b.completion_tokens, 6 + 5 * i, "answer {i} ran its budget");
     }
+    // A graph per batch composition: rows joined and left, so several, each serving a few
+    // steps; the CPU captures none, so no step replays.
+    let d = graphed.health().decode_counts();
+    assert_eq!(alone.health().decode_counts().steps, LONE_STEPS);
+    assert!(
+        d.steps < LONE_STEPS && d.graphs >= 2 && d.graphs < d.steps,
+        "{d:?}"
+    );
+    assert_eq!(d.replayed, 0);
     let h = graphed.health();
     until("the batch to empty", || {
         h.running() == 0 && h.kv_bytes() == 0

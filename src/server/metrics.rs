@@ -31,6 +31,9 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     pub worker_panics: IntCounter,
     pub jobs_cancelled: IntCounter,
+    pub decode_steps: IntCounter,
+    pub step_graphs: IntCounter,
+    pub replayed_steps: IntCounter,
     /// Serialises [`Metrics::observe_engine`], so two scrapes do not both add the same delta.
     observing: std::sync::Mutex<()>,
 }
@@ -175,6 +178,22 @@ impl Metrics {
             "Jobs a worker stopped early because their client went away",
         )
         .expect("metric");
+        let decode_steps = IntCounter::new(
+            "ttarag_decode_steps_total",
+            "Decode steps the scheduler ran (one token of every row of a batch)",
+        )
+        .expect("metric");
+        let step_graphs = IntCounter::new(
+            "ttarag_decode_step_graphs_total",
+            "Step graphs the scheduler made, one per batch composition (on a GPU each is a \
+             capture: a step run op by op, then recorded)",
+        )
+        .expect("metric");
+        let replayed_steps = IntCounter::new(
+            "ttarag_decode_steps_replayed_total",
+            "Decode steps that replayed a captured CUDA graph",
+        )
+        .expect("metric");
         let gate_seconds = prometheus::Histogram::with_opts(
             HistogramOpts::new(
                 "ttarag_gate_duration_seconds",
@@ -204,6 +223,9 @@ impl Metrics {
             Box::new(in_flight.clone()),
             Box::new(worker_panics.clone()),
             Box::new(jobs_cancelled.clone()),
+            Box::new(decode_steps.clone()),
+            Box::new(step_graphs.clone()),
+            Box::new(replayed_steps.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -229,6 +251,9 @@ impl Metrics {
             in_flight,
             worker_panics,
             jobs_cancelled,
+            decode_steps,
+            step_graphs,
+            replayed_steps,
             observing: std::sync::Mutex::new(()),
         }
     }
@@ -250,6 +275,14 @@ impl Metrics {
         let seen = self.jobs_cancelled.get();
         self.jobs_cancelled
             .inc_by(h.cancelled().saturating_sub(seen));
+        let d = h.decode_counts();
+        for (counter, now) in [
+            (&self.decode_steps, d.steps),
+            (&self.step_graphs, d.graphs),
+            (&self.replayed_steps, d.replayed),
+        ] {
+            counter.inc_by(now.saturating_sub(counter.get()));
+        }
     }
 
     /// The Prometheus text exposition.
