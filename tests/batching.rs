@@ -39,6 +39,19 @@ fn mixed() -> Vec<serde_json::Value> {
     out
 }
 
+/// The scheduler's decode steps so far (`/metrics`).
+async fn decode_steps(base: &str) -> u64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("ttarag_decode_steps_total ")?.parse().ok())
+        .expect("the decode step count")
+}
+
 fn config(max_running: usize) -> ttarag::config::Config {
     let mut cfg = ttarag::config::Config::default();
     cfg.server.max_running = max_running;
@@ -96,6 +109,13 @@ async fn a_mixed_batch_answers_as_each_request_would_alone() {
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let (peak, held) = watch.await.unwrap();
     assert!(peak > 1, "the requests never shared a batch");
+    // Running together is not yet decoding together: the batch took fewer decode steps than
+    // the same answers one at a time.
+    let (lone, shared) = (
+        decode_steps(&alone.base).await,
+        decode_steps(&batched.base).await,
+    );
+    assert!(shared < lone, "{shared} decode steps batched, {lone} alone");
     assert!(held > 0, "adaptations never showed in the memory budget");
     assert_eq!(got, want);
     // Every reservation came back once its request finished.
