@@ -121,24 +121,11 @@ fn new_report(scope: &'static str, examples: &[Example], source: PairSource) -> 
 }
 
 /// Trains `vars` (which `dec` and `adapter` read) on `examples`, measuring the suffix loss
-/// before and after. Returns `false` when adaptation must be discarded (non-finite loss).
-fn train(
-    dec: &Decoder,
-    adapter: Option<&dyn Adapter>,
-    vars: &[Var],
-    examples: &[Example],
-    p: &TrainParams,
-    report: &mut TtaReport,
-    t0: Instant,
-) -> Result<bool> {
-    let merged = p.scores_in_first_step(dec.device());
-    train_scoring(dec, adapter, vars, examples, p, report, t0, merged)
-}
-
-/// [`train`], the first step's forward pass scoring the pairs outside its group when
-/// `merged` ([`TrainParams::scores_in_first_step`]).
+/// before and after; with `merged`, the first step's forward pass also scores the pairs
+/// outside its group ([`TrainParams::scores_in_first_step`]). Returns `false` when
+/// adaptation must be discarded (non-finite loss).
 #[allow(clippy::too_many_arguments)]
-fn train_scoring(
+fn train(
     dec: &Decoder,
     adapter: Option<&dyn Adapter>,
     vars: &[Var],
@@ -287,14 +274,17 @@ pub fn adapt_lora(
         }
         None => &lora,
     };
+    let merged = p.scores_in_first_step(dec.device());
+    let vars = lora.vars();
     let ok = train(
         dec,
         Some(adapter),
-        &lora.vars(),
+        &vars,
         examples,
         p,
         &mut report,
         t0,
+        merged,
     )?;
     report.adapt_ms = t0.elapsed().as_secs_f64() * 1e3;
     Ok((ok.then_some(lora), report))
@@ -323,7 +313,8 @@ pub fn adapt_full(
         vars.push(v);
     }
     let copy = Decoder::load(dec.config(), weights)?;
-    let ok = train(&copy, None, &vars, examples, p, &mut report, t0)?;
+    let merged = p.scores_in_first_step(dec.device());
+    let ok = train(&copy, None, &vars, examples, p, &mut report, t0, merged)?;
     report.adapt_ms = t0.elapsed().as_secs_f64() * 1e3;
     Ok((ok.then_some(copy), report))
 }

@@ -778,7 +778,7 @@ fn scoring_in_the_first_step_adapts_as_a_pass_of_its_own_does() {
         let lora = Lora::new(dec.config(), &p.lora, p.seed, &Device::Cpu, DType::F32).unwrap();
         let mut report = new_report("lora", &ex, PairSource::Sentences);
         let t0 = Instant::now();
-        let ok = train_scoring(
+        let ok = train(
             dec,
             Some(&lora),
             &lora.vars(),
