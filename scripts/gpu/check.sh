@@ -38,7 +38,8 @@ bin=.gpu/ttarag
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 export RUST_LOG=warn PYTHONUNBUFFERED=1
 
-log() { echo "== $*" | tee -a "$out/log"; }
+# Each line says how far into the check it is: the device time a rerun of the rest would need.
+log() { echo "== [${SECONDS} s] $*" | tee -a "$out/log"; }
 # A step that hangs (a kernel that never ends) must not cost the steps after it: each has
 # STEP_TIMEOUT seconds (exit 124 when it ran out).
 step_timeout=${STEP_TIMEOUT:-150}
