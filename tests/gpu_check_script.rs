@@ -124,7 +124,10 @@ fn every_command_of_the_gpu_check_parses_and_every_config_it_writes_loads() {
     let (calls, _) = calls_of("check.sh", &[&out, Path::new("all")]);
     let log = std::fs::read_to_string(out.join("log")).unwrap();
     let last = log.lines().last().unwrap_or_default();
-    assert!(last.starts_with("== [") && last.ends_with(" s] done"), "{log}");
+    assert!(
+        last.starts_with("== [") && last.ends_with(" s] done"),
+        "{log}"
+    );
     assert!(!log.contains("FAILED"), "{log}");
     let binary: Vec<&Vec<String>> = calls.iter().filter(|c| c[0] == "ttarag").collect();
     let kinds: BTreeSet<String> = binary.iter().map(|c| kind(c)).collect();

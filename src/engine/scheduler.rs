@@ -214,7 +214,9 @@ impl Scheduler {
             seq.prompt.len(),
             dec.config().max_position_embeddings,
         ) {
-            Ok(d) => d,
+            // The scheduler's answers report no log-probability (the one-sequence loop's
+            // `select = confident` compares them).
+            Ok(d) => d.without_logprobs(),
             Err(e) => {
                 self.leave(&seq, Some(gen_error(e)));
                 return Admit::Refused;
@@ -478,8 +480,9 @@ impl Scheduler {
         let sampled: Vec<u32> = (0..rows.len() as u32)
             .filter(|&i| !rows[i as usize].decoding.greedy())
             .collect();
+        let logprobs = rows.iter().any(|a| a.decoding.logprobs());
         let picks = match sampled.len() < rows.len() {
-            true => greedy_picks(&logits)?,
+            true => greedy_picks(&logits, logprobs)?,
             false => vec![],
         };
         let mut host = host_rows(&logits, &sampled)?.into_iter();

@@ -28,6 +28,8 @@ pub struct Decoding {
     detok: IncrementalDecoder,
     budget: usize,
     produced: usize,
+    /// Whether the answer's log-probability is summed (see [`Self::without_logprobs`]).
+    logprobs: bool,
     logprob_sum: f64,
     text: String,
     finish: FinishReason,
@@ -69,10 +71,24 @@ impl Decoding {
             detok: IncrementalDecoder::new(),
             budget: params.max_tokens.min(context - prompt_len),
             produced: 0,
+            logprobs: true,
             logprob_sum: 0.0,
             text: String::new(),
             finish: FinishReason::Length,
         })
+    }
+
+    /// The same decoding without the answer's log-probability, for a caller that never reads
+    /// it ([`Self::logprob_sum`] stays 0): a greedy row on the CPU then costs its argmax, not
+    /// the log-softmax over the vocabulary beside it.
+    pub fn without_logprobs(mut self) -> Self {
+        self.logprobs = false;
+        self
+    }
+
+    /// Whether the answer's log-probability is summed.
+    pub fn logprobs(&self) -> bool {
+        self.logprobs
     }
 
     /// Most tokens this answer may produce: the KV cache needs room for them.
@@ -93,7 +109,8 @@ impl Decoding {
         self.finish
     }
 
-    /// Sum of the produced tokens' log-probabilities (an end-of-turn token included).
+    /// Sum of the produced tokens' log-probabilities (an end-of-turn token included); 0
+    /// [`Self::without_logprobs`].
     pub fn logprob_sum(&self) -> f64 {
         self.logprob_sum
     }
@@ -112,7 +129,7 @@ impl Decoding {
         }
         let pick = if self.greedy {
             // One small copy from the device instead of the row, twice.
-            greedy_picks(logits)?[0]
+            greedy_picks(logits, self.logprobs)?[0]
         } else {
             self.sample(&logits.to_dtype(DType::F32)?.to_vec1::<f32>()?)?
         };
@@ -136,10 +153,11 @@ impl Decoding {
     fn sample(&mut self, logits: &[f32]) -> Result<Pick, GenError> {
         let row = Tensor::from_slice(logits, logits.len(), &candle_core::Device::Cpu)?;
         let token = self.sampler.sample(&row)?;
-        Ok(Pick {
-            token,
-            logprob: logprob_at(logits, token as usize),
-        })
+        let logprob = match self.logprobs {
+            true => logprob_at(logits, token as usize),
+            false => f64::NAN,
+        };
+        Ok(Pick { token, logprob })
     }
 
     /// Takes `pick` (this row's [`greedy_picks`], or a sampled token and its log-probability)
@@ -151,7 +169,9 @@ impl Decoding {
         }
         let next = pick.token;
         self.produced += 1;
-        self.logprob_sum += pick.logprob;
+        if self.logprobs {
+            self.logprob_sum += pick.logprob;
+        }
         if model.eos_ids.contains(&next) {
             self.finish = FinishReason::Stop;
             let text = self.close(model)?;
@@ -227,6 +247,42 @@ mod tests {
                 tokens.len() > 1,
                 "the draws should differ ({temperature}, {top_p})"
             );
+        }
+    }
+
+    /// Without log-probabilities an answer is the same text, greedy or sampled: only the sum
+    /// is left out.
+    #[test]
+    fn an_answer_without_log_probabilities_is_the_same_answer() {
+        let model = crate::model::tiny::tiny_model(1).unwrap();
+        let vocab = model.decoder.config().vocab_size;
+        for temperature in [0.0, 0.9] {
+            let params = GenParams {
+                temperature,
+                top_p: 1.0,
+                seed: 5,
+                max_tokens: 12,
+                stop: vec![],
+            };
+            let mut with = Decoding::new(&params, 4, 64).unwrap();
+            let mut without = Decoding::new(&params, 4, 64).unwrap().without_logprobs();
+            assert!(with.logprobs() && !without.logprobs());
+            for step in 0..12u64 {
+                let row: Vec<f32> = (0..vocab)
+                    .map(|i| ((i as u64 * 31 + step * 17) % 97) as f32 / 9.0)
+                    .collect();
+                let t = Tensor::new(row.as_slice(), &candle_core::Device::Cpu).unwrap();
+                let (a, b) = (
+                    with.step(&model, &t).unwrap(),
+                    without.step(&model, &t).unwrap(),
+                );
+                assert_eq!(format!("{a:?}"), format!("{b:?}"), "step {step}");
+                if matches!(a, Next::Finished { .. }) {
+                    break;
+                }
+            }
+            assert_eq!(with.text(), without.text());
+            assert!(with.logprob_sum() < 0.0 && without.logprob_sum() == 0.0);
         }
     }
 }

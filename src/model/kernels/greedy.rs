@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 
-/// A row's greedy token and its log-probability.
+/// A row's greedy token and its log-probability (NaN where it was not asked for).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Pick {
     pub token: u32,
@@ -48,8 +48,10 @@ fn runs_on(dev: &Device) -> bool {
 }
 
 /// Each row's greedy pick from `logits` (`(rows, vocab)` or `(vocab,)`, f32 or bf16, on any
-/// device).
-pub fn greedy_picks(logits: &Tensor) -> Result<Vec<Pick>> {
+/// device). Without `logprobs` the CPU leaves each log-probability out (NaN): a row then
+/// costs its argmax alone, where the f64 log-softmax over the vocabulary is ten times that
+/// (a GPU computes it in the same pass either way).
+pub fn greedy_picks(logits: &Tensor, logprobs: bool) -> Result<Vec<Pick>> {
     let logits = match logits.rank() {
         1 => logits.unsqueeze(0)?,
         _ => logits.clone(),
@@ -66,7 +68,9 @@ pub fn greedy_picks(logits: &Tensor) -> Result<Vec<Pick>> {
         true => logits,
         false => logits.to_device(&Device::Cpu)?,
     };
-    let out = logits.contiguous()?.apply_op1_no_bwd(&Greedy)?;
+    let out = logits
+        .contiguous()?
+        .apply_op1_no_bwd(&Greedy { logprobs })?;
     Ok(out
         .to_vec2::<f64>()?
         .into_iter()
@@ -77,7 +81,9 @@ pub fn greedy_picks(logits: &Tensor) -> Result<Vec<Pick>> {
         .collect())
 }
 
-struct Greedy;
+struct Greedy {
+    logprobs: bool,
+}
 
 impl CustomOp1 for Greedy {
     fn name(&self) -> &'static str {
@@ -97,7 +103,11 @@ impl CustomOp1 for Greedy {
         let mut out = Vec::with_capacity(2 * rows);
         for row in f32s.chunks_exact(vocab) {
             let id = argmax(row);
-            out.extend([id as f64, logprob_at(row, id)]);
+            let logprob = match self.logprobs {
+                true => logprob_at(row, id),
+                false => f64::NAN,
+            };
+            out.extend([id as f64, logprob]);
         }
         Ok((CpuStorage::F64(out), Shape::from((rows, 2))))
     }
@@ -143,7 +153,7 @@ mod tests {
         v[vocab + 900] = 50.0;
         v[2 * vocab..3 * vocab].fill(-1.25);
         let t = Tensor::from_vec(v.clone(), (n, vocab), &Device::Cpu).unwrap();
-        let picks = greedy_picks(&t).unwrap();
+        let picks = greedy_picks(&t, true).unwrap();
         assert_eq!(picks.len(), n);
         for (r, p) in picks.iter().enumerate() {
             let row = t.get(r).unwrap();
@@ -165,16 +175,25 @@ mod tests {
         assert_eq!(picks[2].token, 0);
         assert!((picks[2].logprob + (vocab as f64).ln()).abs() < 1e-9);
         // One row alone, and bf16 logits (read exactly as f32).
-        assert_eq!(greedy_picks(&t.get(1).unwrap()).unwrap(), vec![picks[1]]);
+        assert_eq!(
+            greedy_picks(&t.get(1).unwrap(), true).unwrap(),
+            vec![picks[1]]
+        );
         let b = t.to_dtype(DType::BF16).unwrap();
-        let from_bf16 = greedy_picks(&b).unwrap();
-        let via_f32 = greedy_picks(&b.to_dtype(DType::F32).unwrap()).unwrap();
+        let from_bf16 = greedy_picks(&b, true).unwrap();
+        let via_f32 = greedy_picks(&b.to_dtype(DType::F32).unwrap(), true).unwrap();
         assert_eq!(from_bf16, via_f32);
+        // Without log-probabilities: the same tokens, none of their log-probabilities.
+        let tokens = greedy_picks(&t, false).unwrap();
+        for (a, b) in picks.iter().zip(&tokens) {
+            assert_eq!(a.token, b.token);
+            assert!(b.logprob.is_nan());
+        }
     }
 
     #[test]
     fn an_empty_vocabulary_is_an_error() {
         let t = Tensor::zeros((2, 0), DType::F32, &Device::Cpu).unwrap();
-        assert!(greedy_picks(&t).is_err());
+        assert!(greedy_picks(&t, true).is_err());
     }
 }
