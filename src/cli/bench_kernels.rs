@@ -440,13 +440,15 @@ fn trained_loras(dec: &Decoder, n: usize, dtype: DType) -> candle_core::Result<V
 
 /// The greedy pick of `rows` rows of logits of `dec`'s vocabulary in `dtype`, against what a
 /// step did per row before it: the sampler's argmax and the host log-probability over a copy
-/// of the row. Parts: the tokens and the log-probabilities, on the host.
-pub fn greedy_pick(
+/// of the row (parts: the tokens and the log-probabilities, on the host); and the pick without
+/// log-probabilities (what the scheduler's answers take) against with them: the same tokens,
+/// and on the CPU the time the log-softmax cost.
+pub fn greedy_picks(
     dec: &Decoder,
     rows: usize,
     dtype: DType,
     steps: usize,
-) -> anyhow::Result<KernelCheck> {
+) -> anyhow::Result<[KernelCheck; 2]> {
     use candle_transformers::generation::{LogitsProcessor, Sampling};
     let dev = dec.device();
     let vocab = dec.config().vocab_size;
@@ -471,29 +473,30 @@ pub fn greedy_pick(
         }
         parts(picks)
     };
-    let name = format!("greedy pick ({rows} rows x {vocab}, {dtype:?}, relative)");
-    compare(name, dev, 1e-6, steps, &kernel, &per_row)
-}
-
-/// The greedy pick of `rows` rows of logits of `dec`'s vocabulary in `dtype` without the
-/// log-probabilities (what the scheduler's answers take) against with them: the same tokens,
-/// and on the CPU the time the log-softmax cost. Part: the tokens.
-pub fn greedy_tokens(
-    dec: &Decoder,
-    rows: usize,
-    dtype: DType,
-    steps: usize,
-) -> anyhow::Result<KernelCheck> {
-    let dev = dec.device();
-    let vocab = dec.config().vocab_size;
-    let logits = (Tensor::randn(0f32, 1.0, (rows, vocab), dev)? * 5.0)?.to_dtype(dtype)?;
     let tokens = |logprobs: bool| -> candle_core::Result<Vec<Tensor>> {
         let picks = crate::model::greedy_picks(&logits, logprobs)?;
         let t: Vec<f64> = picks.iter().map(|p| p.token as f64).collect();
         Ok(vec![Tensor::new(t, &Device::Cpu)?])
     };
-    let name = format!("greedy tokens only ({rows} rows x {vocab}, {dtype:?}, relative)");
-    compare(name, dev, 0.0, steps, &|| tokens(false), &|| tokens(true))
+    let shape = format!("{rows} rows x {vocab}, {dtype:?}, relative");
+    Ok([
+        compare(
+            format!("greedy pick ({shape})"),
+            dev,
+            1e-6,
+            steps,
+            &kernel,
+            &per_row,
+        )?,
+        compare(
+            format!("greedy tokens only ({shape})"),
+            dev,
+            0.0,
+            steps,
+            &|| tokens(false),
+            &|| tokens(true),
+        )?,
+    ])
 }
 
 /// The LoRA-add kernel against the composed delta: `rows` sequences of `positions` (a decode
@@ -764,8 +767,7 @@ pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
     out.extend(block_ops(dec, 192, steps)?);
     for &dtype in dtypes {
         for rows in [1, 8] {
-            out.push(greedy_pick(dec, rows, dtype, steps)?);
-            out.push(greedy_tokens(dec, rows, dtype, steps)?);
+            out.extend(greedy_picks(dec, rows, dtype, steps)?);
             out.push(decode_attention(dec, rows, 1000, dtype, steps)?);
             #[cfg(feature = "cuda")]
             if dev.is_cuda() {
