@@ -196,3 +196,28 @@ fn cli_kind(cli: &Cli) -> String {
     }
     .to_string()
 }
+
+/// The check's parts (`small`, `big`, `switches`), run one call each, run every binary
+/// command that `all` runs, each once; a part the script does not know is refused.
+#[test]
+fn the_checks_parts_together_run_what_all_runs() {
+    let binary = |part: &str| -> usize {
+        let dir = tempfile::tempdir().unwrap();
+        let (calls, _) = calls_of("check.sh", &[&dir.path().join("out"), Path::new(part)]);
+        calls.iter().filter(|c| c[0] == "ttarag").count()
+    };
+    let parts: Vec<usize> = ["small", "big", "switches"].map(binary).to_vec();
+    assert!(parts.iter().all(|&n| n > 0), "{parts:?}");
+    assert_eq!(parts.iter().sum::<usize>(), binary("all"), "{parts:?}");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let run = Command::new("bash")
+        .arg(repo.join("scripts/gpu/check.sh"))
+        .arg(dir.path())
+        .arg("everything")
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("PARTS must be"), "{err}");
+}

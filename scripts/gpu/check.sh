@@ -7,8 +7,9 @@
 #   scripts/gpu/build.sh                      # on the build machine: .gpu/ttarag and .gpu/hf/
 #   scripts/gpu/check.sh [OUT_DIR] [PARTS]    # on the GPU machine, from the repository root
 #
-# PARTS is `all` (the default), `small` (steps 1-4, the default model's shape) or `big` (step 5):
-# two calls where one would run past a per-call time limit.
+# PARTS is `all` (the default: steps 1-6), `small` (steps 1-4, the default model's shape and the
+# targets' figures), `big` (step 5) or `switches` (step 6): separate calls where one would run
+# past a per-call time limit, in that order of worth (each log line says the seconds so far).
 #
 # In order of what matters most, each step reported and the check going on after a failure:
 #  1. the project's CUDA kernels against the candle ops they replace, and a whole decode step
@@ -17,22 +18,22 @@
 #  3. per query at the GPU targets' shape (1,000-token prompt, 3 pairs of ~96 tokens, 64 new
 #     tokens, bf16): LoRA and full scope (`bench --query`: decode through step graphs and op by
 #     op, both timed, with whether their tokens agree);
-#  4. the PyTorch reference on the same queries (scripts/reference/query_reference.py);
-#     then 8 sequences with 8 adapters against one (`bench --batch 1,8 --lora`), and whole
-#     requests from 1 and 8 concurrent clients, each adapting its own LoRA (`bench --load
-#     1,8`), also with cuBLAS's workspace off (a race on a shared workspace would show as the
-#     difference); then each switch against the defaults of step 3: the project's CUDA kernels
-#     off (`[model] cuda_kernels = false`), LoRA with activations rebuilt as on the CPU (`[tta]
+#  4. the PyTorch reference on the same queries (scripts/reference/query_reference.py); then 8
+#     sequences with 8 adapters against one (`bench --batch 1,8 --lora`), and whole requests
+#     from 1 and 8 concurrent clients, each adapting its own LoRA (`bench --load 1,8`), also
+#     with cuBLAS's workspace off (a race on a shared workspace would show as the difference);
+#  5. the same queries and reference for the Llama-3.2-1B shape;
+#  6. each switch against the defaults of steps 3 and 4: the project's CUDA kernels off
+#     (`[model] cuda_kernels = false`), LoRA with activations rebuilt as on the CPU (`[tta]
 #     recompute_on_gpu`), LoRA with the loss before adaptation in a pass of its own (`[tta]
 #     score_in_first_step = false`), LoRA and full with cudarc's buffer events on (`[model]
 #     cuda_event_tracking`), LoRA through the fused training path and the composed one
 #     (`[model] cuda_fused_training`, f32 and bf16), and decode per token with norms and
-#     attention in bf16 against converting to f32 (`[model] f32_norms_attention`);
-#  5. the same for the Llama-3.2-1B shape.
+#     attention in bf16 against converting to f32 (`[model] f32_norms_attention`).
 set -euo pipefail
 out=${1:-${OUT:-/tmp/gpu-check}}
 parts=${2:-all}
-case "$parts" in all | small | big) ;; *) echo "PARTS must be all, small or big, not $parts" >&2; exit 2 ;; esac
+case "$parts" in all | small | big | switches) ;; *) echo "PARTS must be all, small, big or switches, not $parts" >&2; exit 2 ;; esac
 mkdir -p "$out"
 bin=.gpu/ttarag
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
@@ -78,7 +79,7 @@ full_off=$(cfg '[model]\ndtype = "bf16"\ndecode_quant = "none"\ncuda_kernels = f
 q="What can damage buildings?"
 shape="--prompt-tokens 1000 --new-tokens 64"
 
-if [ "$parts" != big ]; then
+if [ "$parts" = all ] || [ "$parts" = small ]; then
     # 1. Kernels.
     measure "kernels (SmolLM2 shape, bf16)" "$bin" --config "$bf16" --model "$small" --device cuda bench --kernels 5
 
@@ -94,7 +95,7 @@ if [ "$parts" != big ]; then
         measure "query SmolLM2 $scope bf16" "$bin" --config "$c" --model "$small" --device cuda bench --query 5 $shape \
             --dump-query "$out/query-smollm2-$scope.json"
     done
-    # 4. The reference on the same queries, before the switches below: the targets' ratio.
+    # 4. The reference on the same queries: the targets' ratio.
     for scope in lora full; do
         measure "PyTorch reference SmolLM2 $scope bf16" env DEVICE=cuda DTYPE=bf16 python3 scripts/reference/query_reference.py "$small" \
             "$out/query-smollm2-$scope.json" 5
@@ -115,7 +116,23 @@ if [ "$parts" != big ]; then
     # race is the shared workspace (and this setting its cure, at this throughput).
     measure "load 1 and 8 clients, cuBLAS without workspace" env CUBLAS_WORKSPACE_CONFIG=:0:0 "$bin" --config "$load" --model "$small" \
         --device cuda --index-dir "$idx" bench --load 1,8 --modes static,tta
-    # 3 again: each switch against the defaults above.
+fi
+
+if [ "$parts" = all ] || [ "$parts" = big ]; then
+    # 5. Llama-3.2-1B's shape.
+    big=/tmp/ttarag-random-llama-1b
+    run python3 scripts/gpu/random_weights.py "$big" llama-1b
+    for scope in lora full; do
+        c=$([ $scope = lora ] && echo "$lora" || echo "$full")
+        measure "query Llama-3.2-1B $scope bf16" "$bin" --config "$c" --model "$big" --device cuda bench --query 5 $shape \
+            --dump-query "$out/query-llama1b-$scope.json"
+        measure "PyTorch reference Llama-3.2-1B $scope bf16" env DEVICE=cuda DTYPE=bf16 python3 scripts/reference/query_reference.py "$big" \
+            "$out/query-llama1b-$scope.json" 5
+    done
+fi
+if [ "$parts" = all ] || [ "$parts" = switches ]; then
+    # 6. Each switch against the defaults of steps 3 and 4 (the same shapes, one change each):
+    # what each lever is worth, after the targets' own figures.
     measure "query SmolLM2 lora bf16, project kernels off" "$bin" --config "$lora_off" --model "$small" --device cuda bench --query 5 $shape
     measure "query SmolLM2 full bf16, project kernels off" "$bin" --config "$full_off" --model "$small" --device cuda bench --query 5 $shape
     # LoRA with its activations rebuilt as on the CPU, against kept (the GPU's default).
@@ -143,17 +160,5 @@ if [ "$parts" != big ]; then
     measure "decode bf16, project kernels off" "$bin" --config "$lora_off" --model "$small" --device cuda bench --runs 5 $shape
 fi
 
-if [ "$parts" != small ]; then
-    # 5. Llama-3.2-1B's shape.
-    big=/tmp/ttarag-random-llama-1b
-    run python3 scripts/gpu/random_weights.py "$big" llama-1b
-    for scope in lora full; do
-        c=$([ $scope = lora ] && echo "$lora" || echo "$full")
-        measure "query Llama-3.2-1B $scope bf16" "$bin" --config "$c" --model "$big" --device cuda bench --query 5 $shape \
-            --dump-query "$out/query-llama1b-$scope.json"
-        measure "PyTorch reference Llama-3.2-1B $scope bf16" env DEVICE=cuda DTYPE=bf16 python3 scripts/reference/query_reference.py "$big" \
-            "$out/query-llama1b-$scope.json" 5
-    done
-fi
 log done
 cat "$out/summary"
