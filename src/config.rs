@@ -98,10 +98,6 @@ pub struct ServerSection {
     pub replica_id: Option<String>,
 }
 
-fn yes() -> bool {
-    true
-}
-
 /// Upper bound of `server.request_timeout_ms`: an hour.
 pub const MAX_REQUEST_TIMEOUT_MS: u64 = 3_600_000;
 
@@ -118,11 +114,11 @@ pub struct ModelSection {
     pub f32_norms_attention: bool,
     /// CUDA builds: the project's own kernels (optimiser, training ops, decode attention);
     /// false runs candle's composed ops instead.
-    #[serde(default = "yes")]
+    #[serde(default = "crate::params::yes")]
     pub cuda_kernels: bool,
     /// CUDA builds: decode steps captured once as a CUDA graph per batch and replayed per
     /// token; false launches every op of every step.
-    #[serde(default = "yes")]
+    #[serde(default = "crate::params::yes")]
     pub cuda_graphs: bool,
     /// CUDA builds, f32 and bf16 models: adaptation's blocks take the fused path (attention,
     /// norms and activation one op each, `cuda::training_attention`); off until measured.

@@ -206,7 +206,7 @@ pub fn run(
     println!("device         {} {}", cfg.model.device, cfg.model.dtype);
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(d) = dec.device() {
-        let on = crate::model::cuda::events::tracking(d);
+        let on = d.is_event_tracking();
         println!("buffer events  {}", if on { "on" } else { "off" });
     }
     println!(

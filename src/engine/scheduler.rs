@@ -463,17 +463,14 @@ impl Scheduler {
             adapter: if any { Some(&per_row) } else { None },
             ..Default::default()
         };
-        let logits = match self.step_graphs {
+        let (logits, made, replayed) = match self.step_graphs {
             true => self.graph_step(key, &tokens, &mut caches, &opts)?,
             false => {
-                let logits = self
-                    .model
-                    .decoder
-                    .decode_step(&tokens, &mut caches, &opts)?;
-                self.health.count_step(false, false);
-                logits
+                let dec = &self.model.decoder;
+                (dec.decode_step(&tokens, &mut caches, &opts)?, false, false)
             }
         };
+        self.health.count_step(made, replayed);
         drop(caches);
         // The greedy rows' tokens in one op and one small copy (not a row of logits each),
         // and the sampled rows' logits in one copy to the host, where they are sampled.
@@ -522,14 +519,15 @@ impl Scheduler {
     }
 
     /// A decode step through the step graph of these rows (`key`), made first where the rows
-    /// changed; a plain decode step where the device does not serve step graphs.
+    /// changed; a plain decode step where the device does not serve step graphs. Returns the
+    /// logits, whether it made a step graph, and whether it replayed a captured one.
     fn graph_step(
         &self,
         key: Vec<u64>,
         tokens: &[u32],
         caches: &mut [&mut Cache],
         opts: &ForwardOpts,
-    ) -> candle_core::Result<Tensor> {
+    ) -> candle_core::Result<(Tensor, bool, bool)> {
         let dec = &self.model.decoder;
         let mut held = self.graph.borrow_mut();
         let made = held.as_ref().map(|(k, _)| k) != Some(&key);
@@ -539,9 +537,7 @@ impl Scheduler {
             *held = None;
             let capacity = caches.iter().map(|c| c.capacity()).max().unwrap_or(0);
             if !dec.device_steps_serve(capacity) {
-                let out = dec.decode_step(tokens, caches, opts)?;
-                self.health.count_step(false, false);
-                return Ok(out);
+                return Ok((dec.decode_step(tokens, caches, opts)?, false, false));
             }
             // Admission sized each cache for its whole answer: no room to add.
             *held = Some((key, StepGraph::new(dec, caches, 1)?));
@@ -549,12 +545,11 @@ impl Scheduler {
         let (_, graph) = held.as_mut().expect("made above");
         let replays = graph.captured();
         let out = graph.step(dec, tokens, caches, opts);
-        match out.is_ok() {
-            true => self.health.count_step(made, replays),
+        if out.is_err() {
             // The rows fail with the step; their graph goes with them.
-            false => *held = None,
+            *held = None;
         }
-        out
+        Ok((out?, made, replays))
     }
 }
 

@@ -123,9 +123,8 @@ impl Decoding {
 
     /// Samples the next token from `logits` (vocabulary-sized) and says what to show.
     pub fn step(&mut self, model: &Model, logits: &Tensor) -> Result<Next, GenError> {
-        if self.budget == 0 {
-            let text = self.close(model)?;
-            return Ok(Next::Finished { text });
+        if let Some(end) = self.spent(model)? {
+            return Ok(end);
         }
         let pick = if self.greedy {
             // One small copy from the device instead of the row, twice.
@@ -139,9 +138,8 @@ impl Decoding {
     /// [`Self::step`] for a sampled row whose logits are on the host already (one copy for
     /// a batch's sampled rows).
     pub fn step_sampled(&mut self, model: &Model, logits: &[f32]) -> Result<Next, GenError> {
-        if self.budget == 0 {
-            let text = self.close(model)?;
-            return Ok(Next::Finished { text });
+        if let Some(end) = self.spent(model)? {
+            return Ok(end);
         }
         let pick = self.sample(logits)?;
         self.step_picked(model, pick)
@@ -163,9 +161,8 @@ impl Decoding {
     /// Takes `pick` (this row's [`greedy_picks`], or a sampled token and its log-probability)
     /// as the next token and says what to show.
     pub fn step_picked(&mut self, model: &Model, pick: Pick) -> Result<Next, GenError> {
-        if self.budget == 0 {
-            let text = self.close(model)?;
-            return Ok(Next::Finished { text });
+        if let Some(end) = self.spent(model)? {
+            return Ok(end);
         }
         let next = pick.token;
         self.produced += 1;
@@ -196,6 +193,15 @@ impl Decoding {
                 })
             }
         }
+    }
+
+    /// The answer's end where it has no token left to produce (nothing is picked then).
+    fn spent(&mut self, model: &Model) -> Result<Option<Next>, GenError> {
+        if self.budget != 0 {
+            return Ok(None);
+        }
+        let text = self.close(model)?;
+        Ok(Some(Next::Finished { text }))
     }
 
     /// Releases what the detokenizer and the stop matcher still hold.

@@ -10,6 +10,11 @@ use crate::adapt::{PairOptions, TrainParams};
 
 pub use tta::{resolve_tta, ParamError, TtaOverrides, TtaSection};
 
+/// serde's default for a switch that is on unless a file says otherwise.
+pub(crate) fn yes() -> bool {
+    true
+}
+
 /// How retrieval takes part in a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -6,10 +6,6 @@ use crate::adapt::{parse_target, LoraConfig, PairOptions, TrainParams};
 
 use super::{Select, TtaParams, TtaScope};
 
-fn yes() -> bool {
-    true
-}
-
 /// `[tta]`: the adaptation recipe's defaults and the caps on what a request may change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,7 +37,7 @@ pub struct TtaSection {
     pub recompute_on_gpu: bool,
     /// Off the CPU, the first step's forward pass also scores the other pairs for the loss
     /// before adaptation (`TrainParams::scores_in_first_step`): one pass fewer.
-    #[serde(default = "yes")]
+    #[serde(default = "super::yes")]
     pub score_in_first_step: bool,
     /// Multiply by the frozen weights in bf16 (f32 sums) on CPUs with AVX-512 BF16.
     pub bf16_products: bool,

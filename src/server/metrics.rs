@@ -270,13 +270,10 @@ impl Metrics {
         self.adapt_memory_bytes
             .set(engine.adapt_memory().used() as i64);
         self.in_flight.set(in_flight as i64);
-        let seen = self.worker_panics.get();
-        self.worker_panics.inc_by(h.panics().saturating_sub(seen));
-        let seen = self.jobs_cancelled.get();
-        self.jobs_cancelled
-            .inc_by(h.cancelled().saturating_sub(seen));
         let d = h.decode_counts();
         for (counter, now) in [
+            (&self.worker_panics, h.panics()),
+            (&self.jobs_cancelled, h.cancelled()),
             (&self.decode_steps, d.steps),
             (&self.step_graphs, d.graphs),
             (&self.replayed_steps, d.replayed),

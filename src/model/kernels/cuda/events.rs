@@ -28,8 +28,3 @@ pub fn set_tracking(dev: &CudaDevice, on: bool) -> bool {
     unsafe { ctx.disable_event_tracking() };
     false
 }
-
-/// Whether buffers `dev` makes now carry events.
-pub fn tracking(dev: &CudaDevice) -> bool {
-    dev.is_event_tracking()
-}
