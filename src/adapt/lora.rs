@@ -238,8 +238,7 @@ impl Adapter for Lora {
     }
 
     fn low_rank(&self, layer: usize, target: Target) -> Option<LowRank<'_>> {
-        // Inside a training step with dropout the delta is not `B A x`.
-        if self.dropout > 0.0 && self.step.load(Ordering::Relaxed) != NO_STEP {
+        if !self.is_low_rank() {
             return None;
         }
         Some(LowRank {
@@ -248,6 +247,11 @@ impl Adapter for Lora {
             b: self.b.get(&(layer, target))?,
             scale: self.scale,
         })
+    }
+
+    fn is_low_rank(&self) -> bool {
+        // Inside a training step with dropout the delta is not `B A x`.
+        !(self.dropout > 0.0 && self.step.load(Ordering::Relaxed) != NO_STEP)
     }
 
     fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>> {

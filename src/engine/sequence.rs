@@ -13,7 +13,7 @@ use crate::adapt::domain::DomainAdapter;
 use crate::adapt::{Lora, Stack};
 use crate::cancel::Cancel;
 use crate::generate::GenParams;
-use crate::model::{Adapter, Target};
+use crate::model::{Adapter, LowRank, Target};
 
 /// The adapter a sequence answers with: none, its collection's (shared, frozen), its own
 /// freshly trained one, or its own over its collection's.
@@ -47,6 +47,25 @@ impl Adapter for SeqAdapter {
             .delta(layer, target, x),
         }
     }
+
+    // A single LoRA shows its factors, so a batch of them is gathered (and a GPU adds each
+    // delta in one launch). Two stacked ones are a sum of two low-rank deltas: computed alone.
+    fn low_rank(&self, layer: usize, target: Target) -> Option<LowRank<'_>> {
+        match self {
+            Self::Base | Self::OwnOverDomain(..) => None,
+            Self::Domain(d) => d.lora.low_rank(layer, target),
+            Self::Own(l) => l.low_rank(layer, target),
+        }
+    }
+
+    fn is_low_rank(&self) -> bool {
+        match self {
+            Self::Base => true,
+            Self::Domain(d) => d.lora.is_low_rank(),
+            Self::Own(l) => l.is_low_rank(),
+            Self::OwnOverDomain(..) => false,
+        }
+    }
 }
 
 /// One request ready to generate.
@@ -71,4 +90,51 @@ pub struct Sequence {
     /// sequence gives them back.
     #[allow(dead_code)]
     pub memory: Option<Reservation>,
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::SeqAdapter;
+    use crate::adapt::{Lora, LoraConfig};
+    use crate::model::tiny::tiny_config;
+    use crate::model::{Adapter, Arch, Gathered, PerRow, RowFactors, Target};
+
+    #[test]
+    fn a_requests_own_adapter_reaches_the_batch_as_factors() {
+        // The scheduler's rows are `SeqAdapter`s: a request's own LoRA must show the batch its
+        // factors, or every batched step computes each row's delta alone (and a GPU never
+        // takes its one-launch LoRA kernels).
+        let cfg = tiny_config(Arch::Llama);
+        let lora = |seed| Lora::new(&cfg, &LoraConfig::default(), seed, &Device::Cpu, DType::F32);
+        let (one, two) = (
+            SeqAdapter::Own(lora(1).unwrap()),
+            SeqAdapter::Own(lora(2).unwrap()),
+        );
+        let (SeqAdapter::Own(l1), SeqAdapter::Own(l2)) = (&one, &two) else {
+            unreachable!()
+        };
+        let want = l1
+            .low_rank(0, Target::Q)
+            .expect("a LoRA outside training is low-rank");
+        let got = one
+            .low_rank(0, Target::Q)
+            .expect("the request's adapter is too");
+        assert_eq!(got.id, want.id);
+        assert_ne!(got.id, l2.low_rank(0, Target::Q).unwrap().id);
+        assert_eq!((got.a.id(), got.b.id()), (want.a.id(), want.b.id()));
+        assert!(SeqAdapter::Base.low_rank(0, Target::Q).is_none());
+        assert!(one.is_low_rank() && SeqAdapter::Base.is_low_rank());
+
+        let gathered = Gathered::default();
+        let rows: Vec<Option<&dyn Adapter>> = vec![Some(&one), None, Some(&two)];
+        let x = Tensor::ones((3, 1, cfg.hidden_size), DType::F32, &Device::Cpu).unwrap();
+        let per_row = PerRow::with_cache(rows, &gathered);
+        match per_row.row_factors(0, Target::Q, &x).unwrap() {
+            Some(RowFactors::Stacked { a, .. }) => assert_eq!(a.dim(0).unwrap(), 3),
+            _ => panic!("a batch of request adapters stacks its factors"),
+        }
+        assert_eq!(gathered.entries(), 1);
+    }
 }

@@ -29,6 +29,12 @@ pub trait Adapter: Sync {
         None
     }
 
+    /// Whether every delta this adapter adds is its [`low_rank`](Self::low_rank) factors'
+    /// (and it adds none where it has none): stacked factors then stand for it entirely.
+    fn is_low_rank(&self) -> bool {
+        false
+    }
+
     /// The delta on `x` as factors a kernel can add to a projection's output in one launch:
     /// one pair for every row (a single LoRA), or a pair per row (a gathered batch). `None`
     /// where the delta is not low-rank.
