@@ -390,6 +390,7 @@ async fn models_health_and_metrics() {
     for (series, want) in [
         ("ttarag_decode_steps_total", tokens - 1),
         ("ttarag_decode_step_graphs_total", 0),
+        ("ttarag_decode_steps_rebound_total", 0),
         ("ttarag_decode_steps_replayed_total", 0),
     ] {
         assert!(

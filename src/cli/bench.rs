@@ -270,14 +270,20 @@ fn bench_batch(
         } else {
             &[false]
         };
+        // A step graph gathers its rows' adapters itself: "each alone" runs op by op only.
         for (&variant, &graph) in variants
             .iter()
             .flat_map(|v| graphs.iter().map(move |g| (v, g)))
+            .filter(|(v, g)| !(**g && **v == "each alone"))
         {
             let rows: Vec<Option<&dyn crate::model::Adapter>> = loras
                 .iter()
                 .map(|l| Some(l as &dyn crate::model::Adapter))
                 .collect();
+            let graph_rows = match variant {
+                "none" => vec![None; b],
+                _ => rows.clone(),
+            };
             let cache = crate::model::Gathered::default();
             let per_row = match variant {
                 "each alone" => crate::model::PerRow::each_alone(rows),
@@ -307,7 +313,7 @@ fn bench_batch(
                 };
                 for _ in 0..a.new_tokens {
                     let logits = match &mut steps {
-                        Some(g) => g.step(dec, &tokens, &mut refs, &step_opts)?,
+                        Some(g) => g.step(dec, &tokens, &mut refs, &graph_rows)?.0,
                         None => dec.decode_step(&tokens, &mut refs, &step_opts)?,
                     };
                     tokens = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;

@@ -713,9 +713,16 @@ pub fn decode_step(
     let kernel = || -> candle_core::Result<Vec<Tensor>> {
         let mut g = graphed.borrow_mut();
         let mut refs: Vec<&mut Cache> = g.iter_mut().collect();
-        Ok(vec![graph
-            .borrow_mut()
-            .step(dec, &tokens, &mut refs, &opts)?])
+        let adapters: Vec<Option<&dyn Adapter>> = match lora {
+            true => loras.iter().map(|l| Some(l as &dyn Adapter)).collect(),
+            false => vec![None; rows],
+        };
+        Ok(vec![
+            graph
+                .borrow_mut()
+                .step(dec, &tokens, &mut refs, &adapters)?
+                .0,
+        ])
     };
     let reference = || -> candle_core::Result<Vec<Tensor>> {
         let mut e = eager.borrow_mut();

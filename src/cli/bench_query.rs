@@ -84,7 +84,7 @@ fn answer(
     for _ in 1..new_tokens {
         let next = *tokens.last().expect("one token");
         let logits = match &mut steps {
-            Some(g) => g.step(dec, &[next], &mut [&mut cache], &opts)?,
+            Some(g) => g.step(dec, &[next], &mut [&mut cache], &[adapter])?.0,
             None => {
                 let input = Tensor::new(&[next], dec.device())?.unsqueeze(0)?;
                 dec.forward(&input, Some(&mut cache), &opts)?

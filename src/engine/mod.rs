@@ -288,7 +288,19 @@ pub struct Health {
     /// that costs in captures.
     decode_steps: AtomicU64,
     step_graphs: AtomicU64,
+    rebound_steps: AtomicU64,
     replayed_steps: AtomicU64,
+}
+
+/// What one decode step did with step graphs.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct GraphUse {
+    /// It made a step graph.
+    pub made: bool,
+    /// It rebound the held step graph to other rows (one joined or left).
+    pub rebound: bool,
+    /// It replayed a captured graph.
+    pub replayed: bool,
 }
 
 /// The scheduler's decode steps so far (see [`Health::decode_counts`]).
@@ -296,8 +308,12 @@ pub struct Health {
 pub struct DecodeCounts {
     /// Decode steps run (each one token of every row of a batch).
     pub steps: u64,
-    /// Step graphs made, one per batch composition decoded through them.
+    /// Step graphs made: one per batch size class, and again where the held one could not
+    /// take a batch.
     pub graphs: u64,
+    /// Steps that rebound the held step graph to other rows (a row joined or left) instead of
+    /// making one.
+    pub rebound: u64,
     /// Steps that replayed a captured graph (one launch), not their ops one by one.
     pub replayed: u64,
 }
@@ -308,6 +324,7 @@ impl DecodeCounts {
         Self {
             steps: self.steps - earlier.steps,
             graphs: self.graphs - earlier.graphs,
+            rebound: self.rebound - earlier.rebound,
             replayed: self.replayed - earlier.replayed,
         }
     }
@@ -342,17 +359,18 @@ impl Health {
         DecodeCounts {
             steps: self.decode_steps.load(Ordering::SeqCst),
             graphs: self.step_graphs.load(Ordering::SeqCst),
+            rebound: self.rebound_steps.load(Ordering::SeqCst),
             replayed: self.replayed_steps.load(Ordering::SeqCst),
         }
     }
 
-    /// Counts a decode step; `made` when it made a step graph, `replayed` when it replayed one.
-    fn count_step(&self, made: bool, replayed: bool) {
+    /// Counts a decode step and what it did with step graphs.
+    fn count_step(&self, used: GraphUse) {
         self.decode_steps.fetch_add(1, Ordering::SeqCst);
-        self.step_graphs
-            .fetch_add(u64::from(made), Ordering::SeqCst);
-        self.replayed_steps
-            .fetch_add(u64::from(replayed), Ordering::SeqCst);
+        let add = |c: &AtomicU64, yes: bool| c.fetch_add(u64::from(yes), Ordering::SeqCst);
+        add(&self.step_graphs, used.made);
+        add(&self.rebound_steps, used.rebound);
+        add(&self.replayed_steps, used.replayed);
     }
 }
 
@@ -566,8 +584,7 @@ impl Engine {
             faults: cfg.faults.clone(),
             gathered: Default::default(),
             step_graphs: cfg.batch.step_graphs || model.decoder.replays_steps(),
-            graph: Default::default(),
-            admitted: Default::default(),
+            graphs: Default::default(),
         };
         health.scheduler_alive.store(true, Ordering::SeqCst);
         let alive = health.clone();

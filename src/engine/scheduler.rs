@@ -15,7 +15,7 @@
 //! prefill chunk boundaries are fixed per prompt, never chosen by load: a sequence gets the
 //! same bits alone or batched.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 
 use super::sequence::Sequence;
-use super::{answer_panic, end_early, EngineError, Event, Faults, Health};
+use super::{answer_panic, end_early, EngineError, Event, Faults, GraphUse, Health};
 use crate::generate::{score_after_prefill, ContinuationScore, Decoding, GenError, Next};
 use crate::model::{
     greedy_picks, Adapter, Cache, ForwardOpts, Logits, Model, PerRow, Pick, StepGraph,
@@ -50,6 +50,9 @@ pub struct BatchLimits {
     /// they are used whatever this says (captured once per batch, replayed per token); on the
     /// CPU they run the same ops one by one with the same bits, which is how tests reach them.
     pub step_graphs: bool,
+    /// Step graphs' batches padded with ghost rows to a power of two on any device (on a GPU
+    /// that captures, always: [`StepGraph::pads`]); on the CPU, how tests reach that path.
+    pub pad_steps: bool,
 }
 
 impl BatchLimits {
@@ -62,6 +65,7 @@ impl BatchLimits {
             adapt_memory_bytes: server.adapt_memory_mb.saturating_mul(1 << 20),
             prefill_chunk: server.prefill_chunk,
             step_graphs: false,
+            pad_steps: false,
         }
     }
 }
@@ -75,13 +79,12 @@ impl Default for BatchLimits {
             adapt_memory_bytes: 4 << 30,
             prefill_chunk: crate::generate::PREFILL_CHUNK,
             step_graphs: false,
+            pad_steps: false,
         }
     }
 }
 
 struct Active {
-    /// Admission number, unique for the scheduler's life: names the row in a step graph's key.
-    id: u64,
     seq: Sequence,
     decoding: Decoding,
     cache: Cache,
@@ -127,15 +130,14 @@ pub(super) struct Scheduler {
     pub limits: BatchLimits,
     pub health: Arc<Health>,
     pub faults: Faults,
-    /// The running rows' LoRA factors, stacked for gathered decode products.
+    /// The running rows' LoRA factors, stacked for gathered decode products (plain steps;
+    /// a step graph holds its own).
     pub gathered: crate::model::Gathered,
     /// Whether decode steps go through step graphs (see [`BatchLimits::step_graphs`]).
     pub step_graphs: bool,
-    /// The last decode batch's step graph, by its rows' admission numbers: kept while the
-    /// same rows decode together, replaced when one joins or leaves.
-    pub graph: RefCell<Option<(Vec<u64>, StepGraph)>>,
-    /// The next admission number.
-    pub admitted: Cell<u64>,
+    /// A step graph per batch size class, kept while rows join and leave (rebound in place),
+    /// replaced where it cannot take a batch.
+    pub graphs: RefCell<Vec<StepGraph>>,
 }
 
 impl Scheduler {
@@ -242,10 +244,7 @@ impl Scheduler {
         }
         let mut seq = seq;
         seq.completion.rag.timings_ms.queue += seq.handed_over.elapsed().as_secs_f64() * 1e3;
-        let id = self.admitted.get();
-        self.admitted.set(id + 1);
         Admit::Run(Box::new(Active {
-            id,
             cache: dec.new_cache(positions),
             seq,
             decoding,
@@ -445,7 +444,6 @@ impl Scheduler {
             .iter_mut()
             .map(|a| a.next.take().expect("row"))
             .collect();
-        let key: Vec<u64> = rows.iter().map(|a| a.id).collect();
         let mut caches: Vec<&mut Cache> = Vec::with_capacity(rows.len());
         let mut adapters: Vec<Option<&dyn Adapter>> = Vec::with_capacity(rows.len());
         for a in rows.iter_mut() {
@@ -453,24 +451,14 @@ impl Scheduler {
             caches.push(cache);
             adapters.push(seq.adapter.as_adapter());
         }
-        let any = adapters.iter().any(Option::is_some);
-        if !any {
-            self.gathered.clear();
-        }
-        let per_row = PerRow::with_cache(adapters, &self.gathered);
-        let opts = ForwardOpts {
-            logits: Logits::Last,
-            adapter: if any { Some(&per_row) } else { None },
-            ..Default::default()
+        let (logits, counted) = match self.step_graphs {
+            true => self.graph_step(&tokens, &mut caches, &adapters)?,
+            false => (
+                self.plain_step(&tokens, &mut caches, adapters)?,
+                GraphUse::default(),
+            ),
         };
-        let (logits, made, replayed) = match self.step_graphs {
-            true => self.graph_step(key, &tokens, &mut caches, &opts)?,
-            false => {
-                let dec = &self.model.decoder;
-                (dec.decode_step(&tokens, &mut caches, &opts)?, false, false)
-            }
-        };
-        self.health.count_step(made, replayed);
+        self.health.count_step(counted);
         drop(caches);
         // The greedy rows' tokens in one op and one small copy (not a row of logits each),
         // and the sampled rows' logits in one copy to the host, where they are sampled.
@@ -506,50 +494,88 @@ fn host_rows(logits: &Tensor, which: &[u32]) -> candle_core::Result<Vec<Vec<f32>
 }
 
 impl Scheduler {
-    /// Drops the held step graph once a row of it has left: it holds the rows' caches, whose
-    /// bytes the KV budget already counts as free.
+    /// Lets the step graphs go of the caches of rows that left (their bytes the KV budget
+    /// already counts as free); a graph that cannot is dropped.
     fn release_graph(&self, active: &[Active]) {
-        let mut held = self.graph.borrow_mut();
-        let gone = |(key, _): &(Vec<u64>, StepGraph)| {
-            key.iter().any(|id| !active.iter().any(|a| a.id == *id))
-        };
-        if held.as_ref().is_some_and(gone) {
-            *held = None;
-        }
+        let live: Vec<&Cache> = active.iter().map(|a| &a.cache).collect();
+        self.graphs
+            .borrow_mut()
+            .retain_mut(|g| g.release(&live).is_ok());
     }
 
-    /// A decode step through the step graph of these rows (`key`), made first where the rows
-    /// changed; a plain decode step where the device does not serve step graphs. Returns the
-    /// logits, whether it made a step graph, and whether it replayed a captured one.
-    fn graph_step(
+    /// A decode step with every op launched on its own (no step graph).
+    fn plain_step(
         &self,
-        key: Vec<u64>,
         tokens: &[u32],
         caches: &mut [&mut Cache],
-        opts: &ForwardOpts,
-    ) -> candle_core::Result<(Tensor, bool, bool)> {
+        adapters: Vec<Option<&dyn Adapter>>,
+    ) -> candle_core::Result<Tensor> {
+        let any = adapters.iter().any(Option::is_some);
+        if !any {
+            self.gathered.clear();
+        }
+        let per_row = PerRow::with_cache(adapters, &self.gathered);
+        let opts = ForwardOpts {
+            logits: Logits::Last,
+            adapter: if any { Some(&per_row) } else { None },
+            ..Default::default()
+        };
+        self.model.decoder.decode_step(tokens, caches, &opts)
+    }
+
+    /// A decode step through the step graph of this batch's size class (a power of two where
+    /// batches are padded, see [`StepGraph::pads`]): the held one, rebound to these rows where they changed, or a
+    /// new one where none is held or the held one cannot take them; a plain step where the
+    /// device does not serve step graphs.
+    fn graph_step(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut Cache],
+        adapters: &[Option<&dyn Adapter>],
+    ) -> candle_core::Result<(Tensor, GraphUse)> {
         let dec = &self.model.decoder;
-        let mut held = self.graph.borrow_mut();
-        let made = held.as_ref().map(|(k, _)| k) != Some(&key);
+        let capacity = caches.iter().map(|c| c.capacity()).max().unwrap_or(0);
+        if !dec.device_steps_serve(capacity) {
+            let plain = self.plain_step(tokens, caches, adapters.to_vec())?;
+            return Ok((plain, GraphUse::default()));
+        }
+        let slots = match self.limits.pad_steps || StepGraph::pads(dec) {
+            true => caches.len().next_power_of_two(),
+            false => caches.len(),
+        };
+        let mut graphs = self.graphs.borrow_mut();
+        let at = graphs.iter().position(|g| g.slots() == slots);
+        let shared: Vec<&Cache> = caches.iter().map(|c| &**c).collect();
+        let made = !at.is_some_and(|i| graphs[i].serves(&shared, adapters));
         if made {
-            // The old graph goes first: it reads buffers (stacked factors) the new batch's
-            // first step may replace.
-            *held = None;
-            let capacity = caches.iter().map(|c| c.capacity()).max().unwrap_or(0);
-            if !dec.device_steps_serve(capacity) {
-                return Ok((dec.decode_step(tokens, caches, opts)?, false, false));
+            // The old graph goes first: its buffers (stacks, ghosts) are freed before the new
+            // one's are made.
+            if let Some(i) = at {
+                graphs.remove(i);
             }
             // Admission sized each cache for its whole answer: no room to add.
-            *held = Some((key, StepGraph::new(dec, caches, 1)?));
+            graphs.push(StepGraph::with_slots(dec, caches, 1, slots)?);
         }
-        let (_, graph) = held.as_mut().expect("made above");
-        let replays = graph.captured();
-        let out = graph.step(dec, tokens, caches, opts);
-        if out.is_err() {
-            // The rows fail with the step; their graph goes with them.
-            *held = None;
+        let i = graphs
+            .iter()
+            .position(|g| g.slots() == slots)
+            .expect("held or made above");
+        let replayed = graphs[i].captured();
+        match graphs[i].step(dec, tokens, caches, adapters) {
+            Ok((logits, rebound)) => Ok((
+                logits,
+                GraphUse {
+                    made,
+                    rebound: rebound && !made,
+                    replayed,
+                },
+            )),
+            Err(e) => {
+                // The rows fail with the step; their graph goes with them.
+                graphs.remove(i);
+                Err(e)
+            }
         }
-        Ok((out?, made, replays))
     }
 }
 

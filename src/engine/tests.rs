@@ -253,42 +253,47 @@ fn answers_are_the_same_alone_and_batched() {
 fn step_graphs_answer_as_lone_steps_while_rows_join_and_leave_the_batch() {
     // Whole prompts in one pass: every admitted answer decodes from its first iteration, so
     // answers running together are rows of the same steps.
-    let wide = |max_running, step_graphs| BatchLimits {
+    let wide = |max_running, step_graphs, pad_steps| BatchLimits {
         max_running,
         prefill_chunk: 512,
         max_batch_tokens: 4096,
         step_graphs,
+        pad_steps,
         ..Default::default()
     };
-    let alone = batch_engine(1, wide(1, false), Faults::default());
+    let alone = batch_engine(1, wide(1, false, false), Faults::default());
     let want: Vec<Completion> = mixed_jobs()
         .into_iter()
         .map(|j| outcome(alone.submit(j).unwrap()).unwrap())
         .collect();
-    let slow = Faults {
-        text_delay: Some(Duration::from_millis(3)),
-        ..Default::default()
-    };
-    let graphed = batch_engine(3, wide(16, true), slow);
-    let (got, peak) = all_at_once(&graphed);
-    assert!(peak > 2, "the answers never decoded together");
-    for (i, (a, b)) in want.iter().zip(&got).enumerate() {
-        assert_eq!(a.text, b.text, "answer {i}");
-        assert_eq!(b.completion_tokens, 6 + 5 * i, "answer {i} ran its budget");
-    }
-    // A graph per batch composition: rows joined and left, so several, each serving a few
-    // steps; the CPU captures none, so no step replays.
-    let d = graphed.health().decode_counts();
     assert_eq!(alone.health().decode_counts().steps, LONE_STEPS);
-    assert!(
-        d.steps < LONE_STEPS && d.graphs >= 2 && d.graphs < d.steps,
-        "{d:?}"
-    );
-    assert_eq!(d.replayed, 0);
-    let h = graphed.health();
-    until("the batch to empty", || {
-        h.running() == 0 && h.kv_bytes() == 0
-    });
+    // Batches as they come, and padded with ghost rows to a power of two (as on a GPU).
+    for pad in [false, true] {
+        let slow = Faults {
+            text_delay: Some(Duration::from_millis(3)),
+            ..Default::default()
+        };
+        let graphed = batch_engine(3, wide(16, true, pad), slow);
+        let (got, peak) = all_at_once(&graphed);
+        assert!(peak > 2, "the answers never decoded together");
+        for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+            assert_eq!(a.text, b.text, "answer {i}, padded: {pad}");
+            assert_eq!(b.completion_tokens, 6 + 5 * i, "answer {i} ran its budget");
+        }
+        // Rows joined and left. Unpadded, the batch's size changed with each (a graph per
+        // size, made again where a longer cache outgrew it); padded, a size class's graph
+        // took rows that joined or left within it in place. The CPU captures none, so no
+        // step replays.
+        let d = graphed.health().decode_counts();
+        assert!(d.steps < LONE_STEPS, "{d:?}");
+        assert!(d.graphs >= 2 && d.graphs + d.rebound < d.steps, "{d:?}");
+        assert!(!pad || d.rebound >= 1, "{d:?}");
+        assert_eq!(d.replayed, 0);
+        let h = graphed.health();
+        until("the batch to empty", || {
+            h.running() == 0 && h.kv_bytes() == 0
+        });
+    }
 }
 
 #[test]
@@ -523,9 +528,10 @@ fn answers_with_their_own_adapters_are_the_same_through_step_graphs() {
         "What makes the tides rise?",
         "Why do roots take up water?",
     ];
-    let answers = |step_graphs| {
+    let answers = |step_graphs, pad_steps| {
         let (e, _dir) = adapting_engine_with(BatchLimits {
             step_graphs,
+            pad_steps,
             ..Default::default()
         });
         let tickets: Vec<Ticket> = questions
@@ -542,5 +548,7 @@ fn answers_with_their_own_adapters_are_the_same_through_step_graphs() {
             })
             .collect::<Vec<_>>()
     };
-    assert_eq!(answers(false), answers(true));
+    let plain = answers(false, false);
+    assert_eq!(plain, answers(true, false));
+    assert_eq!(plain, answers(true, true), "padded");
 }

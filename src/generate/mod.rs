@@ -211,7 +211,8 @@ pub fn generate_scoring(
         cancel.check()?;
         logits = match &mut steps {
             Some(g) => g
-                .step(dec, &[token], &mut [&mut cache], &opts)?
+                .step(dec, &[token], &mut [&mut cache], &[adapter])?
+                .0
                 .squeeze(0)?,
             None => {
                 let ids = Tensor::new(&[token], device)?.unsqueeze(0)?;

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub jobs_cancelled: IntCounter,
     pub decode_steps: IntCounter,
     pub step_graphs: IntCounter,
+    pub rebound_steps: IntCounter,
     pub replayed_steps: IntCounter,
     /// Serialises [`Metrics::observe_engine`], so two scrapes do not both add the same delta.
     observing: std::sync::Mutex<()>,
@@ -185,8 +186,15 @@ impl Metrics {
         .expect("metric");
         let step_graphs = IntCounter::new(
             "ttarag_decode_step_graphs_total",
-            "Step graphs the scheduler made, one per batch composition (on a GPU each is a \
-             capture: a step run op by op, then recorded)",
+            "Step graphs the scheduler made, one per batch size class and again where the \
+             held one could not take a batch (on a GPU each is a capture: a step run op by \
+             op, then recorded)",
+        )
+        .expect("metric");
+        let rebound_steps = IntCounter::new(
+            "ttarag_decode_steps_rebound_total",
+            "Decode steps that rebound the held step graph to other rows (one joined or left) \
+             instead of making a new one",
         )
         .expect("metric");
         let replayed_steps = IntCounter::new(
@@ -225,6 +233,7 @@ impl Metrics {
             Box::new(jobs_cancelled.clone()),
             Box::new(decode_steps.clone()),
             Box::new(step_graphs.clone()),
+            Box::new(rebound_steps.clone()),
             Box::new(replayed_steps.clone()),
         ] {
             registry.register(c).expect("unique metric");
@@ -253,6 +262,7 @@ impl Metrics {
             jobs_cancelled,
             decode_steps,
             step_graphs,
+            rebound_steps,
             replayed_steps,
             observing: std::sync::Mutex::new(()),
         }
@@ -276,6 +286,7 @@ impl Metrics {
             (&self.jobs_cancelled, h.cancelled()),
             (&self.decode_steps, d.steps),
             (&self.step_graphs, d.graphs),
+            (&self.rebound_steps, d.rebound),
             (&self.replayed_steps, d.replayed),
         ] {
             counter.inc_by(now.saturating_sub(counter.get()));

@@ -18,6 +18,18 @@ pub enum Target {
     Down,
 }
 
+impl Target {
+    pub const ALL: [Target; 7] = [
+        Target::Q,
+        Target::K,
+        Target::V,
+        Target::O,
+        Target::Gate,
+        Target::Up,
+        Target::Down,
+    ];
+}
+
 /// A per-request additive change to some projections (e.g. LoRA): `y = W x + delta(x)`.
 /// The base weights stay shared and untouched.
 pub trait Adapter: Sync {
@@ -30,7 +42,8 @@ pub trait Adapter: Sync {
     }
 
     /// Whether every delta this adapter adds is its [`low_rank`](Self::low_rank) factors'
-    /// (and it adds none where it has none): stacked factors then stand for it entirely.
+    /// (and it adds none where it has none): stacked factors then stand for it entirely, so a
+    /// captured step that reads stacks can serve it once its factors are copied in.
     fn is_low_rank(&self) -> bool {
         false
     }
@@ -110,6 +123,72 @@ impl Gathered {
     pub fn clear(&self) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
+
+    /// Whether [`restack`](Self::restack) can serve `rows` over `layers` layers: every row's
+    /// adapter is purely low-rank, and each of its factor pairs has a stack of its shape, with
+    /// a place for every row.
+    pub fn restackable(&self, rows: &[Option<&dyn Adapter>], layers: usize) -> bool {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        rows.iter().flatten().all(|a| {
+            a.is_low_rank()
+                && (0..layers).all(|l| {
+                    Target::ALL.iter().all(|&t| match a.low_rank(l, t) {
+                        None => true,
+                        Some(f) => map.get(&(l, t)).is_some_and(|st| {
+                            st.key.len() == rows.len()
+                                && st.a.dims()[1..] == *f.a.dims()
+                                && st.b.dims()[1..] == *f.b.dims()
+                                && st.a.dtype() == f.a.dtype()
+                                && st.b.dtype() == f.b.dtype()
+                        }),
+                    })
+                })
+        })
+    }
+
+    /// Rewrites every held stack in place for `rows` (row `i` in place `i`), so that whatever
+    /// reads their buffers (a captured decode step) computes these rows' deltas: a row whose
+    /// adapter changed gets its factors copied in, a row without factors there gets scale 0
+    /// (its place keeps old factors, valid memory multiplied by nothing). Copies only what
+    /// changed: a row that joins costs its own factors, one that leaves nothing but scales.
+    /// Refused, with nothing written, where [`restackable`](Self::restackable) says no.
+    pub fn restack(&self, rows: &[Option<&dyn Adapter>], layers: usize) -> Result<()> {
+        if !self.restackable(rows, layers) {
+            candle_core::bail!("restack: these rows' adapters do not fit the held stacks");
+        }
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for (&(layer, target), st) in map.iter_mut() {
+            let factors: Vec<Option<LowRank>> = rows
+                .iter()
+                .map(|r| r.and_then(|a| a.low_rank(layer, target)))
+                .collect();
+            let key: Vec<Option<u64>> = factors.iter().map(|f| f.as_ref().map(|f| f.id)).collect();
+            if key == st.key {
+                continue;
+            }
+            for (i, f) in factors.iter().enumerate() {
+                if let Some(f) = f.as_ref().filter(|f| st.key[i] != Some(f.id)) {
+                    st.a.slice_set(&f.a.unsqueeze(0)?.contiguous()?, 0, i)?;
+                    st.b.slice_set(&f.b.unsqueeze(0)?.contiguous()?, 0, i)?;
+                }
+            }
+            let host: Vec<f32> = factors
+                .iter()
+                .map(|f| f.as_ref().map_or(0.0, |f| f.scale as f32))
+                .collect();
+            if host != st.host_scales {
+                let scales = Tensor::from_vec(host.clone(), rows.len(), st.scales.device())?;
+                st.scales.slice_set(&scales, 0, 0)?;
+                let scale = scales
+                    .reshape((rows.len(), 1, 1))?
+                    .to_dtype(st.scale.dtype())?;
+                st.scale.slice_set(&scale, 0, 0)?;
+                st.host_scales = host;
+            }
+            st.key = key;
+        }
+        Ok(())
+    }
 }
 
 /// One projection's factors for a batch: `a` `(rows, rank, in)`, `b` `(rows, out, rank)` and
@@ -122,6 +201,8 @@ struct Stacked {
     b: Tensor,
     scale: Tensor,
     scales: Tensor,
+    /// `scales` on the host.
+    host_scales: Vec<f32>,
 }
 
 impl<'a> PerRow<'a> {
@@ -194,13 +275,14 @@ impl<'a> PerRow<'a> {
                 .iter()
                 .map(|f| f.as_ref().map_or(0.0, |f| f.scale as f32))
                 .collect();
-            let scales = Tensor::from_vec(s, factors.len(), x.device())?;
+            let scales = Tensor::from_vec(s.clone(), factors.len(), x.device())?;
             Ok(Stacked {
                 key: key.clone(),
                 a,
                 b,
                 scale: scales.reshape((factors.len(), 1, 1))?.to_dtype(x.dtype())?,
                 scales,
+                host_scales: s,
             })
         };
         let st = match self.gathered {

@@ -716,6 +716,10 @@ impl Adapter for LowRankTest {
             scale: self.scale,
         })
     }
+
+    fn is_low_rank(&self) -> bool {
+        true
+    }
 }
 
 #[test]
@@ -976,15 +980,18 @@ fn device_steps_give_the_bits_of_decode_steps() {
                     .unwrap(),
             );
         }
+        // Two ghost slots beside the three rows: they write and read only their own buffers.
         let mut graphed: Vec<Cache> = eager.iter().map(|c| c.fork(0).unwrap()).collect();
         let mut refs: Vec<&mut Cache> = graphed.iter_mut().collect();
-        let mut g = StepGraph::new(&m, &mut refs, 6).unwrap();
+        let mut g = StepGraph::with_slots(&m, &mut refs, 6, 5).unwrap();
         assert!(!g.captured(), "no graph on the CPU");
+        assert_eq!(g.slots(), 5);
         let mut next = tokens.clone();
         for step in 0..6 {
             let mut e: Vec<&mut Cache> = eager.iter_mut().collect();
             let want = m.decode_step(&tokens, &mut e, &opts).unwrap();
-            let got = g.step(&m, &next, &mut refs, &opts).unwrap();
+            let (got, rebound) = g.step(&m, &next, &mut refs, &adapters).unwrap();
+            assert!(!rebound, "the same rows every step");
             assert_eq!(max_diff(&want, &got), 0.0, "step {step}");
             tokens = want.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
             next = got.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
@@ -1001,38 +1008,208 @@ fn device_steps_give_the_bits_of_decode_steps() {
     }
 }
 
-/// A step graph refuses what would write outside its rows' buffers or into another cache.
+/// A step graph refuses what would write outside its rows' buffers: more rows than slots, a
+/// cache longer than it was sized for, a step past a cache's room.
 #[test]
-fn a_step_graph_refuses_other_caches_and_steps_past_its_room() {
+fn a_step_graph_refuses_more_rows_than_slots_and_steps_past_its_room() {
     let m = tiny(Arch::Llama);
     let prefill = |c: &mut Cache| {
         logits(&m, &ids().narrow(1, 0, 3).unwrap(), c);
     };
-    let (mut a, mut b) = (m.new_cache(8), m.new_cache(8));
+    let (mut a, mut b, mut long) = (m.new_cache(8), m.new_cache(8), m.new_cache(40));
     prefill(&mut a);
     prefill(&mut b);
-    let opts = ForwardOpts::default();
+    prefill(&mut long);
     let mut g = StepGraph::new(&m, &mut [&mut a], 2).unwrap();
     assert!(
-        g.step(&m, &[5], &mut [&mut b], &opts).is_err(),
-        "another cache"
+        g.step(&m, &[5, 6], &mut [&mut a, &mut b], &[None, None])
+            .is_err(),
+        "two rows, one slot"
     );
-    assert_eq!(b.len(), 3, "the refused step counted nothing");
+    assert!(!g.serves(&[&a, &b], &[None, None]));
     assert!(
-        g.step(&m, &[5, 6], &mut [&mut a], &opts).is_err(),
+        g.step(&m, &[5, 6], &mut [&mut a], &[None]).is_err(),
         "two tokens, one row"
     );
+    assert_eq!(
+        (a.len(), b.len()),
+        (3, 3),
+        "the refused steps counted nothing"
+    );
+    // Sized for 8 positions: a cache of 40 does not fit its attention.
+    assert!(!g.serves(&[&long], &[None]));
+    assert!(g.step(&m, &[5], &mut [&mut long], &[None]).is_err());
+    assert_eq!(long.len(), 3);
     // Room for 2 more positions past the prefill: capacity 8 already holds them, and more.
     for _ in 0..5 {
-        g.step(&m, &[5], &mut [&mut a], &opts).unwrap();
+        g.step(&m, &[5], &mut [&mut a], &[None]).unwrap();
     }
     assert_eq!(a.len(), 8);
-    let err = g.step(&m, &[5], &mut [&mut a], &opts).unwrap_err();
+    let err = g.step(&m, &[5], &mut [&mut a], &[None]).unwrap_err();
     assert!(err.to_string().contains("past the room"), "{err}");
     assert_eq!(a.len(), 8);
     // An empty cache has no buffers to write into.
     let mut empty = m.new_cache(8);
     assert!(StepGraph::new(&m, &mut [&mut empty], 2).is_err());
+    assert!(!g.serves(&[&empty], &[None]));
+}
+
+/// Rows join and leave a step graph without a new one: a sequence keeps its slot, a new one
+/// takes a free slot, a slot left empty is a ghost, and every step gives each row the bits of
+/// a plain step of the same rows (its own cache, position and adapter).
+#[test]
+fn a_step_graph_rebinds_to_rows_that_join_and_leave() {
+    let m = tiny(Arch::Llama);
+    let (one, two, three) = (
+        LowRankTest::new(11, 4, 1.0),
+        LowRankTest::new(12, 4, 2.0),
+        LowRankTest::new(13, 4, 3.0),
+    );
+    let adapters: [Option<&dyn Adapter>; 4] = [Some(&one), None, Some(&two), Some(&three)];
+    // Four sequences of different prompts; each has an eager twin.
+    let mut graphed: Vec<Cache> = (0..4)
+        .map(|i| {
+            let mut c = m.new_cache(16);
+            logits(&m, &ids().narrow(1, i, 3 + i).unwrap(), &mut c);
+            c
+        })
+        .collect();
+    let mut eager: Vec<Cache> = graphed.iter().map(|c| c.fork(12).unwrap()).collect();
+    let mut tokens = [3u32, 5, 7, 9];
+    let mut g = {
+        let mut refs: Vec<&mut Cache> = graphed.iter_mut().take(3).collect();
+        StepGraph::with_slots(&m, &mut refs, 0, 4).unwrap()
+    };
+    // Which sequences decode together at each step (by index), and whether the graph's
+    // slots change then.
+    let plan: [(&[usize], bool); 6] = [
+        (&[0, 1, 2], false),
+        (&[0, 1, 2], false),
+        (&[2, 0], true),    // 1 leaves, the others keep their slots in another order
+        (&[0, 3, 2], true), // 3 joins: slot 1, 1's old one
+        (&[3, 2, 0, 1], true), // 1 is back, in the ghost slot
+        (&[3, 2, 0, 1], false),
+    ];
+    for (step, (rows, rebind)) in plan.iter().enumerate() {
+        let ads: Vec<Option<&dyn Adapter>> = rows.iter().map(|&i| adapters[i]).collect();
+        let toks: Vec<u32> = rows.iter().map(|&i| tokens[i]).collect();
+        let gathered = Gathered::default();
+        let per_row = PerRow::with_cache(ads.clone(), &gathered);
+        let opts = ForwardOpts {
+            adapter: Some(&per_row),
+            ..Default::default()
+        };
+        let want = {
+            let mut e: Vec<&mut Cache> = pick(&mut eager, rows);
+            m.decode_step(&toks, &mut e, &opts).unwrap()
+        };
+        let live: Vec<&Cache> = rows.iter().map(|&i| &graphed[i]).collect();
+        assert!(g.serves(&live, &ads), "step {step}");
+        g.release(&live).unwrap();
+        let mut refs = pick(&mut graphed, rows);
+        let (got, rebound) = g.step(&m, &toks, &mut refs, &ads).unwrap();
+        assert_eq!(rebound, *rebind, "step {step}");
+        assert_eq!(max_diff(&want, &got), 0.0, "step {step}");
+        let next = want.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
+        for (&i, t) in rows.iter().zip(next) {
+            tokens[i] = t;
+        }
+    }
+    for (a, b) in eager.iter().zip(&graphed) {
+        assert_eq!(a.len(), b.len());
+        let (ka, kb) = (
+            a.layers[1].k().unwrap().unwrap(),
+            b.layers[1].k().unwrap().unwrap(),
+        );
+        assert_eq!(max_diff(&ka, &kb), 0.0, "cached keys");
+    }
+}
+
+/// `rows` of `caches`, in that order, mutably.
+fn pick<'a>(caches: &'a mut [Cache], rows: &[usize]) -> Vec<&'a mut Cache> {
+    let mut slots: Vec<Option<&'a mut Cache>> = caches.iter_mut().map(Some).collect();
+    rows.iter()
+        .map(|&i| slots[i].take().expect("each row once"))
+        .collect()
+}
+
+/// Restacking writes the rows' factors into the stacks already held (the buffers a captured
+/// step reads), copying only what changed, and the result is what stacking them afresh gives.
+#[test]
+fn restacking_rewrites_the_held_stacks_in_place() {
+    let (one, two, three) = (
+        LowRankTest::new(21, 4, 1.0),
+        LowRankTest::new(22, 4, 2.0),
+        LowRankTest::new(23, 4, 3.0),
+    );
+    let x = Tensor::ones((3, 1, 32), DType::F32, &Device::Cpu).unwrap();
+    let held = Gathered::default();
+    let factors =
+        |rows: Vec<Option<&dyn Adapter>>, cache: &Gathered| match PerRow::with_cache(rows, cache)
+            .row_factors(0, Target::Q, &x)
+            .unwrap()
+        {
+            Some(RowFactors::Stacked { a, b, scales }) => (a, b, scales),
+            _ => panic!("stacked"),
+        };
+    let (a0, b0, s0) = factors(vec![Some(&one), None, Some(&two)], &held);
+    // Only layer 0's Q is held: an adapter with factors elsewhere (O) does not fit.
+    assert!(!held.restackable(&[Some(&three), None, None], 1));
+    let (q_two, q_three) = (OnlyQ(&two), OnlyQ(&three));
+    let rows: Vec<Option<&dyn Adapter>> = vec![Some(&q_two), Some(&q_three), None];
+    assert!(held.restackable(&rows, 1));
+    held.restack(&rows, 1).unwrap();
+    let (a1, b1, s1) = factors(rows.clone(), &held);
+    assert_eq!(
+        (a1.id(), b1.id(), s1.id()),
+        (a0.id(), b0.id(), s0.id()),
+        "in place"
+    );
+    let (fa, fb, fs) = factors(rows.clone(), &Gathered::default());
+    assert_eq!(
+        max_diff(&a1.narrow(0, 0, 2).unwrap(), &fa.narrow(0, 0, 2).unwrap()),
+        0.0
+    );
+    assert_eq!(
+        max_diff(&b1.narrow(0, 0, 2).unwrap(), &fb.narrow(0, 0, 2).unwrap()),
+        0.0
+    );
+    assert_eq!(s1.to_vec1::<f32>().unwrap(), fs.to_vec1::<f32>().unwrap());
+    assert_eq!(s1.to_vec1::<f32>().unwrap(), vec![1.0, 1.5, 0.0]);
+    // Another row count, another rank, or an adapter that is not purely low-rank: refused.
+    assert!(!held.restackable(&[Some(&one), None], 1));
+    let wide = LowRankTest::new(24, 6, 1.0);
+    assert!(!held.restackable(&[Some(&OnlyQ(&wide)), None, None], 1));
+    assert!(!held.restackable(&[Some(&AddOne), None, None], 1));
+    assert!(held.restack(&[Some(&AddOne), None, None], 1).is_err());
+    assert_eq!(
+        s1.to_vec1::<f32>().unwrap(),
+        vec![1.0, 1.5, 0.0],
+        "nothing written"
+    );
+}
+
+/// A low-rank adapter on layer 0's Q only.
+struct OnlyQ<'a>(&'a LowRankTest);
+
+impl Adapter for OnlyQ<'_> {
+    fn delta(&self, l: usize, t: Target, x: &Tensor) -> Result<Option<Tensor>> {
+        match (l, t) {
+            (0, Target::Q) => self.0.delta(l, t, x),
+            _ => Ok(None),
+        }
+    }
+
+    fn low_rank(&self, l: usize, t: Target) -> Option<LowRank<'_>> {
+        match (l, t) {
+            (0, Target::Q) => self.0.low_rank(l, t),
+            _ => None,
+        }
+    }
+
+    fn is_low_rank(&self) -> bool {
+        true
+    }
 }
 
 /// A cache grows by its capacity again until it holds what is asked, keeping what it holds,

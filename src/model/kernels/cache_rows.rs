@@ -20,9 +20,12 @@ pub struct CacheRows {
     /// uploaded once here so that a captured step uploads nothing.
     #[cfg(feature = "cuda")]
     table: Option<Tensor>,
-    /// KV heads, and the largest row's capacity (the GPU kernel's shared memory).
+    /// KV heads (the GPU kernels' layout).
     #[cfg(feature = "cuda")]
-    shape: (usize, usize),
+    kv_heads: usize,
+    /// The most positions a row's buffers may hold: the GPU kernel's shared memory is sized
+    /// for it, so rows rebound later (see [`rebind`](Self::rebind)) must stay within it.
+    bound: usize,
 }
 
 /// Whether a step of `dtype` on `device` over caches of `capacity` positions runs on these
@@ -44,6 +47,17 @@ impl CacheRows {
     /// on every [`write`](Self::write) and [`attend`](Self::attend), so writing it in place
     /// moves every row on.
     pub fn new(buffers: Vec<(Tensor, Tensor)>, positions: &Tensor) -> Result<Self> {
+        let bound = buffers.iter().map(|(k, _)| k.dim(2).unwrap_or(0)).max();
+        Self::with_bound(buffers, positions, bound.unwrap_or(0))
+    }
+
+    /// As [`new`](Self::new), for rows of at most `bound` positions now and after any
+    /// [`rebind`](Self::rebind).
+    pub fn with_bound(
+        buffers: Vec<(Tensor, Tensor)>,
+        positions: &Tensor,
+        bound: usize,
+    ) -> Result<Self> {
         if buffers.is_empty()
             || positions.dims() != [buffers.len()]
             || positions.dtype() != DType::U32
@@ -55,11 +69,7 @@ impl CacheRows {
                 buffers.len()
             );
         }
-        for (k, v) in &buffers {
-            if k.dims() != v.dims() || k.rank() != 4 || k.dim(0)? != 1 || !k.is_contiguous() {
-                candle_core::bail!("cache rows: buffers {:?} / {:?}", k.dims(), v.dims());
-            }
-        }
+        check(&buffers, bound)?;
         #[cfg(feature = "cuda")]
         let table = match positions.device() {
             Device::Cuda(_) => Some(super::cuda::decode_attention::table(
@@ -68,23 +78,48 @@ impl CacheRows {
             )?),
             _ => None,
         };
-        #[cfg(feature = "cuda")]
-        let shape = (
-            buffers[0].0.dim(1)?,
-            buffers
-                .iter()
-                .map(|(k, _)| k.dim(2).unwrap_or(0))
-                .max()
-                .unwrap_or(0),
-        );
         Ok(Self {
+            #[cfg(feature = "cuda")]
+            kv_heads: buffers[0].0.dim(1)?,
             buffers,
             positions: positions.clone(),
             #[cfg(feature = "cuda")]
             table,
-            #[cfg(feature = "cuda")]
-            shape,
+            bound,
         })
+    }
+
+    /// The most positions a row may hold.
+    pub fn bound(&self) -> usize {
+        self.bound
+    }
+
+    /// Points the rows at other buffers (as many rows, each of the same layout and within the
+    /// bound), in place: on a GPU the row table is rewritten where it lies, so a step captured
+    /// over these rows reads the new buffers when replayed. The old buffers are let go.
+    pub fn rebind(&mut self, buffers: Vec<(Tensor, Tensor)>) -> Result<()> {
+        let (k0, _) = &self.buffers[0];
+        let like = |k: &Tensor| {
+            k.dtype() == k0.dtype()
+                && k.device().same_device(k0.device())
+                && k.dim(1).ok() == k0.dim(1).ok()
+                && k.dim(3).ok() == k0.dim(3).ok()
+        };
+        if buffers.len() != self.buffers.len() || !buffers.iter().all(|(k, _)| like(k)) {
+            candle_core::bail!(
+                "cache rows: {} rows rebound to {} unlike buffers",
+                self.buffers.len(),
+                buffers.len()
+            );
+        }
+        check(&buffers, self.bound)?;
+        #[cfg(feature = "cuda")]
+        if let Some(table) = &self.table {
+            let fresh = super::cuda::decode_attention::table(&buffers, Some(&self.positions))?;
+            table.slice_set(&fresh, 0, 0)?;
+        }
+        self.buffers = buffers;
+        Ok(())
     }
 
     /// Writes `k`, `v` (`(rows, kv_heads, 1, head_dim)`) into each row's buffers at its position.
@@ -114,9 +149,12 @@ impl CacheRows {
     pub fn attend(&self, q: &Tensor, scale: f64) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(table) = &self.table {
-            let (kv_heads, capacity) = self.shape;
             return super::cuda::decode_attention::attend_table(
-                q, table, kv_heads, capacity, scale,
+                q,
+                table,
+                self.kv_heads,
+                self.bound,
+                scale,
             );
         }
         let views = self
@@ -191,7 +229,7 @@ impl CacheRows {
             sin,
             table,
             heads,
-            self.shape.0,
+            self.kv_heads,
             lora,
         )
     }
@@ -211,6 +249,24 @@ impl CacheRows {
             })
             .collect()
     }
+}
+
+/// Row buffers as [`CacheRows`] take them: contiguous `(1, kv_heads, capacity, head_dim)` keys
+/// and values alike, of one KV-head count, none longer than `bound`.
+fn check(buffers: &[(Tensor, Tensor)], bound: usize) -> Result<()> {
+    let heads = buffers.first().map(|(k, _)| k.dim(1)).transpose()?;
+    for (k, v) in buffers {
+        if k.dims() != v.dims() || k.rank() != 4 || k.dim(0)? != 1 || !k.is_contiguous() {
+            candle_core::bail!("cache rows: buffers {:?} / {:?}", k.dims(), v.dims());
+        }
+        if Some(k.dim(1)?) != heads || k.dim(2)? > bound {
+            candle_core::bail!(
+                "cache rows: buffers {:?} past {bound} positions or unlike the others",
+                k.dims()
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
