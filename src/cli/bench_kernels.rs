@@ -438,6 +438,69 @@ fn trained_loras(dec: &Decoder, n: usize, dtype: DType) -> candle_core::Result<V
     Ok(loras)
 }
 
+/// A step graph's LoRA stacks restacked in place for a new batch composition (all `rows`
+/// rows change adapter, every projection's stacks, rank 8, in `dtype`; on a GPU one launch,
+/// `Gathered::restack`) against stacking them afresh, what every change of a batch's rows
+/// cost before step graphs had slots. Parts: the first and last layers' stacked factors and
+/// scales, which must be equal.
+pub fn restack(
+    dec: &Decoder,
+    rows: usize,
+    dtype: DType,
+    steps: usize,
+) -> anyhow::Result<KernelCheck> {
+    use crate::model::{Adapter, Gathered, PerRow, RowFactors, Target};
+    let dev = dec.device();
+    let layers = dec.config().num_hidden_layers;
+    let loras = trained_loras(dec, 3 * rows, dtype)?;
+    // Composition `c` is adapters `c * rows..(c + 1) * rows`: the held stacks start as 2's,
+    // and each timed restack alternates between 0 and 1, so every one copies every row.
+    let batch = |c: usize| -> Vec<Option<&dyn Adapter>> {
+        (0..rows)
+            .map(|i| Some(&loras[c * rows + i] as &dyn Adapter))
+            .collect()
+    };
+    let x = Tensor::zeros((rows, 1, 1), dtype, dev)?;
+    // Every projection's stacks, as a batch's first step makes them.
+    let stack_all = |g: &Gathered, c: usize| -> candle_core::Result<()> {
+        let per_row = PerRow::with_cache(batch(c), g);
+        for l in 0..layers {
+            for t in Target::ALL {
+                per_row.row_factors(l, t, &x)?;
+            }
+        }
+        Ok(())
+    };
+    let parts = |g: &Gathered, c: usize| -> candle_core::Result<Vec<Tensor>> {
+        let per_row = PerRow::with_cache(batch(c), g);
+        let mut out = vec![];
+        for l in [0, layers - 1] {
+            for t in Target::ALL {
+                if let Some(RowFactors::Stacked { a, b, scales }) = per_row.row_factors(l, t, &x)? {
+                    out.extend([a, b, scales]);
+                }
+            }
+        }
+        Ok(out)
+    };
+    let held = Gathered::default();
+    stack_all(&held, 2)?;
+    anyhow::ensure!(held.entries() > 0, "the adapters have no factors to stack");
+    let now = std::cell::Cell::new(0);
+    let kernel = || -> candle_core::Result<Vec<Tensor>> {
+        now.set(1 - now.get());
+        held.restack(&batch(now.get()), layers)?;
+        parts(&held, now.get())
+    };
+    let afresh = || -> candle_core::Result<Vec<Tensor>> {
+        let g = Gathered::default();
+        stack_all(&g, now.get())?;
+        parts(&g, now.get())
+    };
+    let name = format!("lora restack ({rows} rows, every projection, rank 8, {dtype:?})");
+    compare(name, dev, 0.0, steps, &kernel, &afresh)
+}
+
 /// The greedy pick of `rows` rows of logits of `dec`'s vocabulary in `dtype`, against what a
 /// step did per row before it: the sampler's argmax and the host log-probability over a copy
 /// of the row (parts: the tokens and the log-probabilities, on the host); and the pick without
@@ -773,6 +836,7 @@ pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
     // About three training pairs' worth of positions.
     out.extend(block_ops(dec, 192, steps)?);
     for &dtype in dtypes {
+        out.push(restack(dec, 8, dtype, steps)?);
         for rows in [1, 8] {
             out.extend(greedy_picks(dec, rows, dtype, steps)?);
             out.push(decode_attention(dec, rows, 1000, dtype, steps)?);
@@ -883,6 +947,17 @@ mod tests {
             assert_eq!(c.path, "cpu");
             assert_eq!(c.max_diff, 0.0, "{c:?}");
         }
+    }
+
+    #[test]
+    fn restacking_in_place_gives_the_stacks_made_afresh() {
+        let parts =
+            crate::model::tiny::tiny_parts(crate::model::Arch::Llama, 3, &Device::Cpu, DType::F32)
+                .unwrap();
+        let dec = crate::model::Model::from_parts("t", parts).unwrap().decoder;
+        let c = restack(&dec, 3, DType::F32, 3).unwrap();
+        assert_eq!(c.path, "cpu");
+        assert_eq!(c.max_diff, 0.0, "{c:?}");
     }
 
     #[test]

@@ -346,12 +346,12 @@ fn print_table(cfg: &Config, levels: &[Level]) {
         );
     }
     println!();
-    println!("The scheduler's decode steps (a step graph is made per batch composition; on a GPU each is a capture, and later steps of the same rows replay it):");
+    println!("The scheduler's decode steps (a step graph per batch size class, made again where it cannot take a batch; rows that join or leave rebind it in place; on a GPU each graph made is a capture, and later steps replay it):");
     println!();
     println!(
-        "| mode | clients | decode steps | step graphs made | steps replayed | steps per graph |"
+        "| mode | clients | decode steps | step graphs made | steps rebound | steps replayed | steps per graph |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for l in levels {
         let d = l.decode;
         let per_graph = match d.graphs {
@@ -359,8 +359,8 @@ fn print_table(cfg: &Config, levels: &[Level]) {
             g => format!("{:.1}", d.steps as f64 / g as f64),
         };
         println!(
-            "| {} | {} | {} | {} | {} | {per_graph} |",
-            l.mode, l.clients, d.steps, d.graphs, d.replayed,
+            "| {} | {} | {} | {} | {} | {} | {per_graph} |",
+            l.mode, l.clients, d.steps, d.graphs, d.rebound, d.replayed,
         );
     }
 }

@@ -157,6 +157,11 @@ impl Gathered {
             candle_core::bail!("restack: these rows' adapters do not fit the held stacks");
         }
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Every copy is gathered first and made at once (one launch on a GPU); the new scales
+        // go up to the device in one upload and are copied from there.
+        let mut copies: Vec<(Tensor, Tensor, usize)> = Vec::new();
+        let mut scaled: Vec<(Tensor, Tensor)> = Vec::new();
+        let mut staged: Vec<f32> = Vec::new();
         for (&(layer, target), st) in map.iter_mut() {
             let factors: Vec<Option<LowRank>> = rows
                 .iter()
@@ -168,8 +173,10 @@ impl Gathered {
             }
             for (i, f) in factors.iter().enumerate() {
                 if let Some(f) = f.as_ref().filter(|f| st.key[i] != Some(f.id)) {
-                    st.a.slice_set(&f.a.unsqueeze(0)?.contiguous()?, 0, i)?;
-                    st.b.slice_set(&f.b.unsqueeze(0)?.contiguous()?, 0, i)?;
+                    let (a, b) = (f.a.contiguous()?, f.b.contiguous()?);
+                    let (an, bn) = (a.elem_count(), b.elem_count());
+                    copies.push((a, st.a.clone(), i * an));
+                    copies.push((b, st.b.clone(), i * bn));
                 }
             }
             let host: Vec<f32> = factors
@@ -177,18 +184,49 @@ impl Gathered {
                 .map(|f| f.as_ref().map_or(0.0, |f| f.scale as f32))
                 .collect();
             if host != st.host_scales {
-                let scales = Tensor::from_vec(host.clone(), rows.len(), st.scales.device())?;
-                st.scales.slice_set(&scales, 0, 0)?;
-                let scale = scales
-                    .reshape((rows.len(), 1, 1))?
-                    .to_dtype(st.scale.dtype())?;
-                st.scale.slice_set(&scale, 0, 0)?;
+                scaled.push((st.scales.clone(), st.scale.clone()));
+                staged.extend(&host);
                 st.host_scales = host;
             }
             st.key = key;
         }
-        Ok(())
+        if let Some((first, _)) = scaled.first() {
+            let n = rows.len();
+            let up = Tensor::from_vec(staged, scaled.len() * n, first.device())?;
+            let mut as_dtype: Vec<(candle_core::DType, Tensor)> = Vec::new();
+            for (i, (scales, scale)) in scaled.into_iter().enumerate() {
+                let src = up.narrow(0, i * n, n)?;
+                let dt = scale.dtype();
+                let cast = match as_dtype.iter().find(|(d, _)| *d == dt) {
+                    Some((_, t)) => t.clone(),
+                    None => {
+                        let t = up.to_dtype(dt)?;
+                        as_dtype.push((dt, t.clone()));
+                        t
+                    }
+                };
+                copies.push((src, scales, 0));
+                copies.push((cast.narrow(0, i * n, n)?, scale, 0));
+            }
+        }
+        copy_all(&copies)
     }
+}
+
+/// Makes every `(src, dst, at)` copy: all of `src` into `dst` from its element `at` on. On a
+/// GPU with the project's kernels, one launch for all (`cuda::lora::copy_into`); elsewhere a
+/// `slice_set` each.
+fn copy_all(copies: &[(Tensor, Tensor, usize)]) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if copies.first().is_some_and(|(s, _, _)| s.device().is_cuda())
+        && crate::model::kernels::cuda::enabled()
+    {
+        return crate::model::kernels::cuda::lora::copy_into(copies);
+    }
+    for (src, dst, at) in copies {
+        dst.flatten_all()?.slice_set(&src.flatten_all()?, 0, *at)?;
+    }
+    Ok(())
 }
 
 /// One projection's factors for a batch: `a` `(rows, rank, in)`, `b` `(rows, out, rank)` and

@@ -52,3 +52,14 @@ __device__ void lora_add(const T *y, const T *x, const T *a, const T *b, const f
     }
 LORA_ADD(lora_add_f32, float)
 LORA_ADD(lora_add_bf16, __nv_bfloat16)
+
+// Block i copies span i of `spans` (three int64 each: source address, destination address,
+// bytes): a joining row's factors and a batch's new scales written into a step graph's stacks,
+// every projection's in one launch instead of a copy each (`Gathered::restack`).
+extern "C" __global__ void lora_restack(const int64_t *spans, int n) {
+    if ((int)blockIdx.x >= n) return;
+    const int64_t *s = spans + 3 * (int64_t)blockIdx.x;
+    const unsigned char *src = (const unsigned char *)s[0];
+    unsigned char *dst = (unsigned char *)s[1];
+    for (int64_t i = threadIdx.x; i < s[2]; i += THREADS) dst[i] = src[i];
+}

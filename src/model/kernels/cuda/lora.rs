@@ -8,7 +8,8 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
-use super::{abi, function, held_view};
+use super::abi::{self, Addr};
+use super::{cuda_device, function, held_view, with_addresses};
 use crate::model::kernels::fused::LORA_MAX_RANK as MAX_RANK;
 use crate::model::kernels::rows::even_rows;
 
@@ -77,6 +78,58 @@ pub fn add(
         None => y.contiguous()?,
     };
     Ok(Some(y.apply_op2_no_bwd(&x.contiguous()?, &op)?))
+}
+
+/// Copies every `(src, dst, at)`: all of `src` into `dst` from its element `at` on, both
+/// contiguous and of one dtype, on one GPU, in one launch (`lora_restack`): a step graph's
+/// stacks take a joining row's factors for every projection at once. The reference is a
+/// `slice_set` per copy.
+pub fn copy_into(copies: &[(Tensor, Tensor, usize)]) -> Result<()> {
+    let Some((first, _, _)) = copies.first() else {
+        return Ok(());
+    };
+    for (src, dst, at) in copies {
+        if !src.is_contiguous()
+            || !dst.is_contiguous()
+            || src.dtype() != dst.dtype()
+            || at + src.elem_count() > dst.elem_count()
+        {
+            candle_core::bail!(
+                "lora restack: {:?} {:?} into {:?} {:?} at {at}",
+                src.dims(),
+                src.dtype(),
+                dst.dims(),
+                dst.dtype()
+            );
+        }
+    }
+    let dev = cuda_device(first, "lora restack")?.clone();
+    let stream = dev.cuda_stream();
+    let operands: Vec<&Tensor> = copies.iter().flat_map(|(s, d, _)| [s, d]).collect();
+    with_addresses(&stream, &operands, |a| {
+        let mut spans = Vec::with_capacity(copies.len() * 3);
+        for (i, (src, _, at)) in copies.iter().enumerate() {
+            let size = src.dtype().size_in_bytes();
+            spans.extend([
+                a[2 * i],
+                a[2 * i + 1] + (at * size) as i64,
+                (src.elem_count() * size) as i64,
+            ]);
+        }
+        let table = Tensor::from_vec(spans, (copies.len(), 3), first.device())?;
+        with_addresses(&stream, &[&table], |t| {
+            let f = function(&dev, &abi::lora_restack::DECL, DType::F32)?;
+            let mut bl = f.builder();
+            let (tab, n) = (Addr(t[0] as u64), copies.len() as i32);
+            abi::lora_restack::push(&mut bl, &tab, &n);
+            // SAFETY: one block per span, each copying its bytes between live, contiguous
+            // buffers held by `copies` (alive until the launch is queued, ordered by the
+            // stream after it), the destination range checked to lie within its tensor.
+            unsafe { bl.launch(abi::grid::lora_restack(copies.len()).into()) }
+                .map_err(candle_core::Error::wrap)?;
+            Ok(())
+        })
+    })
 }
 
 struct LoraAdd {

@@ -84,6 +84,11 @@ pub fn lora_add(rows: usize) -> Launch {
     Launch::blocks(rows.max(1), LORA_THREADS)
 }
 
+/// One block per span.
+pub fn lora_restack(spans: usize) -> Launch {
+    Launch::blocks(spans.max(1), LORA_THREADS)
+}
+
 /// One block per row.
 pub fn lora_bwd_rows(rows: usize) -> Launch {
     Launch::blocks(rows, LORA_THREADS)

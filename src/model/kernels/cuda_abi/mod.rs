@@ -302,6 +302,10 @@ kernels! {
     (y: In<T>, x: In<T>, a: In<T>, b: In<T>, scales: In<f32>, scale: f32, out: Out<T>,
      inp: i32, outs: i32, rank: i32, a_stride: i64, b_stride: i64, y_stride: i64);
 
+    /// Spans of bytes copied between buffers, one block each (a step graph's stacks restacked).
+    "lora" lora_restack [any "lora_restack"]
+    (spans: In<i64>, n: i32);
+
     /// The LoRA delta's backward, by rows: `h`, `dh`, `dx`.
     "lora_training" lora_bwd_rows<T> [f32 "lora_bwd_rows_f32", bf16 "lora_bwd_rows_bf16"]
     (x: In<T>, a: In<T>, b: In<T>, g: In<T>, scale: f32, h: Out<f32>, dh: Out<f32>, dx: Out<T>,

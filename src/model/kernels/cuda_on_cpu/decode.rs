@@ -1132,3 +1132,43 @@ fn greedy_pick_f32_and_bf16_match_for_a_vocabulary_off_the_block() {
     greedy_case::<f32>(1_000 + 7);
     greedy_case::<u16>(1_000 + 7);
 }
+
+/// As `cuda::lora::copy_into` launches it: a table of (source, destination, bytes) spans, one
+/// block each. Spans of f32 and of bf16 bits, one longer than the block's threads, one empty,
+/// written into places of larger buffers: each span lands where it says and nothing else moves.
+#[test]
+fn lora_restack_copies_each_span_into_its_place_and_nothing_else() {
+    let src_f: Vec<f32> = values(700, 3, 1.0);
+    let src_h: Vec<u16> = (0..300u16).map(|i| i.wrapping_mul(2654) | 1).collect();
+    let mut dst_f = vec![f32::NAN; 1000];
+    let mut dst_h = vec![0u16; 400];
+    let (sf, sh) = (src_f.as_ptr() as i64, src_h.as_ptr() as i64);
+    let (df, dh) = (dst_f.as_mut_ptr() as i64, dst_h.as_mut_ptr() as i64);
+    // (source, destination, bytes): 600 floats at element 100, the first 300 bf16 at 50, the
+    // last 100 floats at 0, and an empty span.
+    let spans: Vec<i64> = vec![
+        sf,
+        df + 4 * 100,
+        4 * 600,
+        sh,
+        dh + 2 * 50,
+        2 * 300,
+        sf + 4 * 600,
+        df,
+        4 * 100,
+        sf,
+        df + 4 * 999,
+        0,
+    ];
+    let lib = library("lora");
+    let f = lib.entry::<abi::lora_restack::Kernel, f32>();
+    let (tp, n) = (spans.as_ptr(), (spans.len() / 3) as i32);
+    // SAFETY: every span's source and destination lie within the vectors above (alive to the
+    // end), which nothing else touches while the kernel runs.
+    unsafe { lib.launch(grid::lora_restack(n as usize), || f(tp, n)) };
+    assert_eq!(&dst_f[100..700], &src_f[..600]);
+    assert_eq!(&dst_f[..100], &src_f[600..700]);
+    assert!(dst_f[700..].iter().all(|v| v.is_nan()), "past the spans");
+    assert_eq!(&dst_h[50..350], &src_h[..]);
+    assert!(dst_h[..50].iter().chain(&dst_h[350..]).all(|&v| v == 0));
+}
