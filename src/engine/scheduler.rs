@@ -336,6 +336,8 @@ impl Scheduler {
                 }
             }
             Err(p) => {
+                // A step graph the panic interrupted may be half rebound: made again.
+                self.graphs.borrow_mut().clear();
                 for a in rows {
                     self.panicked(&a.seq, p.as_ref());
                     a.kv_bytes = 0;

@@ -89,15 +89,7 @@ fn lora_gradients_match_finite_differences() {
     let cfg = LoraConfig {
         rank: 2,
         alpha: 4.0,
-        targets: vec![
-            Target::Q,
-            Target::K,
-            Target::V,
-            Target::O,
-            Target::Gate,
-            Target::Up,
-            Target::Down,
-        ],
+        targets: Target::ALL.to_vec(),
         dropout: 0.0,
     };
     let lora = Lora::new(model.decoder.config(), &cfg, 1, &Device::Cpu, DType::F64).unwrap();
