@@ -812,6 +812,110 @@ pub fn decode_step(
     Ok(check)
 }
 
+/// Sequences joining and leaving one [`StepGraph`] of 8 slots (ghost rows where fewer run;
+/// captured at its first step and replayed after on a GPU, the same ops one by one on the
+/// CPU), each with its own LoRA: the rows' caches rebound and the adapters' factors restacked
+/// in place between steps, against [`Decoder::decode_step`] of the same rows on twin caches.
+/// The largest difference over every step's logits, and the median time of a step of each.
+pub fn decode_churn(dec: &Decoder, len: usize) -> anyhow::Result<KernelCheck> {
+    use crate::model::{Adapter, Gathered, PerRow};
+    // Which sequences decode together at each step: 2 leaves, 5 joins in its slot, the
+    // order changes, 2 comes back into a ghost slot, 0 and 1 leave.
+    let plan: [&[usize]; 8] = [
+        &[0, 1, 2, 3, 4],
+        &[0, 1, 2, 3, 4],
+        &[0, 1, 3, 4],
+        &[0, 1, 3, 4, 5],
+        &[5, 4, 3, 1, 0],
+        &[5, 4, 3, 1, 0, 2],
+        &[2, 3, 4, 5],
+        &[2, 3, 4, 5],
+    ];
+    let (n, room) = (6, plan.len() + 1);
+    let vocab = dec.config().vocab_size as u32;
+    let mut graphed = Vec::with_capacity(n);
+    for r in 0..n {
+        let t = len + 7 * r;
+        let ids: Vec<u32> = (0..t as u32)
+            .map(|i| (i * 31 + r as u32 * 7) % vocab)
+            .collect();
+        let mut c = dec.new_cache(t + room);
+        let ids = Tensor::new(ids.as_slice(), dec.device())?.unsqueeze(0)?;
+        dec.forward(&ids, Some(&mut c), &ForwardOpts::default())?;
+        graphed.push(c);
+    }
+    let mut eager: Vec<Cache> = graphed
+        .iter()
+        .map(|c| c.fork(room))
+        .collect::<candle_core::Result<_>>()?;
+    let loras = trained_loras(dec, n, dec.dtype())?;
+    let mut graph = {
+        let mut refs: Vec<&mut Cache> = graphed.iter_mut().take(plan[0].len()).collect();
+        StepGraph::with_slots(dec, &mut refs, 0, 8)?
+    };
+    let (mut max_diff, mut kernel_ms, mut reference_ms) = (0f64, vec![], vec![]);
+    for (step, rows) in plan.iter().enumerate() {
+        let tokens: Vec<u32> = rows
+            .iter()
+            .map(|&r| (r as u32 * 101 + 5 + step as u32) % vocab)
+            .collect();
+        let adapters: Vec<Option<&dyn Adapter>> = rows
+            .iter()
+            .map(|&r| Some(&loras[r] as &dyn Adapter))
+            .collect();
+        let live: Vec<&Cache> = rows.iter().map(|&r| &graphed[r]).collect();
+        anyhow::ensure!(
+            graph.serves(&live, &adapters),
+            "step {step}: the graph refused"
+        );
+        graph.release(&live)?;
+        let mut g = pick_mut(&mut graphed, rows);
+        let mut got = None;
+        kernel_ms.push(time_ms(dec.device(), || {
+            got = Some(graph.step(dec, &tokens, &mut g, &adapters)?.0);
+            Ok(())
+        })?);
+        let gathered = Gathered::default();
+        let per_row = PerRow::with_cache(adapters.clone(), &gathered);
+        let opts = ForwardOpts {
+            adapter: Some(&per_row),
+            ..Default::default()
+        };
+        let mut e = pick_mut(&mut eager, rows);
+        let mut want = None;
+        reference_ms.push(time_ms(dec.device(), || {
+            want = Some(dec.decode_step(&tokens, &mut e, &opts)?);
+            Ok(())
+        })?);
+        let (got, want) = (got.expect("stepped"), want.expect("stepped"));
+        max_diff = max_diff.max(rel_diff(&got, &want)?);
+    }
+    let dtype = dec.dtype();
+    Ok(KernelCheck {
+        kernel: format!(
+            "decode steps, rows joining and leaving 8 slots, own LoRAs, ~{len} positions, \
+             {dtype:?}, relative"
+        ),
+        path: match graph.captured() {
+            true => "graph",
+            false if dec.device().is_cpu() => "cpu",
+            false => "cuda",
+        },
+        max_diff,
+        tolerance: tolerance(dtype),
+        kernel_ms: crate::numeric::median(&kernel_ms),
+        reference_ms: crate::numeric::median(&reference_ms),
+    })
+}
+
+/// `rows` of `caches`, in that order, mutably.
+fn pick_mut<'a>(caches: &'a mut [Cache], rows: &[usize]) -> Vec<&'a mut Cache> {
+    let mut all: Vec<Option<&'a mut Cache>> = caches.iter_mut().map(Some).collect();
+    rows.iter()
+        .map(|&i| all[i].take().expect("each row once"))
+        .collect()
+}
+
 /// Every check for `dec`'s shapes on its device: the optimiser over a LoRA r8 q,v adapter and
 /// over every weight, in f32 and (off the CPU) bf16.
 pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
@@ -862,6 +966,7 @@ pub fn all(dec: &Decoder, steps: usize) -> anyhow::Result<Vec<KernelCheck>> {
         for (rows, lora) in [(1, false), (8, false), (1, true), (8, true)] {
             out.push(decode_step(dec, rows, 1000, lora, steps)?);
         }
+        out.push(decode_churn(dec, 1000)?);
     }
     Ok(out)
 }
@@ -947,6 +1052,17 @@ mod tests {
             assert_eq!(c.path, "cpu");
             assert_eq!(c.max_diff, 0.0, "{c:?}");
         }
+    }
+
+    #[test]
+    fn rows_joining_and_leaving_a_step_graph_get_the_decode_steps_logits_bit_for_bit() {
+        let parts =
+            crate::model::tiny::tiny_parts(crate::model::Arch::Llama, 3, &Device::Cpu, DType::F32)
+                .unwrap();
+        let dec = crate::model::Model::from_parts("t", parts).unwrap().decoder;
+        let c = decode_churn(&dec, 20).unwrap();
+        assert_eq!(c.path, "cpu");
+        assert_eq!(c.max_diff, 0.0, "{c:?}");
     }
 
     #[test]
