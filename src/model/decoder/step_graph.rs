@@ -173,7 +173,17 @@ impl StepGraph {
         let Ok(placed) = self.placed(caches) else {
             return false;
         };
-        let slotted = in_slots(&placed, adapters, self.slots());
+        // A row already in its slot has its factors there (a sequence's adapter is its own for
+        // its life): only newcomers' must fit. Checked per step, so kept to what changed.
+        let newcomers: Vec<Option<&dyn Adapter>> = placed
+            .iter()
+            .zip(caches.iter().zip(adapters))
+            .map(|(&s, (c, a))| match self.slots[s] == identity(c).ok() {
+                true => None,
+                false => *a,
+            })
+            .collect();
+        let slotted = in_slots(&placed, &newcomers, self.slots());
         self.gathered.restackable(&slotted, self.rows.len())
     }
 
@@ -203,8 +213,9 @@ impl StepGraph {
         for (r, &s) in placed.iter().enumerate() {
             held[s] = Some(identity(shared[r])?);
         }
-        let rebound = held != self.slots || std::mem::take(&mut self.released);
-        if held != self.slots {
+        let moved = held != self.slots;
+        let rebound = moved || std::mem::take(&mut self.released);
+        if moved {
             for (l, rows) in self.rows.iter_mut().enumerate() {
                 rows.rebind(slot_buffers(&held, &shared, &self.ghost, l)?)?;
             }
@@ -212,10 +223,14 @@ impl StepGraph {
         }
         let slotted = in_slots(&placed, adapters, self.slots());
         let layers = self.rows.len();
-        if self.gathered.restackable(&slotted, layers) {
-            self.gathered.restack(&slotted, layers)?;
-        } else if self.captured() {
-            candle_core::bail!("step graph: these rows' adapters do not fit its stacks");
+        // The same sequences in the same slots have the same adapters: nothing to restack (a
+        // check over every row and projection would cost each token).
+        if rebound {
+            if self.gathered.restackable(&slotted, layers) {
+                self.gathered.restack(&slotted, layers)?;
+            } else if self.captured() {
+                candle_core::bail!("step graph: these rows' adapters do not fit its stacks");
+            }
         }
         let (mut host_ids, mut host_positions) =
             (vec![0u32; self.slots()], vec![0u32; self.slots()]);
