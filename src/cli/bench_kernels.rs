@@ -739,17 +739,7 @@ pub fn decode_step(
     use crate::model::{Adapter, Gathered, PerRow};
     let vocab = dec.config().vocab_size as u32;
     let room = steps + 2;
-    let mut prefilled = Vec::with_capacity(rows);
-    for r in 0..rows {
-        let n = len + 7 * r;
-        let ids: Vec<u32> = (0..n as u32)
-            .map(|i| (i * 31 + r as u32 * 7) % vocab)
-            .collect();
-        let mut c = dec.new_cache(n + room);
-        let ids = Tensor::new(ids.as_slice(), dec.device())?.unsqueeze(0)?;
-        dec.forward(&ids, Some(&mut c), &ForwardOpts::default())?;
-        prefilled.push(c);
-    }
+    let prefilled = prefilled(dec, rows, len, room)?;
     let copies =
         || -> candle_core::Result<Vec<Cache>> { prefilled.iter().map(|c| c.fork(room)).collect() };
     let (graphed, eager) = (RefCell::new(copies()?), RefCell::new(copies()?));
@@ -833,17 +823,7 @@ pub fn decode_churn(dec: &Decoder, len: usize) -> anyhow::Result<KernelCheck> {
     ];
     let (n, room) = (6, plan.len() + 1);
     let vocab = dec.config().vocab_size as u32;
-    let mut graphed = Vec::with_capacity(n);
-    for r in 0..n {
-        let t = len + 7 * r;
-        let ids: Vec<u32> = (0..t as u32)
-            .map(|i| (i * 31 + r as u32 * 7) % vocab)
-            .collect();
-        let mut c = dec.new_cache(t + room);
-        let ids = Tensor::new(ids.as_slice(), dec.device())?.unsqueeze(0)?;
-        dec.forward(&ids, Some(&mut c), &ForwardOpts::default())?;
-        graphed.push(c);
-    }
+    let mut graphed = prefilled(dec, n, len, room)?;
     let mut eager: Vec<Cache> = graphed
         .iter()
         .map(|c| c.fork(room))
@@ -906,6 +886,29 @@ pub fn decode_churn(dec: &Decoder, len: usize) -> anyhow::Result<KernelCheck> {
         kernel_ms: crate::numeric::median(&kernel_ms),
         reference_ms: crate::numeric::median(&reference_ms),
     })
+}
+
+/// `rows` caches, row `r` holding a prompt of `len + 7 r` tokens, each with room for `room`
+/// more positions.
+fn prefilled(
+    dec: &Decoder,
+    rows: usize,
+    len: usize,
+    room: usize,
+) -> candle_core::Result<Vec<Cache>> {
+    let vocab = dec.config().vocab_size as u32;
+    (0..rows)
+        .map(|r| {
+            let n = len + 7 * r;
+            let ids: Vec<u32> = (0..n as u32)
+                .map(|i| (i * 31 + r as u32 * 7) % vocab)
+                .collect();
+            let mut c = dec.new_cache(n + room);
+            let ids = Tensor::new(ids.as_slice(), dec.device())?.unsqueeze(0)?;
+            dec.forward(&ids, Some(&mut c), &ForwardOpts::default())?;
+            Ok(c)
+        })
+        .collect()
 }
 
 /// `rows` of `caches`, in that order, mutably.

@@ -548,20 +548,19 @@ impl Scheduler {
         let mut graphs = self.graphs.borrow_mut();
         let at = graphs.iter().position(|g| g.slots() == slots);
         let shared: Vec<&Cache> = caches.iter().map(|c| &**c).collect();
-        let made = !at.is_some_and(|i| graphs[i].serves(&shared, adapters));
-        if made {
-            // The old graph goes first: its buffers (stacks, ghosts) are freed before the new
-            // one's are made.
-            if let Some(i) = at {
-                graphs.remove(i);
+        let (i, made) = match at {
+            Some(i) if graphs[i].serves(&shared, adapters) => (i, false),
+            _ => {
+                // The old graph goes first: its buffers (stacks, ghosts) are freed before the
+                // new one's are made.
+                if let Some(i) = at {
+                    graphs.remove(i);
+                }
+                // Admission sized each cache for its whole answer: no room to add.
+                graphs.push(StepGraph::with_slots(dec, caches, 1, slots)?);
+                (graphs.len() - 1, true)
             }
-            // Admission sized each cache for its whole answer: no room to add.
-            graphs.push(StepGraph::with_slots(dec, caches, 1, slots)?);
-        }
-        let i = graphs
-            .iter()
-            .position(|g| g.slots() == slots)
-            .expect("held or made above");
+        };
         let replayed = graphs[i].captured();
         match graphs[i].step(dec, tokens, caches, adapters) {
             Ok((logits, rebound)) => Ok((

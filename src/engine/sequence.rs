@@ -32,6 +32,15 @@ impl SeqAdapter {
             _ => Some(self),
         }
     }
+
+    /// The one LoRA this adapter is, where it is one (its collection's or its own).
+    fn single(&self) -> Option<&Lora> {
+        match self {
+            Self::Domain(d) => Some(&d.lora),
+            Self::Own(l) => Some(l),
+            Self::Base | Self::OwnOverDomain(..) => None,
+        }
+    }
 }
 
 impl Adapter for SeqAdapter {
@@ -51,19 +60,14 @@ impl Adapter for SeqAdapter {
     // A single LoRA shows its factors, so a batch of them is gathered (and a GPU adds each
     // delta in one launch). Two stacked ones are a sum of two low-rank deltas: computed alone.
     fn low_rank(&self, layer: usize, target: Target) -> Option<LowRank<'_>> {
-        match self {
-            Self::Base | Self::OwnOverDomain(..) => None,
-            Self::Domain(d) => d.lora.low_rank(layer, target),
-            Self::Own(l) => l.low_rank(layer, target),
-        }
+        self.single()?.low_rank(layer, target)
     }
 
     fn is_low_rank(&self) -> bool {
-        match self {
-            Self::Base => true,
-            Self::Domain(d) => d.lora.is_low_rank(),
-            Self::Own(l) => l.is_low_rank(),
-            Self::OwnOverDomain(..) => false,
+        match (self, self.single()) {
+            (_, Some(l)) => l.is_low_rank(),
+            (Self::Base, None) => true,
+            (_, None) => false,
         }
     }
 }

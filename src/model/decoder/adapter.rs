@@ -153,8 +153,17 @@ impl Gathered {
     /// changed: a row that joins costs its own factors, one that leaves nothing but scales.
     /// Refused, with nothing written, where [`restackable`](Self::restackable) says no.
     pub fn restack(&self, rows: &[Option<&dyn Adapter>], layers: usize) -> Result<()> {
-        if !self.restackable(rows, layers) {
+        if !self.restack_if_fits(rows, layers)? {
             candle_core::bail!("restack: these rows' adapters do not fit the held stacks");
+        }
+        Ok(())
+    }
+
+    /// [`restack`](Self::restack) where the rows fit; `false`, with nothing written, where
+    /// they do not: one check for both.
+    pub fn restack_if_fits(&self, rows: &[Option<&dyn Adapter>], layers: usize) -> Result<bool> {
+        if !self.restackable(rows, layers) {
+            return Ok(false);
         }
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         // Every copy is gathered first and made at once (one launch on a GPU); the new scales
@@ -209,7 +218,8 @@ impl Gathered {
                 copies.push((cast.narrow(0, i * n, n)?, scale, 0));
             }
         }
-        copy_all(&copies)
+        copy_all(&copies)?;
+        Ok(true)
     }
 }
 

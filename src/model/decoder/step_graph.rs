@@ -216,21 +216,14 @@ impl StepGraph {
         let moved = held != self.slots;
         let rebound = moved || std::mem::take(&mut self.released);
         if moved {
-            for (l, rows) in self.rows.iter_mut().enumerate() {
-                rows.rebind(slot_buffers(&held, &shared, &self.ghost, l)?)?;
-            }
-            self.slots = held;
+            self.bind(held, &shared)?;
         }
         let slotted = in_slots(&placed, adapters, self.slots());
-        let layers = self.rows.len();
         // The same sequences in the same slots have the same adapters: nothing to restack (a
         // check over every row and projection would cost each token).
-        if rebound {
-            if self.gathered.restackable(&slotted, layers) {
-                self.gathered.restack(&slotted, layers)?;
-            } else if self.captured() {
-                candle_core::bail!("step graph: these rows' adapters do not fit its stacks");
-            }
+        if rebound && !self.gathered.restack_if_fits(&slotted, self.rows.len())? && self.captured()
+        {
+            candle_core::bail!("step graph: these rows' adapters do not fit its stacks");
         }
         let (mut host_ids, mut host_positions) =
             (vec![0u32; self.slots()], vec![0u32; self.slots()]);
@@ -292,11 +285,18 @@ impl StepGraph {
         if held == self.slots {
             return Ok(());
         }
+        self.bind(held, live)?;
+        self.released = true;
+        Ok(())
+    }
+
+    /// Points every layer's rows at the slots' caches as `held` names them (found among
+    /// `caches`; a ghost where none is named).
+    fn bind(&mut self, held: Vec<Option<TensorId>>, caches: &[&Cache]) -> Result<()> {
         for (l, rows) in self.rows.iter_mut().enumerate() {
-            rows.rebind(slot_buffers(&held, live, &self.ghost, l)?)?;
+            rows.rebind(slot_buffers(&held, caches, &self.ghost, l)?)?;
         }
         self.slots = held;
-        self.released = true;
         Ok(())
     }
 
