@@ -1002,6 +1002,12 @@ pub fn run(dec: &Decoder, steps: usize) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// The tiny model's decoder, f32 on the CPU.
+    fn tiny_decoder(arch: crate::model::Arch) -> Decoder {
+        let parts = crate::model::tiny::tiny_parts(arch, 3, &Device::Cpu, DType::F32).unwrap();
+        crate::model::Model::from_parts("t", parts).unwrap().decoder
+    }
+
     #[test]
     fn the_cpu_optimiser_matches_candle_within_tolerance_and_reports_its_path() {
         let shapes = vec![vec![8, 64], vec![64, 8], vec![5000], vec![3]];
@@ -1014,10 +1020,7 @@ mod tests {
 
     #[test]
     fn fused_block_ops_match_their_composed_ops_in_value_and_gradients() {
-        let parts =
-            crate::model::tiny::tiny_parts(crate::model::Arch::Llama, 3, &Device::Cpu, DType::F32)
-                .unwrap();
-        let dec = crate::model::Model::from_parts("t", parts).unwrap().decoder;
+        let dec = tiny_decoder(crate::model::Arch::Llama);
         let checks = block_ops(&dec, 24, 2).unwrap();
         // Norm, activation, rotary, softmax, the whole attention (the CPU's fused path) and
         // the LoRA delta (the GPU's; on the CPU its reference body).
@@ -1033,10 +1036,7 @@ mod tests {
 
     #[test]
     fn decode_attention_matches_the_composed_ops_over_cache_views() {
-        let parts =
-            crate::model::tiny::tiny_parts(crate::model::Arch::Qwen2, 3, &Device::Cpu, DType::F32)
-                .unwrap();
-        let dec = crate::model::Model::from_parts("t", parts).unwrap().decoder;
+        let dec = tiny_decoder(crate::model::Arch::Qwen2);
         for rows in [1, 3] {
             let c = decode_attention(&dec, rows, 40, DType::F32, 2).unwrap();
             assert_eq!(c.path, "cpu");
@@ -1046,10 +1046,7 @@ mod tests {
 
     #[test]
     fn a_step_graph_gives_the_decode_steps_logits_bit_for_bit_on_the_cpu() {
-        let parts =
-            crate::model::tiny::tiny_parts(crate::model::Arch::Llama, 3, &Device::Cpu, DType::F32)
-                .unwrap();
-        let dec = crate::model::Model::from_parts("t", parts).unwrap().decoder;
+        let dec = tiny_decoder(crate::model::Arch::Llama);
         for (rows, lora) in [(1, false), (3, false), (3, true)] {
             let c = decode_step(&dec, rows, 20, lora, 3).unwrap();
             assert_eq!(c.path, "cpu");
@@ -1059,10 +1056,7 @@ mod tests {
 
     #[test]
     fn rows_joining_and_leaving_a_step_graph_get_the_decode_steps_logits_bit_for_bit() {
-        let parts =
-            crate::model::tiny::tiny_parts(crate::model::Arch::Llama, 3, &Device::Cpu, DType::F32)
-                .unwrap();
-        let dec = crate::model::Model::from_parts("t", parts).unwrap().decoder;
+        let dec = tiny_decoder(crate::model::Arch::Llama);
         let c = decode_churn(&dec, 20).unwrap();
         assert_eq!(c.path, "cpu");
         assert_eq!(c.max_diff, 0.0, "{c:?}");
@@ -1070,10 +1064,7 @@ mod tests {
 
     #[test]
     fn restacking_in_place_gives_the_stacks_made_afresh() {
-        let parts =
-            crate::model::tiny::tiny_parts(crate::model::Arch::Llama, 3, &Device::Cpu, DType::F32)
-                .unwrap();
-        let dec = crate::model::Model::from_parts("t", parts).unwrap().decoder;
+        let dec = tiny_decoder(crate::model::Arch::Llama);
         let c = restack(&dec, 3, DType::F32, 3).unwrap();
         assert_eq!(c.path, "cpu");
         assert_eq!(c.max_diff, 0.0, "{c:?}");
